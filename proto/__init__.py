@@ -1,0 +1,1 @@
+"""Wire contracts of edgefl: protobuf sources, generated stubs and the one serde module."""

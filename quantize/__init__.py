@@ -1,0 +1,1 @@
+"""Model toolkit: torch -> .tflite conversion, recipes, structured pruning, verification."""

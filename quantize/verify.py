@@ -1,0 +1,260 @@
+"""Verification: run an artifact on every device runtime and compare with torch.
+
+A device may run ai-edge-litert or the older tflite-runtime 2.14. The latter needs
+numpy<2, so it cannot live beside torch; when it is not importable here it runs in its
+own environment through the out-of-process worker (``find_tflite_python``).
+
+An artifact passes on a runtime only if, on the golden set, its outputs stay within the
+recipe's tolerance of the torch reference, its top-1 answers agree, and its accuracy
+does not drop by more than allowed. Any failure is a refusal, with the reasons.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from edgefl.edge_agent.runtimes import (
+    TensorSpec,
+    available_runtimes,
+    create_runtime,
+    runtime_keys,
+)
+from edgefl.edge_agent.runtimes.remote import RemoteRuntime, find_tflite_python
+from edgefl.errors import BadInputError, ManifestMismatchError, RuntimeUnavailableError
+from edgefl.quantize.manifest import (
+    Manifest,
+    RuntimeVerification,
+    TensorSpecModel,
+    check_file_against_manifest,
+)
+from edgefl.quantize.recipes import Thresholds
+
+__all__ = [
+    "RunOutcome",
+    "compare_outputs",
+    "resolve_targets",
+    "reverify",
+    "run_on_target",
+    "verify_on_targets",
+]
+
+logger = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+
+# Runtimes an artifact is verified on; the Edge TPU needs a compiled model and a device.
+VERIFY_TARGETS = ("ai-edge-litert", "tflite-runtime")
+_WARMUP = 20
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What one runtime produced for one artifact."""
+
+    runtime: str
+    version: str
+    outputs: FloatArray
+    input_specs: list[TensorSpec]
+    output_specs: list[TensorSpec]
+    latency_us: list[float]
+
+
+def _in_process(key: str) -> bool:
+    return key in available_runtimes()
+
+
+def resolve_targets(requested: Sequence[str] | None = None) -> list[str]:
+    """The verification runtimes to use: the requested ones, or every one available.
+
+    Raises:
+        BadInputError: A requested key is unknown.
+        RuntimeUnavailableError: A requested runtime cannot run here, or none can.
+    """
+    known = set(runtime_keys())
+    usable = [
+        key
+        for key in VERIFY_TARGETS
+        if _in_process(key) or (key == "tflite-runtime" and find_tflite_python() is not None)
+    ]
+    if requested:
+        for key in requested:
+            if key not in known:
+                raise BadInputError(
+                    f"unknown runtime {key!r}", hint=f"runtimes: {', '.join(sorted(known))}"
+                )
+            if key not in usable:
+                raise RuntimeUnavailableError(
+                    f"runtime {key!r} is not available here",
+                    hint="for tflite-runtime run scripts/setup (it creates .venv-tflite) "
+                    "or set EDGEFL_TFLITE_PYTHON",
+                )
+        return list(dict.fromkeys(requested))
+    if not usable:
+        raise RuntimeUnavailableError(
+            "no device runtime is available", hint="pip install 'edgefl[device]'"
+        )
+    for key in VERIFY_TARGETS:
+        if key not in usable:
+            logger.warning("runtime %s unavailable: artifacts are not verified on it", key)
+    return usable
+
+
+def _latencies(run_one: object, x: FloatArray, iters: int) -> list[float]:
+    assert callable(run_one)
+    samples = [x[i % len(x)][None] for i in range(max(iters, _WARMUP))]
+    for sample in samples[:_WARMUP]:
+        run_one(sample)
+    out: list[float] = []
+    for sample in samples[:iters]:
+        start = time.perf_counter_ns()
+        run_one(sample)
+        out.append((time.perf_counter_ns() - start) / 1e3)
+    return out
+
+
+def run_on_target(
+    key: str, artifact: Path, x: FloatArray, *, threads: int = 1, bench_iters: int = 0
+) -> RunOutcome:
+    """Run ``artifact`` over ``x`` on runtime ``key``, in this process or in its own env.
+
+    Raises:
+        ArtifactError: The runtime cannot load the file.
+        RuntimeUnavailableError: The runtime cannot run here.
+    """
+    if _in_process(key):
+        runtime = create_runtime(key, artifact, threads=threads)
+        outputs = runtime.run(x)
+        latency = _latencies(runtime.run, x, bench_iters) if bench_iters else []
+        return RunOutcome(
+            key, runtime.version(), outputs, runtime.inputs, runtime.outputs, latency
+        )
+    python = find_tflite_python() if key == "tflite-runtime" else None
+    if python is None:
+        raise RuntimeUnavailableError(f"runtime {key!r} is not available here")
+    result = RemoteRuntime(python, key).run(artifact, x, threads=threads, bench_iters=bench_iters)
+    return RunOutcome(
+        key, result.version, result.outputs, result.input_specs, result.output_specs, result.latency_us
+    )
+
+
+def compare_outputs(
+    outputs: FloatArray,
+    reference: FloatArray,
+    labels: npt.NDArray[np.int64],
+    thresholds: Thresholds,
+) -> tuple[float, float, float, float, list[str]]:
+    """Compare artifact outputs with the torch reference.
+
+    Returns:
+        (max_abs_error relative to the reference's largest magnitude, top-1 agreement,
+        accuracy, reference accuracy, reasons for refusal — empty when it passes).
+    """
+    if outputs.shape != reference.shape:
+        return (
+            float("inf"), 0.0, 0.0, float((reference.argmax(1) == labels).mean()),
+            [f"output shape {outputs.shape} differs from the reference {reference.shape}"],
+        )  # fmt: skip
+    scale = float(np.max(np.abs(reference))) or 1.0
+    max_abs = float(np.max(np.abs(outputs - reference))) / scale
+    if not np.isfinite(max_abs):
+        max_abs = float("inf")
+    pred, ref_pred = outputs.argmax(1), reference.argmax(1)
+    agreement = float((pred == ref_pred).mean())
+    accuracy = float((pred == labels).mean())
+    ref_accuracy = float((ref_pred == labels).mean())
+    reasons: list[str] = []
+    if max_abs > thresholds.max_abs_error:
+        reasons.append(
+            f"max abs error {max_abs:.4g} (relative) exceeds {thresholds.max_abs_error:g}"
+        )
+    if agreement < thresholds.min_top1_agreement:
+        reasons.append(
+            f"top-1 agreement {agreement:.1%} is below {thresholds.min_top1_agreement:.1%}"
+        )
+    drop = (ref_accuracy - accuracy) * 100
+    if drop > thresholds.max_accuracy_drop:
+        reasons.append(
+            f"accuracy {accuracy:.1%} is {drop:.1f} points below the reference "
+            f"{ref_accuracy:.1%} (allowed {thresholds.max_accuracy_drop:g})"
+        )
+    return max_abs, agreement, accuracy, ref_accuracy, reasons
+
+
+def verify_on_targets(
+    artifact: Path,
+    x: FloatArray,
+    labels: npt.NDArray[np.int64],
+    reference: FloatArray,
+    thresholds: Thresholds,
+    targets: Sequence[str],
+    *,
+    bench_iters: int = 0,
+) -> tuple[dict[str, RuntimeVerification], RunOutcome]:
+    """Verify one artifact on each target runtime.
+
+    Returns:
+        The verification per runtime, and the first runtime's outcome (tensor specs).
+    """
+    results: dict[str, RuntimeVerification] = {}
+    first: RunOutcome | None = None
+    for key in targets:
+        outcome = run_on_target(key, artifact, x, bench_iters=bench_iters)
+        first = first or outcome
+        max_abs, agreement, accuracy, ref_acc, reasons = compare_outputs(
+            outcome.outputs, reference, labels, thresholds
+        )
+        results[key] = RuntimeVerification(
+            runtime=key,
+            version=outcome.version,
+            samples=len(x),
+            max_abs_error=max_abs,
+            top1_agreement=agreement,
+            accuracy=accuracy,
+            reference_accuracy=ref_acc,
+            p50_us=float(np.median(outcome.latency_us)) if outcome.latency_us else None,
+            passed=not reasons,
+            reasons=reasons,
+        )
+        log = logger.info if not reasons else logger.warning
+        log("%s on %s: %s", artifact.name, key, "pass" if not reasons else "; ".join(reasons))
+    assert first is not None, "targets must not be empty"
+    return results, first
+
+
+def reverify(
+    artifact: Path, manifest: Manifest, targets: Sequence[str]
+) -> dict[str, RuntimeVerification]:
+    """Re-check a published artifact against its manifest on each target runtime.
+
+    The file's size and hash must match, its tensor specs must be the recorded ones, and
+    its outputs on the golden vectors must stay within the recorded thresholds.
+
+    Raises:
+        ManifestMismatchError: Size, hash or tensor specs differ from the manifest.
+        ArtifactError: A runtime cannot load the file.
+    """
+    check_file_against_manifest(artifact, manifest)
+    golden = manifest.golden
+    x = np.asarray(golden.inputs, dtype=np.float32).reshape(-1, *golden.input_shape)
+    reference = np.asarray(golden.reference_outputs, dtype=np.float32)
+    labels = np.asarray(golden.labels, dtype=np.int64)
+    thresholds = Thresholds(**manifest.thresholds)
+    results, outcome = verify_on_targets(artifact, x, labels, reference, thresholds, targets)
+    for recorded, actual in (
+        (manifest.inputs, outcome.input_specs),
+        (manifest.outputs, outcome.output_specs),
+    ):
+        got = [TensorSpecModel.model_validate(t.to_dict()) for t in actual]
+        if got != recorded:
+            raise ManifestMismatchError(
+                f"{artifact.name}: tensor specs {[t.model_dump() for t in got]} differ from "
+                f"the manifest's {[t.model_dump() for t in recorded]}"
+            )
+    return results

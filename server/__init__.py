@@ -1,0 +1,1 @@
+"""Cloud side of edgefl: aggregation, registry, ingest and inference services."""

@@ -1,0 +1,1 @@
+"""Laptop simulation of an edgefl federation on Flower's simulation engine."""
