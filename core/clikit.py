@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 import typer
-
 from edgefl.errors import EdgeflError, ExitCode
 
 __all__ = ["JSON_OPTION", "emit_json", "error_console_print", "exits_on_error"]
@@ -25,7 +24,7 @@ R = TypeVar("R")
 
 logger = logging.getLogger(__name__)
 
-JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdout instead of text.")
+JSON_OPTION = typer.Option("--json", help="Print one JSON object on stdout instead of text.")
 
 
 def error_console_print(message: str) -> None:

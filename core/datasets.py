@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-
 from edgefl.errors import BadInputError
 
 __all__ = ["DATASETS", "Dataset", "load_dataset"]
@@ -64,9 +63,7 @@ def _raw(name: str) -> tuple[FloatArray, IntArray, int]:
             np.asarray(table.target, dtype=np.int64),
             2,
         )
-    raise BadInputError(
-        f"unknown dataset {name!r}", hint=f"choose one of: {', '.join(DATASETS)}"
-    )
+    raise BadInputError(f"unknown dataset {name!r}", hint=f"choose one of: {', '.join(DATASETS)}")
 
 
 def load_dataset(name: str, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:

@@ -78,18 +78,13 @@ def predict_logits(
     """Run the model in eval mode and return float32 logits."""
     model.eval()
     outs = [
-        model(torch.from_numpy(x[i : i + batch_size])).numpy()
-        for i in range(0, len(x), batch_size)
+        model(torch.from_numpy(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)
     ]
     return np.concatenate(outs).astype(np.float32)
 
 
-def evaluate(
-    model: nn.Module, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]
-) -> EvalResult:
+def evaluate(model: nn.Module, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> EvalResult:
     """Accuracy and mean cross-entropy of the model on (x, y)."""
     logits = predict_logits(model, x)
-    loss = float(
-        nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)).item()
-    )
+    loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)).item())
     return EvalResult(accuracy=float((logits.argmax(1) == y).mean()), loss=loss)

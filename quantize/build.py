@@ -22,8 +22,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch import nn
-
 from edgefl.datasets import Dataset, load_dataset
 from edgefl.errors import BadInputError, CalibrationDataError
 from edgefl.quantize.convert import convert_to_tflite
@@ -40,6 +38,7 @@ from edgefl.quantize.recipes import Variant, get_recipe
 from edgefl.quantize.verify import resolve_targets, verify_on_targets
 from edgefl.training import evaluate, predict_logits, train
 from edgefl.zoo import ModelSpec, build_model, get_spec, state_dict_sha256
+from torch import nn
 
 __all__ = ["BuildOptions", "BuildResult", "VariantResult", "build_artifacts", "count_steps"]
 
@@ -49,7 +48,7 @@ FloatArray = npt.NDArray[np.float32]
 Progress = Callable[[str, int], None]  # (description of the step done, steps done)
 
 GOLDEN_VECTORS = 8
-CALIBRATION_SAMPLES = 256
+CALIBRATION_SAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -235,9 +234,14 @@ def build_artifacts(opts: BuildOptions, progress: Progress | None = None) -> Bui
         step(f"loaded weights {opts.weights.name}")
     else:
         train(
-            base, data.x_train, data.y_train, epochs=opts.epochs or spec.epochs,
-            lr=spec.lr, batch_size=spec.batch_size, seed=opts.seed,
-        )  # fmt: skip
+            base,
+            data.x_train,
+            data.y_train,
+            epochs=opts.epochs or spec.epochs,
+            lr=spec.lr,
+            batch_size=spec.batch_size,
+            seed=opts.seed,
+        )
         step(f"trained {spec.name}")
     base.eval()
     base_hash = state_dict_sha256(base)
@@ -247,15 +251,20 @@ def build_artifacts(opts: BuildOptions, progress: Progress | None = None) -> Bui
     try:
         torch.save(base.state_dict(), staging / "model.pt")
         references: dict[float | None, nn.Sequential] = {None: base}
-        for ratio in sorted({v.prune_ratio for v in opts.variants if v.prune_ratio is not None}):
-            pruned = prune_channels(base, ratio)
+        ratios = sorted({v.prune_ratio for v in opts.variants if v.prune_ratio is not None})
+        for prune_ratio in ratios:
+            pruned = prune_channels(base, prune_ratio)
             train(
-                pruned, data.x_train, data.y_train,
+                pruned,
+                data.x_train,
+                data.y_train,
                 epochs=opts.finetune_epochs or max(3, spec.epochs // 2),
-                lr=spec.lr / 2, batch_size=spec.batch_size, seed=opts.seed + 1,
-            )  # fmt: skip
-            references[ratio] = pruned
-            step(f"pruned {ratio:.0%} of channels and fine-tuned")
+                lr=spec.lr / 2,
+                batch_size=spec.batch_size,
+                seed=opts.seed + 1,
+            )
+            references[prune_ratio] = pruned
+            step(f"pruned {prune_ratio:.0%} of channels and fine-tuned")
 
         fp32_files: dict[float | None, Path] = {}
         for ratio in {v.prune_ratio for v in opts.variants}:
@@ -273,9 +282,14 @@ def build_artifacts(opts: BuildOptions, progress: Progress | None = None) -> Bui
             artifact = staging / name
             recipe.apply(fp32_files[variant.prune_ratio], artifact, calibration)
             verified, outcome = verify_on_targets(
-                artifact, data.x_test, data.y_test, reference, recipe.thresholds, targets,
+                artifact,
+                data.x_test,
+                data.y_test,
+                reference,
+                recipe.thresholds,
+                targets,
                 bench_iters=opts.bench_iters,
-            )  # fmt: skip
+            )
             reasons = [f"{k}: {r}" for k, v in verified.items() for r in v.reasons]
             if recipe.integer_io:
                 for t in [*outcome.input_specs, *outcome.output_specs]:
@@ -286,9 +300,15 @@ def build_artifacts(opts: BuildOptions, progress: Progress | None = None) -> Bui
                 artifact.unlink()
                 results.append(
                     VariantResult(
-                        variant.name, variant.recipe, variant.prune_ratio, False, size, None,
-                        verified, reasons,
-                    )  # fmt: skip
+                        variant.name,
+                        variant.recipe,
+                        variant.prune_ratio,
+                        False,
+                        size,
+                        None,
+                        verified,
+                        reasons,
+                    )
                 )
                 step(f"REFUSED {variant.name}")
                 continue

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
 from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error
 from edgefl.errors import VerificationError
 
@@ -48,7 +47,9 @@ def list_cmd(as_json: Annotated[bool, JSON_OPTION] = False) -> None:
     except Exception:  # listing must work on a machine without any runtime
         targets = []
     payload: dict[str, Any] = {
-        "models": {n: {"dataset": s.dataset, "description": s.description} for n, s in MODELS.items()},
+        "models": {
+            n: {"dataset": s.dataset, "description": s.description} for n, s in MODELS.items()
+        },
         "recipes": {k: get_recipe(k).description for k in recipe_keys()},
         "default_variants": list(DEFAULT_VARIANTS),
         "runtimes": {k: k in available_runtimes() for k in runtime_keys()},
@@ -73,9 +74,7 @@ def build(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     recipes: Annotated[
         str,
-        typer.Option(
-            "--recipes", help="Comma-separated variants, e.g. fp32,int8,pruned50-int8."
-        ),
+        typer.Option("--recipes", help="Comma-separated variants, e.g. fp32,int8,pruned50-int8."),
     ] = "fp32,fp16,int8-wo,int8,pruned50-int8",
     weights: Annotated[
         Path | None,
@@ -100,24 +99,34 @@ def build(
     Exits 6 if any variant was refused by verification (the accepted ones are still
     published, the refused ones are not).
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from edgefl.quantize.build import BuildOptions, build_artifacts, count_steps
     from edgefl.quantize.recipes import parse_variants
     from edgefl.zoo import get_spec
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     get_spec(model)
     variants = parse_variants(recipes)
     opts = BuildOptions(
-        model=model, variants=variants, out=out, weights=weights, calibration=calibration,
-        runtimes=_split(runtimes), seed=seed, epochs=epochs, bench_iters=bench_iters,
-    )  # fmt: skip
+        model=model,
+        variants=variants,
+        out=out,
+        weights=weights,
+        calibration=calibration,
+        runtimes=_split(runtimes),
+        seed=seed,
+        epochs=epochs,
+        bench_iters=bench_iters,
+    )
     console = Console(stderr=True)
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=console, transient=as_json,
-    ) as bar:  # fmt: skip
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=as_json,
+    ) as bar:
         task = bar.add_task(f"building {model}", total=count_steps(variants))
         result = build_artifacts(
             opts, progress=lambda what, done: bar.update(task, completed=done, description=what)
@@ -166,7 +175,8 @@ def verify(
             state = "ok" if check.passed else "FAILED: " + "; ".join(check.reasons)
             typer.echo(
                 f"{artifact.name} on {key} {check.version}: {state} "
-                f"(max abs err {check.max_abs_error:.3g}, top-1 agreement {check.top1_agreement:.0%})"
+                f"(max abs err {check.max_abs_error:.3g}, "
+                f"top-1 agreement {check.top1_agreement:.0%})"
             )
     if failed:
         raise VerificationError(

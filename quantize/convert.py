@@ -8,9 +8,8 @@ import logging
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from edgefl.errors import EdgeflError
+from torch import nn
 
 __all__ = ["convert_to_tflite"]
 

@@ -17,9 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from edgefl.errors import ArtifactError, ManifestMismatchError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "MANIFEST_SCHEMA_VERSION",

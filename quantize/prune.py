@@ -10,11 +10,11 @@ needs a short fine-tune (done by the caller) to recover accuracy.
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
-from torch import nn
-
 from edgefl.errors import BadInputError
+from torch import nn
 
 __all__ = ["count_parameters", "prune_channels"]
 
@@ -59,8 +59,9 @@ def prune_channels(model: nn.Sequential, ratio: float) -> nn.Sequential:
     with torch.no_grad():
         for order, pos in enumerate(weight_positions):
             layer = layers[pos]
-            weight = layer.weight.detach()
-            bias = layer.bias.detach() if layer.bias is not None else None
+            assert isinstance(layer, _PRUNABLE)
+            weight: torch.Tensor = layer.weight.detach()
+            bias: torch.Tensor | None = layer.bias.detach() if layer.bias is not None else None
             if kept is not None:
                 if isinstance(layer, nn.Linear) and layer.in_features != prev_channels:
                     # Conv -> Flatten -> Linear: each channel owns a block of spatial positions.
@@ -76,16 +77,20 @@ def prune_channels(model: nn.Sequential, ratio: float) -> nn.Sequential:
                 keep_idx = _l1_keep(weight, max(1, round(out_channels * (1.0 - ratio))))
             weight = weight[keep_idx]
             bias = bias[keep_idx] if bias is not None else None
-            new: nn.Module
+            new: nn.Conv2d | nn.Linear
             if isinstance(layer, nn.Conv2d):
                 new = nn.Conv2d(
-                    weight.shape[1], weight.shape[0], layer.kernel_size,
-                    stride=layer.stride, padding=layer.padding, bias=bias is not None,
-                )  # fmt: skip
+                    weight.shape[1],
+                    weight.shape[0],
+                    cast(tuple[int, int], layer.kernel_size),
+                    stride=cast(tuple[int, int], layer.stride),
+                    padding=cast(tuple[int, int], layer.padding),
+                    bias=bias is not None,
+                )
             else:
                 new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
             new.weight.copy_(weight)
-            if bias is not None:
+            if bias is not None and new.bias is not None:
                 new.bias.copy_(bias)
             rebuilt[pos] = new
             kept = keep_idx

@@ -38,9 +38,7 @@ def _markdown(result: BuildResult) -> str:
         cells = []
         for t in result.targets:
             check = v.verified_on.get(t)
-            cells += (
-                [f"{check.accuracy:.2%}", _fmt_us(check.p50_us)] if check else ["n/a", "n/a"]
-            )
+            cells += [f"{check.accuracy:.2%}", _fmt_us(check.p50_us)] if check else ["n/a", "n/a"]
         status = "accepted" if v.accepted else "**refused**"
         lines.append(
             f"| {v.variant} | {status} | {v.size_bytes / 1024:.1f} | {ratio} | "
@@ -77,8 +75,14 @@ def _plot(result: BuildResult, path: Path) -> None:
         for x, y, label in zip(xs, ys, labels, strict=True):
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.axhline(result.torch_eager_p50_us, color="grey", linestyle="--", linewidth=1)
-    ax.text(0.01, result.torch_eager_p50_us, " torch eager", va="bottom", fontsize=7,
-            transform=ax.get_yaxis_transform())  # fmt: skip
+    ax.text(
+        0.01,
+        result.torch_eager_p50_us,
+        " torch eager",
+        va="bottom",
+        fontsize=7,
+        transform=ax.get_yaxis_transform(),
+    )
     ax.set_xscale("log")
     ax.set_xlabel("artifact size (KiB, log)")
     ax.set_ylabel("p50 single-sample latency (µs)")

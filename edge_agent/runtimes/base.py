@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -318,6 +319,41 @@ class Runtime(ABC):
             self._interpreter.set_tensor(spec_in.index, np.ascontiguousarray(sample))
             self._interpreter.invoke()
             return self._interpreter.get_tensor(spec_out.index)
+
+    def bench(self, x: npt.ArrayLike, iters: int, *, warmup: int = 20) -> list[float]:
+        """Time ``iters`` single-sample inferences, in microseconds.
+
+        Samples are converted to the input tensor's dtype first, so the figure is the
+        runtime's own cost (set input, invoke, read output) and comparable across float
+        and integer models; :meth:`run`'s quantize/dequantize step is not included.
+
+        Args:
+            x: Float samples, ``(N, *input_shape[1:])``, cycled through as needed.
+            iters: Timed runs; 0 returns an empty list.
+            warmup: Untimed runs first, so caches and lazy allocations settle.
+
+        Raises:
+            BadInputError: ``x`` is empty or has the wrong shape.
+        """
+        if iters <= 0:
+            return []
+        batch = np.asarray(x, dtype=np.float32)
+        spec_in = self._inputs[0]
+        if len(batch) == 0 or batch.shape[1:] != spec_in.shape[1:]:
+            raise BadInputError(
+                f"bench needs samples of shape (N>=1, {', '.join(map(str, spec_in.shape[1:]))}),"
+                f" got {batch.shape}"
+            )
+        feed = np.ascontiguousarray(_to_tensor(batch, spec_in))
+        samples = [feed[i % len(feed)][None] for i in range(max(iters, warmup))]
+        for sample in samples[:warmup]:
+            self.run_raw(sample)
+        latencies = []
+        for sample in samples[:iters]:
+            start = time.perf_counter_ns()
+            self.run_raw(sample)
+            latencies.append((time.perf_counter_ns() - start) / 1000.0)
+        return latencies
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(key={self.key!r}, model={str(self._model_path)!r})"

@@ -28,24 +28,18 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 from edgefl.errors import BadInputError, EdgeflError, ExitCode
 
 from ._registry import create_runtime
-from .base import Runtime
 
-__all__ = ["WARMUP_RUNS", "handle_request", "main"]
+__all__ = ["handle_request", "main"]
 
 logger = logging.getLogger(__name__)
-
-#: Untimed runs before latency measurement, so caches and lazy allocations settle.
-WARMUP_RUNS = 20
 
 
 def _field(request: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
@@ -54,22 +48,6 @@ def _field(request: dict[str, Any], name: str, kind: type, default: Any = None) 
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise BadInputError(f"request field {name!r} must be {kind.__name__}, got {value!r}")
     return value
-
-
-def _bench(runtime: Runtime, x: npt.NDArray[np.float32], iters: int) -> list[float]:
-    if iters <= 0:
-        return []
-    if len(x) == 0:
-        raise BadInputError("bench_iters > 0 needs at least one input sample")
-    for i in range(WARMUP_RUNS):
-        runtime.run(x[i % len(x)][None])
-    latencies = []
-    for i in range(iters):
-        sample = x[i % len(x)][None]
-        start = time.perf_counter_ns()
-        runtime.run(sample)
-        latencies.append((time.perf_counter_ns() - start) / 1000.0)
-    return latencies
 
 
 def handle_request(request: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +74,7 @@ def handle_request(request: dict[str, Any]) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise BadInputError(f"cannot read input array {input_path}: {exc}") from exc
     outputs = runtime.run(x)
-    latencies = _bench(runtime, np.asarray(x, dtype=np.float32), bench_iters)
+    latencies = runtime.bench(np.asarray(x, dtype=np.float32), bench_iters)
     np.save(output_path, outputs.astype(np.float32, copy=False))
     return {
         "ok": True,

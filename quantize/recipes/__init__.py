@@ -86,13 +86,16 @@ def parse_variants(text: str) -> list[Variant]:
     """
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
-        raise UnknownRecipeError("no recipes given", hint=f"e.g. --recipes {','.join(DEFAULT_VARIANTS)}")
+        raise UnknownRecipeError(
+            "no recipes given", hint=f"e.g. --recipes {','.join(DEFAULT_VARIANTS)}"
+        )
     variants: list[Variant] = []
     for name in names:
         match = _VARIANT.match(name)
         if match is None:
             raise UnknownRecipeError(
-                f"malformed variant {name!r}", hint="use RECIPE or prunedNN-RECIPE, e.g. pruned50-int8"
+                f"malformed variant {name!r}",
+                hint="use RECIPE or prunedNN-RECIPE, e.g. pruned50-int8",
             )
         get_recipe(match["recipe"])
         pct = match["pct"]

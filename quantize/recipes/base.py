@@ -18,8 +18,10 @@ class Thresholds:
     """How far an artifact may disagree with its torch reference and still ship.
 
     Attributes:
-        max_abs_error: Largest allowed |artifact - reference| over all output values,
-            relative to the largest reference magnitude (so it is scale-free).
+        max_abs_error: Largest allowed |artifact - reference| over every class
+            probability (softmax of the logits the zoo's models emit). Probabilities are
+            scale-free, and unlike raw logits they do not punish int8's clipping of
+            extreme logits that cannot change an answer.
         min_top1_agreement: Share of samples whose arg-max must match the reference.
         max_accuracy_drop: Largest allowed accuracy loss vs the reference, in points.
     """

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-
 from edgefl.quantize.recipes.base import Recipe, Thresholds
 
 
