@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+
 from edgefl import __version__
 from edgefl.logs import configure_logging
 from edgefl.quantize.cli import app as quantize_app

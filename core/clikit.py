@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 import typer
+
 from edgefl.errors import EdgeflError, ExitCode
 
 __all__ = ["JSON_OPTION", "emit_json", "error_console_print", "exits_on_error"]

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from edgefl.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from edgefl.errors import ConfigError
 
 __all__ = ["StrictModel", "format_validation_error", "load_config", "validate_config"]
 

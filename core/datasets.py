@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
 from edgefl.errors import BadInputError
 
 __all__ = ["DATASETS", "Dataset", "load_dataset"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
+
 from edgefl.errors import BadInputError
 
 __all__ = ["dirichlet_partition"]

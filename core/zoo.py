@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from edgefl.errors import UnknownModelError
 from torch import nn
+
+from edgefl.errors import UnknownModelError
 
 __all__ = ["MODELS", "ModelSpec", "build_model", "get_spec", "state_dict_sha256"]
 

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
+from torch import nn
+
 from edgefl.datasets import Dataset, load_dataset
 from edgefl.errors import BadInputError, CalibrationDataError
 from edgefl.quantize.convert import convert_to_tflite
@@ -38,7 +40,6 @@ from edgefl.quantize.recipes import Variant, get_recipe
 from edgefl.quantize.verify import resolve_targets, verify_on_targets
 from edgefl.training import evaluate, predict_logits, train
 from edgefl.zoo import ModelSpec, build_model, get_spec, state_dict_sha256
-from torch import nn
 
 __all__ = ["BuildOptions", "BuildResult", "VariantResult", "build_artifacts", "count_steps"]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
 from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error
 from edgefl.errors import VerificationError
 
@@ -99,11 +100,12 @@ def build(
     Exits 6 if any variant was refused by verification (the accepted ones are still
     published, the refused ones are not).
     """
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     from edgefl.quantize.build import BuildOptions, build_artifacts, count_steps
     from edgefl.quantize.recipes import parse_variants
     from edgefl.zoo import get_spec
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     get_spec(model)
     variants = parse_variants(recipes)

@@ -8,8 +8,9 @@ import logging
 from pathlib import Path
 
 import torch
-from edgefl.errors import EdgeflError
 from torch import nn
+
+from edgefl.errors import EdgeflError
 
 __all__ = ["convert_to_tflite"]
 

@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from edgefl.errors import ArtifactError, ManifestMismatchError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgefl.errors import ArtifactError, ManifestMismatchError
 
 __all__ = [
     "MANIFEST_SCHEMA_VERSION",

@@ -13,8 +13,9 @@ import copy
 from typing import cast
 
 import torch
-from edgefl.errors import BadInputError
 from torch import nn
+
+from edgefl.errors import BadInputError
 
 __all__ = ["count_parameters", "prune_channels"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,31 +63,40 @@ def _plot(result: BuildResult, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     markers = ["o", "s", "^", "D"]
+    timed = any(c.p50_us is not None for v in result.variants for c in v.verified_on.values())
     for i, target in enumerate(result.targets):
         xs, ys, labels = [], [], []
         for v in result.variants:
             check = v.verified_on.get(target)
-            if check is None or check.p50_us is None:
+            if check is None or (timed and check.p50_us is None):
                 continue
             xs.append(v.size_bytes / 1024)
-            ys.append(check.p50_us)
-            labels.append(f"{v.variant}\n{check.accuracy:.1%}" + ("" if v.accepted else " ✗"))
+            # Without latency figures (bench_iters=0) the plot shows size vs accuracy.
+            ys.append(check.p50_us if timed and check.p50_us is not None else check.accuracy * 100)
+            label = f"{v.variant}\n{check.accuracy:.1%}" if timed else v.variant
+            labels.append(label + ("" if v.accepted else " ✗"))
         ax.scatter(xs, ys, marker=markers[i % len(markers)], s=60, label=target)
         for x, y, label in zip(xs, ys, labels, strict=True):
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    ax.axhline(result.torch_eager_p50_us, color="grey", linestyle="--", linewidth=1)
-    ax.text(
-        0.01,
-        result.torch_eager_p50_us,
-        " torch eager",
-        va="bottom",
-        fontsize=7,
-        transform=ax.get_yaxis_transform(),
-    )
-    ax.set_xscale("log")
+    if timed and math.isfinite(result.torch_eager_p50_us):
+        ax.axhline(result.torch_eager_p50_us, color="grey", linestyle="--", linewidth=1)
+        ax.text(
+            0.01,
+            result.torch_eager_p50_us,
+            " torch eager",
+            va="bottom",
+            fontsize=7,
+            transform=ax.get_yaxis_transform(),
+        )
+    if result.variants:
+        ax.set_xscale("log")
     ax.set_xlabel("artifact size (KiB, log)")
-    ax.set_ylabel("p50 single-sample latency (µs)")
-    ax.set_title(f"{result.model}: size vs latency (labels: accuracy)")
+    if timed:
+        ax.set_ylabel("p50 single-sample latency (µs)")
+        ax.set_title(f"{result.model}: size vs latency (labels: accuracy)")
+    else:
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{result.model}: size vs accuracy")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+
 from edgefl.edge_agent.runtimes import (
     TensorSpec,
     available_runtimes,

@@ -6,10 +6,11 @@ import math
 
 import numpy as np
 import pytest
-from edgefl.edge_agent.runtimes import dequantize, quantize
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
+from edgefl.edge_agent.runtimes import dequantize, quantize
 
 DTYPES = ["int8", "uint8"]
 

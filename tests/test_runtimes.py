@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from edgefl.edge_agent import runtimes
 from edgefl.edge_agent.runtimes import (
     RemoteRuntime,

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
 from edgefl.errors import ArtifactError, BadInputError, RuntimeUnavailableError
 
 from .quant import dequantize, quantize

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from edgefl import errors
 from edgefl.errors import EdgeflError, RuntimeUnavailableError
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgefl.errors import BadInputError, EdgeflError, ExitCode
 
 from ._registry import create_runtime

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from edgefl.errors import CalibrationDataError, EdgeflError
 
 __all__ = ["run_quantizer"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+
 from edgefl.quantize.recipes.base import Recipe, Thresholds
 
 

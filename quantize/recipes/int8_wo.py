@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+
 from edgefl.quantize.recipes._quantizer import run_quantizer
 from edgefl.quantize.recipes.base import Recipe, Thresholds
 
