@@ -13,6 +13,7 @@ import typer
 
 from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error
 from edgefl.errors import VerificationError
+from edgefl.quantize.recipes import DEFAULT_VARIANTS
 
 __all__ = ["app"]
 
@@ -39,7 +40,7 @@ def _split(text: str | None) -> list[str] | None:
 def list_cmd(as_json: Annotated[bool, JSON_OPTION] = False) -> None:
     """List zoo models, recipes and the device runtimes available here."""
     from edgefl.edge_agent.runtimes import available_runtimes, runtime_keys
-    from edgefl.quantize.recipes import DEFAULT_VARIANTS, get_recipe, recipe_keys
+    from edgefl.quantize.recipes import get_recipe, recipe_keys
     from edgefl.quantize.verify import resolve_targets
     from edgefl.zoo import MODELS
 
@@ -76,7 +77,7 @@ def build(
     recipes: Annotated[
         str,
         typer.Option("--recipes", help="Comma-separated variants, e.g. fp32,int8,pruned50-int8."),
-    ] = "fp32,fp16,int8-wo,int8,pruned50-int8",
+    ] = ",".join(DEFAULT_VARIANTS),
     weights: Annotated[
         Path | None,
         typer.Option("--weights", help="Trained state dict (.pt); trained here if omitted."),
