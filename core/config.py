@@ -63,6 +63,8 @@ def load_config(model: type[ModelT], path: Path) -> ModelT:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     try:
         if path.suffix == ".toml":
             data: Any = tomllib.loads(text)

@@ -46,6 +46,8 @@ def dirichlet_partition(
     y = np.asarray(labels)
     if y.ndim != 1:
         raise BadInputError(f"labels must be 1-D, got shape {y.shape}")
+    if len(y) == 0:
+        raise BadInputError("cannot partition an empty label array")
     if num_partitions < 1:
         raise BadInputError(f"num_partitions must be >= 1, got {num_partitions}")
     if not alpha > 0 or not np.isfinite(alpha):

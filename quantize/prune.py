@@ -36,7 +36,7 @@ def _l1_keep(weight: torch.Tensor, keep: int) -> torch.Tensor:
 def prune_channels(model: nn.Sequential, ratio: float) -> nn.Sequential:
     """Return a narrower copy of ``model`` with ``ratio`` of each hidden layer's channels removed.
 
-    The output layer keeps all its units. Conv2d groups and dilation are not supported.
+    The output layer keeps all its units. Grouped convolutions are not supported.
 
     Args:
         model: A trained sequential model of Conv2d/Linear/ReLU/MaxPool2d/Flatten layers.
@@ -86,7 +86,9 @@ def prune_channels(model: nn.Sequential, ratio: float) -> nn.Sequential:
                     cast(tuple[int, int], layer.kernel_size),
                     stride=cast(tuple[int, int], layer.stride),
                     padding=cast(tuple[int, int], layer.padding),
+                    dilation=cast(tuple[int, int], layer.dilation),
                     bias=bias is not None,
+                    padding_mode=layer.padding_mode,
                 )
             else:
                 new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
