@@ -56,49 +56,42 @@ def _markdown(result: BuildResult) -> str:
 
 
 def _plot(result: BuildResult, path: Path) -> None:
+    """Two panels sharing the variant axis: size (labelled with accuracy) and latency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    markers = ["o", "s", "^", "D"]
-    timed = any(c.p50_us is not None for v in result.variants for c in v.verified_on.values())
+    names = [v.variant + ("" if v.accepted else " (refused)") for v in result.variants]
+    rows = np.arange(len(names))
+    fig, (ax_size, ax_lat) = plt.subplots(
+        1, 2, figsize=(11, 0.55 * len(names) + 1.8), dpi=110, sharey=True
+    )
+    sizes = [v.size_bytes / 1024 for v in result.variants]
+    ax_size.barh(rows, sizes, color=["C0" if v.accepted else "C3" for v in result.variants])
+    first = result.targets[0] if result.targets else None
+    for row, v, size in zip(rows, result.variants, sizes, strict=True):
+        check = v.verified_on.get(first) if first else None
+        label = f" {size:.0f} KiB" + (f", acc {check.accuracy:.1%}" if check else "")
+        ax_size.text(size, row, label, va="center", fontsize=8)
+    ax_size.set_yticks(rows, names)
+    ax_size.invert_yaxis()
+    ax_size.set_xlabel("artifact size (KiB); label: accuracy on " + (first or "-"))
+    ax_size.set_xlim(0, max(sizes, default=1) * 1.6)
+    height = 0.8 / max(len(result.targets), 1)
     for i, target in enumerate(result.targets):
-        xs, ys, labels = [], [], []
-        for v in result.variants:
-            check = v.verified_on.get(target)
-            if check is None or (timed and check.p50_us is None):
-                continue
-            xs.append(v.size_bytes / 1024)
-            # Without latency figures (bench_iters=0) the plot shows size vs accuracy.
-            ys.append(check.p50_us if timed and check.p50_us is not None else check.accuracy * 100)
-            label = f"{v.variant}\n{check.accuracy:.1%}" if timed else v.variant
-            labels.append(label + ("" if v.accepted else " ✗"))
-        ax.scatter(xs, ys, marker=markers[i % len(markers)], s=60, label=target)
-        for x, y, label in zip(xs, ys, labels, strict=True):
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    if timed and math.isfinite(result.torch_eager_p50_us):
-        ax.axhline(result.torch_eager_p50_us, color="grey", linestyle="--", linewidth=1)
-        ax.text(
-            0.01,
-            result.torch_eager_p50_us,
-            " torch eager",
-            va="bottom",
-            fontsize=7,
-            transform=ax.get_yaxis_transform(),
-        )
-    if result.variants:
-        ax.set_xscale("log")
-    ax.set_xlabel("artifact size (KiB, log)")
-    if timed:
-        ax.set_ylabel("p50 single-sample latency (µs)")
-        ax.set_title(f"{result.model}: size vs latency (labels: accuracy)")
-    else:
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"{result.model}: size vs accuracy")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+        lat = [
+            (v.verified_on[target].p50_us or 0.0) if target in v.verified_on else 0.0
+            for v in result.variants
+        ]
+        ax_lat.barh(rows + (i - (len(result.targets) - 1) / 2) * height, lat, height, label=target)
+    if math.isfinite(result.torch_eager_p50_us):
+        ax_lat.axvline(result.torch_eager_p50_us, color="grey", linestyle="--", linewidth=1)
+        ax_lat.text(result.torch_eager_p50_us, -0.6, " torch eager", fontsize=7, color="grey")
+    ax_lat.set_xlabel("p50 single-sample latency (µs, 1 thread)")
+    ax_lat.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{result.model}: size, accuracy and latency per variant")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
