@@ -181,3 +181,29 @@ def test_refused_variant_exits_6_but_publishes_the_rest(tmp_path: Path) -> None:
     assert (out / "digits-cnn.fp32.tflite").is_file()
     assert not (out / "digits-cnn.int8-dynamic.tflite").exists()
     assert "**refused**" in (out / "report.md").read_text()
+
+
+def test_build_json_stdout_is_pure_json_as_subprocess(tmp_path: Path) -> None:
+    """Converters print on stdout and C++ logs on the fds; --json must still parse."""
+    proc = subprocess.run(
+        [
+            str(EDGEFL),
+            "quantize",
+            "build",
+            "--model",
+            "cancer-mlp",
+            "--recipes",
+            "fp32",
+            "--out",
+            str(tmp_path / "o"),
+            "--bench-iters",
+            "0",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["variants"]["fp32"]["accepted"] is True
