@@ -26,7 +26,9 @@ class Int8StaticRecipe(Recipe):
     description = "static int8 weights+activations, int8 I/O, calibrated"
     needs_calibration = True
     integer_io = True
-    thresholds = Thresholds(max_abs_error=0.25, min_top1_agreement=0.97, max_accuracy_drop=1.5)
+    # A sample on the decision boundary may legitimately flip under int8, and then its
+    # probabilities move by ~0.5; how often that may happen is bounded by the agreement.
+    thresholds = Thresholds(max_abs_error=0.6, min_top1_agreement=0.97, max_accuracy_drop=1.5)
 
     def apply(
         self, fp32_model: Path, out: Path, calibration: npt.NDArray[np.float32] | None
