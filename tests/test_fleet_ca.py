@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from edgefl.errors import BadInputError, ConfigError
+from edgefl.server.fleet_ca import SERVER_IDENTITY, FleetCA, validate_device_id
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> FleetCA:
+    return FleetCA.create(tmp_path / "ca")
+
+
+def _cn(name: x509.Name) -> str:
+    return str(name.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _csr(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.CertificateSigningRequest]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr
+
+
+def test_ca_certificate_is_a_constrained_ca(ca: FleetCA) -> None:
+    cert = ca.cert
+    bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert bc.critical
+    assert bc.value.ca
+    assert bc.value.path_length == 0
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.key_cert_sign
+    assert ku.crl_sign
+    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+    assert isinstance(cert.public_key().curve, ec.SECP256R1)  # type: ignore[union-attr]
+    cert.verify_directly_issued_by(cert)  # self-signed
+    assert _cn(cert.subject) == "edgefl fleet CA"
+    assert _mode(ca.directory / "ca.key") == 0o600
+    assert ca.crl_path.exists()
+
+
+def test_create_refuses_to_overwrite(ca: FleetCA) -> None:
+    with pytest.raises(BadInputError, match="already holds a CA"):
+        FleetCA.create(ca.directory)
+
+
+def test_device_cert_chain_cn_san_eku_and_key_mode(ca: FleetCA) -> None:
+    issued = ca.issue_device_cert("pi-kitchen_01")
+    cert = issued.certificate
+    cert.verify_directly_issued_by(ca.cert)
+    assert _cn(cert.subject) == "pi-kitchen_01"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["pi-kitchen_01"]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert cert.serial_number == issued.serial
+    assert issued.cert_path == ca.directory / "devices" / "pi-kitchen_01" / "cert.pem"
+    assert issued.key_path is not None
+    assert issued.key_pem is not None
+    assert issued.cert_path.read_bytes() == issued.cert_pem
+    assert issued.key_path.read_bytes() == issued.key_pem
+    assert _mode(issued.key_path) == 0o600
+    key = serialization.load_pem_private_key(issued.key_pem, password=None)
+    assert key.public_key() == cert.public_key()
+    # Atomic writes leave no temporary files behind.
+    assert sorted(p.name for p in issued.cert_path.parent.iterdir()) == ["cert.pem", "key.pem"]
+
+
+def test_device_cert_from_csr_keeps_the_key_on_the_device(ca: FleetCA) -> None:
+    key, csr = _csr("dev-7")
+    issued = ca.issue_device_cert("dev-7", csr=csr, days=30)
+    assert issued.key_pem is None
+    assert issued.key_path is None
+    assert not (issued.cert_path.parent / "key.pem").exists()
+    cert = issued.certificate
+    cert.verify_directly_issued_by(ca.cert)
+    assert cert.public_key() == key.public_key()
+    assert _cn(cert.subject) == "dev-7"
+
+
+def test_csr_with_another_cn_is_refused(ca: FleetCA) -> None:
+    _, csr = _csr("dev-B")
+    with pytest.raises(BadInputError, match="does not match device id"):
+        ca.issue_device_cert("dev-A", csr=csr)
+    assert not (ca.directory / "devices" / "dev-A").exists()
+
+
+def test_csr_with_a_bad_signature_is_refused(ca: FleetCA) -> None:
+    _, good = _csr("dev-A")
+    der = bytearray(good.public_bytes(serialization.Encoding.DER))
+    der[-1] ^= 0x01  # flip a bit of the signature
+    tampered = x509.load_der_x509_csr(bytes(der))
+    with pytest.raises(BadInputError, match="signature"):
+        ca.issue_device_cert("dev-A", csr=tampered)
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "a" * 65, "dev/1", "dev+", "dev#", "dev 1", "dév", "a\nb", "../x"]
+)
+def test_bad_device_id_is_refused(ca: FleetCA, bad: str) -> None:
+    with pytest.raises(BadInputError, match="invalid device id"):
+        ca.issue_device_cert(bad)
+    with pytest.raises(BadInputError):
+        validate_device_id(bad)
+
+
+def test_server_identity_is_not_a_device_id(ca: FleetCA) -> None:
+    with pytest.raises(BadInputError, match="reserved"):
+        ca.issue_device_cert(SERVER_IDENTITY)
+    issued = ca.issue_service_cert()
+    assert _cn(issued.certificate.subject) == SERVER_IDENTITY
+    eku = issued.certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def test_server_cert_has_dns_and_ip_sans(ca: FleetCA) -> None:
+    import ipaddress
+
+    issued = ca.issue_server_cert(["broker.local", "localhost"], ["127.0.0.1", "::1"])
+    cert = issued.certificate
+    cert.verify_directly_issued_by(ca.cert)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["broker.local", "localhost"]
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    ]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert issued.key_path is not None
+    assert _mode(issued.key_path) == 0o600
+    with pytest.raises(BadInputError):
+        ca.issue_server_cert(["x"], ["not-an-ip"])
+    with pytest.raises(BadInputError):
+        ca.issue_server_cert([], [])
+
+
+def test_load_round_trip(ca: FleetCA) -> None:
+    issued = ca.issue_device_cert("dev-1")
+    loaded = FleetCA.load(ca.directory)
+    assert loaded.cert == ca.cert
+    # The loaded CA signs with the same key and remembers what it issued.
+    other = loaded.issue_device_cert("dev-2")
+    other.certificate.verify_directly_issued_by(ca.cert)
+    loaded.revoke(issued.serial)
+    assert issued.serial in FleetCA.load(ca.directory).revoked_serials
+
+
+def test_load_errors(tmp_path: Path, ca: FleetCA) -> None:
+    with pytest.raises(ConfigError, match="cannot read fleet CA"):
+        FleetCA.load(tmp_path / "missing")
+    other = FleetCA.create(tmp_path / "other")
+    (ca.directory / "ca.key").write_bytes((other.directory / "ca.key").read_bytes())
+    with pytest.raises(ConfigError, match="does not match"):
+        FleetCA.load(ca.directory)
+
+
+def test_revoke_lists_serial_in_signed_crl(ca: FleetCA) -> None:
+    keep = ca.issue_device_cert("dev-keep")
+    gone = ca.issue_device_cert("dev-gone")
+    empty = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    assert len(empty) == 0
+    ca.revoke(gone.serial)
+    ca.revoke(gone.serial)  # idempotent
+    crl = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    assert crl.is_signature_valid(ca.cert.public_key())  # type: ignore[arg-type]
+    assert crl.issuer == ca.cert.subject
+    assert crl.get_revoked_certificate_by_serial_number(gone.serial) is not None
+    assert crl.get_revoked_certificate_by_serial_number(keep.serial) is None
+    assert len(crl) == 1
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    fresh = x509.load_pem_x509_crl(ca.crl_pem())
+    assert fresh.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number > number
+    assert fresh.get_revoked_certificate_by_serial_number(gone.serial) is not None
+    assert ca.crl_path.read_bytes() == fresh.public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(BadInputError, match="not issued"):
+        ca.revoke(12345)
