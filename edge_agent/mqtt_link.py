@@ -1,0 +1,557 @@
+"""The device's MQTT link (paho-mqtt 2.2) and the single thread that drains the outbox.
+
+:class:`MqttLink` owns the paho client: callback API v2, MQTT 5 with a fallback to 3.1.1,
+a persistent session, a retained ``online`` status on every connect and a retained
+``offline`` last will, TLS (mutual TLS with a per-device certificate) and
+username/password, and a reconnect backoff with jitter. It boots without a broker
+(``connect_async`` + ``loop_start``).
+
+:class:`OutboxSender` is the only thread that publishes outbox records. It publishes with
+QoS 1 and acks a record in the outbox only after a successful PUBACK. paho calls
+``on_publish`` while holding its own ``_out_message_mutex``, so that callback takes no lock
+of ours: it only puts ``(mid, success)`` on a :class:`queue.SimpleQueue`, which the sender
+thread drains. Records in flight when the connection drops stay in paho's memory and paho
+re-sends them after the reconnect; records still in the outbox after a process restart
+are replayed from SQLite. Either way the receiver may see a sequence number twice, so
+ingest must be idempotent on ``(device_id, seq)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import Field, SecretStr, model_validator
+
+from edgefl.config import StrictModel
+from edgefl.edge_agent.outbox import Outbox
+
+__all__ = [
+    "MqttLink",
+    "MqttLinkConfig",
+    "OutboxSender",
+    "TokenBucket",
+    "backoff_delay",
+    "status_topic",
+]
+
+_log = logging.getLogger(__name__)
+
+# CONNACK codes that mean "this broker does not speak that protocol version": 132 is
+# MQTT 5's Unsupported Protocol Version, 1 is what a 3.1.1 broker answers a v5 CONNECT.
+_PROTOCOL_REFUSALS = frozenset({1, 132})
+# A mid paho never hands out (it uses 1..65535): wakes the sender without an ack.
+_WAKE = 0
+
+
+def status_topic(fleet: str, device_id: str) -> str:
+    """The retained presence topic of a device: ``edgefl/{fleet}/{device}/status``."""
+    return f"edgefl/{fleet}/{device_id}/status"
+
+
+def backoff_delay(
+    attempt: int, min_s: float, max_s: float, rng: Callable[[], float] = random.random
+) -> float:
+    """Exponential backoff with "equal jitter" for reconnect attempt ``attempt`` (0-based).
+
+    Half the capped exponential delay is fixed and half random, so a fleet that lost its
+    broker at the same instant does not reconnect in lock-step, yet no device retries in a
+    tight loop.
+
+    Args:
+        attempt: How many attempts failed in a row, starting at 0.
+        min_s: Delay of the first attempt before jitter.
+        max_s: Cap on the delay before jitter.
+        rng: Source of uniform numbers in ``[0, 1)``; tests inject their own.
+    """
+    base = min(max_s, min_s * (2.0 ** min(attempt, 32)))
+    return base / 2 + rng() * base / 2
+
+
+class TokenBucket:
+    """A token bucket: ``rate`` tokens per second, holding at most ``burst``.
+
+    Args:
+        rate: Tokens added per second.
+        burst: Capacity; also the number of tokens right after :meth:`reset`.
+        clock: Monotonic clock in seconds; tests inject their own.
+    """
+
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._stamp = clock()
+
+    def reset(self) -> None:
+        """Fill the bucket to its burst size."""
+        self._tokens = self.burst
+        self._stamp = self._clock()
+
+    def take(self, wanted: int) -> int:
+        """Take up to ``wanted`` whole tokens; return how many were taken."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        got = min(wanted, int(self._tokens))
+        self._tokens -= got
+        return max(got, 0)
+
+    def give_back(self, count: int) -> None:
+        """Return tokens taken but not used."""
+        self._tokens = min(self.burst, self._tokens + count)
+
+    def wait_s(self) -> float:
+        """Seconds until one whole token is available (``0.0`` if one is)."""
+        return max(0.0, (1.0 - self._tokens) / self.rate)
+
+
+class MqttLinkConfig(StrictModel):
+    """Broker connection settings of a device."""
+
+    host: str = Field(default="127.0.0.1", description="Broker host name or address.")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port.")
+    client_id: str = Field(min_length=1, description="MQTT client id; the device id is usual.")
+    keepalive: int = Field(default=30, ge=5, description="Keepalive in seconds.")
+    protocol: Literal["5", "3.1.1", "auto"] = Field(
+        default="auto",
+        description="MQTT version; auto tries 5 and falls back to 3.1.1 if the broker refuses.",
+    )
+    session_expiry_s: int = Field(
+        default=3600,
+        ge=0,
+        description="MQTT 5 session expiry; the broker keeps the session this long offline.",
+    )
+    username: str | None = Field(default=None, description="User name, if the broker wants one.")
+    password: SecretStr | None = Field(default=None, description="Password for username.")
+    ca_file: Path | None = Field(default=None, description="CA bundle; setting it enables TLS.")
+    cert_file: Path | None = Field(default=None, description="Device certificate (mutual TLS).")
+    key_file: Path | None = Field(default=None, description="Private key of cert_file.")
+    reconnect_min_s: float = Field(default=1.0, gt=0, description="First reconnect delay.")
+    reconnect_max_s: float = Field(default=60.0, gt=0, description="Cap on reconnect delays.")
+    flush_rate_per_s: float | None = Field(
+        default=500.0,
+        gt=0,
+        description="Records per second replayed after a (re)connect; None is unlimited.",
+    )
+    max_inflight: int = Field(
+        default=20,
+        ge=1,
+        description="QoS 1 messages awaiting PUBACK; keep at or below the broker's Receive "
+        "Maximum (paho ignores it).",
+    )
+
+    @model_validator(mode="after")
+    def _check_pairs(self) -> MqttLinkConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.cert_file is not None and self.ca_file is None:
+            raise ValueError("a client certificate needs ca_file (TLS)")
+        if self.password is not None and self.username is None:
+            raise ValueError("password needs username")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+
+class MqttLink:
+    """One paho client with presence, a persistent session and a jittered reconnect.
+
+    Call :meth:`start` once; it returns at once even if the broker is down. Results of
+    QoS 1 publishes arrive on :attr:`publish_results` as ``(mid, success)``.
+
+    Args:
+        config: Connection settings.
+        status_topic: Retained presence topic (see :func:`status_topic`).
+    """
+
+    def __init__(self, config: MqttLinkConfig, *, status_topic: str) -> None:
+        self.config = config
+        self.status_topic = status_topic
+        self.publish_results: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
+        self._connected = threading.Event()
+        self._closing = threading.Event()
+        # Guards swapping the client (protocol fallback) against a concurrent publish. It is
+        # never taken in a paho callback.
+        self._client_lock = threading.Lock()
+        self._attempt = 0
+        # Bumped on every successful CONNACK / new client; plain ints are read racily on
+        # purpose, a stale value only delays the sender by one poll.
+        self.generation = 0
+        self.client_epoch = 0
+        v311 = config.protocol == "3.1.1"
+        # "auto" starts with MQTT 5; _on_connect falls back if the broker refuses it.
+        self._client = self._build_client(
+            MQTTProtocolVersion.MQTTv311 if v311 else MQTTProtocolVersion.MQTTv5
+        )
+
+    @property
+    def protocol(self) -> MQTTProtocolVersion:
+        """The MQTT version in use (after any fallback)."""
+        return self._client.protocol
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker accepted the connection and it has not dropped since."""
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until connected or ``timeout`` seconds passed; return :attr:`connected`."""
+        return self._connected.wait(timeout)
+
+    def start(self) -> None:
+        """Start the network thread; it keeps trying to connect until :meth:`close`."""
+        with self._client_lock:
+            self._connect_async(self._client)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> tuple[int, MQTTErrorCode]:
+        """Hand a message to paho; return its mid and paho's return code.
+
+        ``MQTT_ERR_NO_CONN`` with QoS 1 still means queued: paho sends it after reconnect.
+        """
+        with self._client_lock:
+            info = self._client.publish(topic, payload, qos=qos)
+        return info.mid, info.rc
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Publish a retained ``offline`` (a clean exit sends no will), disconnect, stop."""
+        self._closing.set()
+        with self._client_lock:
+            client = self._client
+        if self._connected.is_set():
+            info = client.publish(self.status_topic, b"offline", qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as exc:
+                _log.warning("could not publish offline status: %s", exc)
+        client.disconnect()
+        client.loop_stop()
+        self._connected.clear()
+
+    # -- client set-up -------------------------------------------------------------------
+
+    def _build_client(self, protocol: MQTTProtocolVersion) -> mqtt.Client:
+        cfg = self.config
+        if protocol == MQTTProtocolVersion.MQTTv5:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=protocol
+            )
+        else:
+            # 3.1.1 keeps the session with clean_session=False (needs a fixed client id).
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=cfg.client_id,
+                protocol=protocol,
+                clean_session=False,
+            )
+        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        if cfg.username is not None:
+            password = cfg.password.get_secret_value() if cfg.password is not None else None
+            client.username_pw_set(cfg.username, password)
+        if cfg.ca_file is not None:
+            client.tls_set(
+                ca_certs=str(cfg.ca_file),
+                certfile=str(cfg.cert_file) if cfg.cert_file is not None else None,
+                keyfile=str(cfg.key_file) if cfg.key_file is not None else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        client.max_inflight_messages_set(cfg.max_inflight)
+        self._set_reconnect_delay(client, 0)
+        # The will must be registered before connecting; the broker publishes it when the
+        # connection dies without a DISCONNECT (crash, power cut, network loss).
+        client.will_set(self.status_topic, b"offline", qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        return client
+
+    def _connect_async(self, client: mqtt.Client) -> None:
+        cfg = self.config
+        if client.protocol == MQTTProtocolVersion.MQTTv5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = cfg.session_expiry_s
+            client.connect_async(
+                cfg.host,
+                cfg.port,
+                cfg.keepalive,
+                clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                properties=props,
+            )
+        else:
+            client.connect_async(cfg.host, cfg.port, cfg.keepalive)
+        client.loop_start()
+
+    def _set_reconnect_delay(self, client: mqtt.Client, attempt: int) -> None:
+        delay = backoff_delay(attempt, self.config.reconnect_min_s, self.config.reconnect_max_s)
+        # paho has no jitter of its own. Setting min == max to a fresh jittered delay before
+        # each wait gives jitter with paho's own reconnect loop. paho annotates the delays
+        # as int but does float arithmetic with them, so sub-second delays work.
+        client.reconnect_delay_set(cast(int, delay), cast(int, delay))
+
+    def _fall_back_to_311(self) -> None:
+        # Runs on its own thread: loop_stop() joins paho's network thread, which is the
+        # thread that noticed the refusal.
+        with self._client_lock:
+            old = self._client
+            old.loop_stop()
+            if self._closing.is_set():
+                return
+            _log.warning(
+                "broker %s:%d refused MQTT 5; falling back to MQTT 3.1.1",
+                self.config.host,
+                self.config.port,
+            )
+            self._client = self._build_client(MQTTProtocolVersion.MQTTv311)
+            self.client_epoch += 1
+            self._connect_async(self._client)
+
+    # -- paho callbacks (network thread; no locks of ours) --------------------------------
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            # A refused CONNACK is not a connection: stay disconnected and let paho retry.
+            self._connected.clear()
+            if (
+                self.config.protocol == "auto"
+                and client.protocol == MQTTProtocolVersion.MQTTv5
+                and reason_code.value in _PROTOCOL_REFUSALS
+            ):
+                client.disconnect()
+                threading.Thread(
+                    target=self._fall_back_to_311, name="mqtt-fallback", daemon=True
+                ).start()
+                return
+            _log.warning("broker refused the connection: %s", reason_code)
+            self._attempt += 1
+            self._set_reconnect_delay(client, self._attempt)
+            return
+        self._attempt = 0
+        self._set_reconnect_delay(client, 0)
+        _log.info(
+            "connected to %s:%d (session present: %s)",
+            self.config.host,
+            self.config.port,
+            flags.session_present,
+        )
+        client.publish(self.status_topic, b"online", qos=1, retain=True)
+        self.generation += 1
+        self._connected.set()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._attempt += 1
+        self._set_reconnect_delay(client, self._attempt)
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected and not self._closing.is_set():
+            _log.warning("disconnected from broker: %s", reason_code)
+        self._set_reconnect_delay(client, self._attempt)
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties,
+    ) -> None:
+        # Runs under paho's _out_message_mutex: a lock of ours here could deadlock with a
+        # thread that holds it while calling publish(). Hand over and return.
+        self.publish_results.put((mid, not reason_code.is_failure))
+
+
+class OutboxSender:
+    """The single thread that publishes outbox records with QoS 1 and acks them.
+
+    Args:
+        outbox: Where records come from; acked there on a successful PUBACK.
+        link: The MQTT link to publish on.
+        window: Records handed to paho and not yet acknowledged; twice the link's
+            ``max_inflight`` by default, so paho always has the next one queued.
+        poll_s: Longest idle wait before looking at the outbox again (see :meth:`wake`).
+        retry_after_s: Wait before re-sending a record whose PUBACK reported failure.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        link: MqttLink,
+        *,
+        window: int | None = None,
+        poll_s: float = 0.05,
+        retry_after_s: float = 1.0,
+    ) -> None:
+        self.outbox = outbox
+        self.link = link
+        self.window = window if window is not None else 2 * link.config.max_inflight
+        self.poll_s = poll_s
+        self.retry_after_s = retry_after_s
+        self.published = 0
+        self.acked = 0
+        self.failed = 0
+        self._in_flight: dict[int, int] = {}  # mid -> seq
+        self._cooling: dict[int, float] = {}  # seq -> monotonic time it may be re-sent
+        self._stop = threading.Event()
+        self._drain_s = 0.0
+        rate = link.config.flush_rate_per_s
+        self._bucket = (
+            TokenBucket(rate, burst=max(1.0, min(float(self.window), rate)))
+            if rate is not None
+            else None
+        )
+        self._thread = threading.Thread(target=self._run, name="outbox-sender", daemon=True)
+
+    @property
+    def in_flight(self) -> int:
+        """Records published and waiting for their PUBACK."""
+        return len(self._in_flight)
+
+    def start(self) -> None:
+        """Start the sender thread."""
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Look at the outbox now instead of after up to ``poll_s`` (call after a put)."""
+        self.link.publish_results.put((_WAKE, True))
+
+    def stop(self, drain_timeout_s: float = 5.0) -> None:
+        """Stop publishing, wait up to ``drain_timeout_s`` for PUBACKs, join the thread.
+
+        Records without a PUBACK stay in the outbox and are sent again on the next start.
+        """
+        self._drain_s = drain_timeout_s
+        self._stop.set()
+        self.wake()
+        if self._thread.ident is not None:  # started
+            self._thread.join()
+
+    def _run(self) -> None:
+        seen_generation = -1
+        seen_epoch = self.link.client_epoch
+        flushing = False
+        while not self._stop.is_set():
+            self._drain_results(0.0)
+            self._end_cooling()
+            if self.link.client_epoch != seen_epoch:
+                # A new paho client (protocol fallback) never knew the old mids.
+                seen_epoch = self.link.client_epoch
+                self._in_flight.clear()
+                self.outbox.release_all()
+            if not self.link.connected:
+                self._drain_results(self.poll_s)
+                continue
+            if self.link.generation != seen_generation:
+                # (Re)connected: paho re-sends what it held; the backlog is replayed from
+                # the outbox at a bounded rate so it does not swamp the broker or the link.
+                seen_generation = self.link.generation
+                flushing = self._bucket is not None
+                if self._bucket is not None:
+                    self._bucket.reset()
+            room = self.window - len(self._in_flight)
+            if room <= 0:
+                self._drain_results(self.poll_s)
+                continue
+            wanted = room
+            if flushing and self._bucket is not None:
+                wanted = self._bucket.take(room)
+                if wanted == 0:
+                    self._drain_results(min(self.poll_s, self._bucket.wait_s()))
+                    continue
+            batch = self.outbox.next_batch(wanted)
+            if flushing and len(batch) < wanted:
+                # The backlog is drained: new records go out at the link's pace.
+                flushing = False
+                if self._bucket is not None:
+                    self._bucket.give_back(wanted - len(batch))
+            for record in batch:
+                self._publish(record.seq, record.topic, record.payload)
+            if not batch:
+                self._drain_results(self.poll_s)
+        deadline = time.monotonic() + self._drain_s
+        while self._in_flight and time.monotonic() < deadline:
+            self._drain_results(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+
+    def _publish(self, seq: int, topic: str, payload: bytes) -> None:
+        try:
+            mid, rc = self.link.publish(topic, payload, qos=1)
+        except ValueError as exc:
+            # paho refuses the topic itself (wildcards, too long): retrying cannot help.
+            _log.error("record seq=%d cannot be published on %r: %s", seq, topic, exc)
+            self._cool(seq)
+            return
+        if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            _log.warning("paho did not queue seq=%d: %s", seq, mqtt.error_string(rc))
+            self._cool(seq)
+            return
+        self._in_flight[mid] = seq
+        self.published += 1
+
+    def _drain_results(self, block_s: float) -> None:
+        results: list[tuple[int, bool]] = []
+        try:
+            if block_s > 0:
+                results.append(self.link.publish_results.get(timeout=block_s))
+            while True:
+                results.append(self.link.publish_results.get_nowait())
+        except queue.Empty:
+            pass
+        done: list[int] = []
+        for mid, ok in results:
+            seq = self._in_flight.pop(mid, None)
+            if seq is None:
+                continue  # the status message, a wake-up, or a mid of a replaced client
+            if ok:
+                done.append(seq)
+            else:
+                self.failed += 1
+                _log.warning("broker refused seq=%d (failed PUBACK); will retry", seq)
+                self._cool(seq)
+        if done:
+            self.outbox.ack_many(done)
+            self.acked += len(done)
+
+    def _cool(self, seq: int) -> None:
+        # Keep the lease for a while so a record the broker refuses is not re-sent in a
+        # tight loop; _end_cooling releases it.
+        self._cooling[seq] = time.monotonic() + self.retry_after_s
+
+    def _end_cooling(self) -> None:
+        if not self._cooling:
+            return
+        now = time.monotonic()
+        for seq in [s for s, t in self._cooling.items() if t <= now]:
+            del self._cooling[seq]
+            self.outbox.release(seq)
