@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from edgefl import __version__
+from edgefl.edge_agent.cli import app as agent_app
 from edgefl.logs import configure_logging
 from edgefl.quantize.cli import app as quantize_app
 
@@ -28,6 +29,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(quantize_app, name="quantize")
+app.add_typer(agent_app, name="agent")
 
 
 def _version(value: bool) -> None:

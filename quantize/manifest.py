@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,6 @@ __all__ = [
     "manifest_path_for",
     "read_manifest",
     "sha256_file",
-    "write_json_atomic",
 ]
 
 MANIFEST_SCHEMA_VERSION = 1
@@ -123,20 +120,6 @@ def sha256_file(path: Path) -> str:
 def manifest_path_for(artifact: Path) -> Path:
     """``x/model.int8.tflite`` → ``x/model.int8.manifest.json``."""
     return artifact.with_suffix(".manifest.json")
-
-
-def write_json_atomic(path: Path, payload: str) -> None:
-    """Write text so a reader sees either the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_manifest(path: Path) -> Manifest:

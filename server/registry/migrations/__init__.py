@@ -1,0 +1,1 @@
+"""Alembic migrations of the registry (run them with ``edgefl.server.registry.upgrade``)."""

@@ -1,0 +1,478 @@
+"""The MQTT ingest against a real mosquitto, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+import pytest
+import sqlalchemy as sa
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgefl.proto.serde import Envelope, encode_envelope
+from edgefl.server.ingest import DEAD_LETTER_REASONS, Ingest, IngestConfig, subscription_topics
+from edgefl.server.registry import (
+    DEAD_LETTER_PAYLOAD_CAP,
+    DeadLetter,
+    Device,
+    Record,
+    make_engine,
+    upgrade,
+)
+
+try:
+    from tests.mqtt_broker import Mosquitto, wait_for
+except ImportError:  # plain `pytest` puts only tests/ (not the repository root) on sys.path
+    from mqtt_broker import Mosquitto, wait_for  # type: ignore[import-not-found,no-redef]
+
+PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+TIMEOUT = 30.0
+
+
+# -- fixtures ---------------------------------------------------------------------------
+
+
+def _postgres_problem() -> str | None:
+    engine = sa.create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return None
+    except sa.exc.OperationalError as exc:
+        return str(exc).splitlines()[0]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A URL whose connections live in a fresh schema of the test database; dropped after."""
+    problem = _postgres_problem()
+    if problem is not None:
+        pytest.skip(f"PostgreSQL at {PG_ADMIN_URL} is unreachable: {problem}")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state' / 'edgefl.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    # mosquitto drops past max_queued_messages (1000 by default) for an offline session.
+    with Mosquitto(tmp_path, extra_lines=["max_queued_messages 100000"]) as b:
+        yield b
+
+
+@pytest.fixture
+def fleet() -> str:
+    return f"f{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def registry(db_url: str) -> Iterator[sa.Engine]:
+    """An engine for the test's own queries (the ingest has its own)."""
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+class Publisher:
+    """A device-side paho client that waits for each PUBACK."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"pub-{uuid.uuid4().hex[:10]}",
+            protocol=mqtt.MQTTv5,
+        )
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info.wait_for_publish(timeout=10)
+        assert info.is_published(), f"no PUBACK for {topic}"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def publisher(broker: Mosquitto) -> Iterator[Publisher]:
+    pub = Publisher(broker)
+    yield pub
+    pub.close()
+
+
+def _config(broker: Mosquitto, db_url: str, fleet: str, **extra: Any) -> IngestConfig:
+    return IngestConfig(
+        broker_host=broker.host,
+        broker_port=broker.port,
+        client_id=f"ingest-{fleet}",
+        db_url=db_url,
+        fleet=fleet,
+        **extra,
+    )
+
+
+@pytest.fixture
+def ingest(broker: Mosquitto, db_url: str, fleet: str) -> Iterator[Ingest]:
+    service = Ingest(_config(broker, db_url, fleet, max_payload_bytes=4096))
+    service.start()
+    try:
+        assert service.wait_ready(TIMEOUT), "ingest did not subscribe"
+        yield service
+    finally:
+        service.stop()
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def envelope(
+    device: str,
+    seq: int,
+    encoding: Literal["json", "protobuf"] = "json",
+    *,
+    body: Any = None,
+    kind: str = "telemetry",
+) -> bytes:
+    payload = json.dumps(body if body is not None else {"seq": seq}).encode()
+    env = Envelope(1, device, seq, 1_700_000_000_000 + seq, kind, "application/json", payload)
+    return encode_envelope(env, encoding)
+
+
+def stored_seqs(engine: sa.Engine, device: str) -> list[int]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(Record.seq).where(Record.device_id == device).order_by(Record.seq)
+        )
+        return [int(seq) for seq in rows.scalars()]
+
+
+def record_count(engine: sa.Engine, device: str) -> int:
+    with engine.connect() as conn:
+        count = conn.scalar(
+            sa.select(sa.func.count()).select_from(Record).where(Record.device_id == device)
+        )
+        return int(count or 0)
+
+
+def dead_letters(engine: sa.Engine) -> list[tuple[str, str, str, int, int]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(
+                DeadLetter.topic,
+                DeadLetter.reason,
+                DeadLetter.detail,
+                DeadLetter.payload_size,
+                sa.func.length(DeadLetter.payload),
+            ).order_by(DeadLetter.id)
+        )
+        return [(t, r, d, int(s), int(n)) for t, r, d, s, n in rows]
+
+
+def device_row(engine: sa.Engine, device: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(Device).where(Device.device_id == device)).first()
+
+
+# -- tests ------------------------------------------------------------------------------
+
+
+def test_subscriptions_cover_the_fleet_contract() -> None:
+    assert subscription_topics("fleet1") == [
+        "edgefl/fleet1/+/telemetry/#",
+        "edgefl/fleet1/+/data/#",
+        "edgefl/fleet1/+/result/#",
+        "edgefl/fleet1/+/status",
+        "edgefl/fleet1/+/cmd-resp/#",
+        "edgefl/fleet1/+/state/reported",
+    ]
+
+
+def test_config_is_strict() -> None:
+    with pytest.raises(ValueError, match="extra"):
+        IngestConfig.model_validate({"nope": 1})
+    with pytest.raises(ValueError, match="fleet"):
+        IngestConfig(fleet="a/b")
+    assert IngestConfig().max_payload_bytes == 256 * 1024
+
+
+@pytest.mark.slow
+def test_valid_envelopes_are_stored_once_and_duplicates_counted(
+    ingest: Ingest, publisher: Publisher, registry: sa.Engine, fleet: str
+) -> None:
+    device = f"d{uuid.uuid4().hex[:8]}"
+    base = f"edgefl/{fleet}/{device}"
+    topics = [
+        f"{base}/telemetry/temp",
+        f"{base}/data/samples",
+        f"{base}/result/classifier",
+        f"{base}/cmd-resp/corr-1",
+        f"{base}/state/reported",
+    ]
+    for seq in range(1, 21):
+        encoding: Literal["json", "protobuf"] = "json" if seq % 2 else "protobuf"
+        publisher.publish(topics[seq % len(topics)], envelope(device, seq, encoding))
+    # wire duplicates: same (device, seq) again, in both encodings
+    publisher.publish(topics[0], envelope(device, 5, "json"))
+    publisher.publish(topics[1], envelope(device, 10, "protobuf"))
+    publisher.publish(topics[2], envelope(device, 10, "json"))
+
+    wait_for(
+        lambda: ingest.metrics()["stored"] + ingest.metrics()["duplicates"] == 23,
+        TIMEOUT,
+        "23 messages processed",
+    )
+    metrics = ingest.metrics()
+    assert metrics["stored"] == 20
+    assert metrics["duplicates"] == 3
+    assert metrics["dead_lettered"] == 0
+    assert metrics["received"] == 23
+    wait_for(lambda: ingest.metrics()["acked"] == 23, TIMEOUT, "23 acks")
+    assert stored_seqs(registry, device) == list(range(1, 21))
+    with registry.connect() as conn:
+        row = conn.execute(
+            sa.select(Record.body, Record.topic, Record.kind, Record.ts_ms).where(
+                Record.device_id == device, Record.seq == 4
+            )
+        ).one()
+    assert json.loads(row.body) == {"seq": 4}
+    assert row.topic == topics[4 % len(topics)]
+    assert (row.kind, row.ts_ms) == ("telemetry", 1_700_000_000_004)
+    seen = device_row(registry, device)
+    assert seen.fleet == fleet
+    assert seen.last_seen >= seen.first_seen
+    assert seen.online is False  # no status message yet
+
+
+@pytest.mark.slow
+def test_bad_payloads_are_dead_lettered_and_good_ones_around_them_stored(
+    ingest: Ingest, publisher: Publisher, registry: sa.Engine, fleet: str
+) -> None:
+    device = f"d{uuid.uuid4().hex[:8]}"
+    topic = f"edgefl/{fleet}/{device}/telemetry/t"
+    big = b"\x08" + os.urandom(DEAD_LETTER_PAYLOAD_CAP + 1000)  # > 4096 and > the cap
+    bad: list[tuple[str, bytes, str]] = [
+        (topic, b'{"v":1,"device_id":', "malformed_envelope"),
+        (topic, b"\x08\x01\x12\xff\xff", "malformed_envelope"),
+        (topic, big, "oversized"),
+        (topic, envelope("someone-else", 99), "device_mismatch"),
+        (f"edgefl/{fleet}/{device}/status", b"sleepy", "bad_status"),
+        (f"edgefl/{fleet}/{device}/telemetry", envelope(device, 98), "bad_topic"),
+        (topic, envelope(device, 1)[:-1] + b"", "malformed_envelope"),
+    ]
+    seq = 0
+    for bad_topic, payload, _reason in bad:
+        seq += 1
+        publisher.publish(topic, envelope(device, seq, "protobuf"))
+        publisher.publish(bad_topic, payload)
+    seq += 1
+    publisher.publish(topic, envelope(device, seq))
+
+    wait_for(
+        lambda: ingest.metrics()["stored"] == seq and ingest.metrics()["dead_lettered"] == len(bad),
+        TIMEOUT,
+        "good messages stored and bad ones dead-lettered",
+    )
+    metrics = ingest.metrics()
+    assert metrics["duplicates"] == 0
+    assert metrics["dead_lettered.malformed_envelope"] == 3
+    assert metrics["dead_lettered.oversized"] == 1
+    assert metrics["dead_lettered.device_mismatch"] == 1
+    assert metrics["dead_lettered.bad_status"] == 1
+    assert metrics["dead_lettered.bad_topic"] == 1
+    assert set(DEAD_LETTER_REASONS) <= {k.split(".", 1)[1] for k in metrics if "." in k}
+    assert stored_seqs(registry, device) == list(range(1, seq + 1))
+
+    letters = dead_letters(registry)
+    assert [(t, r) for t, r, *_ in letters] == [(t, r) for t, _p, r in bad]
+    details = {reason: detail for _t, reason, detail, _s, _n in letters}
+    assert "invalid JSON" in details["malformed_envelope"]
+    assert "exceeds the limit of 4096" in details["oversized"]
+    assert "someone-else" in details["device_mismatch"]
+    oversized = next(letter for letter in letters if letter[1] == "oversized")
+    assert oversized[3] == len(big)  # original size kept
+    assert oversized[4] == DEAD_LETTER_PAYLOAD_CAP  # payload truncated to the cap
+
+    # still alive and storing
+    publisher.publish(topic, envelope(device, seq + 1))
+    wait_for(lambda: record_count(registry, device) == seq + 1, TIMEOUT, "one more record")
+
+
+@pytest.mark.slow
+def test_status_topic_sets_presence(
+    ingest: Ingest, publisher: Publisher, registry: sa.Engine, fleet: str
+) -> None:
+    device = f"d{uuid.uuid4().hex[:8]}"
+    status = f"edgefl/{fleet}/{device}/status"
+    publisher.publish(status, b"online", retain=True)
+    wait_for(
+        lambda: (row := device_row(registry, device)) is not None and row.online,
+        TIMEOUT,
+        "device online",
+    )
+    first = device_row(registry, device)
+    assert first.status_changed_at is not None
+    assert first.fleet == fleet
+
+    publisher.publish(f"edgefl/{fleet}/{device}/data/s", envelope(device, 1, kind="data"))
+    wait_for(lambda: record_count(registry, device) == 1, TIMEOUT, "record stored")
+    after_record = device_row(registry, device)
+    assert after_record.online is True
+    assert after_record.last_seen >= first.last_seen
+
+    publisher.publish(status, b"offline", retain=True)
+    wait_for(lambda: not device_row(registry, device).online, TIMEOUT, "device offline")
+    offline = device_row(registry, device)
+    assert offline.status_changed_at >= first.status_changed_at
+    assert offline.last_seen >= after_record.last_seen
+    assert offline.first_seen == first.first_seen
+    wait_for(lambda: ingest.metrics()["status_updates"] == 2, TIMEOUT, "2 status updates")
+    publisher.publish(status, b"", retain=True)  # clear the retained status
+
+
+_INGEST_MAIN = """
+import sys
+from edgefl.logs import configure_logging
+from edgefl.server.ingest import Ingest, IngestConfig
+configure_logging("INFO")
+Ingest(IngestConfig.model_validate_json(sys.argv[1])).run()
+"""
+
+
+class IngestProcess:
+    """``Ingest.run`` in a child process, so it can be killed with SIGKILL."""
+
+    def __init__(self, config: IngestConfig, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _INGEST_MAIN, self.config.model_dump_json()],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def terminate(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_ingest_killed_mid_stream_stores_every_seq_exactly_once(
+    broker: Mosquitto,
+    publisher: Publisher,
+    registry: sa.Engine,
+    db_url: str,
+    fleet: str,
+    tmp_path: Path,
+) -> None:
+    total = 1200
+    device = f"d{uuid.uuid4().hex[:8]}"
+    topic = f"edgefl/{fleet}/{device}/telemetry/t"
+    upgrade(db_url)  # so the probe below can query before the child has migrated
+    process = IngestProcess(_config(broker, db_url, fleet), tmp_path / "ingest.log")
+    process.start()
+    try:
+        # The persistent session starts at the first subscription: probe with seq 1 until
+        # the ingest stores it (re-sending the same seq is harmless by design).
+        deadline = time.monotonic() + 60
+        while record_count(registry, device) == 0:
+            assert process.alive(), process.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "ingest never stored the probe"
+            publisher.publish(topic, envelope(device, 1))
+            with contextlib.suppress(TimeoutError):
+                wait_for(lambda: record_count(registry, device) > 0, 1.0, "probe")
+
+        published = 1
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def publish_rest() -> None:
+            nonlocal published
+            for seq in range(2, total + 1):
+                if stop.is_set():
+                    return
+                encoding: Literal["json", "protobuf"] = "json" if seq % 3 else "protobuf"
+                publisher.publish(topic, envelope(device, seq, encoding))
+                with lock:
+                    published = seq
+                time.sleep(0.002)
+
+        sender = threading.Thread(target=publish_rest, daemon=True)
+        sender.start()
+        try:
+            wait_for(lambda: record_count(registry, device) >= total // 4, 60, "a quarter stored")
+            process.kill()
+            killed_at = record_count(registry, device)
+            with lock:
+                published_at_kill = published
+            # the stream goes on while the ingest is dead
+            wait_for(lambda: published >= published_at_kill + 200, 60, "200 published meanwhile")
+            process.start()
+            sender.join(timeout=120)
+            assert not sender.is_alive(), "publisher did not finish"
+        finally:
+            stop.set()
+        assert published == total
+        wait_for(
+            lambda: record_count(registry, device) == total,
+            90,
+            f"all {total} records stored (log: {process.log})",
+        )
+    finally:
+        process.terminate()
+    assert stored_seqs(registry, device) == list(range(1, total + 1))
+    with registry.connect() as conn:
+        rows = conn.scalar(sa.select(sa.func.count()).select_from(Record))
+        dead = conn.scalar(sa.select(sa.func.count()).select_from(DeadLetter))
+    assert rows == total  # 0 lost, 0 duplicate rows
+    assert dead == 0
+    assert killed_at < total
