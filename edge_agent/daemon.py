@@ -5,6 +5,10 @@ SQLite outbox *before* anything is sent; the single sender thread publishes with
 and deletes a record only on a successful PUBACK. The daemon writes
 ``<state_dir>/agent-status.json`` every ``status_interval_s`` so that ``edgefl agent
 status`` can report on a running (or dead) agent from another process.
+
+The agent subscribes (QoS 1, persistent session) to ``edgefl/{fleet}/{device}/cmd/+`` and
+answers each command once through the outbox (see :mod:`edgefl.edge_agent.commands`);
+built-in commands are ``ping``, ``status`` and ``set-rate``.
 """
 
 from __future__ import annotations
@@ -20,9 +24,23 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from edgefl.config import StrictModel
+from edgefl.edge_agent.commands import (
+    CommandError,
+    CommandProcessor,
+    command_filter,
+    ping_handler,
+    set_rate_handler,
+    status_handler,
+)
 from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender, status_topic
 from edgefl.edge_agent.outbox import Outbox, OutboxFullError, OutboxPolicy
-from edgefl.edge_agent.sources import DataSource, SourceConfig, SourceRecord, build_source
+from edgefl.edge_agent.sources import (
+    DatasetReplaySource,
+    DataSource,
+    SourceConfig,
+    SourceRecord,
+    build_source,
+)
 from edgefl.files import write_text_atomic
 
 __all__ = ["STATUS_FILE", "Agent", "AgentConfig", "read_status"]
@@ -70,6 +88,54 @@ class Agent:
         self.sources: list[DataSource] = [build_source(s) for s in config.sources]
         self.rejected = 0
         self._started_at = time.time()
+        self.commands = CommandProcessor(
+            config.state_dir,
+            fleet=config.fleet,
+            device_id=config.device_id,
+            outbox=self.outbox,
+            encoding=config.encoding,
+            ack=self.link.ack,
+            wake=self.sender.wake,
+            synchronous=config.outbox.synchronous,
+        )
+        self.commands.register("ping", ping_handler)
+        self.commands.register("status", status_handler(lambda: self.status(running=True)))
+        self.commands.register("set-rate", set_rate_handler(self.set_source_rate))
+        self.link.subscribe(command_filter(config.fleet, config.device_id), qos=1)
+
+    def set_source_rate(self, name: str | None, rate_hz: float) -> tuple[str, float]:
+        """Change a dataset-replay source's rate (the ``set-rate`` command).
+
+        Args:
+            name: Source name; ``None`` when the agent has exactly one replay source.
+            rate_hz: New samples per second, validated like the config field.
+
+        Returns:
+            The source's name and its previous rate.
+
+        Raises:
+            CommandError: No such source, or the rate is out of range.
+        """
+        replay = [s for s in self.sources if isinstance(s, DatasetReplaySource)]
+        if name is None:
+            if len(replay) != 1:
+                raise CommandError(
+                    f"name the source: the agent has {len(replay)} replay sources "
+                    f"{sorted(s.name for s in replay)}"
+                )
+            source = replay[0]
+        else:
+            matches = [s for s in replay if s.name == name]
+            if not matches:
+                raise CommandError(
+                    f"no replay source {name!r} (have {sorted(s.name for s in replay)})"
+                )
+            source = matches[0]
+        try:
+            previous = source.set_rate(rate_hz)
+        except ValueError as exc:
+            raise CommandError(f"invalid rate_hz {rate_hz}: {exc}") from exc
+        return source.name, previous
 
     def topic_for(self, record: SourceRecord) -> str:
         """``edgefl/{fleet}/{device}/{kind}/{stream}``."""
@@ -104,6 +170,8 @@ class Agent:
 
     def run(self, stop: threading.Event) -> None:
         """Block until ``stop`` is set; always closes cleanly (retained ``offline``)."""
+        self.commands.recover()
+        self.commands.start(self.link.messages)
         self.link.start()
         self.sender.start()
         next_status = 0.0
@@ -118,9 +186,11 @@ class Agent:
                     next_status = now + self.config.status_interval_s
                 stop.wait(0.01)
         finally:
+            self.commands.stop()
             self.sender.stop()
             self.link.close()
             self.write_status(running=False)
+            self.commands.close()
             self.outbox.close()
 
     def status(self, *, running: bool) -> dict[str, Any]:
@@ -134,6 +204,7 @@ class Agent:
             "started_at": self._started_at,
             "updated_at": time.time(),
             "connected": self.link.connected,
+            "subscribed": self.link.subscribed,
             "outbox": {
                 "depth": stats.depth,
                 "bytes": stats.bytes,
@@ -148,6 +219,7 @@ class Agent:
                 "acked": self.sender.acked,
                 "failed": self.sender.failed,
             },
+            "commands": self.commands.stats.as_dict(),
         }
 
     def write_status(self, *, running: bool) -> None:
@@ -205,4 +277,5 @@ def read_status(config: AgentConfig) -> dict[str, Any]:
         "outbox": outbox or report.get("outbox", {}),
         "rejected": report.get("outbox", {}).get("rejected", 0),
         "sender": report.get("sender", {}),
+        "commands": report.get("commands", {}),
     }

@@ -14,6 +14,13 @@ thread drains. Records in flight when the connection drops stay in paho's memory
 re-sends them after the reconnect; records still in the outbox after a process restart
 are replayed from SQLite. Either way the receiver may see a sequence number twice, so
 ingest must be idempotent on ``(device_id, seq)``.
+
+Inbound messages: topics registered with :meth:`MqttLink.subscribe` are subscribed on
+every (re)connect. ``on_message`` only puts an :class:`InboundMessage` on
+:attr:`MqttLink.messages`; a consumer thread does the work and then calls
+:meth:`MqttLink.ack`. The client runs with paho's ``manual_ack``, so the broker keeps a
+QoS 1 message un-acknowledged (and redelivers it after a reconnect) until the consumer
+has durably handled it.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -39,6 +47,7 @@ from edgefl.config import StrictModel
 from edgefl.edge_agent.outbox import Outbox
 
 __all__ = [
+    "InboundMessage",
     "MqttLink",
     "MqttLinkConfig",
     "OutboxSender",
@@ -123,6 +132,27 @@ class TokenBucket:
         return max(0.0, (1.0 - self._tokens) / self.rate)
 
 
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """A message received on a subscribed topic, handed from paho to a consumer thread.
+
+    Attributes:
+        topic: The topic it was published on.
+        payload: The payload bytes.
+        qos: The QoS it was delivered with.
+        mid: paho's packet id, needed to acknowledge a QoS 1/2 message.
+        client_epoch: :attr:`MqttLink.client_epoch` when it arrived.
+        generation: :attr:`MqttLink.generation` (connection) when it arrived.
+    """
+
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    client_epoch: int
+    generation: int
+
+
 class MqttLinkConfig(StrictModel):
     """Broker connection settings of a device."""
 
@@ -175,7 +205,9 @@ class MqttLink:
     """One paho client with presence, a persistent session and a jittered reconnect.
 
     Call :meth:`start` once; it returns at once even if the broker is down. Results of
-    QoS 1 publishes arrive on :attr:`publish_results` as ``(mid, success)``.
+    QoS 1 publishes arrive on :attr:`publish_results` as ``(mid, success)``; messages on
+    topics registered with :meth:`subscribe` arrive on :attr:`messages` and must be
+    acknowledged with :meth:`ack` once handled.
 
     Args:
         config: Connection settings.
@@ -186,7 +218,11 @@ class MqttLink:
         self.config = config
         self.status_topic = status_topic
         self.publish_results: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
+        self.messages: queue.SimpleQueue[InboundMessage] = queue.SimpleQueue()
+        # Set before start(); read (never changed) by the paho thread in _on_connect.
+        self._subscriptions: tuple[tuple[str, int], ...] = ()
         self._connected = threading.Event()
+        self._subscribed = threading.Event()
         self._closing = threading.Event()
         # Guards swapping the client (protocol fallback) against a concurrent publish. It is
         # never taken in a paho callback.
@@ -212,6 +248,15 @@ class MqttLink:
         """Whether the broker accepted the connection and it has not dropped since."""
         return self._connected.is_set()
 
+    @property
+    def subscribed(self) -> bool:
+        """Whether the broker acknowledged every :meth:`subscribe` topic on this connection."""
+        return self._subscribed.is_set()
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Block until :attr:`subscribed` or ``timeout`` seconds passed; return it."""
+        return self._subscribed.wait(timeout)
+
     def wait_connected(self, timeout: float) -> bool:
         """Block until connected or ``timeout`` seconds passed; return :attr:`connected`."""
         return self._connected.wait(timeout)
@@ -220,6 +265,36 @@ class MqttLink:
         """Start the network thread; it keeps trying to connect until :meth:`close`."""
         with self._client_lock:
             self._connect_async(self._client)
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Register a subscription, made on every (re)connect. Call before :meth:`start`.
+
+        Args:
+            topic: Topic filter (wildcards allowed).
+            qos: Maximum QoS to receive with.
+        """
+        self._subscriptions = (*self._subscriptions, (topic, qos))
+
+    def ack(self, message: InboundMessage) -> bool:
+        """Acknowledge a received message (PUBACK) once it has been handled durably.
+
+        A message that arrived on an earlier connection is not acknowledged: the broker
+        redelivers it on the current one (packet ids belong to a connection), and the
+        consumer must treat the redelivery as a duplicate.
+
+        Args:
+            message: A message taken from :attr:`messages`.
+
+        Returns:
+            Whether an acknowledgement was handed to paho.
+        """
+        if message.qos == 0:
+            return True
+        with self._client_lock:
+            if message.client_epoch != self.client_epoch or message.generation != self.generation:
+                return False
+            rc = self._client.ack(message.mid, message.qos)
+        return rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def publish(self, topic: str, payload: bytes, qos: int = 1) -> tuple[int, MQTTErrorCode]:
         """Hand a message to paho; return its mid and paho's return code.
@@ -249,9 +324,14 @@ class MqttLink:
 
     def _build_client(self, protocol: MQTTProtocolVersion) -> mqtt.Client:
         cfg = self.config
+        # manual_ack: an inbound QoS 1 message is acknowledged by ack() after the consumer
+        # handled it, not by paho when on_message returns (which only queues it).
         if protocol == MQTTProtocolVersion.MQTTv5:
             client = mqtt.Client(
-                CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=protocol
+                CallbackAPIVersion.VERSION2,
+                client_id=cfg.client_id,
+                protocol=protocol,
+                manual_ack=True,
             )
         else:
             # 3.1.1 keeps the session with clean_session=False (needs a fixed client id).
@@ -260,6 +340,7 @@ class MqttLink:
                 client_id=cfg.client_id,
                 protocol=protocol,
                 clean_session=False,
+                manual_ack=True,
             )
         client.enable_logger(logging.getLogger(f"{__name__}.paho"))
         if cfg.username is not None:
@@ -281,6 +362,8 @@ class MqttLink:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _connect_async(self, client: mqtt.Client) -> None:
@@ -288,11 +371,13 @@ class MqttLink:
         if client.protocol == MQTTProtocolVersion.MQTTv5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = cfg.session_expiry_s
+            # clean_start=False also on the first connect of a process: a restarted agent
+            # resumes its session and gets the commands queued while it was down.
             client.connect_async(
                 cfg.host,
                 cfg.port,
                 cfg.keepalive,
-                clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                clean_start=False,
                 properties=props,
             )
         else:
@@ -359,6 +444,14 @@ class MqttLink:
             flags.session_present,
         )
         client.publish(self.status_topic, b"online", qos=1, retain=True)
+        # Re-subscribing is cheap and covers a broker that lost the session; paho's
+        # subscribe() only queues a packet, so it is safe in this callback. One SUBSCRIBE
+        # for all topics, so one SUBACK tells that all of them are in place.
+        self._subscribed.clear()
+        if self._subscriptions:
+            client.subscribe(list(self._subscriptions))
+        else:
+            self._subscribed.set()
         self.generation += 1
         self._connected.set()
 
@@ -376,6 +469,7 @@ class MqttLink:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        self._subscribed.clear()
         if was_connected and not self._closing.is_set():
             _log.warning("disconnected from broker: %s", reason_code)
         self._set_reconnect_delay(client, self._attempt)
@@ -391,6 +485,33 @@ class MqttLink:
         # Runs under paho's _out_message_mutex: a lock of ours here could deadlock with a
         # thread that holds it while calling publish(). Hand over and return.
         self.publish_results.put((mid, not reason_code.is_failure))
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties,
+    ) -> None:
+        refused = [rc for rc in reason_codes if rc.is_failure]
+        if refused:
+            _log.error("broker refused subscription(s) %s: %s", self._subscriptions, refused)
+            return
+        self._subscribed.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # Runs under paho's callback mutex: hand over and return; the consumer acks.
+        self.messages.put(
+            InboundMessage(
+                topic=msg.topic,
+                payload=bytes(msg.payload),
+                qos=msg.qos,
+                mid=msg.mid,
+                client_epoch=self.client_epoch,
+                generation=self.generation,
+            )
+        )
 
 
 class OutboxSender:

@@ -110,6 +110,22 @@ class DatasetReplaySource(DataSource):
         """How many samples this source has produced."""
         return self._emitted
 
+    @property
+    def rate_hz(self) -> float:
+        """Samples per second."""
+        return self._config.rate_hz
+
+    def set_rate(self, rate_hz: float) -> float:
+        """Change the rate, validated like the config field; returns the previous rate.
+
+        Raises:
+            ValueError: The rate is outside the config's bounds.
+        """
+        old = self._config
+        self._config = DatasetReplayConfig.model_validate({**old.model_dump(), "rate_hz": rate_hz})
+        self._period = 1.0 / self._config.rate_hz
+        return old.rate_hz
+
     def due(self, now: float) -> list[SourceRecord]:
         """Every sample whose slot has come, at most one second's worth at once."""
         out: list[SourceRecord] = []
