@@ -19,26 +19,49 @@ Durability is :attr:`OutboxPolicy.synchronous`:
   before the cut may be lost (the database stays consistent).
 * ``FULL``: SQLite fsyncs the WAL on every commit, so a committed record also survives a
   power loss. The price is one fsync per commit, which on SD cards and cheap flash is
-  milliseconds each; batch writes if you need both rate and ``FULL``.
+  milliseconds each; batch writes (:meth:`Outbox.put_many`) if you need both rate and
+  ``FULL``.
+
+A file that is not a usable outbox at start-up (not an SQLite database, a malformed
+schema, ``PRAGMA quick_check`` not ``ok``) is *quarantined*: it is renamed, with its
+``-wal`` and ``-shm`` files, to ``<name>.corrupt-<UTC timestamp>`` (``-wal``/``-shm``
+appended, so the three still open together for forensics), an ERROR is logged naming it,
+and a fresh outbox starts in its place (:attr:`Outbox.quarantined`). The records in the
+quarantined file were not sent. The server deduplicates on ``(device_id, seq)``, so the
+fresh file must never hand out a sequence number that was already delivered: it continues
+from the quarantined file's counter when that can still be read, and otherwise from
+``wall-clock milliseconds * 1000``, which is larger than any counter a device could have
+reached by counting from 1 (and leaves room for 1000 records per millisecond before two
+such restarts could overlap). That fallback needs a correct wall clock.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal, TypeAlias
 
 from pydantic import Field
 
 from edgefl.config import StrictModel
 from edgefl.errors import BadInputError, ExitCode
 
-__all__ = ["Outbox", "OutboxFullError", "OutboxPolicy", "OutboxStats", "Record"]
+__all__ = [
+    "Body",
+    "Outbox",
+    "OutboxFullError",
+    "OutboxItem",
+    "OutboxPolicy",
+    "OutboxStats",
+    "Record",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -140,7 +163,44 @@ class OutboxStats:
     next_seq: int
 
 
+Body: TypeAlias = bytes | Callable[[int], bytes]
+"""A payload, or a function that builds it from the record's sequence number."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """One record to store with :meth:`Outbox.put_many` (the arguments of :meth:`Outbox.put`).
+
+    Attributes:
+        topic: MQTT topic to publish on.
+        body: Payload bytes, or a function that builds them from the sequence number.
+        priority: Higher is sent first and dropped last.
+        ttl_s: Seconds the record may wait; ``None`` uses the policy's ``default_ttl_s``.
+        kind: Record kind, stored for the caller's use.
+    """
+
+    topic: str
+    body: Body
+    priority: int = 0
+    ttl_s: float | None = None
+    kind: str = "data"
+
+
 _COLUMNS = "seq, topic, payload, priority, kind, created_at, expires_at"
+_EXPECTED_COLUMNS: Final = {
+    "records": {"seq", "topic", "payload", "priority", "kind", "created_at", "expires_at"},
+    "counters": {"device_id", "next_seq", "dropped", "expired"},
+}
+# SQLite result codes that mean "this file is damaged", as opposed to busy, locked,
+# read-only or out of disk space, which must never cost the records in the file.
+_CORRUPTION_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_SIDE_FILES: Final = ("-wal", "-shm")
+
+
+class _CorruptOutboxError(Exception):
+    """The outbox file cannot be used; the message says why."""
+
+
 _RecordRow = tuple[int, str, bytes, int, str, float, float | None]
 
 
@@ -190,32 +250,80 @@ class Outbox:
         self._clock = clock
         self._lock = threading.Lock()
         self._leased: set[int] = set()
+        self.quarantined: Path | None = None
+        """Where a corrupt file found at start-up was moved to, or ``None``."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), so
-        # a record and the counters that describe it are always committed together.
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={policy.synchronous}")
-        with self._transaction():
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self._db.execute(statement)
-            owners = [r[0] for r in self._db.execute("SELECT device_id FROM counters")]
-            if owners and owners != [device_id]:
-                raise BadInputError(
-                    f"outbox {path} belongs to device {owners[0]!r}, not {device_id!r}",
-                    hint="give every device its own outbox file",
-                )
-            if not owners:
-                self._db.execute(
-                    "INSERT INTO counters (device_id, next_seq, dropped, expired) "
-                    "VALUES (?, 1, 0, 0)",
-                    (device_id,),
-                )
+        try:
+            self._db = self._open(first_seq=1)
+        except _CorruptOutboxError as exc:
+            self.quarantined = _quarantine(path, clock())
+            first_seq, source = _seq_after_corruption(self.quarantined, device_id, clock())
+            _log.error(
+                "OUTBOX CORRUPT: %s is not a usable outbox (%s). Moved it to %s; the records "
+                "in it were NOT sent and will not be. Starting a fresh outbox at seq %d (%s).",
+                path,
+                exc,
+                self.quarantined,
+                first_seq,
+                source,
+            )
+            self._db = self._open(first_seq=first_seq)
         # The byte total is cached so put() does not scan the table; it is recomputed
         # from the rows at open and only changed after a successful commit.
         row = self._db.execute("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM records").fetchone()
         self._bytes: int = int(row[0])
+
+    def _open(self, first_seq: int) -> sqlite3.Connection:
+        """Open, check and (if new) initialise the file.
+
+        Raises:
+            _CorruptOutboxError: The file is damaged or is not an outbox.
+            BadInputError: The file belongs to another device.
+            sqlite3.Error: Any other SQLite failure (locked, read-only, disk full ...).
+        """
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), so
+        # a record and the counters that describe it are always committed together.
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self.policy.synchronous}")
+            # quick_check reads every page (O(file size), no index cross-checks): worth it
+            # once at start-up so damage is found here and not by a failing put().
+            problems = [str(r[0]) for r in db.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise _CorruptOutboxError("quick_check: " + "; ".join(problems[:3]))
+            with _Transaction(db):
+                for table, expected in _EXPECTED_COLUMNS.items():
+                    found = {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
+                    if found and not expected <= found:  # no columns: table not created yet
+                        raise _CorruptOutboxError(
+                            f"table {table} lacks columns {sorted(expected - found)}"
+                        )
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                owners = [r[0] for r in db.execute("SELECT device_id FROM counters")]
+                if owners and owners != [self.device_id]:
+                    raise BadInputError(
+                        f"outbox {self.path} belongs to device {owners[0]!r}, "
+                        f"not {self.device_id!r}",
+                        hint="give every device its own outbox file",
+                    )
+                if not owners:
+                    db.execute(
+                        "INSERT INTO counters (device_id, next_seq, dropped, expired) "
+                        "VALUES (?, ?, 0, 0)",
+                        (self.device_id, first_seq),
+                    )
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            if exc.sqlite_errorcode in _CORRUPTION_CODES:
+                raise _CorruptOutboxError(f"{exc} ({exc.sqlite_errorname})") from exc
+            raise
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         """Close the SQLite connection; the outbox cannot be used afterwards."""
@@ -231,7 +339,7 @@ class Outbox:
     def put(
         self,
         topic: str,
-        body: bytes | Callable[[int], bytes],
+        body: Body,
         *,
         priority: int = 0,
         ttl_s: float | None = None,
@@ -256,40 +364,91 @@ class Outbox:
                 ``reject_new``, or ``drop_oldest`` found nothing it may drop.
             BadInputError: The topic cannot be published on (empty, wildcards).
         """
-        _check_topic(topic)
-        ttl = ttl_s if ttl_s is not None else self.policy.default_ttl_s
+        return self.put_many([OutboxItem(topic, body, priority, ttl_s, kind)])[0]
+
+    def put_many(self, items: Sequence[OutboxItem | tuple[str, Body]]) -> list[Record]:
+        """Commit several records in one transaction (one commit, one fsync under ``FULL``).
+
+        Each record gets the same treatment as in :meth:`put`, in order: consecutive
+        sequence numbers, TTL and the when-full policy. The call is atomic: if any record
+        is refused, nothing of the call is stored, no sequence number is consumed and
+        nothing is dropped. So under ``reject_new`` the whole batch must fit (after
+        expired records are removed); under ``drop_oldest`` each record may displace
+        older records of no higher priority exactly as a :meth:`put` would, including
+        earlier records of the same batch (they are counted as dropped), and the call
+        fails only if a record cannot be made room for.
+
+        Args:
+            items: :class:`OutboxItem` instances, or ``(topic, body)`` pairs that take the
+                defaults of :meth:`put`.
+
+        Returns:
+            The stored records, in the order of ``items``.
+
+        Raises:
+            OutboxFullError: A record is bigger than the bound, or the batch does not fit
+                under ``reject_new``, or ``drop_oldest`` cannot make room for a record.
+            BadInputError: A topic cannot be published on (empty, wildcards).
+        """
+        batch = [it if isinstance(it, OutboxItem) else OutboxItem(*it) for it in items]
+        for item in batch:
+            _check_topic(item.topic)
+        if not batch:
+            return []
+        default_ttl = self.policy.default_ttl_s
+        max_bytes = self.policy.max_bytes
         with self._lock:
             now = self._clock()
-            expires_at = now + ttl if ttl is not None else None
             with self._transaction():
-                seq = int(
+                first = int(
                     self._db.execute(
                         "SELECT next_seq FROM counters WHERE device_id = ?", (self.device_id,)
                     ).fetchone()[0]
                 )
-                payload = bytes(body(seq)) if callable(body) else bytes(body)
-                size = len(payload)
-                if size > self.policy.max_bytes:
-                    raise OutboxFullError(
-                        f"record of {size} bytes exceeds the outbox bound of "
-                        f"{self.policy.max_bytes} bytes",
-                        hint="split the payload or raise outbox max_bytes",
+                rows: list[_RecordRow] = []
+                total = 0
+                for seq, item in enumerate(batch, start=first):
+                    body = item.body
+                    payload = bytes(body(seq)) if callable(body) else bytes(body)
+                    if len(payload) > max_bytes:
+                        raise OutboxFullError(
+                            f"record of {len(payload)} bytes exceeds the outbox bound of "
+                            f"{max_bytes} bytes",
+                            hint="split the payload or raise outbox max_bytes",
+                        )
+                    ttl = item.ttl_s if item.ttl_s is not None else default_ttl
+                    expires_at = now + ttl if ttl is not None else None
+                    rows.append(
+                        (seq, item.topic, payload, item.priority, item.kind, now, expires_at)
                     )
+                    total += len(payload)
                 freed = 0
-                if self._bytes + size > self.policy.max_bytes:
+                if self._bytes + total > max_bytes:
                     freed += self._expire(now)
-                if self._bytes - freed + size > self.policy.max_bytes:
-                    freed += self._make_room(self._bytes - freed + size, priority)
-                self._db.execute(
-                    f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (seq, topic, payload, priority, kind, now, expires_at),
-                )
+                insert = f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                if self._bytes - freed + total <= max_bytes:
+                    self._db.executemany(insert, rows)
+                elif self.policy.when_full == "reject_new" or len(rows) == 1:
+                    freed += self._make_room(self._bytes - freed + total, rows[0][3], len(rows))
+                    self._db.executemany(insert, rows)
+                else:
+                    # drop_oldest, several records: room is made record by record so each
+                    # one only displaces what a put() of it would have displaced.
+                    stored = self._bytes - freed
+                    for row in rows:
+                        size = len(row[2])
+                        if stored + size > max_bytes:
+                            made = self._make_room(stored + size, row[3], 1)
+                            freed += made
+                            stored -= made
+                        self._db.execute(insert, row)
+                        stored += size
                 self._db.execute(
                     "UPDATE counters SET next_seq = ? WHERE device_id = ?",
-                    (seq + 1, self.device_id),
+                    (first + len(rows), self.device_id),
                 )
-            self._bytes += size - freed
-        return Record(seq, topic, payload, priority, kind, now, expires_at)
+            self._bytes += total - freed
+        return [Record(*row) for row in rows]
 
     def next_batch(self, limit: int) -> list[Record]:
         """Lease up to ``limit`` records to send: highest priority first, then by seq.
@@ -307,9 +466,11 @@ class Outbox:
             return []
         with self._lock:
             now = self._clock()
-            with self._transaction():
-                freed = self._expire(now)
-            self._bytes -= freed
+            # A read first: a write transaction (and its commit) per batch only when
+            # something did expire.
+            if self._has_expired(now):
+                with self._transaction():
+                    self._bytes -= self._expire(now)
             # Fetch enough rows to skip every leased one without a parameter per seq.
             rows = self._db.execute(
                 f"SELECT {_COLUMNS} FROM records ORDER BY priority DESC, seq LIMIT ?",
@@ -331,12 +492,17 @@ class Outbox:
         with self._lock:
             freed = 0
             with self._transaction():
-                for seq in seqs:
-                    row = self._db.execute(
-                        "DELETE FROM records WHERE seq = ? RETURNING LENGTH(payload)", (seq,)
-                    ).fetchone()
-                    if row is not None:
-                        freed += int(row[0])
+                # One statement per chunk rather than per seq: this runs on the sender's
+                # hot path for every PUBACK batch. 500 stays far below SQLite's limit of
+                # bound parameters.
+                for start in range(0, len(seqs), 500):
+                    chunk = seqs[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    for (size,) in self._db.execute(
+                        f"DELETE FROM records WHERE seq IN ({marks}) RETURNING LENGTH(payload)",
+                        chunk,
+                    ).fetchall():
+                        freed += int(size)
             self._leased.difference_update(seqs)
             self._bytes -= freed
 
@@ -377,6 +543,13 @@ class Outbox:
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
+    def _has_expired(self, now: float) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM records WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT 1",
+            (now,),
+        ).fetchone()
+        return row is not None
+
     def _expire(self, now: float) -> int:
         """Delete unleased records past their expiry; return the payload bytes freed."""
         rows = self._db.execute(
@@ -395,7 +568,7 @@ class Outbox:
         _log.info("outbox: %d record(s) expired", len(victims))
         return sum(int(size) for _, size in victims)
 
-    def _make_room(self, needed_total: int, priority: int) -> int:
+    def _make_room(self, needed_total: int, priority: int, count: int) -> int:
         """Apply the when-full policy so that ``needed_total`` bytes fit; return bytes freed.
 
         Raises:
@@ -404,8 +577,9 @@ class Outbox:
         """
         excess = needed_total - self.policy.max_bytes
         if self.policy.when_full == "reject_new":
+            what = "record refused" if count == 1 else f"batch of {count} records refused"
             raise OutboxFullError(
-                f"outbox full ({self._bytes} of {self.policy.max_bytes} bytes); record refused",
+                f"outbox full ({self._bytes} of {self.policy.max_bytes} bytes); {what}",
                 hint="the link is down or too slow; or use when_full=drop_oldest",
             )
         victims: list[int] = []
@@ -435,6 +609,57 @@ class Outbox:
         )
         _log.warning("outbox full: dropped %d oldest record(s) to make room", len(victims))
         return freed
+
+
+def _quarantine(path: Path, now: float) -> Path:
+    """Rename ``path`` and its ``-wal``/``-shm`` aside; return the new database path."""
+    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while any(Path(f"{target}{s}").exists() for s in ("", *_SIDE_FILES)):
+        target = path.with_name(f"{path.name}.corrupt-{stamp}.{n}")
+        n += 1
+    # The side files first: a -wal left next to a fresh database would be replayed into it.
+    for suffix in _SIDE_FILES:
+        side = Path(f"{path}{suffix}")
+        if side.exists():
+            os.replace(side, f"{target}{suffix}")
+    os.replace(path, target)
+    return target
+
+
+def _seq_after_corruption(quarantined: Path, device_id: str, now: float) -> tuple[int, str]:
+    """The first seq of the fresh outbox, and where it came from (for the log).
+
+    The counter of the quarantined file (and its highest stored seq) when they can be
+    read; otherwise ``now`` in milliseconds times 1000, see the module docstring.
+    """
+    counter: int | None = None
+    highest: int | None = None
+    try:
+        db = sqlite3.connect(f"file:{quarantined}?mode=ro", uri=True)
+        try:
+            counter = _read_int(db, "SELECT next_seq FROM counters WHERE device_id = ?", device_id)
+            highest = _read_int(db, "SELECT MAX(seq) FROM records")
+        finally:
+            db.close()
+    except sqlite3.Error:
+        pass
+    if counter is not None:
+        after_highest = highest + 1 if highest is not None else 1
+        return max(counter, after_highest), "continuing the quarantined file's counter"
+    time_based = int(now * 1000) * 1000
+    if highest is not None:
+        time_based = max(time_based, highest + 1)
+    return time_based, "its counter is unreadable: milliseconds since the epoch x 1000"
+
+
+def _read_int(db: sqlite3.Connection, query: str, *params: object) -> int | None:
+    try:
+        row = db.execute(query, params).fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row is not None and isinstance(row[0], int) else None
 
 
 class _Transaction:

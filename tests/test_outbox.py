@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -8,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgefl.edge_agent.mqtt_link import TokenBucket, backoff_delay
-from edgefl.edge_agent.outbox import Outbox, OutboxFullError, OutboxPolicy
+from edgefl.edge_agent.outbox import Outbox, OutboxFullError, OutboxItem, OutboxPolicy
 from edgefl.errors import BadInputError, ExitCode
 
 
@@ -327,3 +328,245 @@ def test_token_bucket_limits_rate() -> None:
     assert bucket.take(100) == 5  # capped at the burst
     bucket.reset()
     assert bucket.take(1) == 1
+
+
+# -- put_many ----------------------------------------------------------------------------
+
+
+def test_put_many_assigns_consecutive_seqs_in_one_commit(tmp_path: Path) -> None:
+    clock = FakeClock(2000.0)
+    with make(tmp_path / "o.db", clock, default_ttl_s=60.0) as ob:
+        ob.put("t", b"first")
+        records = ob.put_many(
+            [
+                ("t/a", b"a"),
+                OutboxItem("t/b", lambda seq: f"seq={seq}".encode(), priority=3, kind="x"),
+                OutboxItem("t/c", b"c", ttl_s=5.0),
+            ]
+        )
+        assert [r.seq for r in records] == [2, 3, 4]
+        assert records[1].payload == b"seq=3"
+        assert (records[1].priority, records[1].kind) == (3, "x")
+        assert records[0].expires_at == pytest.approx(2060.0)
+        assert records[2].expires_at == pytest.approx(2005.0)
+        assert ob.put_many([]) == []
+        stats = ob.stats()
+        assert (stats.depth, stats.bytes, stats.next_seq) == (4, 5 + 1 + 5 + 1, 5)
+        assert [r.seq for r in ob.next_batch(10)] == [3, 1, 2, 4]  # priority, then seq
+        assert ob._bytes == stats.bytes
+
+
+def test_put_many_is_one_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with make(path) as ob:
+        before = ob._db.total_changes
+        ob.put_many([("t", b"x")] * 100)
+        # 100 inserts + 1 counter update, and a single COMMIT: the WAL holds one commit
+        # frame set, visible to another connection all at once.
+        assert ob._db.total_changes - before == 101
+        other = sqlite3.connect(path)
+        try:
+            assert other.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 100
+        finally:
+            other.close()
+
+
+def test_put_many_reject_new_is_all_or_nothing(tmp_path: Path) -> None:
+    with make(tmp_path / "o.db", max_bytes=100, when_full="reject_new") as ob:
+        ob.put_many([("t", b"a" * 10)] * 5)
+        with pytest.raises(OutboxFullError, match="batch of 6 records refused"):
+            ob.put_many([("t", b"b" * 10)] * 6)
+        stats = ob.stats()
+        # Nothing of the refused batch is stored and no seq was consumed.
+        assert (stats.depth, stats.bytes, stats.dropped, stats.next_seq) == (5, 50, 0, 6)
+        assert ob._bytes == 50
+        assert [r.seq for r in ob.put_many([("t", b"c" * 10)] * 5)] == [6, 7, 8, 9, 10]
+
+
+def test_put_many_refuses_whole_call_for_one_bad_record(tmp_path: Path) -> None:
+    with make(tmp_path / "o.db", max_bytes=20) as ob:
+        with pytest.raises(OutboxFullError, match="exceeds"):
+            ob.put_many([("t", b"ok"), ("t", b"x" * 21)])
+        with pytest.raises(BadInputError):
+            ob.put_many([("t", b"ok"), ("a/#", b"x")])
+        stats = ob.stats()
+        assert (stats.depth, stats.next_seq) == (0, 1)
+
+
+def test_put_many_drop_oldest_matches_sequential_puts(tmp_path: Path) -> None:
+    items = [OutboxItem("t", bytes([i]) * (5 + i % 7), priority=i // 15) for i in range(40)]
+    with make(tmp_path / "many.db", max_bytes=60, when_full="drop_oldest") as many:
+        many.put_many(items[:10])
+        many.put_many(items[10:])
+        batched = [(r.seq, r.payload) for r in many.next_batch(100)]
+        batched_stats = many.stats()
+        assert many._bytes == batched_stats.bytes
+    with make(tmp_path / "one.db", max_bytes=60, when_full="drop_oldest") as one:
+        for it in items:
+            one.put(it.topic, it.body, priority=it.priority)
+        single = [(r.seq, r.payload) for r in one.next_batch(100)]
+        single_stats = one.stats()
+    assert batched == single
+    assert batched_stats == single_stats
+
+
+def test_put_many_drop_oldest_rolls_back_when_a_record_cannot_fit(tmp_path: Path) -> None:
+    with make(tmp_path / "o.db", max_bytes=30, when_full="drop_oldest") as ob:
+        ob.put("t", b"h" * 20, priority=5)
+        ob.put("t", b"l" * 10, priority=0)
+        # The first record evicts the low-priority one; the second would need 15 bytes
+        # but may only evict the first (10 bytes), not the priority-5 record: the whole
+        # call is undone, eviction included.
+        with pytest.raises(OutboxFullError, match="higher priority"):
+            ob.put_many([OutboxItem("t", b"n" * 10), OutboxItem("t", b"m" * 15)])
+        stats = ob.stats()
+        assert (stats.depth, stats.bytes, stats.dropped, stats.next_seq) == (2, 30, 0, 3)
+        assert ob._bytes == 30
+
+
+def test_put_many_expires_before_applying_the_policy(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with make(tmp_path / "o.db", clock, max_bytes=20, when_full="reject_new") as ob:
+        ob.put("t", b"x" * 20, ttl_s=1.0)
+        clock.now += 2
+        ob.put_many([("t", b"y" * 10)] * 2)
+        stats = ob.stats()
+        assert (stats.depth, stats.expired, stats.bytes) == (2, 1, 20)
+
+
+# -- corrupt file at start-up ------------------------------------------------------------
+
+CLOCK_S = 1_700_000_000.5
+TIME_BASED_SEQ = int(CLOCK_S * 1000) * 1000
+
+
+def _fill(path: Path, count: int, size: int = 300) -> int:
+    """Store ``count`` records, ack the first half; return the next seq of the file."""
+    with make(path) as ob:
+        records = ob.put_many([("t", bytes([i % 251]) * size) for i in range(count)])
+        ob.ack_many(r.seq for r in records[: count // 2])
+        return ob.stats().next_seq
+
+
+def _reopen_quarantined(path: Path, caplog: pytest.LogCaptureFixture) -> tuple[Outbox, Path]:
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="edgefl.edge_agent.outbox"):
+        ob = make(path, FakeClock(CLOCK_S))
+    assert ob.quarantined is not None
+    quarantined = ob.quarantined
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    message = errors[0].getMessage()
+    assert str(quarantined) in message
+    assert "NOT sent" in message
+    assert quarantined.name.startswith("o.db.corrupt-2023")
+    assert quarantined.exists()
+    stats = ob.stats()
+    assert (stats.depth, stats.bytes) == (0, 0)
+    return ob, quarantined
+
+
+def test_garbage_file_is_quarantined_and_seq_becomes_time_based(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "o.db"
+    path.write_bytes(b"this is not an sqlite database\x00" * 200)
+    ob, quarantined = _reopen_quarantined(path, caplog)
+    with ob:
+        assert quarantined.read_bytes().startswith(b"this is not")
+        assert ob.put("t", b"a").seq == TIME_BASED_SEQ
+        assert ob.put("t", b"b").seq == TIME_BASED_SEQ + 1
+    with make(path) as again:  # the fresh file is a normal outbox from now on
+        assert again.quarantined is None
+        assert again.stats().next_seq == TIME_BASED_SEQ + 2
+
+
+def test_truncated_file_is_quarantined_and_seq_never_goes_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "o.db"
+    next_seq = _fill(path, 400)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    ob, quarantined = _reopen_quarantined(path, caplog)
+    with ob:
+        seq = ob.put("t", b"a").seq
+        # Either the counter survived the cut (continue after it) or it did not (time).
+        assert seq in (next_seq, TIME_BASED_SEQ)
+        assert seq >= next_seq
+        assert quarantined.stat().st_size == len(data) // 2
+
+
+def test_corrupt_page_is_quarantined_with_its_wal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "o.db"
+    next_seq = _fill(path, 400)
+    page_size = 4096
+    with path.open("r+b") as f:
+        # Page 2 is the root of the records table (created first); counters lives on a
+        # later page. Smash the records root, as a bad flash block would.
+        f.seek(1 * page_size)
+        f.write(b"\xde\xad\xbe\xef" * 256)
+    Path(f"{path}-wal").write_bytes(b"")  # a leftover WAL goes with the database
+    ob, quarantined = _reopen_quarantined(path, caplog)
+    with ob:
+        assert Path(f"{quarantined}-wal").exists()
+        # The counter page is intact: the fresh file continues right after it.
+        assert ob.put("t", b"a").seq == next_seq
+
+
+def test_file_with_wrong_schema_is_quarantined(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "o.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE records (id INTEGER PRIMARY KEY, junk TEXT)")
+    db.commit()
+    db.close()
+    ob, _ = _reopen_quarantined(path, caplog)
+    with ob:
+        assert ob.put("t", b"a").seq == TIME_BASED_SEQ
+
+
+def test_two_quarantines_in_the_same_second_keep_both_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "o.db"
+    path.write_bytes(b"garbage" * 100)
+    first, q1 = _reopen_quarantined(path, caplog)
+    first.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    path.write_bytes(b"more garbage" * 100)
+    second, q2 = _reopen_quarantined(path, caplog)
+    second.close()
+    assert q1 != q2
+    assert q1.exists()
+    assert q2.exists()
+
+
+def test_healthy_file_is_not_quarantined(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "o.db"
+    _fill(path, 50)
+    with caplog.at_level(logging.ERROR), make(path) as ob:
+        assert ob.quarantined is None
+        assert ob.stats().depth == 25
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert list(tmp_path.glob("*.corrupt-*")) == []
+
+
+def test_locked_file_is_an_error_not_corruption(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE x (a)")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            Outbox(path, "dev-1", OutboxPolicy(), clock=FakeClock())
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    # A busy file may hold unsent records: it must never be moved aside.
+    assert path.exists()
+    assert list(tmp_path.glob("*.corrupt-*")) == []
