@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ from edgefl.edge_agent.commands import (
     status_handler,
 )
 from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender, status_topic
-from edgefl.edge_agent.outbox import Outbox, OutboxFullError, OutboxPolicy
+from edgefl.edge_agent.outbox import Outbox, OutboxFullError, OutboxItem, OutboxPolicy
 from edgefl.edge_agent.sources import (
     DatasetReplaySource,
     DataSource,
@@ -141,8 +142,8 @@ class Agent:
         """``edgefl/{fleet}/{device}/{kind}/{stream}``."""
         return f"edgefl/{self.config.fleet}/{self.config.device_id}/{record.kind}/{record.stream}"
 
-    def submit(self, record: SourceRecord) -> int | None:
-        """Commit one record to the outbox; returns its seq, or None if the outbox refused it."""
+    def _item(self, record: SourceRecord) -> OutboxItem:
+        """An outbox item whose payload is the envelope, encoded once the seq is known."""
         from edgefl.proto.serde import Envelope, encode_envelope
 
         ts_ms = int(time.time() * 1000)
@@ -159,14 +160,28 @@ class Agent:
             )
             return encode_envelope(env, self.config.encoding)
 
+        return OutboxItem(topic=self.topic_for(record), body=encode, kind=record.kind)
+
+    def submit(self, records: Sequence[SourceRecord]) -> list[int]:
+        """Commit records to the outbox in one transaction; returns the stored seqs.
+
+        When the whole batch does not fit under ``reject_new``, the records are offered one
+        by one so that as many as fit are kept; each refused one is counted in ``rejected``.
+        """
+        if not records:
+            return []
         try:
-            stored = self.outbox.put(self.topic_for(record), encode, kind=record.kind)
-        except OutboxFullError as exc:
-            self.rejected += 1
-            logger.warning("outbox refused a %s record: %s", record.kind, exc)
-            return None
+            stored = self.outbox.put_many([self._item(r) for r in records])
+        except OutboxFullError:
+            stored = []
+            for record in records:
+                try:
+                    stored += self.outbox.put_many([self._item(record)])
+                except OutboxFullError as exc:
+                    self.rejected += 1
+                    logger.warning("outbox refused a %s record: %s", record.kind, exc)
         self.sender.wake()
-        return stored.seq
+        return [r.seq for r in stored]
 
     def run(self, stop: threading.Event) -> None:
         """Block until ``stop`` is set; always closes cleanly (retained ``offline``)."""
@@ -179,8 +194,7 @@ class Agent:
             while not stop.is_set():
                 now = time.monotonic()
                 for source in self.sources:
-                    for record in source.due(now):
-                        self.submit(record)
+                    self.submit(source.due(now))
                 if now >= next_status:
                     self.write_status(running=True)
                     next_status = now + self.config.status_interval_s
