@@ -52,7 +52,6 @@ except ImportError:  # plain `pytest` puts only tests/ (not the repository root)
 pytestmark = pytest.mark.slow
 
 EDGEFL = Path(sys.executable).parent / "edgefl"
-PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 DEVICE = "dev-f"
 PROBE = "probe"
 KEEPALIVE_S = 5
@@ -281,18 +280,6 @@ def _wait_stable(value: Callable[[], int], quiet_s: float, timeout: float) -> in
 # -- fixtures -------------------------------------------------------------------------------
 
 
-def _postgres_problem() -> str | None:
-    engine = sa.create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-        return None
-    except sa.exc.OperationalError as exc:
-        return str(exc).splitlines()[0]
-    finally:
-        engine.dispose()
-
-
 @pytest.fixture
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """SQLite in tmp_path by default; ``postgresql`` (indirect param) gets its own schema."""
@@ -300,19 +287,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'registry' / 'edgefl.db'}"
         return
-    problem = _postgres_problem()
-    if problem is not None:
-        pytest.skip(f"PostgreSQL at {PG_ADMIN_URL} is unreachable: {problem}")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    yield str(request.getfixturevalue("pg_url"))
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,46 +25,7 @@ from edgefl.server.registry import (
 )
 from edgefl.server.registry.db import alembic_config
 
-PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 TABLES = {"alembic_version", "dead_letters", "devices", "records"}
-
-
-def _postgres_reachable() -> str | None:
-    """``None`` if the test server answers, else why not."""
-    engine = sa.create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-        return None
-    except sa.exc.OperationalError as exc:
-        return str(exc).splitlines()[0]
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A URL whose connections live in a fresh schema of the test database; dropped after."""
-    problem = _postgres_reachable()
-    if problem is not None:
-        pytest.skip(f"PostgreSQL at {PG_ADMIN_URL} is unreachable: {problem}")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state' / 'edgefl.db'}"
-    return str(request.getfixturevalue("pg_url"))
 
 
 def _schema_drift(engine: sa.Engine) -> list[object]:
