@@ -54,7 +54,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import paho.mqtt.client as mqtt
 import sqlalchemy as sa
@@ -66,13 +66,11 @@ from edgefl.edge_agent.outbox import Outbox, OutboxItem, OutboxPolicy
 from edgefl.proto.serde import ENVELOPE_VERSION, Envelope, encode_envelope
 from edgefl.server.ingest import Ingest, IngestConfig
 from edgefl.server.registry.models import Record
-
-if TYPE_CHECKING:  # mypy runs from the repository root
-    from benchmarks._mosquitto import Mosquitto
-else:  # a script's own folder is on sys.path, the repository root is not
-    from _mosquitto import Mosquitto
+from edgefl.testing import Mosquitto
 
 HOST = "127.0.0.1"
+# mosquitto silently drops past max_queued_messages (1000 by default) for offline sessions.
+BROKER_LINES = ["max_queued_messages 1000000"]
 PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 MAX_INFLIGHT = 20
 BODY = bytes(range(140))  # an envelope of ~200 B on the wire
@@ -353,7 +351,7 @@ def count_rows(db_url: str, device: str) -> tuple[set[int], int]:
 def chaos_run(workdir: Path, mode: str, rate: float, duration: float) -> dict[str, int]:
     """One broker-kill run; mode is naive_qos0, naive_qos1_agent_crash or outbox."""
     root = workdir / f"chaos-{mode}"
-    broker = Mosquitto(root, persistence=True)
+    broker = Mosquitto(root, BROKER_LINES, persistence=True)
     broker.start()
     fleet = f"chaos{uid()}"
     device = f"{mode.replace('_', '-')}-{uid()}"
@@ -620,7 +618,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    with Mosquitto(work / "broker") as broker:
+    with Mosquitto(work / "broker", BROKER_LINES) as broker:
         port = broker.port
         log(f"mosquitto on {HOST}:{port} (pid {broker.proc.pid if broker.proc else '?'})")
         payloads = [envelope("bench", i + 1) for i in range(args.n)]

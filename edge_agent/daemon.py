@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -219,15 +220,7 @@ class Agent:
             "updated_at": time.time(),
             "connected": self.link.connected,
             "subscribed": self.link.subscribed,
-            "outbox": {
-                "depth": stats.depth,
-                "bytes": stats.bytes,
-                "oldest_age_s": stats.oldest_age_s,
-                "dropped": stats.dropped,
-                "expired": stats.expired,
-                "rejected": self.rejected,
-                "next_seq": stats.next_seq,
-            },
+            "outbox": {**asdict(stats), "rejected": self.rejected},
             "sender": {
                 "published": self.sender.published,
                 "acked": self.sender.acked,
@@ -273,14 +266,7 @@ def read_status(config: AgentConfig) -> dict[str, Any]:
     if (config.state_dir / OUTBOX_FILE).is_file():
         with Outbox(config.state_dir / OUTBOX_FILE, config.device_id, config.outbox) as box:
             stats = box.stats()
-        outbox = {
-            "depth": stats.depth,
-            "bytes": stats.bytes,
-            "oldest_age_s": stats.oldest_age_s,
-            "dropped": stats.dropped,
-            "expired": stats.expired,
-            "next_seq": stats.next_seq,
-        }
+        outbox = asdict(stats)
     return {
         "device_id": config.device_id,
         "fleet": config.fleet,

@@ -274,11 +274,15 @@ def build_artifacts(opts: BuildOptions, progress: Progress | None = None) -> Bui
             fp32_files[ratio] = path
             step("converted to .tflite" + (f" (pruned {ratio:.0%})" if ratio else ""))
 
+        # Variants made from the same (pruned or unpruned) model share its reference outputs.
+        reference_logits = {
+            ratio: predict_logits(model, data.x_test) for ratio, model in references.items()
+        }
         results: list[VariantResult] = []
         for variant in opts.variants:
             recipe = recipes[variant.recipe]
             reference_model = references[variant.prune_ratio]
-            reference = predict_logits(reference_model, data.x_test)
+            reference = reference_logits[variant.prune_ratio]
             name = f"{spec.name}.{variant.name}.tflite"
             artifact = staging / name
             recipe.apply(fp32_files[variant.prune_ratio], artifact, calibration)

@@ -7,20 +7,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from edgefl.edge_agent.runtimes import find_tflite_python
-
-
-@pytest.fixture(scope="session")
-def has_tflite_runtime() -> bool:
-    """Whether the separate numpy<2 environment with tflite-runtime 2.14 exists."""
-    return find_tflite_python() is not None
-
-
-def require_tflite_runtime() -> None:
-    if find_tflite_python() is None:
-        pytest.skip("tflite-runtime environment missing: run scripts/setup (creates .venv-tflite)")
-
-
 PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
 

@@ -24,11 +24,7 @@ from edgefl.edge_agent.daemon import AgentConfig
 from edgefl.edge_agent.outbox import Outbox
 from edgefl.errors import ExitCode
 from edgefl.proto.serde import decode_envelope
-
-try:
-    from tests.mqtt_broker import Mosquitto, wait_for
-except ImportError:  # plain `pytest` puts only tests/ (not the repository root) on sys.path
-    from mqtt_broker import Mosquitto, wait_for  # type: ignore[import-not-found,no-redef]
+from edgefl.testing import Mosquitto, wait_for
 
 EDGEFL = Path(sys.executable).parent / "edgefl"
 

@@ -40,11 +40,7 @@ from edgefl.edge_agent.daemon import Agent, AgentConfig
 from edgefl.edge_agent.mqtt_link import InboundMessage
 from edgefl.edge_agent.outbox import Outbox, OutboxPolicy
 from edgefl.proto.serde import Envelope, canonical_json_body, decode_envelope, encode_envelope
-
-try:
-    from tests.mqtt_broker import Mosquitto, wait_for
-except ImportError:  # plain `pytest` puts only tests/ (not the repository root) on sys.path
-    from mqtt_broker import Mosquitto, wait_for  # type: ignore[import-not-found,no-redef]
+from edgefl.testing import Mosquitto, wait_for
 
 EDGEFL = Path(sys.executable).parent / "edgefl"
 DEVICE = "dev-c"

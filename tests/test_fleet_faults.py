@@ -41,12 +41,11 @@ from typer.testing import CliRunner
 from edgefl.cli import app
 from edgefl.proto.serde import Envelope, encode_envelope
 from edgefl.server.registry import Record, make_engine, upgrade
+from edgefl.testing import Mosquitto, wait_for
 
 try:
-    from tests.mqtt_broker import Mosquitto, wait_for
     from tests.netproxy import TcpProxy
 except ImportError:  # plain `pytest` puts only tests/ (not the repository root) on sys.path
-    from mqtt_broker import Mosquitto, wait_for  # type: ignore[import-not-found,no-redef]
     from netproxy import TcpProxy  # type: ignore[import-not-found,no-redef]
 
 pytestmark = pytest.mark.slow

@@ -30,11 +30,7 @@ from edgefl.server.registry import (
     make_engine,
     upgrade,
 )
-
-try:
-    from tests.mqtt_broker import Mosquitto, wait_for
-except ImportError:  # plain `pytest` puts only tests/ (not the repository root) on sys.path
-    from mqtt_broker import Mosquitto, wait_for  # type: ignore[import-not-found,no-redef]
+from edgefl.testing import Mosquitto, wait_for
 
 TIMEOUT = 30.0
 

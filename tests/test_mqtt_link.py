@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import os
 import signal
@@ -17,25 +15,14 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender, status_topic
 from edgefl.edge_agent.outbox import Outbox, OutboxPolicy
-
-try:
-    from tests.mqtt_broker import Mosquitto, free_port, wait_for
-except ImportError:  # plain `pytest` puts only tests/ (not the repository root) on sys.path
-    from mqtt_broker import (  # type: ignore[import-not-found,no-redef]
-        Mosquitto,
-        free_port,
-        wait_for,
-    )
+from edgefl.server.fleet_ca import FleetCA
+from edgefl.testing import Mosquitto, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -421,88 +408,18 @@ def test_auto_falls_back_to_311_when_broker_refuses_v5(prefix: str, refusal: byt
 
 
 def _write_pki(folder: Path, device_id: str) -> dict[str, Path]:
-    """A throwaway CA, a broker certificate for 127.0.0.1 and a device client certificate."""
-    now = dt.datetime.now(dt.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def save(stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
-        (folder / f"{stem}.key").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        (folder / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("test-ca"))
-        .issuer_name(name("test-ca"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    save("ca", ca_key, ca)
-
-    def leaf(stem: str, cn: str, server: bool) -> None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                critical=False,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH]
-                    if server
-                    else [ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-        )
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False,
-            )
-        save(stem, key, builder.sign(ca_key, hashes.SHA256()))
-
-    leaf("server", "127.0.0.1", server=True)
-    leaf("device", device_id, server=False)
-    return {stem: folder / f"{stem}.pem" for stem in ("ca", "server", "device")} | {
-        f"{stem}_key": folder / f"{stem}.key" for stem in ("server", "device")
+    """The fleet CA, a broker certificate for 127.0.0.1 and a device client certificate."""
+    ca = FleetCA.create(folder / "ca")
+    server = ca.issue_server_cert(["localhost"], ["127.0.0.1"])
+    device = ca.issue_device_cert(device_id)
+    assert server.key_path is not None
+    assert device.key_path is not None
+    return {
+        "ca": ca.cert_path,
+        "server": server.cert_path,
+        "server_key": server.key_path,
+        "device": device.cert_path,
+        "device_key": device.key_path,
     }
 
 

@@ -1,6 +1,9 @@
-"""A private mosquitto for tests: own config file, free loopback port, killed by PID.
+"""A private mosquitto for tests and benchmarks, killed by PID.
 
-Not a test module. Tests use it through a fixture such as::
+Each broker gets its own config file and a free loopback port. Stdlib only, so it ships
+with the package at no cost.
+
+Tests use it through a fixture such as::
 
     @pytest.fixture
     def broker(tmp_path: Path) -> Iterator[Mosquitto]:
@@ -42,11 +45,13 @@ class Mosquitto:
     """One mosquitto process on 127.0.0.1 with a config file written in ``workdir``.
 
     Args:
-        workdir: Folder for the config file and the broker's log.
+        workdir: Folder for the config file, the broker's log and its persistence file.
         extra_lines: Extra ``mosquitto.conf`` lines.
         port: Port to listen on; a free one when ``None``.
         users: When given, anonymous clients are refused and only these user/password
             pairs may connect; :meth:`set_users` changes them on the running broker.
+        persistence: Keep sessions and queued messages in ``workdir``, saved every
+            second, so a ``kill -9`` loses at most the last second of them.
     """
 
     def __init__(
@@ -55,6 +60,8 @@ class Mosquitto:
         extra_lines: Sequence[str] = (),
         port: int | None = None,
         users: Mapping[str, str] | None = None,
+        *,
+        persistence: bool = False,
     ) -> None:
         exe = shutil.which("mosquitto") or (
             "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
@@ -68,7 +75,17 @@ class Mosquitto:
         self.conf = workdir / f"mosquitto-{self.port}.conf"
         self.log = workdir / f"mosquitto-{self.port}.log"
         self.passwd = workdir / f"mosquitto-{self.port}.passwd"
-        lines = [f"listener {self.port} 127.0.0.1", "persistence false"]
+        workdir.mkdir(parents=True, exist_ok=True)
+        lines = [f"listener {self.port} 127.0.0.1"]
+        if persistence:
+            lines += [
+                "persistence true",
+                f"persistence_location {workdir}/",
+                f"persistence_file mosquitto-{self.port}.db",
+                "autosave_interval 1",
+            ]
+        else:
+            lines.append("persistence false")
         if os.geteuid() == 0:
             # Run as root, mosquitto switches to the "mosquitto" user after reading its
             # config, and could then not read a password file in a 0700 pytest tmp dir.
