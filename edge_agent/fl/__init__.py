@@ -1,0 +1,1 @@
+"""fl (see the modules)."""
