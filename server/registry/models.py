@@ -1,4 +1,7 @@
-"""Registry tables: ``devices``, ``records`` and ``dead_letters``.
+"""Registry tables: fleet data plus federated training.
+
+Fleet: ``devices``, ``records``, ``dead_letters``. Federated training: ``fl_runs``,
+``fl_rounds``, ``privacy_ledger`` and ``fl_checkpoints``.
 
 Timestamps are timezone-aware UTC on PostgreSQL. SQLite has no time zone type, so
 values read back there are naive and mean UTC.
@@ -16,6 +19,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     LargeBinary,
@@ -26,7 +30,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["DEAD_LETTER_PAYLOAD_CAP", "Base", "DeadLetter", "Device", "Record"]
+__all__ = [
+    "DEAD_LETTER_PAYLOAD_CAP",
+    "Base",
+    "DeadLetter",
+    "Device",
+    "FlCheckpoint",
+    "FlRound",
+    "FlRun",
+    "PrivacyLedgerEntry",
+    "Record",
+]
 
 DEAD_LETTER_PAYLOAD_CAP: Final = 64 * 1024
 """Dead letters keep at most this many leading payload bytes (``payload_size`` keeps the
@@ -125,3 +139,152 @@ class DeadLetter(Base):
     reason: Mapped[str] = mapped_column(String(64), index=True)
     detail: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class FlRun(Base):
+    """A federated training run.
+
+    Attributes:
+        run_id: The run id (chosen by the caller or ``edgefl.server.fl.new_run_id``).
+        plan_json: The validated ``FederationPlan`` as JSON.
+        plan_key: Fingerprint of the plan (a resume with another plan is refused).
+        status: ``running``, ``completed`` or ``stopped``.
+        stop_reason: Why the run stopped early (empty otherwise).
+        rounds_done: The last round whose checkpoint is committed.
+        created_at: When the run was first started.
+        updated_at: When the run last changed.
+    """
+
+    __tablename__ = "fl_runs"
+
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    plan_json: Mapped[str] = mapped_column(Text)
+    plan_key: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    stop_reason: Mapped[str] = mapped_column(Text, default="")
+    rounds_done: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class FlRound(Base):
+    """Metrics of one finished round (committed with the round's checkpoint).
+
+    Attributes:
+        run_id: The run.
+        round: Round number, from 1.
+        accuracy: Server-side accuracy on the held-out split.
+        loss: Server-side loss on the held-out split.
+        federated_accuracy: Federated evaluation accuracy (None if not run).
+        federated_loss: Federated evaluation loss (None if not run).
+        train_loss: Weighted local training loss of the aggregated replies.
+        num_selected: Devices sent a train message.
+        num_replies: Replies aggregated.
+        num_failures: Failed or missing replies.
+        num_rejected: Replies refused by validation.
+        num_refused: Devices that refused to train (budget exhausted).
+        num_flagged: Devices whose reported ε went down.
+        epsilon_max: Largest device ε after the round.
+        central_epsilon: Central-DP ε after the round (None without central DP).
+        wall_s: Wall time of the round in seconds.
+        detail_json: Other details as JSON (rejection reasons, aggregated flag).
+        at: When the round was committed.
+    """
+
+    __tablename__ = "fl_rounds"
+
+    run_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("fl_runs.run_id", ondelete="CASCADE"), primary_key=True
+    )
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    accuracy: Mapped[float] = mapped_column(Float)
+    loss: Mapped[float] = mapped_column(Float)
+    federated_accuracy: Mapped[float | None] = mapped_column(Float)
+    federated_loss: Mapped[float | None] = mapped_column(Float)
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    num_selected: Mapped[int] = mapped_column(Integer)
+    num_replies: Mapped[int] = mapped_column(Integer)
+    num_failures: Mapped[int] = mapped_column(Integer)
+    num_rejected: Mapped[int] = mapped_column(Integer)
+    num_refused: Mapped[int] = mapped_column(Integer)
+    num_flagged: Mapped[int] = mapped_column(Integer)
+    epsilon_max: Mapped[float] = mapped_column(Float)
+    central_epsilon: Mapped[float | None] = mapped_column(Float)
+    wall_s: Mapped[float] = mapped_column(Float)
+    detail_json: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PrivacyLedgerEntry(Base):
+    """ε one device spent in one round of one run, with what is needed to recompute it.
+
+    ``epsilon_total`` is the device's running total as its accountant reports it;
+    ``epsilon_spent`` is the increase over its previous ledger row. ``sigma``,
+    ``sample_rate`` and ``steps`` are the DP-SGD parameters of this round and
+    ``history_json`` the device's whole accountant history, so the running total can be
+    recomputed independently. At most one row per (run, device, round).
+
+    Attributes:
+        id: Surrogate key.
+        run_id: The run.
+        device_id: The device.
+        round: The round.
+        epsilon_spent: ε spent in this round.
+        epsilon_total: Running ε of the device after this round.
+        delta: δ of the guarantee.
+        sigma: Noise multiplier used.
+        sample_rate: Poisson sample rate used.
+        steps: DP-SGD steps taken this round.
+        history_json: Opacus accountant history ``[[sigma, q, steps], ...]`` as JSON.
+        num_examples: Size of the device's training data.
+        train_time_s: Local training time.
+        compute_speed: The device's reported compute-speed factor.
+        flagged: True when the device reported an ε lower than its previous total.
+        at: When the row was committed.
+    """
+
+    __tablename__ = "privacy_ledger"
+    __table_args__ = (UniqueConstraint("run_id", "device_id", "round"),)
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("fl_runs.run_id", ondelete="CASCADE"), index=True
+    )
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    epsilon_spent: Mapped[float] = mapped_column(Float)
+    epsilon_total: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    sigma: Mapped[float] = mapped_column(Float)
+    sample_rate: Mapped[float] = mapped_column(Float)
+    steps: Mapped[int] = mapped_column(Integer)
+    history_json: Mapped[str] = mapped_column(Text)
+    num_examples: Mapped[int] = mapped_column(Integer)
+    train_time_s: Mapped[float] = mapped_column(Float)
+    compute_speed: Mapped[float] = mapped_column(Float)
+    flagged: Mapped[bool] = mapped_column(Boolean(create_constraint=False), default=False)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class FlCheckpoint(Base):
+    """The state after one round: enough to resume the run from the next one.
+
+    Attributes:
+        run_id: The run.
+        round: The round this checkpoint follows.
+        model: The global model (``numpy.savez`` of the arrays, keys in order).
+        strategy_state: Strategy state (e.g. FedAdam moments), ``numpy.savez`` bytes.
+        accountants_json: Device accountant histories and central-DP accountant state.
+        at: When it was committed.
+    """
+
+    __tablename__ = "fl_checkpoints"
+
+    run_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("fl_runs.run_id", ondelete="CASCADE"), primary_key=True
+    )
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[bytes] = mapped_column(LargeBinary)
+    strategy_state: Mapped[bytes] = mapped_column(LargeBinary)
+    accountants_json: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

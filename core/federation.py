@@ -1,0 +1,568 @@
+"""The federation contract: the plan of a federated run and the records it produces.
+
+This module is the one place that the server (``edgefl.server.fl``), the device-side
+ClientApp (``edgefl.edge_agent.fl.clientapp``) and the simulation runner
+(``edgefl.simulations``) share. It imports only pydantic and the standard library, so the
+ClientApp (which Flower starts in a new process for every message) stays light.
+
+Public API
+==========
+
+:class:`FederationPlan`
+    Everything a run needs, validated once (unknown keys and bad values give a
+    :class:`~edgefl.errors.ConfigError` naming the key path). Build it with
+    :func:`load_plan` (dict, e.g. a TOML table) or ``FederationPlan(...)``.
+    ``plan.to_flat()`` / ``FederationPlan.from_flat()`` convert to and from a flat
+    ``{"dp.target_epsilon": 8.0, ...}`` dict that fits a Flower ``run_config`` (the
+    ``[tool.flwr.app.config]`` table of a deployment); lists travel as JSON strings.
+
+:class:`ClientInstructions`
+    What the server puts into the ``"config"`` ConfigRecord of every train/evaluate
+    message: dataset, model, partitioning (seed, α, number of partitions), local epochs,
+    batch size, learning rate, DP settings (target ε, δ, clip, ε cap, planned rounds),
+    device profiles, the FedProx μ and the ledger floor (see below). The ClientApp needs
+    nothing but this and its node config (``partition-id``, ``num-partitions``,
+    optionally ``state-dir`` and ``device-id``), which is why simulation and deployment
+    run the same code. ``to_config()`` gives the flat ConfigRecord values,
+    ``from_config()`` parses them back.
+
+:class:`RoundReport`, :class:`FederationResult`
+    What a run reports per round and at the end: server-side accuracy/loss on the held-out
+    split, federated evaluation, reply counts (replies, failures, rejected, refused for
+    budget), the largest ε any device has spent, wall time, and ε per device.
+    ``edgefl.server.fl.make_server_app(..., on_round=callback)`` calls the callback with a
+    :class:`RoundReport` after each round; ``edgefl.server.fl.load_result(url, run_id)``
+    reads a :class:`FederationResult` back from the registry.
+
+:func:`device_id_for`
+    Stable device name of a simulated partition (``sim-007``).
+
+:func:`profile_for`
+    The :class:`DeviceProfile` of a partition (profiles are assigned by ``fraction`` in
+    partition-id order).
+
+Privacy accounting (decided here, implemented by the ClientApp)
+===============================================================
+
+Each device runs Opacus DP-SGD with Poisson sampling. Partitions differ in size, so the
+sample rate differs: ``q = 1 / ceil(n / batch_size)`` (Opacus' ``DPDataLoader``). **Each
+device chooses its own σ once**, the first time it trains in a run, with
+``opacus.accountants.utils.get_noise_multiplier(target_epsilon, delta, q,
+steps=rounds * local_epochs * ceil(n / batch_size), accountant="rdp")``, and keeps it
+(with its accountant) in its state for the whole run. The device's RDP accountant is
+kept across rounds (``context.state`` in simulation, a JSON file in the node's
+``state-dir`` on a device), so the ε it reports is the true running total. Each reply
+carries σ, q, the steps taken and the accountant history, so the server (and anyone
+reading the ledger) can recompute ε independently.
+
+A device refuses to train (reply status ``budget_exhausted``, no exception) when the
+next round would take its ε past ``dp.epsilon_cap`` (default: ``dp.target_epsilon``).
+
+The *ledger floor*: the server sends the accountant history the registry holds for each
+device (``ledger`` in :class:`ClientInstructions`). A device whose own state is shorter
+(lost state dir, or a simulation restarted after the server was killed) adopts it, so a
+restart can never reset a device's ε.
+
+Device profiles (simulation)
+============================
+
+``compute_speed`` < 1 makes a device sleep ``train_time * (1/speed - 1)`` after training
+(a slow device); ``dropout`` is the probability that the device fails a train message,
+drawn from ``Random((seed, partition_id, round))`` so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from edgefl.config import StrictModel, validate_config
+from edgefl.errors import ConfigError
+
+__all__ = [
+    "DATASET_MODELS",
+    "STRATEGIES",
+    "CentralDPPlan",
+    "ClientInstructions",
+    "DPPlan",
+    "DeviceProfile",
+    "FederationPlan",
+    "FederationResult",
+    "RoundReport",
+    "StrategyPlan",
+    "device_id_for",
+    "load_plan",
+    "profile_for",
+]
+
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"]
+STRATEGIES: Final[tuple[str, ...]] = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedmedian",
+    "fedtrimmedavg",
+)
+
+DATASET_MODELS: Final[dict[str, str]] = {
+    "digits": "digits-cnn",
+    "mnist5k": "mnist-cnn",
+    "breast-cancer": "cancer-mlp",
+}
+"""The default zoo model of each bundled dataset (``edgefl.zoo`` holds the models; it is
+not imported here because it needs torch)."""
+
+
+class DPPlan(StrictModel):
+    """Local (record-level) differential privacy: Opacus DP-SGD on every device."""
+
+    enabled: bool = Field(True, description="Train with DP-SGD (False: plain SGD).")
+    target_epsilon: float = Field(8.0, gt=0, description="ε each device reaches after all rounds.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clip C.")
+    epsilon_cap: float | None = Field(
+        None,
+        gt=0,
+        description="A device refuses to train past this ε (default: target_epsilon).",
+    )
+
+    @property
+    def cap(self) -> float:
+        """The effective per-device ε cap."""
+        return self.epsilon_cap if self.epsilon_cap is not None else self.target_epsilon
+
+
+class CentralDPPlan(StrictModel):
+    """Central (user-level) DP: Flower's client-side fixed clipping + RdpAccountant."""
+
+    enabled: bool = False
+    noise_multiplier: float = Field(1.0, gt=0, description="z of the Gaussian mechanism.")
+    clipping_norm: float = Field(1.0, gt=0, description="Clip of each device's update.")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_epsilon: float | None = Field(
+        None, gt=0, description="The run stops before a round would pass this ε."
+    )
+
+
+class StrategyPlan(StrictModel):
+    """Aggregation strategy (one of Flower's) and its parameters."""
+
+    name: StrategyName = "fedavg"
+    proximal_mu: float = Field(0.0, ge=0, description="FedProx μ (client-side proximal term).")
+    eta: float = Field(0.01, gt=0, description="FedAdam server learning rate.")
+    eta_l: float = Field(0.1, gt=0, description="FedAdam client learning rate (informative).")
+    beta_1: float = Field(0.9, ge=0, lt=1, description="FedAdam β1.")
+    beta_2: float = Field(0.99, ge=0, lt=1, description="FedAdam β2.")
+    tau: float = Field(1e-3, gt=0, description="FedAdam τ.")
+    trim_beta: float = Field(0.2, ge=0, lt=0.5, description="FedTrimmedAvg cut per tail.")
+
+    @model_validator(mode="after")
+    def _check(self) -> StrategyPlan:
+        if self.name == "fedprox" and self.proximal_mu <= 0:
+            raise ValueError("fedprox needs proximal_mu > 0")
+        return self
+
+
+class DeviceProfile(StrictModel):
+    """How a simulated device behaves; ``fraction`` of the devices get this profile."""
+
+    fraction: float | None = Field(
+        None, gt=0, le=1, description="Share of devices (default: an equal split)."
+    )
+    compute_speed: float = Field(1.0, gt=0, le=1, description="1 = full speed, 0.25 = 4x slower.")
+    dropout: float = Field(0.0, ge=0, le=1, description="Probability of failing a round.")
+
+
+class FederationPlan(StrictModel):
+    """Everything one federated run needs. See the module docstring."""
+
+    dataset: Literal["digits", "mnist5k", "breast-cancer"] = "digits"
+    model: str | None = Field(None, description="Zoo model (default: the dataset's).")
+    num_devices: int = Field(10, ge=1, le=10_000)
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    seed: int = Field(0, ge=0)
+    rounds: int = Field(10, ge=1, le=10_000)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    strategy: StrategyPlan = Field(default_factory=StrategyPlan)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(0.0, ge=0, le=1)
+    min_train_nodes: int = Field(2, ge=1)
+    min_evaluate_nodes: int = Field(1, ge=0)
+    min_available_nodes: int = Field(2, ge=1)
+    node_wait_s: float = Field(60.0, ge=0, description="Bounded wait for min_available_nodes.")
+    round_timeout_s: float = Field(600.0, gt=0, description="Per-round reply timeout.")
+    select_by_budget: bool = Field(True, description="Never select devices out of ε budget.")
+    select_by_capability: bool = Field(
+        True, description="Prefer fast devices (reported profile, past round times)."
+    )
+    dp: DPPlan = Field(default_factory=DPPlan)
+    central_dp: CentralDPPlan = Field(default_factory=CentralDPPlan)
+    profiles: list[DeviceProfile] = Field(default_factory=lambda: [DeviceProfile()])
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Held-out share (server eval).")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from edgefl.zoo import MODELS  # torch import only where the plan is validated
+
+        if value not in MODELS:
+            raise ValueError(f"unknown model; choose one of: {', '.join(sorted(MODELS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederationPlan:
+        if self.model is not None:
+            from edgefl.zoo import get_spec
+
+            if get_spec(self.model).dataset != self.dataset:
+                raise ValueError(
+                    f"model {self.model!r} is for dataset {get_spec(self.model).dataset!r}, "
+                    f"not {self.dataset!r}"
+                )
+        if self.min_available_nodes > self.num_devices:
+            raise ValueError(
+                f"min_available_nodes ({self.min_available_nodes}) > num_devices "
+                f"({self.num_devices})"
+            )
+        if self.min_train_nodes > self.num_devices:
+            raise ValueError(
+                f"min_train_nodes ({self.min_train_nodes}) > num_devices ({self.num_devices})"
+            )
+        if not self.profiles:
+            raise ValueError("profiles: give at least one device profile")
+        given = [p.fraction for p in self.profiles if p.fraction is not None]
+        if given and len(given) != len(self.profiles):
+            raise ValueError("profiles: give a fraction for every profile or for none")
+        if given and not math.isclose(sum(given), 1.0, abs_tol=1e-6):
+            raise ValueError(f"profiles: fractions must sum to 1 (got {sum(given):.4g})")
+        if self.central_dp.enabled and self.strategy.name != "fedavg":
+            raise ValueError("central_dp needs strategy.name = 'fedavg' (Flower's accountant)")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The zoo model (the dataset's default when ``model`` is not set)."""
+        return self.model or DATASET_MODELS[self.dataset]
+
+    def to_flat(self) -> dict[str, bool | int | float | str]:
+        """A flat ``run_config``-style dict: nested keys dotted, lists as JSON strings.
+
+        ``None`` values are left out (absent means default).
+        """
+        flat: dict[str, bool | int | float | str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, item)
+            elif isinstance(value, list):
+                flat[prefix] = json.dumps(value)
+            elif value is not None:
+                flat[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any], source: str = "run_config") -> FederationPlan:
+        """Rebuild a plan from :meth:`to_flat` output (or a Flower ``run_config``).
+
+        Raises:
+            ConfigError: A value is invalid; the message names the dotted key.
+        """
+        nested: dict[str, Any] = {}
+        for key, value in flat.items():
+            parts = str(key).split(".")
+            node = nested
+            for part in parts[:-1]:
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    raise ConfigError(f"{source}: {key}: conflicts with a scalar key {part!r}")
+                node = child
+            if parts[-1] == "profiles" and isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{source}: profiles: not a JSON list ({exc})") from exc
+            node[parts[-1]] = value
+        return load_plan(nested, source=source)
+
+    def plan_key(self) -> str:
+        """A short stable fingerprint of the plan (devices keep σ per plan key)."""
+        import hashlib
+
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_plan(data: Any, source: str = "plan") -> FederationPlan:
+    """Validate parsed data (e.g. a TOML table) into a plan.
+
+    Raises:
+        ConfigError: Unknown keys or invalid values; the message names each key path.
+    """
+    return validate_config(FederationPlan, data, source=source)
+
+
+def device_id_for(partition_id: int) -> str:
+    """The stable device name of a simulated partition: ``sim-007``."""
+    return f"sim-{partition_id:03d}"
+
+
+def profile_for(
+    profiles: list[DeviceProfile], partition_id: int, num_partitions: int
+) -> DeviceProfile:
+    """The profile of one partition: profiles cover the partition ids in order by fraction.
+
+    Counts are rounded by largest remainder, so they always add up to ``num_partitions``.
+    """
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition_id {partition_id} outside [0, {num_partitions})")
+    shares = [p.fraction if p.fraction is not None else 1.0 / len(profiles) for p in profiles]
+    exact = [s * num_partitions for s in shares]
+    counts = [math.floor(e) for e in exact]
+    order = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
+    for i in order[: num_partitions - sum(counts)]:
+        counts[i] += 1
+    bound = 0
+    for profile, count in zip(profiles, counts, strict=True):
+        bound += count
+        if partition_id < bound:
+            return profile
+    return profiles[-1]
+
+
+# ---------------------------------------------------------------------------------------
+# What travels in the train/evaluate ConfigRecord.
+# ---------------------------------------------------------------------------------------
+
+ConfigValue = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class ClientInstructions:
+    """The ClientApp's instructions, carried in the message's ``"config"`` ConfigRecord.
+
+    Keys in the record are the field names with ``-`` instead of ``_`` (Flower style);
+    ``profiles`` and ``ledger`` are JSON strings. Flower's own keys ride along:
+    ``server-round`` (every strategy), ``proximal-mu`` (FedProx) and ``clipping_norm``
+    (central DP with client-side clipping).
+
+    Attributes:
+        run_id: The federated run (devices keep one accountant per run).
+        plan_key: Fingerprint of the plan; σ is re-chosen if it changes.
+        dataset: Bundled dataset name.
+        model: Zoo model name.
+        seed: Seed of the split and partitioning (and dropout draws).
+        dirichlet_alpha: Dirichlet α of the partitioning.
+        num_partitions: How many partitions the training split is cut into.
+        test_fraction: Held-out share of the dataset (not trained on).
+        rounds: Planned rounds (σ is sized for rounds × local_epochs).
+        local_epochs: Local epochs per round.
+        batch_size: Expected batch size (Poisson sampling).
+        lr: Learning rate.
+        momentum: SGD momentum.
+        optimizer: ``sgd`` or ``adam``.
+        dp_enabled: Train with DP-SGD.
+        target_epsilon: ε a device reaches after ``rounds`` rounds.
+        delta: δ.
+        max_grad_norm: Per-sample clip.
+        epsilon_cap: A device refuses to train past this ε.
+        profiles: JSON list of :class:`DeviceProfile` (simulation emulation).
+        ledger: JSON ``{device_id: accountant history}`` the server holds (ledger floor).
+        server_round: The round this message belongs to.
+        proximal_mu: FedProx μ (0: no proximal term).
+        clipping_norm: Central-DP update clip (0: none).
+    """
+
+    run_id: str
+    plan_key: str
+    dataset: str
+    model: str
+    seed: int
+    dirichlet_alpha: float
+    num_partitions: int
+    test_fraction: float
+    rounds: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    optimizer: str
+    dp_enabled: bool
+    target_epsilon: float
+    delta: float
+    max_grad_norm: float
+    epsilon_cap: float
+    profiles: str = "[]"
+    ledger: str = "{}"
+    server_round: int = 0
+    proximal_mu: float = 0.0
+    clipping_norm: float = 0.0
+
+    @classmethod
+    def from_plan(cls, plan: FederationPlan, run_id: str) -> ClientInstructions:
+        """The instructions for every device of a plan (round and ledger filled later)."""
+        return cls(
+            run_id=run_id,
+            plan_key=plan.plan_key(),
+            dataset=plan.dataset,
+            model=plan.model_name,
+            seed=plan.seed,
+            dirichlet_alpha=plan.dirichlet_alpha,
+            num_partitions=plan.num_devices,
+            test_fraction=plan.test_fraction,
+            rounds=plan.rounds,
+            local_epochs=plan.local_epochs,
+            batch_size=plan.batch_size,
+            lr=plan.lr,
+            momentum=plan.momentum,
+            optimizer=plan.optimizer,
+            dp_enabled=plan.dp.enabled,
+            target_epsilon=plan.dp.target_epsilon,
+            delta=plan.dp.delta,
+            max_grad_norm=plan.dp.max_grad_norm,
+            epsilon_cap=plan.dp.cap,
+            profiles=json.dumps([p.model_dump(mode="json") for p in plan.profiles]),
+            proximal_mu=plan.strategy.proximal_mu if plan.strategy.name == "fedprox" else 0.0,
+        )
+
+    def to_config(self) -> dict[str, ConfigValue]:
+        """Flat ConfigRecord values (hyphenated keys)."""
+        out = {k.replace("_", "-"): v for k, v in asdict(self).items()}
+        del out["clipping-norm"]  # set by Flower's central-DP wrapper as ``clipping_norm``
+        return out
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ClientInstructions:
+        """Parse a received ConfigRecord (unknown keys are ignored).
+
+        Raises:
+            ConfigError: A required key is missing or has the wrong type.
+        """
+        values: dict[str, Any] = {}
+        for name in cls.__dataclass_fields__:
+            key = name.replace("_", "-")
+            if name == "clipping_norm":
+                # Flower's central-DP wrapper injects this key with an underscore.
+                values[name] = config.get("clipping_norm", config.get(key, 0.0))
+            elif key in config:
+                values[name] = config[key]
+        try:
+            inst = cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"train config from the server is incomplete: {exc}") from exc
+        for name, f in cls.__dataclass_fields__.items():
+            value = getattr(inst, name)
+            expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[str(f.type)]
+            if not isinstance(value, expected):  # type: ignore[arg-type]
+                raise ConfigError(
+                    f"train config key {name.replace('_', '-')!r}: expected {f.type}, "
+                    f"got {type(value).__name__}"
+                )
+        return inst
+
+    def device_profiles(self) -> list[DeviceProfile]:
+        """The parsed :attr:`profiles` list."""
+        return [DeviceProfile.model_validate(p) for p in json.loads(self.profiles)]
+
+    def ledger_floor(self) -> dict[str, list[list[float]]]:
+        """The parsed :attr:`ledger` map: device id -> Opacus accountant history."""
+        parsed: dict[str, list[list[float]]] = json.loads(self.ledger)
+        return parsed
+
+
+# ---------------------------------------------------------------------------------------
+# What a run reports.
+# ---------------------------------------------------------------------------------------
+
+ReplyStatus = Literal["ok", "budget_exhausted"]
+"""The ``status`` a device puts in its reply's ``"edgefl"`` ConfigRecord."""
+
+
+@dataclass
+class RoundReport:
+    """One finished round.
+
+    Attributes:
+        round: Round number (1-based; continues after a resume).
+        accuracy: Server-side accuracy of the new global model on the held-out split.
+        loss: Server-side cross-entropy on the held-out split.
+        federated_accuracy: Example-weighted accuracy of federated evaluation (or None).
+        federated_loss: Example-weighted loss of federated evaluation (or None).
+        train_loss: Example-weighted local training loss of the accepted replies.
+        num_selected: Devices sent a train message.
+        num_replies: Replies aggregated.
+        num_failures: Messages that failed (error reply, timeout, dropout).
+        num_rejected: Replies refused by validation (wrong shapes, NaN/Inf, ε going down).
+        num_refused: Devices that refused to train (``budget_exhausted``).
+        num_flagged: Devices flagged this round (reported ε went down).
+        epsilon_max: Largest running ε of any device after this round.
+        wall_s: Wall time of the round.
+        aggregated: False when no update was aggregated (the model did not change).
+        rejections: ``device_or_node: reason`` of every rejected reply.
+    """
+
+    round: int
+    accuracy: float
+    loss: float
+    federated_accuracy: float | None = None
+    federated_loss: float | None = None
+    train_loss: float | None = None
+    num_selected: int = 0
+    num_replies: int = 0
+    num_failures: int = 0
+    num_rejected: int = 0
+    num_refused: int = 0
+    num_flagged: int = 0
+    epsilon_max: float = 0.0
+    wall_s: float = 0.0
+    aggregated: bool = True
+    rejections: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class FederationResult:
+    """A finished (or stopped) run.
+
+    Attributes:
+        run_id: The run.
+        status: ``completed``, ``stopped`` (e.g. central DP budget) or ``running``
+            (read while in progress / killed).
+        stop_reason: Why a run stopped early (``""`` when completed).
+        rounds: One report per finished round, in order.
+        epsilon_per_device: The latest running ε of every device in the ledger.
+        central_epsilon: ε of central DP (None when not enabled).
+    """
+
+    run_id: str
+    status: str
+    stop_reason: str = ""
+    rounds: list[RoundReport] = field(default_factory=list)
+    epsilon_per_device: dict[str, float] = field(default_factory=dict)
+    central_epsilon: float | None = None
+
+    @property
+    def final_accuracy(self) -> float:
+        """Server-side accuracy after the last round (NaN when no round finished)."""
+        return self.rounds[-1].accuracy if self.rounds else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        out = asdict(self)
+        out["final_accuracy"] = self.final_accuracy
+        return out
