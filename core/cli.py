@@ -15,6 +15,7 @@ from edgefl.edge_agent.cli import app as agent_app
 from edgefl.logs import configure_logging
 from edgefl.quantize.cli import app as quantize_app
 from edgefl.server.cli import app as server_app
+from edgefl.simulations.cli import simulate
 
 __all__ = ["app", "main"]
 
@@ -32,6 +33,7 @@ app = typer.Typer(
 app.add_typer(quantize_app, name="quantize")
 app.add_typer(agent_app, name="agent")
 app.add_typer(server_app, name="server")
+app.command("simulate")(simulate)
 
 
 def _version(value: bool) -> None:
