@@ -4,15 +4,247 @@
 starts a new ClientApp process per message in deployment); torch and Opacus are imported
 inside the handlers. See ``edgefl.federation`` for the privacy-accounting contract.
 
-Node config: ``partition-id`` and ``num-partitions`` (set by the simulation engine or by
-``flower-supernode --node-config``), optional ``device-id`` (default ``sim-NNN``) and
-``state-dir`` (where the accountant lives on a device; without it, in ``context.state``).
+Node config: ``partition-id`` and ``num-partitions`` (set by the simulation engine, or by
+``flower-supernode --node-config``), optional ``device-id`` (default ``sim-NNN`` from the
+partition id) and ``state-dir`` (where the accountant lives on a device; without it, in
+``context.state``, which is where a simulated node keeps it).
+
+Train reply (``RecordDict``):
+
+- ``"arrays"``: the new local weights (absent when the device refused to train);
+- ``"metrics"`` (MetricRecord, always the same keys): ``num-examples``, ``train-loss``,
+  ``epsilon`` (running total), ``delta``, ``sigma``, ``sample-rate``, ``steps`` (this
+  round), ``train-time-s``, ``compute-speed``, ``cpu-count``, ``unit-weight`` (1.0, for
+  central DP's equal weights) and ``refused`` (1.0 when the budget is exhausted);
+- ``"edgefl"`` (ConfigRecord): ``device-id``, ``status`` (``ok`` or ``budget_exhausted``),
+  ``history`` (the accountant history as JSON) and ``reason``.
+
+A device whose ``dropout`` draw fails raises :class:`DeviceDropoutError`: Flower turns it
+into an error reply, which the server counts as a failure.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-__all__ = ["app"]
+from edgefl.errors import EdgeflError
+from edgefl.federation import ClientInstructions, device_id_for, profile_for
+
+__all__ = ["DeviceDropoutError", "app"]
 
 app = ClientApp()
+
+
+class DeviceDropoutError(EdgeflError):
+    """The simulated device dropped out of this round (its profile's dropout draw)."""
+
+
+def _node(context: Context) -> tuple[int, int, str]:
+    cfg = context.node_config
+    try:
+        partition_id = int(cfg["partition-id"])
+        num_partitions = int(cfg["num-partitions"])
+    except (KeyError, ValueError) as exc:
+        raise EdgeflError(
+            f"node config needs integer partition-id and num-partitions: {exc}",
+            hint="start the SuperNode with --node-config 'partition-id=0 num-partitions=N'",
+        ) from exc
+    device_id = str(cfg.get("device-id") or device_id_for(partition_id))
+    return partition_id, num_partitions, device_id
+
+
+def _store(context: Context) -> Any:
+    from edgefl.edge_agent.fl.privacy import ContextPrivacyStore, FilePrivacyStore
+
+    state_dir = context.node_config.get("state-dir")
+    if state_dir:
+        return FilePrivacyStore(Path(str(state_dir)))
+    return ContextPrivacyStore(context)
+
+
+def _arrays_in(msg: Message) -> dict[str, Any]:
+    return {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()}
+
+
+def _data(inst: ClientInstructions, partition_id: int, num_partitions: int) -> Any:
+    from edgefl.edge_agent.fl.data import PartitionData
+
+    if num_partitions != inst.num_partitions:
+        raise EdgeflError(
+            f"node has num-partitions={num_partitions} but the plan has "
+            f"{inst.num_partitions} devices",
+            hint="start as many nodes as the plan's num_devices",
+        )
+    return PartitionData(
+        inst.dataset,
+        partition_id,
+        inst.num_partitions,
+        inst.dirichlet_alpha,
+        inst.seed,
+        inst.test_fraction,
+    )
+
+
+def _round_seed(inst: ClientInstructions, partition_id: int) -> int:
+    return (inst.seed * 1_000_003 + partition_id * 10_007 + inst.server_round) % (2**31)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local (DP-)training; see the module docstring for the reply."""
+    inst = ClientInstructions.from_config(dict(msg.content["config"]))
+    partition_id, num_partitions, device_id = _node(context)
+    profile = profile_for(inst.device_profiles(), partition_id, inst.num_partitions)
+    draw = random.Random(f"{inst.seed}:{partition_id}:{inst.server_round}").random()
+    if draw < profile.dropout:
+        raise DeviceDropoutError(f"{device_id} dropped out of round {inst.server_round}")
+
+    from edgefl.edge_agent.fl import privacy as pv
+    from edgefl.edge_agent.fl.trainer import train_local
+
+    x, y = _data(inst, partition_id, num_partitions).train_arrays()
+    store = _store(context)
+    state = store.load(inst.run_id)
+    q, steps = pv.steps_per_round(len(x), inst.batch_size, inst.local_epochs)
+    if state is None or state.plan_key != inst.plan_key:
+        sigma = (
+            pv.choose_sigma(inst.target_epsilon, inst.delta, q, steps * inst.rounds)
+            if inst.dp_enabled
+            else 0.0
+        )
+        history = state.history if state is not None else []
+        state = pv.PrivacyState(inst.run_id, inst.plan_key, sigma, q, steps, history)
+    # The ledger floor: never account less than the server has recorded for this device.
+    floor = inst.ledger_floor().get(device_id)
+    if floor and pv.history_steps(floor) > pv.history_steps(state.history):
+        state.history = [list(map(float, h)) for h in floor]
+        for h in state.history:
+            h[2] = int(h[2])
+
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        "num-examples": float(len(x)),
+        "train-loss": float("nan"),
+        "epsilon": pv.epsilon_of(state.history, inst.delta),
+        "delta": inst.delta,
+        "sigma": state.sigma,
+        "sample-rate": state.sample_rate,
+        "steps": 0.0,
+        "train-time-s": 0.0,
+        "compute-speed": profile.compute_speed,
+        "cpu-count": float(os.cpu_count() or 1),
+        "unit-weight": 1.0,
+        "refused": 0.0,
+    }
+    if inst.dp_enabled:
+        after = pv.epsilon_of(
+            pv.merge_history(state.history, state.sigma, state.sample_rate, steps), inst.delta
+        )
+        if after > inst.epsilon_cap * (1 + 1e-9):
+            store.save(state)
+            metrics["refused"] = 1.0
+            reason = (
+                f"{device_id}: the next round would take ε from {metrics['epsilon']:.4f} to "
+                f"{after:.4f}, past its cap {inst.epsilon_cap}"
+            )
+            return Message(
+                RecordDict(
+                    {
+                        "metrics": MetricRecord(metrics),
+                        "edgefl": ConfigRecord(
+                            {
+                                "device-id": device_id,
+                                "status": "budget_exhausted",
+                                "history": json.dumps(state.history),
+                                "reason": reason,
+                            }
+                        ),
+                    }
+                ),
+                reply_to=msg,
+            )
+
+    result = train_local(
+        inst.model,
+        _arrays_in(msg),
+        x,
+        y,
+        epochs=inst.local_epochs,
+        batch_size=inst.batch_size,
+        lr=inst.lr,
+        momentum=inst.momentum,
+        optimizer=inst.optimizer,
+        seed=_round_seed(inst, partition_id),
+        dp=inst.dp_enabled,
+        sigma=state.sigma,
+        max_grad_norm=inst.max_grad_norm,
+        history=state.history,
+        proximal_mu=inst.proximal_mu,  # FedProx's own "proximal-mu" key
+        clipping_norm=inst.clipping_norm,
+    )
+    if inst.dp_enabled:
+        state.history = result.history
+    store.save(state)
+    if profile.compute_speed < 1.0:  # emulate a slower device
+        time.sleep(result.train_time_s * (1.0 / profile.compute_speed - 1.0))
+    metrics.update(
+        {
+            "train-loss": result.loss,
+            "epsilon": pv.epsilon_of(state.history, inst.delta),
+            "steps": float(result.steps),
+            "train-time-s": result.train_time_s / profile.compute_speed,
+        }
+    )
+    from flwr.app import Array, ArrayRecord
+
+    return Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(v) for k, v in result.state.items()}),
+                "metrics": MetricRecord(metrics),
+                "edgefl": ConfigRecord(
+                    {
+                        "device-id": device_id,
+                        "status": "ok",
+                        "history": json.dumps(state.history),
+                        "reason": "",
+                    }
+                ),
+            }
+        ),
+        reply_to=msg,
+    )
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on the device's local evaluation data."""
+    inst = ClientInstructions.from_config(dict(msg.content["config"]))
+    partition_id, num_partitions, device_id = _node(context)
+    from edgefl.edge_agent.fl.trainer import evaluate_local
+
+    x, y = _data(inst, partition_id, num_partitions).eval_arrays()
+    acc, loss = evaluate_local(inst.model, _arrays_in(msg), x, y)
+    # Devices without local evaluation data report zero examples (weight 0).
+    n = len(x)
+    eval_metrics: dict[str, int | float | list[int] | list[float]] = {
+        "num-examples": float(n),
+        "eval-accuracy": acc if n else 0.0,
+        "eval-loss": loss if n else 0.0,
+    }
+    return Message(
+        RecordDict(
+            {
+                "metrics": MetricRecord(eval_metrics),
+                "edgefl": ConfigRecord({"device-id": device_id}),
+            }
+        ),
+        reply_to=msg,
+    )

@@ -1,16 +1,296 @@
 """The edgefl ServerApp: one federated run of a plan, with ledger, checkpoints and resume.
 
-See :func:`make_server_app`. ``app`` is the same ServerApp for ``flwr run`` deployments.
+:func:`make_server_app` builds it for a plan; ``app`` is the same ServerApp for
+``flwr run`` deployments (plan from the ``run_config``, see :func:`plan_from_run_config`).
+
+The round loop is ours (Flower's ``Strategy.start`` cannot start at round k, wait boundedly
+for nodes or checkpoint between rounds); the strategy's ``configure_*``/``aggregate_*``
+methods are Flower's, called unchanged through :class:`~edgefl.server.fl.strategy.SelectedGrid`.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import logging
+import math
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from edgefl.federation import FederationPlan, RoundReport
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
 
-__all__ = ["app", "make_server_app"]
+from edgefl.errors import EdgeflError
+from edgefl.federation import ClientInstructions, FederationPlan, RoundReport
+from edgefl.server.fl.ledger import Checkpoint, FlStore
+from edgefl.server.fl.strategy import (
+    SelectedGrid,
+    build_strategy,
+    load_strategy_state,
+    screen_train_replies,
+    select_nodes,
+    strategy_state,
+)
+
+__all__ = ["NotEnoughNodesError", "app", "make_server_app", "plan_from_run_config"]
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.25
+
+
+class NotEnoughNodesError(EdgeflError):
+    """Fewer nodes than ``min_available_nodes`` connected within ``node_wait_s``."""
+
+
+def wait_for_nodes(grid: Grid, minimum: int, wait_s: float) -> list[int]:
+    """Wait at most ``wait_s`` for ``minimum`` connected nodes (never Flower's endless wait).
+
+    Returns:
+        The connected node ids (at least ``minimum``).
+
+    Raises:
+        NotEnoughNodesError: Still fewer than ``minimum`` after ``wait_s`` seconds.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise NotEnoughNodesError(
+                f"only {len(nodes)} of the {minimum} required nodes (min_available_nodes) "
+                f"connected within node_wait_s={wait_s:g} s",
+                hint="start more SuperNodes, lower min_available_nodes or raise node_wait_s",
+            )
+        time.sleep(_POLL_S)
+
+
+def _model_bytes(arrays: ArrayRecord) -> bytes:
+    buf = io.BytesIO()
+    named: dict[str, Any] = {k: v.numpy() for k, v in arrays.items()}
+    np.savez(buf, **named)
+    return buf.getvalue()
+
+
+def _model_from_bytes(blob: bytes, keys: list[str]) -> ArrayRecord:
+    with np.load(io.BytesIO(blob)) as data:
+        return ArrayRecord({k: Array(np.asarray(data[k])) for k in keys})
+
+
+class _Run:
+    """State of one run while the ServerApp executes it."""
+
+    def __init__(
+        self,
+        plan: FederationPlan,
+        registry_url: str,
+        run_id: str,
+        resume: bool,
+        on_round: Callable[[RoundReport], None] | None,
+    ) -> None:
+        self.plan = plan
+        self.run_id = run_id
+        self.resume = resume
+        self.on_round = on_round
+        self.store = FlStore(registry_url)
+        self.node_device: dict[int, str] = {}
+        self.exhausted: set[str] = set()
+
+    def execute(self, grid: Grid) -> None:
+        try:
+            self._execute(grid)
+        finally:
+            self.store.close()
+
+    def _execute(self, grid: Grid) -> None:
+        import torch
+
+        from edgefl.datasets import load_dataset
+        from edgefl.edge_agent.fl.trainer import build_trainable_model
+        from edgefl.training import evaluate
+
+        plan = self.plan
+        checkpoint = self.store.start_run(self.run_id, plan, resume=self.resume)
+        model = build_trainable_model(plan.model_name)
+        keys = list(model.state_dict().keys())
+        strategy = build_strategy(plan)
+        if checkpoint is not None:
+            arrays = _model_from_bytes(checkpoint.model, keys)
+            load_strategy_state(
+                strategy, checkpoint.strategy_state, checkpoint.accountants.get("strategy", {})
+            )
+            first = checkpoint.round + 1
+            log.info("run %s: resuming after round %d", self.run_id, checkpoint.round)
+        else:
+            arrays = ArrayRecord(model.state_dict())
+            first = 1
+        expected = {k: (tuple(v.numpy().shape), str(v.numpy().dtype)) for k, v in arrays.items()}
+        data = load_dataset(plan.dataset, test_fraction=plan.test_fraction, seed=plan.seed)
+        base = ClientInstructions.from_plan(plan, self.run_id).to_config()
+
+        def server_eval(current: ArrayRecord) -> tuple[float, float]:
+            model.load_state_dict(current.to_torch_state_dict())
+            with torch.no_grad():
+                res = evaluate(model, data.x_test, data.y_test)
+            return res.accuracy, res.loss
+
+        for rnd in range(first, plan.rounds + 1):
+            started = time.monotonic()
+            devices = self.store.devices(self.run_id)
+            nodes = wait_for_nodes(grid, plan.min_available_nodes, plan.node_wait_s)
+            selected, excluded = select_nodes(
+                plan, rnd, nodes, self.node_device, devices, self.exhausted
+            )
+            if excluded:
+                log.info("round %d: not selected: %s", rnd, excluded)
+            if not selected:
+                self.store.finish(self.run_id, "stopped", "no device has ε budget left")
+                log.warning("run %s stopped: no device has ε budget left", self.run_id)
+                return
+            config = ConfigRecord(
+                {
+                    **base,
+                    "server-round": rnd,
+                    "ledger": json.dumps({d: r.history for d, r in devices.items()}),
+                }
+            )
+            if plan.central_dp.enabled:
+                # Flower's accountant expects exactly this many messages per round.
+                strategy.num_sampled_clients = len(selected)  # type: ignore[attr-defined]
+            try:
+                messages = list(
+                    strategy.configure_train(rnd, arrays, config, SelectedGrid(grid, selected))
+                )
+            except Exception as exc:
+                if type(exc).__name__ == "PrivacyBudgetExhausted":
+                    reason = f"central DP budget: {exc}"
+                    self.store.finish(self.run_id, "stopped", reason)
+                    log.warning("run %s stopped before round %d: %s", self.run_id, rnd, reason)
+                    return
+                raise
+            replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout_s))
+            screen = screen_train_replies(
+                rnd, replies, expected, devices, self.node_device, self.exhausted
+            )
+            missing = len(messages) - len(replies)
+            aggregated = False
+            train_loss: float | None = None
+            if screen.accepted:
+                try:
+                    new_arrays, metrics = strategy.aggregate_train(rnd, screen.accepted)
+                except Exception as exc:  # Flower's InconsistentMessageReplies, AggregationError
+                    log.warning("round %d: aggregation skipped: %s", rnd, exc)
+                    new_arrays, metrics = None, None
+                if new_arrays is not None:
+                    arrays = new_arrays
+                    aggregated = True
+                if isinstance(metrics, MetricRecord) and "train-loss" in metrics:
+                    value = float(cast(float, metrics["train-loss"]))
+                    train_loss = value if math.isfinite(value) else None
+            elif plan.central_dp.enabled:
+                # Keep Flower's pending privacy event consistent: nothing was released.
+                strategy.aggregate_train(rnd, [])
+            fed_acc, fed_loss = self._federated_eval(grid, strategy, rnd, arrays, base, nodes)
+            accuracy, loss = server_eval(arrays)
+            totals = {d: r.epsilon_total for d, r in devices.items()}
+            totals.update({row.device_id: row.epsilon_total for row in screen.rows})
+            report = RoundReport(
+                round=rnd,
+                accuracy=accuracy,
+                loss=loss,
+                federated_accuracy=fed_acc,
+                federated_loss=fed_loss,
+                train_loss=train_loss,
+                num_selected=len(selected),
+                num_replies=len(screen.accepted),
+                num_failures=len(screen.failures) + missing,
+                num_rejected=len(screen.rejected),
+                num_refused=len(screen.refused),
+                num_flagged=len(screen.flagged),
+                epsilon_max=max(totals.values(), default=0.0),
+                wall_s=time.monotonic() - started,
+                aggregated=aggregated,
+                rejections=dict(screen.rejected),
+            )
+            blob, meta = strategy_state(strategy)
+            central = getattr(strategy, "accountant", None)
+            central_eps = (
+                float(central.get_privacy_spent().epsilon)
+                if central is not None and central.num_releases
+                else None
+            )
+            device_histories = {d: r.history for d, r in devices.items()}
+            device_histories.update({row.device_id: row.history for row in screen.rows})
+            self.store.commit_round(
+                self.run_id,
+                report,
+                screen.rows,
+                Checkpoint(
+                    round=rnd,
+                    model=_model_bytes(arrays),
+                    strategy_state=blob,
+                    accountants={"strategy": meta, "devices": device_histories},
+                ),
+                central_epsilon=central_eps,
+            )
+            log.info(
+                "round %d: acc=%.4f loss=%.4f replies=%d failures=%d rejected=%d refused=%d",
+                rnd,
+                accuracy,
+                loss,
+                report.num_replies,
+                report.num_failures,
+                report.num_rejected,
+                report.num_refused,
+            )
+            if self.on_round is not None:
+                self.on_round(report)
+        self.store.finish(self.run_id, "completed")
+
+    def _federated_eval(
+        self,
+        grid: Grid,
+        strategy: Any,
+        rnd: int,
+        arrays: ArrayRecord,
+        base: dict[str, Any],
+        nodes: list[int],
+    ) -> tuple[float | None, float | None]:
+        plan = self.plan
+        if plan.fraction_evaluate <= 0:
+            return None, None
+        k = max(int(len(nodes) * plan.fraction_evaluate), plan.min_evaluate_nodes)
+        k = min(k, len(nodes))
+        if k == 0:
+            return None, None
+        rng = np.random.default_rng([plan.seed, rnd, 1])
+        ordered = sorted(nodes)  # node ids exceed int64: draw indices, not ids
+        chosen = [ordered[int(i)] for i in rng.choice(len(ordered), size=k, replace=False)]
+        config = ConfigRecord({**base, "server-round": rnd})
+        messages = list(
+            strategy.configure_evaluate(rnd, arrays, config, SelectedGrid(grid, chosen))
+        )
+        replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout_s))
+        usable: list[Message] = []
+        for msg in replies:
+            if msg.has_error():
+                continue
+            metrics = msg.content.metric_records.get("metrics")
+            if metrics is not None and float(cast(float, metrics.get("num-examples", 0))) > 0:
+                usable.append(msg)
+        if not usable:
+            return None, None
+        try:
+            agg = strategy.aggregate_evaluate(rnd, usable)
+        except Exception as exc:  # Flower's InconsistentMessageReplies
+            log.warning("round %d: federated evaluation skipped: %s", rnd, exc)
+            return None, None
+        if agg is None:
+            return None, None
+        return float(agg["eval-accuracy"]), float(agg["eval-loss"])
 
 
 def make_server_app(
@@ -20,7 +300,7 @@ def make_server_app(
     run_id: str,
     resume: bool = True,
     on_round: Callable[[RoundReport], None] | None = None,
-) -> Any:
+) -> ServerApp:
     """A Flower ``ServerApp`` that runs ``plan`` as run ``run_id``.
 
     Every round: wait (at most ``plan.node_wait_s``) for ``plan.min_available_nodes``;
@@ -30,6 +310,9 @@ def make_server_app(
     aggregate with the plan's Flower strategy; evaluate on the held-out split (and
     federated evaluation when ``plan.fraction_evaluate`` > 0); commit the ledger rows,
     metrics and checkpoint in one transaction; call ``on_round``.
+
+    The run stops early (status ``stopped``) when no device has budget left or when
+    central DP's accountant would pass ``central_dp.max_epsilon``.
 
     Args:
         plan: The validated plan.
@@ -48,7 +331,34 @@ def make_server_app(
         NotEnoughNodesError: Raised when the app runs: fewer than
             ``min_available_nodes`` nodes connected within ``node_wait_s``.
     """
-    raise NotImplementedError
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        _Run(plan, registry_url, run_id, resume, on_round).execute(grid)
+
+    return server_app
 
 
-app: Any = None
+def plan_from_run_config(run_config: dict[str, Any]) -> tuple[FederationPlan, str, str]:
+    """Split a Flower ``run_config`` into (plan, registry URL, run id).
+
+    ``registry-url`` defaults to the server's default registry, ``run-id`` to a new id.
+    """
+    from edgefl.server.fl.ledger import new_run_id
+    from edgefl.server.registry.db import default_database_url
+
+    flat = {k: v for k, v in run_config.items() if k not in ("registry-url", "run-id")}
+    plan = FederationPlan.from_flat(flat, source="run_config")
+    url = str(run_config.get("registry-url") or default_database_url())
+    run_id = str(run_config.get("run-id") or new_run_id())
+    return plan, url, run_id
+
+
+app = ServerApp()
+
+
+@app.main()
+def _deployed(grid: Grid, context: Context) -> None:
+    plan, url, run_id = plan_from_run_config(dict(context.run_config))
+    _Run(plan, url, run_id, True, None).execute(grid)

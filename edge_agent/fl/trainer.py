@@ -1,0 +1,226 @@
+"""Local training for one round: Opacus DP-SGD (or plain SGD), FedProx, update clipping.
+
+Imported by the ClientApp's handlers only (it imports torch and Opacus).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from edgefl.zoo import build_model
+
+__all__ = ["LocalResult", "build_trainable_model", "evaluate_local", "train_local"]
+
+
+@dataclass
+class LocalResult:
+    """What one round of local training produced.
+
+    Attributes:
+        state: The new local weights (name -> numpy array, the global model's keys).
+        loss: Mean training loss over the round's batches.
+        history: The accountant history after training (empty without DP).
+        steps: Optimizer steps taken.
+        train_time_s: Wall time of the training itself.
+    """
+
+    state: OrderedDict[str, npt.NDArray[np.float32]]
+    loss: float
+    history: list[list[float]]
+    steps: int
+    train_time_s: float
+
+
+def build_trainable_model(name: str) -> nn.Module:
+    """A zoo model made valid for Opacus (``ModuleValidator.fix``: BatchNorm -> GroupNorm).
+
+    The server builds its global model with this too, so keys and shapes always agree.
+    """
+    model: nn.Module = build_model(name, seed=0)
+    try:
+        from opacus.validators import ModuleValidator
+    except ImportError:  # a server without Opacus: zoo models have no BatchNorm anyway
+        return model
+    if not ModuleValidator.is_valid(model):
+        fixed: nn.Module = ModuleValidator.fix(model)
+        return fixed
+    return model
+
+
+def _load(model: nn.Module, state: dict[str, npt.NDArray[np.float32]]) -> None:
+    model.load_state_dict(
+        OrderedDict((k, torch.from_numpy(np.array(v, copy=True))) for k, v in state.items()),
+        strict=True,
+    )
+
+
+def train_local(
+    model_name: str,
+    global_state: dict[str, npt.NDArray[np.float32]],
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.int64],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    optimizer: str,
+    seed: int,
+    dp: bool,
+    sigma: float,
+    max_grad_norm: float,
+    history: list[list[float]],
+    proximal_mu: float = 0.0,
+    clipping_norm: float = 0.0,
+) -> LocalResult:
+    """Train a fresh copy of the global model on (x, y) for one round.
+
+    With ``dp``, a fresh ``PrivacyEngine`` whose RDP accountant starts from ``history``
+    wraps a fresh module (Poisson sampling, per-sample clip ``max_grad_norm``, noise σ).
+    Empty Poisson batches still take a (noise-only) step, as the accounting assumes.
+
+    Args:
+        model_name: Zoo model.
+        global_state: The global weights.
+        x: Inputs.
+        y: Labels.
+        epochs: Local epochs.
+        batch_size: Expected batch size.
+        lr: Learning rate.
+        momentum: SGD momentum.
+        optimizer: ``sgd`` or ``adam``.
+        seed: Seed of sampling, noise and shuffling for this round.
+        dp: Use DP-SGD.
+        sigma: Noise multiplier.
+        max_grad_norm: Per-sample clip.
+        history: Accountant history before this round.
+        proximal_mu: FedProx μ; adds ``μ/2 ||w - w_global||²`` to the loss when > 0.
+        clipping_norm: Central-DP clip of the whole update ``w - w_global`` when > 0.
+
+    Returns:
+        The new weights, mean loss, accountant history, steps and training time.
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(seed)
+    model = build_trainable_model(model_name)
+    _load(model, global_state)
+    global_params = [p.detach().clone() for p in model.parameters()]
+    generator = torch.Generator().manual_seed(seed)
+    loader: DataLoader[tuple[torch.Tensor, ...]] = DataLoader(
+        TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=generator,
+    )
+    params = model.parameters()
+    opt: torch.optim.Optimizer = (
+        torch.optim.Adam(params, lr=lr)
+        if optimizer == "adam"
+        else torch.optim.SGD(params, lr=lr, momentum=momentum)
+    )
+    engine = None
+    train_module: nn.Module = model
+    if dp:
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant="rdp")
+        if history:
+            engine.accountant.load_state_dict(
+                {
+                    "history": [(float(s), float(q), int(n)) for s, q, n in history],
+                    "mechanism": "rdp",
+                }
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train_module, opt, loader = engine.make_private(
+                module=model,
+                optimizer=opt,
+                data_loader=loader,
+                noise_multiplier=sigma,
+                max_grad_norm=max_grad_norm,
+                noise_generator=torch.Generator().manual_seed(seed + 1),
+            )
+    loss_fn = nn.CrossEntropyLoss()
+    train_module.train()
+    started = time.perf_counter()
+    total, count, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        for xb, yb in loader:
+            opt.zero_grad()
+            out = train_module(xb)
+            if len(xb):
+                loss = loss_fn(out, yb)
+                total += float(loss.item()) * len(xb)
+                count += len(xb)
+            else:  # an empty Poisson batch: a noise-only step, as accounted
+                loss = out.sum() * 0.0
+            if proximal_mu > 0:
+                prox = sum(
+                    ((p - g) ** 2).sum()
+                    for p, g in zip(train_module.parameters(), global_params, strict=True)
+                )
+                loss = loss + (proximal_mu / 2.0) * prox
+            loss.backward()
+            opt.step()
+            steps += 1
+    train_time = time.perf_counter() - started
+    # GradSampleModule keeps the original module as ``_module``; its keys are the model's.
+    inner: nn.Module = getattr(train_module, "_module", train_module)
+    state = OrderedDict(
+        (k, v.detach().cpu().numpy().astype(np.float32, copy=True))
+        for k, v in inner.state_dict().items()
+    )
+    if clipping_norm > 0:
+        _clip_update(state, global_state, clipping_norm)
+    new_history: list[list[float]] = []
+    if engine is not None:
+        new_history = [[float(s), float(q), int(n)] for s, q, n in engine.accountant.history]
+    return LocalResult(
+        state=state,
+        loss=total / count if count else float("nan"),
+        history=new_history,
+        steps=steps,
+        train_time_s=train_time,
+    )
+
+
+def _clip_update(
+    state: OrderedDict[str, npt.NDArray[np.float32]],
+    global_state: dict[str, npt.NDArray[np.float32]],
+    clipping_norm: float,
+) -> None:
+    """Scale ``state - global_state`` to L2 norm <= clipping_norm (Flower's fixed clipping)."""
+    deltas = {k: state[k] - np.asarray(global_state[k], dtype=np.float32) for k in state}
+    norm = float(np.sqrt(sum(float((d.astype(np.float64) ** 2).sum()) for d in deltas.values())))
+    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+    for k, d in deltas.items():
+        state[k] = (np.asarray(global_state[k], dtype=np.float32) + d * scale).astype(np.float32)
+
+
+@torch.inference_mode()
+def evaluate_local(
+    model_name: str,
+    global_state: dict[str, npt.NDArray[np.float32]],
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.int64],
+) -> tuple[float, float]:
+    """Accuracy and mean loss of the global model on (x, y); (nan, nan) when empty."""
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    model = build_trainable_model(model_name)
+    _load(model, global_state)
+    model.eval()
+    logits = model(torch.from_numpy(x))
+    loss = float(nn.functional.cross_entropy(logits, torch.from_numpy(y)).item())
+    acc = float((logits.argmax(1).numpy() == y).mean())
+    return acc, loss

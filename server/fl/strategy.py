@@ -1,0 +1,395 @@
+"""Flower's strategies, wrapped (never rewritten): selection, reply screening, state.
+
+- :func:`build_strategy` makes the plan's Flower strategy (FedAvg, FedProx, FedAdam,
+  FedMedian, FedTrimmedAvg from ``flwr.serverapp.strategy``), wrapped in Flower's
+  ``DifferentialPrivacyClientSideFixedClipping`` with an ``RdpAccountant`` when central DP
+  is on. The inner strategy is configured to send to *every* node it is shown.
+- :class:`SelectedGrid` is how our selection reaches it: a view of the real grid whose
+  ``get_node_ids()`` lists only the nodes :func:`select_nodes` chose. Flower's
+  ``sample_nodes`` then never waits (the bounded wait happened before) and the strategy's
+  own configure/aggregate code runs unchanged.
+- :func:`select_nodes` picks devices by remaining ε budget and capability, seeded.
+- :func:`screen_train_replies` drops error replies, budget refusals and invalid updates
+  (wrong keys/shapes/dtypes, NaN/Inf, ε going down) before Flower aggregates the rest,
+  and turns every reply that spent privacy into a ledger row.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Strategy,
+)
+
+from edgefl.edge_agent.fl.privacy import epsilon_of, merge_history
+from edgefl.federation import FederationPlan
+from edgefl.server.fl.ledger import DeviceRecord, LedgerRow
+
+__all__ = [
+    "REQUIRED_METRICS",
+    "ScreenResult",
+    "SelectedGrid",
+    "build_strategy",
+    "load_strategy_state",
+    "next_round_epsilon",
+    "screen_train_replies",
+    "select_nodes",
+    "strategy_state",
+]
+
+log = logging.getLogger(__name__)
+
+REQUIRED_METRICS: tuple[str, ...] = (
+    "num-examples",
+    "train-loss",
+    "epsilon",
+    "delta",
+    "sigma",
+    "sample-rate",
+    "steps",
+    "train-time-s",
+    "compute-speed",
+)
+
+
+def build_strategy(plan: FederationPlan) -> Strategy:
+    """The plan's Flower strategy (wrapped for central DP when enabled)."""
+    s = plan.strategy
+    common: dict[str, Any] = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 1.0 if plan.fraction_evaluate > 0 else 0.0,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": 1,
+        # Central DP's accountant needs equal client weights.
+        "weighted_by_key": "unit-weight" if plan.central_dp.enabled else "num-examples",
+    }
+    inner: Strategy
+    if s.name == "fedavg":
+        inner = FedAvg(**common)
+    elif s.name == "fedprox":
+        inner = FedProx(**common, proximal_mu=s.proximal_mu)
+    elif s.name == "fedadam":
+        inner = FedAdam(
+            **common, eta=s.eta, eta_l=s.eta_l, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau
+        )
+    elif s.name == "fedmedian":
+        inner = FedMedian(**common)
+    else:
+        inner = FedTrimmedAvg(**common, beta=s.trim_beta)
+    if not plan.central_dp.enabled:
+        return inner
+    from flwr.serverapp import (
+        NeighboringRelation,
+        PrivacyConfig,
+        RdpAccountant,
+        SamplingMethod,
+    )
+
+    c = plan.central_dp
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=c.delta,
+            population_size=plan.num_devices,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            max_epsilon=c.max_epsilon,
+        )
+    )
+    return DifferentialPrivacyClientSideFixedClipping(
+        inner,
+        noise_multiplier=c.noise_multiplier,
+        clipping_norm=c.clipping_norm,
+        num_sampled_clients=expected_sample_size(plan, plan.num_devices),
+        accountant=accountant,
+    )
+
+
+def expected_sample_size(plan: FederationPlan, connected: int) -> int:
+    """Flower's rule: ``max(int(connected * fraction_train), min_train_nodes)``."""
+    return max(int(connected * plan.fraction_train), plan.min_train_nodes)
+
+
+class SelectedGrid(Grid):
+    """The real grid, showing only the selected nodes to the wrapped strategy."""
+
+    def __init__(self, grid: Grid, node_ids: Sequence[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def set_run(self, run: Any) -> None:  # noqa: D102
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:  # noqa: D102
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # noqa: D102
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> list[int]:  # noqa: D102
+        return list(self._node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(  # noqa: D102
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+def next_round_epsilon(record: DeviceRecord, delta: float) -> float:
+    """The ε a device would reach after one more round like its last one."""
+    return epsilon_of(
+        merge_history(record.history, record.sigma, record.sample_rate, record.steps_per_round),
+        delta,
+    )
+
+
+def select_nodes(
+    plan: FederationPlan,
+    server_round: int,
+    node_ids: Sequence[int],
+    node_device: dict[int, str],
+    devices: dict[str, DeviceRecord],
+    exhausted: set[str],
+) -> tuple[list[int], dict[str, str]]:
+    """Choose this round's nodes.
+
+    A device is *ineligible* (never selected) when ``plan.select_by_budget`` and it
+    refused for budget before, or one more round would take it past ``plan.dp.cap``.
+    Among the eligible, ``max(int(connected * fraction_train), min_train_nodes)`` nodes are
+    drawn without replacement by a generator seeded with ``(plan.seed, server_round)``,
+    with weights (``plan.select_by_capability``) favouring fast devices (reported
+    train time relative to the median, and compute speed) and a large remaining budget.
+    Nodes not seen yet (no reply so far) have weight 1 and full budget.
+
+    Returns:
+        The selected node ids and ``{device_id: reason}`` for the excluded devices.
+    """
+    excluded: dict[str, str] = {}
+    eligible: list[int] = []
+    cap = plan.dp.cap
+    for node in node_ids:
+        device = node_device.get(node)
+        record = devices.get(device) if device else None
+        if device and plan.select_by_budget and plan.dp.enabled:
+            if device in exhausted:
+                excluded[device] = "refused: budget exhausted"
+                continue
+            if record is not None:
+                nxt = next_round_epsilon(record, plan.dp.delta)
+                if nxt > cap * (1 + 1e-9):
+                    excluded[device] = f"next round would reach ε={nxt:.3f} > cap {cap}"
+                    continue
+        eligible.append(node)
+    if not eligible:
+        return [], excluded
+    k = min(len(eligible), expected_sample_size(plan, len(node_ids)))
+    # A stable order, so the seeded draw does not depend on the order nodes connected.
+    eligible.sort(key=lambda n: (node_device.get(n, "~"), n))
+    weights = np.ones(len(eligible))
+    if plan.select_by_capability:
+        times = [r.train_time_s for r in devices.values() if r.train_time_s > 0]
+        median = float(np.median(times)) if times else 0.0
+        for i, node in enumerate(eligible):
+            device = node_device.get(node)
+            record = devices.get(device) if device else None
+            if record is None:
+                continue
+            speed = record.compute_speed
+            if median > 0 and record.train_time_s > 0:
+                speed = min(speed, median / record.train_time_s)
+            budget = 1.0
+            if plan.dp.enabled:
+                budget = max(0.05, (cap - record.epsilon_total) / cap)
+            weights[i] = max(0.05, min(speed, 10.0)) * budget
+    rng = np.random.default_rng([plan.seed, server_round])
+    chosen = rng.choice(len(eligible), size=k, replace=False, p=weights / weights.sum())
+    return [eligible[int(i)] for i in sorted(chosen)], excluded
+
+
+@dataclass
+class ScreenResult:
+    """The outcome of screening one round's train replies."""
+
+    accepted: list[Message] = field(default_factory=list)
+    rows: list[LedgerRow] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)
+    flagged: list[str] = field(default_factory=list)
+
+
+def _finite_metric(metrics: Any, key: str) -> float:
+    value = metrics.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"metric {key!r} missing or not a finite number (got {value!r})")
+    return float(value)
+
+
+def _check_arrays(record: Any, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    if not isinstance(record, ArrayRecord):
+        raise ValueError("no ArrayRecord 'arrays' in the reply")
+    keys = list(record.keys())
+    if set(keys) != set(expected):
+        missing = sorted(set(expected) - set(keys))
+        extra = sorted(set(keys) - set(expected))
+        raise ValueError(f"wrong array keys (missing {missing}, unexpected {extra})")
+    for key in keys:
+        arr = record[key].numpy()
+        shape, dtype = expected[key]
+        if tuple(arr.shape) != shape:
+            raise ValueError(f"array {key!r} has shape {tuple(arr.shape)}, expected {shape}")
+        if str(arr.dtype) != dtype:
+            raise ValueError(f"array {key!r} has dtype {arr.dtype}, expected {dtype}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"array {key!r} contains NaN or Inf")
+
+
+def screen_train_replies(
+    server_round: int,
+    replies: Iterable[Message],
+    expected: dict[str, tuple[tuple[int, ...], str]],
+    devices: dict[str, DeviceRecord],
+    node_device: dict[int, str],
+    exhausted: set[str],
+) -> ScreenResult:
+    """Split replies into aggregatable ones and the rest, and build the ledger rows.
+
+    Updates ``node_device`` (node id -> device id, learnt from replies) and
+    ``exhausted`` (devices that refused for budget). A reply whose update is invalid is
+    rejected but its privacy spend is still recorded (the device did train and send it);
+    a device reporting an ε below its ledger total is flagged and rejected.
+    """
+    out = ScreenResult()
+    for msg in replies:
+        node = int(msg.metadata.src_node_id)
+        if msg.has_error():
+            name = node_device.get(node, f"node-{node}")
+            out.failures[name] = str(msg.error.reason)[:300]
+            continue
+        content = msg.content
+        info = content.config_records.get("edgefl")
+        if info is None or "device-id" not in info:
+            out.rejected[f"node-{node}"] = "reply has no edgefl device-id"
+            continue
+        device = str(info["device-id"])
+        node_device[node] = device
+        if str(info.get("status", "")) == "budget_exhausted":
+            out.refused.append(device)
+            exhausted.add(device)
+            continue
+        metrics = content.metric_records.get("metrics")
+        try:
+            if metrics is None:
+                raise ValueError("no MetricRecord 'metrics' in the reply")
+            values = {k: _finite_metric(metrics, k) for k in REQUIRED_METRICS if k != "train-loss"}
+            history = json.loads(str(info.get("history", "[]")))
+        except (ValueError, TypeError) as exc:
+            out.rejected[device] = f"bad metrics: {exc}"
+            log.warning("round %d: rejected %s: bad metrics: %s", server_round, device, exc)
+            continue
+        previous = devices.get(device)
+        prev_total = previous.epsilon_total if previous is not None else 0.0
+        eps = values["epsilon"]
+        flagged = eps < prev_total - 1e-9
+        if flagged:
+            out.flagged.append(device)
+        if values["steps"] > 0 or flagged:
+            out.rows.append(
+                LedgerRow(
+                    device_id=device,
+                    round=server_round,
+                    epsilon_spent=max(0.0, eps - prev_total),
+                    epsilon_total=max(eps, prev_total),
+                    delta=values["delta"],
+                    sigma=values["sigma"],
+                    sample_rate=values["sample-rate"],
+                    steps=int(values["steps"]),
+                    history=history,
+                    num_examples=int(values["num-examples"]),
+                    train_time_s=values["train-time-s"],
+                    compute_speed=values["compute-speed"],
+                    flagged=flagged,
+                )
+            )
+        if flagged:
+            out.rejected[device] = (
+                f"reported ε {eps:.4f} is below its ledger total {prev_total:.4f}"
+            )
+            log.warning("round %d: flagged %s: %s", server_round, device, out.rejected[device])
+            continue
+        try:
+            if values["num-examples"] <= 0:
+                raise ValueError("num-examples must be > 0")
+            _check_arrays(content.array_records.get("arrays"), expected)
+            if len(content.array_records) != 1 or len(content.metric_records) != 1:
+                raise ValueError("expected exactly one ArrayRecord and one MetricRecord")
+        except ValueError as exc:
+            out.rejected[device] = str(exc)
+            log.warning("round %d: rejected %s: %s", server_round, device, exc)
+            continue
+        out.accepted.append(msg)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Strategy state for checkpoints.
+# ---------------------------------------------------------------------------------------
+
+
+def _inner(strategy: Strategy) -> Strategy:
+    return getattr(strategy, "strategy", strategy)
+
+
+def strategy_state(strategy: Strategy) -> tuple[bytes, dict[str, Any]]:
+    """The strategy's state: FedOpt moments as ``numpy.savez`` bytes, accountant as JSON."""
+    inner = _inner(strategy)
+    arrays: dict[str, npt.NDArray[Any]] = {}
+    for attr in ("current_arrays", "m_t", "v_t"):
+        value = getattr(inner, attr, None)
+        if isinstance(value, dict):
+            for key, arr in value.items():
+                arrays[f"{attr}/{key}"] = np.asarray(arr)
+    buf = io.BytesIO()
+    np.savez(buf, **cast(dict[str, Any], arrays))
+    accountant = getattr(strategy, "accountant", None)
+    meta: dict[str, Any] = {"central": accountant.state_dict() if accountant is not None else None}
+    return buf.getvalue(), meta
+
+
+def load_strategy_state(strategy: Strategy, blob: bytes, meta: dict[str, Any]) -> None:
+    """Restore :func:`strategy_state` output into a freshly built strategy."""
+    inner = _inner(strategy)
+    with np.load(io.BytesIO(blob)) as data:
+        restored: dict[str, dict[str, npt.NDArray[Any]]] = {}
+        for name in data.files:
+            attr, key = name.split("/", 1)
+            restored.setdefault(attr, {})[key] = data[name]
+    for attr, value in restored.items():
+        setattr(inner, attr, value)
+    accountant = getattr(strategy, "accountant", None)
+    if accountant is not None and meta.get("central") is not None:
+        accountant.load_state_dict(meta["central"])
