@@ -75,3 +75,83 @@ def status(config: ConfigOption, as_json: Annotated[bool, JSON_OPTION] = False) 
         f"{'-' if age is None else f'{age:.1f} s'}, dropped {box.get('dropped', 0)}, "
         f"expired {box.get('expired', 0)}, rejected {report['rejected']}"
     )
+
+
+@app.command()
+@exits_on_error
+def predict(
+    input_file: Annotated[
+        Path, typer.Option("--input", "-i", help=".npy file: one sample or a batch (N, ...).")
+    ],
+    budget_ms: Annotated[
+        float | None,
+        typer.Option("--budget-ms", help="Latency budget per sample, ms (default: config's)."),
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", help="local, cloud or adaptive (default: config's).")
+    ] = None,
+    model_dir: Annotated[
+        Path | None,
+        typer.Option("--model-dir", help="Device model: a .tflite file or an artifacts folder."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Agent config; its offload section and outbox are used."
+        ),
+    ] = None,
+    cloud: Annotated[
+        str | None, typer.Option("--cloud", help="HOST:PORT of the inference service.")
+    ] = None,
+    cloud_model: Annotated[
+        str | None, typer.Option("--cloud-model", help="Model name the service serves.")
+    ] = None,
+    ca_file: Annotated[
+        Path | None, typer.Option("--ca", help="CA certificate of the service (enables TLS).")
+    ] = None,
+    cert_file: Annotated[
+        Path | None, typer.Option("--cert", help="Device certificate for mutual TLS.")
+    ] = None,
+    key_file: Annotated[
+        Path | None, typer.Option("--key", help="Device private key for mutual TLS.")
+    ] = None,
+    server_name: Annotated[
+        str | None, typer.Option("--server-name", help="Name on the server certificate.")
+    ] = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Answer samples locally, offloading to the cloud when the budget allows."""
+    if mode is not None and mode not in ("local", "cloud", "adaptive"):
+        raise typer.BadParameter(f"{mode!r}: use local, cloud or adaptive", param_hint="--mode")
+    from edgefl.edge_agent.offload.predict_cli import PredictRequest, run_predict
+
+    report = run_predict(
+        PredictRequest(
+            input_file=input_file,
+            budget_ms=budget_ms,
+            mode=mode,
+            model=model_dir,
+            config=config,
+            cloud=cloud,
+            cloud_model=cloud_model,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            server_name=server_name,
+        )
+    )
+    if as_json:
+        emit_json(report)
+        return
+    for row in report["results"]:
+        typer.echo(
+            f"{row['index']}: label {row['label']} (p={row['confidence']:.3f}) "
+            f"{row['source']} {row['latency_ms']:.2f} ms"
+            f"{'' if row['deadline_met'] else ' MISSED'}: {row['reason']}"
+        )
+    s = report["summary"]
+    typer.echo(
+        f"{s['samples']} samples, budget {report['budget_ms']:g} ms, mode {report['mode']}: "
+        f"{s['by_source']}, p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, "
+        f"{s['deadline_misses']} missed"
+    )

@@ -35,6 +35,7 @@ from edgefl.edge_agent.commands import (
     status_handler,
 )
 from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender, status_topic
+from edgefl.edge_agent.offload.config import OffloadConfig
 from edgefl.edge_agent.outbox import Outbox, OutboxFullError, OutboxItem, OutboxPolicy
 from edgefl.edge_agent.sources import (
     DatasetReplaySource,
@@ -67,6 +68,9 @@ class AgentConfig(StrictModel):
     outbox: OutboxPolicy = Field(default_factory=lambda: OutboxPolicy())
     sources: list[SourceConfig] = Field(default_factory=list)
     status_interval_s: float = Field(1.0, gt=0, le=3600)
+    offload: OffloadConfig | None = Field(
+        None, description="Device model and cloud offload for `edgefl agent predict`."
+    )
 
     @model_validator(mode="before")
     @classmethod
