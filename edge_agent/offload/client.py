@@ -184,9 +184,21 @@ class InferenceClient:
             request_id=request_id,
         )
         size = request.ByteSize()
+        timeout_s = max(timeout_s, 0.0)
         start = time.perf_counter()
+        # gRPC's own deadline travels to the server (which stops work when it passes), but
+        # the sync client reports it 3-7 ms late here; waiting on the future with our own
+        # timeout hands control back on time, and cancelling tells the server as well.
+        future = self._predict.future(request, timeout=timeout_s)
         try:
-            response = self._predict(request, timeout=max(timeout_s, 0.0))
+            response = future.result(timeout=timeout_s)
+        except grpc.FutureTimeoutError as exc:
+            future.cancel()
+            raise CloudError(
+                "DEADLINE_EXCEEDED", f"no answer within {timeout_s * 1000:.1f} ms"
+            ) from exc
+        except grpc.FutureCancelledError as exc:
+            raise CloudError("CANCELLED", "the call was cancelled (channel closed)") from exc
         except grpc.RpcError as exc:
             raise _translate(exc) from exc
         elapsed = (time.perf_counter() - start) * 1000.0
