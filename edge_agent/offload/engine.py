@@ -239,7 +239,8 @@ class Predictor:
         if cloud.connect_timeout_s > 0 and not self.client.wait_connected(cloud.connect_timeout_s):
             logger.warning("inference service %s not reachable yet", cloud.target)
         # The first check on a fresh connection may include set-up; the second is the RTT.
-        self.check_health()
+        if self.check_health():
+            self._check_cloud_model()
         self.check_health()
         self._health_thread = threading.Thread(
             target=self._health_loop, name="offload-health", daemon=True
@@ -280,6 +281,28 @@ class Predictor:
             else:
                 self.breaker.record_failure()
         return serving
+
+    def _check_cloud_model(self) -> None:
+        """Stop offloading if the served model cannot take this device's samples."""
+        assert self.client is not None
+        assert self.config.cloud is not None
+        try:
+            info = self.client.model_info(timeout_s=self.config.cloud.health_timeout_s)
+        except CloudError as exc:
+            if exc.code == "NOT_FOUND":
+                self._disable_cloud(f"the service does not serve {self.config.cloud.model!r}")
+            return  # anything else: requests will tell
+        if info.input_shape != self.input_shape:
+            self._disable_cloud(
+                f"cloud model {info.model!r} takes input {info.input_shape}, the device model "
+                f"{self.input_shape}"
+            )
+
+    def _disable_cloud(self, reason: str) -> None:
+        logger.error("not offloading: %s", reason)
+        with self._lock:
+            self.policy.cloud_available = False
+            self.policy.unavailable_reason = f"cloud unusable: {reason}"
 
     def _health_loop(self) -> None:
         assert self.config.cloud is not None
@@ -405,7 +428,8 @@ class Predictor:
                     self.breaker.record_success()
         latency = (time.perf_counter() - arrived) * 1000.0
         label = int(probs.argmax())
-        self.counts[source] += 1
+        with self._lock:
+            self.counts[source] += 1
         return PredictionResult(
             request_id=request_id,
             label=label,

@@ -75,6 +75,9 @@ class OffloadPolicy:
         self.estimates = estimates
         self.breaker = breaker
         self.cloud_available = cloud_available
+        #: Reason recorded when the cloud is not available (set by the predictor when the
+        #: served model cannot take the device's input, for example).
+        self.unavailable_reason = "no cloud configured"
         self._clock = clock
         self._last_attempt: float | None = None
 
@@ -105,7 +108,7 @@ class OffloadPolicy:
         if cfg.mode == "local":
             return Decision(False, "mode local")
         if not self.cloud_available:
-            return Decision(False, "no cloud configured")
+            return Decision(False, self.unavailable_reason)
         available = budget_ms - elapsed_ms - self.fallback_ms(local_done=local_done)
         if available <= 0:
             return Decision(
