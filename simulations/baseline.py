@@ -12,11 +12,9 @@ Nothing here is used by edgefl itself; it exists to be measured.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -46,18 +44,6 @@ class StockRun:
     start_s: float = 0.0
 
 
-@lru_cache(maxsize=4)
-def _split(
-    dataset: str, test_fraction: float, seed: int, num_partitions: int, alpha: float
-) -> tuple[Any, list[npt.NDArray[np.int64]]]:
-    from edgefl.datasets import load_dataset
-    from edgefl.partition import dirichlet_partition
-
-    data = load_dataset(dataset, test_fraction=test_fraction, seed=seed)
-    parts = dirichlet_partition(data.y_train, num_partitions, alpha, seed=seed)
-    return data, parts
-
-
 def make_stock_client_app(
     partition: Callable[
         [dict[str, Any], int], tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
@@ -78,15 +64,16 @@ def make_stock_client_app(
     def default_partition(
         cfg: dict[str, Any], pid: int
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        data, parts = _split(
+        from edgefl.edge_agent.fl.data import PartitionData
+
+        return PartitionData(
             str(cfg["dataset"]),
-            float(cfg["test-fraction"]),
-            int(cfg["seed"]),
+            pid,
             int(cfg["num-partitions"]),
             float(cfg["dirichlet-alpha"]),
-        )
-        idx = parts[pid]
-        return data.x_train[idx], data.y_train[idx]
+            int(cfg["seed"]),
+            float(cfg["test-fraction"]),
+        ).train_arrays()
 
     get_partition = partition or default_partition
 
@@ -94,37 +81,32 @@ def make_stock_client_app(
     def train(msg: Message, context: Context) -> Message:
         import torch
         from opacus import PrivacyEngine
-        from opacus.accountants.utils import get_noise_multiplier
         from torch.utils.data import DataLoader, TensorDataset
 
-        from edgefl.zoo import build_model
+        from edgefl.edge_agent.fl.privacy import choose_sigma, steps_per_round
+        from edgefl.edge_agent.fl.trainer import build_trainable_model
 
         cfg: dict[str, Any] = dict(msg.content.config_records["config"])
         pid = int(context.node_config["partition-id"])
         x, y = get_partition(cfg, pid)
         batch = int(cfg["batch-size"])
-        batches = max(1, math.ceil(len(x) / batch))
-        q = 1.0 / batches
         epochs = int(cfg["local-epochs"])
+        q, steps_planned = steps_per_round(len(x), batch, epochs)
         delta = float(cfg["delta"])
         # The same σ edgefl's device chooses: sized once for rounds × local epochs.
         key = f"sigma:{pid}"
         if key not in context.state.config_records:
             from flwr.app import ConfigRecord
 
-            sigma = get_noise_multiplier(
-                target_epsilon=float(cfg["target-epsilon"]),
-                target_delta=delta,
-                sample_rate=q,
-                steps=int(cfg["rounds"]) * epochs * batches,
-                accountant="rdp",
+            sigma = choose_sigma(
+                float(cfg["target-epsilon"]), delta, q, steps_planned * int(cfg["rounds"])
             )
             context.state.config_records[key] = ConfigRecord({"sigma": float(sigma)})
         kept: dict[str, Any] = dict(context.state.config_records[key])
         sigma = float(kept["sigma"])
 
         torch.manual_seed(int(cfg["seed"]) * 1000 + pid + 7919 * int(cfg["server-round"]))
-        model = build_model(str(cfg["model"]))
+        model = build_trainable_model(str(cfg["model"]))
         model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
         loader = DataLoader(
             TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=batch
@@ -195,8 +177,8 @@ def make_stock_server_app(
     from flwr.serverapp.strategy import FedAvg
 
     from edgefl.datasets import load_dataset
+    from edgefl.edge_agent.fl.trainer import build_trainable_model
     from edgefl.training import evaluate
-    from edgefl.zoo import build_model
 
     app = ServerApp()
     cfg = dict(train_config)
@@ -221,7 +203,7 @@ def make_stock_server_app(
         data = load_dataset(
             str(cfg["dataset"]), test_fraction=float(cfg["test-fraction"]), seed=int(cfg["seed"])
         )
-        model = build_model(str(cfg["model"]), seed=int(cfg["seed"]))
+        model = build_trainable_model(str(cfg["model"]))
         last = [time.perf_counter()]
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
