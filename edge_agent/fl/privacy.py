@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -151,14 +152,39 @@ def merge_history(
 
 
 def epsilon_of(history: list[list[float]], delta: float) -> float:
-    """ε of an RDP accountant history at δ (0 for an empty history)."""
+    """ε of an RDP accountant history at δ (0 for an empty history).
+
+    Exactly what Opacus' ``RDPAccountant.get_epsilon`` computes (same orders, same
+    conversion), but the per-step RDP curve of each (σ, q) is cached: RDP composes
+    linearly in the number of steps, and the server asks this for every device every
+    round.
+    """
     if not history:
         return 0.0
+    import numpy as np
+    from opacus.accountants.analysis import rdp as analysis
+
+    orders = _orders()
+    total = np.zeros(len(orders))
+    for sigma, q, steps in history:
+        total = total + np.asarray(_rdp_per_step(float(sigma), float(q))) * int(steps)
+    eps, _ = analysis.get_privacy_spent(orders=orders, rdp=total, delta=delta)
+    return float(eps)
+
+
+@lru_cache(maxsize=1)
+def _orders() -> list[float]:
     from opacus.accountants import RDPAccountant
 
-    accountant = RDPAccountant()
-    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(accountant.get_epsilon(delta))
+    return [float(a) for a in RDPAccountant.DEFAULT_ALPHAS]
+
+
+@lru_cache(maxsize=4096)
+def _rdp_per_step(sigma: float, q: float) -> tuple[float, ...]:
+    from opacus.accountants.analysis import rdp as analysis
+
+    curve = analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=_orders())
+    return tuple(float(v) for v in curve)
 
 
 def choose_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:

@@ -218,9 +218,11 @@ def select_nodes(
             record = devices.get(device) if device else None
             if record is None:
                 continue
+            # Reported train times already include the device's speed; the profile's
+            # factor is the fallback before a time is known.
             speed = record.compute_speed
             if median > 0 and record.train_time_s > 0:
-                speed = min(speed, median / record.train_time_s)
+                speed = median / record.train_time_s
             budget = 1.0
             if plan.dp.enabled:
                 budget = max(0.05, (cap - record.epsilon_total) / cap)

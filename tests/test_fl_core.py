@@ -1,0 +1,387 @@
+"""Federated core without Flower's engine: plan, accounting helpers, selection, screening,
+bounded wait and the registry ledger (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from opacus.accountants import RDPAccountant
+
+from edgefl.edge_agent.fl.privacy import (
+    FilePrivacyStore,
+    PrivacyState,
+    choose_sigma,
+    epsilon_of,
+    merge_history,
+    steps_per_round,
+)
+from edgefl.errors import ConfigError
+from edgefl.federation import (
+    ClientInstructions,
+    DeviceProfile,
+    FederationPlan,
+    RoundReport,
+    load_plan,
+    profile_for,
+)
+from edgefl.server.fl.ledger import Checkpoint, DeviceRecord, FlStore, LedgerRow
+from edgefl.server.fl.serverapp import NotEnoughNodesError, wait_for_nodes
+from edgefl.server.fl.strategy import (
+    build_strategy,
+    load_strategy_state,
+    screen_train_replies,
+    select_nodes,
+    strategy_state,
+)
+
+# ---------------------------------------------------------------------------- the plan
+
+
+def test_plan_rejects_bad_input_naming_the_key() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_plan({"strategy": {"name": "fedbest"}, "dp": {"delta": 2.0}, "num_devicez": 3})
+    text = str(err.value)
+    assert "strategy.name" in text
+    assert "dp.delta" in text
+    assert "num_devicez: unknown key" in text
+    with pytest.raises(ConfigError, match="fractions must sum to 1"):
+        load_plan({"profiles": [{"fraction": 0.5}, {"fraction": 0.2}]})
+    with pytest.raises(ConfigError, match="min_available_nodes"):
+        load_plan({"num_devices": 3, "min_available_nodes": 4})
+    with pytest.raises(ConfigError, match="model"):
+        load_plan({"dataset": "digits", "model": "mnist-cnn"})
+    with pytest.raises(ConfigError, match="proximal_mu"):
+        load_plan({"strategy": {"name": "fedprox"}})
+
+
+def test_plan_flat_round_trip_and_instructions() -> None:
+    plan = load_plan(
+        {
+            "num_devices": 6,
+            "strategy": {"name": "fedprox", "proximal_mu": 0.05},
+            "profiles": [
+                {"fraction": 0.5},
+                {"fraction": 0.5, "compute_speed": 0.25, "dropout": 0.2},
+            ],
+            "dp": {"target_epsilon": 3.0, "epsilon_cap": 2.5},
+        }
+    )
+    flat = plan.to_flat()
+    assert all(isinstance(v, bool | int | float | str) for v in flat.values())
+    assert FederationPlan.from_flat(flat) == plan
+    with pytest.raises(ConfigError, match=r"dp\.target_epsilon"):
+        FederationPlan.from_flat({**flat, "dp.target_epsilon": -1.0})
+    inst = ClientInstructions.from_plan(plan, "run-x")
+    config = {**inst.to_config(), "clipping_norm": 0.7, "server-round": 3}
+    back = ClientInstructions.from_config(config)
+    assert back.clipping_norm == 0.7
+    assert back.server_round == 3
+    assert back.epsilon_cap == 2.5
+    assert back.proximal_mu == 0.05
+    assert [p.compute_speed for p in back.device_profiles()] == [1.0, 0.25]
+    with pytest.raises(ConfigError, match="batch-size"):
+        ClientInstructions.from_config({**inst.to_config(), "batch-size": "16"})
+
+
+def test_profiles_cover_partitions_by_fraction() -> None:
+    profiles = [DeviceProfile(fraction=0.7), DeviceProfile(fraction=0.3, compute_speed=0.5)]
+    speeds = [profile_for(profiles, i, 10).compute_speed for i in range(10)]
+    assert speeds == [1.0] * 7 + [0.5] * 3
+    assert len([p for p in range(7) if profile_for(profiles, p, 7).compute_speed == 0.5]) == 2
+
+
+# ---------------------------------------------------------------------- accounting
+
+
+def test_history_helpers_match_opacus() -> None:
+    q, steps = steps_per_round(70, 16, 2)
+    assert (q, steps) == (1 / 5, 10)
+    sigma = choose_sigma(4.0, 1e-5, q, steps * 5)
+    history: list[list[float]] = []
+    acct = RDPAccountant()
+    for _ in range(5):
+        history = merge_history(history, sigma, q, steps)
+        for _ in range(steps):
+            acct.step(noise_multiplier=sigma, sample_rate=q)
+    assert history == [[sigma, q, 50]]
+    assert epsilon_of(history, 1e-5) == pytest.approx(acct.get_epsilon(1e-5), rel=1e-9)
+    assert 3.98 <= epsilon_of(history, 1e-5) <= 4.0
+
+
+def test_file_privacy_store_keeps_runs_apart(tmp_path: Path) -> None:
+    store = FilePrivacyStore(tmp_path / "agent")
+    assert store.load("a") is None
+    store.save(PrivacyState("a", "k", 1.1, 0.2, 5, [[1.1, 0.2, 5]]))
+    store.save(PrivacyState("b", "k", 0.9, 0.1, 10, []))
+    again = FilePrivacyStore(tmp_path / "agent")
+    a = again.load("a")
+    assert a is not None
+    assert a.history == [[1.1, 0.2, 5]]
+    assert again.load("b") is not None
+
+
+# ------------------------------------------------------------------------ selection
+
+
+def _record(device: str, history: list[list[float]], *, time_s: float = 1.0) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=device,
+        epsilon_total=epsilon_of(history, 1e-5),
+        sigma=history[-1][0],
+        sample_rate=history[-1][1],
+        steps_per_round=5,
+        history=history,
+        compute_speed=1.0,
+        train_time_s=time_s,
+        rounds=1,
+    )
+
+
+def test_selection_never_picks_devices_over_budget() -> None:
+    plan = load_plan({"num_devices": 6, "fraction_train": 1.0, "dp": {"target_epsilon": 8.0}})
+    nodes = [101, 102, 103, 104, 105, 106]
+    node_device = {n: f"sim-{n - 101:03d}" for n in nodes[:5]}  # node 106 never replied yet
+    spent = [[1.0, 0.2, 200]]  # far past ε=8 after one more round
+    fresh = [[1.0, 0.2, 5]]
+    devices = {
+        "sim-000": _record("sim-000", spent),
+        "sim-001": _record("sim-001", fresh),
+        "sim-002": _record("sim-002", fresh),
+    }
+    assert epsilon_of(merge_history(spent, 1.0, 0.2, 5), 1e-5) > 8.0
+    assert epsilon_of(merge_history(fresh, 1.0, 0.2, 5), 1e-5) < 8.0
+    for rnd in range(1, 20):
+        chosen, excluded = select_nodes(plan, rnd, nodes, node_device, devices, {"sim-004"})
+        assert 101 not in chosen
+        assert 105 not in chosen
+        assert set(excluded) == {"sim-000", "sim-004"}
+        assert set(chosen) == {102, 103, 104, 106}
+    # Without budget selection every connected node is eligible.
+    loose = plan.model_copy(update={"select_by_budget": False})
+    assert len(select_nodes(loose, 1, nodes, node_device, devices, {"sim-004"})[0]) == 6
+
+
+def test_selection_is_seeded_and_prefers_fast_devices() -> None:
+    plan = load_plan({"num_devices": 10, "fraction_train": 0.3, "min_train_nodes": 1})
+    nodes = list(range(1, 11))
+    node_device = {n: f"sim-{n:03d}" for n in nodes}
+    devices = {
+        f"sim-{n:03d}": _record(f"sim-{n:03d}", [[1.0, 0.2, 5]], time_s=10.0 if n <= 5 else 1.0)
+        for n in nodes
+    }
+    picks = [select_nodes(plan, r, nodes, node_device, devices, set())[0] for r in range(1, 41)]
+    assert picks == [
+        select_nodes(plan, r, nodes, node_device, devices, set())[0] for r in range(1, 41)
+    ]
+    assert all(len(p) == 3 for p in picks)
+    slow = sum(1 for p in picks for n in p if n <= 5)
+    assert slow < 0.25 * 3 * 40  # 10x slower devices are picked far less often
+
+
+# ------------------------------------------------------------------------ screening
+
+EXPECTED = {"w": ((2, 3), "float32"), "b": ((3,), "float32")}
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower needs a task identity to build messages outside a running app."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+def _reply(node: int, device: str, arrays: dict[str, np.ndarray] | None, eps: float) -> Message:
+    ins = Message(
+        RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type="train"
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": 10.0,
+            "train-loss": 0.5,
+            "epsilon": eps,
+            "delta": 1e-5,
+            "sigma": 1.0,
+            "sample-rate": 0.2,
+            "steps": 5.0,
+            "train-time-s": 0.1,
+            "compute-speed": 1.0,
+            "unit-weight": 1.0,
+            "refused": 0.0,
+        }
+    )
+    content = RecordDict(
+        {
+            "metrics": metrics,
+            "edgefl": ConfigRecord(
+                {"device-id": device, "status": "ok", "history": "[[1.0, 0.2, 5]]"}
+            ),
+        }
+    )
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return Message(content, reply_to=ins)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_screening_rejects_bad_updates_and_flags_falling_epsilon() -> None:
+    good = {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+    nan = {"w": np.full((2, 3), np.nan, np.float32), "b": np.zeros(3, np.float32)}
+    shape = {"w": np.ones((3, 2), np.float32), "b": np.zeros(3, np.float32)}
+    keys = {"w": np.ones((2, 3), np.float32)}
+    devices = {"sim-004": _record("sim-004", [[1.0, 0.2, 50]])}
+    replies = [
+        _reply(1, "sim-000", good, 1.0),
+        _reply(2, "sim-001", nan, 1.0),
+        _reply(3, "sim-002", shape, 1.0),
+        _reply(4, "sim-003", keys, 1.0),
+        _reply(5, "sim-004", good, 0.5),  # below its ledger total
+    ]
+    node_device: dict[int, str] = {}
+    result = screen_train_replies(2, replies, EXPECTED, devices, node_device, set())
+    assert [m.metadata.src_node_id for m in result.accepted] == [1]
+    assert set(result.rejected) == {"sim-001", "sim-002", "sim-003", "sim-004"}
+    assert "NaN" in result.rejected["sim-001"]
+    assert "shape (3, 2)" in result.rejected["sim-002"]
+    assert "missing ['b']" in result.rejected["sim-003"]
+    assert "below its ledger total" in result.rejected["sim-004"]
+    assert result.flagged == ["sim-004"]
+    # Every device that trained has its spend in the ledger, the flagged one marked.
+    rows = {r.device_id: r for r in result.rows}
+    assert set(rows) == {"sim-000", "sim-001", "sim-002", "sim-003", "sim-004"}
+    assert rows["sim-004"].flagged
+    assert rows["sim-004"].epsilon_total == devices["sim-004"].epsilon_total
+    assert node_device == {1: "sim-000", 2: "sim-001", 3: "sim-002", 4: "sim-003", 5: "sim-004"}
+
+
+# ------------------------------------------------------------------- bounded wait
+
+
+class _SlowFleet(Grid):
+    """Fault injection: a grid where only ``n`` nodes ever connect."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.polls = 0
+
+    def set_run(self, run: Run) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self) -> Run:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        self.polls += 1
+        return list(range(self.n))
+
+    def create_message(self, *a: object, **k: object) -> Message:
+        raise NotImplementedError
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        raise NotImplementedError
+
+
+def test_bounded_wait_fails_clearly_instead_of_hanging() -> None:
+    grid = _SlowFleet(2)
+    started = time.monotonic()
+    with pytest.raises(NotEnoughNodesError, match=r"only 2 of the 5 required nodes"):
+        wait_for_nodes(grid, 5, 0.6)
+    assert time.monotonic() - started < 30  # it returned at all (no endless wait)
+    assert grid.polls >= 2
+    assert wait_for_nodes(_SlowFleet(5), 5, 0.0) == [0, 1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------- strategy state
+
+
+def test_fedadam_state_survives_a_checkpoint() -> None:
+    plan = load_plan({"strategy": {"name": "fedadam"}})
+    strategy = build_strategy(plan)
+    strategy.m_t = {"w": np.arange(6.0).reshape(2, 3)}  # type: ignore[attr-defined]
+    strategy.v_t = {"w": np.ones((2, 3))}  # type: ignore[attr-defined]
+    blob, meta = strategy_state(strategy)
+    fresh = build_strategy(plan)
+    load_strategy_state(fresh, blob, json.loads(json.dumps(meta)))
+    np.testing.assert_array_equal(fresh.m_t["w"], np.arange(6.0).reshape(2, 3))  # type: ignore[attr-defined]
+
+
+def test_central_dp_accountant_survives_a_checkpoint() -> None:
+    from flwr.serverapp import GaussianPrivacyEvent
+
+    plan = load_plan(
+        {
+            "num_devices": 4,
+            "central_dp": {"enabled": True, "noise_multiplier": 1.0, "max_epsilon": 50.0},
+        }
+    )
+    strategy = build_strategy(plan)
+    strategy.accountant.compose(GaussianPrivacyEvent(1.0, 4, 4))  # type: ignore[attr-defined]
+    blob, meta = strategy_state(strategy)
+    fresh = build_strategy(plan)
+    load_strategy_state(fresh, blob, json.loads(json.dumps(meta)))
+    eps = fresh.accountant.get_privacy_spent().epsilon  # type: ignore[attr-defined]
+    assert eps == pytest.approx(strategy.accountant.get_privacy_spent().epsilon)  # type: ignore[attr-defined]
+    assert math.isfinite(eps)
+    assert eps > 0
+
+
+# ---------------------------------------------------------------- ledger (both DBs)
+
+
+def _row(device: str, rnd: int, total: float, spent: float) -> LedgerRow:
+    return LedgerRow(
+        device, rnd, spent, total, 1e-5, 1.0, 0.2, 5, [[1.0, 0.2, 5 * rnd]], 70, 0.1, 1.0
+    )
+
+
+def test_ledger_rounds_and_resume_point(db_url: str) -> None:
+    plan = load_plan({"num_devices": 2, "rounds": 3})
+    store = FlStore(db_url)
+    try:
+        assert store.start_run("r1", plan, resume=False) is None
+        with pytest.raises(ConfigError, match="already exists"):
+            store.start_run("r1", plan, resume=False)
+        with pytest.raises(ConfigError, match="another plan"):
+            store.start_run("r1", plan.model_copy(update={"rounds": 4}), resume=True)
+        for rnd, totals in ((1, (1.0, 1.1)), (2, (1.5, 1.6))):
+            rows = [_row(f"sim-00{i}", rnd, t, 0.5) for i, t in enumerate(totals)]
+            ck = Checkpoint(rnd, f"model{rnd}".encode(), b"", {"devices": {}})
+            store.commit_round("r1", RoundReport(rnd, 0.5, 1.0, num_replies=2), rows, ck)
+        # A duplicate (run, device, round) row is refused, and nothing of that round lands.
+        dup = [_row("sim-000", 3, 2.0, 0.5), _row("sim-000", 2, 2.0, 0.5)]
+        with pytest.raises(Exception, match="round 3"):
+            store.commit_round("r1", RoundReport(3, 0.5, 1.0), dup, Checkpoint(3, b"m3", b"", {}))
+        resumed = store.start_run("r1", plan, resume=True)
+        assert resumed is not None
+        ck = resumed
+        assert (ck.round, ck.model) == (2, b"model2")
+        devices = store.devices("r1")
+        assert {d: r.epsilon_total for d, r in devices.items()} == {"sim-000": 1.5, "sim-001": 1.6}
+        assert devices["sim-000"].rounds == 2
+        result = store.result("r1")
+        assert [r.round for r in result.rounds] == [1, 2]
+        assert result.epsilon_per_device == {"sim-000": 1.5, "sim-001": 1.6}
+        assert len(store.ledger("r1")) == 4
+        store.finish("r1", "completed")
+        assert store.result("r1").status == "completed"
+    finally:
+        store.close()
