@@ -91,3 +91,99 @@ def devices(
         typer.echo(
             f"{row['device_id']:<24} {state} last seen {row['last_seen']}  {row['records']} records"
         )
+
+
+@app.command()
+@exits_on_error
+def inference(
+    model: Annotated[str, typer.Option(help="Heavy model to serve.")] = "digits",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port; 0 picks a free one.")] = 0,
+    weights: Annotated[
+        Path | None,
+        typer.Option(help="Weights cache folder (trained once if empty). [default: ~/.cache]"),
+    ] = None,
+    train_epochs: Annotated[
+        int | None, typer.Option(help="Epochs if the model must be trained.")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Most samples per forward pass.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="Longest wait to fill a batch.")] = 2.0,
+    no_batching: Annotated[
+        bool, typer.Option("--no-batching", help="One request per forward pass.")
+    ] = False,
+    max_concurrency: Annotated[
+        int, typer.Option(help="In-flight requests before RESOURCE_EXHAUSTED.")
+    ] = 256,
+    max_message_bytes: Annotated[int, typer.Option(help="Largest request/response in bytes.")] = 4
+    * 1024
+    * 1024,
+    torch_threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 1,
+    tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
+    client_ca: Annotated[
+        Path | None, typer.Option(help="Require client certificates from this CA (mTLS).")
+    ] = None,
+    crl: Annotated[
+        Path | None, typer.Option(help="The client CA's CRL: revoked devices are refused.")
+    ] = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Serve the heavy model over gRPC (edgefl.v1.Inference + health) until SIGINT/SIGTERM.
+
+    Prints the bound address once the model is SERVING (one JSON line with --json).
+    """
+    import json
+
+    from edgefl.clikit import error_console_print
+    from edgefl.config import validate_config
+    from edgefl.server.inference.service import InferenceServer, InferenceServerConfig, serve
+
+    config = validate_config(
+        InferenceServerConfig,
+        {
+            "host": host,
+            "port": port,
+            "model": model,
+            "weights": weights,
+            "train_epochs": train_epochs,
+            "max_batch": 1 if no_batching else max_batch,
+            "max_wait_ms": max_wait_ms,
+            "max_concurrency": max_concurrency,
+            "max_message_bytes": max_message_bytes,
+            "torch_threads": torch_threads,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
+            "client_ca": client_ca,
+            "crl": crl,
+        },
+        source="command line",
+    )
+
+    def ready(server: InferenceServer) -> None:
+        served = server.models[config.model]
+        info = {
+            "address": server.address,
+            "host": config.host,
+            "port": server.port,
+            "model": served.name,
+            "version": served.version,
+            "heldout_accuracy": served.heldout_accuracy,
+            "max_batch": config.max_batch,
+            "tls": config.tls_cert is not None,
+            "mutual_tls": config.client_ca is not None,
+        }
+        if as_json:
+            # One line, so a supervisor can read it with readline() while we keep running.
+            typer.echo(json.dumps(info, sort_keys=True))
+        else:
+            typer.echo(
+                f"serving {served.name} version {served.version} on {server.address} "
+                f"(held-out accuracy {served.heldout_accuracy:.4f}, "
+                f"{'mutual TLS' if info['mutual_tls'] else 'TLS' if info['tls'] else 'plaintext'})"
+            )
+
+    serve(
+        config,
+        on_ready=ready,
+        progress=lambda what, done, total: error_console_print(f"[{done}/{total}] {what}"),
+    )

@@ -1,0 +1,179 @@
+"""Per-call checks of the client certificate under mutual TLS: revocation and identity.
+
+The TLS handshake (``require_client_auth`` with the fleet CA as root) already refuses a
+certificate from another CA. gRPC's Python API cannot load a CRL into the handshake, so
+each call's peer certificate (``context.auth_context()["x509_pem_cert"]``) is checked here
+against the fleet CA's CRL (``FleetCA.crl_path``):
+
+- the CRL's signature must verify with the CA and its nextUpdate must not have passed,
+  otherwise every call is refused (fail closed, as OpenSSL and mosquitto do) with a
+  message telling the operator to refresh it;
+- the CRL file is re-read when its size or mtime changes, so ``FleetCA.revoke`` takes
+  effect on the next call without a restart;
+- a revoked serial gets ``UNAUTHENTICATED``; a call without a client certificate (cannot
+  happen with ``require_client_auth``, but checked anyway) too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+
+from edgefl.errors import ConfigError
+
+__all__ = ["PeerRefusedError", "PeerVerifier"]
+
+logger = logging.getLogger(__name__)
+
+_CACHE_LIMIT = 4096
+
+
+class PeerRefusedError(Exception):
+    """The caller's certificate is not acceptable.
+
+    Attributes:
+        code: The gRPC status to answer with.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PeerVerifier:
+    """Checks the peer certificate of each call against the CA's CRL.
+
+    Args:
+        ca_cert: The fleet CA certificate (PEM) the TLS handshake trusts.
+        crl: The CA's CRL (PEM), or ``None`` to skip revocation checks.
+
+    Raises:
+        ConfigError: The CA certificate or the CRL cannot be read or parsed, or the CRL
+            was not signed by this CA.
+    """
+
+    def __init__(self, ca_cert: Path, crl: Path | None) -> None:
+        try:
+            self._ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load client CA certificate {ca_cert}: {exc}") from exc
+        self._crl_path = Path(crl) if crl is not None else None
+        self._crl_stamp: tuple[int, int] | None = None
+        self._revoked: frozenset[int] = frozenset()
+        self._crl_problem: str | None = None
+        self._crl_next_update: dt.datetime | None = None
+        self._peers: dict[bytes, tuple[int, str]] = {}
+        self._lock = threading.Lock()
+        if self._crl_path is not None:
+            self._refresh(strict=True)
+
+    @property
+    def revoked_serials(self) -> frozenset[int]:
+        """Serials listed in the CRL as last read."""
+        return self._revoked
+
+    def check(self, auth_context: Mapping[str, Iterable[bytes]]) -> str:
+        """Accept or refuse one call.
+
+        Args:
+            auth_context: ``context.auth_context()`` of the call.
+
+        Returns:
+            The device id (certificate CN) of the caller.
+
+        Raises:
+            PeerRefusedError: No client certificate, an unusable CRL, or a revoked
+                certificate.
+        """
+        pems = list(auth_context.get("x509_pem_cert", ()))
+        if not pems:
+            raise PeerRefusedError(
+                grpc.StatusCode.UNAUTHENTICATED, "no client certificate was presented"
+            )
+        serial, cn = self._identify(pems[0])
+        if self._crl_path is None:
+            return cn
+        self._refresh(strict=False)
+        if self._crl_problem is not None:
+            raise PeerRefusedError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the server cannot check revocation: {self._crl_problem}",
+            )
+        if self._crl_next_update is not None and self._crl_next_update < dt.datetime.now(dt.UTC):
+            raise PeerRefusedError(
+                grpc.StatusCode.UNAVAILABLE,
+                "the server's CRL has expired; the operator must publish a fresh one "
+                "(FleetCA.crl_pem)",
+            )
+        if serial in self._revoked:
+            raise PeerRefusedError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"the certificate of device {cn!r} (serial {serial:x}) has been revoked",
+            )
+        return cn
+
+    def _identify(self, pem: bytes) -> tuple[int, str]:
+        known = self._peers.get(pem)
+        if known is not None:
+            return known
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+        except ValueError as exc:
+            raise PeerRefusedError(
+                grpc.StatusCode.UNAUTHENTICATED, f"unreadable client certificate: {exc}"
+            ) from exc
+        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cn = str(cns[0].value) if cns else "?"
+        with self._lock:
+            if len(self._peers) >= _CACHE_LIMIT:
+                self._peers.clear()
+            self._peers[pem] = (cert.serial_number, cn)
+        return cert.serial_number, cn
+
+    def _refresh(self, *, strict: bool) -> None:
+        """Re-read the CRL when the file changed; ``strict`` raises instead of failing closed."""
+        assert self._crl_path is not None
+        try:
+            st = os.stat(self._crl_path)
+        except OSError as exc:
+            self._fail(f"cannot read CRL {self._crl_path}: {exc.strerror}", strict)
+            return
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._crl_stamp:
+            return
+        with self._lock:
+            if stamp == self._crl_stamp:
+                return
+            try:
+                crl = x509.load_pem_x509_crl(self._crl_path.read_bytes())
+            except (OSError, ValueError) as exc:
+                self._fail(f"cannot load CRL {self._crl_path}: {exc}", strict)
+                return
+            public_key = self._ca.public_key()
+            if not isinstance(
+                public_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+            ) or (crl.issuer != self._ca.subject or not crl.is_signature_valid(public_key)):
+                self._fail(f"CRL {self._crl_path} was not signed by the client CA", strict)
+                return
+            self._revoked = frozenset(r.serial_number for r in crl)
+            self._crl_next_update = crl.next_update_utc
+            self._crl_problem = None
+            self._crl_stamp = stamp
+            logger.info("loaded CRL %s: %d revoked serial(s)", self._crl_path, len(self._revoked))
+
+    def _fail(self, problem: str, strict: bool) -> None:
+        if strict:
+            raise ConfigError(problem, hint="pass the CRL of the same CA as --client-ca")
+        if problem != self._crl_problem:
+            logger.error("%s; refusing every call until it is fixed", problem)
+        self._crl_problem = problem
+        self._crl_stamp = None
