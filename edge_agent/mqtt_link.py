@@ -9,11 +9,19 @@ username/password, and a reconnect backoff with jitter. It boots without a broke
 :class:`OutboxSender` is the only thread that publishes outbox records. It publishes with
 QoS 1 and acks a record in the outbox only after a successful PUBACK. paho calls
 ``on_publish`` while holding its own ``_out_message_mutex``, so that callback takes no lock
-of ours: it only puts ``(mid, success)`` on a :class:`queue.SimpleQueue`, which the sender
-thread drains. Records in flight when the connection drops stay in paho's memory and paho
-re-sends them after the reconnect; records still in the outbox after a process restart
-are replayed from SQLite. Either way the receiver may see a sequence number twice, so
-ingest must be idempotent on ``(device_id, seq)``.
+of ours: it only puts ``(mid, success)`` on a :class:`queue.SimpleQueue` (and, once a
+batch of them is waiting, a wake-up on a second one), which the sender thread drains.
+Records in flight when the connection drops stay in paho's memory and paho re-sends them
+after the reconnect (all at once: paho 2.2 ignores ``max_inflight`` there, which is why
+the sender never holds more than the broker's Receive Maximum); records still in the
+outbox after a process restart are replayed from SQLite. Either way the receiver may see a
+sequence number twice, so ingest must be idempotent on ``(device_id, seq)``.
+
+Throughput: paho's own thread sends the queued part of the window as PUBACKs arrive, so
+the sender wakes once per half-queue of PUBACKs rather than once per PUBACK (every wake-up
+takes the GIL from paho's thread), leases records from the outbox a window at a time
+(from memory when they were just put, see :class:`Outbox`) and deletes acknowledged ones
+a batch per transaction.
 
 Inbound messages: topics registered with :meth:`MqttLink.subscribe` are subscribed on
 every (re)connect. ``on_message`` only puts an :class:`InboundMessage` on
@@ -25,12 +33,14 @@ has durably handled it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +54,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import Field, SecretStr, model_validator
 
 from edgefl.config import StrictModel
-from edgefl.edge_agent.outbox import Outbox
+from edgefl.edge_agent.outbox import Outbox, Record
 
 __all__ = [
     "InboundMessage",
@@ -218,6 +228,10 @@ class MqttLink:
         self.config = config
         self.status_topic = status_topic
         self.publish_results: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
+        # on_publish puts None here when publish_results reaches signal_after entries, so
+        # a consumer can sleep until a batch of results is there rather than wake per one.
+        self.result_signal: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self.signal_after = 1
         self.messages: queue.SimpleQueue[InboundMessage] = queue.SimpleQueue()
         # Set before start(); read (never changed) by the paho thread in _on_connect.
         self._subscriptions: tuple[tuple[str, int], ...] = ()
@@ -232,6 +246,8 @@ class MqttLink:
         # purpose, a stale value only delays the sender by one poll.
         self.generation = 0
         self.client_epoch = 0
+        self.receive_maximum = 65535
+        """The broker's Receive Maximum (MQTT 5 CONNACK; 65535 when it sends none)."""
         v311 = config.protocol == "3.1.1"
         # "auto" starts with MQTT 5; _on_connect falls back if the broker refuses it.
         self._client = self._build_client(
@@ -437,6 +453,8 @@ class MqttLink:
             return
         self._attempt = 0
         self._set_reconnect_delay(client, 0)
+        receive_maximum = getattr(properties, "ReceiveMaximum", None)
+        self.receive_maximum = int(receive_maximum) if receive_maximum else 65535
         _log.info(
             "connected to %s:%d (session present: %s)",
             self.config.host,
@@ -484,7 +502,10 @@ class MqttLink:
     ) -> None:
         # Runs under paho's _out_message_mutex: a lock of ours here could deadlock with a
         # thread that holds it while calling publish(). Hand over and return.
-        self.publish_results.put((mid, not reason_code.is_failure))
+        results = self.publish_results
+        results.put((mid, not reason_code.is_failure))
+        if results.qsize() == self.signal_after:
+            self.result_signal.put(None)
 
     def _on_subscribe(
         self,
@@ -517,6 +538,17 @@ class MqttLink:
 class OutboxSender:
     """The single thread that publishes outbox records with QoS 1 and acks them.
 
+    The thread keeps ``window`` records handed to paho and not yet acknowledged; paho sends
+    ``max_inflight`` of them and queues the rest, and sends the next one itself as each
+    PUBACK arrives, so the link stays busy while this thread is elsewhere. Records are
+    leased from the outbox ``window`` at a time into a local queue, so a new record of
+    higher priority may wait behind up to one window of already leased ones. A record is
+    deleted from the outbox only after a successful PUBACK; deletions are batched (one
+    transaction per ``ack_batch`` PUBACKs, or as soon as the link goes quiet, or after
+    ``ack_delay_s``): an acknowledged record stays leased until then, so it is never sent
+    again by this process, and one that a crash leaves undeleted is sent again after the
+    restart (a duplicate the ingest drops).
+
     Args:
         outbox: Where records come from; acked there on a successful PUBACK.
         link: The MQTT link to publish on.
@@ -524,6 +556,8 @@ class OutboxSender:
             ``max_inflight`` by default, so paho always has the next one queued.
         poll_s: Longest idle wait before looking at the outbox again (see :meth:`wake`).
         retry_after_s: Wait before re-sending a record whose PUBACK reported failure.
+        ack_batch: PUBACKs collected before their records are deleted in one transaction.
+        ack_delay_s: Longest time a PUBACK waits for its deletion while the link is busy.
     """
 
     def __init__(
@@ -534,17 +568,30 @@ class OutboxSender:
         window: int | None = None,
         poll_s: float = 0.05,
         retry_after_s: float = 1.0,
+        ack_batch: int = 200,
+        ack_delay_s: float = 0.05,
     ) -> None:
         self.outbox = outbox
         self.link = link
         self.window = window if window is not None else 2 * link.config.max_inflight
         self.poll_s = poll_s
         self.retry_after_s = retry_after_s
+        self.ack_batch = ack_batch
+        self.ack_delay_s = ack_delay_s
         self.published = 0
         self.acked = 0
         self.failed = 0
         self._in_flight: dict[int, int] = {}  # mid -> seq
         self._cooling: dict[int, float] = {}  # seq -> monotonic time it may be re-sent
+        self._pending: deque[Record] = deque()  # leased, not yet handed to paho
+        self._done: list[int] = []  # PUBACKed, not yet deleted
+        self._done_since = 0.0  # monotonic time of the oldest entry of _done
+        # Under load, refill in chunks of this many records (one wake-up each). While paho
+        # queues part of the window it keeps sending by itself, so the refill comes while
+        # half of that queue is left; the link never goes quiet (which, with a broker that
+        # leaves Nagle on, would hold PUBACKs back until a delayed TCP ACK).
+        queued = self.window - link.config.max_inflight
+        self._refill_min = max(1, queued // 2 if queued > 1 else self.window // 2)
         self._stop = threading.Event()
         self._drain_s = 0.0
         rate = link.config.flush_rate_per_s
@@ -567,6 +614,7 @@ class OutboxSender:
     def wake(self) -> None:
         """Look at the outbox now instead of after up to ``poll_s`` (call after a put)."""
         self.link.publish_results.put((_WAKE, True))
+        self.link.result_signal.put(None)
 
     def stop(self, drain_timeout_s: float = 5.0) -> None:
         """Stop publishing, wait up to ``drain_timeout_s`` for PUBACKs, join the thread.
@@ -580,30 +628,50 @@ class OutboxSender:
             self._thread.join()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._flush_acks()
+            if self._pending:
+                # Leased but never handed to paho: give them back to the outbox.
+                self.outbox.release_many(r.seq for r in self._pending)
+                self._pending.clear()
+
+    def _loop(self) -> None:
         seen_generation = -1
         seen_epoch = self.link.client_epoch
         flushing = False
+        link = self.link
         while not self._stop.is_set():
             self._drain_results(0.0)
-            self._end_cooling()
-            if self.link.client_epoch != seen_epoch:
+            if self._cooling:
+                self._end_cooling()
+            if link.client_epoch != seen_epoch:
                 # A new paho client (protocol fallback) never knew the old mids.
-                seen_epoch = self.link.client_epoch
+                seen_epoch = link.client_epoch
                 self._in_flight.clear()
+                self._pending.clear()
+                self._flush_acks()
                 self.outbox.release_all()
-            if not self.link.connected:
+            if not link.connected:
+                self._flush_acks()
                 self._drain_results(self.poll_s)
                 continue
-            if self.link.generation != seen_generation:
+            if link.generation != seen_generation:
                 # (Re)connected: paho re-sends what it held; the backlog is replayed from
                 # the outbox at a bounded rate so it does not swamp the broker or the link.
-                seen_generation = self.link.generation
+                seen_generation = link.generation
                 flushing = self._bucket is not None
                 if self._bucket is not None:
                     self._bucket.reset()
-            room = self.window - len(self._in_flight)
-            if room <= 0:
-                self._drain_results(self.poll_s)
+            # Never more than the broker's Receive Maximum awaiting PUBACK: paho 2.2 re-sends
+            # every message it holds at once after a reconnect, ignoring max_inflight.
+            window = min(self.window, link.receive_maximum)
+            room = window - len(self._in_flight)
+            if room < min(self._refill_min, window):
+                # Busy: sleep until a whole refill's worth of room is free, instead of
+                # waking (and taking the GIL from paho's thread) for every PUBACK.
+                self._await_results(min(self._refill_min, window) - room, self.poll_s)
                 continue
             wanted = room
             if flushing and self._bucket is not None:
@@ -611,16 +679,22 @@ class OutboxSender:
                 if wanted == 0:
                     self._drain_results(min(self.poll_s, self._bucket.wait_s()))
                     continue
-            batch = self.outbox.next_batch(wanted)
-            if flushing and len(batch) < wanted:
+            pending = self._pending
+            if len(pending) < wanted:
+                pending.extend(self.outbox.next_batch(window))
+            if flushing and len(pending) < wanted:
                 # The backlog is drained: new records go out at the link's pace.
                 flushing = False
                 if self._bucket is not None:
-                    self._bucket.give_back(wanted - len(batch))
-            for record in batch:
-                self._publish(record.seq, record.topic, record.payload)
-            if not batch:
+                    self._bucket.give_back(wanted - len(pending))
+            if not pending:
+                # Idle: this is when acknowledged records are deleted without delay.
+                self._flush_acks()
                 self._drain_results(self.poll_s)
+                continue
+            for _ in range(min(wanted, len(pending))):
+                record = pending.popleft()
+                self._publish(record.seq, record.topic, record.payload)
         deadline = time.monotonic() + self._drain_s
         while self._in_flight and time.monotonic() < deadline:
             self._drain_results(min(self.poll_s, max(0.0, deadline - time.monotonic())))
@@ -642,25 +716,51 @@ class OutboxSender:
 
     def _drain_results(self, block_s: float) -> None:
         results: list[tuple[int, bool]] = []
+        get = self.link.publish_results.get_nowait
         try:
             if block_s > 0:
                 results.append(self.link.publish_results.get(timeout=block_s))
             while True:
-                results.append(self.link.publish_results.get_nowait())
+                results.append(get())
         except queue.Empty:
             pass
-        done: list[int] = []
+        in_flight = self._in_flight
+        done = self._done
         for mid, ok in results:
-            seq = self._in_flight.pop(mid, None)
+            seq = in_flight.pop(mid, None)
             if seq is None:
                 continue  # the status message, a wake-up, or a mid of a replaced client
             if ok:
+                if not done:
+                    self._done_since = time.monotonic()
                 done.append(seq)
             else:
                 self.failed += 1
                 _log.warning("broker refused seq=%d (failed PUBACK); will retry", seq)
                 self._cool(seq)
-        if done:
+        if done and (
+            len(done) >= self.ack_batch
+            or not in_flight
+            or time.monotonic() - self._done_since >= self.ack_delay_s
+        ):
+            self._flush_acks()
+
+    def _await_results(self, count: int, timeout: float) -> None:
+        """Sleep until ``count`` publish results are waiting (or a wake-up, or ``timeout``)."""
+        link = self.link
+        link.signal_after = count
+        if link.publish_results.qsize() < count:
+            with contextlib.suppress(queue.Empty):
+                link.result_signal.get(timeout=timeout)
+        with contextlib.suppress(queue.Empty):
+            while True:  # signals that are stale by now
+                link.result_signal.get_nowait()
+        self._drain_results(0.0)
+
+    def _flush_acks(self) -> None:
+        """Delete the records whose PUBACK arrived, in one transaction."""
+        if self._done:
+            done, self._done = self._done, []
             self.outbox.ack_many(done)
             self.acked += len(done)
 
@@ -670,9 +770,9 @@ class OutboxSender:
         self._cooling[seq] = time.monotonic() + self.retry_after_s
 
     def _end_cooling(self) -> None:
-        if not self._cooling:
-            return
         now = time.monotonic()
-        for seq in [s for s, t in self._cooling.items() if t <= now]:
+        ready = [s for s, t in self._cooling.items() if t <= now]
+        for seq in ready:
             del self._cooling[seq]
-            self.outbox.release(seq)
+        if ready:
+            self.outbox.release_many(ready)

@@ -2,9 +2,12 @@
 
 The outbox is one SQLite file per device in WAL mode (stdlib :mod:`sqlite3` only). A record
 gets a per-device sequence number that only ever grows: the next value lives in a counter
-table, so it survives deletes and restarts and is never reused. The sender takes records
-with :meth:`Outbox.next_batch`, publishes them and calls :meth:`Outbox.ack` once the broker
-confirmed them; anything not acked is replayed after a restart.
+table, so it survives deletes and restarts and is never reused. Triggers keep it: an insert
+advances it in the same statement, and an insert below it is refused, so a connection
+that caches the value (as :class:`Outbox` does) can never reuse a number unnoticed. The
+sender takes records with :meth:`Outbox.next_batch`, publishes them and calls
+:meth:`Outbox.ack` once the broker confirmed them; anything not acked is replayed after a
+restart.
 
 The store is bounded by the total payload bytes. When a new record does not fit, the
 :class:`OutboxPolicy` decides: ``reject_new`` raises :class:`OutboxFullError`, while
@@ -37,11 +40,13 @@ such restarts could overlap). That fallback needs a correct wall clock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -83,6 +88,11 @@ CREATE TABLE IF NOT EXISTS counters (
     dropped INTEGER NOT NULL,
     expired INTEGER NOT NULL
 );
+CREATE TRIGGER IF NOT EXISTS records_seq_is_new BEFORE INSERT ON records
+WHEN NEW.seq < (SELECT next_seq FROM counters)
+BEGIN SELECT RAISE(ABORT, 'outbox seq reused'); END;
+CREATE TRIGGER IF NOT EXISTS records_seq_counter AFTER INSERT ON records
+BEGIN UPDATE counters SET next_seq = NEW.seq + 1 WHERE next_seq <= NEW.seq; END;
 """
 
 
@@ -187,18 +197,36 @@ class OutboxItem:
 
 
 _COLUMNS = "seq, topic, payload, priority, kind, created_at, expires_at"
+# The first ?3 records after a send-order cursor (priority ?1, seq ?2): the rest of its
+# priority, then the lower priorities; each part is one range scan of records_send_order.
+_AFTER_CURSOR: Final = (
+    f"SELECT * FROM (SELECT {_COLUMNS} FROM records WHERE priority = ?1 AND seq > ?2 "
+    "ORDER BY seq LIMIT ?3) "
+    f"UNION ALL SELECT * FROM (SELECT {_COLUMNS} FROM records WHERE priority < ?1 "
+    "ORDER BY priority DESC, seq LIMIT ?3) ORDER BY priority DESC, seq LIMIT ?3"
+)
 _EXPECTED_COLUMNS: Final = {
     "records": {"seq", "topic", "payload", "priority", "kind", "created_at", "expires_at"},
     "counters": {"device_id", "next_seq", "dropped", "expired"},
 }
+# Rows per INSERT statement (7 bound parameters each, far below SQLite's limit).
+_ROWS_PER_INSERT: Final = 500
+# Sequence numbers per DELETE statement.
+_ROWS_PER_DELETE: Final = 500
 # SQLite result codes that mean "this file is damaged", as opposed to busy, locked,
 # read-only or out of disk space, which must never cost the records in the file.
 _CORRUPTION_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 _SIDE_FILES: Final = ("-wal", "-shm")
+# Most records the in-memory tail of unleased records may hold (see Outbox._tail).
+_TAIL_MAX: Final = 4096
 
 
 class _CorruptOutboxError(Exception):
     """The outbox file cannot be used; the message says why."""
+
+
+class _StaleSeqError(Exception):
+    """The cached next sequence number is behind the file (another connection wrote)."""
 
 
 _RecordRow = tuple[int, str, bytes, int, str, float, float | None]
@@ -213,10 +241,6 @@ def _check_topic(topic: str) -> None:
         raise BadInputError("MQTT topic longer than 65535 bytes")
 
 
-def _record(row: _RecordRow) -> Record:
-    return Record(row[0], row[1], bytes(row[2]), row[3], row[4], row[5], row[6])
-
-
 class Outbox:
     """A durable, byte-bounded outbox for one device.
 
@@ -225,6 +249,12 @@ class Outbox:
     *leased* in memory until :meth:`ack` or :meth:`release`: a leased record is not handed
     out again, dropped or expired, because it may already be on the wire. Leases do not
     survive a restart, which is what makes start-up replay everything that is left.
+
+    Cost per record matters: the agent's other threads (paho's network thread above all)
+    want the GIL that every call into SQLite gives up and takes back. A put is a single
+    multi-row INSERT (SQLite commits one statement atomically by itself) unless the bound
+    forces a drop or expiry; records put while the sender has leased everything else are
+    handed to it from memory, not read back; and an ack of leased records is one DELETE.
 
     Args:
         path: SQLite file; created with its parent folder if missing.
@@ -249,7 +279,16 @@ class Outbox:
         self.policy = policy
         self._clock = clock
         self._lock = threading.Lock()
-        self._leased: set[int] = set()
+        self._leased: dict[int, int] = {}  # seq -> payload bytes
+        # Send-order position (priority, seq) of the last record leased, while every stored
+        # record at or before it is leased: next_batch() then continues after it instead of
+        # reading (and skipping) every leased row again. None means "scan from the start".
+        self._cursor: tuple[int, int] | None = None
+        # The records committed by this instance that no one has leased yet, in send order,
+        # while that is *every* such record in the file (None when unknown): next_batch()
+        # then hands them out without reading them back from SQLite. Any drop, expiry,
+        # release or out-of-order put resets it to None and next_batch() reads the file.
+        self._tail: deque[Record] | None = None
         self.quarantined: Path | None = None
         """Where a corrupt file found at start-up was moved to, or ``None``."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,8 +309,15 @@ class Outbox:
             self._db = self._open(first_seq=first_seq)
         # The byte total is cached so put() does not scan the table; it is recomputed
         # from the rows at open and only changed after a successful commit.
-        row = self._db.execute("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM records").fetchone()
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(LENGTH(payload)), 0), COUNT(expires_at) FROM records"
+        ).fetchone()
         self._bytes: int = int(row[0])
+        # Whether any stored record has a TTL; while not, next_batch() skips the expiry check.
+        self._may_expire: bool = int(row[1]) > 0
+        # The next seq, kept here so a put needs no read; the seq triggers refuse a stale
+        # one (another connection wrote to the file), and put_many() then reloads it.
+        self._next_seq = self._read_next_seq()
 
     def _open(self, first_seq: int) -> sqlite3.Connection:
         """Open, check and (if new) initialise the file.
@@ -299,9 +345,8 @@ class Outbox:
                         raise _CorruptOutboxError(
                             f"table {table} lacks columns {sorted(expected - found)}"
                         )
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                for statement in _split_schema(_SCHEMA):
+                    db.execute(statement)
                 owners = [r[0] for r in db.execute("SELECT device_id FROM counters")]
                 if owners and owners != [self.device_id]:
                     raise BadInputError(
@@ -395,42 +440,50 @@ class Outbox:
             _check_topic(item.topic)
         if not batch:
             return []
+        with self._lock:
+            try:
+                return self._put_locked(batch)
+            except _StaleSeqError:
+                # Another connection added records to this file: continue after them.
+                self._next_seq = self._read_next_seq()
+                self._tail = None
+                return self._put_locked(batch)
+
+    def _put_locked(self, batch: list[OutboxItem]) -> list[Record]:
         default_ttl = self.policy.default_ttl_s
         max_bytes = self.policy.max_bytes
-        with self._lock:
-            now = self._clock()
-            with self._transaction():
-                first = int(
-                    self._db.execute(
-                        "SELECT next_seq FROM counters WHERE device_id = ?", (self.device_id,)
-                    ).fetchone()[0]
+        now = self._clock()
+        first = self._next_seq
+        rows: list[_RecordRow] = []
+        total = 0
+        for seq, item in enumerate(batch, start=first):
+            body = item.body
+            payload = bytes(body(seq)) if callable(body) else bytes(body)
+            if len(payload) > max_bytes:
+                raise OutboxFullError(
+                    f"record of {len(payload)} bytes exceeds the outbox bound of {max_bytes} bytes",
+                    hint="split the payload or raise outbox max_bytes",
                 )
-                rows: list[_RecordRow] = []
-                total = 0
-                for seq, item in enumerate(batch, start=first):
-                    body = item.body
-                    payload = bytes(body(seq)) if callable(body) else bytes(body)
-                    if len(payload) > max_bytes:
-                        raise OutboxFullError(
-                            f"record of {len(payload)} bytes exceeds the outbox bound of "
-                            f"{max_bytes} bytes",
-                            hint="split the payload or raise outbox max_bytes",
-                        )
-                    ttl = item.ttl_s if item.ttl_s is not None else default_ttl
-                    expires_at = now + ttl if ttl is not None else None
-                    rows.append(
-                        (seq, item.topic, payload, item.priority, item.kind, now, expires_at)
-                    )
-                    total += len(payload)
-                freed = 0
+            ttl = item.ttl_s if item.ttl_s is not None else default_ttl
+            expires_at = now + ttl if ttl is not None else None
+            rows.append((seq, item.topic, payload, item.priority, item.kind, now, expires_at))
+            total += len(payload)
+        freed = 0
+        if self._bytes + total <= max_bytes and len(rows) <= _ROWS_PER_INSERT:
+            # The common case: one INSERT statement, which SQLite commits atomically on its
+            # own (the counter is advanced by a trigger in the same statement). One call
+            # into SQLite per batch, which matters to a process whose other threads want
+            # the GIL that every call gives up and takes back.
+            self._insert(rows)
+        else:
+            with self._transaction():
                 if self._bytes + total > max_bytes:
                     freed += self._expire(now)
-                insert = f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
                 if self._bytes - freed + total <= max_bytes:
-                    self._db.executemany(insert, rows)
+                    self._insert(rows)
                 elif self.policy.when_full == "reject_new" or len(rows) == 1:
                     freed += self._make_room(self._bytes - freed + total, rows[0][3], len(rows))
-                    self._db.executemany(insert, rows)
+                    self._insert(rows)
                 else:
                     # drop_oldest, several records: room is made record by record so each
                     # one only displaces what a put() of it would have displaced.
@@ -441,14 +494,43 @@ class Outbox:
                             made = self._make_room(stored + size, row[3], 1)
                             freed += made
                             stored -= made
-                        self._db.execute(insert, row)
+                        self._insert([row])
                         stored += size
+        self._next_seq = first + len(rows)
+        self._bytes += total - freed
+        records = [Record(*row) for row in rows]
+        if any(row[6] is not None for row in rows):
+            self._may_expire = True
+        cursor = self._cursor
+        if cursor is not None and max(row[3] for row in rows) > cursor[0]:
+            self._cursor = None  # a new record sorts before the cursor
+        self._extend_tail(records)
+        return records
+
+    def _insert(self, rows: list[_RecordRow]) -> None:
+        """INSERT ``rows``, a multi-row statement per chunk.
+
+        Raises:
+            _StaleSeqError: A sequence number is already used (see the seq triggers).
+        """
+        try:
+            for start in range(0, len(rows), _ROWS_PER_INSERT):
+                chunk = rows[start : start + _ROWS_PER_INSERT]
+                values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
                 self._db.execute(
-                    "UPDATE counters SET next_seq = ? WHERE device_id = ?",
-                    (first + len(rows), self.device_id),
+                    f"INSERT INTO records ({_COLUMNS}) VALUES {values}",
+                    [value for row in chunk for value in row],
                 )
-            self._bytes += total - freed
-        return [Record(*row) for row in rows]
+        except sqlite3.IntegrityError as exc:
+            if "outbox seq reused" in str(exc) or "records.seq" in str(exc):
+                raise _StaleSeqError(str(exc)) from exc
+            raise
+
+    def _read_next_seq(self) -> int:
+        row = self._db.execute(
+            "SELECT next_seq FROM counters WHERE device_id = ?", (self.device_id,)
+        ).fetchone()
+        return int(row[0])
 
     def next_batch(self, limit: int) -> list[Record]:
         """Lease up to ``limit`` records to send: highest priority first, then by seq.
@@ -465,19 +547,46 @@ class Outbox:
         if limit <= 0:
             return []
         with self._lock:
-            now = self._clock()
-            # A read first: a write transaction (and its commit) per batch only when
-            # something did expire.
-            if self._has_expired(now):
-                with self._transaction():
-                    self._bytes -= self._expire(now)
-            # Fetch enough rows to skip every leased one without a parameter per seq.
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM records ORDER BY priority DESC, seq LIMIT ?",
-                (limit + len(self._leased),),
-            ).fetchall()
-            batch = [_record(r) for r in rows if r[0] not in self._leased][:limit]
-            self._leased.update(r.seq for r in batch)
+            if self._may_expire:
+                now = self._clock()
+                # A read first: a write transaction (and its commit) per batch only when
+                # something did expire.
+                if self._has_expired(now):
+                    with self._transaction():
+                        self._bytes -= self._expire(now)
+            leased = self._leased
+            tail = self._tail
+            batch: list[Record] = []
+            if tail is not None:
+                batch = [tail.popleft() for _ in range(min(limit, len(tail)))]
+                if batch:
+                    self._cursor = (batch[-1].priority, batch[-1].seq)
+                    leased.update((r.seq, len(r.payload)) for r in batch)
+                return batch
+            cursor = self._cursor
+            if cursor is None:
+                # Fetch enough rows to skip every leased one without a parameter per seq.
+                rows = self._db.execute(
+                    f"SELECT {_COLUMNS} FROM records ORDER BY priority DESC, seq LIMIT ?",
+                    (limit + len(leased),),
+                ).fetchall()
+            else:
+                # Everything up to the cursor is leased: read on from there.
+                rows = self._db.execute(_AFTER_CURSOR, (cursor[0], cursor[1], limit)).fetchall()
+            unleased = [r for r in rows if r[0] not in leased]
+            batch = [
+                Record(r[0], r[1], bytes(r[2]), r[3], r[4], r[5], r[6]) for r in unleased[:limit]
+            ]
+            fetched = limit if cursor is not None else limit + len(leased)
+            if len(rows) < fetched and len(unleased) <= limit:
+                # Every unleased record was read, and is now handed out: from here on the
+                # records put by this instance are the only unleased ones.
+                self._tail = deque()
+            if batch:
+                # Rows are read in send order and every one skipped was leased, so all
+                # records up to the last one handed out are now leased.
+                self._cursor = (batch[-1].priority, batch[-1].seq)
+                leased.update((r.seq, len(r.payload)) for r in batch)
         return batch
 
     def ack(self, seq: int) -> None:
@@ -490,31 +599,56 @@ class Outbox:
         if not seqs:
             return
         with self._lock:
-            freed = 0
-            with self._transaction():
-                # One statement per chunk rather than per seq: this runs on the sender's
-                # hot path for every PUBACK batch. 500 stays far below SQLite's limit of
-                # bound parameters.
-                for start in range(0, len(seqs), 500):
-                    chunk = seqs[start : start + 500]
-                    marks = ",".join("?" * len(chunk))
-                    for (size,) in self._db.execute(
-                        f"DELETE FROM records WHERE seq IN ({marks}) RETURNING LENGTH(payload)",
-                        chunk,
-                    ).fetchall():
-                        freed += int(size)
-            self._leased.difference_update(seqs)
+            leased = self._leased
+            if all(seq in leased for seq in seqs) and len(set(seqs)) == len(seqs):
+                # The usual case: the sender acks what it leased, whose sizes are known, so
+                # one DELETE per chunk does it; a single chunk needs no BEGIN/COMMIT (one
+                # statement is one transaction). This runs for every batch of PUBACKs.
+                freed = sum(leased[seq] for seq in seqs)
+                chunks = [
+                    seqs[i : i + _ROWS_PER_DELETE] for i in range(0, len(seqs), _ROWS_PER_DELETE)
+                ]
+                with contextlib.ExitStack() as stack:
+                    if len(chunks) > 1:
+                        stack.enter_context(self._transaction())
+                    for chunk in chunks:
+                        marks = ",".join("?" * len(chunk))
+                        self._db.execute(f"DELETE FROM records WHERE seq IN ({marks})", chunk)
+            else:
+                # Unknown or unleased seqs: ask SQLite what was there.
+                self._tail = None  # an unleased record may be deleted: it may be in the tail
+                freed = 0
+                with self._transaction():
+                    for start in range(0, len(seqs), _ROWS_PER_DELETE):
+                        chunk = seqs[start : start + _ROWS_PER_DELETE]
+                        marks = ",".join("?" * len(chunk))
+                        for (size,) in self._db.execute(
+                            f"DELETE FROM records WHERE seq IN ({marks}) RETURNING LENGTH(payload)",
+                            chunk,
+                        ).fetchall():
+                            freed += int(size)
+            for seq in seqs:
+                leased.pop(seq, None)
             self._bytes -= freed
 
     def release(self, seq: int) -> None:
         """Return a leased record so that a later :meth:`next_batch` hands it out again."""
+        self.release_many([seq])
+
+    def release_many(self, seqs: Iterable[int]) -> None:
+        """Return several leased records (see :meth:`release`)."""
         with self._lock:
-            self._leased.discard(seq)
+            for seq in seqs:
+                self._leased.pop(seq, None)
+            self._cursor = None
+            self._tail = None
 
     def release_all(self) -> None:
         """Return every leased record (the sender gave up on what it had in flight)."""
         with self._lock:
             self._leased.clear()
+            self._cursor = None
+            self._tail = None
 
     def stats(self) -> OutboxStats:
         """Count what is stored, after deleting (and counting) expired records."""
@@ -543,6 +677,22 @@ class Outbox:
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
+    def _extend_tail(self, records: list[Record]) -> None:
+        """Add just-committed records to the in-memory tail while it stays in send order."""
+        tail = self._tail
+        if tail is None:
+            return
+        if len(tail) + len(records) > _TAIL_MAX:
+            self._tail = None  # nobody is sending: do not hold the backlog in memory too
+            return
+        last = tail[-1].priority if tail else None
+        for record in records:
+            if last is not None and record.priority > last:
+                self._tail = None  # it must be sent before older records: read the file
+                return
+            last = record.priority
+        tail.extend(records)
+
     def _has_expired(self, now: float) -> bool:
         row = self._db.execute(
             "SELECT 1 FROM records WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT 1",
@@ -560,6 +710,7 @@ class Outbox:
         victims = [(seq, size) for seq, size in rows if seq not in self._leased]
         if not victims:
             return 0
+        self._tail = None
         self._db.executemany("DELETE FROM records WHERE seq = ?", [(s,) for s, _ in victims])
         self._db.execute(
             "UPDATE counters SET expired = expired + ? WHERE device_id = ?",
@@ -602,6 +753,7 @@ class Outbox:
                 f"of higher priority than {priority} or in flight; record refused",
                 hint="raise outbox max_bytes or the record's priority",
             )
+        self._tail = None
         self._db.executemany("DELETE FROM records WHERE seq = ?", [(s,) for s in victims])
         self._db.execute(
             "UPDATE counters SET dropped = dropped + ? WHERE device_id = ?",
@@ -609,6 +761,19 @@ class Outbox:
         )
         _log.warning("outbox full: dropped %d oldest record(s) to make room", len(victims))
         return freed
+
+
+def _split_schema(script: str) -> list[str]:
+    """The statements of ``script`` (a trigger body holds ``;`` of its own)."""
+    statements: list[str] = []
+    current = ""
+    for piece in script.split(";"):
+        current += piece + ";"
+        if sqlite3.complete_statement(current):
+            if current.strip(" \n;"):
+                statements.append(current.strip())
+            current = ""
+    return statements
 
 
 def _quarantine(path: Path, now: float) -> Path:

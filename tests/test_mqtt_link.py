@@ -12,6 +12,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -175,6 +176,38 @@ def test_delivers_every_record_and_empties_the_outbox(
     assert agent.sender.acked == n
     assert agent.sender.failed == 0
     sub.close()
+
+
+def test_sender_keeps_in_flight_within_the_broker_receive_maximum(
+    tmp_path: Path, prefix: str, agents: list[Agent]
+) -> None:
+    # paho re-sends everything it holds at once after a reconnect, so the sender must
+    # never hold more than the broker accepts, whatever its own window.
+    broker = Mosquitto(tmp_path, extra_lines=["max_inflight_messages 7"])
+    broker.start()
+    try:
+        sub = Subscriber(broker, f"{prefix}/data")
+        agent = Agent(tmp_path, prefix, link_config(broker.port, max_inflight=20))
+        agents.append(agent)
+        assert agent.sender.window == 40
+        in_flight_at_publish: list[int] = []
+        publish = agent.link.publish
+
+        def recording_publish(topic: str, payload: bytes, qos: int = 1) -> tuple[int, Any]:
+            in_flight_at_publish.append(agent.sender.in_flight)
+            return publish(topic, payload, qos)
+
+        agent.link.publish = recording_publish  # type: ignore[method-assign]
+        fill(agent.outbox, f"{prefix}/data", 300)
+        agent.start()
+        wait_for(lambda: agent.outbox.stats().depth == 0, TIMEOUT, "outbox to empty")
+        wait_for(lambda: set(sub.seqs()) >= set(range(1, 301)), TIMEOUT, "every seq")
+        assert agent.link.receive_maximum == 7
+        assert len(in_flight_at_publish) >= 300
+        assert max(in_flight_at_publish) <= 6  # so at most 7 after each publish
+        sub.close()
+    finally:
+        broker.kill()
 
 
 def test_failed_puback_keeps_the_record_for_retry(
