@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -24,6 +25,7 @@ from edgefl.datasets import Dataset, load_dataset
 from edgefl.errors import ConfigError
 from edgefl.proto import inference_pb2
 from edgefl.proto.tensors import decode_tensor, encode_tensor
+from edgefl.server.fleet_ca import FleetCA, IssuedCert
 from edgefl.server.inference import (
     HEAVY_MODELS,
     SERVICE_NAME,
@@ -550,3 +552,117 @@ def test_cli_prints_its_address_and_stops_on_sigterm(weights_dir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- TLS and mutual TLS with the fleet CA --------------------------------------------
+
+
+@dataclass
+class Fleet:
+    ca: FleetCA
+    server: IssuedCert
+    devices: dict[str, IssuedCert]
+    stranger: IssuedCert  # a device certificate from another CA
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    ca = FleetCA.create(tmp_path / "ca")
+    other = FleetCA.create(tmp_path / "other-ca", common_name="someone else's CA")
+    return Fleet(
+        ca=ca,
+        server=ca.issue_server_cert([], ["127.0.0.1"]),
+        devices={d: ca.issue_device_cert(d) for d in ("pi-01", "pi-02")},
+        stranger=other.issue_device_cert("pi-01"),
+    )
+
+
+def tls_channel(fleet: Fleet, address: str, device: IssuedCert | None) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=fleet.ca.cert_pem,
+        private_key=device.key_pem if device is not None else None,
+        certificate_chain=device.cert_pem if device is not None else None,
+    )
+    return grpc.secure_channel(address, creds)
+
+
+def mtls_config(fleet: Fleet) -> InferenceServerConfig:
+    return InferenceServerConfig(
+        tls_cert=fleet.server.cert_path,
+        tls_key=fleet.server.key_path,
+        client_ca=fleet.ca.cert_path,
+        crl=fleet.ca.crl_path,
+    )
+
+
+def test_mutual_tls_accepts_fleet_devices_and_refuses_another_ca(
+    fleet: Fleet, heavy: TorchServedModel
+) -> None:
+    with start_in_thread(mtls_config(fleet), models=[heavy]) as running:
+        with tls_channel(fleet, running.address, fleet.devices["pi-01"]) as ch:
+            c = Client(ch)
+            assert c.status(SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
+            _ok(c)
+        with tls_channel(fleet, running.address, fleet.stranger) as ch:
+            code, _ = code_of(lambda: _ok(Client(ch)))
+            assert code == Code.UNAVAILABLE  # refused in the handshake
+        with tls_channel(fleet, running.address, None) as ch:
+            code, _ = code_of(lambda: _ok(Client(ch)))
+            assert code == Code.UNAVAILABLE  # no client certificate at all
+        with grpc.insecure_channel(running.address) as ch:
+            code, _ = code_of(lambda: _ok(Client(ch)))
+            assert code == Code.UNAVAILABLE  # plaintext to a TLS port
+        with tls_channel(fleet, running.address, fleet.devices["pi-02"]) as ch:
+            _ok(Client(ch))  # the server kept serving through all of that
+        assert running.server.completed == 2
+
+
+def test_revoked_device_is_refused_on_its_next_call(
+    fleet: Fleet, heavy: TorchServedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        start_in_thread(mtls_config(fleet), models=[heavy]) as running,
+        tls_channel(fleet, running.address, fleet.devices["pi-01"]) as ch1,
+        tls_channel(fleet, running.address, fleet.devices["pi-02"]) as ch2,
+    ):
+        one, two = Client(ch1), Client(ch2)
+        _ok(one)
+        _ok(two)
+        fleet.ca.revoke(fleet.devices["pi-02"].serial)  # rewrites crl.pem; no restart
+        code, details = code_of(lambda: _ok(two))
+        assert code == Code.UNAUTHENTICATED
+        assert "pi-02" in details
+        assert "revoked" in details
+        code, _ = code_of(
+            lambda: two.info(inference_pb2.ModelInfoRequest(model="digits"), timeout=10)
+        )
+        assert code == Code.UNAUTHENTICATED
+        _ok(one)  # other devices are unaffected
+        assert any(
+            "revoked" in r.getMessage() and "pi-02" in r.getMessage() for r in caplog.records
+        )
+    # A fresh connection after a restart is refused too (the CRL is read at start-up).
+    with (
+        start_in_thread(mtls_config(fleet), models=[heavy]) as running,
+        tls_channel(fleet, running.address, fleet.devices["pi-02"]) as ch,
+    ):
+        code, _ = code_of(lambda: _ok(Client(ch)))
+        assert code == Code.UNAUTHENTICATED
+
+
+def test_server_only_tls(fleet: Fleet, heavy: TorchServedModel) -> None:
+    config = InferenceServerConfig(tls_cert=fleet.server.cert_path, tls_key=fleet.server.key_path)
+    with (
+        start_in_thread(config, models=[heavy]) as running,
+        tls_channel(fleet, running.address, None) as ch,
+    ):
+        _ok(Client(ch))
+
+
+def test_crl_from_another_ca_is_refused_at_start(
+    fleet: Fleet, heavy: TorchServedModel, tmp_path: Path
+) -> None:
+    other = FleetCA.load(tmp_path / "other-ca")
+    config = mtls_config(fleet).model_copy(update={"crl": other.crl_path})
+    with pytest.raises(ConfigError, match="not signed by the client CA"):
+        start_in_thread(config, models=[heavy])
