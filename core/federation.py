@@ -63,6 +63,33 @@ device (``ledger`` in :class:`ClientInstructions`). A device whose own state is 
 (lost state dir, or a simulation restarted after the server was killed) adopts it, so a
 restart can never reset a device's ε.
 
+Server side (``edgefl.server.fl``)
+==================================
+
+``make_server_app(plan, registry_url=..., run_id=..., resume=True, on_round=...)`` gives
+the ServerApp; ``run_simulation(plan, registry_url=..., run_id=..., on_round=...,
+backend_config=None, num_nodes=None)`` runs it on Flower's simulation engine with
+``edgefl.edge_agent.fl.clientapp:app`` and returns a :class:`FederationResult`;
+``load_result(url, run_id)`` reads one back; ``FlStore(url).ledger(run_id)`` lists the
+privacy ledger rows (σ, q, steps, running ε per device and round).
+
+Where the installed Flower (1.41) shaped the design:
+
+- The round loop is ours, not ``Strategy.start``: that one cannot start at round k (resume),
+  wait boundedly for nodes or checkpoint between rounds. The strategies' own
+  ``configure_*``/``aggregate_*`` run unchanged; our device selection reaches them as a
+  grid view listing only the selected nodes, so ``sample_nodes`` never blocks.
+- Flower raises on replies without arrays or with inconsistent keys, so refusals and bad
+  updates are screened out before the strategy aggregates.
+- Central DP (``DifferentialPrivacyClientSideFixedClipping`` + ``RdpAccountant``) needs
+  FedAvg, equal client weights (replies carry ``unit-weight``), and exactly the sampled
+  number of replies: a round with a failed or rejected reply is *not* aggregated (and not
+  accounted). The update clipping is done by our ClientApp (Flower's
+  ``fixedclipping_mod`` insists on the key being present in every message).
+- FedProx's μ travels in Flower's own ``proximal-mu`` key.
+- Federated evaluation runs on each device's Dirichlet share of the held-out split; it
+  is not privacy-accounted (as in Flower's examples).
+
 Device profiles (simulation)
 ============================
 
