@@ -126,6 +126,9 @@ def inference(
     crl: Annotated[
         Path | None, typer.Option(help="The client CA's CRL: revoked devices are refused.")
     ] = None,
+    registry_url: Annotated[
+        str | None, typer.Option(help="Device registry URL: unlisted devices are refused.")
+    ] = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Serve the heavy model over gRPC (edgefl.v1.Inference + health) until SIGINT/SIGTERM.
@@ -155,6 +158,7 @@ def inference(
             "tls_key": tls_key,
             "client_ca": client_ca,
             "crl": crl,
+            "registry_url": registry_url,
         },
         source="command line",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -37,6 +39,7 @@ from edgefl.server.inference import (
     start_in_thread,
 )
 from edgefl.server.inference.models import ComputeCancelledError
+from edgefl.server.registry import Device, make_engine, session_factory, upgrade
 from edgefl.testing import wait_for
 from edgefl.training import predict_logits
 from edgefl.zoo import state_dict_sha256
@@ -666,3 +669,84 @@ def test_crl_from_another_ca_is_refused_at_start(
     config = mtls_config(fleet).model_copy(update={"crl": other.crl_path})
     with pytest.raises(ConfigError, match="not signed by the client CA"):
         start_in_thread(config, models=[heavy])
+
+
+def test_device_missing_from_the_registry_is_refused(
+    fleet: Fleet, heavy: TorchServedModel, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    now = datetime.now(UTC)
+    with session_factory(engine)() as session:
+        session.add(Device(device_id="pi-01", fleet="f1", first_seen=now, last_seen=now))
+        session.commit()
+    engine.dispose()
+    config = mtls_config(fleet).model_copy(update={"registry_url": url})
+    with (
+        start_in_thread(config, models=[heavy]) as running,
+        tls_channel(fleet, running.address, fleet.devices["pi-01"]) as ch1,
+        tls_channel(fleet, running.address, fleet.devices["pi-02"]) as ch2,
+    ):
+        _ok(Client(ch1))
+        code, details = code_of(lambda: _ok(Client(ch2)))
+        assert code == Code.PERMISSION_DENIED
+        assert "pi-02" in details
+        assert "registry" in details
+        _ok(Client(ch1))
+
+
+def test_health_is_not_serving_while_the_model_loads(
+    weights_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edgefl.server.inference.service as service
+
+    loading = threading.Event()
+    release = threading.Event()
+    real = load_or_train
+
+    def slow_load(*args: object, **kwargs: object) -> TorchServedModel:
+        loading.set()
+        assert release.wait(30)
+        return real("digits", weights_dir)
+
+    monkeypatch.setattr(service, "load_or_train", slow_load)
+    server = service.InferenceServer(InferenceServerConfig(weights=weights_dir))
+
+    async def run() -> None:
+        start = asyncio.ensure_future(server.start())
+        while not loading.is_set():
+            await asyncio.sleep(0.01)
+        async with grpc.aio.insecure_channel(server.address) as ch:
+            check = ch.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            predict = ch.unary_unary(
+                f"/{SERVICE_NAME}/Predict",
+                request_serializer=inference_pb2.PredictRequest.SerializeToString,
+                response_deserializer=inference_pb2.PredictResponse.FromString,
+            )
+            request = inference_pb2.PredictRequest(
+                model="digits", input=encode_tensor(np.zeros((1, 1, 8, 8), np.float32))
+            )
+            for name in ("", SERVICE_NAME):
+                resp = await check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+                assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await predict(request, timeout=10)
+            assert info.value.code() == Code.UNAVAILABLE
+            assert "loading" in (info.value.details() or "")
+            release.set()
+            await start
+            for name in ("", SERVICE_NAME):
+                resp = await check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+                assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            assert (await predict(request, timeout=10)).model == "digits"
+        await server.stop()
+
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()

@@ -12,6 +12,10 @@ against the fleet CA's CRL (``FleetCA.crl_path``):
   effect on the next call without a restart;
 - a revoked serial gets ``UNAUTHENTICATED``; a call without a client certificate (cannot
   happen with ``require_client_auth``, but checked anyway) too.
+
+With a registry (:class:`DeviceDirectory`), a device must also be listed in its
+``devices`` table, or it gets ``PERMISSION_DENIED``: a certificate alone is not enough
+once a device has been removed from the fleet. Answers are cached for ``ttl_s``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import datetime as dt
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -30,7 +35,7 @@ from cryptography.x509.oid import NameOID
 
 from edgefl.errors import ConfigError
 
-__all__ = ["PeerRefusedError", "PeerVerifier"]
+__all__ = ["DeviceDirectory", "PeerRefusedError", "PeerVerifier"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,3 +182,71 @@ class PeerVerifier:
             logger.error("%s; refusing every call until it is fixed", problem)
         self._crl_problem = problem
         self._crl_stamp = None
+
+
+class DeviceDirectory:
+    """Which device ids the fleet registry knows, cached (lookups block: run them off-loop).
+
+    Args:
+        db_url: SQLAlchemy URL of the registry (``edgefl.server.registry``).
+        ttl_s: How long an answer is reused before the registry is asked again.
+
+    Raises:
+        ConfigError: The registry cannot be reached or has no ``devices`` table.
+    """
+
+    def __init__(self, db_url: str, *, ttl_s: float = 30.0) -> None:
+        from sqlalchemy import select
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from edgefl.server.registry import Device, make_engine
+
+        self._engine = make_engine(db_url)
+        self._ttl_s = ttl_s
+        self._cache: dict[str, tuple[bool, float]] = {}
+        self._select = select(Device.device_id)
+        self._device = Device
+        self._errors = SQLAlchemyError
+        try:
+            with self._engine.connect() as conn:
+                conn.execute(self._select.limit(1)).all()
+        except SQLAlchemyError as exc:
+            self._engine.dispose()
+            raise ConfigError(
+                f"cannot read the device registry at {db_url}: {str(exc).splitlines()[0]}",
+                hint="start `edgefl server ingest` once to create it, or fix --registry-url",
+            ) from exc
+
+    def cached(self, device_id: str) -> bool | None:
+        """The cached answer for ``device_id``, or ``None`` when it must be looked up."""
+        hit = self._cache.get(device_id)
+        if hit is None or hit[1] < time.monotonic():
+            return None
+        return hit[0]
+
+    def is_known(self, device_id: str) -> bool:
+        """Whether the registry lists ``device_id`` (blocking; cached for ``ttl_s``).
+
+        Raises:
+            PeerRefusedError: The registry cannot be read (``UNAVAILABLE``: fail closed).
+        """
+        hit = self.cached(device_id)
+        if hit is not None:
+            return hit
+        try:
+            with self._engine.connect() as conn:
+                row = conn.execute(self._select.where(self._device.device_id == device_id)).first()
+        except self._errors as exc:
+            logger.error("device registry lookup failed: %s", str(exc).splitlines()[0])
+            raise PeerRefusedError(
+                grpc.StatusCode.UNAVAILABLE, "the server cannot check the device registry"
+            ) from exc
+        known = row is not None
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[device_id] = (known, time.monotonic() + self._ttl_s)
+        return known
+
+    def close(self) -> None:
+        """Release the registry's connections."""
+        self._engine.dispose()

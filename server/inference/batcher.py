@@ -18,6 +18,7 @@ gone stops between layers (:class:`~edgefl.server.inference.models.ComputeCancel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -99,13 +100,27 @@ class _Item:
         return self.cancelled or (self.deadline is not None and now >= self.deadline)
 
 
-def _resolve(future: asyncio.Future[BatchResult], result: BatchResult | BaseException) -> None:
-    if future.done():  # the caller was cancelled meanwhile
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+_Outcome = tuple[asyncio.Future[BatchResult], BatchResult | BaseException]
+
+
+def _resolve_all(outcomes: list[_Outcome]) -> None:
+    for future, result in outcomes:
+        if future.done():  # the caller was cancelled meanwhile
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
+def _deliver(items: list[_Item], results: list[BatchResult | BaseException]) -> None:
+    """Hand results back with one wake-up per event loop, not one per request."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+    for item, result in zip(items, results, strict=True):
+        by_loop.setdefault(item.loop, []).append((item.future, result))
+    for loop, outcomes in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(_resolve_all, outcomes)
 
 
 class MicroBatcher:
@@ -200,7 +215,7 @@ class MicroBatcher:
 
     def _abandon(self, item: _Item, why: str) -> None:
         self.stats.dropped_before_compute += 1
-        item.loop.call_soon_threadsafe(_resolve, item.future, ComputeAbandonedError(why))
+        _deliver([item], [ComputeAbandonedError(why)])
 
     def _gather(self, first: _Item) -> list[_Item]:
         batch, rows = [first], first.rows
@@ -254,16 +269,12 @@ class MicroBatcher:
         except ComputeCancelledError:
             self.stats.cancelled_in_compute += 1
             logger.info("stopped a batch of %d: every caller had left", len(x))
-            for item in batch:
-                item.loop.call_soon_threadsafe(
-                    _resolve, item.future, ComputeAbandonedError("every caller left")
-                )
+            _deliver(batch, [ComputeAbandonedError("every caller left") for _ in batch])
             return
         except Exception as exc:
             self.stats.failed += 1
             logger.exception("forward pass of %s failed", self.model.name)
-            for item in batch:
-                item.loop.call_soon_threadsafe(_resolve, item.future, exc)
+            _deliver(batch, [exc for _ in batch])
             return
         compute_us = (time.perf_counter_ns() - start_ns) // 1000
         stats = self.stats
@@ -272,13 +283,16 @@ class MicroBatcher:
         stats.max_batch_seen = max(stats.max_batch_seen, len(x))
         if len(batch) > 1:
             stats.multi_request_batches += 1
+        results: list[BatchResult | BaseException] = []
         offset = 0
         for item in batch:
-            result = BatchResult(
-                output=out[offset : offset + item.rows],
-                compute_us=compute_us,
-                queue_us=max(start_ns - item.enqueued_ns, 0) // 1000,
-                batch_size=len(x),
+            results.append(
+                BatchResult(
+                    output=out[offset : offset + item.rows],
+                    compute_us=compute_us,
+                    queue_us=max(start_ns - item.enqueued_ns, 0) // 1000,
+                    batch_size=len(x),
+                )
             )
             offset += item.rows
-            item.loop.call_soon_threadsafe(_resolve, item.future, result)
+        _deliver(batch, results)

@@ -17,7 +17,8 @@ Python API (what ``edgefl server inference``, tests and benchmarks use)::
   256), ``max_message_bytes`` (4 MiB), ``torch_threads`` (1), ``tls_cert``/``tls_key``
   (server certificate, e.g. ``FleetCA.issue_server_cert``), ``client_ca`` (require a
   client certificate from this CA: mutual TLS), ``crl`` (refuse revoked devices; re-read
-  when the file changes), ``grace_s`` (stop grace).
+  when the file changes), ``registry_url`` (refuse devices the fleet registry does not
+  list), ``grace_s`` (stop grace).
 - :class:`InferenceServer` (asyncio): ``await start()`` → bound port, ``await stop()``,
   ``await wait_for_termination()``; ``models=[...]`` serves given :class:`ServedModel`
   objects instead of loading ``config.model`` (tests inject a slow model this way).
@@ -60,7 +61,7 @@ from edgefl.config import StrictModel
 from edgefl.errors import BadInputError, ConfigError
 from edgefl.proto import inference_pb2
 from edgefl.proto.tensors import TensorError, decode_tensor, encode_tensor
-from edgefl.server.inference.auth import PeerRefusedError, PeerVerifier
+from edgefl.server.inference.auth import DeviceDirectory, PeerRefusedError, PeerVerifier
 from edgefl.server.inference.batcher import BatcherStats, ComputeAbandonedError, MicroBatcher
 from edgefl.server.inference.models import ServedModel, load_or_train
 
@@ -119,6 +120,10 @@ class InferenceServerConfig(StrictModel):
     tls_key: Path | None = Field(None, description="Server private key (PEM).")
     client_ca: Path | None = Field(None, description="CA of client certificates: mutual TLS.")
     crl: Path | None = Field(None, description="CRL of client_ca; revoked devices are refused.")
+    registry_url: str | None = Field(
+        None, description="Device registry (SQLAlchemy URL): unlisted devices are refused."
+    )
+    registry_ttl_s: float = Field(30.0, ge=0, description="How long registry answers are reused.")
     grace_s: float = Field(2.0, ge=0, description="Time in-flight calls get when stopping.")
 
     @model_validator(mode="after")
@@ -129,6 +134,8 @@ class InferenceServerConfig(StrictModel):
             raise ValueError("client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.crl is not None and self.client_ca is None:
             raise ValueError("crl needs client_ca: revocation applies to client certificates")
+        if self.registry_url is not None and self.client_ca is None:
+            raise ValueError("registry_url needs client_ca: devices are known by certificate")
         return self
 
 
@@ -172,6 +179,7 @@ class InferenceServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._verifier: PeerVerifier | None = None
+        self._directory: DeviceDirectory | None = None
         self._ready = False
         self._stopping = False
         self._inflight = 0
@@ -216,6 +224,8 @@ class InferenceServer:
         cfg = self.config
         if cfg.client_ca is not None:
             self._verifier = PeerVerifier(cfg.client_ca, cfg.crl)
+        if cfg.registry_url is not None:
+            self._directory = DeviceDirectory(cfg.registry_url, ttl_s=cfg.registry_ttl_s)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -319,6 +329,8 @@ class InferenceServer:
 
         if batchers:
             await asyncio.get_running_loop().run_in_executor(None, close_all)
+        if self._directory is not None:
+            self._directory.close()
         if self._saved_torch_threads is not None:
             import torch
 
@@ -365,10 +377,21 @@ class InferenceServer:
         if self._verifier is not None:
             try:
                 device = self._verifier.check(context.auth_context())
+                directory = self._directory
+                if directory is not None:
+                    known = directory.cached(device)
+                    if known is None:
+                        known = await asyncio.get_running_loop().run_in_executor(
+                            None, directory.is_known, device
+                        )
+                    if not known:
+                        raise PeerRefusedError(
+                            grpc.StatusCode.PERMISSION_DENIED,
+                            f"device {device!r} is not in the fleet registry",
+                        )
             except PeerRefusedError as exc:
                 logger.warning("refused a call from %s: %s", context.peer(), exc)
                 await self._refuse(context, exc.code, str(exc))
-            logger.debug("call from device %s", device)
         if not self._ready:
             await self._refuse(
                 context,
