@@ -7,7 +7,6 @@ only when the command runs, so ``edgefl --help`` stays fast.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -68,10 +67,6 @@ def simulate(
     from edgefl.simulations.scenario import load_scenario
 
     spec = load_scenario(scenario)
-    if not verbose:
-        # Flower logs every round at INFO on its own console handler and again through
-        # the root logger; the progress bar and the report say the same.
-        logging.getLogger("flwr").setLevel(logging.WARNING)
     rounds = spec.training.rounds * (
         2 if spec.simulation.compare_no_dp and spec.privacy.enabled else 1
     )

@@ -199,7 +199,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"failures {report.get('failures', 0)}, rejected updates "
         f"{report.get('rejected_updates', 0)}",
         f"- wall {_num(report.get('wall_s_total', math.nan), '.1f')} s "
-        f"(engine start-up {_num(report.get('startup_s', math.nan), '.1f')} s), "
+        f"({_num(report.get('startup_s', math.nan), '.1f')} s outside rounds; round 1 "
+        "also holds the engine's start-up), "
         f"peak RSS {_num(report.get('peak_rss_mb', math.nan), '.0f')} MB "
         f"({report.get('rss_method', '')})",
     ]

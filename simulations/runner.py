@@ -11,6 +11,7 @@ check from the ledger, and the reports (``report.json``, ``report.md``, PNG plot
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +82,12 @@ def _run_one(
     from edgefl.server.fl.ledger import FlStore
     from edgefl.simulations.accounting import check_reported_epsilon
 
+    if not verbose:
+        # Flower sets its logger to DEBUG when imported; its records also reach the root
+        # handler. The progress bar and the report carry the same information.
+        import flwr.common.logger  # noqa: F401
+
+        logging.getLogger("flwr").setLevel(logging.WARNING)
     plan = scenario.to_plan()
     run_id = f"{scenario.scenario.name}-{label}-{new_run_id()}"
     timings: dict[int, tuple[float, float]] = {}
