@@ -436,8 +436,8 @@ class Outbox:
             BadInputError: A topic cannot be published on (empty, wildcards).
         """
         batch = [it if isinstance(it, OutboxItem) else OutboxItem(*it) for it in items]
-        for item in batch:
-            _check_topic(item.topic)
+        for topic in {item.topic for item in batch}:  # a batch mostly shares one topic
+            _check_topic(topic)
         if not batch:
             return []
         with self._lock:
