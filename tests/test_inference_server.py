@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from grpc_health.v1 import health_pb2
 
 from edgefl.config import validate_config
 from edgefl.datasets import Dataset, load_dataset
-from edgefl.errors import ConfigError
+from edgefl.errors import ArtifactError, BadInputError, ConfigError, UnknownModelError
 from edgefl.proto import inference_pb2
 from edgefl.proto.tensors import decode_tensor, encode_tensor
 from edgefl.server.fleet_ca import FleetCA, IssuedCert
@@ -631,7 +632,19 @@ def test_revoked_device_is_refused_on_its_next_call(
         one, two = Client(ch1), Client(ch2)
         _ok(one)
         _ok(two)
+        # A stream opened before the revocation is cut on its next message.
+        outbox: queue.Queue[inference_pb2.PredictRequest | None] = queue.Queue()
+        request = inference_pb2.PredictRequest(
+            model="digits", input=encode_tensor(np.zeros((1, 1, 8, 8), np.float32))
+        )
+        stream = two.stream(iter(outbox.get, None), timeout=30)
+        outbox.put(request)
+        assert next(stream).model == "digits"
         fleet.ca.revoke(fleet.devices["pi-02"].serial)  # rewrites crl.pem; no restart
+        outbox.put(request)
+        code, details = code_of(lambda: next(stream))
+        assert code == Code.UNAUTHENTICATED
+        outbox.put(None)
         code, details = code_of(lambda: _ok(two))
         assert code == Code.UNAUTHENTICATED
         assert "pi-02" in details
@@ -750,3 +763,20 @@ def test_health_is_not_serving_while_the_model_loads(
         asyncio.run(run())
     finally:
         release.set()
+
+
+def test_start_up_errors_are_clear(
+    weights_dir: Path, tmp_path: Path, server: RunningServer
+) -> None:
+    with pytest.raises(UnknownModelError, match="no heavy model named 'imagenet'"):
+        start_in_thread(InferenceServerConfig(model="imagenet", weights=weights_dir))
+    with pytest.raises(BadInputError, match="cannot listen"):
+        start_in_thread(InferenceServerConfig(weights=weights_dir, port=server.port))
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "digits.pt").write_bytes(b"not a state dict")
+    with pytest.raises(ArtifactError, match="cannot load cached weights"):
+        start_in_thread(InferenceServerConfig(weights=corrupt))
+    # The module's server is unaffected.
+    with grpc.insecure_channel(server.address) as ch:
+        _ok(Client(ch))

@@ -31,7 +31,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from edgefl.errors import ArtifactError, BadInputError, UnknownModelError
+from edgefl.errors import ArtifactError, BadInputError, ConfigError, UnknownModelError
 from edgefl.files import write_text_atomic
 
 __all__ = [
@@ -281,6 +281,7 @@ def load_or_train(
     Raises:
         UnknownModelError: ``name`` is not a heavy model.
         ArtifactError: The cached weights exist but do not load into the architecture.
+        ConfigError: The weights folder cannot be created or written.
     """
     from edgefl.datasets import load_dataset
     from edgefl.training import evaluate, train
@@ -288,7 +289,13 @@ def load_or_train(
     recipe = get_recipe(name)
     data = load_dataset(recipe.dataset)
     weights_dir = Path(weights_dir)
-    weights_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        weights_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the weights folder {weights_dir}: {exc.strerror}",
+            hint="pass --weights with a writable folder",
+        ) from exc
     pt_path, meta_path = _paths(weights_dir, name)
     module = recipe.factory()
     if pt_path.exists():
@@ -330,7 +337,13 @@ def load_or_train(
                     )
         finally:
             torch.set_num_threads(threads)
-        _save_state_dict(pt_path, module)
+        try:
+            _save_state_dict(pt_path, module)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the trained weights to {pt_path}: {exc.strerror}",
+                hint="pass --weights with a writable folder",
+            ) from exc
     accuracy = evaluate(module, data.x_test, data.y_test).accuracy
     served = TorchServedModel(name, module, input_shape=data.input_shape, heldout_accuracy=accuracy)
     write_text_atomic(

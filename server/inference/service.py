@@ -63,7 +63,7 @@ from edgefl.proto import inference_pb2
 from edgefl.proto.tensors import TensorError, decode_tensor, encode_tensor
 from edgefl.server.inference.auth import DeviceDirectory, PeerRefusedError, PeerVerifier
 from edgefl.server.inference.batcher import BatcherStats, ComputeAbandonedError, MicroBatcher
-from edgefl.server.inference.models import ServedModel, load_or_train
+from edgefl.server.inference.models import ServedModel, get_recipe, load_or_train
 
 __all__ = [
     "SERVICE_NAME",
@@ -150,6 +150,34 @@ def _format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+_torch_threads_lock = threading.Lock()
+_torch_threads_users = 0
+_torch_threads_before = 0
+
+
+def _hold_torch_threads(threads: int) -> None:
+    """Set torch's intra-op threads while a server runs (process-wide, so counted)."""
+    import torch
+
+    global _torch_threads_users, _torch_threads_before
+    with _torch_threads_lock:
+        if _torch_threads_users == 0:
+            _torch_threads_before = torch.get_num_threads()
+        _torch_threads_users += 1
+        torch.set_num_threads(threads)
+
+
+def _release_torch_threads() -> None:
+    """The last server to stop gives torch back the thread count it had before."""
+    import torch
+
+    global _torch_threads_users
+    with _torch_threads_lock:
+        _torch_threads_users -= 1
+        if _torch_threads_users == 0:
+            torch.set_num_threads(_torch_threads_before)
+
+
 @dataclass
 class _Served:
     model: ServedModel
@@ -183,7 +211,7 @@ class InferenceServer:
         self._ready = False
         self._stopping = False
         self._inflight = 0
-        self._saved_torch_threads: int | None = None
+        self._holds_torch_threads = False
         self.port = 0
         self.refused: Counter[str] = Counter()
         """Requests refused, by status code name (a test and operator aid)."""
@@ -222,6 +250,8 @@ class InferenceServer:
             BadInputError: The address cannot be bound, or the model is unknown.
         """
         cfg = self.config
+        if self._given_models is None:
+            get_recipe(cfg.model)  # an unknown name fails before anything is bound
         if cfg.client_ca is not None:
             self._verifier = PeerVerifier(cfg.client_ca, cfg.crl)
         if cfg.registry_url is not None:
@@ -331,11 +361,9 @@ class InferenceServer:
             await asyncio.get_running_loop().run_in_executor(None, close_all)
         if self._directory is not None:
             self._directory.close()
-        if self._saved_torch_threads is not None:
-            import torch
-
-            torch.set_num_threads(self._saved_torch_threads)
-            self._saved_torch_threads = None
+        if self._holds_torch_threads:
+            self._holds_torch_threads = False
+            _release_torch_threads()
         logger.info("inference server on %s stopped", self.address)
 
     async def wait_for_termination(self) -> None:
@@ -349,10 +377,8 @@ class InferenceServer:
         if not models:
             raise BadInputError("no model to serve")
         if self.config.torch_threads is not None:
-            import torch
-
-            self._saved_torch_threads = torch.get_num_threads()
-            torch.set_num_threads(self.config.torch_threads)
+            _hold_torch_threads(self.config.torch_threads)
+            self._holds_torch_threads = True
         for model in models:
             if model.name in self._served:
                 raise BadInputError(f"model {model.name!r} is registered twice")
@@ -370,6 +396,7 @@ class InferenceServer:
         details: str,
     ) -> NoReturn:
         self.refused[code.name] += 1
+        logger.info("answered %s to %s: %s", code.name, context.peer(), details)
         await context.abort(code, details)
 
     async def _gate(self, context: _PredictContext | _InfoContext) -> None:
@@ -422,8 +449,9 @@ class InferenceServer:
         requests: AsyncIterator[inference_pb2.PredictRequest],
         context: _PredictContext,
     ) -> AsyncIterator[inference_pb2.PredictResponse]:
-        await self._gate(context)
         async for request in requests:
+            # Per message, so a revocation or a stop also ends a long-lived stream.
+            await self._gate(context)
             yield await self._predict_one(request, context)
 
     async def _predict_one(
