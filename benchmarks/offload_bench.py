@@ -1,0 +1,460 @@
+"""Offload benchmark: local / cloud / adaptive under injected network conditions.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/offload_bench.py --json
+
+Workload: the digits held-out split (360 labelled samples), answered one after another by
+the device model (the static-int8 ``digits-cnn`` artifact, pruned variant when present)
+through :class:`edgefl.edge_agent.offload.Predictor`, with the heavy float32 ``digits``
+model behind the real grpc.aio inference service. Every sample has the same latency
+budget (``--budget-ms``, 60 ms by default): enough for the cloud on loopback and at 20 ms
+RTT, not at 100 ms RTT. ``cloud`` mode always asks the cloud and falls back locally when
+its deadline passes; a deadline miss is an answer later than the budget, in any mode.
+
+Network conditions (``"injection": "proxy"``): ``tc netem`` is not available on this
+kernel, so a userspace TCP relay (``benchmarks/netshape.py``) sits between the agent and
+the server and shapes each direction:
+
+- ``none``: no relay, direct loopback;
+- ``rtt20``: 10 ms one-way delay each way;
+- ``rtt100_5mbit``: 50 ms each way, and the uplink serialised at 5 Mbit/s (token bucket);
+- ``loss5``: 5 % packet loss as TCP shows it to an application: each chunk, in either
+  direction, is with probability 5 % delivered one retransmission timeout late
+  (200 ms minimum RTO + RTT) and nothing overtakes it (head-of-line blocking), since
+  TCP never drops bytes;
+- ``cloud_down``: the server is stopped, connections are refused.
+
+Also measured, without a relay: the gRPC overhead on loopback (Predict round trip minus
+the server's compute and queue time, for a 3,136-byte float32 tensor, 28×28, served by a
+small model on the same server), and server throughput at 32 concurrent clients with
+micro-batching on (``max_batch`` 32) and off (``max_batch`` 1), two server instances in
+the same run serving the same heavy model.
+
+Processes: the agent (this process) runs alone; the inference servers and the shaping
+relay run in a child process (``--child``, driven by JSON lines on stdin), so the agent's
+timing never waits for the server's or the relay's Python threads, as on a real device.
+
+Progress goes to stderr; ``--json`` prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from torch import nn
+
+from edgefl.datasets import load_dataset
+from edgefl.edge_agent.offload import OffloadConfig, Predictor, load_runtime
+from edgefl.edge_agent.offload.client import InferenceClient
+from edgefl.edge_agent.offload.config import CloudConfig
+from edgefl.edge_agent.offload.engine import find_device_model
+from edgefl.proto import inference_pb2
+from edgefl.proto.tensors import encode_tensor
+from edgefl.server.inference import (
+    InferenceServerConfig,
+    RunningServer,
+    ServedModel,
+    TorchServedModel,
+    default_weights_dir,
+    load_or_train,
+    start_in_thread,
+)
+
+try:
+    from benchmarks.netshape import LinkShape, ShapingProxy
+except ModuleNotFoundError:  # run as a script: benchmarks/ is on sys.path
+    from netshape import LinkShape, ShapingProxy  # type: ignore[import-not-found,no-redef]
+
+CONDITIONS: dict[str, LinkShape | None] = {
+    "none": None,
+    "rtt20": LinkShape(rtt_ms=20.0),
+    "rtt100_5mbit": LinkShape(rtt_ms=100.0, uplink_bps=5e6),
+    "loss5": LinkShape(loss=0.05, rto_ms=200.0),
+    "cloud_down": None,
+}
+MODES = ("local", "cloud", "adaptive")
+HEAVY = "digits"
+OVERHEAD_MODEL = "overhead-3k"
+
+
+def log(message: str) -> None:
+    print(f"[offload-bench] {message}", file=sys.stderr, flush=True)
+
+
+# --- set-up -----------------------------------------------------------------------------
+
+
+def device_model(model_dir: Path | None) -> Path:
+    """The device artifact; built (int8 + pruned50-int8, cached) when no folder is given."""
+    if model_dir is None:
+        model_dir = Path.home() / ".cache" / "edgefl" / "bench" / "digits-cnn"
+    if not model_dir.exists():
+        from edgefl.quantize.build import BuildOptions, build_artifacts
+        from edgefl.quantize.recipes import parse_variants
+
+        log(f"building the device model into {model_dir} (once)")
+        build_artifacts(
+            BuildOptions(
+                model="digits-cnn",
+                variants=parse_variants("int8,pruned50-int8"),
+                out=model_dir,
+                runtimes=["ai-edge-litert"],
+                bench_iters=20,
+            ),
+            progress=lambda what, _n: log(f"  {what}"),
+        )
+    return find_device_model(model_dir)
+
+
+def overhead_model() -> ServedModel:
+    """A 28×28 float32 input (3,136 bytes), so the message is the 3 KB of the target."""
+    torch.manual_seed(0)
+    return TorchServedModel(
+        OVERHEAD_MODEL, nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), input_shape=(1, 28, 28)
+    )
+
+
+# --- measurements -----------------------------------------------------------------------
+
+
+def grpc_overhead(address: str, iters: int) -> dict[str, float]:
+    x = np.random.default_rng(0).random((1, 1, 28, 28)).astype(np.float32)
+    cloud = CloudConfig(target=address, model=OVERHEAD_MODEL)
+    overheads, round_trips = [], []
+    with InferenceClient(cloud) as client:
+        client.wait_connected(5.0)
+        for i in range(iters + 50):
+            answer = client.predict(x, timeout_s=5.0)
+            if i >= 50:
+                round_trips.append(answer.round_trip_ms)
+                overheads.append(answer.round_trip_ms - answer.compute_ms - answer.queue_ms)
+    return {
+        "overhead_p50_ms": float(np.percentile(overheads, 50)),
+        "round_trip_p50_ms": float(np.percentile(round_trips, 50)),
+        "request_bytes": float(answer.request_bytes),
+    }
+
+
+async def _load(address: str, clients: int, seconds: float, x: np.ndarray) -> tuple[int, int]:
+    request = inference_pb2.PredictRequest(model=HEAVY, input=encode_tensor(x))
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(
+            "/edgefl.v1.Inference/Predict",
+            request_serializer=inference_pb2.PredictRequest.SerializeToString,
+            response_deserializer=inference_pb2.PredictResponse.FromString,
+        )
+        await call(request, timeout=10.0)  # connect outside the timed window
+        done = errors = 0
+        stop_at = time.monotonic() + seconds
+
+        async def client() -> None:
+            nonlocal done, errors
+            while time.monotonic() < stop_at:
+                try:
+                    await call(request, timeout=10.0)
+                    done += 1
+                except grpc.aio.AioRpcError:
+                    errors += 1
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return done, errors
+
+
+def throughput(
+    unbatched: str, batched: str, clients: int, seconds: float, rounds: int, x: np.ndarray
+) -> dict[str, Any]:
+    """Alternate short windows on the two servers; the median window of each is reported.
+
+    Other work on a shared machine comes and goes: alternating keeps both configurations
+    exposed to the same background, which one long window each would not.
+    """
+    windows: dict[str, list[float]] = {"unbatched": [], "batched": []}
+    errors = {"unbatched": 0, "batched": 0}
+    for _ in range(rounds):
+        for name, address in (("unbatched", unbatched), ("batched", batched)):
+            start = time.monotonic()
+            done, failed = asyncio.run(_load(address, clients, seconds / rounds, x))
+            windows[name].append(done / (time.monotonic() - start))
+            errors[name] += failed
+    return {
+        "rps": {k: float(np.median(v)) for k, v in windows.items()},
+        "windows": windows,
+        "errors": errors,
+    }
+
+
+def run_mode(
+    runtime: Any,
+    settings: OffloadConfig,
+    x: np.ndarray,
+    y: np.ndarray,
+) -> dict[str, Any]:
+    with Predictor(runtime, settings) as predictor:
+        results = [predictor.predict_one(sample) for sample in x]
+    latency = np.array([r.latency_ms for r in results])
+    sources = [r.source for r in results]
+    labels = np.array([r.label for r in results])
+    return {
+        "p50_ms": float(np.percentile(latency, 50)),
+        "p99_ms": float(np.percentile(latency, 99)),
+        "deadline_miss_rate": float(np.mean(latency > settings.budget_ms)),
+        "accuracy": float(np.mean(labels == y)),
+        "offload_fraction": sources.count("cloud") / len(results),
+        "fallback_fraction": sources.count("local_fallback") / len(results),
+        "max_ms": float(latency.max()),
+        "samples": len(results),
+    }
+
+
+# --- the child process: servers and relays -----------------------------------------------
+
+
+def child(weights: Path) -> int:
+    """Serve commands from stdin, one JSON object per line; answer each on stdout."""
+    heavy = load_or_train(HEAVY, weights)
+    servers: dict[str, RunningServer] = {}
+    proxies: dict[int, ShapingProxy] = {}
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        reply: dict[str, Any] = {}
+        if cmd["cmd"] == "start":
+            models = [heavy, overhead_model()] if cmd.get("overhead") else [heavy]
+            config = InferenceServerConfig(model=HEAVY, max_batch=cmd.get("max_batch", 32))
+            running = start_in_thread(config, models=models)
+            servers[cmd["name"]] = running
+            reply = {"port": running.port, "address": running.address}
+        elif cmd["cmd"] == "stats":
+            stats = servers[cmd["name"]].server.batcher_stats(HEAVY)
+            reply = {k: v for k, v in vars(stats).items() if isinstance(v, int | float)}
+        elif cmd["cmd"] == "stop":
+            servers.pop(cmd["name"]).stop()
+        elif cmd["cmd"] == "proxy":
+            proxy = ShapingProxy(cmd["upstream"], LinkShape(**cmd["shape"]), seed=cmd["seed"])
+            proxy.start()
+            proxies[proxy.port] = proxy
+            reply = {"port": proxy.port, "address": proxy.address}
+        elif cmd["cmd"] == "stop_proxy":
+            proxy = proxies.pop(cmd["port"])
+            reply = {"chunks": proxy.chunks, "held_as_lost": proxy.held_chunks}
+            proxy.stop()
+        elif cmd["cmd"] == "exit":
+            break
+        print(json.dumps(reply), flush=True)
+    for proxy in proxies.values():
+        proxy.stop()
+    for running in servers.values():
+        running.stop()
+    return 0
+
+
+class Child:
+    """The parent's handle on the child process."""
+
+    def __init__(self, weights: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", "--weights", str(weights)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def call(self, cmd: str, **args: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the server process died during {cmd!r}")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(RuntimeError, BrokenPipeError):
+                self.call("exit")
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--budget-ms", type=float, default=60.0)
+    parser.add_argument("--samples", type=int, default=0, help="0: the whole held-out split")
+    parser.add_argument("--model-dir", type=Path, default=None, help="device artifacts folder")
+    parser.add_argument("--weights", type=Path, default=None, help="heavy model weights cache")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--throughput-s", type=float, default=6.0, help="per configuration")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating throughput windows")
+    parser.add_argument("--overhead-iters", type=int, default=500)
+    parser.add_argument("--conditions", default=",".join(CONDITIONS))
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    weights = args.weights or default_weights_dir()
+    if args.child:
+        return child(weights)
+    conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    unknown = set(conditions) - set(CONDITIONS)
+    if unknown:
+        parser.error(f"unknown conditions {sorted(unknown)}; choose from {list(CONDITIONS)}")
+    started = time.monotonic()
+
+    data = load_dataset("digits")
+    x, y = data.x_test, data.y_test
+    if args.samples:
+        x, y = x[: args.samples], y[: args.samples]
+    model_path = device_model(args.model_dir)
+    log(f"heavy model {HEAVY!r} from {weights} (trained once if missing)")
+    heavy = load_or_train(HEAVY, weights, progress=lambda what, d, t: log(f"  {what} {d}/{t}"))
+    setup_s = time.monotonic() - started
+    report: dict[str, Any] = {
+        "injection": "proxy",
+        "budget_ms": args.budget_ms,
+        "samples": len(x),
+        "device_model": model_path.name,
+        "cloud_model": {
+            "name": HEAVY,
+            "version": heavy.version,
+            "heldout_accuracy": heavy.heldout_accuracy,
+        },
+    }
+    del heavy
+    child_proc = Child(weights)
+    try:
+        measure_server(child_proc, args, x[:1].astype(np.float32), report)
+        report["conditions"], report["proxy_counters"] = measure_conditions(
+            child_proc, args, conditions, model_path, x, y
+        )
+    finally:
+        child_proc.close()
+    report["targets"] = targets(report)
+    report["setup_s"] = setup_s
+    report["wall_s"] = time.monotonic() - started
+    log(f"done in {report['wall_s']:.0f} s (set-up {setup_s:.0f} s)")
+    print(json.dumps(report if args.json else report["targets"], indent=2))
+    return 0
+
+
+def measure_server(
+    child_proc: Child, args: argparse.Namespace, one: np.ndarray, report: dict[str, Any]
+) -> None:
+    log("gRPC overhead on loopback (3 KB tensor) and throughput with / without micro-batching")
+    batched = child_proc.call("start", name="batched", max_batch=32, overhead=True)["address"]
+    unbatched = child_proc.call("start", name="unbatched", max_batch=1)["address"]
+    overhead = grpc_overhead(batched, args.overhead_iters)
+    load = throughput(unbatched, batched, args.clients, args.throughput_s, args.rounds, one)
+    stats = child_proc.call("stats", name="batched")
+    child_proc.call("stop", name="batched")
+    child_proc.call("stop", name="unbatched")
+    rps = load["rps"]
+    report["grpc_overhead_p50_ms"] = overhead["overhead_p50_ms"]
+    report["grpc_round_trip_p50_ms"] = overhead["round_trip_p50_ms"]
+    report["grpc_request_bytes"] = int(overhead["request_bytes"])
+    report["throughput_rps"] = rps
+    report["throughput"] = {
+        "clients": args.clients,
+        "seconds_each": args.throughput_s,
+        "ratio": rps["batched"] / rps["unbatched"],
+        "windows_rps": load["windows"],
+        "errors": load["errors"],
+        "batcher": stats,
+    }
+    log(
+        f"  overhead p50 {overhead['overhead_p50_ms']:.3f} ms; throughput {rps['unbatched']:.0f} "
+        f"-> {rps['batched']:.0f} req/s ({report['throughput']['ratio']:.2f}x)"
+    )
+
+
+def measure_conditions(
+    child_proc: Child,
+    args: argparse.Namespace,
+    conditions: Sequence[str],
+    model_path: Path,
+    x: np.ndarray,
+    y: np.ndarray,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    server = child_proc.call("start", name="main", max_batch=32)
+    runtime = None
+    results: dict[str, dict[str, Any]] = {}
+    counters: dict[str, Any] = {}
+    for condition in conditions:
+        shape = CONDITIONS[condition]
+        proxy_port = None
+        target = server["address"]
+        if condition == "cloud_down":
+            child_proc.call("stop", name="main")  # the port refuses connections from now on
+        elif shape is not None:
+            proxy = child_proc.call("proxy", upstream=server["port"], shape=vars(shape), seed=1)
+            proxy_port, target = proxy["port"], proxy["address"]
+        results[condition] = {}
+        for mode in MODES:
+            settings = OffloadConfig.model_validate(
+                {
+                    "model": model_path,
+                    "mode": mode,
+                    "budget_ms": args.budget_ms,
+                    "cloud": {"target": target, "model": HEAVY},
+                }
+            )
+            if runtime is None:
+                runtime = load_runtime(settings)
+            t0 = time.monotonic()
+            m = run_mode(runtime, settings, x, y)
+            results[condition][mode] = m
+            log(
+                f"{condition:>13} {mode:>8}: p50 {m['p50_ms']:6.2f} ms  p99 "
+                f"{m['p99_ms']:6.2f} ms  miss {m['deadline_miss_rate']:.3f}  acc "
+                f"{m['accuracy']:.4f}  offload {m['offload_fraction']:.2f}  fallback "
+                f"{m['fallback_fraction']:.2f}  ({time.monotonic() - t0:.1f} s)"
+            )
+        if proxy_port is not None:
+            counters[condition] = child_proc.call("stop_proxy", port=proxy_port)
+    if "cloud_down" not in conditions:
+        child_proc.call("stop", name="main")
+    return results, counters
+
+
+def targets(report: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, evaluated on this run."""
+    conds = report["conditions"]
+    adaptive_miss = {c: m["adaptive"]["deadline_miss_rate"] for c, m in conds.items()}
+    vs_local = {c: m["adaptive"]["accuracy"] >= m["local"]["accuracy"] for c, m in conds.items()}
+    # "Where the budget allows the cloud": cloud-only meets its budget on nearly every sample.
+    allowed = [c for c, m in conds.items() if m["cloud"]["deadline_miss_rate"] <= 0.01]
+    vs_cloud = {
+        c: conds[c]["adaptive"]["accuracy"] / conds[c]["cloud"]["accuracy"] for c in allowed
+    }
+    return {
+        "adaptive_deadline_miss_le_1pct": all(v <= 0.01 for v in adaptive_miss.values()),
+        "adaptive_accuracy_ge_local": all(vs_local.values()),
+        "adaptive_accuracy_ge_95pct_of_cloud_where_cloud_fits": all(
+            v >= 0.95 for v in vs_cloud.values()
+        ),
+        "adaptive_over_cloud_accuracy": vs_cloud,
+        "grpc_overhead_p50_le_1_5ms": report["grpc_overhead_p50_ms"] <= 1.5,
+        "batching_ge_1_5x": report["throughput"]["ratio"] >= 1.5,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
