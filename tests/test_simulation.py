@@ -339,3 +339,15 @@ def test_tree_rss_counts_a_child_process() -> None:
         assert sampler.peak_mb >= peak
     finally:
         child.communicate(b"")
+
+
+def test_running_totals_carry_devices_forward() -> None:
+    from edgefl.server.fl.ledger import LedgerRow
+    from edgefl.simulations.runner import _running_totals
+
+    def row(device: str, rnd: int, total: float) -> LedgerRow:
+        return LedgerRow(device, rnd, 0.1, total, 1e-5, 1.0, 0.2, 5, [], 10, 0.1, 1.0)
+
+    ledger = [row("a", 1, 1.0), row("b", 1, 2.0), row("a", 3, 1.5)]
+    totals = _running_totals(ledger, [1, 2, 3])
+    assert totals == {1: {"a": 1.0, "b": 2.0}, 2: {"a": 1.0, "b": 2.0}, 3: {"a": 1.5, "b": 2.0}}
