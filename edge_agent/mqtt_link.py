@@ -655,7 +655,7 @@ class OutboxSender:
                 self.outbox.release_all()
             if not link.connected:
                 self._flush_acks()
-                self._drain_results(self.poll_s)
+                self._await_results(1, self.poll_s)
                 continue
             if link.generation != seen_generation:
                 # (Re)connected: paho re-sends what it held; the backlog is replayed from
@@ -677,7 +677,7 @@ class OutboxSender:
             if flushing and self._bucket is not None:
                 wanted = self._bucket.take(room)
                 if wanted == 0:
-                    self._drain_results(min(self.poll_s, self._bucket.wait_s()))
+                    self._await_results(1, min(self.poll_s, self._bucket.wait_s()))
                     continue
             pending = self._pending
             if len(pending) < wanted:
@@ -690,7 +690,7 @@ class OutboxSender:
             if not pending:
                 # Idle: this is when acknowledged records are deleted without delay.
                 self._flush_acks()
-                self._drain_results(self.poll_s)
+                self._await_results(1, self.poll_s)
                 continue
             for _ in range(min(wanted, len(pending))):
                 record = pending.popleft()
@@ -746,7 +746,10 @@ class OutboxSender:
             self._flush_acks()
 
     def _await_results(self, count: int, timeout: float) -> None:
-        """Sleep until ``count`` publish results are waiting (or a wake-up, or ``timeout``)."""
+        """Sleep until ``count`` publish results are waiting (or a wake-up, or ``timeout``).
+
+        Every wait of the loop comes here, so the signal queue never grows unread.
+        """
         link = self.link
         link.signal_after = count
         if link.publish_results.qsize() < count:
