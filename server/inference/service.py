@@ -262,6 +262,12 @@ class InferenceServer:
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
                 # Port 0 must give a port nobody else holds.
                 ("grpc.so_reuseport", 0),
+                # Find connections of devices that vanished (network cut, power loss), and
+                # let devices keep their own connections warm with pings every >= 10 s.
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
             ],
         )
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
