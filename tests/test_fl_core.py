@@ -385,3 +385,14 @@ def test_ledger_rounds_and_resume_point(db_url: str) -> None:
         assert store.result("r1").status == "completed"
     finally:
         store.close()
+
+
+def test_deployed_app_reads_the_plan_from_run_config() -> None:
+    from edgefl.server.fl.serverapp import app, plan_from_run_config
+
+    plan = load_plan({"num_devices": 5, "strategy": {"name": "fedtrimmedavg", "trim_beta": 0.1}})
+    run_config = {**plan.to_flat(), "registry-url": "sqlite:///x.db", "run-id": "dep-1"}
+    assert plan_from_run_config(run_config) == (plan, "sqlite:///x.db", "dep-1")
+    with pytest.raises(ConfigError, match=r"strategy\.name"):
+        plan_from_run_config({**run_config, "strategy.name": "nope"})
+    assert app is not None
