@@ -10,6 +10,7 @@ than the deadline), a stopped server and certificates from another CA.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -32,10 +33,11 @@ from edgefl.edge_agent.offload import (
     InferenceClient,
     OffloadConfig,
     Predictor,
+    find_device_model,
     load_runtime,
 )
 from edgefl.edge_agent.outbox import Outbox, OutboxPolicy
-from edgefl.errors import BadInputError
+from edgefl.errors import ArtifactError, BadInputError
 from edgefl.proto.serde import decode_envelope
 from edgefl.server.fleet_ca import FleetCA
 from edgefl.server.inference import (
@@ -380,6 +382,27 @@ def test_input_that_does_not_fit_the_model_is_refused(device: DeviceModel) -> No
         ]:
             with pytest.raises(BadInputError, match=message):
                 predictor.predict(bad)
+
+
+def test_device_model_folder_prefers_integer_variants_and_checks_manifests(
+    device: DeviceModel, tmp_path: Path
+) -> None:
+    for variant in ("fp32", "int8", "pruned50-int8"):
+        shutil.copy(device.tflite, tmp_path / f"net.{variant}.tflite")
+    assert find_device_model(tmp_path).name == "net.pruned50-int8.tflite"
+    (tmp_path / "net.pruned50-int8.tflite").unlink()
+    assert find_device_model(tmp_path).name == "net.int8.tflite"
+    # A manifest beside the artifact is checked: one that does not describe it refuses it.
+    manifest = {"size_bytes": 1, "sha256": "0" * 64}
+    (tmp_path / "net.int8.manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError):
+        find_device_model(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BadInputError, match=r"no \.tflite"):
+        find_device_model(empty)
+    with pytest.raises(BadInputError, match="does not exist"):
+        find_device_model(tmp_path / "missing.tflite")
 
 
 # --- CLI --------------------------------------------------------------------------------
