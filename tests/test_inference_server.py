@@ -513,6 +513,45 @@ def test_concurrent_requests_share_a_forward_pass(
         assert all(r.queue_us > 0 for r in responses)
 
 
+def inflight_is(running: RunningServer, n: int) -> Callable[[], bool]:
+    return lambda: running.server.inflight == n
+
+
+def test_batches_respect_max_batch_in_arrival_order(
+    heavy: TorchServedModel, weights_dir: Path, digits: Dataset
+) -> None:
+    gated = GatedModel(heavy)
+    sizes = [3, 2, 1, 6, 1]  # 6 is over max_batch: it runs alone
+    x = digits.x_test[: sum(sizes)]
+    expected, _ = reference_logits(weights_dir, x)
+    starts = np.cumsum([0, *sizes[:-1]])
+    with (
+        start_in_thread(InferenceServerConfig(max_batch=4), models=[gated]) as running,
+        grpc.insecure_channel(running.address) as ch,
+    ):
+        c = Client(ch)
+        blocker = c.predict.future(
+            inference_pb2.PredictRequest(model="digits", input=encode_tensor(x[:1])), timeout=30
+        )
+        assert gated.entered.wait(10)
+        futures = []
+        for s, n in zip(starts, sizes, strict=True):  # one at a time: arrival order is known
+            futures.append(
+                c.predict.future(
+                    inference_pb2.PredictRequest(model="digits", input=encode_tensor(x[s : s + n])),
+                    timeout=30,
+                )
+            )
+            wait_for(inflight_is(running, 1 + len(futures)), 10, "the request admitted")
+        gated.gate.set()
+        blocker.result()
+        responses = [f.result() for f in futures]
+    assert gated.batches == [1, 3, 3, 6, 1]
+    assert [r.batch_size for r in responses] == [3, 3, 3, 6, 1]
+    for resp, s, n in zip(responses, starts, sizes, strict=True):
+        np.testing.assert_allclose(rows(resp), expected[s : s + n], rtol=1e-5, atol=1e-5)
+
+
 # -- configuration and the command ---------------------------------------------------
 
 
