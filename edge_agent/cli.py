@@ -152,6 +152,7 @@ def predict(
     s = report["summary"]
     typer.echo(
         f"{s['samples']} samples, budget {report['budget_ms']:g} ms, mode {report['mode']}: "
-        f"{s['by_source']}, p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, "
-        f"{s['deadline_misses']} missed"
+        + ", ".join(f"{n} {source}" for source, n in s["by_source"].items())
+        + f"; p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, "
+        f"{s['deadline_misses']} over budget"
     )

@@ -71,7 +71,7 @@ class CloudConfig(StrictModel):
     )
     health_timeout_s: float = Field(1.0, gt=0, le=60, description="Deadline of a health check.")
     connect_timeout_s: float = Field(
-        2.0, ge=0, le=60, description="How long start-up waits for the first connection."
+        1.0, ge=0, le=60, description="How long start-up waits for the first connection."
     )
 
 
