@@ -9,6 +9,7 @@ than the deadline), a stopped server and certificates from another CA.
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -185,6 +186,29 @@ def test_budget_too_small_for_the_cloud_stays_local(
     assert "does not fit" in result.reason
     assert tiny.source == "local"
     assert tiny.reason.startswith("budget too small")
+
+
+def test_measured_rtt_decides_whether_the_cloud_fits(
+    device: DeviceModel, server: RunningServer
+) -> None:
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    netshape = importlib.import_module("netshape")
+    policy = {"prefer_cloud": True, "explore_interval_s": 0, "budget_ms": 60.0}
+    with (
+        netshape.ShapingProxy(server.port, netshape.LinkShape(rtt_ms=100.0)) as slow,
+        _predictor(device, slow.address, **policy) as predictor,
+    ):
+        far = predictor.predict_one(device.x[0])
+        rtt = predictor.estimates.rtt.p90
+    assert rtt is not None
+    assert rtt >= 100.0  # measured by the health checks through the slow link
+    assert far.source == "local"
+    assert "does not fit" in far.reason
+    with _predictor(device, server.address, **policy) as predictor:
+        near = predictor.predict_one(device.x[0])
+    assert near.source == "cloud"
 
 
 # --- faults: the budget holds, the local answer is used ---------------------------------
