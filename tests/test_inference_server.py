@@ -819,3 +819,33 @@ def test_start_up_errors_are_clear(
     # The module's server is unaffected.
     with grpc.insecure_channel(server.address) as ch:
         _ok(Client(ch))
+
+
+@pytest.mark.slow
+def test_cli_sigterm_while_training_stops_without_caching(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("edgefl")
+    weights = tmp_path / "empty-cache"
+    proc = subprocess.Popen(
+        [
+            *(str(exe), "server", "inference", "--model", "digits"),
+            *("--weights", str(weights), "--train-epochs", "50", "--json"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        while not any("training digits" in line for line in lines):  # before epoch 1 ends
+            lines.append(proc.stderr.readline())
+            assert lines[-1], f"exited before training: {lines}"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)  # at most one epoch later
+        assert proc.returncode == 0
+        assert out == ""  # never announced an address
+        assert not (weights / "digits.pt").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -273,7 +273,8 @@ def load_or_train(
             ``<name>.json`` (training settings and held-out accuracy, for people).
         epochs: Override the recipe's epochs when training (tests train 1 epoch).
         seed: Seed of the initial weights and the shuffling.
-        progress: Called as ``progress(what, done, total)`` while training/evaluating.
+        progress: Called as ``progress(what, done, total)`` before and after each training
+            epoch; an exception it raises stops the training (nothing is cached).
 
     Returns:
         The model, evaluated on the dataset's held-out split.
@@ -323,6 +324,8 @@ def load_or_train(
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
+            if progress is not None:
+                progress(f"training {name}: {len(x)} samples, {total} epochs", 0, total)
             for epoch in range(total):
                 # Linear decay to a tenth of lr: the last epochs settle instead of bouncing.
                 lr = recipe.lr * (1.0 - 0.9 * epoch / max(total - 1, 1))

@@ -58,7 +58,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import Field, model_validator
 
 from edgefl.config import StrictModel
-from edgefl.errors import BadInputError, ConfigError
+from edgefl.errors import BadInputError, ConfigError, EdgeflError, ExitCode
 from edgefl.proto import inference_pb2
 from edgefl.proto.tensors import TensorError, decode_tensor, encode_tensor
 from edgefl.server.inference.auth import DeviceDirectory, PeerRefusedError, PeerVerifier
@@ -70,6 +70,7 @@ __all__ = [
     "InferenceServer",
     "InferenceServerConfig",
     "RunningServer",
+    "StartCancelledError",
     "default_weights_dir",
     "serve",
     "start_in_thread",
@@ -178,6 +179,12 @@ def _release_torch_threads() -> None:
             torch.set_num_threads(_torch_threads_before)
 
 
+class StartCancelledError(EdgeflError):
+    """The server was stopped before its model had finished loading or training."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
 @dataclass
 class _Served:
     model: ServedModel
@@ -203,6 +210,7 @@ class InferenceServer:
         self.config = config
         self._given_models = list(models) if models is not None else None
         self._progress = progress
+        self._stop_requested = threading.Event()
         self._served: dict[str, _Served] = {}
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -325,7 +333,7 @@ class InferenceServer:
                 loaded = await asyncio.get_running_loop().run_in_executor(
                     None,
                     lambda: load_or_train(
-                        cfg.model, weights, epochs=cfg.train_epochs, progress=self._progress
+                        cfg.model, weights, epochs=cfg.train_epochs, progress=self._on_progress
                     ),
                 )
                 models = [loaded]
@@ -353,6 +361,7 @@ class InferenceServer:
         if self._stopping:
             return
         self._stopping = True
+        self._stop_requested.set()
         self._ready = False
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
@@ -378,6 +387,13 @@ class InferenceServer:
             await self._server.wait_for_termination()
 
     # -- internals -------------------------------------------------------------------
+
+    def _on_progress(self, what: str, done: int, total: int) -> None:
+        """Training progress; also where a stop during training takes effect (per epoch)."""
+        if self._stop_requested.is_set():
+            raise StartCancelledError("stopped while the model was training")
+        if self._progress is not None:
+            self._progress(what, done, total)
 
     def _install(self, models: Sequence[ServedModel]) -> None:
         if not models:
@@ -683,7 +699,8 @@ def start_in_thread(
     thread = threading.Thread(target=run, name="edgefl-inference-server", daemon=True)
     thread.start()
     if not ready.wait(timeout):
-        # Don't leak it: stop it as soon as it has started (or failed).
+        # Don't leak it: stop training at the next epoch, or the server once it has started.
+        server._stop_requested.set()
         stopper = outcome.get("stop_event")
         if isinstance(stopper, asyncio.Event):
             loop.call_soon_threadsafe(stopper.set)
@@ -720,11 +737,12 @@ def serve(
         start = asyncio.ensure_future(server.start())
         stopper = asyncio.ensure_future(stop_event.wait())
         await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if not start.done():  # a signal while the model loads
+        if not start.done():  # a signal while the model loads or trains
+            logger.warning("stopping the inference server before its model was ready")
+            await server.stop(grace=0)  # the training thread stops at its next epoch
             start.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, StartCancelledError):
                 await start
-            await server.stop(grace=0)
             return
         start.result()  # raises a start-up error
         if on_ready is not None:
