@@ -155,7 +155,7 @@ def test_cloud_mode_gets_the_server_answer(device: DeviceModel, server: RunningS
         assert result.cloud_ms is not None
         assert result.deadline_met
     assert predictor.estimates.cloud.count == len(device.x)
-    assert predictor.estimates.rtt.count >= 2  # seeded by health checks at start
+    assert predictor.estimates.rtt.count >= 1  # seeded by the start-up health check
 
 
 def test_adaptive_keeps_confident_answers_and_offloads_unsure_ones(

@@ -238,8 +238,8 @@ class Predictor:
         assert cloud is not None
         if cloud.connect_timeout_s > 0 and not self.client.wait_connected(cloud.connect_timeout_s):
             logger.warning("inference service %s not reachable yet", cloud.target)
-        # The first check on a fresh connection may include set-up; the second is the RTT.
-        if self.check_health():
+        # The first check may include connection set-up, so only the second seeds the RTT.
+        if self.check_health(record_rtt=False):
             self._check_cloud_model()
         self.check_health()
         self._health_thread = threading.Thread(
@@ -263,8 +263,8 @@ class Predictor:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def check_health(self) -> bool:
-        """Run one health check now; feeds the RTT estimate and the breaker."""
+    def check_health(self, *, record_rtt: bool = True) -> bool:
+        """Run one health check now; feeds the breaker and (unless told not to) the RTT."""
         if self.client is None or self.config.cloud is None:
             return False
         start = time.perf_counter()
@@ -276,7 +276,8 @@ class Predictor:
         elapsed = (time.perf_counter() - start) * 1000.0
         with self._lock:
             if serving:
-                self.estimates.observe_rtt(elapsed)
+                if record_rtt:
+                    self.estimates.observe_rtt(elapsed)
                 self.breaker.record_success()
             else:
                 self.breaker.record_failure()
