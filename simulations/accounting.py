@@ -40,7 +40,13 @@ def recompute_epsilon(history: Iterable[Sequence[float]], delta: float) -> float
         sigma, q, steps = float(item[0]), float(item[1]), int(item[2])
         if not (math.isfinite(sigma) and sigma > 0 and 0 < q <= 1 and steps >= 0):
             raise ValueError(f"history entry {item!r}: need sigma > 0, 0 < q <= 1, steps >= 0")
-        if steps:
+        if not steps:
+            continue
+        # RDP composes additively over steps, so consecutive rounds with the same (σ, q)
+        # are one entry with their steps summed: the same ε, computed once per (σ, q).
+        if entries and entries[-1][:2] == (sigma, q):
+            entries[-1] = (sigma, q, entries[-1][2] + steps)
+        else:
             entries.append((sigma, q, steps))
     if not entries:
         return 0.0
