@@ -257,6 +257,14 @@ def test_health_reports_serving_for_both_names(client: Client) -> None:
     assert client.status(SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
     code, _ = code_of(lambda: client.status("no.such.Service"))
     assert code == Code.NOT_FOUND
+    watch = client.channel.unary_stream(
+        "/grpc.health.v1.Health/Watch",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    updates = watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10)
+    assert next(updates).status == health_pb2.HealthCheckResponse.SERVING
+    updates.cancel()
 
 
 # -- bad input, each followed by a good request --------------------------------------
@@ -692,7 +700,10 @@ def test_revoked_device_is_refused_on_its_next_call(
             lambda: two.info(inference_pb2.ModelInfoRequest(model="digits"), timeout=10)
         )
         assert code == Code.UNAUTHENTICATED
+        code, _ = code_of(lambda: two.status(SERVICE_NAME))  # health is refused too
+        assert code == Code.UNAUTHENTICATED
         _ok(one)  # other devices are unaffected
+        assert one.status(SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
         assert any(
             "revoked" in r.getMessage() and "pi-02" in r.getMessage() for r in caplog.records
         )

@@ -54,7 +54,7 @@ from typing import Any, Final, NoReturn, Self
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from pydantic import Field, model_validator
 
 from edgefl.config import StrictModel
@@ -85,6 +85,7 @@ _PredictContext = grpc.aio.ServicerContext[
     inference_pb2.PredictRequest, inference_pb2.PredictResponse
 ]
 _InfoContext = grpc.aio.ServicerContext[inference_pb2.ModelInfoRequest, inference_pb2.ModelInfo]
+_AnyContext = grpc.aio.ServicerContext[Any, Any]
 Progress = Callable[[str, int, int], None]
 
 
@@ -299,7 +300,7 @@ class InferenceServer:
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        server.add_generic_rpc_handlers((self._health_handler(),))
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         target = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
@@ -411,9 +412,39 @@ class InferenceServer:
                 ),
             )
 
+    def _health_handler(self) -> grpc.GenericRpcHandler:
+        """The standard health service, behind the same peer checks as inference calls."""
+        servicer = self._health
+
+        async def check(
+            request: health_pb2.HealthCheckRequest, context: _AnyContext
+        ) -> health_pb2.HealthCheckResponse:
+            await self._check_peer(context)
+            return await servicer.Check(request, context)
+
+        async def watch(request: health_pb2.HealthCheckRequest, context: _AnyContext) -> None:
+            await self._check_peer(context)
+            await servicer.Watch(request, context)
+
+        return grpc.method_handlers_generic_handler(
+            health.SERVICE_NAME,
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(
+                    check,
+                    request_deserializer=health_pb2.HealthCheckRequest.FromString,
+                    response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+                ),
+                "Watch": grpc.unary_stream_rpc_method_handler(
+                    watch,
+                    request_deserializer=health_pb2.HealthCheckRequest.FromString,
+                    response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+                ),
+            },
+        )
+
     async def _refuse(
         self,
-        context: _PredictContext | _InfoContext,
+        context: _AnyContext,
         code: grpc.StatusCode,
         details: str,
     ) -> NoReturn:
@@ -421,8 +452,18 @@ class InferenceServer:
         logger.info("answered %s to %s: %s", code.name, context.peer(), details)
         await context.abort(code, details)
 
-    async def _gate(self, context: _PredictContext | _InfoContext) -> None:
+    async def _gate(self, context: _AnyContext) -> None:
         """Checks every call passes before its request is looked at: peer, readiness."""
+        await self._check_peer(context)
+        if not self._ready:
+            await self._refuse(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is stopping" if self._stopping else "the model is still loading",
+            )
+
+    async def _check_peer(self, context: _AnyContext) -> None:
+        """Mutual TLS only: refuse revoked devices and, with a registry, unlisted ones."""
         if self._verifier is not None:
             try:
                 device = self._verifier.check(context.auth_context())
@@ -441,12 +482,6 @@ class InferenceServer:
             except PeerRefusedError as exc:
                 logger.warning("refused a call from %s: %s", context.peer(), exc)
                 await self._refuse(context, exc.code, str(exc))
-        if not self._ready:
-            await self._refuse(
-                context,
-                grpc.StatusCode.UNAVAILABLE,
-                "the server is stopping" if self._stopping else "the model is still loading",
-            )
 
     @contextlib.contextmanager
     def _slot(self) -> Iterator[bool]:
@@ -526,9 +561,7 @@ class InferenceServer:
                 request_id=request.request_id,
             )
 
-    async def _lookup(
-        self, name: str, version: str, context: _PredictContext | _InfoContext
-    ) -> _Served:
+    async def _lookup(self, name: str, version: str, context: _AnyContext) -> _Served:
         if not name:
             await self._refuse(
                 context,
