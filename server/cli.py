@@ -11,7 +11,10 @@ from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error
 
 __all__ = ["app"]
 
-app = typer.Typer(help="Cloud side: MQTT ingest and the device registry.", no_args_is_help=True)
+app = typer.Typer(
+    help="Cloud side: MQTT ingest, the device registry and the gRPC inference service.",
+    no_args_is_help=True,
+)
 
 ConfigOption = Annotated[
     Path | None,
