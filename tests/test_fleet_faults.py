@@ -588,6 +588,9 @@ def test_ingest_killed_mid_stream_and_restarted(make_rig: Callable[..., Rig], db
     )
     assert rig.row_count() == rows_at_kill
     rig.ingest.start()
+    # drain() waits for the registry to stop changing; without this it could decide that
+    # before the restarted ingest has even connected.
+    rig.wait_ingest_ready()
 
     seqs = rig.drain(rig.limit)
     metrics = _assert_exactly_once(rig, seqs, rig.limit)
