@@ -20,7 +20,7 @@ from edgefl.errors import BadInputError
 __all__ = ["count_parameters", "prune_channels"]
 
 _PRUNABLE = (nn.Conv2d, nn.Linear)
-_PASSTHROUGH = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+_PASSTHROUGH = (nn.ReLU, nn.Tanh, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -54,6 +54,7 @@ STRATEGIES: tuple[str, ...] = tuple(sorted(STRATEGY_PARAMS))
 _MODEL_DATASET: dict[str, str] = {
     "cancer-mlp": "breast-cancer",
     "digits-cnn": "digits",
+    "digits-mlp": "digits",
     "mnist-cnn": "mnist5k",
 }
 
