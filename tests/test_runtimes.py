@@ -347,6 +347,19 @@ def test_tflite_runtime_runs_fp32_like_torch(models: Models, tflite: RemoteRunti
 @pytest.mark.slow
 @pytest.mark.tflite_runtime
 @needs_tflite
+def test_tflite_worker_ignores_this_venvs_pythonpath(
+    models: Models, tflite: RemoteRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Flower's Ray backend exports this interpreter's sys.path as PYTHONPATH; inherited by
+    # the worker it would import numpy 2 into the numpy<2 environment and fail every model.
+    monkeypatch.setenv("PYTHONPATH", ":".join(p for p in sys.path if p))
+    result = tflite.run(models.fp32, models.x)
+    np.testing.assert_allclose(result.outputs, models.reference, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.tflite_runtime
+@needs_tflite
 def test_tflite_runtime_runs_int8_like_litert(models: Models, tflite: RemoteRuntime) -> None:
     result = tflite.run(models.int8, models.x)
     litert = create_runtime("ai-edge-litert", models.int8)

@@ -103,6 +103,16 @@ def _reply_line(stdout: str) -> dict[str, Any] | None:
     return None
 
 
+def _isolated_env() -> dict[str, str]:
+    """This process's environment without the variables that would mix the two venvs.
+
+    The other environment must import only its own packages (tflite-runtime needs
+    numpy<2): a ``PYTHONPATH`` inherited from here (Flower's Ray backend sets it to this
+    interpreter's ``sys.path``) makes it load this venv's numpy 2 and fail every model.
+    """
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+
+
 class RemoteRuntime:
     """Runs models on a runtime in another Python environment via the worker module.
 
@@ -175,7 +185,12 @@ class RemoteRuntime:
         command = [str(self.python), "-m", _WORKER_MODULE, str(request_path)]
         try:
             proc = subprocess.run(
-                command, capture_output=True, text=True, timeout=self.timeout, check=False
+                command,
+                capture_output=True,
+                text=True,
+                timeout=self.timeout,
+                check=False,
+                env=_isolated_env(),
             )
         except FileNotFoundError as exc:
             raise RuntimeUnavailableError(

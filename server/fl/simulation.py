@@ -65,6 +65,9 @@ def run_simulation(
     config = backend_config or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
     # Ray workers inherit this: one torch thread per virtual client on a small machine.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Flower's Ray backend exports this interpreter's sys.path as PYTHONPATH and leaves it
+    # set; restore it afterwards so later subprocesses (e.g. another venv) are unaffected.
+    saved_pythonpath = os.environ.get("PYTHONPATH")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
@@ -83,5 +86,10 @@ def run_simulation(
             if isinstance(cause, EdgeflError):
                 raise cause from exc
             raise
+        finally:
+            if saved_pythonpath is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = saved_pythonpath
     logging.getLogger(__name__).debug("simulation of %s finished", run_id)
     return load_result(registry_url, run_id)
