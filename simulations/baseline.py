@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -43,13 +42,6 @@ class StockRun:
     reported_epsilon: dict[str, list[float]] = field(default_factory=dict)
     history: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
     start_s: float = 0.0
-
-
-@lru_cache(maxsize=256)
-def _sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    from edgefl.edge_agent.fl.privacy import choose_sigma
-
-    return choose_sigma(target_epsilon, delta, sample_rate, steps)
 
 
 def make_stock_client_app(
@@ -91,7 +83,7 @@ def make_stock_client_app(
         from opacus import PrivacyEngine
         from torch.utils.data import DataLoader, TensorDataset
 
-        from edgefl.edge_agent.fl.privacy import steps_per_round
+        from edgefl.edge_agent.fl.privacy import choose_sigma, steps_per_round
         from edgefl.edge_agent.fl.trainer import build_trainable_model
 
         cfg: dict[str, Any] = dict(msg.content.config_records["config"])
@@ -102,9 +94,12 @@ def make_stock_client_app(
         q, steps_planned = steps_per_round(len(x), batch, epochs)
         delta = float(cfg["delta"])
         # The same σ edgefl's device chooses: sized once for rounds × local epochs. It is
-        # a pure function of (ε, δ, q, steps), so it is cached per worker process (Flower's
-        # example takes σ straight from the config; searching it is not the workload).
-        sigma = _sigma(float(cfg["target-epsilon"]), delta, q, steps_planned * int(cfg["rounds"]))
+        # a pure function of (ε, δ, q, steps), cached per worker process by choose_sigma
+        # (Flower's example takes σ straight from the config; searching it is not the
+        # workload).
+        sigma = choose_sigma(
+            float(cfg["target-epsilon"]), delta, q, steps_planned * int(cfg["rounds"])
+        )
 
         torch.manual_seed(int(cfg["seed"]) * 1000 + pid + 7919 * int(cfg["server-round"]))
         model = build_trainable_model(str(cfg["model"]))

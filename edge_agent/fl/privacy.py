@@ -187,8 +187,13 @@ def _rdp_per_step(sigma: float, q: float) -> tuple[float, ...]:
     return tuple(float(v) for v in curve)
 
 
+@lru_cache(maxsize=256)
 def choose_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """The smallest σ (RDP accountant) reaching ``target_epsilon`` after ``steps`` steps."""
+    """The smallest σ (RDP accountant) reaching ``target_epsilon`` after ``steps`` steps.
+
+    A pure function of its arguments and slow (a search over σ, seconds per call), so it
+    is cached: devices with the same partition size share one search per process.
+    """
     from opacus.accountants.utils import get_noise_multiplier
 
     return float(
