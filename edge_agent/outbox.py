@@ -41,6 +41,7 @@ such restarts could overlap). That fallback needs a correct wall clock.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -50,8 +51,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
-from typing import Final, Literal, TypeAlias
+from typing import Final, Literal, NamedTuple, TypeAlias
 
 from pydantic import Field
 
@@ -87,6 +89,11 @@ CREATE TABLE IF NOT EXISTS counters (
     next_seq INTEGER NOT NULL,
     dropped INTEGER NOT NULL,
     expired INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS imports (
+    key TEXT PRIMARY KEY,
+    first_seq INTEGER NOT NULL,
+    at REAL NOT NULL
 );
 CREATE TRIGGER IF NOT EXISTS records_seq_is_new BEFORE INSERT ON records
 WHEN NEW.seq < (SELECT next_seq FROM counters)
@@ -129,9 +136,8 @@ class OutboxPolicy(StrictModel):
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One stored record.
+class Record(NamedTuple):
+    """One stored record (immutable; a named tuple, so building one per record is cheap).
 
     Attributes:
         seq: Per-device sequence number, unique and increasing for the life of the file.
@@ -217,6 +223,8 @@ _ROWS_PER_DELETE: Final = 500
 # read-only or out of disk space, which must never cost the records in the file.
 _CORRUPTION_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 _SIDE_FILES: Final = ("-wal", "-shm")
+# How long put_once() remembers a key (its producers delete their copy right after).
+_IMPORT_KEY_TTL_S: Final = 30 * 24 * 3600.0
 # Most records the in-memory tail of unleased records may hold (see Outbox._tail).
 _TAIL_MAX: Final = 4096
 
@@ -229,7 +237,14 @@ class _StaleSeqError(Exception):
     """The cached next sequence number is behind the file (another connection wrote)."""
 
 
-_RecordRow = tuple[int, str, bytes, int, str, float, float | None]
+# tuple.__new__(Record, row): a Record from a row without NamedTuple's Python __new__.
+_new_record: Final = tuple.__new__
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_sql(rows: int) -> str:
+    """The multi-row INSERT of ``rows`` records."""
+    return f"INSERT INTO records ({_COLUMNS}) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * rows)
 
 
 def _check_topic(topic: str) -> None:
@@ -435,8 +450,10 @@ class Outbox:
                 under ``reject_new``, or ``drop_oldest`` cannot make room for a record.
             BadInputError: A topic cannot be published on (empty, wildcards).
         """
-        batch = [it if isinstance(it, OutboxItem) else OutboxItem(*it) for it in items]
-        for topic in {item.topic for item in batch}:  # a batch mostly shares one topic
+        batch = list(items)
+        # A batch mostly shares one topic. (topic, body) pairs are taken as they are: no
+        # OutboxItem is built per record.
+        for topic in {it.topic if isinstance(it, OutboxItem) else it[0] for it in batch}:
             _check_topic(topic)
         if not batch:
             return []
@@ -449,25 +466,65 @@ class Outbox:
                 self._tail = None
                 return self._put_locked(batch)
 
-    def _put_locked(self, batch: list[OutboxItem]) -> list[Record]:
+    def put_once(self, key: str, items: Sequence[OutboxItem]) -> list[Record] | None:
+        """Commit ``items`` unless a :meth:`put_once` with the same ``key`` committed before.
+
+        The key and the records are committed in one transaction, so a producer that hands
+        over records from elsewhere (a file another process wrote) and deletes its copy
+        afterwards can crash between the two and retry without storing anything twice.
+        Keys are kept for :data:`_IMPORT_KEY_TTL_S` seconds.
+
+        Returns:
+            The stored records, or ``None`` when the key was already committed.
+
+        Raises:
+            OutboxFullError: As :meth:`put_many` (nothing is stored, the key is not kept).
+            BadInputError: A topic cannot be published on.
+        """
+        batch = list(items)
+        for topic in {item.topic for item in batch}:
+            _check_topic(topic)
+        with self._lock, self._transaction():
+            if self._db.execute("SELECT 1 FROM imports WHERE key = ?", (key,)).fetchone():
+                return None
+            now = self._clock()
+            self._db.execute("DELETE FROM imports WHERE at < ?", (now - _IMPORT_KEY_TTL_S,))
+            records = self._put_locked(batch) if batch else []
+            self._db.execute(
+                "INSERT INTO imports (key, first_seq, at) VALUES (?, ?, ?)",
+                (key, records[0].seq if records else self._next_seq, now),
+            )
+            return records
+
+    def _put_locked(self, batch: Sequence[OutboxItem | tuple[str, Body]]) -> list[Record]:
         default_ttl = self.policy.default_ttl_s
         max_bytes = self.policy.max_bytes
         now = self._clock()
         first = self._next_seq
-        rows: list[_RecordRow] = []
+        default_expiry = now + default_ttl if default_ttl is not None else None
+        # The records are the INSERT's rows as they are (a Record is a tuple in column
+        # order): one tuple per record, built by the C constructor.
+        rows: list[Record] = []
         total = 0
         for seq, item in enumerate(batch, start=first):
-            body = item.body
-            payload = bytes(body(seq)) if callable(body) else bytes(body)
-            if len(payload) > max_bytes:
+            if isinstance(item, OutboxItem):
+                topic, body, priority, kind = item.topic, item.body, item.priority, item.kind
+                ttl = item.ttl_s
+                expires_at = now + ttl if ttl is not None else default_expiry
+            else:
+                topic, body = item
+                priority, kind, expires_at = 0, "data", default_expiry
+            payload = body(seq) if callable(body) else body
+            if type(payload) is not bytes:
+                payload = bytes(payload)
+            size = len(payload)
+            if size > max_bytes:
                 raise OutboxFullError(
-                    f"record of {len(payload)} bytes exceeds the outbox bound of {max_bytes} bytes",
+                    f"record of {size} bytes exceeds the outbox bound of {max_bytes} bytes",
                     hint="split the payload or raise outbox max_bytes",
                 )
-            ttl = item.ttl_s if item.ttl_s is not None else default_ttl
-            expires_at = now + ttl if ttl is not None else None
-            rows.append((seq, item.topic, payload, item.priority, item.kind, now, expires_at))
-            total += len(payload)
+            rows.append(_new_record(Record, (seq, topic, payload, priority, kind, now, expires_at)))
+            total += size
         freed = 0
         if self._bytes + total <= max_bytes and len(rows) <= _ROWS_PER_INSERT:
             # The common case: one INSERT statement, which SQLite commits atomically on its
@@ -498,16 +555,15 @@ class Outbox:
                         stored += size
         self._next_seq = first + len(rows)
         self._bytes += total - freed
-        records = [Record(*row) for row in rows]
-        if any(row[6] is not None for row in rows):
+        if default_expiry is not None or any(row[6] is not None for row in rows):
             self._may_expire = True
         cursor = self._cursor
         if cursor is not None and max(row[3] for row in rows) > cursor[0]:
             self._cursor = None  # a new record sorts before the cursor
-        self._extend_tail(records)
-        return records
+        self._extend_tail(rows)
+        return rows
 
-    def _insert(self, rows: list[_RecordRow]) -> None:
+    def _insert(self, rows: list[Record]) -> None:
         """INSERT ``rows``, a multi-row statement per chunk.
 
         Raises:
@@ -516,11 +572,7 @@ class Outbox:
         try:
             for start in range(0, len(rows), _ROWS_PER_INSERT):
                 chunk = rows[start : start + _ROWS_PER_INSERT]
-                values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
-                self._db.execute(
-                    f"INSERT INTO records ({_COLUMNS}) VALUES {values}",
-                    [value for row in chunk for value in row],
-                )
+                self._db.execute(_insert_sql(len(chunk)), list(chain.from_iterable(chunk)))
         except sqlite3.IntegrityError as exc:
             if "outbox seq reused" in str(exc) or "records.seq" in str(exc):
                 raise _StaleSeqError(str(exc)) from exc
@@ -574,9 +626,8 @@ class Outbox:
                 # Everything up to the cursor is leased: read on from there.
                 rows = self._db.execute(_AFTER_CURSOR, (cursor[0], cursor[1], limit)).fetchall()
             unleased = [r for r in rows if r[0] not in leased]
-            batch = [
-                Record(r[0], r[1], bytes(r[2]), r[3], r[4], r[5], r[6]) for r in unleased[:limit]
-            ]
+            # Rows come back in column order, which is the Record's: no copy per field.
+            batch = [_new_record(Record, r) for r in unleased[:limit]]
             fetched = limit if cursor is not None else limit + len(leased)
             if len(rows) < fetched and len(unleased) <= limit:
                 # Every unleased record was read, and is now handed out: from here on the
@@ -832,14 +883,25 @@ class _Transaction:
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
+        self._nested = False
 
     def __enter__(self) -> None:
+        if self._db.in_transaction:
+            # Inside an outer transaction (put_once around a put): a savepoint, so the
+            # outer one still commits or rolls back everything together.
+            self._nested = True
+            self._db.execute("SAVEPOINT nested")
+            return
         # IMMEDIATE takes the write lock up front, so a read-then-write never has to be
         # retried because another writer slipped in between.
         self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if exc_type is None:
+        if self._nested:
+            if exc_type is not None:
+                self._db.execute("ROLLBACK TO nested")
+            self._db.execute("RELEASE nested")
+        elif exc_type is None:
             self._db.execute("COMMIT")
         else:
             self._db.execute("ROLLBACK")

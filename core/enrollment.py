@@ -1,0 +1,128 @@
+"""The enrollment contract between a device and the server (both sides import it).
+
+Enrollment joins a device's three identities under one device id:
+
+1. ``edgefl agent enroll`` makes, on the device, a TLS key with a certificate signing
+   request (CN = device id) and a Flower node key (ECDSA P-384, OpenSSH format, what
+   ``flower-supernode --auth-supernode-private-key`` reads). It writes an
+   :class:`EnrollmentRequest`; private keys never leave the device.
+2. ``edgefl server admit REQUEST`` signs the CSR with the fleet CA (the device's MQTT
+   and gRPC client certificate), registers the node public key with the SuperLink
+   (``flwr supernode register``), records both under the device id in the registry and
+   writes an :class:`EnrollmentBundle`.
+3. ``edgefl agent enroll --install BUNDLE`` checks the bundle against the device's own
+   keys and installs the certificate and the CA certificate.
+
+On the device everything lives in ``<state_dir>/identity/`` (:class:`IdentityPaths`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import Field, ValidationError
+
+from edgefl.config import StrictModel, format_validation_error
+from edgefl.errors import BadInputError
+from edgefl.files import write_text_atomic
+
+__all__ = [
+    "IDENTITY_DIR",
+    "EnrollmentBundle",
+    "EnrollmentRequest",
+    "IdentityPaths",
+    "read_bundle",
+    "read_request",
+    "write_json_document",
+]
+
+IDENTITY_DIR = "identity"
+_DocT = TypeVar("_DocT", bound=StrictModel)
+_ID = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class EnrollmentRequest(StrictModel):
+    """What a device hands to the administrator (public material only)."""
+
+    kind: Literal["edgefl-enrollment-request"] = "edgefl-enrollment-request"
+    version: Literal[1] = 1
+    device_id: str = Field(pattern=_ID)
+    fleet: str = Field(pattern=_ID)
+    csr_pem: str = Field(description="PEM CSR of the device's TLS key, subject CN = device_id.")
+    node_public_key: str = Field(
+        description="The Flower node public key, one OpenSSH line (ecdsa-sha2-nistp384 ...)."
+    )
+
+
+class EnrollmentBundle(StrictModel):
+    """What the server hands back to an admitted device."""
+
+    kind: Literal["edgefl-enrollment-bundle"] = "edgefl-enrollment-bundle"
+    version: Literal[1] = 1
+    device_id: str = Field(pattern=_ID)
+    fleet: str = Field(pattern=_ID)
+    cert_pem: str = Field(description="The device certificate the fleet CA issued.")
+    ca_pem: str = Field(description="The fleet CA certificate (MQTT broker, gRPC, SuperLink).")
+    cert_serial: str = Field(description="Serial of cert_pem, hexadecimal.")
+    node_id: str = Field(description="The SuperLink's node id for the node key (decimal).")
+    superlink: str | None = Field(None, description="host:port of the SuperLink, if known.")
+
+
+class IdentityPaths:
+    """Where a device keeps its identity: ``<state_dir>/identity/``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.directory = Path(state_dir) / IDENTITY_DIR
+        self.tls_key = self.directory / "device.key"
+        """TLS private key, PKCS#8 PEM, mode 0600."""
+        self.csr = self.directory / "device.csr"
+        self.cert = self.directory / "device.pem"
+        """The certificate, once the bundle is installed."""
+        self.ca = self.directory / "ca.pem"
+        self.node_key = self.directory / "node.key"
+        """Flower node private key, OpenSSH PEM, mode 0600."""
+        self.node_public_key = self.directory / "node.pub"
+        self.request = self.directory / "enroll-request.json"
+        self.bundle = self.directory / "enrollment.json"
+        """The installed bundle (node id, serial)."""
+
+
+def _read_document(model: type[_DocT], path: Path, what: str) -> _DocT:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BadInputError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(
+            f"{path} is not a JSON {what}: {exc}", hint=f"pass the file `{what}` wrote"
+        ) from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadInputError(format_validation_error(exc, str(path))) from exc
+
+
+def read_request(path: Path) -> EnrollmentRequest:
+    """Read and validate an enrollment request.
+
+    Raises:
+        BadInputError: Unreadable, not JSON, or not a valid request.
+    """
+    return _read_document(EnrollmentRequest, path, "enrollment request")
+
+
+def read_bundle(path: Path) -> EnrollmentBundle:
+    """Read and validate an enrollment bundle.
+
+    Raises:
+        BadInputError: Unreadable, not JSON, or not a valid bundle.
+    """
+    return _read_document(EnrollmentBundle, path, "enrollment bundle")
+
+
+def write_json_document(path: Path, document: StrictModel) -> None:
+    """Write a request or bundle atomically (pretty JSON)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(document.model_dump(mode="json"), indent=2) + "\n")

@@ -1,0 +1,482 @@
+"""The Flower SuperLink as a supervised child process, and the ``flwr`` CLI that runs it.
+
+:class:`SuperLink` starts one ``flower-superlink`` (Flower 1.41 serves its Fleet, Control
+and runtime APIs over HTTP(S) on one port) with TLS, SuperNode authentication and an
+on-disk ``--database``, so registered nodes and runs survive a restart. Its ServerApps run
+in ``flwr-serverapp`` subprocesses that Flower starts by name, so the child's ``PATH``
+starts with this interpreter's ``bin`` folder.
+
+:class:`FlowerAdmin` drives ``flwr`` (``supernode register/unregister/list``, ``run``,
+``ls``, ``stop``) against one SuperLink through a private ``FLWR_HOME`` holding a single
+connection, and translates its JSON answers and failures (:class:`FlowerCommandError`).
+
+:func:`write_run_app` writes the Flower app folder ``flwr run`` submits: a
+``pyproject.toml`` whose components are edgefl's ServerApp and ClientApp (imported from
+the installed package; runtime dependency installation is disabled) and whose
+``[tool.flwr.app.config]`` is the flat plan (``FederationPlan.to_flat``) plus the
+registry URL and run id. Flower only lets ``--run-config`` override keys that exist
+there, so the whole plan goes into the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic import Field, model_validator
+
+from edgefl.config import StrictModel
+from edgefl.errors import ConfigError, EdgeflError
+from edgefl.federation import FederationPlan
+
+__all__ = [
+    "FlowerAdmin",
+    "FlowerCommandError",
+    "NodeInfo",
+    "SuperLink",
+    "SuperLinkConfig",
+    "SuperLinkError",
+    "flower_env",
+    "write_run_app",
+]
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "edgefl"
+"""Name of the one connection in the private ``FLWR_HOME``."""
+
+
+class SuperLinkError(EdgeflError):
+    """The SuperLink process did not start or died."""
+
+
+class FlowerCommandError(EdgeflError):
+    """A ``flwr`` command failed; the message carries Flower's own words."""
+
+
+class SuperLinkConfig(StrictModel):
+    """How to run the SuperLink (``edgefl server start``'s ``superlink:`` section)."""
+
+    host: str = Field("127.0.0.1", description="Address the SuperLink listens on.")
+    port: int = Field(9092, ge=0, le=65535, description="Its one HTTP(S) port; 0 picks one.")
+    public_address: str | None = Field(
+        None, description="host:port devices dial (default: host:port)."
+    )
+    database: Path | None = Field(
+        None, description="SQLite state file (default: <state_dir>/superlink.db)."
+    )
+    insecure: bool = Field(False, description="Plain HTTP and no node authentication (tests).")
+    certfile: Path | None = Field(None, description="TLS server certificate (PEM).")
+    keyfile: Path | None = Field(None, description="Its private key.")
+    ca_file: Path | None = Field(None, description="The CA that signed certfile.")
+    node_auth: bool = Field(True, description="Only registered node keys may connect.")
+    startup_timeout_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> SuperLinkConfig:
+        if self.insecure:
+            if self.node_auth:
+                # Flower refuses node authentication without TLS.
+                self.node_auth = False
+            return self
+        given = [p for p in (self.certfile, self.keyfile, self.ca_file) if p is not None]
+        if given and len(given) != 3:
+            raise ValueError("certfile, keyfile and ca_file go together")
+        return self
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One node as the SuperLink lists it."""
+
+    node_id: int
+    status: str
+    owner: str
+    raw: dict[str, Any]
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment for Flower processes: private ``FLWR_HOME``, our ``bin`` first on PATH."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    return {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "PATH": f"{bin_dir}{os.pathsep}{path}" if path else bin_dir,
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def _flower_bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class SuperLink:
+    """One ``flower-superlink`` child process (see the module docstring).
+
+    Args:
+        config: How to run it; ``port=0`` picks a free port once, at construction.
+        workdir: Folder for its ``FLWR_HOME``, log file and (by default) database.
+    """
+
+    def __init__(self, config: SuperLinkConfig, workdir: Path) -> None:
+        self.config = config
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.home = self.workdir / "flwr-home"
+        self.home.mkdir(exist_ok=True)
+        self.port = config.port or _free_port(config.host)
+        self.database = config.database or self.workdir / "superlink.db"
+        self.log_path = self.workdir / "superlink.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        if not config.insecure and config.certfile is None:
+            raise ConfigError(
+                "superlink: TLS needs certfile, keyfile and ca_file",
+                hint="issue a server certificate with the fleet CA, or set insecure: true "
+                "(tests only)",
+            )
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the SuperLink (Fleet and Control API)."""
+        return f"{self.config.host}:{self.port}"
+
+    @property
+    def public_address(self) -> str:
+        """What devices dial (``public_address``, else :attr:`address`)."""
+        return self.config.public_address or self.address
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the running process."""
+        return self._proc.pid if self._proc is not None else None
+
+    def command(self) -> list[str]:
+        """The ``flower-superlink`` command line."""
+        c = self.config
+        cmd = [_flower_bin("flower-superlink")]
+        if c.insecure:
+            cmd.append("--insecure")
+        else:
+            cmd += [
+                "--ssl-certfile",
+                str(c.certfile),
+                "--ssl-keyfile",
+                str(c.keyfile),
+                "--ssl-ca-certfile",
+                str(c.ca_file),
+            ]
+            if c.node_auth:
+                cmd.append("--enable-supernode-auth")
+        cmd += [
+            "--database",
+            str(self.database),
+            "--host",
+            c.host,
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
+        return cmd
+
+    def start(self) -> None:
+        """Start the process and wait until its port accepts connections.
+
+        Raises:
+            SuperLinkError: The port is taken, or it exited or did not listen in time
+                (the message quotes the end of its log).
+        """
+        if self.running():
+            return
+        if _port_open(self.config.host, self.port):
+            raise SuperLinkError(
+                f"port {self.address} is already in use",
+                hint="stop what listens there or choose another superlink.port",
+            )
+        self._log = self.log_path.open("ab")
+        self._proc = subprocess.Popen(
+            self.command(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=flower_env(self.home),
+            cwd=self.workdir,
+            start_new_session=True,  # its ServerApp subprocesses go with it
+        )
+        log.info("started flower-superlink pid %d on %s", self._proc.pid, self.address)
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while not _port_open(self.config.host, self.port):
+            code = self._proc.poll()
+            if code is not None:
+                raise SuperLinkError(
+                    f"flower-superlink exited with code {code} at start-up: {self.last_error()}",
+                    hint=f"see {self.log_path}",
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise SuperLinkError(
+                    f"flower-superlink did not listen on {self.address} within "
+                    f"{self.config.startup_timeout_s:g} s",
+                    hint=f"see {self.log_path}",
+                )
+            time.sleep(0.1)
+
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def exit_code(self) -> int | None:
+        """Its exit code once it has exited (``None`` while running or never started)."""
+        return self._proc.poll() if self._proc is not None else None
+
+    def _signal_group(self, sig: int) -> None:
+        if self._proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds (its whole process group)."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self._proc.wait()
+        self._signal_group(signal.SIGKILL)  # leftover ServerApp subprocesses
+        self._close_log()
+
+    def kill(self) -> None:
+        """SIGKILL the process group at once (a crash, for fault tests)."""
+        if self._proc is None:
+            return
+        self._signal_group(signal.SIGKILL)
+        self._proc.wait()
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def last_error(self) -> str:
+        """The last line of its log that reads like an error (or the last line)."""
+        return last_log_line(self.log_path)
+
+    def admin(self) -> FlowerAdmin:
+        """A :class:`FlowerAdmin` for this SuperLink."""
+        return FlowerAdmin(
+            self.address,
+            self.home,
+            root_certificates=None if self.config.insecure else self.config.ca_file,
+            insecure=self.config.insecure,
+        )
+
+    def __enter__(self) -> SuperLink:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def last_log_line(path: Path, max_bytes: int = 64 * 1024) -> str:
+    """The last error-looking line of a Flower log (ANSI colours removed)."""
+    import re
+
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - max_bytes))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    for line in reversed(lines):
+        if any(w in line for w in ("ERROR", "Error", "Failed", "error:", "refused")):
+            return line
+    return lines[-1] if lines else ""
+
+
+class FlowerAdmin:
+    """The ``flwr`` CLI against one SuperLink, through a private ``FLWR_HOME``.
+
+    Args:
+        address: ``host:port`` of the SuperLink's Control API.
+        home: The ``FLWR_HOME`` folder; its ``config.toml`` is (re)written here.
+        root_certificates: CA certificate to verify the SuperLink (TLS).
+        insecure: Plain HTTP.
+        timeout_s: Longest wait for one command.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        home: Path,
+        *,
+        root_certificates: Path | None = None,
+        insecure: bool = False,
+        timeout_s: float = 120.0,
+    ) -> None:
+        self.address = address
+        self.home = Path(home)
+        self.timeout_s = timeout_s
+        self.home.mkdir(parents=True, exist_ok=True)
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
+        lines.append(f"address = {json.dumps(address)}")
+        if insecure:
+            lines.append("insecure = true")
+        elif root_certificates is not None:
+            lines.append(
+                f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}"
+            )
+        (self.home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def _run(self, *args: str, timeout: float | None = None) -> dict[str, Any]:
+        cmd = [_flower_bin("flwr"), *args, "--format", "json"]
+        try:
+            proc = subprocess.run(
+                cmd,
+                env=flower_env(self.home),
+                capture_output=True,
+                text=True,
+                timeout=timeout or self.timeout_s,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise FlowerCommandError(
+                f"`flwr {' '.join(args)}` did not answer within {exc.timeout:g} s",
+                hint=f"is the SuperLink at {self.address} up?",
+            ) from exc
+        out = proc.stdout.strip()
+        start = out.find("{")
+        try:
+            doc: dict[str, Any] = json.loads(out[start:]) if start >= 0 else {}
+        except json.JSONDecodeError:
+            doc = {}
+        if proc.returncode != 0 or not doc.get("success", False):
+            reason = str(doc.get("error-message") or proc.stderr.strip() or out)
+            reason = " ".join(reason.split())
+            raise FlowerCommandError(
+                f"`flwr {' '.join(args)}` failed: {reason[-600:]}",
+                hint=f"check the SuperLink at {self.address} (edgefl server start)",
+            )
+        return doc
+
+    def register_node(self, public_key: Path, name: str | None = None) -> int:
+        """Register a node public key (OpenSSH ECDSA); returns the SuperLink's node id.
+
+        Raises:
+            FlowerCommandError: Flower refused it (already registered, bad key, no link).
+        """
+        args = ["supernode", "register", str(public_key), CONNECTION]
+        if name:
+            args += ["--name", name]
+        doc = self._run(*args)
+        return int(doc["node-id"])
+
+    def unregister_node(self, node_id: int) -> None:
+        """Remove a node: the SuperLink refuses its key from then on.
+
+        Raises:
+            FlowerCommandError: Flower refused (unknown node id, no link).
+        """
+        self._run("supernode", "unregister", str(node_id), CONNECTION)
+
+    def list_nodes(self) -> list[NodeInfo]:
+        """The nodes the SuperLink knows, with their status (``registered``, ``online`` ...)."""
+        doc = self._run("supernode", "list", CONNECTION)
+        nodes = doc.get("nodes", [])
+        return [
+            NodeInfo(
+                node_id=int(n["node-id"]),
+                status=str(n.get("status", "")),
+                owner=str(n.get("owner-name", "")),
+                raw=dict(n),
+            )
+            for n in nodes
+        ]
+
+    def submit_run(self, app_dir: Path) -> int:
+        """Start a run of the app in ``app_dir``; returns Flower's run id (no waiting).
+
+        Raises:
+            FlowerCommandError: Flower refused the app or the SuperLink is unreachable.
+        """
+        doc = self._run("run", str(app_dir), CONNECTION)
+        return int(doc["run-id"])
+
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        """``flwr ls RUN_ID``: the run's row (``status`` among its keys)."""
+        doc = self._run("ls", "--run-id", str(run_id), CONNECTION)
+        runs = doc.get("runs", [])
+        return dict(runs[0]) if runs else {}
+
+    def stop_run(self, run_id: int) -> None:
+        """Stop a run."""
+        self._run("stop", str(run_id), CONNECTION)
+
+
+def write_run_app(directory: Path, plan: FederationPlan, *, registry_url: str, run_id: str) -> Path:
+    """Write the Flower app folder for one run of ``plan`` (see the module docstring).
+
+    Returns:
+        ``directory`` (holding ``pyproject.toml``).
+    """
+    import tomli_w
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config: dict[str, Any] = {**plan.to_flat(), "registry-url": registry_url, "run-id": run_id}
+    doc = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {
+            "name": "edgefl-run",
+            "version": "1.0.0",
+            "description": "An edgefl federated run (ServerApp and ClientApp from edgefl).",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "edgefl",
+                    "components": {
+                        "serverapp": "edgefl.server.fl.serverapp:app",
+                        "clientapp": "edgefl.edge_agent.fl.clientapp:app",
+                    },
+                    "config": config,
+                }
+            }
+        },
+    }
+    (directory / "pyproject.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
+    return directory
