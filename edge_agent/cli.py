@@ -79,6 +79,83 @@ def status(config: ConfigOption, as_json: Annotated[bool, JSON_OPTION] = False) 
 
 @app.command()
 @exits_on_error
+def enroll(
+    config: ConfigOption,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Where to write the request (default: identity dir)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace existing keys (the device must re-enroll).")
+    ] = False,
+    install: Annotated[
+        Path | None,
+        typer.Option("--install", help="Install the bundle `edgefl server admit` wrote."),
+    ] = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Make the device's keys and enrollment request, or install an admitted bundle."""
+    from edgefl.edge_agent.identity import install_bundle, prepare_enrollment
+
+    cfg = _load(config)
+    if install is not None:
+        if out is not None or force:
+            raise typer.BadParameter("--install takes no --out or --force", param_hint="--install")
+        done = install_bundle(install, cfg.device_id, cfg.fleet, cfg.state_dir)
+        report: dict[str, Any] = {
+            "installed": True,
+            "device_id": done.bundle.device_id,
+            "fleet": done.bundle.fleet,
+            "node_id": done.bundle.node_id,
+            "cert_serial": done.serial,
+            "not_after": done.not_after,
+            "superlink": done.bundle.superlink,
+            "cert": str(done.paths.cert),
+            "ca": str(done.paths.ca),
+            "bundle": str(done.paths.bundle),
+        }
+        if as_json:
+            emit_json(report)
+        else:
+            typer.echo(
+                f"installed the certificate of {cfg.device_id} (serial {done.serial}, valid "
+                f"until {done.not_after}, node id {done.bundle.node_id}) in "
+                f"{done.paths.directory}"
+            )
+        return
+    result = prepare_enrollment(cfg.device_id, cfg.fleet, cfg.state_dir, out=out, force=force)
+    report = {
+        "device_id": cfg.device_id,
+        "fleet": cfg.fleet,
+        "request": str(result.request_path),
+        "created_tls_key": result.created_tls_key,
+        "created_node_key": result.created_node_key,
+        "tls_key": str(result.paths.tls_key),
+        "node_key": str(result.paths.node_key),
+        "node_public_key": result.request.node_public_key,
+    }
+    if as_json:
+        emit_json(report)
+        return
+    kept = [
+        name
+        for name, created in (
+            ("TLS key", result.created_tls_key),
+            ("node key", result.created_node_key),
+        )
+        if not created
+    ]
+    typer.echo(
+        f"enrollment request for {cfg.device_id} ({cfg.fleet}) written to "
+        f"{result.request_path}"
+        + (f" (kept the existing {' and '.join(kept)})" if kept else "")
+        + "\nnext: `edgefl server admit REQUEST` on the server, then "
+        "`edgefl agent enroll --config CONFIG --install BUNDLE` here"
+    )
+
+
+@app.command()
+@exits_on_error
 def predict(
     input_file: Annotated[
         Path, typer.Option("--input", "-i", help=".npy file: one sample or a batch (N, ...).")

@@ -1,0 +1,315 @@
+"""The device's identity: its TLS key and CSR, its Flower node key, and the installed bundle.
+
+``edgefl agent enroll`` calls :func:`prepare_enrollment` (keys are made once and kept;
+only ``force`` replaces them) and ``edgefl agent enroll --install`` calls
+:func:`install_bundle`, which refuses a bundle that does not belong to this device's
+keys. File layout and the contract with the server: :mod:`edgefl.enrollment`.
+
+Private keys are written with mode 0600 set on the file before a byte of the key is in
+it, through a temporary file in the same folder and ``os.replace``, so a crash never
+leaves a half-written or world-readable key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from edgefl.enrollment import (
+    EnrollmentBundle,
+    EnrollmentRequest,
+    IdentityPaths,
+    read_bundle,
+    write_json_document,
+)
+from edgefl.errors import BadInputError
+
+__all__ = [
+    "EnrollmentResult",
+    "InstallResult",
+    "install_bundle",
+    "prepare_enrollment",
+]
+
+
+@dataclass(frozen=True)
+class EnrollmentResult:
+    """What :func:`prepare_enrollment` did.
+
+    Attributes:
+        request: The enrollment request (public material only).
+        request_path: Where it was written.
+        created_tls_key: A new TLS key was generated (else the existing one was kept).
+        created_node_key: A new Flower node key was generated.
+        paths: The identity files.
+    """
+
+    request: EnrollmentRequest
+    request_path: Path
+    created_tls_key: bool
+    created_node_key: bool
+    paths: IdentityPaths
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """What :func:`install_bundle` installed.
+
+    Attributes:
+        bundle: The bundle that was installed.
+        serial: Certificate serial (hexadecimal).
+        not_after: End of the certificate's validity (UTC, ISO 8601).
+        paths: The identity files.
+    """
+
+    bundle: EnrollmentBundle
+    serial: str
+    not_after: str
+    paths: IdentityPaths
+
+
+def _write_file(path: Path, data: bytes, *, mode: int) -> None:
+    """Write ``data`` atomically with ``mode`` set on the file before anything is written."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_tls_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BadInputError(
+            f"cannot load the device TLS key {path}: {exc}",
+            hint="run `edgefl agent enroll --force` to make new keys (then enroll again)",
+        ) from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise BadInputError(
+            f"{path} is a {type(key).__name__}, not an EC key",
+            hint="run `edgefl agent enroll --force` to make new keys",
+        )
+    return key
+
+
+def _load_node_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BadInputError(
+            f"cannot load the Flower node key {path}: {exc}",
+            hint="run `edgefl agent enroll --force` to make new keys (then enroll again)",
+        ) from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise BadInputError(
+            f"{path} is a {type(key).__name__}, not an ECDSA key",
+            hint="run `edgefl agent enroll --force` to make new keys",
+        )
+    return key
+
+
+def _public_der(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _csr_matches(path: Path, key: ec.EllipticCurvePrivateKey, device_id: str) -> bool:
+    try:
+        csr = x509.load_pem_x509_csr(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    cns = [a.value for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    pub = csr.public_key()
+    return (
+        cns == [device_id]
+        and isinstance(pub, ec.EllipticCurvePublicKey)
+        and _public_der(pub) == _public_der(key.public_key())
+        and csr.is_signature_valid
+    )
+
+
+def prepare_enrollment(
+    device_id: str,
+    fleet: str,
+    state_dir: Path,
+    *,
+    out: Path | None = None,
+    force: bool = False,
+) -> EnrollmentResult:
+    """Make (or reuse) the device's keys and write its enrollment request.
+
+    Idempotent: existing keys are kept unless ``force``; the CSR and the public node key
+    are re-derived from the kept keys when missing or stale (another device id).
+
+    Args:
+        device_id: The device id (CN of the CSR).
+        fleet: The device's fleet.
+        state_dir: The agent's state directory (keys go to ``<state_dir>/identity/``).
+        out: Where to write the request; default ``IdentityPaths(state_dir).request``.
+        force: Replace existing keys with new ones (the device must be admitted again).
+
+    Returns:
+        The request and what was created.
+
+    Raises:
+        BadInputError: An existing key file cannot be loaded.
+    """
+    paths = IdentityPaths(state_dir)
+    paths.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    created_tls = force or not paths.tls_key.exists()
+    if created_tls:
+        tls_key = ec.generate_private_key(ec.SECP256R1())
+        _write_file(
+            paths.tls_key,
+            tls_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+            mode=0o600,
+        )
+    else:
+        tls_key = _load_tls_key(paths.tls_key)
+
+    if created_tls or not _csr_matches(paths.csr, tls_key, device_id):
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+            .sign(tls_key, hashes.SHA256())
+        )
+        _write_file(paths.csr, csr.public_bytes(serialization.Encoding.PEM), mode=0o644)
+
+    created_node = force or not paths.node_key.exists()
+    if created_node:
+        node_key = ec.generate_private_key(ec.SECP384R1())
+        _write_file(
+            paths.node_key,
+            node_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            ),
+            mode=0o600,
+        )
+    else:
+        node_key = _load_node_key(paths.node_key)
+    node_pub = node_key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    if (
+        created_node
+        or not paths.node_public_key.is_file()
+        or (paths.node_public_key.read_bytes().strip() != node_pub)
+    ):
+        _write_file(paths.node_public_key, node_pub + b"\n", mode=0o644)
+
+    request = EnrollmentRequest(
+        device_id=device_id,
+        fleet=fleet,
+        csr_pem=paths.csr.read_text(encoding="ascii"),
+        node_public_key=node_pub.decode("ascii"),
+    )
+    request_path = out if out is not None else paths.request
+    write_json_document(request_path, request)
+    return EnrollmentResult(request, request_path, created_tls, created_node, paths)
+
+
+def _refuse(message: str, hint: str) -> BadInputError:
+    return BadInputError(message, hint=hint)
+
+
+def install_bundle(bundle_path: Path, device_id: str, fleet: str, state_dir: Path) -> InstallResult:
+    """Check a bundle against this device's keys and install its certificates.
+
+    Writes ``device.pem``, ``ca.pem`` and ``enrollment.json`` (the bundle) atomically,
+    only once every check passed.
+
+    Args:
+        bundle_path: The bundle ``edgefl server admit`` wrote.
+        device_id: This device's id (from its config).
+        fleet: This device's fleet (from its config).
+        state_dir: The agent's state directory.
+
+    Returns:
+        What was installed.
+
+    Raises:
+        BadInputError: The bundle is unreadable or belongs to another device, fleet or key,
+            its certificate's CN is not the device id, or it does not verify against the
+            bundle's CA; or the device has no TLS key yet.
+    """
+    bundle = read_bundle(bundle_path)
+    paths = IdentityPaths(state_dir)
+    readmit = "admit this device's current request (`edgefl server admit REQUEST`)"
+    if bundle.device_id != device_id:
+        raise _refuse(
+            f"{bundle_path} is for device {bundle.device_id!r}, this device is {device_id!r}",
+            "install the bundle made for this device, or check device_id in the config",
+        )
+    if bundle.fleet != fleet:
+        raise _refuse(
+            f"{bundle_path} is for fleet {bundle.fleet!r}, this device is in fleet {fleet!r}",
+            "install the bundle made for this fleet, or check fleet in the config",
+        )
+    if not paths.tls_key.is_file():
+        raise _refuse(
+            f"this device has no TLS key ({paths.tls_key})",
+            "run `edgefl agent enroll` first, then have the request admitted",
+        )
+    key = _load_tls_key(paths.tls_key)
+    try:
+        cert = x509.load_pem_x509_certificate(bundle.cert_pem.encode())
+    except ValueError as exc:
+        raise _refuse(f"{bundle_path}: cert_pem is not a PEM certificate: {exc}", readmit) from exc
+    try:
+        ca = x509.load_pem_x509_certificate(bundle.ca_pem.encode())
+    except ValueError as exc:
+        raise _refuse(f"{bundle_path}: ca_pem is not a PEM certificate: {exc}", readmit) from exc
+    cert_pub = cert.public_key()
+    if not isinstance(cert_pub, ec.EllipticCurvePublicKey) or _public_der(cert_pub) != _public_der(
+        key.public_key()
+    ):
+        raise _refuse(
+            f"the certificate in {bundle_path} is not for this device's TLS key "
+            f"({paths.tls_key}); it was issued for another request or the keys were "
+            "replaced since",
+            readmit,
+        )
+    cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if cns != [device_id]:
+        raise _refuse(
+            f"the certificate in {bundle_path} has CN {cns!r}, not the device id {device_id!r}",
+            readmit,
+        )
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise _refuse(
+            f"the certificate in {bundle_path} does not verify against its CA "
+            f"({ca.subject.rfc4514_string()}): {exc or 'bad signature'}",
+            "ask the fleet administrator for a bundle signed by the fleet CA",
+        ) from exc
+    _write_file(paths.cert, bundle.cert_pem.encode(), mode=0o644)
+    _write_file(paths.ca, bundle.ca_pem.encode(), mode=0o644)
+    write_json_document(paths.bundle, bundle)
+    not_after = cert.not_valid_after_utc.astimezone(dt.UTC).isoformat()
+    return InstallResult(bundle, f"{cert.serial_number:x}", not_after, paths)
