@@ -32,12 +32,23 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SourceRecord:
-    """One sample a source produced, ready to be enveloped."""
+    """One sample a source produced, ready to be enveloped.
+
+    Attributes:
+        stream: Stream name (last topic level).
+        kind: Envelope kind (``data``, ``telemetry``).
+        content_type: MIME type of ``body``.
+        body: The payload.
+        sample: The labelled sample behind ``body`` as ``(flat features, label)``, when the
+            source has one; the agent stores it for local training without parsing
+            ``body`` again.
+    """
 
     stream: str
     kind: str
     content_type: str
     body: bytes
+    sample: tuple[list[float], int] | None = None
 
 
 class DataSource(ABC):
@@ -135,18 +146,15 @@ class DatasetReplaySource(DataSource):
             if limit is not None and self._emitted >= limit:
                 break
             i = self._emitted % len(self._y)
-            body = {
-                "i": int(i),
-                "x": np.round(self._x[i], 5).tolist(),
-                "y": int(self._y[i]),
-                "source": self.name,
-            }
+            x = np.round(self._x[i], 5).tolist()
+            body = {"i": int(i), "x": x, "y": int(self._y[i]), "source": self.name}
             out.append(
                 SourceRecord(
                     stream=self._config.stream,
                     kind=self._config.kind,
                     content_type="application/json",
                     body=json.dumps(body, separators=(",", ":")).encode(),
+                    sample=(x, int(self._y[i])),
                 )
             )
             self._emitted += 1
