@@ -1,4 +1,4 @@
-"""The cloud registry: devices, stored records and dead letters (SQLAlchemy + alembic)."""
+"""The cloud registry: devices, enrollments, records and dead letters (SQLAlchemy + alembic)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,22 @@ from edgefl.server.registry.db import (
 )
 from edgefl.server.registry.models import (
     DEAD_LETTER_PAYLOAD_CAP,
+    ENROLLMENT_STATUSES,
     Base,
     DeadLetter,
     Device,
+    Enrollment,
     Record,
 )
 
 __all__ = [
     "DEAD_LETTER_PAYLOAD_CAP",
     "DEFAULT_DB_FILENAME",
+    "ENROLLMENT_STATUSES",
     "Base",
     "DeadLetter",
     "Device",
+    "Enrollment",
     "Record",
     "default_database_url",
     "default_state_dir",

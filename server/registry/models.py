@@ -1,7 +1,8 @@
 """Registry tables: fleet data plus federated training.
 
 Fleet: ``devices``, ``records``, ``dead_letters``. Federated training: ``fl_runs``,
-``fl_rounds``, ``privacy_ledger`` and ``fl_checkpoints``.
+``fl_rounds``, ``privacy_ledger`` and ``fl_checkpoints``. Enrollment: ``enrollments``
+(one device's certificate and Flower node registration under its device id).
 
 Timestamps are timezone-aware UTC on PostgreSQL. SQLite has no time zone type, so
 values read back there are naive and mean UTC.
@@ -32,9 +33,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "DEAD_LETTER_PAYLOAD_CAP",
+    "ENROLLMENT_STATUSES",
     "Base",
     "DeadLetter",
     "Device",
+    "Enrollment",
     "FlCheckpoint",
     "FlRound",
     "FlRun",
@@ -45,6 +48,9 @@ __all__ = [
 DEAD_LETTER_PAYLOAD_CAP: Final = 64 * 1024
 """Dead letters keep at most this many leading payload bytes (``payload_size`` keeps the
 original length)."""
+
+ENROLLMENT_STATUSES: Final = ("admitted", "revoked")
+"""Values of ``enrollments.status``."""
 
 # Explicit constraint names so alembic migrations are stable across databases.
 _NAMING = {
@@ -288,3 +294,39 @@ class FlCheckpoint(Base):
     strategy_state: Mapped[bytes] = mapped_column(LargeBinary)
     accountants_json: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Enrollment(Base):
+    """A device admitted to the fleet: its certificate and its Flower node, one device id.
+
+    The row is written in the same transaction that records both identities, so the
+    certificate's CN, the SuperLink node's name and this row's key are always the same
+    device id. A revoked row is kept (with the reason) so the device cannot come back
+    silently under the same id.
+
+    Attributes:
+        device_id: The device id (certificate CN, MQTT username, node name).
+        fleet: The fleet the device enrolled into.
+        status: ``admitted`` or ``revoked`` (:data:`ENROLLMENT_STATUSES`).
+        cert_serial: Serial of the device certificate, lowercase hexadecimal.
+        cert_pem: The device certificate the fleet CA issued.
+        node_public_key: The Flower node public key (one OpenSSH line).
+        node_id: The SuperLink's node id, decimal. Flower node ids are unsigned 64-bit,
+            which no portable integer column holds, hence a string.
+        admitted_at: When the device was admitted.
+        revoked_at: When it was revoked (None while admitted).
+        revoke_reason: Why it was revoked (empty while admitted).
+    """
+
+    __tablename__ = "enrollments"
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fleet: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    cert_serial: Mapped[str] = mapped_column(String(40), unique=True)
+    cert_pem: Mapped[str] = mapped_column(Text)
+    node_public_key: Mapped[str] = mapped_column(Text)
+    node_id: Mapped[str] = mapped_column(String(20), unique=True)
+    admitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoke_reason: Mapped[str] = mapped_column(Text, default="")
