@@ -277,6 +277,9 @@ def screen_train_replies(
     devices: dict[str, DeviceRecord],
     node_device: dict[int, str],
     exhausted: set[str],
+    *,
+    enrolled: dict[int, str] | None = None,
+    accept_plain: bool = False,
 ) -> ScreenResult:
     """Split replies into aggregatable ones and the rest, and build the ledger rows.
 
@@ -284,20 +287,62 @@ def screen_train_replies(
     ``exhausted`` (devices that refused for budget). A reply whose update is invalid is
     rejected but its privacy spend is still recorded (the device did train and send it);
     a device reporting an ε below its ledger total is flagged and rejected.
+
+    Args:
+        server_round: The round the replies belong to.
+        replies: Flower's replies.
+        expected: Parameter name -> (shape, dtype) of the global model.
+        devices: The ledger's devices (running ε totals).
+        node_device: Node id -> device id, updated.
+        exhausted: Devices that refused for budget, updated.
+        enrolled: Node id -> device id of enrolled devices (deployment): a reply whose
+            ``device-id`` is not its node's enrolled device is rejected, so one device's
+            node key cannot report (or spend ε) as another.
+        accept_plain: Aggregate replies without edgefl's privacy report (a stock Flower
+            ClientApp: arrays plus ``num-examples``). Only for runs without local DP,
+            where there is no per-device ε to account.
     """
     out = ScreenResult()
     for msg in replies:
         node = int(msg.metadata.src_node_id)
+        known = (enrolled or {}).get(node)
         if msg.has_error():
-            name = node_device.get(node, f"node-{node}")
+            name = node_device.get(node, known or f"node-{node}")
             out.failures[name] = str(msg.error.reason)[:300]
             continue
         content = msg.content
         info = content.config_records.get("edgefl")
         if info is None or "device-id" not in info:
-            out.rejected[f"node-{node}"] = "reply has no edgefl device-id"
+            name = known or node_device.get(node, f"node-{node}")
+            if not accept_plain:
+                out.rejected[name] = (
+                    "reply has no edgefl privacy report (device-id, ε): this run uses local "
+                    "DP, so only ClientApps that account for their privacy are aggregated"
+                )
+                continue
+            node_device[node] = name
+            try:
+                metrics = content.metric_records.get("metrics")
+                if metrics is None or len(content.metric_records) != 1:
+                    raise ValueError("expected exactly one MetricRecord 'metrics'")
+                if _finite_metric(metrics, "num-examples") <= 0:
+                    raise ValueError("num-examples must be > 0")
+                _check_arrays(content.array_records.get("arrays"), expected)
+                if len(content.array_records) != 1:
+                    raise ValueError("expected exactly one ArrayRecord")
+            except ValueError as exc:
+                out.rejected[name] = str(exc)
+                log.warning("round %d: rejected %s: %s", server_round, name, exc)
+                continue
+            out.accepted.append(msg)
             continue
         device = str(info["device-id"])
+        if known is not None and device != known:
+            out.rejected[known] = (
+                f"node {node} is enrolled as {known!r} but its reply claims {device!r}"
+            )
+            log.warning("round %d: rejected node %d: %s", server_round, node, out.rejected[known])
+            continue
         node_device[node] = device
         if str(info.get("status", "")) == "budget_exhausted":
             out.refused.append(device)

@@ -446,8 +446,25 @@ class FlowerAdmin:
         self._run("stop", str(run_id), CONNECTION)
 
 
-def write_run_app(directory: Path, plan: FederationPlan, *, registry_url: str, run_id: str) -> Path:
+def write_run_app(
+    directory: Path,
+    plan: FederationPlan,
+    *,
+    registry_url: str,
+    run_id: str,
+    clientapp: str = "edgefl.edge_agent.fl.clientapp:app",
+) -> Path:
     """Write the Flower app folder for one run of ``plan`` (see the module docstring).
+
+    Args:
+        directory: The app folder (created).
+        plan: The run's plan.
+        registry_url: Registry the ServerApp writes the ledger and checkpoints to.
+        run_id: edgefl's run id (resumable).
+        clientapp: The ClientApp the SuperNodes run, ``module:attribute``. A stock Flower
+            ClientApp of your own goes here (put its module in ``directory``, Flower ships
+            the folder's Python files to the SuperNodes); without edgefl's privacy report
+            its replies are only aggregated in runs without local DP.
 
     Returns:
         ``directory`` (holding ``pyproject.toml``).
@@ -471,7 +488,7 @@ def write_run_app(directory: Path, plan: FederationPlan, *, registry_url: str, r
                     "publisher": "edgefl",
                     "components": {
                         "serverapp": "edgefl.server.fl.serverapp:app",
-                        "clientapp": "edgefl.edge_agent.fl.clientapp:app",
+                        "clientapp": clientapp,
                     },
                     "config": config,
                 }

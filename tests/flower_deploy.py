@@ -1,0 +1,138 @@
+"""Helpers for tests that run a real Flower deployment: SuperLink, SuperNodes, runs.
+
+Everything here starts real processes (``flower-superlink``, ``flower-supernode``) on
+loopback with free ports, and stops only what it started, by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgefl.server.fl.superlink import FlowerAdmin, SuperLink, SuperLinkConfig, flower_env
+from edgefl.server.fleet_ca import FleetCA
+from edgefl.testing import free_port
+
+__all__ = [
+    "Deployment",
+    "SuperNodeProcess",
+    "start_deployment",
+    "wait_run_finished",
+]
+
+
+@dataclass
+class Deployment:
+    """A fleet CA and a TLS SuperLink with node authentication."""
+
+    ca: FleetCA
+    superlink: SuperLink
+    admin: FlowerAdmin
+
+    def stop(self) -> None:
+        self.superlink.stop()
+
+
+def start_deployment(workdir: Path, *, node_auth: bool = True) -> Deployment:
+    """A new fleet CA, a server certificate for 127.0.0.1 and a started SuperLink."""
+    ca = FleetCA.create(workdir / "ca")
+    server = ca.issue_server_cert(["localhost"], ["127.0.0.1"])
+    assert server.key_path is not None
+    link = SuperLink(
+        SuperLinkConfig(
+            port=0,
+            certfile=server.cert_path,
+            keyfile=server.key_path,
+            ca_file=ca.cert_path,
+            node_auth=node_auth,
+        ),
+        workdir / "superlink",
+    )
+    link.start()
+    return Deployment(ca=ca, superlink=link, admin=link.admin())
+
+
+def _node_config(values: Mapping[str, str | int | float]) -> str:
+    parts = []
+    for key, value in values.items():
+        text = f'"{value}"' if isinstance(value, str) else str(value)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+class SuperNodeProcess:
+    """One ``flower-supernode`` started directly (the agent normally supervises it)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        superlink: str,
+        *,
+        root_certificates: Path,
+        node_key: Path | None,
+        node_config: Mapping[str, str | int | float],
+    ) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / "supernode.log"
+        cmd = [
+            str(Path(sys.executable).parent / "flower-supernode"),
+            "--superlink",
+            superlink,
+            "--root-certificates",
+            str(root_certificates),
+            "--port",
+            str(free_port()),
+            "--node-config",
+            _node_config(node_config),
+        ]
+        if node_key is not None:
+            cmd += ["--auth-supernode-private-key", str(node_key)]
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=flower_env(workdir / "flwr-home"),
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the SuperNode and its ClientApp processes (a crash)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def wait_run_finished(admin: FlowerAdmin, run_id: int, timeout: float) -> str:
+    """Poll ``flwr ls`` until the run is finished; returns its status text."""
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline:
+        status = str(admin.run_info(run_id).get("status", ""))
+        if status.startswith("finished"):
+            return status
+        time.sleep(2.0)
+    raise TimeoutError(f"run {run_id} not finished after {timeout:.0f} s (status {status!r})")
