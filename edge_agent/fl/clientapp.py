@@ -4,10 +4,21 @@
 starts a new ClientApp process per message in deployment); torch and Opacus are imported
 inside the handlers. See ``edgefl.federation`` for the privacy-accounting contract.
 
-Node config: ``partition-id`` and ``num-partitions`` (set by the simulation engine, or by
-``flower-supernode --node-config``), optional ``device-id`` (default ``sim-NNN`` from the
-partition id) and ``state-dir`` (where the accountant lives on a device; without it, in
-``context.state``, which is where a simulated node keeps it).
+Node config, simulation: ``partition-id`` and ``num-partitions`` (set by the simulation
+engine, or by ``flower-supernode --node-config``), optional ``device-id`` (default
+``sim-NNN`` from the partition id) and ``state-dir`` (where the accountant lives on a
+device; without it, in ``context.state``, which is where a simulated node keeps it).
+
+Node config, a real device (what the agent's SuperNode supervisor passes):
+
+- ``data-store``: path of the agent's :class:`~edgefl.edge_agent.datastore.LocalDataStore`;
+  the device trains and evaluates on it instead of a partition (``partition-id`` and
+  ``num-partitions`` are then not needed, ``device-id`` is required);
+- ``eval-fraction`` (optional, default 0.2): the store's held-out share;
+- ``telemetry-dir`` (optional): after each train message, once the privacy state is saved,
+  one JSON document ``train-<run_id>-r<round>.json`` is written there atomically (run id,
+  round, device id, status, ε, δ, σ, sample rate, steps, examples, loss, time) for the
+  agent to send as fleet telemetry.
 
 Train reply (``RecordDict``):
 
@@ -26,9 +37,13 @@ into an error reply, which the server counts as a failure.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import re
 import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +51,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from edgefl.errors import EdgeflError
-from edgefl.federation import ClientInstructions, device_id_for, profile_for
+from edgefl.federation import ClientInstructions, DeviceProfile, device_id_for, profile_for
 
-__all__ = ["DeviceDropoutError", "app"]
+__all__ = ["DeviceDropoutError", "app", "telemetry_file_name"]
+
+logger = logging.getLogger(__name__)
 
 app = ClientApp()
 
@@ -47,8 +64,42 @@ class DeviceDropoutError(EdgeflError):
     """The simulated device dropped out of this round (its profile's dropout draw)."""
 
 
-def _node(context: Context) -> tuple[int, int, str]:
+@dataclass(frozen=True)
+class _Node:
+    """Who this node is and where its data lives (from the node config)."""
+
+    device_id: str
+    partition_id: int  # a stable per-device number on a real device (seeds only)
+    num_partitions: int  # 0 on a real device
+    data_store: Path | None
+    eval_fraction: float
+    telemetry_dir: Path | None
+
+
+def _node(context: Context) -> _Node:
     cfg = context.node_config
+    telemetry = cfg.get("telemetry-dir")
+    telemetry_dir = Path(str(telemetry)) if telemetry else None
+    store = cfg.get("data-store")
+    if store:
+        device_id = str(cfg.get("device-id") or "")
+        if not device_id:
+            raise EdgeflError(
+                "node config has data-store but no device-id",
+                hint="start the SuperNode with --node-config 'device-id=\"ID\" data-store=...'",
+            )
+        try:
+            eval_fraction = float(cfg.get("eval-fraction", 0.2))
+        except ValueError as exc:
+            raise EdgeflError(f"node config eval-fraction is not a number: {exc}") from exc
+        return _Node(
+            device_id,
+            zlib.crc32(device_id.encode()) % 1_000_003,
+            0,
+            Path(str(store)),
+            eval_fraction,
+            telemetry_dir,
+        )
     try:
         partition_id = int(cfg["partition-id"])
         num_partitions = int(cfg["num-partitions"])
@@ -58,7 +109,7 @@ def _node(context: Context) -> tuple[int, int, str]:
             hint="start the SuperNode with --node-config 'partition-id=0 num-partitions=N'",
         ) from exc
     device_id = str(cfg.get("device-id") or device_id_for(partition_id))
-    return partition_id, num_partitions, device_id
+    return _Node(device_id, partition_id, num_partitions, None, 0.2, telemetry_dir)
 
 
 def _store(context: Context) -> Any:
@@ -74,23 +125,83 @@ def _arrays_in(msg: Message) -> dict[str, Any]:
     return {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()}
 
 
-def _data(inst: ClientInstructions, partition_id: int, num_partitions: int) -> Any:
+def _data(inst: ClientInstructions, node: _Node) -> Any:
+    if node.data_store is not None:
+        from edgefl.edge_agent.datastore import LocalDataStore
+        from edgefl.zoo import get_spec
+
+        return LocalDataStore(
+            node.data_store,
+            input_shape=get_spec(inst.model).input_shape,
+            eval_fraction=node.eval_fraction,
+            create=False,
+        )
     from edgefl.edge_agent.fl.data import PartitionData
 
-    if num_partitions != inst.num_partitions:
+    if node.num_partitions != inst.num_partitions:
         raise EdgeflError(
-            f"node has num-partitions={num_partitions} but the plan has "
+            f"node has num-partitions={node.num_partitions} but the plan has "
             f"{inst.num_partitions} devices",
             hint="start as many nodes as the plan's num_devices",
         )
     return PartitionData(
         inst.dataset,
-        partition_id,
+        node.partition_id,
         inst.num_partitions,
         inst.dirichlet_alpha,
         inst.seed,
         inst.test_fraction,
     )
+
+
+def _profile(inst: ClientInstructions, node: _Node) -> DeviceProfile:
+    if node.data_store is not None:
+        return DeviceProfile()  # a real device: no simulated dropout or slowdown
+    return profile_for(inst.device_profiles(), node.partition_id, inst.num_partitions)
+
+
+def telemetry_file_name(run_id: str, server_round: int) -> str:
+    """``train-<run_id>-r<round>.json``, with characters unsafe in a file name replaced."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
+    return f"train-{safe}-r{server_round}.json"
+
+
+def _write_telemetry(
+    node: _Node,
+    inst: ClientInstructions,
+    status: str,
+    metrics: dict[str, int | float | list[int] | list[float]],
+) -> None:
+    if node.telemetry_dir is None:
+        return
+    from edgefl.files import write_text_atomic
+
+    def num(key: str) -> float | None:
+        value = metrics[key]
+        assert isinstance(value, int | float)
+        return None if value != value else float(value)  # NaN is not JSON
+
+    doc = {
+        "run_id": inst.run_id,
+        "round": inst.server_round,
+        "device_id": node.device_id,
+        "status": status,
+        "epsilon": num("epsilon"),
+        "delta": num("delta"),
+        "sigma": num("sigma"),
+        "sample_rate": num("sample-rate"),
+        "steps": int(num("steps") or 0),
+        "num_examples": int(num("num-examples") or 0),
+        "train_loss": num("train-loss"),
+        "train_time_s": num("train-time-s"),
+        "ts": time.time(),
+    }
+    try:
+        node.telemetry_dir.mkdir(parents=True, exist_ok=True)
+        path = node.telemetry_dir / telemetry_file_name(inst.run_id, inst.server_round)
+        write_text_atomic(path, json.dumps(doc, sort_keys=True) + "\n")
+    except OSError as exc:  # telemetry must never cost the round
+        logger.warning("could not write training telemetry to %s: %s", node.telemetry_dir, exc)
 
 
 def _round_seed(inst: ClientInstructions, partition_id: int) -> int:
@@ -101,8 +212,9 @@ def _round_seed(inst: ClientInstructions, partition_id: int) -> int:
 def train(msg: Message, context: Context) -> Message:
     """One round of local (DP-)training; see the module docstring for the reply."""
     inst = ClientInstructions.from_config(dict(msg.content["config"]))
-    partition_id, num_partitions, device_id = _node(context)
-    profile = profile_for(inst.device_profiles(), partition_id, inst.num_partitions)
+    node = _node(context)
+    partition_id, device_id = node.partition_id, node.device_id
+    profile = _profile(inst, node)
     draw = random.Random(f"{inst.seed}:{partition_id}:{inst.server_round}").random()
     if draw < profile.dropout:
         raise DeviceDropoutError(f"{device_id} dropped out of round {inst.server_round}")
@@ -110,7 +222,7 @@ def train(msg: Message, context: Context) -> Message:
     from edgefl.edge_agent.fl import privacy as pv
     from edgefl.edge_agent.fl.trainer import train_local
 
-    x, y = _data(inst, partition_id, num_partitions).train_arrays()
+    x, y = _data(inst, node).train_arrays()
     store = _store(context)
     state = store.load(inst.run_id)
     q, steps = pv.steps_per_round(len(x), inst.batch_size, inst.local_epochs)
@@ -150,6 +262,7 @@ def train(msg: Message, context: Context) -> Message:
         if after > inst.epsilon_cap * (1 + 1e-9):
             store.save(state)
             metrics["refused"] = 1.0
+            _write_telemetry(node, inst, "budget_exhausted", metrics)
             reason = (
                 f"{device_id}: the next round would take ε from {metrics['epsilon']:.4f} to "
                 f"{after:.4f}, past its cap {inst.epsilon_cap}"
@@ -202,6 +315,7 @@ def train(msg: Message, context: Context) -> Message:
             "train-time-s": result.train_time_s / profile.compute_speed,
         }
     )
+    _write_telemetry(node, inst, "ok", metrics)
     from flwr.app import Array, ArrayRecord
 
     return Message(
@@ -227,10 +341,11 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the device's local evaluation data."""
     inst = ClientInstructions.from_config(dict(msg.content["config"]))
-    partition_id, num_partitions, device_id = _node(context)
+    node = _node(context)
+    device_id = node.device_id
     from edgefl.edge_agent.fl.trainer import evaluate_local
 
-    x, y = _data(inst, partition_id, num_partitions).eval_arrays()
+    x, y = _data(inst, node).eval_arrays()
     acc, loss = evaluate_local(inst.model, _arrays_in(msg), x, y)
     # Devices without local evaluation data report zero examples (weight 0).
     n = len(x)

@@ -6,10 +6,9 @@ The ClientApp trains on whatever implements :class:`TrainingData`:
   training split, chosen by the node's ``partition-id``; its evaluation data is the same
   device's Dirichlet share of the held-out split. Loaded once per process and cached
   (a simulation actor serves many virtual devices).
-- On a real device the agent's local data store will implement the same protocol (the
-  samples the agent collected, with labels); that wiring belongs to the device-training
-  work and only needs a class with these two methods, selected in
-  ``edgefl.edge_agent.fl.clientapp`` when the node config names a data store.
+- :class:`edgefl.edge_agent.datastore.LocalDataStore` (a real device): the labelled
+  samples the agent's sources collected, read from its SQLite file; the ClientApp uses it
+  when the node config names a ``data-store``.
 """
 
 from __future__ import annotations
