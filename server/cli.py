@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,13 +13,23 @@ from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error
 __all__ = ["app"]
 
 app = typer.Typer(
-    help="Cloud side: MQTT ingest, the device registry and the gRPC inference service.",
+    help="Cloud side: the supervised server (broker, SuperLink, ingest), device enrollment, "
+    "federated runs, the device registry and the gRPC inference service.",
     no_args_is_help=True,
 )
 
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="Ingest config file (YAML, TOML or JSON)."),
+]
+ServerConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Server config file (YAML, TOML or JSON), the one `edgefl server start` uses. "
+        "[default: built-in defaults, state in ./edgefl-server]",
+    ),
 ]
 
 
@@ -194,3 +205,386 @@ def inference(
         on_ready=ready,
         progress=lambda what, done, total: error_console_print(f"[{done}/{total}] {what}"),
     )
+
+
+# -- the supervised server and enrollment --------------------------------------------------
+
+
+def _server_config(config: Path | None) -> Any:
+    from edgefl.config import load_config
+    from edgefl.server.serve import ServerConfig
+
+    return load_config(ServerConfig, config) if config is not None else ServerConfig()
+
+
+@dataclass
+class _Admin:
+    """What the admin commands need from a server's config: CA, registry, SuperLink."""
+
+    config: Any
+    ca: Any
+    engine: Any
+    admin: Any
+    superlink_address: str
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _connect(config: Path | None, *, need_superlink: bool = True) -> _Admin:
+    """Open the CA, the registry and a ``flwr`` wrapper from the server's config."""
+    from edgefl.errors import ConfigError
+    from edgefl.server.fl.superlink import FlowerAdmin
+    from edgefl.server.fleet_ca import FleetCA
+    from edgefl.server.registry import make_engine, upgrade
+    from edgefl.server.serve import read_runtime
+
+    cfg = _server_config(config)
+    where = f"--config {config}" if config is not None else "the default config"
+    ca_dir = cfg.resolved_ca_dir
+    if not (ca_dir / "ca.pem").exists():
+        raise ConfigError(
+            f"no fleet CA in {ca_dir} ({where})",
+            hint="start the server once with `edgefl server start"
+            + (f" --config {config}`" if config is not None else "`")
+            + ", or pass the --config it runs with",
+        )
+    ca = FleetCA.load(ca_dir)
+    upgrade(cfg.resolved_db_url)
+    engine = make_engine(cfg.resolved_db_url)
+    runtime = read_runtime(cfg.resolved_state_dir) or {}
+    sl = cfg.superlink
+    admin_address = runtime.get("superlink_admin")
+    public = runtime.get("superlink")
+    if admin_address is None:
+        if sl.port == 0 and need_superlink:
+            engine.dispose()
+            raise ConfigError(
+                f"the server of {where} is not running (no {cfg.resolved_state_dir}/server.json) "
+                "and superlink.port is 0, so its SuperLink cannot be found",
+                hint="start it with `edgefl server start`",
+            )
+        host = "127.0.0.1" if sl.host in ("0.0.0.0", "::") else sl.host
+        admin_address = f"{host}:{sl.port}"
+        public = sl.public_address or f"{sl.host}:{sl.port}"
+    admin = FlowerAdmin(
+        str(admin_address),
+        cfg.resolved_state_dir / "admin-flwr-home",
+        root_certificates=None if sl.insecure else ca.cert_path,
+        insecure=sl.insecure,
+    )
+    return _Admin(cfg, ca, engine, admin, str(public))
+
+
+@app.command()
+@exits_on_error
+def start(
+    config: ServerConfigOption = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON line when ready (addresses, ports, PIDs)."),
+    ] = False,
+) -> None:
+    """Run the fleet CA, registry, mosquitto, flower-superlink and the ingest until SIGTERM.
+
+    Children that die are restarted with backoff; the broker restarts when the CRL
+    changes (a revocation). Start-up progress goes to stderr.
+    """
+    import json
+
+    from edgefl.clikit import error_console_print
+    from edgefl.server.serve import Server
+
+    server = Server(_server_config(config), progress=error_console_print)
+
+    def ready(srv: Server) -> None:
+        info = srv.info()
+        if as_json:
+            # One line, so a supervisor can read it with readline() while we keep running.
+            typer.echo(json.dumps(info, sort_keys=True))
+            return
+        broker = info["broker"]
+        typer.echo(
+            f"edgefl server ready: SuperLink {info['superlink']}, "
+            f"broker {broker['host']}:{broker['port']}"
+            f"{'' if broker['managed'] else ' (external)'}, registry {info['db_url']}, "
+            f"CA {info['ca_dir']}"
+        )
+
+    server.run(on_ready=ready)
+
+
+@app.command()
+@exits_on_error
+def admit(
+    request: Annotated[
+        Path, typer.Argument(help="The enrollment request `edgefl agent enroll` wrote.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the bundle. [default: <device_id>.bundle.json]"),
+    ] = None,
+    readmit: Annotated[
+        bool,
+        typer.Option("--readmit", help="Admit a revoked device again (it must have new keys)."),
+    ] = False,
+    config: ServerConfigOption = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Admit a device: sign its CSR, register its node key, record both; write its bundle.
+
+    Give the bundle to the device: `edgefl agent enroll --install BUNDLE`.
+    """
+    from edgefl.enrollment import read_request, write_json_document
+    from edgefl.server.enrollment import admit as admit_device
+
+    req = read_request(request)
+    ctx = _connect(config)
+    try:
+        bundle = admit_device(
+            req,
+            ca=ctx.ca,
+            admin=ctx.admin,
+            engine=ctx.engine,
+            superlink_address=ctx.superlink_address,
+            readmit=readmit,
+        )
+    finally:
+        ctx.close()
+    target = out if out is not None else Path(f"{req.device_id}.bundle.json")
+    write_json_document(target, bundle)
+    summary = {
+        "device_id": bundle.device_id,
+        "fleet": bundle.fleet,
+        "node_id": bundle.node_id,
+        "cert_serial": bundle.cert_serial,
+        "superlink": bundle.superlink,
+        "bundle": str(target),
+    }
+    if as_json:
+        emit_json(summary)
+        return
+    typer.echo(
+        f"admitted {bundle.device_id} (fleet {bundle.fleet}): node {bundle.node_id}, "
+        f"certificate serial {bundle.cert_serial}; bundle written to {target}\n"
+        f"on the device: edgefl agent enroll --install {target.name}"
+    )
+
+
+@app.command()
+@exits_on_error
+def revoke(
+    device: Annotated[str, typer.Argument(help="The device id to revoke.")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the registry).")] = "",
+    config: ServerConfigOption = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Revoke a device: its certificate (CRL), its SuperLink node, its registry row.
+
+    A running `edgefl server start` restarts its broker on the new CRL, which ends the
+    device's MQTT access. Run it again if it failed half-way: it finishes the job.
+    """
+    from edgefl.server.enrollment import revoke as revoke_device
+
+    ctx = _connect(config)
+    try:
+        result = revoke_device(device, reason, ca=ctx.ca, admin=ctx.admin, engine=ctx.engine)
+    finally:
+        ctx.close()
+    info = result.enrollment.to_dict()
+    if as_json:
+        emit_json(
+            {
+                **info,
+                "already_revoked": result.already_revoked,
+                "node_was_registered": result.node_was_registered,
+                "crl": str(ctx.ca.crl_path),
+            }
+        )
+        return
+    typer.echo(
+        f"revoked {device}: certificate serial {info['cert_serial']} is in {ctx.ca.crl_path}, "
+        f"node {info['node_id']} unregistered"
+        + (" (it was already revoked; every step re-checked)" if result.already_revoked else "")
+    )
+
+
+@app.command()
+@exits_on_error
+def enrollments(
+    config: ServerConfigOption = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """List enrolled devices: status, node id, certificate serial, dates."""
+    from edgefl.server.enrollment import list_enrollments
+
+    ctx = _connect(config, need_superlink=False)
+    try:
+        rows = [e.to_dict() for e in list_enrollments(ctx.engine)]
+    finally:
+        ctx.close()
+    if as_json:
+        emit_json({"enrollments": rows})
+        return
+    if not rows:
+        typer.echo("no enrolled devices (admit one with `edgefl server admit REQUEST`)")
+    for row in rows:
+        extra = f"  revoked {row['revoked_at']} {row['revoke_reason']}" if row["revoked_at"] else ""
+        typer.echo(
+            f"{row['device_id']:<24} {row['status']:<9} fleet {row['fleet']:<12} "
+            f"node {row['node_id']:<20} serial {row['cert_serial']}  "
+            f"admitted {row['admitted_at']}{extra}"
+        )
+
+
+@app.command()
+@exits_on_error
+def train(
+    plan: Annotated[Path, typer.Option("--plan", help="Federation plan (TOML, YAML or JSON).")],
+    config: ServerConfigOption = None,
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="Our run id (an existing one resumes).")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for the run; print rounds and ε per device.")
+    ] = False,
+    poll_s: Annotated[float, typer.Option(help="Seconds between status checks.")] = 3.0,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Start a federated run of PLAN on the server's SuperLink (edgefl's ServerApp/ClientApp).
+
+    Devices take part through their agents' SuperNodes. With --wait, follow it until it
+    finishes, then print the registry's rounds and each device's ε from the ledger.
+    """
+    import re
+
+    from edgefl.clikit import error_console_print
+    from edgefl.config import load_config
+    from edgefl.errors import BadInputError
+    from edgefl.federation import FederationPlan
+    from edgefl.server.fl.ledger import new_run_id
+    from edgefl.server.fl.superlink import write_run_app
+
+    fed_plan = load_config(FederationPlan, plan)
+    rid = run_id or new_run_id()
+    if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", rid) is None:
+        raise BadInputError(
+            f"invalid run id {rid!r}", hint="use 1 to 64 characters from A-Z a-z 0-9 _ . -"
+        )
+    ctx = _connect(config)
+    try:
+        run_dir = ctx.config.resolved_state_dir / "runs" / rid
+        app_dir = write_run_app(
+            run_dir / "app", fed_plan, registry_url=ctx.config.resolved_db_url, run_id=rid
+        )
+        flower_run_id = ctx.admin.submit_run(app_dir)
+        (run_dir / "flower-run-id").write_text(f"{flower_run_id}\n", encoding="utf-8")
+        submitted = {
+            "run_id": rid,
+            "flower_run_id": flower_run_id,
+            "app_dir": str(app_dir),
+            "db_url": ctx.config.resolved_db_url,
+        }
+        if not wait:
+            if as_json:
+                emit_json(submitted)
+            else:
+                typer.echo(
+                    f"submitted run {rid} (Flower run {flower_run_id}); follow it with "
+                    f"`edgefl server train ... --wait` or `flwr ls`"
+                )
+            return
+        error_console_print(f"submitted run {rid} (Flower run {flower_run_id}); waiting")
+        status = _wait_for_run(ctx, flower_run_id, rid, fed_plan.rounds, poll_s)
+    finally:
+        ctx.close()
+    _report_run(submitted, status, as_json)
+
+
+def _rounds_done(db_url: str, run_id: str) -> int:
+    from edgefl.errors import EdgeflError
+    from edgefl.server.fl.ledger import FlStore
+
+    try:
+        store = FlStore(db_url)
+    except EdgeflError:
+        return 0
+    try:
+        return len(store.result(run_id).rounds)
+    except EdgeflError:
+        return 0
+    finally:
+        store.close()
+
+
+def _wait_for_run(ctx: _Admin, flower_run_id: int, run_id: str, rounds: int, poll_s: float) -> str:
+    import time
+
+    from edgefl.clikit import error_console_print
+
+    last = ""
+    while True:
+        info = ctx.admin.run_info(flower_run_id)
+        status = str(info.get("status", "unknown"))
+        done = _rounds_done(ctx.config.resolved_db_url, run_id)
+        line = f"run {run_id}: {status}, round {done}/{rounds} committed"
+        if line != last:
+            error_console_print(line)
+            last = line
+        if status.startswith("finished"):
+            return status
+        time.sleep(poll_s)
+
+
+def _report_run(submitted: dict[str, Any], status: str, as_json: bool) -> None:
+    from edgefl.errors import EdgeflError
+    from edgefl.server.fl.ledger import load_result
+
+    run_id = str(submitted["run_id"])
+    result = load_result(str(submitted["db_url"]), run_id) if _has_run(submitted) else None
+    if as_json:
+        emit_json(
+            {
+                **submitted,
+                "flower_status": status,
+                "result": result.to_dict() if result is not None else None,
+            }
+        )
+    else:
+        typer.echo(f"run {run_id} (Flower run {submitted['flower_run_id']}): {status}")
+        if result is not None:
+            typer.echo(
+                f"{'round':>5} {'accuracy':>9} {'loss':>8} {'replies':>9} {'ε max':>7} {'s':>6}"
+            )
+            for r in result.rounds:
+                typer.echo(
+                    f"{r.round:>5} {r.accuracy:>9.4f} {r.loss:>8.4f} "
+                    f"{r.num_replies:>4}/{r.num_selected:<4} {r.epsilon_max:>7.3f} {r.wall_s:>6.1f}"
+                )
+            for device, eps in result.epsilon_per_device.items():
+                typer.echo(f"ε {device:<24} {eps:.4f}")
+            if result.central_epsilon is not None:
+                typer.echo(f"central ε {result.central_epsilon:.4f}")
+    if status != "finished:completed":
+        raise EdgeflError(
+            f"Flower run {submitted['flower_run_id']} ended {status}",
+            hint=f"see `flwr log {submitted['flower_run_id']}` and the SuperLink log in the "
+            "server's state_dir/superlink/",
+        )
+
+
+def _has_run(submitted: dict[str, Any]) -> bool:
+    from edgefl.errors import EdgeflError
+    from edgefl.server.fl.ledger import FlStore
+
+    try:
+        store = FlStore(str(submitted["db_url"]))
+    except EdgeflError:
+        return False
+    try:
+        store.result(str(submitted["run_id"]))
+        return True
+    except EdgeflError:
+        return False
+    finally:
+        store.close()

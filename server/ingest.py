@@ -24,12 +24,14 @@ from __future__ import annotations
 import logging
 import queue
 import signal
+import ssl
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from types import FrameType
 from typing import Any, Final
 
@@ -39,7 +41,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from pydantic import Field
+from pydantic import Field, model_validator
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
@@ -88,6 +90,15 @@ class IngestConfig(StrictModel):
     )
     username: str | None = Field(None, description="Broker user name, if the broker wants one.")
     password: str | None = Field(None, description="Broker password (with username).")
+    ca_file: Path | None = Field(
+        None, description="CA certificate that signed the broker's certificate: enables TLS."
+    )
+    cert_file: Path | None = Field(
+        None,
+        description="Client certificate for mutual TLS (the fleet CA's edgefl-server "
+        "service certificate; the broker takes its CN as the user name).",
+    )
+    key_file: Path | None = Field(None, description="Private key of cert_file.")
     db_url: str = Field(
         default_factory=default_database_url,
         description="Registry database URL; default sqlite:///<state dir>/edgefl.db.",
@@ -118,6 +129,14 @@ class IngestConfig(StrictModel):
     batch_max: int = Field(
         500, ge=1, le=10_000, description="Most messages stored in one DB transaction."
     )
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> IngestConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.cert_file is not None and self.ca_file is None:
+            raise ValueError("cert_file needs ca_file (the CA of the broker's certificate)")
+        return self
 
 
 def subscription_topics(fleet: str = "+") -> list[str]:
@@ -359,6 +378,20 @@ class Ingest:
         )
         if self.config.username is not None:
             client.username_pw_set(self.config.username, self.config.password)
+        if self.config.ca_file is not None:
+            try:
+                client.tls_set(
+                    ca_certs=str(self.config.ca_file),
+                    certfile=str(self.config.cert_file) if self.config.cert_file else None,
+                    keyfile=str(self.config.key_file) if self.config.key_file else None,
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"ingest TLS files unusable ({self.config.ca_file}, "
+                    f"{self.config.cert_file}, {self.config.key_file}): {exc}",
+                    hint="point ca_file/cert_file/key_file at the fleet CA and the "
+                    "edgefl-server service certificate",
+                ) from exc
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe

@@ -1,0 +1,694 @@
+"""``edgefl server start``: the cloud side of a deployment, supervised in one process.
+
+:class:`Server` prepares and then supervises:
+
+- the **fleet CA** (``ca_dir``; created on first start with a TLS server certificate for
+  the configured host names and IPs, and the ``edgefl-server`` service certificate the
+  ingest authenticates with);
+- the **registry** (``db_url``; migrated to head at start);
+- a **mosquitto** broker running the shipped configuration (``deploy/mosquitto/``:
+  mutual TLS, ACL, CRL, persistence), unless ``broker.enabled`` is false and an external
+  broker is used;
+- a **flower-superlink** with TLS, SuperNode authentication and an on-disk database;
+- the **MQTT ingest**, in this process, authenticated with the service certificate.
+
+A child process that dies is restarted after an exponential backoff with jitter
+(:func:`edgefl.edge_agent.mqtt_link.backoff_delay`, the one retry curve of the project).
+The CA's ``crl.pem`` is watched: mosquitto 2.0 reads its ``crlfile`` only at start-up,
+so when ``edgefl server revoke`` rewrites the CRL the broker is restarted (gracefully, so
+its persistence file keeps queued messages) and the revoked device's certificate is
+refused from then on. SIGTERM or SIGINT stops everything.
+
+While running, ``<state_dir>/server.json`` holds the addresses, ports and PIDs, so the
+admin commands (``edgefl server admit`` ...) find a SuperLink whose port was picked at
+start (``port: 0``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any, Protocol
+
+from cryptography import x509
+from pydantic import Field, field_validator
+
+from edgefl.config import StrictModel
+from edgefl.edge_agent.mqtt_link import backoff_delay
+from edgefl.errors import ConfigError, EdgeflError
+from edgefl.files import write_text_atomic
+from edgefl.server.broker_config import render_mosquitto_config
+from edgefl.server.fl.superlink import FlowerAdmin, SuperLink, SuperLinkConfig
+from edgefl.server.fleet_ca import SERVER_IDENTITY, FleetCA
+from edgefl.server.ingest import Ingest, IngestConfig
+from edgefl.server.registry.db import DEFAULT_DB_FILENAME, upgrade
+
+__all__ = [
+    "RUNTIME_FILE",
+    "BrokerConfig",
+    "BrokerError",
+    "MosquittoBroker",
+    "Server",
+    "ServerConfig",
+    "ServerIngestConfig",
+    "read_runtime",
+]
+
+log = logging.getLogger(__name__)
+
+RUNTIME_FILE = "server.json"
+"""Written into ``state_dir`` while the server runs (addresses, ports, PIDs)."""
+
+
+class BrokerError(EdgeflError):
+    """mosquitto did not start or died at start-up."""
+
+
+class BrokerConfig(StrictModel):
+    """The MQTT broker (``broker:`` section)."""
+
+    enabled: bool = Field(
+        True,
+        description="Run mosquitto with the shipped config; false: use an external broker "
+        "at host:port (it must trust the fleet CA and read its CRL).",
+    )
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the broker listens on (an IP), and what the ingest dials.",
+    )
+    port: int = Field(8883, ge=0, le=65535, description="Mutual-TLS port; 0 picks a free one.")
+    data_dir: Path | None = Field(
+        None, description="Persistence folder (default <state_dir>/broker)."
+    )
+    executable: str = Field("mosquitto", description="mosquitto binary (name or path).")
+    run_as_user: str | None = Field(
+        None,
+        description="User mosquitto runs as (default: the user running the server, who "
+        "can read the keys in state_dir).",
+    )
+
+
+class ServerIngestConfig(IngestConfig):
+    """The MQTT ingest (``ingest:`` section): :class:`IngestConfig` plus ``enabled``.
+
+    ``broker_host``/``broker_port``, ``db_url`` and the TLS files default to the server's
+    broker, registry and the CA's ``edgefl-server`` service certificate.
+    """
+
+    enabled: bool = Field(True, description="Run the ingest in the server process.")
+
+
+class ServerConfig(StrictModel):
+    """``edgefl server start`` settings (YAML, TOML or JSON; unknown keys are errors)."""
+
+    state_dir: Path = Field(
+        Path("edgefl-server"), description="Everything the server keeps (relative: to cwd)."
+    )
+    ca_dir: Path | None = Field(None, description="The fleet CA (default <state_dir>/ca).")
+    hostnames: list[str] = Field(
+        default_factory=lambda: ["localhost"],
+        description="DNS names in the server certificate (broker and SuperLink).",
+    )
+    ips: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1"],
+        description="IP addresses in the server certificate.",
+    )
+    db_url: str | None = Field(
+        None, description=f"Registry URL (default sqlite:///<state_dir>/{DEFAULT_DB_FILENAME})."
+    )
+    superlink: SuperLinkConfig = Field(default_factory=lambda: SuperLinkConfig())
+    broker: BrokerConfig = Field(default_factory=lambda: BrokerConfig())
+    ingest: ServerIngestConfig = Field(default_factory=lambda: ServerIngestConfig())
+    restart_min_s: float = Field(1.0, gt=0, description="First restart delay of a child.")
+    restart_max_s: float = Field(30.0, gt=0, description="Cap on the restart delay.")
+    stable_after_s: float = Field(
+        30.0, gt=0, description="A child up this long has its restart delay reset."
+    )
+    crl_poll_s: float = Field(1.0, gt=0, description="How often crl.pem is checked.")
+
+    @field_validator("ips")
+    @classmethod
+    def _ips_parse(cls, value: list[str]) -> list[str]:
+        for ip in value:
+            ipaddress.ip_address(ip)
+        return value
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        """``state_dir`` as an absolute path."""
+        return self.state_dir.expanduser().resolve()
+
+    @property
+    def resolved_ca_dir(self) -> Path:
+        """``ca_dir`` (or its default) as an absolute path."""
+        return (self.ca_dir or self.resolved_state_dir / "ca").expanduser().resolve()
+
+    @property
+    def resolved_db_url(self) -> str:
+        """``db_url`` or the SQLite default inside ``state_dir``."""
+        return self.db_url or f"sqlite:///{self.resolved_state_dir / DEFAULT_DB_FILENAME}"
+
+
+def read_runtime(state_dir: Path) -> dict[str, Any] | None:
+    """The running server's ``server.json`` (see :data:`RUNTIME_FILE`), or ``None``."""
+    try:
+        data = json.loads((Path(state_dir) / RUNTIME_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _dial_host(host: str) -> str:
+    """Where to connect to reach a listener bound to ``host`` on this machine."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+class MosquittoBroker:
+    """One mosquitto running the shipped config (rendered into ``workdir``).
+
+    Args:
+        workdir: Folder for the config, the log and (by default) persistence.
+        ca: The fleet CA (``cafile``, ``crlfile``).
+        certfile: The broker's server certificate.
+        keyfile: Its key.
+        config: Host, port, binary and user.
+    """
+
+    def __init__(
+        self, workdir: Path, ca: FleetCA, certfile: Path, keyfile: Path, config: BrokerConfig
+    ) -> None:
+        exe = shutil.which(config.executable)
+        if (
+            exe is None
+            and Path("/usr/sbin/mosquitto").exists()
+            and config.executable == ("mosquitto")
+        ):
+            exe = "/usr/sbin/mosquitto"
+        if exe is None:
+            raise ConfigError(
+                f"mosquitto binary {config.executable!r} not found",
+                hint="install mosquitto (apt-get install mosquitto), set broker.executable, "
+                "or set broker.enabled: false to use an external broker",
+            )
+        self.exe = exe
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.host = config.host
+        self.port = config.port or _free_port(config.host)
+        data_dir = (config.data_dir or self.workdir / "data").expanduser().resolve()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.conf_path = self.workdir / "mosquitto.conf"
+        self.log_path = self.workdir / "mosquitto.log"
+        text = render_mosquitto_config(
+            port=self.port,
+            cafile=ca.cert_path.resolve(),
+            certfile=certfile.resolve(),
+            keyfile=keyfile.resolve(),
+            crlfile=ca.crl_path.resolve(),
+            data_dir=data_dir,
+            bind_address=config.host,
+            run_as_user=config.run_as_user or getpass.getuser(),
+        )
+        write_text_atomic(self.conf_path, text)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the running broker."""
+        return self._proc.pid if self._proc is not None else None
+
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start mosquitto and wait until it accepts connections.
+
+        Raises:
+            BrokerError: The port is taken, or mosquitto exited or did not listen in time.
+        """
+        if self.running():
+            return
+        self._reap()
+        dial = _dial_host(self.host)
+        if _port_open(dial, self.port):
+            raise BrokerError(
+                f"broker port {self.host}:{self.port} is already in use",
+                hint="stop what listens there or choose another broker.port",
+            )
+        self._log = self.log_path.open("ab")
+        self._proc = subprocess.Popen(
+            [self.exe, "-c", str(self.conf_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C in our terminal is ours to handle
+        )
+        log.info("started mosquitto pid %d on %s:%d", self._proc.pid, self.host, self.port)
+        deadline = time.monotonic() + timeout
+        while not _port_open(dial, self.port):
+            code = self._proc.poll()
+            if code is not None:
+                raise BrokerError(
+                    f"mosquitto exited with code {code} at start-up: {self._last_line()}",
+                    hint=f"see {self.log_path}",
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise BrokerError(
+                    f"mosquitto did not listen on {self.host}:{self.port} within {timeout:g} s",
+                    hint=f"see {self.log_path}",
+                )
+            time.sleep(0.05)
+
+    def _last_line(self) -> str:
+        try:
+            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return ""
+        return lines[-1].strip() if lines else ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (mosquitto saves its persistence file), SIGKILL after ``timeout``."""
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL at once."""
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            self._proc = None
+        if self._proc is None and self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class _Child(Protocol):
+    @property
+    def pid(self) -> int | None: ...
+
+    def running(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class _Supervised:
+    name: str
+    child: _Child
+    attempt: int = 0
+    started_at: float = 0.0
+    restart_at: float | None = None
+    restarts: int = 0
+    last_error: str = ""
+    history: list[float] = field(default_factory=list)
+
+
+class Server:
+    """The cloud side, in-process (see the module docstring).
+
+    ``Server(config).start()`` returns once everything is up; :meth:`stop` ends it.
+    :meth:`run` does both around a wait for SIGTERM/SIGINT.
+
+    Args:
+        config: Validated settings.
+        progress: Called with a short line for each start-up step (stderr in the CLI).
+    """
+
+    def __init__(
+        self, config: ServerConfig, *, progress: Callable[[str], None] | None = None
+    ) -> None:
+        self.config = config
+        self.state_dir = config.resolved_state_dir
+        self.ca_dir = config.resolved_ca_dir
+        self.db_url = config.resolved_db_url
+        self._progress = progress or (lambda line: log.info("%s", line))
+        self._ca: FleetCA | None = None
+        self.superlink: SuperLink | None = None
+        self.broker: MosquittoBroker | None = None
+        self.ingest: Ingest | None = None
+        self._children: list[_Supervised] = []
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._crl_stamp: tuple[int, int] | None = None
+        self.broker_restarts_for_crl = 0
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def ca(self) -> FleetCA:
+        """The fleet CA (after :meth:`start`)."""
+        if self._ca is None:
+            raise RuntimeError("Server.start() has not run")
+        return self._ca
+
+    @property
+    def superlink_address(self) -> str:
+        """``host:port`` devices dial for the SuperLink."""
+        if self.superlink is None:
+            raise RuntimeError("Server.start() has not run")
+        return self.superlink.public_address
+
+    @property
+    def superlink_admin_address(self) -> str:
+        """``host:port`` the admin commands on this machine use."""
+        if self.superlink is None:
+            raise RuntimeError("Server.start() has not run")
+        return f"{_dial_host(self.superlink.config.host)}:{self.superlink.port}"
+
+    @property
+    def broker_port(self) -> int:
+        """Port of the broker (ours or the external one)."""
+        return self.broker.port if self.broker is not None else self.config.broker.port
+
+    @property
+    def broker_host(self) -> str:
+        """Host the broker is reached at."""
+        return _dial_host(self.config.broker.host)
+
+    def admin(self, home: Path | None = None) -> FlowerAdmin:
+        """A ``flwr`` wrapper for the SuperLink (own ``FLWR_HOME`` under ``state_dir``)."""
+        insecure = self.config.superlink.insecure
+        return FlowerAdmin(
+            self.superlink_admin_address,
+            home or self.state_dir / "admin-flwr-home",
+            root_certificates=None if insecure else self.ca.cert_path,
+            insecure=insecure,
+        )
+
+    def pids(self) -> dict[str, int | None]:
+        """PID of every child process, and of this process (``server``)."""
+        with self._lock:
+            out: dict[str, int | None] = {s.name: s.child.pid for s in self._children}
+        out["server"] = os.getpid()
+        return out
+
+    def restarts(self) -> dict[str, int]:
+        """How often each child was restarted after it died (CRL restarts excluded)."""
+        with self._lock:
+            return {s.name: s.restarts for s in self._children}
+
+    def info(self) -> dict[str, Any]:
+        """What ``edgefl server start --json`` prints when ready."""
+        return {
+            "state_dir": str(self.state_dir),
+            "ca_dir": str(self.ca_dir),
+            "ca_file": str(self.ca.cert_path),
+            "db_url": self.db_url,
+            "superlink": self.superlink_address,
+            "superlink_admin": self.superlink_admin_address,
+            "broker": {
+                "host": self.broker_host,
+                "port": self.broker_port,
+                "managed": self.broker is not None,
+            },
+            "ingest": self.ingest is not None,
+            "pids": self.pids(),
+        }
+
+    # -- start / stop -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Prepare the CA and registry, start the broker, SuperLink and ingest, supervise.
+
+        Raises:
+            ConfigError: Bad settings, an unusable CA or registry.
+            BrokerError: mosquitto did not start.
+            SuperLinkError: flower-superlink did not start.
+        """
+        if self._supervisor is not None:
+            raise RuntimeError("Server.start() called twice")
+        self._stopping.clear()
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        cfg = self.config
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._progress(f"[1/5] fleet CA in {self.ca_dir}")
+        self._ca = self._prepare_ca()
+        server_cert = self.ca_dir / "server" / "cert.pem"
+        server_key = self.ca_dir / "server" / "key.pem"
+        self._progress("[2/5] registry: migrating to head")
+        upgrade(self.db_url)
+
+        if cfg.broker.enabled:
+            self._progress("[3/5] mosquitto (mutual TLS, ACL, CRL, persistence)")
+            self.broker = MosquittoBroker(
+                self.state_dir / "broker", self.ca, server_cert, server_key, cfg.broker
+            )
+            self.broker.start()
+            self._supervise("broker", self.broker)
+        else:
+            self._progress(f"[3/5] external broker at {cfg.broker.host}:{cfg.broker.port}")
+        self._crl_stamp = self._crl_state()
+
+        sl_cfg = cfg.superlink
+        if not sl_cfg.insecure and sl_cfg.certfile is None:
+            sl_cfg = sl_cfg.model_copy(
+                update={
+                    "certfile": server_cert,
+                    "keyfile": server_key,
+                    "ca_file": self.ca.cert_path,
+                }
+            )
+        if sl_cfg.database is None:
+            sl_cfg = sl_cfg.model_copy(update={"database": self.state_dir / "superlink.db"})
+        self._progress("[4/5] flower-superlink (TLS, node authentication, on-disk state)")
+        self.superlink = SuperLink(sl_cfg, self.state_dir / "superlink")
+        self.superlink.start()
+        self._supervise("superlink", self.superlink)
+
+        if cfg.ingest.enabled:
+            self._progress(f"[5/5] MQTT ingest as {SERVER_IDENTITY}")
+            self.ingest = Ingest(self._ingest_config())
+            self.ingest.start()
+            if not self.ingest.wait_ready(30.0):
+                log.warning("the ingest is not subscribed yet; it keeps retrying")
+        else:
+            self._progress("[5/5] ingest disabled")
+        self._write_runtime()
+        self._supervisor = threading.Thread(
+            target=self._watch, name="edgefl-server-supervisor", daemon=True
+        )
+        self._supervisor.start()
+
+    def _prepare_ca(self) -> FleetCA:
+        cfg = self.config
+        if (self.ca_dir / "ca.pem").exists():
+            ca = FleetCA.load(self.ca_dir)
+        else:
+            ca = FleetCA.create(self.ca_dir)
+        if not self._server_cert_matches():
+            ca.issue_server_cert(cfg.hostnames, cfg.ips)
+        service = self.ca_dir / "services" / SERVER_IDENTITY
+        if not (service / "cert.pem").exists() or not (service / "key.pem").exists():
+            ca.issue_service_cert(SERVER_IDENTITY)
+        return ca
+
+    def _server_cert_matches(self) -> bool:
+        """Whether the existing server certificate names exactly the configured hosts."""
+        try:
+            cert = x509.load_pem_x509_certificate(
+                (self.ca_dir / "server" / "cert.pem").read_bytes()
+            )
+            if not (self.ca_dir / "server" / "key.pem").exists():
+                return False
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except (OSError, ValueError, x509.ExtensionNotFound):
+            return False
+        dns = set(san.get_values_for_type(x509.DNSName))
+        ips = {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+        wanted_ips = {str(ipaddress.ip_address(ip)) for ip in self.config.ips}
+        return dns == set(self.config.hostnames) and ips == wanted_ips
+
+    def _ingest_config(self) -> IngestConfig:
+        section = self.config.ingest
+        data = section.model_dump(exclude={"enabled"}, exclude_unset=True)
+        service = self.ca_dir / "services" / SERVER_IDENTITY
+        data.setdefault("broker_host", self.broker_host)
+        data.setdefault("broker_port", self.broker_port)
+        data.setdefault("db_url", self.db_url)
+        data.setdefault("migrate", False)  # done at start
+        if "ca_file" not in data:
+            data["ca_file"] = self.ca.cert_path
+            data.setdefault("cert_file", service / "cert.pem")
+            data.setdefault("key_file", service / "key.pem")
+        try:
+            return IngestConfig.model_validate(data)
+        except ValueError as exc:
+            raise ConfigError(f"ingest: {exc}") from exc
+
+    def _supervise(self, name: str, child: _Child) -> None:
+        with self._lock:
+            self._children.append(_Supervised(name, child, started_at=time.monotonic()))
+
+    def _write_runtime(self) -> None:
+        write_text_atomic(
+            self.state_dir / RUNTIME_FILE, json.dumps(self.info(), indent=2, sort_keys=True) + "\n"
+        )
+
+    def stop(self) -> None:
+        """Stop the ingest, the SuperLink and the broker (idempotent)."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(10.0)
+            self._supervisor = None
+        if self.ingest is not None:
+            try:
+                self.ingest.stop()
+            except Exception:  # stopping the rest matters more
+                log.exception("stopping the ingest failed")
+            self.ingest = None
+        with self._lock:
+            children = list(reversed(self._children))
+        for sup in children:
+            try:
+                sup.child.stop()
+            except Exception:
+                log.exception("stopping %s failed", sup.name)
+        (self.state_dir / RUNTIME_FILE).unlink(missing_ok=True)
+        log.info("server stopped")
+
+    def run(self, on_ready: Callable[[Server], None] | None = None) -> None:
+        """Start, call ``on_ready``, wait for SIGTERM/SIGINT (main thread) or :meth:`stop`.
+
+        Raises:
+            ConfigError: See :meth:`start`.
+            BrokerError: See :meth:`start`.
+            SuperLinkError: See :meth:`start`.
+        """
+        if threading.current_thread() is threading.main_thread():
+
+            def _on_signal(signum: int, _frame: FrameType | None) -> None:
+                log.info("server got signal %d, stopping", signum)
+                self._stopping.set()
+
+            signal.signal(signal.SIGTERM, _on_signal)
+            signal.signal(signal.SIGINT, _on_signal)
+        self.start()
+        try:
+            if on_ready is not None:
+                on_ready(self)
+            while not self._stopping.wait(0.5):
+                pass
+        finally:
+            self.stop()
+
+    # -- supervision ------------------------------------------------------------------
+
+    def _crl_state(self) -> tuple[int, int] | None:
+        try:
+            st = (self.ca_dir / "crl.pem").stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ino)
+
+    def _watch(self) -> None:
+        next_crl = time.monotonic()
+        while not self._stopping.wait(0.2):
+            now = time.monotonic()
+            try:
+                self._check_children(now)
+                if now >= next_crl:
+                    next_crl = now + self.config.crl_poll_s
+                    self._check_crl()
+            except Exception:  # the supervisor must not die
+                log.exception("supervisor step failed")
+
+    def _check_children(self, now: float) -> None:
+        cfg = self.config
+        with self._lock:
+            children = list(self._children)
+        for sup in children:
+            if self._stopping.is_set():
+                return
+            if sup.child.running():
+                if sup.attempt and now - sup.started_at >= cfg.stable_after_s:
+                    sup.attempt = 0
+                continue
+            if sup.restart_at is None:
+                delay = backoff_delay(sup.attempt, cfg.restart_min_s, cfg.restart_max_s)
+                sup.restart_at = now + delay
+                log.error("%s (pid %s) died; restarting in %.1f s", sup.name, sup.child.pid, delay)
+                continue
+            if now < sup.restart_at:
+                continue
+            sup.restart_at = None
+            sup.attempt += 1
+            try:
+                with self._lock:
+                    sup.child.stop()  # reap it, close its log, kill leftovers
+                    sup.child.start()
+                sup.started_at = time.monotonic()
+                sup.restarts += 1
+                sup.history.append(time.time())
+                log.warning("restarted %s (pid %s)", sup.name, sup.child.pid)
+                self._write_runtime()
+            except EdgeflError as exc:
+                sup.last_error = str(exc)
+                log.error("restarting %s failed: %s", sup.name, exc)
+
+    def _check_crl(self) -> None:
+        stamp = self._crl_state()
+        if stamp == self._crl_stamp:
+            return
+        self._crl_stamp = stamp
+        if self.broker is None:
+            log.warning("crl.pem changed: reload the external broker so it refuses revoked devices")
+            return
+        log.warning("crl.pem changed: restarting the broker so it reads the new CRL")
+        with self._lock:
+            self.broker.stop()
+            try:
+                self.broker.start()
+            except EdgeflError as exc:
+                log.error("broker restart after the CRL change failed: %s", exc)
+        self.broker_restarts_for_crl += 1
+        self._write_runtime()
