@@ -1,0 +1,665 @@
+"""The agent's Flower SuperNode: when to run it (:class:`TrainingPolicy`) and how.
+
+:class:`SuperNodeSupervisor` is polled by the agent's main loop about once a second. It
+starts ``flower-supernode`` (TLS to the SuperLink with the fleet CA, node authentication
+with the device's node key from ``edgefl agent enroll``) when the policy allows it:
+connected (the MQTT link is up, the agent's proxy for the network), enough samples in
+the local data store, inside the optional time windows and under the optional resource
+thresholds. It stops it (SIGTERM to its process group, SIGKILL after a grace period)
+when the policy stops allowing it, and restarts it with exponential backoff and jitter
+when it exits on its own; the backoff resets after a stable run.
+
+The SuperNode runs in its own process group (its ``flwr-clientapp`` children go with it)
+and writes to ``<state_dir>/supernode.log``. When it exits, the supervisor logs the line
+of that log that names the cause (Flower prints ``Failed to activate SuperNode`` for a
+node key the SuperLink does not know, ``CERTIFICATE_VERIFY_FAILED`` for a wrong CA) with
+a hint, so a refusal is clear in the agent's own log. An unreachable SuperLink does not
+make the SuperNode exit: it retries by itself, and the agent keeps collecting meanwhile.
+
+Node config passed to the ClientApp (``--node-config``, parsed by Flower as TOML, so
+strings are double-quoted): ``device-id``, ``state-dir`` (the privacy accountant),
+``data-store``, ``eval-fraction``, ``telemetry-dir`` and the config's extra
+``node_config`` entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Final, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from edgefl.config import StrictModel
+from edgefl.edge_agent.mqtt_link import backoff_delay
+from edgefl.enrollment import IdentityPaths
+from edgefl.errors import ConfigError
+
+__all__ = [
+    "LOG_FILE",
+    "TELEMETRY_DIR",
+    "Resources",
+    "SuperNodeSupervisor",
+    "TrainingConfig",
+    "TrainingPolicy",
+    "meaningful_line",
+    "node_config_arg",
+    "read_resources",
+]
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE: Final = "supernode.log"
+TELEMETRY_DIR: Final = "fl-telemetry"
+"""Folder (in the state dir) where the ClientApp spools one JSON document per round."""
+
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CAUSE = re.compile(
+    r"Failed to activate SuperNode|CERTIFICATE_VERIFY_FAILED|\[SSL|\[code: \d+\]|"
+    r"Traceback|Error:|Exception|refused|denied|No such file|Permission",
+)
+_NOISE = (
+    "INFO",
+    "For more information",
+    "Exit Code",
+    "The SuperNode could not establish",
+    "Failed to initialize the connection",
+)
+_RETRYING = "Connection attempt failed"
+_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+NodeConfigValue = str | int | float | bool
+
+
+class TrainingConfig(StrictModel):
+    """The agent config's ``training:`` section: federated training on this device."""
+
+    superlink: str = Field(
+        pattern=r"^[^\s:]+:\d{1,5}$", description="host:port of the SuperLink's Fleet API."
+    )
+    root_certificates: Path | None = Field(
+        None, description="CA that signed the SuperLink's certificate (default: identity/ca.pem)."
+    )
+    node_key: Path | None = Field(
+        None, description="Flower node private key (default: identity/node.key)."
+    )
+    insecure: bool = Field(
+        False,
+        description="Plain HTTP and no node authentication. For tests only: anyone on the "
+        "path can read the model updates and any process can pose as this device.",
+    )
+    min_samples: int = Field(32, ge=1, description="Local samples needed before training.")
+    require_connected: bool = Field(
+        True, description="Train only while the MQTT link is up (the network proxy)."
+    )
+    windows: list[str] = Field(
+        default_factory=list,
+        description='Local-time windows "HH:MM-HH:MM" (may wrap midnight); empty = always.',
+    )
+    max_load_per_cpu: float | None = Field(
+        None, gt=0, description="Do not train above this 1-minute load average per CPU."
+    )
+    min_free_memory_mb: float | None = Field(
+        None, gt=0, description="Do not train with less available memory than this."
+    )
+    restart_min_s: float = Field(1.0, gt=0, description="First restart delay (before jitter).")
+    restart_max_s: float = Field(60.0, gt=0, description="Cap on the restart delay.")
+    stable_after_s: float = Field(
+        60.0, gt=0, description="A run this long resets the restart backoff."
+    )
+    stop_grace_s: float = Field(10.0, gt=0, description="SIGTERM to SIGKILL delay.")
+    node_config: dict[str, NodeConfigValue] = Field(
+        default_factory=dict, description="Extra --node-config entries for the ClientApp."
+    )
+    max_samples: int = Field(10_000, ge=1, description="Bound of the local data store.")
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="Held-out share of the store.")
+    clientappio_port: int | None = Field(
+        None, ge=1, le=65535, description="SuperNode's ClientApp API port (default: a free one)."
+    )
+
+    @field_validator("windows")
+    @classmethod
+    def _windows_parse(cls, value: list[str]) -> list[str]:
+        for window in value:
+            if not _WINDOW.match(window):
+                raise ValueError(f'{window!r} is not a window "HH:MM-HH:MM"')
+        return value
+
+    @field_validator("node_config")
+    @classmethod
+    def _node_config_quotable(cls, value: dict[str, NodeConfigValue]) -> dict[str, NodeConfigValue]:
+        for key, item in value.items():
+            _check_node_config_entry(key, item)
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_ordered(self) -> TrainingConfig:
+        if self.restart_max_s < self.restart_min_s:
+            raise ValueError("restart_max_s must be >= restart_min_s")
+        return self
+
+
+def _check_node_config_entry(key: str, value: NodeConfigValue) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        raise ValueError(f"node config key {key!r}: use letters, digits, '_' and '-'")
+    if isinstance(value, str) and any(c in value for c in '"\\\n\r'):
+        # Flower's parser takes "..." up to the next quote and parses it as TOML.
+        raise ValueError(f"node config value of {key!r} may not contain quotes or backslashes")
+
+
+def node_config_arg(entries: dict[str, NodeConfigValue]) -> str:
+    """The ``--node-config`` string: ``key="string" n=3 flag=true`` (TOML values).
+
+    Raises:
+        ConfigError: A key or string value Flower's parser cannot carry.
+    """
+    parts = []
+    for key, value in entries.items():
+        try:
+            _check_node_config_entry(key, value)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = json.dumps(value)
+        else:
+            text = repr(value)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Resource readings the policy compares with its thresholds (``None``: unknown)."""
+
+    load_per_cpu: float | None = None
+    free_memory_mb: float | None = None
+
+
+def read_resources() -> Resources:
+    """The 1-minute load average per CPU and ``MemAvailable`` from ``/proc/meminfo``."""
+    try:
+        load: float | None = os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        load = None
+    free: float | None = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) / 1024.0
+                break
+    return Resources(load, free)
+
+
+def _minutes(text: str) -> int:
+    hours, minutes = text.split(":")
+    return int(hours) * 60 + int(minutes)
+
+
+class TrainingPolicy:
+    """Whether the device may train now; pure, so it is tested with any clock and readings.
+
+    Args:
+        config: The training section.
+    """
+
+    def __init__(self, config: TrainingConfig) -> None:
+        self.config = config
+        self._windows = [
+            (_minutes(w.split("-")[0]), _minutes(w.split("-")[1])) for w in config.windows
+        ]
+
+    def in_window(self, now: dt.datetime) -> bool:
+        """Whether local time ``now`` is inside a window (always, without windows)."""
+        if not self._windows:
+            return True
+        minute = now.hour * 60 + now.minute
+        for start, end in self._windows:
+            if start <= end:
+                if start <= minute < end:
+                    return True
+            elif minute >= start or minute < end:  # wraps midnight
+                return True
+        return False
+
+    def evaluate(
+        self,
+        now: dt.datetime,
+        connected: bool,
+        samples: int,
+        resources: Resources | None = None,
+    ) -> tuple[bool, str]:
+        """Decide, naming the first reason that forbids training.
+
+        Args:
+            now: Local wall-clock time.
+            connected: Whether the agent's MQTT link is up.
+            samples: Samples in the local data store.
+            resources: Current readings (thresholds are skipped for unknown values).
+
+        Returns:
+            ``(allowed, reason)``; the reason says why (or, when allowed, that it is).
+        """
+        c = self.config
+        if c.require_connected and not connected:
+            return False, "not connected (the MQTT link is down)"
+        if samples < c.min_samples:
+            return False, f"{samples} of {c.min_samples} samples collected"
+        if not self.in_window(now):
+            return False, f"outside the training windows {', '.join(c.windows)} ({now:%H:%M})"
+        r = resources or Resources()
+        load, free = r.load_per_cpu, r.free_memory_mb
+        if c.max_load_per_cpu is not None and load is not None and load > c.max_load_per_cpu:
+            return False, f"load {load:.2f} per CPU is above {c.max_load_per_cpu:g}"
+        if c.min_free_memory_mb is not None and free is not None and free < c.min_free_memory_mb:
+            return False, f"{free:.0f} MB free memory is below {c.min_free_memory_mb:g} MB"
+        return True, "policy allows training"
+
+
+def meaningful_line(text: str) -> str:
+    """The line of SuperNode output that best names why it stopped (``""`` if none).
+
+    Prefers the last line naming a cause (Flower's ``[code: N] ...`` line, an SSL error,
+    a traceback's last line); skips Flower's generic wrapper lines and INFO chatter.
+    """
+    lines = [_ANSI.sub("", ln).strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    useful = [ln for ln in lines if not ln.startswith(_NOISE) and _RETRYING not in ln]
+    for line in reversed(useful):
+        if _CAUSE.search(line):
+            return line
+    for line in reversed(lines):
+        if line.startswith(("ERROR", "WARNING", "CRITICAL")):
+            return line
+    return useful[-1] if useful else ""
+
+
+def _hint(line: str, config: TrainingConfig, ca: Path) -> str:
+    if "Failed to activate SuperNode" in line:
+        return (
+            "the SuperLink does not accept this device's node key: have it admitted "
+            "(`edgefl server admit`), or it was revoked; right after a crash the SuperLink "
+            "may still count the node as online, which clears after about a minute of "
+            "missed heartbeats"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in line or "[SSL" in line:
+        return (
+            f"TLS to {config.superlink} failed: is {ca} the CA that signed the "
+            "SuperLink's certificate, and does the certificate name this address?"
+        )
+    return ""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+State = Literal["stopped", "waiting", "running", "stopping", "backoff"]
+
+
+class SuperNodeSupervisor:
+    """Runs ``flower-supernode`` while the policy allows it (see the module docstring).
+
+    Args:
+        config: The training section.
+        device_id: This device's id (``device-id`` node config).
+        state_dir: The agent's state dir: log, accountant, identity, telemetry spool.
+        data_store: The local data store file the ClientApp reads.
+        clock: Monotonic clock (tests inject one).
+        wallclock: Local wall-clock time for the windows.
+        resources: Source of resource readings.
+        rng: Uniform ``[0, 1)`` numbers for the backoff jitter.
+    """
+
+    def __init__(
+        self,
+        config: TrainingConfig,
+        *,
+        device_id: str,
+        state_dir: Path,
+        data_store: Path,
+        clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], dt.datetime] = dt.datetime.now,
+        resources: Callable[[], Resources] = read_resources,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self.policy = TrainingPolicy(config)
+        self.device_id = device_id
+        self.state_dir = Path(state_dir)
+        self.data_store = Path(data_store)
+        self.telemetry_dir = self.state_dir / TELEMETRY_DIR
+        identity = IdentityPaths(self.state_dir)
+        self.root_certificates = config.root_certificates or identity.ca
+        self.node_key = config.node_key or identity.node_key
+        self.log_path = self.state_dir / LOG_FILE
+        self.flower_home = self.state_dir / "flwr-home"
+        self._clock = clock
+        self._wallclock = wallclock
+        self._resources = resources
+        self._rng = rng
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._log_offset = 0
+        self._read_offset = 0
+        self._tail = ""
+        self._port = config.clientappio_port
+        self._started_at = 0.0
+        self._stop_deadline: float | None = None
+        self._attempt = 0
+        self._next_start = 0.0
+        self._decision: tuple[bool, str] | None = None
+        self._warned_retrying = False
+        self.state: State = "stopped"
+        self.reason = "not polled yet"
+        self.restarts = 0
+        self.starts = 0
+        self.last_exit_code: int | None = None
+        self.last_error = ""
+        self.node_id: int | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the running SuperNode."""
+        return self._proc.pid if self._proc is not None else None
+
+    def command(self) -> list[str]:
+        """The ``flower-supernode`` command line (the port is chosen on first use)."""
+        if self._port is None:
+            self._port = _free_port()
+        exe = Path(sys.executable).parent / "flower-supernode"
+        cmd = [str(exe) if exe.exists() else "flower-supernode"]
+        cmd += ["--superlink", self.config.superlink]
+        if self.config.insecure:
+            cmd.append("--insecure")
+        else:
+            cmd += [
+                "--root-certificates",
+                str(self.root_certificates),
+                "--auth-supernode-private-key",
+                str(self.node_key),
+            ]
+        cmd += ["--port", str(self._port), "--node-config", node_config_arg(self.node_config())]
+        return cmd
+
+    def node_config(self) -> dict[str, NodeConfigValue]:
+        """What the ClientApp finds in ``context.node_config``."""
+        return {
+            "device-id": self.device_id,
+            "state-dir": str(self.state_dir),
+            "data-store": str(self.data_store),
+            "eval-fraction": self.config.eval_fraction,
+            "telemetry-dir": str(self.telemetry_dir),
+            **self.config.node_config,
+        }
+
+    def poll(self, *, connected: bool, samples: int) -> None:
+        """One supervision step: reap, decide, start or stop. Never blocks for long."""
+        now = self._clock()
+        self._follow_log()
+        if self._proc is not None and self._proc.poll() is not None:
+            self._reaped(now)
+        allowed, reason = self._decide(connected, samples)
+        if self._proc is not None:
+            if self._stop_deadline is not None:
+                if now >= self._stop_deadline:
+                    self._signal_group(signal.SIGKILL)
+                return
+            if not allowed:
+                logger.info("stopping the SuperNode (pid %d): %s", self._proc.pid, reason)
+                self._terminate(now, reason)
+            return
+        if not allowed:
+            self.state, self.reason = "waiting", reason
+            return
+        if now < self._next_start:
+            self.state = "backoff"
+            return
+        self._start(now)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the SuperNode (if running) and wait for it; for agent shutdown."""
+        grace = self.config.stop_grace_s if timeout is None else timeout
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                logger.info("stopping the SuperNode (pid %d): agent shutdown", self._proc.pid)
+                self._signal_group(signal.SIGTERM)
+                try:
+                    self._proc.wait(grace)
+                except subprocess.TimeoutExpired:
+                    self._signal_group(signal.SIGKILL)
+                    self._proc.wait()
+            self._signal_group(signal.SIGKILL)  # leftover ClientApp processes
+            self.last_exit_code = self._proc.returncode
+            self._proc = None
+        self._close_log()
+        self.state, self.reason = "stopped", "agent stopped"
+
+    def status(self) -> dict[str, Any]:
+        """The supervisor's state for ``agent status``."""
+        return {
+            "state": self.state,
+            "reason": self.reason,
+            "pid": self.pid,
+            "superlink": self.config.superlink,
+            "node_id": self.node_id,
+            "starts": self.starts,
+            "restarts": self.restarts,
+            "last_exit_code": self.last_exit_code,
+            "last_error": self.last_error,
+            "clientappio_port": self._port,
+            "log": str(self.log_path),
+        }
+
+    # ------------------------------------------------------------------ internals
+
+    def _decide(self, connected: bool, samples: int) -> tuple[bool, str]:
+        resources = (
+            self._resources()
+            if self.config.max_load_per_cpu is not None
+            or self.config.min_free_memory_mb is not None
+            else None
+        )
+        decision = self.policy.evaluate(self._wallclock(), connected, samples, resources)
+        if decision[0]:
+            missing = self._missing_identity()
+            if missing:
+                decision = (False, missing)
+        self._log_decision(decision)
+        return decision
+
+    def _log_decision(self, decision: tuple[bool, str]) -> None:
+        # Log once per change of the verdict or of the kind of reason (not per sample).
+        key = (decision[0], re.sub(r"[\d.]+", "N", decision[1]))
+        if self._decision is None or key != (
+            self._decision[0],
+            re.sub(r"[\d.]+", "N", self._decision[1]),
+        ):
+            if decision[0]:
+                logger.info("training allowed: %s", decision[1])
+            else:
+                logger.info("training not allowed: %s", decision[1])
+        self._decision = decision
+
+    def _missing_identity(self) -> str:
+        if self.config.insecure:
+            return ""
+        for what, path in (("CA certificate", self.root_certificates), ("node key", self.node_key)):
+            if not path.is_file():
+                return (
+                    f"not enrolled: no {what} at {path} (run `edgefl agent enroll`, have it "
+                    "admitted, then `edgefl agent enroll --install BUNDLE`)"
+                )
+        return ""
+
+    def _start(self, now: float) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.flower_home.mkdir(exist_ok=True)
+        self.telemetry_dir.mkdir(exist_ok=True)
+        cmd = self.command()
+        bin_dir = str(Path(sys.executable).parent)
+        path = os.environ.get("PATH", "")
+        env = {
+            **os.environ,
+            "PATH": f"{bin_dir}{os.pathsep}{path}" if path else bin_dir,
+            "FLWR_HOME": str(self.flower_home),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self._log = self.log_path.open("ab")
+        self._log_offset = self._log.tell()
+        self._read_offset = self._log_offset
+        self._tail = ""
+        self._warned_retrying = False
+        self.node_id = None
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.state_dir,
+                start_new_session=True,  # its own process group: its ClientApps go with it
+            )
+        except OSError as exc:
+            self._close_log()
+            self.last_error = f"cannot start flower-supernode: {exc}"
+            logger.error("%s", self.last_error)
+            self._schedule_restart(now, 0.0)
+            return
+        self.starts += 1
+        self._started_at = now
+        self._stop_deadline = None
+        self.state, self.reason = "running", f"connecting to {self.config.superlink}"
+        logger.info(
+            "started flower-supernode pid %d for %s (SuperLink %s, log %s)",
+            self._proc.pid,
+            self.device_id,
+            self.config.superlink,
+            self.log_path,
+        )
+
+    def _terminate(self, now: float, reason: str) -> None:
+        self._signal_group(signal.SIGTERM)
+        self._stop_deadline = now + self.config.stop_grace_s
+        self.state, self.reason = "stopping", reason
+
+    def _signal_group(self, sig: int) -> None:
+        if self._proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)
+
+    def _reaped(self, now: float) -> None:
+        assert self._proc is not None
+        code = self._proc.returncode
+        pid = self._proc.pid
+        self._signal_group(signal.SIGKILL)  # ClientApps it left behind
+        self._follow_log(react=False)
+        self._close_log()
+        self._proc = None
+        self.last_exit_code = code
+        ran = now - self._started_at
+        if self._stop_deadline is not None:
+            self._stop_deadline = None
+            self.state = "waiting"
+            logger.info("the SuperNode (pid %d) stopped with code %s", pid, code)
+            return
+        line = meaningful_line(self._tail)
+        if not line:
+            line = (
+                f"killed by signal {-code} (no error in its output)"
+                if code is not None and code < 0
+                else "no error in its output"
+            )
+        self.last_error = line
+        hint = _hint(line, self.config, self.root_certificates)
+        if ran >= self.config.stable_after_s:
+            self._attempt = 0
+        delay = self._schedule_restart(now, ran)
+        logger.error(
+            "flower-supernode (pid %d) exited with code %s after %.1f s: %s%s; restarting in "
+            "%.1f s",
+            pid,
+            code,
+            ran,
+            line,
+            f" ({hint})" if hint else "",
+            delay,
+        )
+
+    def _schedule_restart(self, now: float, ran: float) -> float:
+        delay = backoff_delay(
+            self._attempt, self.config.restart_min_s, self.config.restart_max_s, self._rng
+        )
+        self._attempt += 1
+        self.restarts += 1
+        self._next_start = now + delay
+        self.state = "backoff"
+        self.reason = f"restarting in {delay:.1f} s after an exit" + (
+            f": {self.last_error}" if self.last_error else ""
+        )
+        return delay
+
+    def _follow_log(self, *, react: bool = True) -> None:
+        """Read what the SuperNode wrote since the last poll; react to a few lines.
+
+        Args:
+            react: Log the connection progress it shows (not for an exited SuperNode,
+                whose shutdown chatter would read like a connection problem).
+        """
+        if self._log is None:
+            return
+        try:
+            with self.log_path.open("rb") as fh:
+                fh.seek(self._read_offset)
+                chunk = fh.read(256 * 1024)
+        except OSError:
+            return
+        if not chunk:
+            return
+        self._read_offset += len(chunk)
+        text = chunk.decode("utf-8", "replace")
+        self._tail = (self._tail + text)[-32 * 1024 :]
+        if not react:
+            return
+        match = _NODE_ID.search(_ANSI.sub("", text))
+        if match:
+            self.node_id = int(match.group(1))
+            self.reason = f"connected to {self.config.superlink} as node {self.node_id}"
+            self._warned_retrying = False
+            logger.info(
+                "SuperNode registered with %s as node %d", self.config.superlink, self.node_id
+            )
+        if _RETRYING in text and not self._warned_retrying:
+            self._warned_retrying = True
+            self.last_error = f"cannot reach the SuperLink at {self.config.superlink}; retrying"
+            self.reason = self.last_error
+            logger.warning(
+                "the SuperNode cannot reach the SuperLink at %s yet; it keeps retrying "
+                "(data collection goes on)",
+                self.config.superlink,
+            )
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
