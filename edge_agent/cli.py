@@ -75,6 +75,14 @@ def status(config: ConfigOption, as_json: Annotated[bool, JSON_OPTION] = False) 
         f"{'-' if age is None else f'{age:.1f} s'}, dropped {box.get('dropped', 0)}, "
         f"expired {box.get('expired', 0)}, rejected {report['rejected']}"
     )
+    training = report.get("training")
+    if training:
+        node = training["supernode"]
+        typer.echo(
+            f"training: SuperNode {node['state']} ({node['reason']}), "
+            f"{training['samples']} samples, restarts {node['restarts']}"
+            + (f", last error: {node['last_error']}" if node.get("last_error") else "")
+        )
 
 
 @app.command()

@@ -9,13 +9,22 @@ status`` can report on a running (or dead) agent from another process.
 The agent subscribes (QoS 1, persistent session) to ``edgefl/{fleet}/{device}/cmd/+`` and
 answers each command once through the outbox (see :mod:`edgefl.edge_agent.commands`);
 built-in commands are ``ping``, ``status`` and ``set-rate``.
+
+With a ``training:`` section (:class:`~edgefl.edge_agent.fl.supernode.TrainingConfig`)
+the agent also keeps every labelled sample in its local data store
+(``<state_dir>/samples.db``), supervises a Flower SuperNode whose ClientApp trains on it,
+and sends the ClientApp's per-round training reports (spooled as JSON files in
+``<state_dir>/fl-telemetry/``) as ``telemetry/training`` envelopes through the outbox,
+exactly once: a file is committed under its name as import key, then deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -34,6 +43,8 @@ from edgefl.edge_agent.commands import (
     set_rate_handler,
     status_handler,
 )
+from edgefl.edge_agent.datastore import SAMPLES_FILE, LocalDataStore, Sample
+from edgefl.edge_agent.fl.supernode import TELEMETRY_DIR, SuperNodeSupervisor, TrainingConfig
 from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender, status_topic
 from edgefl.edge_agent.offload.config import OffloadConfig
 from edgefl.edge_agent.outbox import Outbox, OutboxFullError, OutboxItem, OutboxPolicy
@@ -70,6 +81,9 @@ class AgentConfig(StrictModel):
     status_interval_s: float = Field(1.0, gt=0, le=3600)
     offload: OffloadConfig | None = Field(
         None, description="Device model and cloud offload for `edgefl agent predict`."
+    )
+    training: TrainingConfig | None = Field(
+        None, description="Federated training on this device (a supervised Flower SuperNode)."
     )
 
     @model_validator(mode="before")
@@ -108,6 +122,24 @@ class Agent:
         self.commands.register("status", status_handler(lambda: self.status(running=True)))
         self.commands.register("set-rate", set_rate_handler(self.set_source_rate))
         self.link.subscribe(command_filter(config.fleet, config.device_id), qos=1)
+        self.datastore: LocalDataStore | None = None
+        self.supervisor: SuperNodeSupervisor | None = None
+        self.telemetry_imported = 0
+        self.telemetry_bad = 0
+        self._samples = 0
+        if config.training is not None:
+            self.datastore = LocalDataStore(
+                config.state_dir / SAMPLES_FILE,
+                max_samples=config.training.max_samples,
+                eval_fraction=config.training.eval_fraction,
+            )
+            self._samples = self.datastore.count()
+            self.supervisor = SuperNodeSupervisor(
+                config.training,
+                device_id=config.device_id,
+                state_dir=config.state_dir,
+                data_store=self.datastore.path,
+            )
 
     def set_source_rate(self, name: str | None, rate_hz: float) -> tuple[str, float]:
         """Change a dataset-replay source's rate (the ``set-rate`` command).
@@ -186,7 +218,84 @@ class Agent:
                     self.rejected += 1
                     logger.warning("outbox refused a %s record: %s", record.kind, exc)
         self.sender.wake()
+        if self.datastore is not None:
+            self._keep_samples(records)
         return [r.seq for r in stored]
+
+    def _keep_samples(self, records: Sequence[SourceRecord]) -> None:
+        assert self.datastore is not None
+        samples = [
+            Sample(x=r.sample[0], y=r.sample[1], stream=r.stream)
+            for r in records
+            if r.sample is not None
+        ]
+        if not samples:
+            return
+        try:
+            dropped = self.datastore.add_many(samples)
+        except sqlite3.Error as exc:  # training data is best effort; the outbox is not
+            logger.error("could not store %d training samples: %s", len(samples), exc)
+            return
+        self._samples += len(samples) - dropped
+
+    def import_telemetry(self) -> int:
+        """Move the ClientApp's spooled training reports into the outbox, exactly once.
+
+        Each ``<state_dir>/fl-telemetry/*.json`` is committed with ``put_once`` under its
+        file name, then deleted: a crash in between leaves a file whose key is already
+        committed, so the next import only deletes it. A file that is not a JSON object is
+        renamed to ``*.bad`` and logged.
+
+        Returns:
+            How many reports were newly committed.
+        """
+        spool = self.config.state_dir / TELEMETRY_DIR
+        if not spool.is_dir():
+            return 0
+        committed = 0
+        for path in sorted(spool.glob("*.json")):
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(doc, dict):
+                    raise ValueError(f"a JSON {type(doc).__name__}, not an object")
+            except FileNotFoundError:
+                continue
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                bad = path.with_name(path.name + ".bad")
+                logger.error(
+                    "training telemetry %s is unusable (%s); set aside as %s", path, exc, bad
+                )
+                with contextlib.suppress(OSError):
+                    path.replace(bad)
+                self.telemetry_bad += 1
+                continue
+            record = SourceRecord(
+                stream="training",
+                kind="telemetry",
+                content_type="application/json",
+                body=json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(),
+            )
+            try:
+                stored = self.outbox.put_once(f"fl-telemetry:{path.name}", [self._item(record)])
+            except OutboxFullError as exc:
+                logger.warning("outbox full, training telemetry %s waits: %s", path.name, exc)
+                break
+            if stored is not None:
+                committed += 1
+                self.telemetry_imported += 1
+            path.unlink(missing_ok=True)
+        if committed:
+            self.sender.wake()
+        return committed
+
+    def _training_tick(self) -> None:
+        if self.supervisor is None:
+            return
+        try:
+            self.import_telemetry()
+        except Exception:  # never let a spool problem stop the agent
+            logger.exception("importing training telemetry failed")
+        self.supervisor.poll(connected=self.link.connected, samples=self._samples)
 
     def run(self, stop: threading.Event) -> None:
         """Block until ``stop`` is set; always closes cleanly (retained ``offline``)."""
@@ -195,21 +304,29 @@ class Agent:
         self.link.start()
         self.sender.start()
         next_status = 0.0
+        next_training = 0.0
         try:
             while not stop.is_set():
                 now = time.monotonic()
                 for source in self.sources:
                     self.submit(source.due(now))
+                if now >= next_training:
+                    self._training_tick()
+                    next_training = now + 1.0
                 if now >= next_status:
                     self.write_status(running=True)
                     next_status = now + self.config.status_interval_s
                 stop.wait(0.01)
         finally:
+            if self.supervisor is not None:
+                self.supervisor.close()
             self.commands.stop()
             self.sender.stop()
             self.link.close()
             self.write_status(running=False)
             self.commands.close()
+            if self.datastore is not None:
+                self.datastore.close()
             self.outbox.close()
 
     def status(self, *, running: bool) -> dict[str, Any]:
@@ -231,6 +348,19 @@ class Agent:
                 "failed": self.sender.failed,
             },
             "commands": self.commands.stats.as_dict(),
+            "training": self.training_status(),
+        }
+
+    def training_status(self) -> dict[str, Any] | None:
+        """The SuperNode supervisor's state, the data store and the telemetry import."""
+        if self.supervisor is None or self.datastore is None:
+            return None
+        return {
+            "supernode": self.supervisor.status(),
+            "samples": self._samples,
+            "max_samples": self.datastore.max_samples,
+            "telemetry_imported": self.telemetry_imported,
+            "telemetry_bad": self.telemetry_bad,
         }
 
     def write_status(self, *, running: bool) -> None:
@@ -282,4 +412,5 @@ def read_status(config: AgentConfig) -> dict[str, Any]:
         "rejected": report.get("outbox", {}).get("rejected", 0),
         "sender": report.get("sender", {}),
         "commands": report.get("commands", {}),
+        "training": report.get("training"),
     }
