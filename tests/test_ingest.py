@@ -20,7 +20,9 @@ import pytest
 import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgefl.errors import ConfigError
 from edgefl.proto.serde import Envelope, encode_envelope
+from edgefl.server.fleet_ca import SERVER_IDENTITY, FleetCA
 from edgefl.server.ingest import DEAD_LETTER_REASONS, Ingest, IngestConfig, subscription_topics
 from edgefl.server.registry import (
     DEAD_LETTER_PAYLOAD_CAP,
@@ -30,6 +32,7 @@ from edgefl.server.registry import (
     make_engine,
     upgrade,
 )
+from edgefl.server.serve import BrokerConfig, MosquittoBroker
 from edgefl.testing import Mosquitto, wait_for
 
 TIMEOUT = 30.0
@@ -434,3 +437,75 @@ def test_ingest_killed_mid_stream_stores_every_seq_exactly_once(
     assert rows == total  # 0 lost, 0 duplicate rows
     assert dead == 0
     assert killed_at < total
+
+
+# -- mutual TLS --------------------------------------------------------------------------
+
+
+def test_tls_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="cert_file and key_file go together"):
+        IngestConfig(ca_file=Path("/ca.pem"), cert_file=Path("/c.pem"))
+    with pytest.raises(ValueError, match="cert_file needs ca_file"):
+        IngestConfig(cert_file=Path("/c.pem"), key_file=Path("/k.pem"))
+    with pytest.raises(ConfigError, match="ingest TLS files unusable"):
+        Ingest(IngestConfig(ca_file=Path("/nonexistent/ca.pem")))
+
+
+@pytest.mark.slow
+def test_ingest_over_mutual_tls_with_the_service_certificate(
+    tmp_path: Path, db_url: str, fleet: str
+) -> None:
+    """The shipped broker config (mutual TLS + ACL): the ingest authenticates as
+    ``edgefl-server`` with the CA's service certificate and stores a device's envelopes."""
+    ca = FleetCA.create(tmp_path / "ca")
+    ca.issue_server_cert(["localhost"], ["127.0.0.1"])
+    service = ca.issue_service_cert(SERVER_IDENTITY)
+    device_cert = ca.issue_device_cert("tls-dev")
+    assert service.key_path is not None
+    assert device_cert.key_path is not None
+    broker = MosquittoBroker(
+        tmp_path / "broker",
+        ca,
+        ca.directory / "server" / "cert.pem",
+        ca.directory / "server" / "key.pem",
+        BrokerConfig(port=0),
+    )
+    broker.start()
+    ingest = Ingest(
+        IngestConfig(
+            broker_host="127.0.0.1",
+            broker_port=broker.port,
+            client_id=f"ingest-{fleet}",
+            db_url=db_url,
+            fleet=fleet,
+            ca_file=ca.cert_path,
+            cert_file=service.cert_path,
+            key_file=service.key_path,
+        )
+    )
+    device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="tls-dev", protocol=mqtt.MQTTv5)
+    device.tls_set(
+        ca_certs=str(ca.cert_path),
+        certfile=str(device_cert.cert_path),
+        keyfile=str(device_cert.key_path),
+    )
+    try:
+        ingest.start()
+        assert ingest.wait_ready(TIMEOUT), "ingest did not subscribe over TLS"
+        device.connect("127.0.0.1", broker.port)
+        device.loop_start()
+        for seq in (1, 2, 3):
+            device.publish(
+                f"edgefl/{fleet}/tls-dev/telemetry/t", envelope("tls-dev", seq), qos=1
+            ).wait_for_publish(TIMEOUT)
+        wait_for(lambda: ingest.metrics()["acked"] == 3, TIMEOUT, "3 messages stored and acked")
+        engine = make_engine(db_url)
+        try:
+            assert stored_seqs(engine, "tls-dev") == [1, 2, 3]
+        finally:
+            engine.dispose()
+    finally:
+        device.disconnect()
+        device.loop_stop()
+        ingest.stop()
+        broker.stop()
