@@ -9,7 +9,7 @@ username/password, and a reconnect backoff with jitter. It boots without a broke
 :class:`OutboxSender` is the only thread that publishes outbox records. It publishes with
 QoS 1 and acks a record in the outbox only after a successful PUBACK. paho calls
 ``on_publish`` while holding its own ``_out_message_mutex``, so that callback takes no lock
-of ours: it only puts ``(mid, success)`` on a :class:`queue.SimpleQueue` (and, once a
+of ours: it only puts ``(mid, status)`` on a :class:`queue.SimpleQueue` (and, once a
 batch of them is waiting, a wake-up on a second one), which the sender thread drains.
 Records in flight when the connection drops stay in paho's memory and paho re-sends them
 after the reconnect (all at once: paho 2.2 ignores ``max_inflight`` there, which is why
@@ -17,11 +17,17 @@ the sender never holds more than the broker's Receive Maximum); records still in
 outbox after a process restart are replayed from SQLite. Either way the receiver may see a
 sequence number twice, so ingest must be idempotent on ``(device_id, seq)``.
 
-Throughput: paho's own thread sends the queued part of the window as PUBACKs arrive, so
-the sender wakes once per half-queue of PUBACKs rather than once per PUBACK (every wake-up
-takes the GIL from paho's thread), leases records from the outbox a window at a time
-(from memory when they were just put, see :class:`Outbox`) and deletes acknowledged ones
-a batch per transaction.
+Throughput: the sender thread is the only one that leases records from the outbox and
+deletes them, but it does not have to be on the GIL for every record to go out. It hands
+paho a window of leased records, and it stages the next ones on :attr:`MqttLink.feed`, a
+deque that paho's own thread drains in ``on_publish``: each PUBACK publishes one staged
+record in its place (``deque.popleft`` needs no lock and paho's mutex is re-entrant), so
+what paho holds never grows and the link stays full while the sender waits for the GIL.
+The sender wakes when half the feed is gone rather than per PUBACK (every wake-up takes
+the GIL from paho's thread), leases records a window at a time (from memory when they
+were just put, see :class:`Outbox`) and deletes acknowledged ones a batch per transaction.
+The feed is used only while streaming: after a reconnect the sender takes it back and
+replays the backlog itself at the flush rate.
 
 Inbound messages: topics registered with :meth:`MqttLink.subscribe` are subscribed on
 every (re)connect. ``on_message`` only puts an :class:`InboundMessage` on
@@ -73,6 +79,12 @@ _log = logging.getLogger(__name__)
 _PROTOCOL_REFUSALS = frozenset({1, 132})
 # A mid paho never hands out (it uses 1..65535): wakes the sender without an ack.
 _WAKE = 0
+# The mid reported for a fed record that paho did not queue (see MqttLink.feed).
+_NOT_QUEUED = -1
+# The status of a publish result on MqttLink.publish_results; a negative status -seq means
+# "paho's thread published fed record seq under this mid".
+_ACK_OK = 1
+_ACK_FAILED = 0
 
 
 def status_topic(fleet: str, device_id: str) -> str:
@@ -215,7 +227,9 @@ class MqttLink:
     """One paho client with presence, a persistent session and a jittered reconnect.
 
     Call :meth:`start` once; it returns at once even if the broker is down. Results of
-    QoS 1 publishes arrive on :attr:`publish_results` as ``(mid, success)``; messages on
+    QoS 1 publishes arrive on :attr:`publish_results` as ``(mid, status)``: ``1`` for a
+    successful PUBACK, ``0`` for a failed one, and ``-seq`` when paho's thread published fed
+    record ``seq`` under ``mid`` (mid ``-1``: paho did not queue it); messages on
     topics registered with :meth:`subscribe` arrive on :attr:`messages` and must be
     acknowledged with :meth:`ack` once handled.
 
@@ -227,11 +241,19 @@ class MqttLink:
     def __init__(self, config: MqttLinkConfig, *, status_topic: str) -> None:
         self.config = config
         self.status_topic = status_topic
-        self.publish_results: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
-        # on_publish puts None here when publish_results reaches signal_after entries, so
-        # a consumer can sleep until a batch of results is there rather than wake per one.
+        self.publish_results: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+        # on_publish puts None here when publish_results reaches signal_after entries (or
+        # the feed drops to feed_low records), so a consumer can sleep until a batch of
+        # results is there rather than wake per one.
         self.result_signal: queue.SimpleQueue[None] = queue.SimpleQueue()
         self.signal_after = 1
+        self.feed: deque[Record] | None = None
+        """Records paho's thread publishes itself, one per PUBACK (see :class:`OutboxSender`).
+
+        Only on the connection :attr:`feed_generation` names, and ``result_signal`` gets a
+        wake-up when the feed is down to :attr:`feed_low` records."""
+        self.feed_generation = -1
+        self.feed_low = 0
         self.messages: queue.SimpleQueue[InboundMessage] = queue.SimpleQueue()
         # Set before start(); read (never changed) by the paho thread in _on_connect.
         self._subscriptions: tuple[tuple[str, int], ...] = ()
@@ -503,9 +525,37 @@ class MqttLink:
         # Runs under paho's _out_message_mutex: a lock of ours here could deadlock with a
         # thread that holds it while calling publish(). Hand over and return.
         results = self.publish_results
-        results.put((mid, not reason_code.is_failure))
+        feed = self.feed
+        if feed and self.feed_generation == self.generation:
+            # A PUBACK freed a place: fill it from the feed right here, so the link never
+            # waits for the sender thread to get the GIL. deque.popleft is atomic (no lock),
+            # and paho's mutex is re-entrant, so publish() may be called in this callback.
+            # The fed record is reported before this PUBACK, so a reader of the queue never
+            # counts fewer records handed to paho than paho holds. Not on a connection the
+            # sender has not seen yet: after a reconnect the flush is the sender's, rate-
+            # limited, and it takes the feed back first.
+            try:
+                record = feed.popleft()
+            except IndexError:
+                pass
+            else:
+                self._publish_fed(client, record)
+                if len(feed) == self.feed_low:
+                    self.result_signal.put(None)
+        results.put((mid, _ACK_FAILED if reason_code.is_failure else _ACK_OK))
         if results.qsize() == self.signal_after:
             self.result_signal.put(None)
+
+    def _publish_fed(self, client: mqtt.Client, record: Record) -> None:
+        # In paho's callback: nothing may escape into paho's loop.
+        mid = _NOT_QUEUED
+        try:
+            info = client.publish(record.topic, record.payload, qos=1)
+            if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                mid = info.mid
+        except Exception:
+            _log.exception("paho refused fed record seq=%d", record.seq)
+        self.publish_results.put((mid, -record.seq))
 
     def _on_subscribe(
         self,
@@ -540,9 +590,11 @@ class OutboxSender:
 
     The thread keeps ``window`` records handed to paho and not yet acknowledged; paho sends
     ``max_inflight`` of them and queues the rest, and sends the next one itself as each
-    PUBACK arrives, so the link stays busy while this thread is elsewhere. Records are
+    PUBACK arrives, so the link stays busy while this thread is elsewhere. Up to another
+    ``window`` leased records are staged on the link's feed, which paho's thread publishes
+    one per PUBACK (never during the rate-limited flush after a reconnect). Records are
     leased from the outbox ``window`` at a time into a local queue, so a new record of
-    higher priority may wait behind up to one window of already leased ones. A record is
+    higher priority may wait behind up to two windows of already leased ones. A record is
     deleted from the outbox only after a successful PUBACK; deletions are batched (one
     transaction per ``ack_batch`` PUBACKs, or as soon as the link goes quiet, or after
     ``ack_delay_s``): an acknowledged record stays leased until then, so it is never sent
@@ -584,6 +636,12 @@ class OutboxSender:
         self._in_flight: dict[int, int] = {}  # mid -> seq
         self._cooling: dict[int, float] = {}  # seq -> monotonic time it may be re-sent
         self._pending: deque[Record] = deque()  # leased, not yet handed to paho
+        # Leased records paho's own thread publishes, one per PUBACK (MqttLink.feed), so
+        # that the window stays full while this thread waits for the GIL; refilled when
+        # half of it is gone. Fed only while streaming (never during the rate-limited
+        # flush after a reconnect), and taken back whenever the connection changes.
+        self._staged: deque[Record] = deque()
+        self._stage_max = self.window
         self._done: list[int] = []  # PUBACKed, not yet deleted
         self._done_since = 0.0  # monotonic time of the oldest entry of _done
         # Under load, refill in chunks of this many records (one wake-up each). While paho
@@ -613,7 +671,7 @@ class OutboxSender:
 
     def wake(self) -> None:
         """Look at the outbox now instead of after up to ``poll_s`` (call after a put)."""
-        self.link.publish_results.put((_WAKE, True))
+        self.link.publish_results.put((_WAKE, _ACK_OK))
         self.link.result_signal.put(None)
 
     def stop(self, drain_timeout_s: float = 5.0) -> None:
@@ -631,6 +689,7 @@ class OutboxSender:
         try:
             self._loop()
         finally:
+            self._unstage()
             self._flush_acks()
             if self._pending:
                 # Leased but never handed to paho: give them back to the outbox.
@@ -642,6 +701,8 @@ class OutboxSender:
         seen_epoch = self.link.client_epoch
         flushing = False
         link = self.link
+        staged = self._staged
+        low = self._stage_max // 2
         while not self._stop.is_set():
             self._drain_results(0.0)
             if self._cooling:
@@ -649,11 +710,13 @@ class OutboxSender:
             if link.client_epoch != seen_epoch:
                 # A new paho client (protocol fallback) never knew the old mids.
                 seen_epoch = link.client_epoch
+                self._unstage()
                 self._in_flight.clear()
                 self._pending.clear()
                 self._flush_acks()
                 self.outbox.release_all()
             if not link.connected:
+                self._unstage()
                 self._flush_acks()
                 self._await_results(1, self.poll_s)
                 continue
@@ -661,19 +724,24 @@ class OutboxSender:
                 # (Re)connected: paho re-sends what it held; the backlog is replayed from
                 # the outbox at a bounded rate so it does not swamp the broker or the link.
                 seen_generation = link.generation
+                self._unstage()
                 flushing = self._bucket is not None
                 if self._bucket is not None:
                     self._bucket.reset()
             # Never more than the broker's Receive Maximum awaiting PUBACK: paho 2.2 re-sends
-            # every message it holds at once after a reconnect, ignoring max_inflight.
+            # every message it holds at once after a reconnect, ignoring max_inflight. The
+            # feed does not add to it: paho's thread publishes one fed record per PUBACK.
             window = min(self.window, link.receive_maximum)
             room = window - len(self._in_flight)
-            if room < min(self._refill_min, window):
-                # Busy: sleep until a whole refill's worth of room is free, instead of
-                # waking (and taking the GIL from paho's thread) for every PUBACK.
-                self._await_results(min(self._refill_min, window) - room, self.poll_s)
+            need = min(self._refill_min, window)
+            if room < need and (flushing or len(staged) > low):
+                # Busy: sleep until the feed is half gone (or, without one, a whole
+                # refill's worth of room is free), instead of waking (and taking the GIL
+                # from paho's thread) for every PUBACK.
+                self._await_results(2 * window if staged else need - room, self.poll_s)
                 continue
-            wanted = room
+            stage_room = 0 if flushing else self._stage_max - len(staged)
+            wanted = room + stage_room
             if flushing and self._bucket is not None:
                 wanted = self._bucket.take(room)
                 if wanted == 0:
@@ -681,23 +749,42 @@ class OutboxSender:
                     continue
             pending = self._pending
             if len(pending) < wanted:
-                pending.extend(self.outbox.next_batch(window))
+                pending.extend(self.outbox.next_batch(max(window, wanted - len(pending))))
             if flushing and len(pending) < wanted:
                 # The backlog is drained: new records go out at the link's pace.
                 flushing = False
                 if self._bucket is not None:
                     self._bucket.give_back(wanted - len(pending))
             if not pending:
-                # Idle: this is when acknowledged records are deleted without delay.
-                self._flush_acks()
-                self._await_results(1, self.poll_s)
+                if not staged:
+                    # Idle: this is when acknowledged records are deleted without delay.
+                    self._flush_acks()
+                    self._await_results(1, self.poll_s)
+                else:
+                    self._await_results(2 * window, self.poll_s)
                 continue
-            for _ in range(min(wanted, len(pending))):
+            for _ in range(min(room, len(pending))):
                 record = pending.popleft()
                 self._publish(record.seq, record.topic, record.payload)
+            if not flushing and pending:
+                for _ in range(min(self._stage_max - len(staged), len(pending))):
+                    staged.append(pending.popleft())
+                link.feed_low = low
+                link.feed_generation = seen_generation
+                link.feed = staged
+        self._unstage()
         deadline = time.monotonic() + self._drain_s
         while self._in_flight and time.monotonic() < deadline:
             self._drain_results(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+
+    def _unstage(self) -> None:
+        """Take the feed back from paho's thread; its records go back to the front of pending."""
+        self.link.feed = None
+        taken: list[Record] = []
+        with contextlib.suppress(IndexError):
+            while True:  # paho's thread may pop concurrently: each record goes one way
+                taken.append(self._staged.popleft())
+        self._pending.extendleft(reversed(taken))
 
     def _publish(self, seq: int, topic: str, payload: bytes) -> None:
         try:
@@ -715,7 +802,7 @@ class OutboxSender:
         self.published += 1
 
     def _drain_results(self, block_s: float) -> None:
-        results: list[tuple[int, bool]] = []
+        results: list[tuple[int, int]] = []
         get = self.link.publish_results.get_nowait
         try:
             if block_s > 0:
@@ -726,11 +813,20 @@ class OutboxSender:
             pass
         in_flight = self._in_flight
         done = self._done
-        for mid, ok in results:
+        for mid, status in results:
+            if status < 0:
+                # A fed record paho's thread published (or could not queue).
+                if mid == _NOT_QUEUED:
+                    _log.warning("paho did not queue fed seq=%d", -status)
+                    self._cool(-status)
+                else:
+                    in_flight[mid] = -status
+                    self.published += 1
+                continue
             seq = in_flight.pop(mid, None)
             if seq is None:
                 continue  # the status message, a wake-up, or a mid of a replaced client
-            if ok:
+            if status == _ACK_OK:
                 if not done:
                     self._done_since = time.monotonic()
                 done.append(seq)

@@ -225,8 +225,11 @@ _CORRUPTION_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOT
 _SIDE_FILES: Final = ("-wal", "-shm")
 # How long put_once() remembers a key (its producers delete their copy right after).
 _IMPORT_KEY_TTL_S: Final = 30 * 24 * 3600.0
-# Most records the in-memory tail of unleased records may hold (see Outbox._tail).
-_TAIL_MAX: Final = 4096
+# Most records, and payload bytes, the in-memory tail of unleased records may hold (see
+# Outbox._tail): enough that a sender a few seconds behind its producers still takes
+# records from memory; a longer backlog is read back from the file.
+_TAIL_MAX: Final = 32768
+_TAIL_MAX_BYTES: Final = 8 * 1024 * 1024
 
 
 class _CorruptOutboxError(Exception):
@@ -304,6 +307,7 @@ class Outbox:
         # then hands them out without reading them back from SQLite. Any drop, expiry,
         # release or out-of-order put resets it to None and next_batch() reads the file.
         self._tail: deque[Record] | None = None
+        self._tail_bytes = 0  # payload bytes in self._tail
         self.quarantined: Path | None = None
         """Where a corrupt file found at start-up was moved to, or ``None``."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -560,7 +564,7 @@ class Outbox:
         cursor = self._cursor
         if cursor is not None and max(row[3] for row in rows) > cursor[0]:
             self._cursor = None  # a new record sorts before the cursor
-        self._extend_tail(rows)
+        self._extend_tail(rows, total)
         return rows
 
     def _insert(self, rows: list[Record]) -> None:
@@ -613,7 +617,9 @@ class Outbox:
                 batch = [tail.popleft() for _ in range(min(limit, len(tail)))]
                 if batch:
                     self._cursor = (batch[-1].priority, batch[-1].seq)
-                    leased.update((r.seq, len(r.payload)) for r in batch)
+                    sizes = {r.seq: len(r.payload) for r in batch}
+                    leased.update(sizes)
+                    self._tail_bytes -= sum(sizes.values())
                 return batch
             cursor = self._cursor
             if cursor is None:
@@ -633,6 +639,7 @@ class Outbox:
                 # Every unleased record was read, and is now handed out: from here on the
                 # records put by this instance are the only unleased ones.
                 self._tail = deque()
+                self._tail_bytes = 0
             if batch:
                 # Rows are read in send order and every one skipped was leased, so all
                 # records up to the last one handed out are now leased.
@@ -728,12 +735,12 @@ class Outbox:
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
-    def _extend_tail(self, records: list[Record]) -> None:
-        """Add just-committed records to the in-memory tail while it stays in send order."""
+    def _extend_tail(self, records: list[Record], size: int) -> None:
+        """Add just-committed records (``size`` payload bytes) to the tail, in send order."""
         tail = self._tail
         if tail is None:
             return
-        if len(tail) + len(records) > _TAIL_MAX:
+        if len(tail) + len(records) > _TAIL_MAX or self._tail_bytes + size > _TAIL_MAX_BYTES:
             self._tail = None  # nobody is sending: do not hold the backlog in memory too
             return
         last = tail[-1].priority if tail else None
@@ -743,6 +750,7 @@ class Outbox:
                 return
             last = record.priority
         tail.extend(records)
+        self._tail_bytes += size
 
     def _has_expired(self, now: float) -> bool:
         row = self._db.execute(

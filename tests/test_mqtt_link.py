@@ -190,21 +190,50 @@ def test_sender_keeps_in_flight_within_the_broker_receive_maximum(
         agent = Agent(tmp_path, prefix, link_config(broker.port, max_inflight=20))
         agents.append(agent)
         assert agent.sender.window == 40
-        in_flight_at_publish: list[int] = []
-        publish = agent.link.publish
+        # Count what paho holds unacknowledged, at the paho client itself: the sender
+        # publishes part of the window and paho's own thread publishes fed records in
+        # on_publish, and both must stay within the Receive Maximum.
+        client = agent.link._client
+        data_topic = f"{prefix}/data"
+        lock = threading.Lock()
+        held: dict[str, int] = {"now": 0}
+        held_after_publish: list[int] = []
+        mids: set[int] = set()
+        acked_early: set[int] = set()
+        real_publish = client.publish
+        real_on_publish: Any = client.on_publish
+        assert real_on_publish is not None
 
-        def recording_publish(topic: str, payload: bytes, qos: int = 1) -> tuple[int, Any]:
-            in_flight_at_publish.append(agent.sender.in_flight)
-            return publish(topic, payload, qos)
+        def counting_publish(topic: str, payload: Any = None, qos: int = 0, **kw: Any) -> Any:
+            info = real_publish(topic, payload, qos, **kw)
+            if topic == data_topic:
+                with lock:
+                    if info.mid in acked_early:  # its PUBACK came before we got here
+                        acked_early.discard(info.mid)
+                    else:
+                        mids.add(info.mid)
+                        held["now"] += 1
+                    held_after_publish.append(held["now"])
+            return info
 
-        agent.link.publish = recording_publish  # type: ignore[method-assign]
-        fill(agent.outbox, f"{prefix}/data", 300)
+        def counting_on_publish(c: Any, u: Any, mid: int, rc: Any, props: Any) -> None:
+            with lock:  # the test's lock, released before the callback runs
+                if mid in mids:
+                    mids.discard(mid)
+                    held["now"] -= 1
+                else:
+                    acked_early.add(mid)
+            real_on_publish(c, u, mid, rc, props)
+
+        client.publish = counting_publish  # type: ignore[method-assign,assignment]
+        client.on_publish = counting_on_publish
+        fill(agent.outbox, data_topic, 300)
         agent.start()
         wait_for(lambda: agent.outbox.stats().depth == 0, TIMEOUT, "outbox to empty")
         wait_for(lambda: set(sub.seqs()) >= set(range(1, 301)), TIMEOUT, "every seq")
         assert agent.link.receive_maximum == 7
-        assert len(in_flight_at_publish) >= 300
-        assert max(in_flight_at_publish) <= 6  # so at most 7 after each publish
+        assert len(held_after_publish) >= 300
+        assert max(held_after_publish) <= 7
         sub.close()
     finally:
         broker.kill()
