@@ -180,3 +180,101 @@ def test_sigterm_on_the_cli_stops_every_child(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_train_runs_a_plan_on_admitted_devices_and_reports_rounds_and_epsilon(
+    tmp_path: Path, server: Server
+) -> None:
+    """`edgefl server train --plan --wait`: two admitted devices' SuperNodes train 2 DP
+    rounds with edgefl's ServerApp/ClientApp; the registry's rounds and ledger come back."""
+    from edgefl.edge_agent.identity import prepare_enrollment
+    from edgefl.server.enrollment import admit
+    from edgefl.server.fl.superlink import flower_env
+    from edgefl.testing import free_port
+
+    config = tmp_path / "server.json"
+    config.write_text(json.dumps({"state_dir": str(server.state_dir)}), encoding="utf-8")
+    engine = make_engine(server.db_url)
+    nodes: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, device in enumerate(("trainer-0", "trainer-1")):
+            enrolled = prepare_enrollment(device, "lab", tmp_path / device)
+            admit(enrolled.request, ca=server.ca, admin=server.admin(), engine=engine)
+            node_config = (
+                f'partition-id={i} num-partitions=2 device-id="{device}" '
+                f'state-dir="{tmp_path / device / "fl"}"'
+            )
+            with (tmp_path / f"{device}.log").open("wb") as log:
+                nodes.append(
+                    subprocess.Popen(
+                        [
+                            str(Path(sys.executable).parent / "flower-supernode"),
+                            "--superlink",
+                            server.superlink_address,
+                            "--root-certificates",
+                            str(server.ca.cert_path),
+                            "--auth-supernode-private-key",
+                            str(enrolled.paths.node_key),
+                            "--port",
+                            str(free_port()),
+                            "--node-config",
+                            node_config,
+                        ],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=flower_env(tmp_path / device / "flwr-home"),
+                    )
+                )
+        plan = tmp_path / "plan.json"
+        plan.write_text(
+            json.dumps(
+                {
+                    "dataset": "digits",
+                    "model": "digits-mlp",
+                    "num_devices": 2,
+                    "rounds": 2,
+                    "min_train_nodes": 2,
+                    "min_available_nodes": 2,
+                    "node_wait_s": 120,
+                    "round_timeout_s": 300,
+                }
+            ),
+            encoding="utf-8",
+        )
+        res = CliRunner().invoke(
+            cli_app,
+            [
+                "server",
+                "train",
+                "--plan",
+                str(plan),
+                "--config",
+                str(config),
+                "--run-id",
+                "deploy-run-1",
+                "--wait",
+                "--poll-s",
+                "5",
+                "--json",
+            ],
+        )
+        assert res.exit_code == 0, res.output
+        out = json.loads(res.stdout)
+        assert out["run_id"] == "deploy-run-1"
+        assert out["flower_status"] == "finished:completed"
+        assert (server.state_dir / "runs" / "deploy-run-1" / "app" / "pyproject.toml").exists()
+        result = out["result"]
+        assert [r["round"] for r in result["rounds"]] == [1, 2]
+        assert set(result["epsilon_per_device"]) == {"trainer-0", "trainer-1"}
+        assert all(eps > 0 for eps in result["epsilon_per_device"].values())
+    finally:
+        engine.dispose()
+        for proc in nodes:
+            proc.terminate()
+        for proc in nodes:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
