@@ -6,6 +6,7 @@ loopback with free ports, and stops only what it started, by PID.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,7 +23,9 @@ from edgefl.testing import free_port
 __all__ = [
     "Deployment",
     "SuperNodeProcess",
+    "group_processes",
     "start_deployment",
+    "wait_clientapp_running",
     "wait_run_finished",
 ]
 
@@ -109,9 +112,17 @@ class SuperNodeProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def ended(self) -> bool:
+        """Exited, or gave up: Flower 1.41's SuperNode can stay alive, disconnected and no
+        longer retrying, after giving up reconnecting, so its word counts as an exit."""
+        if self.proc.poll() is not None:
+            return True
+        text = self.log_text()
+        return "Giving up reconnection" in text or "SuperNode terminated gracefully" in text
+
     def kill(self) -> None:
         """SIGKILL the SuperNode and its ClientApp processes (a crash)."""
-        if self.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
@@ -123,6 +134,8 @@ class SuperNodeProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # ClientApps it left behind
         self._log.close()
 
 
@@ -136,3 +149,32 @@ def wait_run_finished(admin: FlowerAdmin, run_id: int, timeout: float) -> str:
             return status
         time.sleep(2.0)
     raise TimeoutError(f"run {run_id} not finished after {timeout:.0f} s (status {status!r})")
+
+
+def group_processes(pgid: int, needle: str) -> list[int]:
+    """PIDs in process group ``pgid`` whose command line contains ``needle`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        # Fields after the command name, which is in parentheses and may hold spaces.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[2]) == pgid and needle in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def wait_clientapp_running(node: SuperNodeProcess, timeout: float) -> int:
+    """Wait until the SuperNode runs a ClientApp process (it got a message); its PID."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = group_processes(node.pid, "flwr-clientapp")
+        if pids:
+            return pids[0]
+        time.sleep(0.05)
+    raise TimeoutError(f"no ClientApp process under SuperNode {node.pid} within {timeout:.0f} s")

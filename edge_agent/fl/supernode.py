@@ -80,6 +80,11 @@ _NOISE = (
     "Failed to initialize the connection",
 )
 _RETRYING = "Connection attempt failed"
+# Flower 1.41's SuperNode prints these when it gives up (reconnecting through a network
+# cut fails after two ~30 s TLS handshake timeouts) but may stay alive afterwards, no
+# longer connected and no longer retrying: treat either line as the end of the process.
+_ENDED = ("Giving up reconnection", "SuperNode terminated gracefully")
+_LINGER_S = 10.0
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 NodeConfigValue = str | int | float | bool
 
@@ -366,6 +371,7 @@ class SuperNodeSupervisor:
         self._next_start = 0.0
         self._decision: tuple[bool, str] | None = None
         self._warned_retrying = False
+        self._ended_at: float | None = None
         self.state: State = "stopped"
         self.reason = "not polled yet"
         self.restarts = 0
@@ -417,6 +423,19 @@ class SuperNodeSupervisor:
         self._follow_log()
         if self._proc is not None and self._proc.poll() is not None:
             self._reaped(now)
+        elif (
+            self._proc is not None
+            and self._ended_at is not None
+            and now - self._ended_at >= _LINGER_S
+        ):
+            logger.warning(
+                "the SuperNode (pid %d) gave up %.0f s ago but its process is still there; "
+                "killing it so it can be restarted",
+                self._proc.pid,
+                now - self._ended_at,
+            )
+            self._ended_at = None
+            self._signal_group(signal.SIGKILL)
         allowed, reason = self._decide(connected, samples)
         if self._proc is not None:
             if self._stop_deadline is not None:
@@ -528,6 +547,7 @@ class SuperNodeSupervisor:
         self._read_offset = self._log_offset
         self._tail = ""
         self._warned_retrying = False
+        self._ended_at = None
         self.node_id = None
         try:
             self._proc = subprocess.Popen(
@@ -649,6 +669,8 @@ class SuperNodeSupervisor:
             logger.info(
                 "SuperNode registered with %s as node %d", self.config.superlink, self.node_id
             )
+        if self._ended_at is None and any(line in text for line in _ENDED):
+            self._ended_at = self._clock()
         if _RETRYING in text and not self._warned_retrying:
             self._warned_retrying = True
             self.last_error = f"cannot reach the SuperLink at {self.config.superlink}; retrying"

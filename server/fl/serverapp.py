@@ -173,7 +173,14 @@ class _Run:
                 raise
             replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout_s))
             screen = screen_train_replies(
-                rnd, replies, expected, devices, self.node_device, self.exhausted
+                rnd,
+                replies,
+                expected,
+                devices,
+                self.node_device,
+                self.exhausted,
+                enrolled=self._enrolled_nodes(),
+                accept_plain=not plan.dp.enabled,
             )
             missing = len(messages) - len(replies)
             aggregated = False
@@ -250,6 +257,15 @@ class _Run:
                 self.on_round(report)
         self.store.finish(self.run_id, "completed")
 
+    def _enrolled_nodes(self) -> dict[int, str]:
+        """Node id -> device id of the devices enrolled in the registry (none: empty).
+
+        Read every round, so a device admitted or revoked during a run counts at once.
+        """
+        from edgefl.server.enrollment import enrolled_nodes
+
+        return {int(node): device for node, device in enrolled_nodes(self.store.engine).items()}
+
     def _federated_eval(
         self,
         grid: Grid,
@@ -288,9 +304,9 @@ class _Run:
         except Exception as exc:  # Flower's InconsistentMessageReplies
             log.warning("round %d: federated evaluation skipped: %s", rnd, exc)
             return None, None
-        if agg is None:
-            return None, None
-        return float(agg["eval-accuracy"]), float(agg["eval-loss"])
+        if agg is None or "eval-accuracy" not in agg or "eval-loss" not in agg:
+            return None, None  # e.g. stock ClientApps that name their metrics otherwise
+        return float(cast(float, agg["eval-accuracy"])), float(cast(float, agg["eval-loss"]))
 
 
 def make_server_app(
