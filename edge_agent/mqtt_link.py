@@ -763,7 +763,9 @@ class OutboxSender:
                 else:
                     self._await_results(2 * window, self.poll_s)
                 continue
-            for _ in range(min(room, len(pending))):
+            # Straight to paho: what the window has room for, and while flushing only what
+            # the bucket allowed (wanted is then at most room).
+            for _ in range(min(room, wanted, len(pending))):
                 record = pending.popleft()
                 self._publish(record.seq, record.topic, record.payload)
             if not flushing and pending:

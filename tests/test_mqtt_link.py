@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -316,6 +317,37 @@ def test_broker_killed_mid_stream_loses_nothing(
         assert set(seqs) == set(range(1, n + 1))
         assert agent.outbox.stats().dropped == 0
         sub.close()
+    finally:
+        broker.kill()
+
+
+def test_flush_after_each_connect_is_rate_limited(
+    tmp_path: Path, prefix: str, agents: list[Agent]
+) -> None:
+    # A backlog goes out at flush_rate_per_s after a connect, feed or not: 300 records at
+    # 200/s after a burst of one window (40) take at least (300 - 40) / 200 = 1.3 s.
+    topic = f"{prefix}/data"
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    try:
+        agent = Agent(tmp_path, prefix, link_config(broker.port, flush_rate_per_s=200.0))
+        agents.append(agent)
+        assert agent.sender.window == 40
+        fill(agent.outbox, topic, 300)
+        agent.start()
+        assert agent.link.wait_connected(TIMEOUT)
+        t0 = time.monotonic()
+        wait_for(lambda: agent.outbox.stats().depth == 0, TIMEOUT, "the first backlog")
+        assert time.monotonic() - t0 >= 1.0
+        broker.kill()
+        wait_for(lambda: not agent.link.connected, TIMEOUT, "the link to notice")
+        fill(agent.outbox, topic, 300)
+        broker.start()
+        assert agent.link.wait_connected(TIMEOUT)
+        t1 = time.monotonic()
+        wait_for(lambda: agent.outbox.stats().depth == 0, TIMEOUT, "the second backlog")
+        assert time.monotonic() - t1 >= 1.0
+        assert agent.sender.acked == 600
     finally:
         broker.kill()
 
