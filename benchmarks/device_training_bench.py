@@ -1,0 +1,407 @@
+"""Training on devices (issue 6): ClientApp cold start, agent/SuperNode memory, round time.
+
+Run from the repository root with the venv active::
+
+    python benchmarks/device_training_bench.py --json
+
+Everything is real and local: a :class:`~edgefl.server.serve.Server` (mosquitto with the
+shipped mutual-TLS config, a TLS SuperLink with node authentication, the ingest, a
+SQLite registry) in this process, ``--devices`` enrolled agents (``edgefl agent run``
+child processes, each collecting digits samples from its replay source and supervising
+its own ``flower-supernode``) and one DP run of ``--rounds`` rounds of edgefl's apps.
+Progress goes to stderr; the result to stdout.
+
+What is measured:
+
+* ``idle_rss_mb``: median VmRSS over ``--idle-s`` seconds, once every agent's SuperNode is
+  connected and before the run: ``agent`` is the ``edgefl agent run`` process,
+  ``supernode`` the SuperNode's whole process group (``flower-supernode`` and the
+  ``flower-superexec`` it starts), per device, median over devices; ``agent_plus_supernode``
+  their sum (the issue's 350 MB target).
+* ``training_rss_mb``: the largest VmRSS seen while the run trains, sampled every 50 ms:
+  the agent, the SuperNode group without its ClientApps, one ``flwr-clientapp`` process,
+  and the device's total.
+* ``clientapp_cold_start_s``: Flower starts a new ``flwr-clientapp`` process for every
+  message. For each train message, the ClientApp process lifetime (its start time in
+  ``/proc`` to the last sample it was seen alive) minus the local training time the
+  device reported (``train-time-s`` in the ledger): process start, imports, fetching the
+  message and the app, loading the local data, sending the reply. Median over the
+  messages of rounds 2 and later; round 1 also includes each device's one-time σ search
+  for the run (``clientapp_first_message_s``).
+* ``clientapp_import_s``: a fresh interpreter importing what the ClientApp imports
+  (``flwr.clientapp``, edgefl's ClientApp, torch, Opacus), median of three.
+* ``round_time_s``: median wall time of the rounds (``fl_rounds.wall_s``: send, train on
+  every device, aggregate, server-side evaluation, commit); ``rounds`` lists each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgefl.edge_agent.identity import install_bundle, prepare_enrollment
+from edgefl.enrollment import IdentityPaths, write_json_document
+from edgefl.federation import FederationPlan
+from edgefl.server.enrollment import admit
+from edgefl.server.fl.ledger import FlStore
+from edgefl.server.fl.superlink import write_run_app
+from edgefl.server.registry import make_engine
+from edgefl.server.serve import Server, ServerConfig
+from edgefl.testing import free_port, wait_for
+
+_CLK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def progress(message: str) -> None:
+    print(f"[device-training-bench] {message}", file=sys.stderr, flush=True)
+
+
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    raise RuntimeError("no btime in /proc/stat")
+
+
+_BOOT = _boot_time()
+
+
+def _proc_info(pid: int) -> tuple[int, float, float, str] | None:
+    """(pgid, start time as epoch seconds, RSS MB, cmdline) of a live process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        statm = Path(f"/proc/{pid}/statm").read_text().split()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if fields[0] == "Z":
+        return None
+    pgid = int(fields[2])
+    start = _BOOT + int(fields[19]) / _CLK
+    rss = int(statm[1]) * _PAGE / 2**20
+    return pgid, start, rss, cmdline
+
+
+def _all_pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+class Sampler(threading.Thread):
+    """Samples the agents' and SuperNodes' processes every ``interval`` seconds."""
+
+    def __init__(self, agents: dict[str, int], supernodes: dict[str, int], interval: float):
+        super().__init__(daemon=True)
+        self.agents = agents
+        self.supernodes = supernodes  # device -> SuperNode pid (= its process group)
+        self.interval = interval
+        self.stop_event = threading.Event()
+        self.lock = threading.Lock()
+        self.clientapps: dict[int, dict[str, Any]] = {}  # pid -> device, start, last, rss
+        self.series: list[dict[str, Any]] = []
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> dict[str, Any]:
+        now = time.time()
+        groups = {pgid: dev for dev, pgid in self.supernodes.items()}
+        snap: dict[str, Any] = {
+            dev: {"agent": 0.0, "supernode": 0.0, "clientapp": 0.0} for dev in self.agents
+        }
+        for dev, pid in self.agents.items():
+            info = _proc_info(pid)
+            if info is not None:
+                snap[dev]["agent"] = info[2]
+        for pid in _all_pids():
+            info = _proc_info(pid)
+            if info is None or info[0] not in groups:
+                continue
+            dev = groups[info[0]]
+            if "flwr-clientapp" in info[3]:
+                snap[dev]["clientapp"] += info[2]
+                with self.lock:
+                    entry = self.clientapps.setdefault(
+                        pid, {"device": dev, "start": info[1], "last": now, "rss": 0.0}
+                    )
+                    entry["last"] = now
+                    entry["rss"] = max(entry["rss"], info[2])
+            else:
+                snap[dev]["supernode"] += info[2]
+        with self.lock:
+            self.series.append({"t": now, **snap})
+        return snap
+
+
+def _import_time() -> float:
+    code = (
+        "import time; t = time.perf_counter(); import flwr.clientapp, "
+        "edgefl.edge_agent.fl.clientapp, torch, opacus; print(time.perf_counter() - t)"
+    )
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+        runs.append(time.perf_counter() - t0)
+    return statistics.median(runs)
+
+
+def _agent_yaml(work: Path, i: int, server: Server, devices: int) -> Path:
+    state = work / f"agent{i}"
+    ident = IdentityPaths(state)
+    path = work / f"agent{i}.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "device_id": f"bench-{i}",
+                "fleet": "bench",
+                "state_dir": str(state),
+                "mqtt": {
+                    "host": "127.0.0.1",
+                    "port": server.broker_port,
+                    "ca_file": str(ident.ca),
+                    "cert_file": str(ident.cert),
+                    "key_file": str(ident.tls_key),
+                },
+                "sources": [
+                    {
+                        "type": "dataset-replay",
+                        "dataset": "digits",
+                        "rate_hz": 200,
+                        "partition": i,
+                        "num_partitions": devices,
+                        "limit": 400,
+                    }
+                ],
+                "training": {"superlink": server.superlink_address, "min_samples": 200},
+            }
+        )
+    )
+    return path
+
+
+def _status(state_dir: Path) -> dict[str, Any]:
+    try:
+        doc: dict[str, Any] = json.loads((state_dir / "agent-status.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return doc
+
+
+def run(devices: int, rounds: int, idle_s: float, work: Path) -> dict[str, Any]:
+    progress("importing the ClientApp's modules in fresh interpreters")
+    import_s = _import_time()
+    config = ServerConfig.model_validate(
+        {
+            "state_dir": str(work / "server"),
+            "superlink": {"port": free_port()},
+            "broker": {"port": free_port()},
+        }
+    )
+    server = Server(config)
+    progress("starting the server (broker, SuperLink, ingest)")
+    server.start()
+    agents: list[subprocess.Popen[bytes]] = []
+    engine = make_engine(server.db_url)
+    try:
+        admin = server.admin()
+        yamls = []
+        for i in range(devices):
+            state = work / f"agent{i}"
+            ident = prepare_enrollment(f"bench-{i}", "bench", state)
+            bundle = admit(
+                ident.request,
+                ca=server.ca,
+                admin=admin,
+                engine=engine,
+                superlink_address=server.superlink_address,
+            )
+            write_json_document(work / f"bundle{i}.json", bundle)
+            install_bundle(work / f"bundle{i}.json", f"bench-{i}", "bench", state)
+            yamls.append(_agent_yaml(work, i, server, devices))
+        progress(f"{devices} devices admitted; starting their agents")
+        edgefl = str(Path(sys.executable).parent / "edgefl")
+        for i, path in enumerate(yamls):
+            log = (work / f"agent{i}.log").open("wb")
+            agents.append(
+                subprocess.Popen(
+                    [edgefl, "agent", "run", "--config", str(path)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
+        def ready() -> bool:
+            for i in range(devices):
+                sn = (_status(work / f"agent{i}").get("training") or {}).get("supernode") or {}
+                if sn.get("state") != "running" or not sn.get("node_id"):
+                    return False
+            return True
+
+        wait_for(ready, 300, "every agent's SuperNode connected")
+        statuses = [_status(work / f"agent{i}") for i in range(devices)]
+        sampler = Sampler(
+            {f"bench-{i}": agents[i].pid for i in range(devices)},
+            {
+                f"bench-{i}": int(statuses[i]["training"]["supernode"]["pid"])
+                for i in range(devices)
+            },
+            interval=0.05,
+        )
+        progress(f"idle for {idle_s:g} s (memory)")
+        idle: list[dict[str, Any]] = []
+        t_end = time.monotonic() + idle_s
+        while time.monotonic() < t_end:
+            idle.append(sampler.sample())
+            time.sleep(0.25)
+        sampler.series.clear()
+        sampler.start()
+        plan = FederationPlan.model_validate(
+            {
+                "dataset": "digits",
+                "model": "digits-mlp",
+                "num_devices": devices,
+                "rounds": rounds,
+                "lr": 0.3,
+                "min_train_nodes": devices,
+                "min_available_nodes": devices,
+                "node_wait_s": 120,
+                "round_timeout_s": 300,
+                "dp": {"enabled": True, "target_epsilon": 8.0},
+            }
+        )
+        run_id = "bench-run"
+        app = write_run_app(work / "app", plan, registry_url=server.db_url, run_id=run_id)
+        progress(f"submitting {rounds} DP rounds")
+        flower_run = admin.submit_run(app)
+        t0 = time.monotonic()
+        while True:
+            status = str(admin.run_info(flower_run).get("status", ""))
+            if status.startswith("finished"):
+                break
+            if time.monotonic() - t0 > 1800:
+                raise TimeoutError("the run did not finish in 30 minutes")
+            time.sleep(2.0)
+        sampler.stop_event.set()
+        sampler.join()
+        progress(f"run {status} in {time.monotonic() - t0:.1f} s")
+        store = FlStore(server.db_url)
+        try:
+            result = store.result(run_id)
+            ledger = store.ledger(run_id)
+        finally:
+            store.close()
+    finally:
+        for proc in agents:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 15)
+        for proc in agents:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+        engine.dispose()
+        server.stop()
+
+    def med(values: list[float]) -> float:
+        return float(statistics.median(values)) if values else float("nan")
+
+    devs = [f"bench-{i}" for i in range(devices)]
+    idle_agent = med([med([s[d]["agent"] for s in idle]) for d in devs])
+    idle_sn = med([med([s[d]["supernode"] for s in idle]) for d in devs])
+    series = sampler.series
+    peak = {
+        key: max((s[d][key] for s in series for d in devs), default=0.0)
+        for key in ("agent", "supernode", "clientapp")
+    }
+    peak_total = max(
+        (s[d]["agent"] + s[d]["supernode"] + s[d]["clientapp"] for s in series for d in devs),
+        default=0.0,
+    )
+    train_time = {(r.device_id, r.round): r.train_time_s for r in ledger}
+    cold: dict[int, list[float]] = {}
+    for dev in devs:
+        procs = sorted(
+            (e for e in sampler.clientapps.values() if e["device"] == dev),
+            key=lambda e: e["start"],
+        )
+        for rnd, entry in enumerate(procs, start=1):
+            if (dev, rnd) in train_time:
+                lifetime = entry["last"] - entry["start"]
+                cold.setdefault(rnd, []).append(lifetime - train_time[(dev, rnd)])
+    later = [v for rnd, values in cold.items() if rnd >= 2 for v in values]
+    round_times = [r.wall_s for r in result.rounds]
+    return {
+        "devices": devices,
+        "rounds_run": len(result.rounds),
+        "run_status": result.status,
+        "clientapp_cold_start_s": med(later),
+        "clientapp_cold_start_max_s": max(later, default=float("nan")),
+        "clientapp_first_message_s": med(cold.get(1, [])),
+        "clientapp_messages_measured": sum(len(v) for v in cold.values()),
+        "clientapp_import_s": import_s,
+        "idle_rss_mb": {
+            "agent": idle_agent,
+            "supernode": idle_sn,
+            "agent_plus_supernode": idle_agent + idle_sn,
+        },
+        "training_rss_mb": {
+            "agent": peak["agent"],
+            "supernode": peak["supernode"],
+            "clientapp": peak["clientapp"],
+            "device_total": peak_total,
+        },
+        "round_time_s": med(round_times),
+        "rounds": [
+            {
+                "round": r.round,
+                "wall_s": r.wall_s,
+                "accuracy": r.accuracy,
+                "epsilon_max": r.epsilon_max,
+                "replies": r.num_replies,
+            }
+            for r in result.rounds
+        ],
+        "cpu_count": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+    parser.add_argument("--devices", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--idle-s", type=float, default=10.0)
+    parser.add_argument("--workdir", type=Path, default=None, help="Keep files here.")
+    args = parser.parse_args()
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        out = run(args.devices, args.rounds, args.idle_s, args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="edgefl-devbench-") as tmp:
+            out = run(args.devices, args.rounds, args.idle_s, Path(tmp))
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for key, value in out.items():
+            print(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()
