@@ -40,7 +40,7 @@ from edgefl.server.inference import (
     start_in_thread,
 )
 from edgefl.server.inference.models import ComputeCancelledError
-from edgefl.server.registry import Device, make_engine, session_factory, upgrade
+from edgefl.server.registry import Device, Enrollment, make_engine, session_factory, upgrade
 from edgefl.testing import wait_for
 from edgefl.training import predict_logits
 from edgefl.zoo import state_dict_sha256
@@ -757,6 +757,45 @@ def test_device_missing_from_the_registry_is_refused(
         assert "pi-02" in details
         assert "registry" in details
         _ok(Client(ch1))
+
+
+def test_registry_enrollment_decides_over_the_devices_table(
+    fleet: Fleet, heavy: TorchServedModel, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    now = datetime.now(UTC)
+    with session_factory(engine)() as session:
+        # pi-01 has published (devices row) but its enrollment was revoked; pi-02 was just
+        # admitted and has not published yet.
+        session.add(Device(device_id="pi-01", fleet="f1", first_seen=now, last_seen=now))
+        for n, (device, status) in enumerate((("pi-01", "revoked"), ("pi-02", "admitted"))):
+            session.add(
+                Enrollment(
+                    device_id=device,
+                    fleet="f1",
+                    status=status,
+                    cert_serial=f"{n + 1:x}",
+                    cert_pem="",
+                    node_public_key="",
+                    node_id=str(n + 1),
+                    admitted_at=now,
+                    revoked_at=now if status == "revoked" else None,
+                )
+            )
+        session.commit()
+    engine.dispose()
+    config = mtls_config(fleet).model_copy(update={"registry_url": url})
+    with (
+        start_in_thread(config, models=[heavy]) as running,
+        tls_channel(fleet, running.address, fleet.devices["pi-01"]) as ch1,
+        tls_channel(fleet, running.address, fleet.devices["pi-02"]) as ch2,
+    ):
+        _ok(Client(ch2))
+        code, details = code_of(lambda: _ok(Client(ch1)))
+        assert code == Code.PERMISSION_DENIED
+        assert "pi-01" in details
 
 
 def test_health_is_not_serving_while_the_model_loads(

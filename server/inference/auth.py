@@ -13,9 +13,12 @@ against the fleet CA's CRL (``FleetCA.crl_path``):
 - a revoked serial gets ``UNAUTHENTICATED``; a call without a client certificate (cannot
   happen with ``require_client_auth``, but checked anyway) too.
 
-With a registry (:class:`DeviceDirectory`), a device must also be listed in its
-``devices`` table, or it gets ``PERMISSION_DENIED``: a certificate alone is not enough
-once a device has been removed from the fleet. Answers are cached for ``ttl_s``.
+With a registry (:class:`DeviceDirectory`), a device must also be known to it, or it
+gets ``PERMISSION_DENIED``: a certificate alone is not enough once a device has been
+removed from the fleet. A device enrolled with ``edgefl server admit`` is known while its
+enrollment is ``admitted`` (a revoked one is refused even before the CRL reaches this
+server); a device without an enrollment row must be listed in the ``devices`` table.
+Answers are cached for ``ttl_s``.
 """
 
 from __future__ import annotations
@@ -199,17 +202,20 @@ class DeviceDirectory:
         from sqlalchemy import select
         from sqlalchemy.exc import SQLAlchemyError
 
-        from edgefl.server.registry import Device, make_engine
+        from edgefl.server.registry import Device, Enrollment, make_engine
 
         self._engine = make_engine(db_url)
         self._ttl_s = ttl_s
         self._cache: dict[str, tuple[bool, float]] = {}
         self._select = select(Device.device_id)
         self._device = Device
+        self._enrollment = select(Enrollment.status)
+        self._enrolled = Enrollment
         self._errors = SQLAlchemyError
         try:
             with self._engine.connect() as conn:
                 conn.execute(self._select.limit(1)).all()
+                conn.execute(self._enrollment.limit(1)).all()
         except SQLAlchemyError as exc:
             self._engine.dispose()
             raise ConfigError(
@@ -225,7 +231,9 @@ class DeviceDirectory:
         return hit[0]
 
     def is_known(self, device_id: str) -> bool:
-        """Whether the registry lists ``device_id`` (blocking; cached for ``ttl_s``).
+        """Whether the registry knows ``device_id`` (blocking; cached for ``ttl_s``).
+
+        An enrollment row decides (``admitted``); without one, the ``devices`` table does.
 
         Raises:
             PeerRefusedError: The registry cannot be read (``UNAVAILABLE``: fail closed).
@@ -235,13 +243,21 @@ class DeviceDirectory:
             return hit
         try:
             with self._engine.connect() as conn:
-                row = conn.execute(self._select.where(self._device.device_id == device_id)).first()
+                enrolled = conn.execute(
+                    self._enrollment.where(self._enrolled.device_id == device_id)
+                ).first()
+                if enrolled is not None:
+                    known = enrolled[0] == "admitted"
+                else:
+                    row = conn.execute(
+                        self._select.where(self._device.device_id == device_id)
+                    ).first()
+                    known = row is not None
         except self._errors as exc:
             logger.error("device registry lookup failed: %s", str(exc).splitlines()[0])
             raise PeerRefusedError(
                 grpc.StatusCode.UNAVAILABLE, "the server cannot check the device registry"
             ) from exc
-        known = row is not None
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
         self._cache[device_id] = (known, time.monotonic() + self._ttl_s)
