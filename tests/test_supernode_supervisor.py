@@ -301,3 +301,48 @@ def test_an_unenrolled_device_waits_and_says_why(tmp_path: Path) -> None:
     assert status["state"] == "waiting"
     assert status["pid"] is None
     assert status["reason"].startswith("not enrolled: no CA certificate")
+
+
+def test_a_supernode_that_gave_up_but_lingers_is_killed_and_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Fault injection: Flower 1.41's SuperNode, after failing to reconnect through a long
+    # network cut, logs that it gives up and then stays alive without retrying. A stand-in
+    # process does exactly that (the real one needs a ~60 s cut to get there).
+    import sys
+
+    import edgefl.edge_agent.fl.supernode as supernode
+
+    caplog.set_level(logging.INFO, logger="edgefl.edge_agent.fl.supernode")
+    monkeypatch.setattr(supernode, "_LINGER_S", 0.5)
+    hang = (
+        "import sys, time; print('WARNING:   Giving up reconnection after 30.99 seconds and "
+        "2 tries.', flush=True); time.sleep(600)"
+    )
+    monkeypatch.setattr(SuperNodeSupervisor, "command", lambda self: [sys.executable, "-c", hang])
+    state = tmp_path / "state"
+    config = TrainingConfig.model_validate(
+        {
+            "superlink": "127.0.0.1:1",
+            "insecure": True,
+            "min_samples": 1,
+            "restart_min_s": 30.0,
+            "restart_max_s": 60.0,
+        }
+    )
+    sup = SuperNodeSupervisor(
+        config, device_id="dev", state_dir=state, data_store=state / "samples.db"
+    )
+    try:
+        _poll_until(sup, lambda: sup.pid is not None, "the stand-in to start", timeout=10)
+        pid = sup.pid
+        assert pid is not None
+        _poll_until(sup, lambda: sup.status()["state"] == "backoff", "the kill", timeout=20)
+        assert not _alive(pid) or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        assert sup.restarts == 1
+        assert sup.last_exit_code == -signal.SIGKILL
+        assert "Giving up reconnection" in sup.last_error
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("gave up" in m and "killing it" in m for m in warnings), warnings
+    finally:
+        sup.close()
