@@ -380,16 +380,28 @@ class Server:
 
     @property
     def ca(self) -> FleetCA:
-        """The fleet CA (after :meth:`start`)."""
+        """The fleet CA (after :meth:`start`), freshly loaded from ``ca_dir``.
+
+        Admin commands in other processes write to the same folder (``edgefl server
+        admit``/``revoke``), so a copy held since start-up would be stale: writing through
+        it would drop their serials from ``state.json`` and the CRL.
+        """
         if self._ca is None:
             raise RuntimeError("Server.start() has not run")
-        return self._ca
+        return FleetCA.load(self.ca_dir)
 
     @property
     def superlink_address(self) -> str:
         """``host:port`` devices dial for the SuperLink."""
         if self.superlink is None:
             raise RuntimeError("Server.start() has not run")
+        sl = self.superlink.config
+        if sl.public_address:
+            return sl.public_address
+        if sl.host in ("0.0.0.0", "::", ""):
+            # A wildcard is not dialable: name the host the server certificate is for.
+            names = self.config.hostnames or self.config.ips
+            return f"{names[0]}:{self.superlink.port}"
         return self.superlink.public_address
 
     @property
@@ -415,7 +427,7 @@ class Server:
         return FlowerAdmin(
             self.superlink_admin_address,
             home or self.state_dir / "admin-flwr-home",
-            root_certificates=None if insecure else self.ca.cert_path,
+            root_certificates=None if insecure else self.ca_dir / "ca.pem",
             insecure=insecure,
         )
 
@@ -436,7 +448,7 @@ class Server:
         return {
             "state_dir": str(self.state_dir),
             "ca_dir": str(self.ca_dir),
-            "ca_file": str(self.ca.cert_path),
+            "ca_file": str(self.ca_dir / "ca.pem"),
             "db_url": self.db_url,
             "superlink": self.superlink_address,
             "superlink_admin": self.superlink_admin_address,
@@ -481,7 +493,7 @@ class Server:
         if cfg.broker.enabled:
             self._progress("[3/5] mosquitto (mutual TLS, ACL, CRL, persistence)")
             self.broker = MosquittoBroker(
-                self.state_dir / "broker", self.ca, server_cert, server_key, cfg.broker
+                self.state_dir / "broker", self._ca, server_cert, server_key, cfg.broker
             )
             self.broker.start()
             self._supervise("broker", self.broker)
@@ -495,7 +507,7 @@ class Server:
                 update={
                     "certfile": server_cert,
                     "keyfile": server_key,
-                    "ca_file": self.ca.cert_path,
+                    "ca_file": self.ca_dir / "ca.pem",
                 }
             )
         if sl_cfg.database is None:
@@ -557,7 +569,7 @@ class Server:
         data.setdefault("db_url", self.db_url)
         data.setdefault("migrate", False)  # done at start
         if "ca_file" not in data:
-            data["ca_file"] = self.ca.cert_path
+            data["ca_file"] = self.ca_dir / "ca.pem"
             data.setdefault("cert_file", service / "cert.pem")
             data.setdefault("key_file", service / "key.pem")
         try:
