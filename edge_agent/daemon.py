@@ -105,7 +105,11 @@ class Agent:
         self.outbox = Outbox(config.state_dir / OUTBOX_FILE, config.device_id, config.outbox)
         self.link = MqttLink(config.mqtt, status_topic=status_topic(config.fleet, config.device_id))
         self.sender = OutboxSender(self.outbox, self.link)
-        self.sources: list[DataSource] = [build_source(s) for s in config.sources]
+        # Replay sources read their samples from a cache a child process prepares, so the
+        # agent never imports scikit-learn (see sources.replay_arrays).
+        self.sources: list[DataSource] = [
+            build_source(s, cache_dir=config.state_dir / "cache") for s in config.sources
+        ]
         self.rejected = 0
         self._started_at = time.time()
         self.commands = CommandProcessor(

@@ -8,14 +8,20 @@ at a configurable rate, standing in for a real sensor so the agent produces real
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import Field, model_validator
 
 from edgefl.config import StrictModel
@@ -27,6 +33,7 @@ __all__ = [
     "SourceConfig",
     "SourceRecord",
     "build_source",
+    "replay_arrays",
 ]
 
 
@@ -95,22 +102,16 @@ class DatasetReplaySource(DataSource):
     """Emits one JSON sample ``{"i", "x", "y"}`` every ``1/rate_hz`` seconds, cycling."""
 
     def __init__(
-        self, config: DatasetReplayConfig, clock: Callable[[], float] = time.monotonic
+        self,
+        config: DatasetReplayConfig,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        cache_dir: Path | None = None,
     ) -> None:
-        from edgefl.datasets import load_dataset
-        from edgefl.partition import dirichlet_partition
-
-        data = load_dataset(config.dataset, seed=config.seed)
-        x, y = (
-            (data.x_train, data.y_train) if config.split == "train" else (data.x_test, data.y_test)
-        )
-        if config.partition is not None:
-            parts = dirichlet_partition(y, config.num_partitions, config.alpha, seed=config.seed)
-            keep = parts[config.partition]
-            x, y = x[keep], y[keep]
+        x, y = replay_arrays(config, cache_dir)
         self.name = config.name
         self._config = config
-        self._x = x.reshape(len(x), -1)
+        self._x = x
         self._y = y
         self._period = 1.0 / config.rate_hz
         self._next = clock()
@@ -165,6 +166,84 @@ class DatasetReplaySource(DataSource):
         return out
 
 
-def build_source(config: SourceConfig) -> DataSource:
-    """Instantiate the source a config describes."""
-    return DatasetReplaySource(config)
+def build_source(config: SourceConfig, *, cache_dir: Path | None = None) -> DataSource:
+    """Instantiate the source a config describes (``cache_dir``: see :func:`replay_arrays`)."""
+    return DatasetReplaySource(config, cache_dir=cache_dir)
+
+
+def _compute_replay_arrays(
+    config: DatasetReplayConfig,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    from edgefl.datasets import load_dataset
+    from edgefl.partition import dirichlet_partition
+
+    data = load_dataset(config.dataset, seed=config.seed)
+    x, y = (data.x_train, data.y_train) if config.split == "train" else (data.x_test, data.y_test)
+    if config.partition is not None:
+        parts = dirichlet_partition(y, config.num_partitions, config.alpha, seed=config.seed)
+        keep = parts[config.partition]
+        x, y = x[keep], y[keep]
+    return np.ascontiguousarray(x.reshape(len(x), -1)), np.asarray(y)
+
+
+def replay_arrays(
+    config: DatasetReplayConfig, cache_dir: Path | None = None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """The samples a replay source plays: flat features and labels.
+
+    The bundled datasets come through scikit-learn (loading and the stratified split),
+    whose import with SciPy costs a process about 120 MB of resident memory for good. With
+    ``cache_dir`` the arrays are computed once in a short-lived child process and kept
+    there as ``.npz`` (keyed by everything that selects the samples), so the agent
+    process itself only ever reads numpy files.
+
+    Raises:
+        ConfigError: The child process could not prepare the samples.
+    """
+    if cache_dir is None:
+        return _compute_replay_arrays(config)
+    selection = config.model_dump(include={"dataset", "split", "partition", "num_partitions"})
+    selection.update(alpha=config.alpha, seed=config.seed)
+    key = hashlib.sha256(json.dumps(selection, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir / f"replay-{config.dataset}-{key}.npz"
+    if not path.is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edgefl.edge_agent.sources",
+                config.model_dump_json(),
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if proc.returncode != 0 or not path.is_file():
+            from edgefl.errors import ConfigError
+
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ConfigError(
+                f"cannot prepare the {config.dataset} samples of source {config.name!r}: {tail}",
+                hint="check that the device install has the dataset extras (scikit-learn)",
+            )
+    with np.load(path) as data:
+        return np.asarray(data["x"], dtype=np.float32), np.asarray(data["y"], dtype=np.int64)
+
+
+def _export(config_json: str, target: str) -> None:
+    """Child-process side of :func:`replay_arrays`: compute and write the ``.npz``."""
+    x, y = _compute_replay_arrays(DatasetReplayConfig.model_validate_json(config_json))
+    path = Path(target)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        np.savez(fh, x=x, y=y)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    _export(sys.argv[1], sys.argv[2])

@@ -303,3 +303,34 @@ def test_agent_buffers_while_the_superlink_is_unreachable_and_joins_when_it_is_u
         if agent.poll() is None:
             agent.kill()
             agent.wait()
+
+
+def test_replay_source_never_imports_scikit_learn_in_the_agent(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from edgefl.edge_agent.sources import DatasetReplayConfig, replay_arrays
+
+    code = (
+        "import sys; from pathlib import Path; "
+        "from edgefl.edge_agent.sources import DatasetReplayConfig, replay_arrays; "
+        "x, y = replay_arrays(DatasetReplayConfig(partition=1, num_partitions=3), "
+        "Path(sys.argv[1])); print(len(y), 'sklearn' in sys.modules)"
+    )
+    for _ in range(2):  # first run prepares the cache in a child, the second reads it
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "cache")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert out[1] == "False"
+    assert len(list((tmp_path / "cache").glob("replay-digits-*.npz"))) == 1
+    config = DatasetReplayConfig(partition=1, num_partitions=3)
+    cached = replay_arrays(config, tmp_path / "cache")
+    direct = replay_arrays(config)
+    assert int(out[0]) == len(direct[1])
+    assert np.array_equal(cached[0], direct[0])
+    assert np.array_equal(cached[1], direct[1])
