@@ -24,7 +24,8 @@ app = typer.Typer(
     help=(
         "Edge-cloud federated learning with a device agent.\n\n"
         "Exit codes: 0 ok, 1 internal error, 2 usage, 3 invalid config, 4 bad input, "
-        "5 corrupt artifact, 6 verification failed, 7 runtime unavailable, 130 interrupted."
+        "5 corrupt artifact, 6 verification failed, 7 runtime unavailable, 8 service "
+        "unavailable, 9 run failed, 130 interrupted."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -18,6 +18,9 @@ code  name                    meaning
 5     ARTIFACT                a model artifact is corrupt, truncated or fails its hash
 6     VERIFICATION_FAILED     an artifact disagrees with its reference and was refused
 7     RUNTIME_UNAVAILABLE     no device runtime (or not the one asked for) can run
+8     SERVICE_UNAVAILABLE     a service the command needs (SuperLink, broker) is
+                              unreachable or refused the request
+9     RUN_FAILED              a federated run ended without completing
 130   INTERRUPTED             stopped by Ctrl-C
 ====  ======================  =========================================================
 """
@@ -34,7 +37,9 @@ __all__ = [
     "EdgeflError",
     "ExitCode",
     "ManifestMismatchError",
+    "RunFailedError",
     "RuntimeUnavailableError",
+    "ServiceUnavailableError",
     "UnknownModelError",
     "UnknownRecipeError",
     "VerificationError",
@@ -52,6 +57,8 @@ class ExitCode(IntEnum):
     ARTIFACT = 5
     VERIFICATION_FAILED = 6
     RUNTIME_UNAVAILABLE = 7
+    SERVICE_UNAVAILABLE = 8
+    RUN_FAILED = 9
     INTERRUPTED = 130
 
 
@@ -118,3 +125,15 @@ class RuntimeUnavailableError(EdgeflError):
     """The requested device runtime cannot be loaded here."""
 
     exit_code = ExitCode.RUNTIME_UNAVAILABLE
+
+
+class ServiceUnavailableError(EdgeflError):
+    """A service the command needs (SuperLink, broker) is unreachable or refused it."""
+
+    exit_code = ExitCode.SERVICE_UNAVAILABLE
+
+
+class RunFailedError(EdgeflError):
+    """A federated run ended without completing (failed or stopped by Flower)."""
+
+    exit_code = ExitCode.RUN_FAILED

@@ -537,7 +537,7 @@ def _wait_for_run(ctx: _Admin, flower_run_id: int, run_id: str, rounds: int, pol
 
 
 def _report_run(submitted: dict[str, Any], status: str, as_json: bool) -> None:
-    from edgefl.errors import EdgeflError
+    from edgefl.errors import RunFailedError
     from edgefl.server.fl.ledger import load_result
 
     run_id = str(submitted["run_id"])
@@ -566,7 +566,7 @@ def _report_run(submitted: dict[str, Any], status: str, as_json: bool) -> None:
             if result.central_epsilon is not None:
                 typer.echo(f"central ε {result.central_epsilon:.4f}")
     if status != "finished:completed":
-        raise EdgeflError(
+        raise RunFailedError(
             f"Flower run {submitted['flower_run_id']} ended {status}",
             hint=f"see `flwr log {submitted['flower_run_id']}` and the SuperLink log in the "
             "server's state_dir/superlink/",

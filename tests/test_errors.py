@@ -18,7 +18,9 @@ EXPORTED = [
     "EdgeflError",
     "ExitCode",
     "ManifestMismatchError",
+    "RunFailedError",
     "RuntimeUnavailableError",
+    "ServiceUnavailableError",
     "UnknownModelError",
     "UnknownRecipeError",
     "VerificationError",
@@ -35,6 +37,8 @@ FAMILY = {
     "ManifestMismatchError": "ArtifactError",
     "VerificationError": "VerificationError",
     "RuntimeUnavailableError": "RuntimeUnavailableError",
+    "ServiceUnavailableError": "ServiceUnavailableError",
+    "RunFailedError": "RunFailedError",
 }
 
 
@@ -109,6 +113,8 @@ def test_exit_codes_are_distinct_per_family() -> None:
         ("ArtifactError", ExitCode.ARTIFACT),
         ("VerificationError", ExitCode.VERIFICATION_FAILED),
         ("RuntimeUnavailableError", ExitCode.RUNTIME_UNAVAILABLE),
+        ("ServiceUnavailableError", ExitCode.SERVICE_UNAVAILABLE),
+        ("RunFailedError", ExitCode.RUN_FAILED),
     ],
 )
 def test_family_exit_code(family: str, code: ExitCode) -> None:

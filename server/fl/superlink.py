@@ -36,7 +36,7 @@ from typing import IO, Any
 from pydantic import Field, model_validator
 
 from edgefl.config import StrictModel
-from edgefl.errors import ConfigError, EdgeflError
+from edgefl.errors import ConfigError, ServiceUnavailableError
 from edgefl.federation import FederationPlan
 
 __all__ = [
@@ -56,11 +56,11 @@ CONNECTION = "edgefl"
 """Name of the one connection in the private ``FLWR_HOME``."""
 
 
-class SuperLinkError(EdgeflError):
+class SuperLinkError(ServiceUnavailableError):
     """The SuperLink process did not start or died."""
 
 
-class FlowerCommandError(EdgeflError):
+class FlowerCommandError(ServiceUnavailableError):
     """A ``flwr`` command failed; the message carries Flower's own words."""
 
 
