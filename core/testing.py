@@ -27,9 +27,9 @@ __all__ = ["Mosquitto", "free_port", "wait_for"]
 
 def free_port() -> int:
     """Ask the kernel for a free loopback TCP port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    from edgefl.netutil import free_port as _free
+
+    return _free("127.0.0.1")
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -34,7 +34,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -51,6 +50,7 @@ from edgefl.config import StrictModel
 from edgefl.edge_agent.mqtt_link import backoff_delay
 from edgefl.errors import ConfigError, EdgeflError
 from edgefl.files import write_text_atomic
+from edgefl.netutil import free_port, port_open
 from edgefl.server.broker_config import render_mosquitto_config
 from edgefl.server.fl.superlink import FlowerAdmin, SuperLink, SuperLinkConfig
 from edgefl.server.fleet_ca import SERVER_IDENTITY, FleetCA
@@ -172,20 +172,6 @@ def read_runtime(state_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def _dial_host(host: str) -> str:
     """Where to connect to reach a listener bound to ``host`` on this machine."""
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
@@ -222,7 +208,7 @@ class MosquittoBroker:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = config.host
-        self.port = config.port or _free_port(config.host)
+        self.port = config.port or free_port(config.host)
         data_dir = (config.data_dir or self.workdir / "data").expanduser().resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
         self.conf_path = self.workdir / "mosquitto.conf"
@@ -260,7 +246,7 @@ class MosquittoBroker:
             return
         self._reap()
         dial = _dial_host(self.host)
-        if _port_open(dial, self.port):
+        if port_open(dial, self.port):
             raise BrokerError(
                 f"broker port {self.host}:{self.port} is already in use",
                 hint="stop what listens there or choose another broker.port",
@@ -274,7 +260,7 @@ class MosquittoBroker:
         )
         log.info("started mosquitto pid %d on %s:%d", self._proc.pid, self.host, self.port)
         deadline = time.monotonic() + timeout
-        while not _port_open(dial, self.port):
+        while not port_open(dial, self.port):
             code = self._proc.poll()
             if code is not None:
                 raise BrokerError(

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from pydantic import Field, model_validator
 from edgefl.config import StrictModel
 from edgefl.errors import ConfigError, ServiceUnavailableError
 from edgefl.federation import FederationPlan
+from edgefl.netutil import free_port, port_open
 
 __all__ = [
     "FlowerAdmin",
@@ -122,20 +122,6 @@ def _flower_bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 class SuperLink:
     """One ``flower-superlink`` child process (see the module docstring).
 
@@ -150,7 +136,7 @@ class SuperLink:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.home = self.workdir / "flwr-home"
         self.home.mkdir(exist_ok=True)
-        self.port = config.port or _free_port(config.host)
+        self.port = config.port or free_port(config.host)
         self.database = config.database or self.workdir / "superlink.db"
         self.log_path = self.workdir / "superlink.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -214,7 +200,7 @@ class SuperLink:
         """
         if self.running():
             return
-        if _port_open(self.config.host, self.port):
+        if port_open(self.config.host, self.port):
             raise SuperLinkError(
                 f"port {self.address} is already in use",
                 hint="stop what listens there or choose another superlink.port",
@@ -230,7 +216,7 @@ class SuperLink:
         )
         log.info("started flower-superlink pid %d on %s", self._proc.pid, self.address)
         deadline = time.monotonic() + self.config.startup_timeout_s
-        while not _port_open(self.config.host, self.port):
+        while not port_open(self.config.host, self.port):
             code = self._proc.poll()
             if code is not None:
                 raise SuperLinkError(
