@@ -28,6 +28,17 @@ What is measured:
   message and the app, loading the local data, sending the reply. Median over the
   messages of rounds 2 and later; round 1 also includes each device's one-time σ search
   for the run (``clientapp_first_message_s``).
+
+  With warm start (the agent's default, ``--no-warm-start`` turns it off) the process
+  Flower starts is edgefl's launcher, still named ``flwr-clientapp``: it lives exactly as
+  long as the child the zygote forks for the message (it waits for its exit status), so
+  its lifetime is the message's. A launcher that finds no zygote execs the real
+  ``flwr-clientapp`` in the same process (same pid and start time), a cold start.
+  ``clientapp_messages`` lists each message with ``warm`` (served by a forked child);
+  ``clientapp_cold_start_by_path_s`` gives the median of the warm and of the cold
+  messages of rounds 2 and later. The zygote's forked children carry the zygote's
+  command line; their RSS counts as ``clientapp``, the zygote's as ``zygote`` (RSS counts
+  the pages a child shares with the zygote twice, so ``device_total`` overstates).
 * ``clientapp_import_s``: a fresh interpreter importing what the ClientApp imports
   (``flwr.clientapp``, edgefl's ClientApp, torch, Opacus), median of three.
 * ``round_time_s``: median wall time of the rounds (``fl_rounds.wall_s``: send, train on
@@ -50,6 +61,7 @@ from typing import Any
 
 import yaml
 
+from edgefl.edge_agent.fl.warmstart import BIN_DIR
 from edgefl.edge_agent.identity import install_bundle, prepare_enrollment
 from edgefl.enrollment import IdentityPaths, write_json_document
 from edgefl.federation import FederationPlan
@@ -61,6 +73,7 @@ from edgefl.server.serve import Server, ServerConfig
 from edgefl.testing import free_port, wait_for
 
 _CLK = os.sysconf("SC_CLK_TCK")
+_ZYGOTE = "edgefl.edge_agent.fl.warmstart serve"
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -78,8 +91,8 @@ def _boot_time() -> float:
 _BOOT = _boot_time()
 
 
-def _proc_info(pid: int) -> tuple[int, float, float, str] | None:
-    """(pgid, start time as epoch seconds, RSS MB, cmdline) of a live process."""
+def _proc_info(pid: int) -> tuple[int, float, float, str, int] | None:
+    """(pgid, start time as epoch seconds, RSS MB, cmdline, ppid) of a live process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         statm = Path(f"/proc/{pid}/statm").read_text().split()
@@ -92,7 +105,7 @@ def _proc_info(pid: int) -> tuple[int, float, float, str] | None:
     pgid = int(fields[2])
     start = _BOOT + int(fields[19]) / _CLK
     rss = int(statm[1]) * _PAGE / 2**20
-    return pgid, start, rss, cmdline
+    return pgid, start, rss, cmdline, int(fields[1])
 
 
 def _all_pids() -> list[int]:
@@ -120,25 +133,39 @@ class Sampler(threading.Thread):
         now = time.time()
         groups = {pgid: dev for dev, pgid in self.supernodes.items()}
         snap: dict[str, Any] = {
-            dev: {"agent": 0.0, "supernode": 0.0, "clientapp": 0.0} for dev in self.agents
+            dev: {"agent": 0.0, "supernode": 0.0, "clientapp": 0.0, "zygote": 0.0}
+            for dev in self.agents
         }
         for dev, pid in self.agents.items():
             info = _proc_info(pid)
             if info is not None:
                 snap[dev]["agent"] = info[2]
+        infos = {}
         for pid in _all_pids():
             info = _proc_info(pid)
-            if info is None or info[0] not in groups:
-                continue
+            if info is not None and info[0] in groups:
+                infos[pid] = info
+        for pid, info in infos.items():
             dev = groups[info[0]]
+            parent = infos.get(info[4])
             if "flwr-clientapp" in info[3]:
+                if parent is not None and "flwr-clientapp" in parent[3]:
+                    continue  # a launcher's short-lived fork that starts the zygote
                 snap[dev]["clientapp"] += info[2]
                 with self.lock:
                     entry = self.clientapps.setdefault(
-                        pid, {"device": dev, "start": info[1], "last": now, "rss": 0.0}
+                        pid,
+                        {"device": dev, "start": info[1], "last": now, "rss": 0.0, "warm": True},
                     )
                     entry["last"] = now
                     entry["rss"] = max(entry["rss"], info[2])
+                    # A launcher that found no zygote became the real flwr-clientapp.
+                    entry["warm"] = entry["warm"] and f"/{BIN_DIR}/" in info[3]
+            elif _ZYGOTE in info[3]:
+                if parent is not None and _ZYGOTE in parent[3]:
+                    snap[dev]["clientapp"] += info[2]  # a forked ClientApp child
+                else:
+                    snap[dev]["zygote"] += info[2]
             else:
                 snap[dev]["supernode"] += info[2]
         with self.lock:
@@ -159,7 +186,7 @@ def _import_time() -> float:
     return statistics.median(runs)
 
 
-def _agent_yaml(work: Path, i: int, server: Server, devices: int) -> Path:
+def _agent_yaml(work: Path, i: int, server: Server, devices: int, warm_start: bool) -> Path:
     state = work / f"agent{i}"
     ident = IdentityPaths(state)
     path = work / f"agent{i}.yaml"
@@ -186,7 +213,11 @@ def _agent_yaml(work: Path, i: int, server: Server, devices: int) -> Path:
                         "limit": 400,
                     }
                 ],
-                "training": {"superlink": server.superlink_address, "min_samples": 200},
+                "training": {
+                    "superlink": server.superlink_address,
+                    "min_samples": 200,
+                    "warm_start": warm_start,
+                },
             }
         )
     )
@@ -201,7 +232,9 @@ def _status(state_dir: Path) -> dict[str, Any]:
     return doc
 
 
-def run(devices: int, rounds: int, idle_s: float, work: Path) -> dict[str, Any]:
+def run(
+    devices: int, rounds: int, idle_s: float, work: Path, warm_start: bool = True
+) -> dict[str, Any]:
     progress("importing the ClientApp's modules in fresh interpreters")
     import_s = _import_time()
     config = ServerConfig.model_validate(
@@ -231,7 +264,7 @@ def run(devices: int, rounds: int, idle_s: float, work: Path) -> dict[str, Any]:
             )
             write_json_document(work / f"bundle{i}.json", bundle)
             install_bundle(work / f"bundle{i}.json", f"bench-{i}", "bench", state)
-            yamls.append(_agent_yaml(work, i, server, devices))
+            yamls.append(_agent_yaml(work, i, server, devices, warm_start))
         progress(f"{devices} devices admitted; starting their agents")
         edgefl = str(Path(sys.executable).parent / "edgefl")
         for i, path in enumerate(yamls):
@@ -327,14 +360,19 @@ def run(devices: int, rounds: int, idle_s: float, work: Path) -> dict[str, Any]:
     series = sampler.series
     peak = {
         key: max((s[d][key] for s in series for d in devs), default=0.0)
-        for key in ("agent", "supernode", "clientapp")
+        for key in ("agent", "supernode", "clientapp", "zygote")
     }
     peak_total = max(
-        (s[d]["agent"] + s[d]["supernode"] + s[d]["clientapp"] for s in series for d in devs),
+        (
+            s[d]["agent"] + s[d]["supernode"] + s[d]["clientapp"] + s[d]["zygote"]
+            for s in series
+            for d in devs
+        ),
         default=0.0,
     )
     train_time = {(r.device_id, r.round): r.train_time_s for r in ledger}
     cold: dict[int, list[float]] = {}
+    messages: list[dict[str, Any]] = []
     for dev in devs:
         procs = sorted(
             (e for e in sampler.clientapps.values() if e["device"] == dev),
@@ -343,8 +381,23 @@ def run(devices: int, rounds: int, idle_s: float, work: Path) -> dict[str, Any]:
         for rnd, entry in enumerate(procs, start=1):
             if (dev, rnd) in train_time:
                 lifetime = entry["last"] - entry["start"]
-                cold.setdefault(rnd, []).append(lifetime - train_time[(dev, rnd)])
+                value = lifetime - train_time[(dev, rnd)]
+                cold.setdefault(rnd, []).append(value)
+                messages.append(
+                    {
+                        "device": dev,
+                        "round": rnd,
+                        "warm": bool(entry["warm"]),
+                        "cold_start_s": value,
+                        "lifetime_s": lifetime,
+                        "train_time_s": train_time[(dev, rnd)],
+                    }
+                )
     later = [v for rnd, values in cold.items() if rnd >= 2 for v in values]
+    by_path = {
+        path: med([m["cold_start_s"] for m in messages if m["round"] >= 2 and m["warm"] == w])
+        for path, w in (("warm", True), ("cold", False))
+    }
     round_times = [r.wall_s for r in result.rounds]
     return {
         "devices": devices,
@@ -354,6 +407,9 @@ def run(devices: int, rounds: int, idle_s: float, work: Path) -> dict[str, Any]:
         "clientapp_cold_start_max_s": max(later, default=float("nan")),
         "clientapp_first_message_s": med(cold.get(1, [])),
         "clientapp_messages_measured": sum(len(v) for v in cold.values()),
+        "warm_start": warm_start,
+        "clientapp_cold_start_by_path_s": by_path,
+        "clientapp_messages": messages,
         "clientapp_import_s": import_s,
         "idle_rss_mb": {
             "agent": idle_agent,
@@ -364,6 +420,7 @@ def run(devices: int, rounds: int, idle_s: float, work: Path) -> dict[str, Any]:
             "agent": peak["agent"],
             "supernode": peak["supernode"],
             "clientapp": peak["clientapp"],
+            "zygote": peak["zygote"],
             "device_total": peak_total,
         },
         "round_time_s": med(round_times),
@@ -389,13 +446,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--idle-s", type=float, default=10.0)
     parser.add_argument("--workdir", type=Path, default=None, help="Keep files here.")
+    parser.add_argument(
+        "--no-warm-start", action="store_true", help="Plain flwr-clientapp for every message."
+    )
     args = parser.parse_args()
+    warm = not args.no_warm_start
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        out = run(args.devices, args.rounds, args.idle_s, args.workdir)
+        out = run(args.devices, args.rounds, args.idle_s, args.workdir, warm)
     else:
         with tempfile.TemporaryDirectory(prefix="edgefl-devbench-") as tmp:
-            out = run(args.devices, args.rounds, args.idle_s, Path(tmp))
+            out = run(args.devices, args.rounds, args.idle_s, Path(tmp), warm)
     if args.json:
         print(json.dumps(out, indent=2))
     else:

@@ -9,6 +9,11 @@ thresholds. It stops it (SIGTERM to its process group, SIGKILL after a grace per
 when the policy stops allowing it, and restarts it with exponential backoff and jitter
 when it exits on its own; the backoff resets after a stable run.
 
+With ``warm_start`` (the default) the SuperNode's ``PATH`` starts with a private bin dir
+whose ``flwr-clientapp`` runs each message in a process forked from a warm zygote
+(:mod:`edgefl.edge_agent.fl.warmstart`), in the same process group; the first message
+of a run, and any message the warm path cannot take, is a normal cold start.
+
 The SuperNode runs in its own process group (its ``flwr-clientapp`` children go with it)
 and writes to ``<state_dir>/supernode.log``. When it exits, the supervisor logs the line
 of that log that names the cause (Flower prints ``Failed to activate SuperNode`` for a
@@ -44,6 +49,7 @@ from typing import IO, Any, Final, Literal
 from pydantic import Field, field_validator, model_validator
 
 from edgefl.config import StrictModel
+from edgefl.edge_agent.fl.warmstart import install_launcher
 from edgefl.edge_agent.mqtt_link import backoff_delay
 from edgefl.enrollment import IdentityPaths
 from edgefl.errors import ConfigError
@@ -133,6 +139,15 @@ class TrainingConfig(StrictModel):
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="Held-out share of the store.")
     clientappio_port: int | None = Field(
         None, ge=1, le=65535, description="SuperNode's ClientApp API port (default: a free one)."
+    )
+    warm_start: bool = Field(
+        True,
+        description="Run each message's ClientApp in a process forked from a warm zygote "
+        "(edgefl.edge_agent.fl.warmstart) instead of a fresh interpreter; the zygote exits "
+        "when idle. False: Flower's plain flwr-clientapp for every message.",
+    )
+    warm_start_idle_exit_s: float = Field(
+        600.0, gt=0, description="The warm zygote exits after this long without a message."
     )
 
     @field_validator("windows")
@@ -536,9 +551,20 @@ class SuperNodeSupervisor:
         cmd = self.command()
         bin_dir = str(Path(sys.executable).parent)
         path = os.environ.get("PATH", "")
+        path = f"{bin_dir}{os.pathsep}{path}" if path else bin_dir
+        if self.config.warm_start:
+            try:
+                warm_bin = install_launcher(
+                    self.state_dir, idle_exit_s=self.config.warm_start_idle_exit_s
+                )
+            except OSError as exc:
+                logger.warning("ClientApp warm start is off (cold starts): %s", exc)
+            else:
+                # Flower's SuperExec runs `flwr-clientapp` by name: ours comes first.
+                path = f"{warm_bin}{os.pathsep}{path}"
         env = {
             **os.environ,
-            "PATH": f"{bin_dir}{os.pathsep}{path}" if path else bin_dir,
+            "PATH": path,
             "FLWR_HOME": str(self.flower_home),
             "PYTHONUNBUFFERED": "1",
         }
