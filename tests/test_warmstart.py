@@ -103,7 +103,7 @@ def _cleanup_group(pgids: list[int]) -> Iterator[None]:
 def test_first_call_falls_back_later_calls_fork_and_the_zygote_exits_when_idle(
     tmp_path: Path,
 ) -> None:
-    bin_dir = install_launcher(tmp_path, idle_exit_s=3.0)
+    bin_dir = install_launcher(tmp_path, idle_exit_s=3.0, first_wait_s=0.0)
     launcher = bin_dir / "flwr-clientapp"
     assert launcher.read_text().startswith(f"#!{sys.executable} -IS\n")
     # A stale socket file (nobody listening) counts as no zygote.
@@ -145,6 +145,18 @@ def test_first_call_falls_back_later_calls_fork_and_the_zygote_exits_when_idle(
         assert again.returncode == 0
         assert b"usage: flwr-clientapp" in out
         assert len(_forks(tmp_path)) == 2
+
+
+def test_first_call_waits_for_the_zygote_it_started(tmp_path: Path) -> None:
+    bin_dir = install_launcher(tmp_path, idle_exit_s=3.0)
+    first = _launch(bin_dir, "--help")
+    with _cleanup_group([first.pid]):
+        out, _ = first.communicate(timeout=120)
+        assert first.returncode == 0
+        assert b"usage: flwr-clientapp" in out
+        # Served by a child of the zygote it started, not by a second cold import.
+        assert [f["event"] for f in _forks(tmp_path)] == ["fork", "exit"]
+        assert _forks(tmp_path)[0]["zygote"] == _zygote_pid(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -297,16 +309,17 @@ def test_round_two_runs_in_a_forked_child_and_the_ledger_matches_the_device(
     assert own is not None
     last = max(ledger, key=lambda r: r.round)
     assert last.epsilon_total == pytest.approx(epsilon_of(own.history, stored_plan.dp.delta))
-    # Round 1 was the run's first message (a cold start, which started the zygote);
-    # round 2's ClientApp was a child forked by the zygote, which exited cleanly and
-    # wrote its telemetry while it ran.
+    # Round 1 was the run's first message: its launcher started the zygote and waited for
+    # it; both rounds' ClientApps were children forked by the zygote, which exited cleanly
+    # and wrote their telemetry while they ran.
     forks = _forks(state)
-    fork = next(f for f in forks if f["event"] == "fork")
-    done = next(f for f in forks if f["event"] == "exit" and f["pid"] == fork["pid"])
-    assert done["code"] == 0
+    started = [f for f in forks if f["event"] == "fork"]
+    assert len(started) == 2, forks
     zygote_log = (state / LOG_FILE).read_text()
-    assert f"warmstart[{fork['zygote']}] preloaded" in zygote_log
-    r1 = (state / TELEMETRY_DIR / telemetry_file_name(RUN, 1)).stat().st_mtime
-    r2 = (state / TELEMETRY_DIR / telemetry_file_name(RUN, 2)).stat().st_mtime
-    assert r1 < fork["time"] <= r2 <= done["time"]
+    for rnd, fork in enumerate(started, start=1):
+        done = next(f for f in forks if f["event"] == "exit" and f["pid"] == fork["pid"])
+        assert done["code"] == 0
+        assert f"warmstart[{fork['zygote']}] preloaded" in zygote_log
+        written = (state / TELEMETRY_DIR / telemetry_file_name(RUN, rnd)).stat().st_mtime
+        assert fork["time"] <= written <= done["time"]
     assert not _alive(int(fork["zygote"]))  # the supervisor's killpg took it at close

@@ -68,6 +68,8 @@ FORK_LOG: Final = "warmstart-forks.log"
 DEFAULT_IDLE_EXIT_S: Final = 600.0
 _MAX_MESSAGE = 1 << 20
 _PID_TIMEOUT_S = 15.0  # the zygote answers at once unless it is swapping
+FIRST_WAIT_S: Final = 40.0
+"""How long the first message waits for the zygote it started before it runs cold."""
 _PRELOAD: Final = (
     "flwr.supernode.cli",
     "flwr.supernode.runtime.run_clientapp",
@@ -91,13 +93,19 @@ _PRELOAD: Final = (
 
 
 def install_launcher(
-    state_dir: Path, *, idle_exit_s: float = DEFAULT_IDLE_EXIT_S, python: str | None = None
+    state_dir: Path,
+    *,
+    idle_exit_s: float = DEFAULT_IDLE_EXIT_S,
+    first_wait_s: float = FIRST_WAIT_S,
+    python: str | None = None,
 ) -> Path:
     """Write the ``flwr-clientapp`` launcher into ``<state_dir>/warmstart-bin``.
 
     Args:
         state_dir: The agent's state dir (socket, logs and the bin dir live there).
         idle_exit_s: The zygote's idle time before it exits.
+        first_wait_s: How long a message that finds no zygote waits for the one it starts
+            before it runs cold (0: run cold at once).
         python: Interpreter of the venv that has Flower (default: this one).
 
     Returns:
@@ -143,6 +151,7 @@ def install_launcher(
         "    real=REAL,\n"
         f"    serve_cmd={serve_cmd!r},\n"
         f"    log_path={str(state_dir / LOG_FILE)!r},\n"
+        f"    first_wait_s={float(first_wait_s)!r},\n"
         ")\n"
     )
     target = bin_dir / "flwr-clientapp"
@@ -182,6 +191,18 @@ def _spawn_zygote(serve_cmd: list[str], log_path: str) -> None:
         os.waitpid(pid, 0)
 
 
+def _connect(socket_path: str) -> socket.socket | None:
+    """A connection to the zygote, or ``None`` when none listens."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.settimeout(_PID_TIMEOUT_S)
+        sock.connect(socket_path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
 def _die_like(status: int) -> NoReturn:
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
@@ -194,7 +215,13 @@ def _die_like(status: int) -> NoReturn:
 
 
 def launch(
-    argv: list[str], *, socket_path: str, real: str, serve_cmd: list[str], log_path: str
+    argv: list[str],
+    *,
+    socket_path: str,
+    real: str,
+    serve_cmd: list[str],
+    log_path: str,
+    first_wait_s: float = FIRST_WAIT_S,
 ) -> NoReturn:
     """Run this message in a child forked by the zygote, or in the real flwr-clientapp.
 
@@ -204,6 +231,7 @@ def launch(
         real: The real ``flwr-clientapp`` (fallback and first message).
         serve_cmd: How to start a zygote.
         log_path: Where the zygote writes its own output.
+        first_wait_s: How long to wait for a zygote this call had to start.
     """
     pending: list[int] = []
     child = 0
@@ -217,14 +245,18 @@ def launch(
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        sock.settimeout(_PID_TIMEOUT_S)
-        sock.connect(socket_path)
-    except OSError:
-        sock.close()
+    sock = _connect(socket_path)
+    if sock is None:
+        # First message of a run (or the zygote exited when idle): start one and wait for
+        # it rather than import everything a second time beside it, which on a small
+        # device doubles this message's cold start; give up and run cold if it is slow.
         _spawn_zygote(serve_cmd, log_path)
-        _restore_and_exec(real, argv, pending)
+        deadline = time.monotonic() + first_wait_s
+        while sock is None and time.monotonic() < deadline and not pending:
+            time.sleep(0.05)
+            sock = _connect(socket_path)
+        if sock is None:
+            _restore_and_exec(real, argv, pending)
     try:
         request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)})
         socket.send_fds(sock, [request.encode()], [0, 1, 2])
