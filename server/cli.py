@@ -415,14 +415,29 @@ def enrollments(
     config: ServerConfigOption = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
-    """List enrolled devices: status, node id, certificate serial, dates."""
+    """List enrolled devices: status, node id, certificate serial, dates, SuperLink view.
+
+    ``superlink_status`` is the node's status on the SuperLink (``online``, ``offline``,
+    ``registered`` = never connected, ``unregistered``), or ``unknown`` when the SuperLink
+    cannot be asked. An admitted device that stays ``registered`` has never activated:
+    on the device, `edgefl agent status` names the cause (wrong CA, unreachable SuperLink).
+    """
+    from edgefl.errors import ServiceUnavailableError
     from edgefl.server.enrollment import list_enrollments
 
     ctx = _connect(config, need_superlink=False)
     try:
         rows = [e.to_dict() for e in list_enrollments(ctx.engine)]
+        try:
+            nodes = {str(n.node_id): n.status for n in ctx.admin.list_nodes()} if rows else {}
+        except ServiceUnavailableError:
+            nodes = None
     finally:
         ctx.close()
+    for row in rows:
+        row["superlink_status"] = (
+            "unknown" if nodes is None else nodes.get(str(row["node_id"]), "absent")
+        )
     if as_json:
         emit_json({"enrollments": rows})
         return
@@ -432,8 +447,8 @@ def enrollments(
         extra = f"  revoked {row['revoked_at']} {row['revoke_reason']}" if row["revoked_at"] else ""
         typer.echo(
             f"{row['device_id']:<24} {row['status']:<9} fleet {row['fleet']:<12} "
-            f"node {row['node_id']:<20} serial {row['cert_serial']}  "
-            f"admitted {row['admitted_at']}{extra}"
+            f"node {row['node_id']:<20} ({row['superlink_status']}) "
+            f"serial {row['cert_serial']}  admitted {row['admitted_at']}{extra}"
         )
 
 

@@ -118,7 +118,14 @@ class SuperNodeProcess:
         if self.proc.poll() is not None:
             return True
         text = self.log_text()
-        return "Giving up reconnection" in text or "SuperNode terminated gracefully" in text
+        if "Giving up reconnection" in text or "SuperNode terminated gracefully" in text:
+            return True
+        # Or wedged after a network cut: a TLS error, then 30 s of silence (the agent's
+        # supervisor applies the same rule).
+        trouble = max(text.rfind(t) for t in ("SSL/TLS handshake error", "Failed to send"))
+        healthy = max(text.rfind(h) for h in ("Received successfully", "Sent successfully"))
+        silent_s = time.time() - self.log_path.stat().st_mtime
+        return trouble > healthy and silent_s >= 30.0
 
     def kill(self) -> None:
         """SIGKILL the SuperNode and its ClientApp processes (a crash)."""

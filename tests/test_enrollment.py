@@ -591,6 +591,7 @@ def test_cli_refuses_bad_input_with_clear_errors(tmp_path: Path, sqlite_server: 
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)["enrollments"]
     assert [(r["device_id"], r["status"]) for r in rows] == [("dev-cli", "revoked")]
+    assert rows[0]["superlink_status"] == "unregistered"  # the SuperLink's own view
 
 
 def test_admin_commands_without_a_server_say_how_to_start_one(tmp_path: Path) -> None:

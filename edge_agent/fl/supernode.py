@@ -91,6 +91,13 @@ _RETRYING = "Connection attempt failed"
 # longer connected and no longer retrying: treat either line as the end of the process.
 _ENDED = ("Giving up reconnection", "SuperNode terminated gracefully")
 _LINGER_S = 10.0
+# After a network cut Flower 1.41's SuperNode can also wedge without saying so: a TLS
+# error, then silence, alive but no longer polling or retrying. Silence is normal for an
+# idle SuperNode, so only silence right after such an error counts; a healthy line
+# (a message received or sent, an activation) clears the suspicion.
+_TROUBLE = ("SSL/TLS handshake error detected", "Failed to send message")
+_HEALTHY = ("Received successfully", "Sent successfully", "SuperNode ID:")
+_STALL_S = 30.0
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 NodeConfigValue = str | int | float | bool
 
@@ -387,6 +394,8 @@ class SuperNodeSupervisor:
         self._decision: tuple[bool, str] | None = None
         self._warned_retrying = False
         self._ended_at: float | None = None
+        self._suspect = False
+        self._last_output = 0.0
         self.state: State = "stopped"
         self.reason = "not polled yet"
         self.restarts = 0
@@ -450,6 +459,21 @@ class SuperNodeSupervisor:
                 now - self._ended_at,
             )
             self._ended_at = None
+            self._signal_group(signal.SIGKILL)
+        elif (
+            self._proc is not None
+            and self._suspect
+            and self._stop_deadline is None
+            and now - self._last_output >= _STALL_S
+        ):
+            logger.warning(
+                "the SuperNode (pid %d) reported a connection error and has been silent for "
+                "%.0f s since (it can wedge after a network cut); killing it so it can be "
+                "restarted",
+                self._proc.pid,
+                now - self._last_output,
+            )
+            self._suspect = False
             self._signal_group(signal.SIGKILL)
         allowed, reason = self._decide(connected, samples)
         if self._proc is not None:
@@ -574,6 +598,8 @@ class SuperNodeSupervisor:
         self._tail = ""
         self._warned_retrying = False
         self._ended_at = None
+        self._suspect = False
+        self._last_output = now
         self.node_id = None
         try:
             self._proc = subprocess.Popen(
@@ -695,6 +721,13 @@ class SuperNodeSupervisor:
             logger.info(
                 "SuperNode registered with %s as node %d", self.config.superlink, self.node_id
             )
+        self._last_output = self._clock()
+        trouble = max((text.rfind(t) for t in _TROUBLE), default=-1)
+        healthy = max((text.rfind(h) for h in _HEALTHY), default=-1)
+        if trouble > healthy:
+            self._suspect = True
+        elif healthy > trouble:
+            self._suspect = False
         if self._ended_at is None and any(line in text for line in _ENDED):
             self._ended_at = self._clock()
         if _RETRYING in text and not self._warned_retrying:
