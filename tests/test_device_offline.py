@@ -50,7 +50,7 @@ DEVICES = 3
 # A killed device is back once the SuperLink releases its session (~60 s); a cut-off one
 # once its SuperNode is found stuck and restarted, which can take a few rounds longer.
 ROUNDS_KILL = 5
-ROUNDS_CUT = 7
+ROUNDS_CUT = 9
 RUN = "offline-run"
 # Round 1 includes every device's cold start and σ choice; a lost device costs its round
 # this long. Flower keeps a node "online" for 60 s after its last heartbeat.
