@@ -13,8 +13,6 @@ leaves a half-written or world-readable key.
 from __future__ import annotations
 
 import datetime as dt
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from edgefl.enrollment import (
     write_json_document,
 )
 from edgefl.errors import BadInputError
+from edgefl.files import write_bytes_atomic
 
 __all__ = [
     "EnrollmentResult",
@@ -75,22 +74,6 @@ class InstallResult:
     serial: str
     not_after: str
     paths: IdentityPaths
-
-
-def _write_file(path: Path, data: bytes, *, mode: int) -> None:
-    """Write ``data`` atomically with ``mode`` set on the file before anything is written."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_tls_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -178,7 +161,7 @@ def prepare_enrollment(
     created_tls = force or not paths.tls_key.exists()
     if created_tls:
         tls_key = ec.generate_private_key(ec.SECP256R1())
-        _write_file(
+        write_bytes_atomic(
             paths.tls_key,
             tls_key.private_bytes(
                 serialization.Encoding.PEM,
@@ -196,12 +179,12 @@ def prepare_enrollment(
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
             .sign(tls_key, hashes.SHA256())
         )
-        _write_file(paths.csr, csr.public_bytes(serialization.Encoding.PEM), mode=0o644)
+        write_bytes_atomic(paths.csr, csr.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
     created_node = force or not paths.node_key.exists()
     if created_node:
         node_key = ec.generate_private_key(ec.SECP384R1())
-        _write_file(
+        write_bytes_atomic(
             paths.node_key,
             node_key.private_bytes(
                 serialization.Encoding.PEM,
@@ -220,7 +203,7 @@ def prepare_enrollment(
         or not paths.node_public_key.is_file()
         or (paths.node_public_key.read_bytes().strip() != node_pub)
     ):
-        _write_file(paths.node_public_key, node_pub + b"\n", mode=0o644)
+        write_bytes_atomic(paths.node_public_key, node_pub + b"\n", mode=0o644)
 
     request = EnrollmentRequest(
         device_id=device_id,
@@ -308,8 +291,8 @@ def install_bundle(bundle_path: Path, device_id: str, fleet: str, state_dir: Pat
             f"({ca.subject.rfc4514_string()}): {exc or 'bad signature'}",
             "ask the fleet administrator for a bundle signed by the fleet CA",
         ) from exc
-    _write_file(paths.cert, bundle.cert_pem.encode(), mode=0o644)
-    _write_file(paths.ca, bundle.ca_pem.encode(), mode=0o644)
+    write_bytes_atomic(paths.cert, bundle.cert_pem.encode(), mode=0o644)
+    write_bytes_atomic(paths.ca, bundle.ca_pem.encode(), mode=0o644)
     write_json_document(paths.bundle, bundle)
     not_after = cert.not_valid_after_utc.astimezone(dt.UTC).isoformat()
     return InstallResult(bundle, f"{cert.serial_number:x}", not_after, paths)

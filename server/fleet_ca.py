@@ -27,9 +27,7 @@ import datetime as dt
 import ipaddress
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgefl.errors import BadInputError, ConfigError
+from edgefl.files import write_bytes_atomic
 
 __all__ = [
     "DEVICE_ID_PATTERN",
@@ -138,27 +137,6 @@ class _State:
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"{source}: corrupt CA state file: {exc}") from exc
-
-
-def _atomic_write(path: Path, data: bytes, *, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temporary file, with ``mode`` set before writing."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _now() -> dt.datetime:
@@ -268,8 +246,8 @@ class FleetCA:
             .sign(key, hashes.SHA256())
         )
         # Key first: a CA certificate without its key would be unusable.
-        _atomic_write(directory / "ca.key", _key_pem(key), mode=0o600)
-        _atomic_write(
+        write_bytes_atomic(directory / "ca.key", _key_pem(key), mode=0o600)
+        write_bytes_atomic(
             directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), mode=0o644
         )
         ca = cls(directory, cert, key, _State())
@@ -517,11 +495,11 @@ class FleetCA:
         cert_path = folder / "cert.pem"
         key_path = folder / "key.pem"
         if key_pem is not None:
-            _atomic_write(key_path, key_pem, mode=0o600)
+            write_bytes_atomic(key_path, key_pem, mode=0o600)
         else:
             # A key left over from an earlier CA-generated certificate would not match.
             key_path.unlink(missing_ok=True)
-        _atomic_write(cert_path, cert_pem, mode=0o644)
+        write_bytes_atomic(cert_path, cert_pem, mode=0o644)
         cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
         self._state.issued[cert.serial_number] = {
             "kind": kind,
@@ -607,10 +585,10 @@ class FleetCA:
         crl = builder.sign(self._key, hashes.SHA256())
         pem = crl.public_bytes(serialization.Encoding.PEM)
         self._save_state()
-        _atomic_write(self.crl_path, pem, mode=0o644)
+        write_bytes_atomic(self.crl_path, pem, mode=0o644)
         return pem
 
     def _save_state(self) -> None:
-        _atomic_write(
+        write_bytes_atomic(
             self.directory / "state.json", self._state.to_json().encode("utf-8"), mode=0o600
         )
