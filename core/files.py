@@ -11,16 +11,7 @@ __all__ = ["write_bytes_atomic", "write_text_atomic"]
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write text so a reader sees either the old file or the whole new one, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _replace_atomically(path, text.encode("utf-8"), mode=None, sync_dir=False)
 
 
 def write_bytes_atomic(path: Path, data: bytes, *, mode: int) -> None:
@@ -30,9 +21,15 @@ def write_bytes_atomic(path: Path, data: bytes, *, mode: int) -> None:
     the new file survives a crash once this returns.
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _replace_atomically(path, data, mode=mode, sync_dir=True)
+
+
+def _replace_atomically(path: Path, data: bytes, *, mode: int | None, sync_dir: bool) -> None:
+    """Temporary file in the same folder (mkstemp: 0600 unless ``mode``), fsync, rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, mode)
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -41,8 +38,9 @@ def write_bytes_atomic(path: Path, data: bytes, *, mode: int) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if sync_dir:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

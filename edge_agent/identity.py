@@ -76,12 +76,13 @@ class InstallResult:
     paths: IdentityPaths
 
 
-def _load_tls_key(path: Path) -> ec.EllipticCurvePrivateKey:
+def _load_key(path: Path, *, ssh: bool, what: str) -> ec.EllipticCurvePrivateKey:
+    load = serialization.load_ssh_private_key if ssh else serialization.load_pem_private_key
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = load(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
         raise BadInputError(
-            f"cannot load the device TLS key {path}: {exc}",
+            f"cannot load the {what} {path}: {exc}",
             hint="run `edgefl agent enroll --force` to make new keys (then enroll again)",
         ) from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -92,20 +93,12 @@ def _load_tls_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
+def _load_tls_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    return _load_key(path, ssh=False, what="device TLS key")
+
+
 def _load_node_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    try:
-        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise BadInputError(
-            f"cannot load the Flower node key {path}: {exc}",
-            hint="run `edgefl agent enroll --force` to make new keys (then enroll again)",
-        ) from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise BadInputError(
-            f"{path} is a {type(key).__name__}, not an ECDSA key",
-            hint="run `edgefl agent enroll --force` to make new keys",
-        )
-    return key
+    return _load_key(path, ssh=True, what="Flower node key")
 
 
 def _public_der(key: ec.EllipticCurvePublicKey) -> bytes:

@@ -171,9 +171,8 @@ def test_stock_clientapp_trains_in_a_run_without_local_dp(
         assert only.num_rejected == 2
         assert not only.aggregated
         assert all("privacy report" in why for why in only.rejections.values())
-        assert set(only.rejections) == {"stock-0", "stock-1"} or all(
-            name.startswith("node-") for name in only.rejections
-        )
+        # Registered with flwr directly (not admitted), so they are named by node id.
+        assert all(name.startswith("node-") for name in only.rejections), only.rejections
     finally:
         for node in nodes:
             node.stop()
