@@ -13,9 +13,9 @@ Sections (one run, same machine, same broker build):
 
 * ``raw_paho_qos1_msgs_per_s``: one paho client publishes N payloads of ~200 B with QoS 1
   and ``max_inflight`` 50; time until every PUBACK arrived. The broker announces a Receive
-  Maximum of 100 (``max_inflight_messages 100``), which the outbox sender's window (twice
-  ``max_inflight``) must fit in; the baseline gets the same ``max_inflight`` as the
-  outbox's paho client, so both put the same number of messages on the wire at once.
+  Maximum of 100 (``max_inflight_messages 100``), which both fit in. The outbox link has
+  the same ``max_inflight``, kept by its sender rather than by paho (see
+  ``MqttLink._build_client``), so both put the same number of messages on the wire at once.
 * ``outbox_end_to_end_msgs_per_s``: the same N payloads, committed by a producer thread
   the way the agent daemon commits them: one :meth:`Outbox.put_many` (one transaction) per
   tick, with as many records per call as a 10 ms tick at the raw rate brings
@@ -83,7 +83,7 @@ from edgefl.testing import Mosquitto
 
 HOST = "127.0.0.1"
 # mosquitto silently drops past max_queued_messages (1000 by default) for offline sessions.
-# The broker's Receive Maximum for publishers; the sender's window (2 x max_inflight) fits.
+# The broker's Receive Maximum for publishers; both clients' max_inflight fits in it.
 BROKER_RECEIVE_MAXIMUM = 100
 BROKER_LINES = [
     "max_queued_messages 1000000",

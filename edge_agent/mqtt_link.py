@@ -12,17 +12,19 @@ QoS 1 and acks a record in the outbox only after a successful PUBACK. paho calls
 of ours: it only puts ``(mid, status)`` on a :class:`queue.SimpleQueue` (and, once a
 batch of them is waiting, a wake-up on a second one), which the sender thread drains.
 Records in flight when the connection drops stay in paho's memory and paho re-sends them
-after the reconnect (all at once: paho 2.2 ignores ``max_inflight`` there, which is why
-the sender never holds more than the broker's Receive Maximum); records still in the
+after the reconnect, all at once (paho 2.2 ignores its own ``max_inflight`` there), so
+the sender never hands paho more than the broker's Receive Maximum; records still in the
 outbox after a process restart are replayed from SQLite. Either way the receiver may see a
 sequence number twice, so ingest must be idempotent on ``(device_id, seq)``.
 
 Throughput: the sender thread is the only one that leases records from the outbox and
 deletes them, but it does not have to be on the GIL for every record to go out. It hands
-paho a window of leased records, and it stages the next ones on :attr:`MqttLink.feed`, a
-deque that paho's own thread drains in ``on_publish``: each PUBACK publishes one staged
-record in its place (``deque.popleft`` needs no lock and paho's mutex is re-entrant), so
-what paho holds never grows and the link stays full while the sender waits for the GIL.
+paho a window of leased records (``max_inflight``, all of them on the wire: the bound is
+the sender's, paho's own limit is off, see :meth:`MqttLink._build_client`), and it stages
+the next ones on :attr:`MqttLink.feed`, a deque that paho's own thread drains in
+``on_publish``: each PUBACK publishes one staged record in its place (``deque.popleft``
+needs no lock and paho's mutex is re-entrant), so what paho holds never grows and the
+link stays full while the sender waits for the GIL.
 The sender wakes when half the feed is gone rather than per PUBACK (every wake-up takes
 the GIL from paho's thread), leases records a window at a time (from memory when they
 were just put, see :class:`Outbox`) and deletes acknowledged ones a batch per transaction.
@@ -85,6 +87,25 @@ _NOT_QUEUED = -1
 # "paho's thread published fed record seq under this mid".
 _ACK_OK = 1
 _ACK_FAILED = 0
+
+
+_PAHO_LOG = logging.getLogger(f"{__name__}.paho")
+
+
+class _PahoClient(mqtt.Client):
+    """paho's client, whose per-packet DEBUG lines cost nothing unless they are logged.
+
+    paho formats nothing but still makes two calls into :mod:`logging` for every packet it
+    sends or receives (``Sending PUBLISH ...``, ``Received PUBACK ...``), on its own thread,
+    which is the one that bounds the link's message rate. Those lines are dropped here
+    unless :data:`_PAHO_LOG` is enabled for DEBUG when the line comes; paho's warnings and
+    errors always go through.
+    """
+
+    def _easy_log(self, level: int, fmt: str, *args: Any) -> None:
+        if level == mqtt.MQTT_LOG_DEBUG and not _PAHO_LOG.isEnabledFor(logging.DEBUG):
+            return
+        super()._easy_log(level, fmt, *args)  # type: ignore[arg-type]
 
 
 def status_topic(fleet: str, device_id: str) -> str:
@@ -206,8 +227,8 @@ class MqttLinkConfig(StrictModel):
     max_inflight: int = Field(
         default=20,
         ge=1,
-        description="QoS 1 messages awaiting PUBACK; keep at or below the broker's Receive "
-        "Maximum (paho ignores it).",
+        description="Outbox records published with QoS 1 and awaiting PUBACK; the sender "
+        "also stays below the broker's Receive Maximum.",
     )
 
     @model_validator(mode="after")
@@ -365,7 +386,7 @@ class MqttLink:
         # manual_ack: an inbound QoS 1 message is acknowledged by ack() after the consumer
         # handled it, not by paho when on_message returns (which only queues it).
         if protocol == MQTTProtocolVersion.MQTTv5:
-            client = mqtt.Client(
+            client = _PahoClient(
                 CallbackAPIVersion.VERSION2,
                 client_id=cfg.client_id,
                 protocol=protocol,
@@ -373,14 +394,14 @@ class MqttLink:
             )
         else:
             # 3.1.1 keeps the session with clean_session=False (needs a fixed client id).
-            client = mqtt.Client(
+            client = _PahoClient(
                 CallbackAPIVersion.VERSION2,
                 client_id=cfg.client_id,
                 protocol=protocol,
                 clean_session=False,
                 manual_ack=True,
             )
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.enable_logger(_PAHO_LOG)
         if cfg.username is not None:
             password = cfg.password.get_secret_value() if cfg.password is not None else None
             client.username_pw_set(cfg.username, password)
@@ -391,7 +412,12 @@ class MqttLink:
                 keyfile=str(cfg.key_file) if cfg.key_file is not None else None,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
-        client.max_inflight_messages_set(cfg.max_inflight)
+        # paho's own in-flight limit is off (0): the outbox sender keeps the bound itself
+        # (OutboxSender.window), counting what it handed paho. paho's limit would cost a
+        # scan of every message it holds on every PUBACK, on the thread that bounds the
+        # link's rate, and it does not hold after a reconnect anyway (paho 2.2 re-sends all
+        # it holds at once).
+        client.max_inflight_messages_set(0)
         self._set_reconnect_delay(client, 0)
         # The will must be registered before connecting; the broker publishes it when the
         # connection dies without a DISCONNECT (crash, power cut, network loss).
@@ -585,16 +611,26 @@ class MqttLink:
         )
 
 
+# The feed holds about this much sending at the PUBACK rate measured over the last
+# _RATE_INTERVAL_S, between one window and _STAGE_MAX_WINDOWS windows (see OutboxSender).
+_STAGE_SECONDS = 0.05
+_STAGE_MAX_WINDOWS = 16
+_RATE_INTERVAL_S = 0.2
+
+
 class OutboxSender:
     """The single thread that publishes outbox records with QoS 1 and acks them.
 
-    The thread keeps ``window`` records handed to paho and not yet acknowledged; paho sends
-    ``max_inflight`` of them and queues the rest, and sends the next one itself as each
-    PUBACK arrives, so the link stays busy while this thread is elsewhere. Up to another
-    ``window`` leased records are staged on the link's feed, which paho's thread publishes
-    one per PUBACK (never during the rate-limited flush after a reconnect). Records are
-    leased from the outbox ``window`` at a time into a local queue, so a new record of
-    higher priority may wait behind up to two windows of already leased ones. A record is
+    The thread keeps at most ``window`` records handed to paho and not yet acknowledged,
+    and fewer than the broker's Receive Maximum (one place is left for the link's status
+    message); paho puts each on the wire at once. More leased records are staged on the
+    link's feed, which paho's thread publishes one per PUBACK, so the link stays full while
+    this thread is elsewhere (never during the rate-limited flush after a reconnect): about
+    :data:`_STAGE_SECONDS` of sending at the PUBACK rate measured, at least ``window``
+    and at most :data:`_STAGE_MAX_WINDOWS` windows, so that a fast link wakes this thread
+    (which takes the GIL from paho's) rarely while a slow one holds few records. A new
+    record of higher priority may wait behind the window and the staged records, which is
+    ``window`` plus about :data:`_STAGE_SECONDS` of sending. A record is
     deleted from the outbox only after a successful PUBACK; deletions are batched (one
     transaction per ``ack_batch`` PUBACKs, or as soon as the link goes quiet, or after
     ``ack_delay_s``): an acknowledged record stays leased until then, so it is never sent
@@ -604,8 +640,8 @@ class OutboxSender:
     Args:
         outbox: Where records come from; acked there on a successful PUBACK.
         link: The MQTT link to publish on.
-        window: Records handed to paho and not yet acknowledged; twice the link's
-            ``max_inflight`` by default, so paho always has the next one queued.
+        window: Records handed to paho and not yet acknowledged; the link's
+            ``max_inflight`` by default.
         poll_s: Longest idle wait before looking at the outbox again (see :meth:`wake`).
         retry_after_s: Wait before re-sending a record whose PUBACK reported failure.
         ack_batch: PUBACKs collected before their records are deleted in one transaction.
@@ -625,7 +661,7 @@ class OutboxSender:
     ) -> None:
         self.outbox = outbox
         self.link = link
-        self.window = window if window is not None else 2 * link.config.max_inflight
+        self.window = window if window is not None else link.config.max_inflight
         self.poll_s = poll_s
         self.retry_after_s = retry_after_s
         self.ack_batch = ack_batch
@@ -639,17 +675,19 @@ class OutboxSender:
         # Leased records paho's own thread publishes, one per PUBACK (MqttLink.feed), so
         # that the window stays full while this thread waits for the GIL; refilled when
         # half of it is gone. Fed only while streaming (never during the rate-limited
-        # flush after a reconnect), and taken back whenever the connection changes.
+        # flush after a reconnect), and taken back whenever the connection changes. Its
+        # size follows the PUBACK rate (see _resize_stage).
         self._staged: deque[Record] = deque()
         self._stage_max = self.window
+        self._rate_since = time.monotonic()
+        self._rate_acks = 0  # PUBACKs counted at _rate_since
         self._done: list[int] = []  # PUBACKed, not yet deleted
         self._done_since = 0.0  # monotonic time of the oldest entry of _done
-        # Under load, refill in chunks of this many records (one wake-up each). While paho
-        # queues part of the window it keeps sending by itself, so the refill comes while
-        # half of that queue is left; the link never goes quiet (which, with a broker that
-        # leaves Nagle on, would hold PUBACKs back until a delayed TCP ACK).
-        queued = self.window - link.config.max_inflight
-        self._refill_min = max(1, queued // 2 if queued > 1 else self.window // 2)
+        # Under load (and without a feed, as during the rate-limited flush), refill once
+        # half the window is free (one wake-up per refill), so the link never goes quiet
+        # (which, with a broker that leaves Nagle on, would hold PUBACKs back until a
+        # delayed TCP ACK).
+        self._refill_min = max(1, self.window // 2)
         self._stop = threading.Event()
         self._drain_s = 0.0
         rate = link.config.flush_rate_per_s
@@ -664,6 +702,11 @@ class OutboxSender:
     def in_flight(self) -> int:
         """Records published and waiting for their PUBACK."""
         return len(self._in_flight)
+
+    @property
+    def feed_capacity(self) -> int:
+        """Leased records the feed may hold now: ``window`` when idle, more on a fast link."""
+        return self._stage_max
 
     def start(self) -> None:
         """Start the sender thread."""
@@ -702,9 +745,10 @@ class OutboxSender:
         flushing = False
         link = self.link
         staged = self._staged
-        low = self._stage_max // 2
         while not self._stop.is_set():
             self._drain_results(0.0)
+            self._resize_stage()
+            low = self._stage_max // 2
             if self._cooling:
                 self._end_cooling()
             if link.client_epoch != seen_epoch:
@@ -728,19 +772,22 @@ class OutboxSender:
                 flushing = self._bucket is not None
                 if self._bucket is not None:
                     self._bucket.reset()
-            # Never more than the broker's Receive Maximum awaiting PUBACK: paho 2.2 re-sends
-            # every message it holds at once after a reconnect, ignoring max_inflight. The
-            # feed does not add to it: paho's thread publishes one fed record per PUBACK.
-            window = min(self.window, link.receive_maximum)
+            # Fewer than the broker's Receive Maximum awaiting PUBACK (one place is the
+            # status message's), also right after a reconnect, when paho re-sends all it
+            # holds at once. The feed does not add to it: paho's thread publishes one fed
+            # record per PUBACK.
+            window = min(self.window, max(1, link.receive_maximum - 1))
             room = window - len(self._in_flight)
             need = min(self._refill_min, window)
             if room < need and (flushing or len(staged) > low):
                 # Busy: sleep until the feed is half gone (or, without one, a whole
                 # refill's worth of room is free), instead of waking (and taking the GIL
                 # from paho's thread) for every PUBACK.
-                self._await_results(2 * window if staged else need - room, self.poll_s)
+                # Each staged record brings two results (published, then PUBACKed).
+                busy_for = 2 * max(window, len(staged) - low) if staged else need - room
+                self._await_results(busy_for, self.poll_s)
                 continue
-            stage_room = 0 if flushing else self._stage_max - len(staged)
+            stage_room = 0 if flushing else max(0, self._stage_max - len(staged))
             wanted = room + stage_room
             if flushing and self._bucket is not None:
                 wanted = self._bucket.take(room)
@@ -761,7 +808,7 @@ class OutboxSender:
                     self._flush_acks()
                     self._await_results(1, self.poll_s)
                 else:
-                    self._await_results(2 * window, self.poll_s)
+                    self._await_results(2 * max(window, len(staged) - low), self.poll_s)
                 continue
             # Straight to paho: what the window has room for, and while flushing only what
             # the bucket allowed (wanted is then at most room).
@@ -842,6 +889,18 @@ class OutboxSender:
             or time.monotonic() - self._done_since >= self.ack_delay_s
         ):
             self._flush_acks()
+
+    def _resize_stage(self) -> None:
+        """Size the feed to :data:`_STAGE_SECONDS` of sending at the recent PUBACK rate."""
+        now = time.monotonic()
+        elapsed = now - self._rate_since
+        if elapsed < _RATE_INTERVAL_S:
+            return
+        acks = self.acked + len(self._done)
+        rate = (acks - self._rate_acks) / elapsed
+        self._rate_since, self._rate_acks = now, acks
+        cap = _STAGE_MAX_WINDOWS * self.window
+        self._stage_max = max(self.window, min(cap, int(rate * _STAGE_SECONDS)))
 
     def _await_results(self, count: int, timeout: float) -> None:
         """Sleep until ``count`` publish results are waiting (or a wake-up, or ``timeout``).

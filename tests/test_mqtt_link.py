@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgefl.edge_agent import mqtt_link
 from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender, status_topic
 from edgefl.edge_agent.outbox import Outbox, OutboxPolicy
 from edgefl.server.fleet_ca import FleetCA
@@ -182,15 +184,16 @@ def test_delivers_every_record_and_empties_the_outbox(
 def test_sender_keeps_in_flight_within_the_broker_receive_maximum(
     tmp_path: Path, prefix: str, agents: list[Agent]
 ) -> None:
-    # paho re-sends everything it holds at once after a reconnect, so the sender must
-    # never hold more than the broker accepts, whatever its own window.
+    # paho re-sends everything it holds at once after a reconnect (and its own in-flight
+    # limit is off), so the sender must never hold more than the broker accepts, whatever
+    # its own window, and it leaves one place for the link's status message.
     broker = Mosquitto(tmp_path, extra_lines=["max_inflight_messages 7"])
     broker.start()
     try:
         sub = Subscriber(broker, f"{prefix}/data")
         agent = Agent(tmp_path, prefix, link_config(broker.port, max_inflight=20))
         agents.append(agent)
-        assert agent.sender.window == 40
+        assert agent.sender.window == 20
         # Count what paho holds unacknowledged, at the paho client itself: the sender
         # publishes part of the window and paho's own thread publishes fed records in
         # on_publish, and both must stay within the Receive Maximum.
@@ -234,10 +237,66 @@ def test_sender_keeps_in_flight_within_the_broker_receive_maximum(
         wait_for(lambda: set(sub.seqs()) >= set(range(1, 301)), TIMEOUT, "every seq")
         assert agent.link.receive_maximum == 7
         assert len(held_after_publish) >= 300
-        assert max(held_after_publish) <= 7
+        assert max(held_after_publish) <= 6
         sub.close()
     finally:
         broker.kill()
+
+
+def test_feed_follows_the_puback_rate(
+    tmp_path: Path, broker: Mosquitto, prefix: str, agents: list[Agent]
+) -> None:
+    # A fast stream lets the feed hold more than a window (fewer wake-ups of the sender);
+    # once the link is idle it is back to one window, so a slow link holds few leased
+    # records that a new one of higher priority would wait behind.
+    topic = f"{prefix}/data"
+    agent = Agent(tmp_path, prefix, link_config(broker.port, max_inflight=20))
+    agents.append(agent)
+    assert agent.sender.feed_capacity == agent.sender.window == 20
+    agent.start()
+    assert agent.link.wait_connected(TIMEOUT)
+    seen = [agent.sender.feed_capacity]
+    deadline = time.monotonic() + TIMEOUT
+    while max(seen) <= agent.sender.window and time.monotonic() < deadline:
+        agent.outbox.put_many([(topic, b"x")] * 500)
+        agent.sender.wake()
+        seen.append(agent.sender.feed_capacity)
+        time.sleep(0.01)
+    assert max(seen) > agent.sender.window
+    wait_for(lambda: agent.outbox.stats().depth == 0, TIMEOUT, "outbox to empty")
+    wait_for(lambda: agent.sender.feed_capacity == 20, TIMEOUT, "the feed to shrink")
+
+
+def test_paho_packet_lines_are_logged_only_at_debug(
+    tmp_path: Path,
+    broker: Mosquitto,
+    prefix: str,
+    agents: list[Agent],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # paho's per-packet DEBUG lines cost the link's own thread two calls into logging each;
+    # they are dropped unless its logger is at DEBUG, and come back when it is.
+    topic = f"{prefix}/data"
+    paho_logger = f"{mqtt_link.__name__}.paho"
+    caplog.set_level(logging.INFO, logger=paho_logger)
+    agent = Agent(tmp_path, prefix, link_config(broker.port))
+    agents.append(agent)
+    agent.start()
+    fill(agent.outbox, topic, 5)
+    agent.sender.wake()
+    wait_for(lambda: agent.sender.acked == 5, TIMEOUT, "5 records acked")
+
+    def packet_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == paho_logger]
+
+    assert not any("PUBLISH" in line for line in packet_lines())
+    caplog.set_level(logging.DEBUG, logger=paho_logger)
+    fill(agent.outbox, topic, 5)
+    agent.sender.wake()
+    wait_for(lambda: agent.sender.acked == 10, TIMEOUT, "5 more records acked")
+    lines = packet_lines()
+    assert sum("Sending PUBLISH" in line for line in lines) >= 5
+    assert sum("Received PUBACK" in line for line in lines) >= 5
 
 
 def test_failed_puback_keeps_the_record_for_retry(
@@ -325,14 +384,14 @@ def test_flush_after_each_connect_is_rate_limited(
     tmp_path: Path, prefix: str, agents: list[Agent]
 ) -> None:
     # A backlog goes out at flush_rate_per_s after a connect, feed or not: 300 records at
-    # 200/s after a burst of one window (40) take at least (300 - 40) / 200 = 1.3 s.
+    # 200/s after a burst of one window (20) take at least (300 - 20) / 200 = 1.4 s.
     topic = f"{prefix}/data"
     broker = Mosquitto(tmp_path)
     broker.start()
     try:
         agent = Agent(tmp_path, prefix, link_config(broker.port, flush_rate_per_s=200.0))
         agents.append(agent)
-        assert agent.sender.window == 40
+        assert agent.sender.window == 20
         fill(agent.outbox, topic, 300)
         agent.start()
         assert agent.link.wait_connected(TIMEOUT)
