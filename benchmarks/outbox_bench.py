@@ -34,7 +34,8 @@ Sections (one run, same machine, same broker build):
 * ``backlog_flush_msgs_per_s``: 50k records stored first; time to drain after the sender
   starts (link already connected).
 * ``ingest_msgs_per_s``: :class:`Ingest` into SQLite and PostgreSQL, from the first publish
-  to the last row stored.
+  to the last row stored; 10k envelopes of 20 devices, published by a child process (one
+  paho client, QoS 1, ``max_inflight`` 200) so that it does not share the ingest's GIL.
 * ``chaos``: ~300 msg/s for ~6 s; the broker is ``kill -9``-ed for ~3 s mid-stream and
   restarted on the same port (with persistence, so the ingest's session survives); the
   agents that crash are ``kill -9``-ed while the broker is down and restarted. ``lost``
@@ -290,27 +291,40 @@ def start_ingest(port: int, db_url: str, fleet: str) -> Ingest:
 
 
 def bench_ingest(port: int, db_url: str, n: int, devices: int = 20) -> float:
+    """Rows stored per second by an :class:`Ingest` in this process, fed by a child process.
+
+    The publisher is a child process (``--child publish``), as devices are in production:
+    a paho client in this interpreter would take the GIL the ingest's own threads need.
+    The clock starts when the child, connected and holding its payloads, is told to go.
+    """
     fleet = f"ing{uid()}"
     ingest = start_ingest(port, db_url, fleet)
+    publisher = subprocess.Popen(
+        [
+            *(sys.executable, str(THIS), "--child", "publish", "--port", str(port)),
+            *("--fleet", fleet, "--devices", str(devices), "--n", str(n)),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert publisher.stdin is not None
+    assert publisher.stdout is not None
     try:
-        names = [f"d{i:02d}" for i in range(devices)]
-        payloads = [
-            (
-                f"edgefl/{fleet}/{names[i % devices]}/telemetry/x",
-                envelope(names[i % devices], i + 1),
-            )
-            for i in range(n)
-        ]
-        publisher = PahoCounter(port, f"pub-{uid()}", max_inflight=200)
-        publisher.start()
+        if publisher.stdout.readline().strip() != "READY":
+            raise RuntimeError("ingest publisher child did not get ready")
         t0 = time.perf_counter()
-        for topic, payload in payloads:
-            publisher.client.publish(topic, payload, qos=1)
+        publisher.stdin.write("GO\n")
+        publisher.stdin.flush()
         if not wait_until(lambda: ingest.metrics()["stored"] >= n, 120, poll=0.01):
             raise TimeoutError(f"ingest stored {ingest.metrics()['stored']} of {n}")
         elapsed = time.perf_counter() - t0
-        publisher.stop()
+        publisher.stdin.close()
+        publisher.wait(30)
     finally:
+        if publisher.poll() is None:
+            os.kill(publisher.pid, signal.SIGKILL)
+            publisher.wait(10)
         ingest.stop()
     return n / elapsed
 
@@ -553,6 +567,28 @@ def child_outbox(args: argparse.Namespace) -> None:
     sender.stop(2.0)
     link.close()
     outbox.close()
+
+
+def child_publish(args: argparse.Namespace) -> None:
+    """Publish ``--n`` envelopes of ``--devices`` devices (QoS 1) once stdin says GO."""
+    names = [f"d{i:02d}" for i in range(args.devices)]
+    payloads = [
+        (
+            f"edgefl/{args.fleet}/{names[i % args.devices]}/telemetry/x",
+            envelope(names[i % args.devices], i + 1),
+        )
+        for i in range(args.n)
+    ]
+    publisher = PahoCounter(args.port, f"pub-{uid()}", max_inflight=200)
+    publisher.start()
+    print("READY", flush=True)
+    if sys.stdin.readline().strip() != "GO":
+        return
+    for topic, payload in payloads:
+        publisher.client.publish(topic, payload, qos=1)
+    wait_until(lambda: publisher.acked >= len(payloads), 120, poll=0.01)
+    sys.stdin.readline()  # the parent closes stdin once the ingest stored everything
+    publisher.stop()
 
 
 def child_fleet(args: argparse.Namespace) -> None:
@@ -810,7 +846,9 @@ def main() -> None:
         choices=["throughput"],
         help="run only the raw vs outbox end-to-end sections (for iterating)",
     )
-    parser.add_argument("--child", choices=["naive", "outbox", "fleet"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=["naive", "outbox", "fleet", "publish"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--fleet", help=argparse.SUPPRESS)
     parser.add_argument("--device", help=argparse.SUPPRESS)
@@ -826,6 +864,8 @@ def main() -> None:
         child_outbox(args)
     elif args.child == "fleet":
         child_fleet(args)
+    elif args.child == "publish":
+        child_publish(args)
     else:
         result = run(args)
         print(json.dumps(result, indent=2) if args.json or args.only else table(result))

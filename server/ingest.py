@@ -64,6 +64,10 @@ _SEGMENT_CHARS: Final = frozenset(
 )
 _STREAM_KINDS: Final = frozenset({"telemetry", "data", "result"})
 _INT64_MAX: Final = 2**63 - 1
+# The hot path writes through the tables (SQLAlchemy Core), not the ORM classes: the ORM's
+# bulk-insert machinery costs more per row than the INSERT itself.
+_DEVICES: Final = Device.__table__
+_RECORDS: Final = Record.__table__
 
 DEAD_LETTER_REASONS: Final = (
     "bad_status",
@@ -624,8 +628,8 @@ class Ingest:
         dialect = self._engine.dialect.name
         factory = session_factory(self._engine)
         with factory() as session, session.begin():
-            for device_id, (fleet, online) in planned.devices.items():
-                session.execute(_upsert_device(dialect, device_id, fleet, online, now))
+            for statement, rows in _upsert_devices(dialect, planned.devices, now):
+                session.execute(statement, rows)
             if planned.dead:
                 session.add_all(DeadLetter(**row) for row in planned.dead)
                 session.flush()
@@ -675,34 +679,48 @@ def _is_transient(exc: DBAPIError) -> bool:
     return bool(exc.connection_invalidated) or isinstance(exc, OperationalError)
 
 
-def _upsert_device(
-    dialect: str, device_id: str, fleet: str, online: bool | None, now: datetime
-) -> Any:
-    values: dict[str, Any] = {
-        "device_id": device_id,
-        "fleet": fleet,
-        "first_seen": now,
-        "last_seen": now,
-        "online": bool(online),
-        "status_changed_at": now if online is not None else None,
-    }
-    update: dict[str, Any] = {"fleet": fleet, "last_seen": now}
-    if online is not None:
-        update.update({"online": online, "status_changed_at": now})
-    if dialect == "postgresql":
-        pg = postgresql.insert(Device).values(**values)
-        return pg.on_conflict_do_update(index_elements=[Device.device_id], set_=update)
-    lite = sqlite.insert(Device).values(**values)
-    return lite.on_conflict_do_update(index_elements=[Device.device_id], set_=update)
+def _upsert_devices(
+    dialect: str, devices: dict[str, tuple[str, bool | None]], now: datetime
+) -> list[tuple[Any, list[dict[str, Any]]]]:
+    """The device upserts of a batch: at most two statements, each run once for many rows.
+
+    Devices seen only through records get ``last_seen``; those with a status message in the
+    batch also get ``online`` and ``status_changed_at``. A new device is inserted with both
+    timestamps ``now`` (``online`` false until its status says otherwise).
+    """
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    groups: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    for device_id, (fleet, online) in devices.items():
+        groups[online is not None].append(
+            {
+                "device_id": device_id,
+                "fleet": fleet,
+                "first_seen": now,
+                "last_seen": now,
+                "online": bool(online),
+                "status_changed_at": now if online is not None else None,
+            }
+        )
+    planned: list[tuple[Any, list[dict[str, Any]]]] = []
+    for with_status, rows in groups.items():
+        if not rows:
+            continue
+        statement = insert(_DEVICES)
+        update: dict[str, Any] = {
+            "fleet": statement.excluded.fleet,
+            "last_seen": statement.excluded.last_seen,
+        }
+        if with_status:
+            update["online"] = statement.excluded.online
+            update["status_changed_at"] = statement.excluded.status_changed_at
+        upsert = statement.on_conflict_do_update(index_elements=["device_id"], set_=update)
+        planned.append((upsert, rows))
+    return planned
 
 
 def _insert_records(session: Session, dialect: str, rows: list[dict[str, Any]]) -> int:
     """Insert records, skipping existing ``(device_id, seq)``; returns how many were new."""
-    keys = [Record.device_id, Record.seq]
-    if dialect == "postgresql":
-        pg = postgresql.insert(Record).on_conflict_do_nothing(index_elements=keys)
-        result = session.execute(pg.returning(Record.id), rows)
-    else:
-        lite = sqlite.insert(Record).on_conflict_do_nothing(index_elements=keys)
-        result = session.execute(lite.returning(Record.id), rows)
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(_RECORDS).on_conflict_do_nothing(index_elements=["device_id", "seq"])
+    result = session.execute(statement.returning(_RECORDS.c.id), rows)
     return len(result.all())

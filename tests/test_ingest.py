@@ -288,6 +288,49 @@ def test_bad_payloads_are_dead_lettered_and_good_ones_around_them_stored(
 
 
 @pytest.mark.slow
+def test_presence_of_many_devices_written_together(
+    ingest: Ingest, publisher: Publisher, registry: sa.Engine, fleet: str
+) -> None:
+    # Published without waiting, so batches hold many devices, some with a status message
+    # and some with records only: each gets its own presence, none another's.
+    devices = [f"m{uuid.uuid4().hex[:6]}{i:02d}" for i in range(30)]
+    with_status = set(devices[::2])
+
+    def burst(status: bytes, seq: int) -> None:
+        infos = []
+        for device in devices:
+            topic = f"edgefl/{fleet}/{device}/data/s"
+            infos.append(publisher.client.publish(topic, envelope(device, seq), qos=1))
+            if device in with_status:
+                status_topic = f"edgefl/{fleet}/{device}/status"
+                infos.append(publisher.client.publish(status_topic, status, qos=1))
+        for info in infos:
+            info.wait_for_publish(timeout=10)
+
+    burst(b"online", 1)
+    wait_for(lambda: ingest.metrics()["stored"] == 30, TIMEOUT, "30 records")
+    wait_for(lambda: ingest.metrics()["status_updates"] == 15, TIMEOUT, "15 status updates")
+    first = {device: device_row(registry, device) for device in devices}
+    for device, row in first.items():
+        assert row.fleet == fleet
+        assert row.online is (device in with_status)
+        assert (row.status_changed_at is not None) is (device in with_status)
+
+    burst(b"offline", 2)
+    wait_for(lambda: ingest.metrics()["stored"] == 60, TIMEOUT, "60 records")
+    wait_for(lambda: ingest.metrics()["status_updates"] == 30, TIMEOUT, "30 status updates")
+    for device in devices:
+        row = device_row(registry, device)
+        assert row.online is False
+        assert row.first_seen == first[device].first_seen
+        assert row.last_seen >= first[device].last_seen
+        if device in with_status:
+            assert row.status_changed_at >= first[device].status_changed_at
+        else:
+            assert row.status_changed_at is None
+
+
+@pytest.mark.slow
 def test_status_topic_sets_presence(
     ingest: Ingest, publisher: Publisher, registry: sa.Engine, fleet: str
 ) -> None:
