@@ -625,17 +625,18 @@ class OutboxSender:
     and fewer than the broker's Receive Maximum (one place is left for the link's status
     message); paho puts each on the wire at once. More leased records are staged on the
     link's feed, which paho's thread publishes one per PUBACK, so the link stays full while
-    this thread is elsewhere (never during the rate-limited flush after a reconnect): about
-    :data:`_STAGE_SECONDS` of sending at the PUBACK rate measured, at least ``window``
-    and at most :data:`_STAGE_MAX_WINDOWS` windows, so that a fast link wakes this thread
-    (which takes the GIL from paho's) rarely while a slow one holds few records. A new
-    record of higher priority may wait behind the window and the staged records, which is
-    ``window`` plus about :data:`_STAGE_SECONDS` of sending. A record is
-    deleted from the outbox only after a successful PUBACK; deletions are batched (one
-    transaction per ``ack_batch`` PUBACKs, or as soon as the link goes quiet, or after
-    ``ack_delay_s``): an acknowledged record stays leased until then, so it is never sent
-    again by this process, and one that a crash leaves undeleted is sent again after the
-    restart (a duplicate the ingest drops).
+    this thread is elsewhere (never during the rate-limited flush after a reconnect). The
+    feed holds about :data:`_STAGE_SECONDS` of sending at the PUBACK rate measured, at
+    least ``window`` and at most :data:`_STAGE_MAX_WINDOWS` windows, so that a fast link
+    wakes this thread (which takes the GIL from paho's) rarely while a slow one holds few
+    records. A new record of higher priority may wait behind the records already leased:
+    the window, the feed, and up to a window more leased for the next refill.
+
+    A record is deleted from the outbox only after a successful PUBACK; deletions are
+    batched (one transaction per ``ack_batch`` PUBACKs, or as soon as the link goes quiet,
+    or after ``ack_delay_s``): an acknowledged record stays leased until then, so it is
+    never sent again by this process, and one that a crash leaves undeleted is sent again
+    after the restart (a duplicate the ingest drops).
 
     Args:
         outbox: Where records come from; acked there on a successful PUBACK.
