@@ -18,16 +18,27 @@ The broker identifies a client by the certificate's common name (mosquitto
 ACL (``deploy/mosquitto/acl``) confines it to ``edgefl/+/<device_id>/#``. The name
 ``edgefl-server`` is reserved for the cloud ingest identity and cannot be a device id.
 
-One process at a time may write to a CA directory; there is no cross-process lock.
+Several processes may write to one CA directory (the server refreshes the CRL while
+``edgefl server admit`` or ``revoke`` issue and revoke): every change to ``state.json`` and
+``crl.pem`` happens under an exclusive ``flock`` on ``<dir>/.lock``, with ``state.json``
+read again under it, so no writer overwrites another's change.
+
+The CRL is valid for :data:`CRL_VALIDITY_DAYS`. OpenSSL, and so mosquitto, refuses *every*
+client once a CRL's nextUpdate has passed, so whoever runs the broker must re-sign it in
+time: :meth:`FleetCA.refresh_crl` does when it is due (the server calls it on start-up
+and while it runs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +53,7 @@ from edgefl.errors import BadInputError, ConfigError
 from edgefl.files import write_bytes_atomic
 
 __all__ = [
+    "CRL_VALIDITY_DAYS",
     "DEVICE_ID_PATTERN",
     "SERVER_IDENTITY",
     "FleetCA",
@@ -53,6 +65,9 @@ logger = logging.getLogger(__name__)
 
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """What a device id (and so a certificate CN and an MQTT username) may look like."""
+
+CRL_VALIDITY_DAYS = 30
+"""Days a CRL signed here is valid (its nextUpdate)."""
 
 SERVER_IDENTITY = "edgefl-server"
 """CN of the cloud ingest's client certificate; the ACL grants it the whole tree."""
@@ -169,6 +184,7 @@ class FleetCA:
         self.cert = cert
         self._key = key
         self._state = state
+        self._lock_depth = 0  # nesting of _writing() in this instance
 
     # -- paths -----------------------------------------------------------------------
 
@@ -501,12 +517,12 @@ class FleetCA:
             key_path.unlink(missing_ok=True)
         write_bytes_atomic(cert_path, cert_pem, mode=0o644)
         cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-        self._state.issued[cert.serial_number] = {
-            "kind": kind,
-            "cn": str(cn),
-            "not_after": cert.not_valid_after_utc.isoformat(),
-        }
-        self._save_state()
+        with self._writing() as state:
+            state.issued[cert.serial_number] = {
+                "kind": kind,
+                "cn": str(cn),
+                "not_after": cert.not_valid_after_utc.isoformat(),
+            }
         logger.info("issued %s certificate for %r, serial %x", kind, cn, cert.serial_number)
         return IssuedCert(
             cert_pem=cert_pem,
@@ -535,24 +551,23 @@ class FleetCA:
         Raises:
             BadInputError: This CA never issued that serial.
         """
-        if serial not in self._state.issued:
-            raise BadInputError(
-                f"serial {serial:x} was not issued by this CA", hint="check the serial number"
-            )
-        if serial in self._state.revoked:
-            logger.info("serial %x is already revoked", serial)
-            return
-        self._state.revoked[serial] = _now().isoformat()
-        self._save_state()
-        self.crl_pem()
-        logger.warning("revoked serial %x (%s)", serial, self._state.issued[serial].get("cn", "?"))
+        with self._writing() as state:
+            if serial not in state.issued:
+                raise BadInputError(
+                    f"serial {serial:x} was not issued by this CA", hint="check the serial number"
+                )
+            if serial in state.revoked:
+                logger.info("serial %x is already revoked", serial)
+                return
+            state.revoked[serial] = _now().isoformat()
+            self._sign_crl(CRL_VALIDITY_DAYS)
+        logger.warning("revoked serial %x (%s)", serial, state.issued[serial].get("cn", "?"))
 
-    def crl_pem(self, *, days: int = 30) -> bytes:
+    def crl_pem(self, *, days: int = CRL_VALIDITY_DAYS) -> bytes:
         """Sign a fresh CRL listing every revoked serial, write it to ``crl.pem``, return it.
 
         OpenSSL (and so mosquitto) refuses *every* client once the CRL's nextUpdate has
-        passed, so call this (e.g. from a daily timer) well within ``days`` and reload the
-        broker.
+        passed: see :meth:`refresh_crl`, and reload the broker after either.
 
         Args:
             days: How long the CRL is valid (its nextUpdate).
@@ -562,6 +577,53 @@ class FleetCA:
         """
         if days <= 0:
             raise BadInputError(f"CRL validity must be positive, got {days} days")
+        with self._writing():
+            return self._sign_crl(days)
+
+    def crl_next_update(self) -> dt.datetime | None:
+        """When ``crl.pem`` stops being valid (UTC), or ``None`` if it is missing or unreadable."""
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return crl.next_update_utc
+
+    def refresh_crl(
+        self, *, before: dt.timedelta, days: int = CRL_VALIDITY_DAYS
+    ) -> dt.datetime | None:
+        """Re-sign ``crl.pem`` if it is missing, unreadable or valid for less than ``before``.
+
+        Args:
+            before: Re-sign when less than this is left of the CRL's validity.
+            days: Validity of the new CRL; more than ``before``.
+
+        Returns:
+            The new CRL's nextUpdate, or ``None`` when the current one was kept.
+
+        Raises:
+            BadInputError: ``days`` is not more than ``before``.
+        """
+        if dt.timedelta(days=days) <= before:
+            raise BadInputError(
+                f"a CRL valid for {days} days would be due for refresh at once (before={before})"
+            )
+        with self._writing():
+            next_update = self.crl_next_update()
+            if next_update is not None and next_update - _now() >= before:
+                return None
+            self._sign_crl(days)
+            fresh = self.crl_next_update()
+        logger.warning(
+            "re-signed the CRL (it %s); valid until %s",
+            "was missing or unreadable"
+            if next_update is None
+            else f"was valid until {next_update.isoformat(timespec='seconds')}",
+            fresh.isoformat(timespec="seconds") if fresh else "?",
+        )
+        return fresh
+
+    def _sign_crl(self, days: int) -> bytes:
+        """Sign and write the CRL; the caller holds :meth:`_writing`."""
         now = _now()
         self._state.crl_number += 1
         builder = (
@@ -584,9 +646,38 @@ class FleetCA:
             )
         crl = builder.sign(self._key, hashes.SHA256())
         pem = crl.public_bytes(serialization.Encoding.PEM)
+        # State first: a CRL number is never signed twice, even if the CRL write fails.
         self._save_state()
         write_bytes_atomic(self.crl_path, pem, mode=0o644)
         return pem
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[_State]:
+        """Hold the folder's write lock, with the state read again from disk; save it after.
+
+        Re-entrant within this instance (a nested use only saves at the outermost exit).
+        """
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield self._state
+            finally:
+                self._lock_depth -= 1
+            return
+        with (self.directory / ".lock").open("a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            self._lock_depth = 1
+            try:
+                state_file = self.directory / "state.json"
+                if state_file.exists():
+                    self._state = _State.from_json(
+                        state_file.read_text(encoding="utf-8"), state_file
+                    )
+                yield self._state
+                self._save_state()
+            finally:
+                self._lock_depth = 0
+                # Closing the file releases the lock.
 
     def _save_state(self) -> None:
         write_bytes_atomic(

@@ -27,6 +27,7 @@ start (``port: 0``).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import getpass
 import ipaddress
 import json
@@ -53,7 +54,7 @@ from edgefl.files import write_text_atomic
 from edgefl.netutil import free_port, port_open
 from edgefl.server.broker_config import render_mosquitto_config
 from edgefl.server.fl.superlink import FlowerAdmin, SuperLink, SuperLinkConfig
-from edgefl.server.fleet_ca import SERVER_IDENTITY, FleetCA
+from edgefl.server.fleet_ca import CRL_VALIDITY_DAYS, SERVER_IDENTITY, FleetCA
 from edgefl.server.ingest import Ingest, IngestConfig
 from edgefl.server.registry.db import DEFAULT_DB_FILENAME, upgrade
 
@@ -139,6 +140,13 @@ class ServerConfig(StrictModel):
         30.0, gt=0, description="A child up this long has its restart delay reset."
     )
     crl_poll_s: float = Field(1.0, gt=0, description="How often crl.pem is checked.")
+    crl_refresh_days: float = Field(
+        10.0,
+        gt=0,
+        lt=CRL_VALIDITY_DAYS,
+        description=f"Re-sign the CRL (valid {CRL_VALIDITY_DAYS} days) when less than this "
+        "is left; the broker refuses every device once it has expired.",
+    )
 
     @field_validator("ips")
     @classmethod
@@ -360,6 +368,7 @@ class Server:
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._crl_stamp: tuple[int, int] | None = None
+        self._crl_due_at = 0.0  # wall-clock time the CRL is due for re-signing
         self.broker_restarts_for_crl = 0
 
     # -- properties -------------------------------------------------------------------
@@ -528,7 +537,20 @@ class Server:
         service = self.ca_dir / "services" / SERVER_IDENTITY
         if not (service / "cert.pem").exists() or not (service / "key.pem").exists():
             ca.issue_service_cert(SERVER_IDENTITY)
+        # A server that was down past the CRL's nextUpdate must not start a broker that
+        # refuses every device.
+        self._refresh_crl(ca)
         return ca
+
+    def _refresh_crl(self, ca: FleetCA) -> None:
+        """Re-sign the CRL if it is due (see ``crl_refresh_days``); note when it is next due."""
+        before = dt.timedelta(days=self.config.crl_refresh_days)
+        ca.refresh_crl(before=before)
+        next_update = ca.crl_next_update()
+        if next_update is None:  # unreadable right after signing: try again in a minute
+            self._crl_due_at = time.time() + 60.0
+        else:
+            self._crl_due_at = (next_update - before).timestamp()
 
     def _server_cert_matches(self) -> bool:
         """Whether the existing server certificate names exactly the configured hosts."""
@@ -675,6 +697,14 @@ class Server:
 
     def _check_crl(self) -> None:
         stamp = self._crl_state()
+        if stamp != self._crl_stamp or time.time() >= self._crl_due_at:
+            # Changed by an admin command (it may have signed a short one), or due.
+            try:
+                self._refresh_crl(self.ca)
+            except (EdgeflError, OSError) as exc:
+                log.error("cannot refresh the CRL in %s: %s", self.ca_dir, exc)
+                self._crl_due_at = time.time() + 60.0
+            stamp = self._crl_state()
         if stamp == self._crl_stamp:
             return
         self._crl_stamp = stamp

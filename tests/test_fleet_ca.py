@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import datetime as dt
+import json
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgefl.errors import BadInputError, ConfigError
-from edgefl.server.fleet_ca import SERVER_IDENTITY, FleetCA, validate_device_id
+from edgefl.server import fleet_ca as fleet_ca_module
+from edgefl.server.fleet_ca import (
+    CRL_VALIDITY_DAYS,
+    SERVER_IDENTITY,
+    FleetCA,
+    validate_device_id,
+)
 
 
 @pytest.fixture
@@ -190,3 +200,84 @@ def test_revoke_lists_serial_in_signed_crl(ca: FleetCA) -> None:
     assert ca.crl_path.read_bytes() == fresh.public_bytes(serialization.Encoding.PEM)
     with pytest.raises(BadInputError, match="not issued"):
         ca.revoke(12345)
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+
+
+def test_refresh_crl_re_signs_only_when_due(ca: FleetCA) -> None:
+    gone = ca.issue_device_cert("dev-gone")
+    ca.revoke(gone.serial)
+    before = dt.timedelta(days=10)
+    assert ca.refresh_crl(before=before) is None  # fresh: 30 days left
+    kept = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    ca.crl_pem(days=3)  # as if 27 days had passed
+    short = ca.crl_next_update()
+    assert short is not None
+    fresh = ca.refresh_crl(before=before)
+    assert fresh is not None
+    assert fresh > short
+    left = fresh - dt.datetime.now(dt.UTC)
+    assert dt.timedelta(days=CRL_VALIDITY_DAYS - 1) < left <= dt.timedelta(days=CRL_VALIDITY_DAYS)
+    crl = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    assert crl.is_signature_valid(ca.cert.public_key())  # type: ignore[arg-type]
+    assert crl.get_revoked_certificate_by_serial_number(gone.serial) is not None
+    assert _crl_number(crl) == _crl_number(kept) + 2
+    with pytest.raises(BadInputError, match="due for refresh at once"):
+        ca.refresh_crl(before=dt.timedelta(days=30))
+
+
+def test_expired_or_missing_crl_is_re_signed(ca: FleetCA, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_now = fleet_ca_module._now
+    monkeypatch.setattr(fleet_ca_module, "_now", lambda: real_now() - dt.timedelta(days=40))
+    ca.crl_pem()  # signed "40 days ago": expired 10 days ago
+    monkeypatch.setattr(fleet_ca_module, "_now", real_now)
+    expired = ca.crl_next_update()
+    assert expired is not None
+    assert expired < dt.datetime.now(dt.UTC)
+    assert ca.refresh_crl(before=dt.timedelta(days=10)) is not None
+    assert ca.crl_next_update() > dt.datetime.now(dt.UTC)  # type: ignore[operator]
+    ca.crl_path.write_bytes(b"not a CRL")
+    assert ca.crl_next_update() is None
+    assert ca.refresh_crl(before=dt.timedelta(days=10)) is not None
+    assert ca.crl_next_update() is not None
+
+
+def test_two_instances_keep_each_others_changes(ca: FleetCA) -> None:
+    # The server holds one instance while an admin command loads another: each change is
+    # made on the state as it is on disk, not as the instance last saw it.
+    other = FleetCA.load(ca.directory)
+    issued = ca.issue_device_cert("dev-a")
+    other.revoke(issued.serial)  # other never saw the serial being issued
+    ca.crl_pem()  # ca never saw the revocation
+    crl = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(issued.serial) is not None
+    assert FleetCA.load(ca.directory).revoked_serials == {issued.serial}
+
+
+_ISSUE_MANY = """
+import sys
+from pathlib import Path
+from edgefl.server.fleet_ca import FleetCA
+ca = FleetCA.load(Path(sys.argv[1]))
+for i in range(int(sys.argv[3])):
+    ca.issue_device_cert(f"{sys.argv[2]}-{i}")
+    if i % 5 == 0:
+        ca.crl_pem()
+"""
+
+
+def test_concurrent_writers_in_two_processes_lose_nothing(ca: FleetCA) -> None:
+    n = 25
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _ISSUE_MANY, str(ca.directory), name, str(n)])
+        for name in ("left", "right")
+    ]
+    for proc in procs:
+        assert proc.wait(120) == 0
+    state = json.loads((ca.directory / "state.json").read_text(encoding="utf-8"))
+    names = {entry["cn"] for entry in state["issued"].values()}
+    assert {f"{side}-{i}" for side in ("left", "right") for i in range(n)} <= names
+    # Every CRL signing got its own number: 1 at creation, 5 per process.
+    assert state["crl_number"] == 1 + 2 * len(range(0, n, 5))

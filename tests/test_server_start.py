@@ -6,6 +6,7 @@ and node authentication), killed by PID only.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -23,6 +24,8 @@ from typer.testing import CliRunner
 
 from edgefl.cli import app as cli_app
 from edgefl.errors import ExitCode
+from edgefl.server import fleet_ca as fleet_ca_module
+from edgefl.server.fleet_ca import FleetCA
 from edgefl.server.registry import make_engine
 from edgefl.server.serve import RUNTIME_FILE, Server, ServerConfig, read_runtime
 from edgefl.testing import wait_for
@@ -110,6 +113,55 @@ def test_server_starts_broker_superlink_and_ingest(server: Server) -> None:
         engine.dispose()
     # The SuperLink answers over TLS.
     assert server.admin().list_nodes() == []
+
+
+@pytest.mark.slow
+def test_server_down_past_the_crl_end_starts_with_a_fresh_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # OpenSSL refuses every client once the CRL's nextUpdate has passed; a server that was
+    # down that long re-signs it before it starts the broker, so its ingest gets in.
+    config = _config(tmp_path)
+    ca = FleetCA.create(config.resolved_ca_dir)
+    real_now = fleet_ca_module._now
+    monkeypatch.setattr(fleet_ca_module, "_now", lambda: real_now() - dt.timedelta(days=40))
+    ca.crl_pem()
+    monkeypatch.setattr(fleet_ca_module, "_now", real_now)
+    expired = ca.crl_next_update()
+    assert expired is not None
+    assert expired < dt.datetime.now(dt.UTC)
+    srv = Server(config)
+    srv.start()
+    try:
+        next_update = srv.ca.crl_next_update()
+        assert next_update is not None
+        assert next_update - dt.datetime.now(dt.UTC) > dt.timedelta(days=29)
+        assert srv.ingest is not None
+        assert srv.ingest.wait_ready(TIMEOUT)
+        assert srv.broker_restarts_for_crl == 0  # the broker started with the fresh CRL
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_running_server_re_signs_a_crl_that_is_due(server: Server) -> None:
+    # An admin signed a CRL with 3 days left (as if 27 had passed): the server re-signs
+    # it, restarts its broker once for it, and the ingest is back.
+    assert server.ingest is not None
+    assert server.ingest.wait_ready(TIMEOUT)
+    FleetCA.load(server.ca_dir).crl_pem(days=3)
+
+    def fresh() -> bool:
+        next_update = server.ca.crl_next_update()
+        return next_update is not None and next_update - dt.datetime.now(dt.UTC) > dt.timedelta(
+            days=29
+        )
+
+    wait_for(fresh, TIMEOUT, "the CRL to be re-signed")
+    wait_for(lambda: server.broker_restarts_for_crl >= 1, TIMEOUT, "a broker restart")
+    assert server.ingest.wait_ready(TIMEOUT)
+    time.sleep(2.5)  # a few CRL polls: nothing more is due, so no more restarts
+    assert server.broker_restarts_for_crl == 1
 
 
 @pytest.mark.slow
