@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -42,7 +42,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import Field, model_validator
-from sqlalchemy import Engine
+from sqlalchemy import Engine, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -66,8 +66,8 @@ _STREAM_KINDS: Final = frozenset({"telemetry", "data", "result"})
 _INT64_MAX: Final = 2**63 - 1
 # The hot path writes through the tables (SQLAlchemy Core), not the ORM classes: the ORM's
 # bulk-insert machinery costs more per row than the INSERT itself.
-_DEVICES: Final = Device.__table__
-_RECORDS: Final = Record.__table__
+_DEVICES: Final = cast(Table, Device.__table__)
+_RECORDS: Final = cast(Table, Record.__table__)
 
 DEAD_LETTER_REASONS: Final = (
     "bad_status",
