@@ -56,6 +56,7 @@ from edgefl.edge_agent.sources import (
     build_source,
 )
 from edgefl.files import write_text_atomic
+from edgefl.procs import pid_alive
 
 __all__ = ["STATUS_FILE", "Agent", "AgentConfig", "read_status"]
 
@@ -373,16 +374,6 @@ class Agent:
         write_text_atomic(path, json.dumps(self.status(running=running), indent=2) + "\n")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_status(config: AgentConfig) -> dict[str, Any]:
     """Status for ``agent status``: the daemon's last report plus the outbox as it is now.
 
@@ -397,7 +388,7 @@ def read_status(config: AgentConfig) -> dict[str, Any]:
         except (OSError, json.JSONDecodeError):
             report = {}
     stale_after = max(5 * config.status_interval_s, 5.0)
-    alive = bool(report.get("running")) and _pid_alive(int(report.get("pid", 0)))
+    alive = bool(report.get("running")) and pid_alive(int(report.get("pid", 0)))
     fresh = time.time() - float(report.get("updated_at", 0.0)) < stale_after
     state = "running" if alive and fresh else ("stalled" if alive else "stopped")
     outbox: dict[str, Any] = {}

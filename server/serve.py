@@ -52,6 +52,7 @@ from edgefl.edge_agent.mqtt_link import backoff_delay
 from edgefl.errors import ConfigError, EdgeflError
 from edgefl.files import write_text_atomic
 from edgefl.netutil import free_port, port_open
+from edgefl.procs import cmdline, cwd, end_process_group, pid_alive
 from edgefl.server.broker_config import render_mosquitto_config
 from edgefl.server.fl.superlink import FlowerAdmin, SuperLink, SuperLinkConfig
 from edgefl.server.fleet_ca import CRL_VALIDITY_DAYS, SERVER_IDENTITY, FleetCA
@@ -369,6 +370,7 @@ class Server:
         self._supervisor: threading.Thread | None = None
         self._crl_stamp: tuple[int, int] | None = None
         self._crl_due_at = 0.0  # wall-clock time the CRL is due for re-signing
+        self._wrote_runtime = False  # whether server.json in state_dir is this server's
         self.broker_restarts_for_crl = 0
 
     # -- properties -------------------------------------------------------------------
@@ -478,6 +480,7 @@ class Server:
     def _start(self) -> None:
         cfg = self.config
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._end_leftovers()
         self._progress(f"[1/5] fleet CA in {self.ca_dir}")
         self._ca = self._prepare_ca()
         server_cert = self.ca_dir / "server" / "cert.pem"
@@ -525,6 +528,54 @@ class Server:
             target=self._watch, name="edgefl-server-supervisor", daemon=True
         )
         self._supervisor.start()
+
+    def _end_leftovers(self) -> None:
+        """End the children a server on this ``state_dir`` left running when it was killed.
+
+        A server killed with ``-9`` (or by the OOM killer) cannot stop its broker and
+        SuperLink; they keep its ports and files. Its ``server.json`` names them: each one
+        still alive whose command line or working folder lies in ``state_dir`` is ended
+        (its process group: SIGTERM, SIGKILL after 10 s).
+
+        Raises:
+            ConfigError: The server that wrote ``server.json`` still runs.
+        """
+        previous = read_runtime(self.state_dir)
+        pids = previous.get("pids") if previous else None
+        if not isinstance(pids, dict):
+            return
+        server_pid = pids.get("server")
+        if (
+            isinstance(server_pid, int)
+            and server_pid != os.getpid()
+            and pid_alive(server_pid)
+            and any("edgefl" in arg for arg in cmdline(server_pid))
+        ):
+            raise ConfigError(
+                f"an edgefl server (pid {server_pid}) already runs on {self.state_dir}",
+                hint="stop it first (SIGTERM), or give this one another state_dir",
+            )
+        home = self.state_dir.resolve()
+        for name, pid in pids.items():
+            if name == "server" or not isinstance(pid, int) or not pid_alive(pid):
+                continue
+            folder = cwd(pid)
+            in_home = any(str(home) in arg for arg in cmdline(pid)) or (
+                folder is not None and folder.is_relative_to(home)
+            )
+            if not in_home:
+                continue  # the PID was reused by something else
+            log.warning(
+                "ending %s (pid %d), left running by a server on %s that did not stop",
+                name,
+                pid,
+                self.state_dir,
+            )
+            if not end_process_group(pid):
+                raise ConfigError(
+                    f"{name} (pid {pid}) left by an earlier server does not end",
+                    hint=f"end it by hand (kill -9 {pid}), then start again",
+                )
 
     def _prepare_ca(self) -> FleetCA:
         cfg = self.config
@@ -590,6 +641,7 @@ class Server:
             self._children.append(_Supervised(name, child, started_at=time.monotonic()))
 
     def _write_runtime(self) -> None:
+        self._wrote_runtime = True
         write_text_atomic(
             self.state_dir / RUNTIME_FILE, json.dumps(self.info(), indent=2, sort_keys=True) + "\n"
         )
@@ -613,7 +665,9 @@ class Server:
                 sup.child.stop()
             except Exception:
                 log.exception("stopping %s failed", sup.name)
-        (self.state_dir / RUNTIME_FILE).unlink(missing_ok=True)
+        if self._wrote_runtime:  # a start that failed early leaves another's file alone
+            (self.state_dir / RUNTIME_FILE).unlink(missing_ok=True)
+            self._wrote_runtime = False
         log.info("server stopped")
 
     def run(self, on_ready: Callable[[Server], None] | None = None) -> None:

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -187,8 +188,7 @@ def test_children_killed_with_sigkill_are_restarted_and_state_survives(
     assert read_runtime(server.state_dir)["pids"] == server.pids()  # type: ignore[index]
 
 
-@pytest.mark.slow
-def test_sigterm_on_the_cli_stops_every_child(tmp_path: Path) -> None:
+def _cli_config(tmp_path: Path) -> Path:
     config = tmp_path / "server.json"
     config.write_text(
         json.dumps(
@@ -196,42 +196,105 @@ def test_sigterm_on_the_cli_stops_every_child(tmp_path: Path) -> None:
         ),
         encoding="utf-8",
     )
-    stderr = tmp_path / "start.err"
+    return config
+
+
+def _start_cli(config: Path, stderr: Path) -> subprocess.Popen[bytes]:
+    """``edgefl server start --config CONFIG --json`` (stderr to a file)."""
     with stderr.open("wb") as err:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [
-                str(Path(sys.executable).parent / "edgefl"),
-                "server",
-                "start",
-                "--config",
-                str(config),
-                "--json",
+                *(str(Path(sys.executable).parent / "edgefl"), "server", "start"),
+                *("--config", str(config), "--json"),
             ],
             stdout=subprocess.PIPE,
             stderr=err,
         )
+
+
+def _ready(proc: subprocess.Popen[bytes], stderr: Path) -> dict[str, Any]:
+    """The JSON line the server prints when ready."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, stderr.read_text()
+    info: dict[str, Any] = json.loads(line)
+    return info
+
+
+def _children(info: dict[str, Any]) -> list[int]:
+    return [int(info["pids"]["broker"]), int(info["pids"]["superlink"])]
+
+
+def _gone(pids: list[int], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(_alive(pid) for pid in pids)
+
+
+@pytest.mark.slow
+def test_sigterm_on_the_cli_stops_every_child(tmp_path: Path) -> None:
+    stderr = tmp_path / "start.err"
+    proc = _start_cli(_cli_config(tmp_path), stderr)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line, stderr.read_text()
-        info = json.loads(line)
+        info = _ready(proc, stderr)
         assert "[4/5] flower-superlink" in stderr.read_text()  # progress on stderr
-        children = [int(info["pids"]["broker"]), int(info["pids"]["superlink"])]
+        children = _children(info)
         assert info["pids"]["server"] == proc.pid
         assert all(_alive(pid) for pid in children)
         assert (tmp_path / "srv" / RUNTIME_FILE).exists()
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0, stderr.read_text()
-        deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(_alive(pid) for pid in children)
+        assert _gone(children)
         assert not (tmp_path / "srv" / RUNTIME_FILE).exists()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_a_server_killed_with_sigkill_leaves_nothing_its_successor_trips_on(
+    tmp_path: Path,
+) -> None:
+    # kill -9 leaves the broker and SuperLink running (orphans holding the ports and
+    # files); the next start on the same state_dir ends them first. A second server
+    # while the first still runs is refused and touches nothing.
+    config = _cli_config(tmp_path)
+    first = _start_cli(config, tmp_path / "first.err")
+    procs = [first]
+    try:
+        old = _children(_ready(first, tmp_path / "first.err"))
+        second = _start_cli(config, tmp_path / "second.err")
+        procs.append(second)
+        assert second.wait(TIMEOUT) == ExitCode.CONFIG
+        assert "already runs" in (tmp_path / "second.err").read_text()
+        assert all(_alive(pid) for pid in old)
+
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(TIMEOUT)
+        time.sleep(0.5)
+        assert all(_alive(pid) for pid in old)  # orphans
+
+        third = _start_cli(config, tmp_path / "third.err")
+        procs.append(third)
+        info = _ready(third, tmp_path / "third.err")
+        assert _gone(old)
+        assert "left running by a server" in (tmp_path / "third.err").read_text()
+        new = _children(info)
+        assert all(_alive(pid) for pid in new)
+        third.send_signal(signal.SIGTERM)
+        assert third.wait(TIMEOUT) == 0, (tmp_path / "third.err").read_text()
+        assert _gone(new)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for pid in old if "old" in locals() else []:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
