@@ -780,13 +780,14 @@ class OutboxSender:
             window = min(self.window, max(1, link.receive_maximum - 1))
             room = window - len(self._in_flight)
             need = min(self._refill_min, window)
+            # Results until the feed is down to low: each staged record brings two
+            # (published, then PUBACKed).
+            feed_drained = 2 * max(window, len(staged) - low)
             if room < need and (flushing or len(staged) > low):
                 # Busy: sleep until the feed is half gone (or, without one, a whole
                 # refill's worth of room is free), instead of waking (and taking the GIL
                 # from paho's thread) for every PUBACK.
-                # Each staged record brings two results (published, then PUBACKed).
-                busy_for = 2 * max(window, len(staged) - low) if staged else need - room
-                self._await_results(busy_for, self.poll_s)
+                self._await_results(feed_drained if staged else need - room, self.poll_s)
                 continue
             stage_room = 0 if flushing else max(0, self._stage_max - len(staged))
             wanted = room + stage_room
@@ -809,7 +810,7 @@ class OutboxSender:
                     self._flush_acks()
                     self._await_results(1, self.poll_s)
                 else:
-                    self._await_results(2 * max(window, len(staged) - low), self.poll_s)
+                    self._await_results(feed_drained, self.poll_s)
                 continue
             # Straight to paho: what the window has room for, and while flushing only what
             # the bucket allowed (wanted is then at most room).

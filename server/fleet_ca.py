@@ -184,7 +184,6 @@ class FleetCA:
         self.cert = cert
         self._key = key
         self._state = state
-        self._lock_depth = 0  # nesting of _writing() in this instance
 
     # -- paths -----------------------------------------------------------------------
 
@@ -655,29 +654,17 @@ class FleetCA:
     def _writing(self) -> Iterator[_State]:
         """Hold the folder's write lock, with the state read again from disk; save it after.
 
-        Re-entrant within this instance (a nested use only saves at the outermost exit).
+        Not re-entrant (a second ``flock`` from this process would wait for the first):
+        inside it, sign with :meth:`_sign_crl`, never :meth:`crl_pem`. Closing the lock
+        file releases the lock.
         """
-        if self._lock_depth:
-            self._lock_depth += 1
-            try:
-                yield self._state
-            finally:
-                self._lock_depth -= 1
-            return
         with (self.directory / ".lock").open("a+b") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            self._lock_depth = 1
-            try:
-                state_file = self.directory / "state.json"
-                if state_file.exists():
-                    self._state = _State.from_json(
-                        state_file.read_text(encoding="utf-8"), state_file
-                    )
-                yield self._state
-                self._save_state()
-            finally:
-                self._lock_depth = 0
-                # Closing the file releases the lock.
+            state_file = self.directory / "state.json"
+            if state_file.exists():
+                self._state = _State.from_json(state_file.read_text(encoding="utf-8"), state_file)
+            yield self._state
+            self._save_state()
 
     def _save_state(self) -> None:
         write_bytes_atomic(

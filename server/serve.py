@@ -555,7 +555,7 @@ class Server:
                 f"an edgefl server (pid {server_pid}) already runs on {self.state_dir}",
                 hint="stop it first (SIGTERM), or give this one another state_dir",
             )
-        home = self.state_dir.resolve()
+        home = self.state_dir  # absolute (ServerConfig.resolved_state_dir)
         for name, pid in pids.items():
             if name == "server" or not isinstance(pid, int) or not pid_alive(pid):
                 continue
@@ -596,8 +596,7 @@ class Server:
     def _refresh_crl(self, ca: FleetCA) -> None:
         """Re-sign the CRL if it is due (see ``crl_refresh_days``); note when it is next due."""
         before = dt.timedelta(days=self.config.crl_refresh_days)
-        ca.refresh_crl(before=before)
-        next_update = ca.crl_next_update()
+        next_update = ca.refresh_crl(before=before) or ca.crl_next_update()
         if next_update is None:  # unreadable right after signing: try again in a minute
             self._crl_due_at = time.time() + 60.0
         else:

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import datetime as dt
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+
+from edgefl.server import fleet_ca
 
 PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
@@ -21,6 +24,23 @@ def _postgres_problem() -> str | None:
         return str(exc).splitlines()[0]
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+def sign_expired_crl(monkeypatch: pytest.MonkeyPatch) -> Callable[[fleet_ca.FleetCA], dt.datetime]:
+    """Sign a CA's CRL as if 40 days ago (expired 10 days ago); return its nextUpdate."""
+
+    def sign(ca: fleet_ca.FleetCA) -> dt.datetime:
+        real_now = fleet_ca._now
+        with monkeypatch.context() as patch:
+            patch.setattr(fleet_ca, "_now", lambda: real_now() - dt.timedelta(days=40))
+            ca.crl_pem()
+        expired = ca.crl_next_update()
+        assert expired is not None
+        assert expired < dt.datetime.now(dt.UTC)
+        return expired
+
+    return sign
 
 
 @pytest.fixture

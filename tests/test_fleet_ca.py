@@ -5,6 +5,7 @@ import json
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgefl.errors import BadInputError, ConfigError
-from edgefl.server import fleet_ca as fleet_ca_module
 from edgefl.server.fleet_ca import (
     CRL_VALIDITY_DAYS,
     SERVER_IDENTITY,
@@ -228,14 +228,10 @@ def test_refresh_crl_re_signs_only_when_due(ca: FleetCA) -> None:
         ca.refresh_crl(before=dt.timedelta(days=30))
 
 
-def test_expired_or_missing_crl_is_re_signed(ca: FleetCA, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_now = fleet_ca_module._now
-    monkeypatch.setattr(fleet_ca_module, "_now", lambda: real_now() - dt.timedelta(days=40))
-    ca.crl_pem()  # signed "40 days ago": expired 10 days ago
-    monkeypatch.setattr(fleet_ca_module, "_now", real_now)
-    expired = ca.crl_next_update()
-    assert expired is not None
-    assert expired < dt.datetime.now(dt.UTC)
+def test_expired_or_missing_crl_is_re_signed(
+    ca: FleetCA, sign_expired_crl: Callable[[FleetCA], dt.datetime]
+) -> None:
+    sign_expired_crl(ca)
     assert ca.refresh_crl(before=dt.timedelta(days=10)) is not None
     assert ca.crl_next_update() > dt.datetime.now(dt.UTC)  # type: ignore[operator]
     ca.crl_path.write_bytes(b"not a CRL")

@@ -273,12 +273,21 @@ def test_paho_packet_lines_are_logged_only_at_debug(
     prefix: str,
     agents: list[Agent],
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # paho's per-packet DEBUG lines cost the link's own thread two calls into logging each;
-    # they are dropped unless its logger is at DEBUG, and come back when it is.
+    # below DEBUG they do not reach the logger at all, and at DEBUG they come back.
     topic = f"{prefix}/data"
     paho_logger = f"{mqtt_link.__name__}.paho"
     caplog.set_level(logging.INFO, logger=paho_logger)
+    reached: list[int] = []  # levels paho handed the logger (a spy: the real log runs)
+    real_log = logging.getLogger(paho_logger).log
+
+    def spy(level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        reached.append(level)
+        real_log(level, msg, *args, **kwargs)
+
+    monkeypatch.setattr(logging.getLogger(paho_logger), "log", spy)
     agent = Agent(tmp_path, prefix, link_config(broker.port))
     agents.append(agent)
     agent.start()
@@ -289,6 +298,7 @@ def test_paho_packet_lines_are_logged_only_at_debug(
     def packet_lines() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.name == paho_logger]
 
+    assert logging.DEBUG not in reached
     assert not any("PUBLISH" in line for line in packet_lines())
     caplog.set_level(logging.DEBUG, logger=paho_logger)
     fill(agent.outbox, topic, 5)

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +25,13 @@ from typer.testing import CliRunner
 
 from edgefl.cli import app as cli_app
 from edgefl.errors import ExitCode
-from edgefl.server import fleet_ca as fleet_ca_module
+from edgefl.procs import pid_alive
 from edgefl.server.fleet_ca import FleetCA
 from edgefl.server.registry import make_engine
 from edgefl.server.serve import RUNTIME_FILE, Server, ServerConfig, read_runtime
 from edgefl.testing import wait_for
 
 TIMEOUT = 90.0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def _config(tmp_path: Path, **extra: object) -> ServerConfig:
@@ -92,9 +80,9 @@ def test_server_starts_broker_superlink_and_ingest(server: Server) -> None:
     info = server.info()
     pids = info["pids"]
     assert pids["broker"]
-    assert _alive(pids["broker"])
+    assert pid_alive(pids["broker"])
     assert pids["superlink"]
-    assert _alive(pids["superlink"])
+    assert pid_alive(pids["superlink"])
     assert info["broker"]["port"] == server.broker_port
     assert info["superlink"] == server.superlink_address
     assert read_runtime(server.state_dir) == json.loads(json.dumps(info))
@@ -118,19 +106,12 @@ def test_server_starts_broker_superlink_and_ingest(server: Server) -> None:
 
 @pytest.mark.slow
 def test_server_down_past_the_crl_end_starts_with_a_fresh_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sign_expired_crl: Callable[[FleetCA], dt.datetime]
 ) -> None:
     # OpenSSL refuses every client once the CRL's nextUpdate has passed; a server that was
     # down that long re-signs it before it starts the broker, so its ingest gets in.
     config = _config(tmp_path)
-    ca = FleetCA.create(config.resolved_ca_dir)
-    real_now = fleet_ca_module._now
-    monkeypatch.setattr(fleet_ca_module, "_now", lambda: real_now() - dt.timedelta(days=40))
-    ca.crl_pem()
-    monkeypatch.setattr(fleet_ca_module, "_now", real_now)
-    expired = ca.crl_next_update()
-    assert expired is not None
-    assert expired < dt.datetime.now(dt.UTC)
+    sign_expired_crl(FleetCA.create(config.resolved_ca_dir))
     srv = Server(config)
     srv.start()
     try:
@@ -177,7 +158,7 @@ def test_children_killed_with_sigkill_are_restarted_and_state_survives(
     os.kill(int(old["broker"] or 0), signal.SIGKILL)
     wait_for(lambda: server.restarts()["broker"] == 1, TIMEOUT, "the broker restart")
     assert server.pids()["broker"] != old["broker"]
-    assert _alive(int(server.pids()["broker"] or 0))
+    assert pid_alive(int(server.pids()["broker"] or 0))
     wait_for(lambda: server.ingest is not None and server.ingest.wait_ready(0.1), TIMEOUT, "ingest")
 
     os.kill(int(old["superlink"] or 0), signal.SIGKILL)
@@ -227,9 +208,9 @@ def _children(info: dict[str, Any]) -> list[int]:
 
 def _gone(pids: list[int], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return not any(_alive(pid) for pid in pids)
+    return not any(pid_alive(pid) for pid in pids)
 
 
 @pytest.mark.slow
@@ -241,7 +222,7 @@ def test_sigterm_on_the_cli_stops_every_child(tmp_path: Path) -> None:
         assert "[4/5] flower-superlink" in stderr.read_text()  # progress on stderr
         children = _children(info)
         assert info["pids"]["server"] == proc.pid
-        assert all(_alive(pid) for pid in children)
+        assert all(pid_alive(pid) for pid in children)
         assert (tmp_path / "srv" / RUNTIME_FILE).exists()
 
         proc.send_signal(signal.SIGTERM)
@@ -264,18 +245,19 @@ def test_a_server_killed_with_sigkill_leaves_nothing_its_successor_trips_on(
     config = _cli_config(tmp_path)
     first = _start_cli(config, tmp_path / "first.err")
     procs = [first]
+    old: list[int] = []
     try:
         old = _children(_ready(first, tmp_path / "first.err"))
         second = _start_cli(config, tmp_path / "second.err")
         procs.append(second)
         assert second.wait(TIMEOUT) == ExitCode.CONFIG
         assert "already runs" in (tmp_path / "second.err").read_text()
-        assert all(_alive(pid) for pid in old)
+        assert all(pid_alive(pid) for pid in old)
 
         os.kill(first.pid, signal.SIGKILL)
         first.wait(TIMEOUT)
         time.sleep(0.5)
-        assert all(_alive(pid) for pid in old)  # orphans
+        assert all(pid_alive(pid) for pid in old)  # orphans
 
         third = _start_cli(config, tmp_path / "third.err")
         procs.append(third)
@@ -283,7 +265,7 @@ def test_a_server_killed_with_sigkill_leaves_nothing_its_successor_trips_on(
         assert _gone(old)
         assert "left running by a server" in (tmp_path / "third.err").read_text()
         new = _children(info)
-        assert all(_alive(pid) for pid in new)
+        assert all(pid_alive(pid) for pid in new)
         third.send_signal(signal.SIGTERM)
         assert third.wait(TIMEOUT) == 0, (tmp_path / "third.err").read_text()
         assert _gone(new)
@@ -292,8 +274,8 @@ def test_a_server_killed_with_sigkill_leaves_nothing_its_successor_trips_on(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        for pid in old if "old" in locals() else []:
-            if _alive(pid):
+        for pid in old:
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 

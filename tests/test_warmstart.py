@@ -36,6 +36,7 @@ from edgefl.edge_agent.fl.warmstart import (
 )
 from edgefl.edge_agent.identity import prepare_enrollment
 from edgefl.federation import FederationPlan
+from edgefl.procs import pid_alive
 from edgefl.server.fl.ledger import FlStore
 from edgefl.server.fl.superlink import write_run_app
 from edgefl.testing import wait_for
@@ -59,17 +60,6 @@ def _forks(state: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is as good as gone
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
 
 
 def _zygote_pid(state: Path) -> int:
@@ -135,7 +125,7 @@ def test_first_call_falls_back_later_calls_fork_and_the_zygote_exits_when_idle(
         assert forks[0]["zygote"] == zygote
         assert forks[1]["code"] == 2
         # No request for --idle-exit-s: it exits and removes its socket.
-        wait_for(lambda: not _alive(zygote), 30, "the zygote's idle exit")
+        wait_for(lambda: not pid_alive(zygote), 30, "the zygote's idle exit")
         assert not (tmp_path / SOCKET_NAME).exists()
         assert "idle for 3 s; exiting after 1 forks" in (tmp_path / LOG_FILE).read_text()
         # With the zygote gone, the next call is a cold start again.
@@ -199,7 +189,7 @@ def _hanging_clientapp(bin_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
     wait_for(lambda: len(_forks(bin_dir.parent)) > before, 30, "a fork")
     child = int(_forks(bin_dir.parent)[before]["pid"])
     time.sleep(1.0)
-    assert _alive(child)
+    assert pid_alive(child)
     assert proc.poll() is None
     return proc, child
 
@@ -209,7 +199,7 @@ def test_sigterm_to_the_launcher_reaches_its_child(zygote: Path) -> None:
     with _cleanup_group([proc.pid]):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
-        assert not _alive(child)
+        assert not pid_alive(child)
         last = _forks(zygote.parent)[-1]
         assert last["event"] == "exit"
         assert last["pid"] == child
@@ -220,7 +210,7 @@ def test_a_killed_launcher_takes_its_child_with_it(zygote: Path) -> None:
     with _cleanup_group([proc.pid]):
         proc.kill()
         proc.wait(10)
-        wait_for(lambda: not _alive(child), 15, "the orphaned child killed")
+        wait_for(lambda: not pid_alive(child), 15, "the orphaned child killed")
 
 
 # ---------------------------------------------------------------------- end to end
@@ -322,4 +312,4 @@ def test_round_two_runs_in_a_forked_child_and_the_ledger_matches_the_device(
         assert f"warmstart[{fork['zygote']}] preloaded" in zygote_log
         written = (state / TELEMETRY_DIR / telemetry_file_name(RUN, rnd)).stat().st_mtime
         assert fork["time"] <= written <= done["time"]
-    assert not _alive(int(fork["zygote"]))  # the supervisor's killpg took it at close
+    assert not pid_alive(int(fork["zygote"]))  # the supervisor's killpg took it at close
