@@ -59,7 +59,11 @@ def run(config: ConfigOption) -> None:
 @app.command()
 @exits_on_error
 def status(config: ConfigOption, as_json: Annotated[bool, JSON_OPTION] = False) -> None:
-    """Connection state, outbox depth and bytes, age of the oldest record, drops."""
+    """Connection state, outbox depth and bytes, age of the oldest record, drops.
+
+    Read-only: it never writes to the agent's files, so it is safe beside a running
+    agent; a damaged outbox is reported, not moved.
+    """
     from edgefl.edge_agent.daemon import read_status
 
     report = read_status(_load(config))
@@ -71,9 +75,13 @@ def status(config: ConfigOption, as_json: Annotated[bool, JSON_OPTION] = False) 
     typer.echo(
         f"agent {report['device_id']} ({report['fleet']}): {report['state']}, "
         f"{'connected' if report['connected'] else 'not connected'}\n"
-        f"outbox: {box.get('depth', 0)} records, {box.get('bytes', 0)} bytes, oldest "
-        f"{'-' if age is None else f'{age:.1f} s'}, dropped {box.get('dropped', 0)}, "
-        f"expired {box.get('expired', 0)}, rejected {report['rejected']}"
+        + (
+            f"outbox: UNREADABLE, left as it is: {box['error']}"
+            if "error" in box
+            else f"outbox: {box.get('depth', 0)} records, {box.get('bytes', 0)} bytes, oldest "
+            f"{'-' if age is None else f'{age:.1f} s'}, dropped {box.get('dropped', 0)}, "
+            f"expired {box.get('expired', 0)}, rejected {report['rejected']}"
+        )
     )
     training = report.get("training")
     if training:

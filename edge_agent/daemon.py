@@ -48,6 +48,7 @@ from edgefl.edge_agent.fl.supernode import TELEMETRY_DIR, SuperNodeSupervisor, T
 from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender, status_topic
 from edgefl.edge_agent.offload.config import OffloadConfig
 from edgefl.edge_agent.outbox import Outbox, OutboxFullError, OutboxItem, OutboxPolicy
+from edgefl.edge_agent.outbox import read_stats as read_outbox_stats
 from edgefl.edge_agent.sources import (
     DatasetReplaySource,
     DataSource,
@@ -55,6 +56,7 @@ from edgefl.edge_agent.sources import (
     SourceRecord,
     build_source,
 )
+from edgefl.errors import BadInputError
 from edgefl.files import write_text_atomic
 from edgefl.procs import pid_alive
 
@@ -377,8 +379,9 @@ class Agent:
 def read_status(config: AgentConfig) -> dict[str, Any]:
     """Status for ``agent status``: the daemon's last report plus the outbox as it is now.
 
-    Works whether or not the agent runs: the outbox is read from its SQLite file (WAL
-    allows a reader beside the running writer).
+    Works whether or not the agent runs: the outbox is read from its SQLite file, read
+    only (:func:`~edgefl.edge_agent.outbox.read_stats`); WAL allows a reader beside the
+    running writer. A damaged outbox shows as ``outbox.error``.
     """
     path = config.state_dir / STATUS_FILE
     report: dict[str, Any] = {}
@@ -393,9 +396,12 @@ def read_status(config: AgentConfig) -> dict[str, Any]:
     state = "running" if alive and fresh else ("stalled" if alive else "stopped")
     outbox: dict[str, Any] = {}
     if (config.state_dir / OUTBOX_FILE).is_file():
-        with Outbox(config.state_dir / OUTBOX_FILE, config.device_id, config.outbox) as box:
-            stats = box.stats()
-        outbox = asdict(stats)
+        # Read-only: this file may be a running agent's, so status never expires,
+        # creates or quarantines anything in it; a damaged file is reported as such.
+        try:
+            outbox = asdict(read_outbox_stats(config.state_dir / OUTBOX_FILE, config.device_id))
+        except BadInputError as exc:
+            outbox = {"error": str(exc)}
     return {
         "device_id": config.device_id,
         "fleet": config.fleet,

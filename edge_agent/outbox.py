@@ -68,6 +68,7 @@ __all__ = [
     "OutboxPolicy",
     "OutboxStats",
     "Record",
+    "read_stats",
 ]
 
 _log = logging.getLogger(__name__)
@@ -820,6 +821,79 @@ class Outbox:
         )
         _log.warning("outbox full: dropped %d oldest record(s) to make room", len(victims))
         return freed
+
+
+def read_stats(
+    path: Path, device_id: str, *, clock: Callable[[], float] = time.time
+) -> OutboxStats:
+    """:meth:`Outbox.stats` of a file, read without writing anything (``agent status``).
+
+    It never creates, migrates, expires or quarantines: the file may belong to a running
+    agent. Records past their TTL are counted as ``expired`` (the agent deletes them at
+    its next put or batch), not in ``depth`` and ``bytes``.
+
+    The file is opened ``mode=ro``. While the agent has it open, its ``-wal`` and ``-shm``
+    exist and the reader takes part in the WAL protocol through them. Without a ``-wal``
+    nobody has the file open and everything is in the main file; then it is opened
+    ``immutable=1`` too, because a plain read-only open would create ``-wal`` and
+    ``-shm`` that it cannot delete again, owned by whoever ran ``status``: an agent
+    running as another user could then not open its own outbox. An agent that starts
+    during that read writes to its new ``-wal``, not the main file, until a checkpoint.
+
+    Raises:
+        BadInputError: No file at ``path``, it is damaged or not an outbox, or it belongs
+            to another device; the message says which.
+    """
+    if not path.is_file():
+        raise BadInputError(f"no outbox at {path}")
+    immutable = "" if Path(f"{path}-wal").exists() else "&immutable=1"
+    uri = f"{path.resolve().as_uri()}?mode=ro{immutable}"
+    now = clock()
+    try:
+        db = sqlite3.connect(uri, uri=True, isolation_level=None)
+        try:
+            problems = [str(r[0]) for r in db.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise BadInputError(
+                    f"outbox {path} is damaged (quick_check: {'; '.join(problems[:3])})",
+                    hint="the agent sets it aside and starts a fresh one when it next starts",
+                )
+            db.execute("BEGIN")  # one snapshot for both queries
+            counters = db.execute(
+                "SELECT device_id, next_seq, dropped, expired FROM counters"
+            ).fetchall()
+            depth, total, oldest, stale = db.execute(
+                "SELECT COUNT(*) FILTER (WHERE live), "
+                "COALESCE(SUM(LENGTH(payload)) FILTER (WHERE live), 0), "
+                "MIN(created_at) FILTER (WHERE live), COUNT(*) FILTER (WHERE NOT live) "
+                "FROM (SELECT payload, created_at, "
+                "expires_at IS NULL OR expires_at > ? AS live FROM records)",
+                (now,),
+            ).fetchone()
+            db.execute("COMMIT")
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise BadInputError(
+            f"outbox {path} is not a usable outbox: {exc}",
+            hint="the agent sets a damaged file aside when it next starts",
+        ) from exc
+    if [str(r[0]) for r in counters] != [device_id]:
+        owner = counters[0][0] if counters else None
+        raise BadInputError(
+            f"outbox {path} belongs to device {owner!r}, not {device_id!r}"
+            if owner is not None
+            else f"outbox {path} has no counters yet"
+        )
+    _, next_seq, dropped, expired = counters[0]
+    return OutboxStats(
+        depth=int(depth),
+        bytes=int(total),
+        oldest_age_s=max(0.0, now - float(oldest)) if oldest is not None else 0.0,
+        dropped=int(dropped),
+        expired=int(expired) + int(stale),
+        next_seq=int(next_seq),
+    )
 
 
 def _split_schema(script: str) -> list[str]:

@@ -196,3 +196,60 @@ def test_agent_boots_without_a_broker_and_delivers_later(tmp_path: Path) -> None
         agent.wait(timeout=30)
         broker.kill()
     assert _committed(config) == 50
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _status(config: Path) -> dict[str, Any]:
+    result = CliRunner().invoke(app, ["agent", "status", "-c", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def test_status_reports_a_corrupt_outbox_and_leaves_it_where_it_is(tmp_path: Path) -> None:
+    config = _write_config(tmp_path, 1883, rate_hz=1, limit=1)
+    state = load_config(AgentConfig, config).state_dir
+    state.mkdir()
+    (state / "outbox.db").write_bytes(b"not an sqlite file at all" * 100)
+    before = _files(state)
+    report = _status(config)
+    assert "not a usable outbox" in report["outbox"]["error"]
+    assert _files(state) == before  # not quarantined, nothing created beside it
+    text = CliRunner().invoke(app, ["agent", "status", "-c", str(config)])
+    assert "outbox: UNREADABLE, left as it is" in text.output
+
+
+def test_status_of_a_stopped_agent_writes_nothing(tmp_path: Path) -> None:
+    config = _write_config(tmp_path, 1883, rate_hz=1, limit=1)
+    cfg = load_config(AgentConfig, config)
+    now = [1000.0]
+    with Outbox(
+        cfg.state_dir / "outbox.db", cfg.device_id, cfg.outbox, clock=lambda: now[0]
+    ) as box:
+        box.put("edgefl/f/dev-a/data/x", b"keep", ttl_s=10**11)
+        box.put("edgefl/f/dev-a/data/x", b"stale", ttl_s=1.0)
+    before = _files(cfg.state_dir)
+    assert set(before) == {"outbox.db"}  # closed cleanly: no -wal/-shm
+    report = _status(config)
+    # The stale record counts as expired (the agent deletes it later), but stays stored.
+    assert (report["outbox"]["depth"], report["outbox"]["expired"]) == (1, 1)
+    assert report["outbox"]["next_seq"] == 3
+    assert _files(cfg.state_dir) == before
+
+
+def test_status_beside_a_running_writer_reads_its_commits_read_only(tmp_path: Path) -> None:
+    config = _write_config(tmp_path, 1883, rate_hz=1, limit=1)
+    cfg = load_config(AgentConfig, config)
+    with Outbox(cfg.state_dir / "outbox.db", cfg.device_id, cfg.outbox) as box:
+        box.put_many([("edgefl/f/dev-a/data/x", b"r%d" % i) for i in range(5)])
+        assert (cfg.state_dir / "outbox.db-wal").exists()  # the writer holds it open
+        mtimes = {p.name: p.stat().st_mtime_ns for p in cfg.state_dir.iterdir()}
+        report = _status(config)
+        assert report["outbox"]["depth"] == 5
+        assert {p.name for p in cfg.state_dir.iterdir()} == set(mtimes)
+        assert (cfg.state_dir / "outbox.db").stat().st_mtime_ns == mtimes["outbox.db"]
+        assert (cfg.state_dir / "outbox.db-wal").stat().st_mtime_ns == mtimes["outbox.db-wal"]
+        box.put("edgefl/f/dev-a/data/x", b"after")  # the writer is not locked out
