@@ -5,7 +5,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Envelope(_message.Message):
-    __slots__ = ("version", "device_id", "seq", "ts_ms", "kind", "content_type", "body")
+    __slots__ = ("version", "device_id", "seq", "ts_ms", "kind", "content_type", "body", "incarnation")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -13,6 +13,7 @@ class Envelope(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     version: int
     device_id: str
     seq: int
@@ -20,4 +21,5 @@ class Envelope(_message.Message):
     kind: str
     content_type: str
     body: bytes
-    def __init__(self, version: _Optional[int] = ..., device_id: _Optional[str] = ..., seq: _Optional[int] = ..., ts_ms: _Optional[int] = ..., kind: _Optional[str] = ..., content_type: _Optional[str] = ..., body: _Optional[bytes] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, version: _Optional[int] = ..., device_id: _Optional[str] = ..., seq: _Optional[int] = ..., ts_ms: _Optional[int] = ..., kind: _Optional[str] = ..., content_type: _Optional[str] = ..., body: _Optional[bytes] = ..., incarnation: _Optional[str] = ...) -> None: ...

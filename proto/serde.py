@@ -6,15 +6,25 @@ values. Two wire encodings exist (see ``proto/envelope.proto``):
 * ``"protobuf"``: the binary ``edgefl.v1.Envelope`` message (compact);
 * ``"json"``: one UTF-8 JSON object that ``mosquitto_sub`` shows as text::
 
-      {"v":1,"device_id":"pi-01","seq":7,"ts_ms":1700000000000,"kind":"telemetry",
-       "content_type":"application/json","body":{"temp":21.5}}
+      {"v":2,"device_id":"pi-01","incarnation":"9f0c...","seq":7,"ts_ms":1700000000000,
+       "kind":"telemetry","content_type":"application/json","body":{"temp":21.5}}
 
   ``body`` is the JSON value itself when ``content_type`` is ``application/json`` and a
   base64 string otherwise.
 
-:func:`decode_envelope` tells them apart by the first non-whitespace byte (``{`` means
-JSON; a protobuf envelope starts with the tag of field 1, ``0x08``) and validates every
-field; anything malformed raises :class:`EnvelopeError` with the reason.
+Two envelope versions exist and both are read. Version 2 (:data:`ENVELOPE_VERSION`, what
+devices write) carries the *incarnation* of the sending outbox: 128 random bits created
+with the outbox file. ``(device_id, incarnation, seq)`` is the idempotency key, so a
+deleted or reflashed outbox, whose seqs start again at 1, never collides with what was
+already stored. Version 1 is version 2 without the incarnation (it is the empty string),
+sent by agents not yet upgraded.
+
+:func:`decode_envelope` tells the encodings apart by the first non-whitespace byte (``{``
+means JSON; a protobuf envelope starts with the tag of field 1, ``0x08``) and validates
+every field. Whatever is wrong with a payload, including what the parsers themselves
+raise (Python's int-digit limit, deep nesting, lone surrogates in strings), comes out as
+:class:`EnvelopeError` with the reason and nothing else: one bad payload must never stop
+a consumer.
 
 A JSON body is stored in its compact form (``json.dumps`` with ``separators=(",", ":")``),
 so bodies produced by :func:`canonical_json_body` survive both encodings byte for byte.
@@ -26,6 +36,7 @@ import base64
 import binascii
 import json
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -36,32 +47,55 @@ from edgefl.proto import envelope_pb2
 
 __all__ = [
     "ENVELOPE_VERSION",
+    "ENVELOPE_VERSIONS",
     "JSON_CONTENT_TYPE",
     "Envelope",
     "EnvelopeError",
     "canonical_json_body",
     "decode_envelope",
     "encode_envelope",
+    "new_incarnation",
 ]
 
-ENVELOPE_VERSION: Final = 1
-"""The envelope schema version this module reads and writes."""
+ENVELOPE_VERSION: Final = 2
+"""The envelope version devices write: version 2, with the outbox incarnation."""
+
+ENVELOPE_VERSIONS: Final = (1, 2)
+"""The envelope versions :func:`decode_envelope` accepts."""
 
 JSON_CONTENT_TYPE: Final = "application/json"
 """Content type whose body travels inline (not base64) in the JSON encoding."""
 
 _DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_INCARNATION = re.compile(r"[0-9a-f]{32}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Lone (unpaired) surrogates: valid in a Python str, but not encodable as UTF-8, so a
+# database driver refuses them at the insert, long after the message was accepted.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _UINT64_MAX: Final = 2**64 - 1
 _INT64_MAX: Final = 2**63 - 1
 _KIND_MAX: Final = 64
 _CONTENT_TYPE_MAX: Final = 255
 _JSON_KEYS: Final = ("v", "device_id", "seq", "ts_ms", "kind", "content_type", "body")
+_JSON_KEYS_V2: Final = (
+    "v",
+    "device_id",
+    "incarnation",
+    "seq",
+    "ts_ms",
+    "kind",
+    "content_type",
+    "body",
+)
+# JSON integers longer than this are refused before int() sees them: no field needs more
+# than 20 digits, and Python refuses more than 4300 with a plain ValueError (and spends
+# quadratic time below that). Bodies may hold long integers, but not absurd ones.
+_JSON_INT_DIGITS_MAX: Final = 1000
 _WHITESPACE: Final = b" \t\r\n"
 
 
 class EnvelopeError(BadInputError):
-    """A payload is not a valid version-1 envelope (or an envelope cannot be encoded)."""
+    """A payload is not a valid envelope (or an envelope cannot be encoded)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,15 +105,17 @@ class Envelope:
     Instances are validated on construction, so an invalid envelope cannot exist.
 
     Attributes:
-        version: Envelope schema version; must be :data:`ENVELOPE_VERSION`.
+        version: Envelope schema version, one of :data:`ENVELOPE_VERSIONS`.
         device_id: Sender, ``[A-Za-z0-9_-]{1,64}``; equals the topic's ``{device}``.
-        seq: Per-device sequence number, ``1 <= seq < 2**64``; ``(device_id, seq)`` is
-            the idempotency key.
+        seq: Sequence number within the incarnation, ``1 <= seq < 2**64``;
+            ``(device_id, incarnation, seq)`` is the idempotency key.
         ts_ms: Creation time on the device, Unix milliseconds, ``0 < ts_ms < 2**63``.
         kind: What the body is (``telemetry``, ``data``, ``result``, ...), 1-64
             characters without control characters.
         content_type: MIME type of ``body`` (may be empty), at most 255 characters.
         body: The payload bytes.
+        incarnation: Version 2: the sending outbox's identity, 32 lowercase hex digits
+            (:func:`new_incarnation`). Version 1: the empty string.
 
     Raises:
         EnvelopeError: A field is out of range or of the wrong type.
@@ -92,13 +128,24 @@ class Envelope:
     kind: str
     content_type: str
     body: bytes
+    incarnation: str = ""
 
     def __post_init__(self) -> None:
         _check_int("version", self.version)
-        if self.version != ENVELOPE_VERSION:
+        if self.version not in ENVELOPE_VERSIONS:
             raise EnvelopeError(
-                f"unsupported envelope version {self.version} (this build reads version "
-                f"{ENVELOPE_VERSION})"
+                f"unsupported envelope version {self.version} (this build reads versions "
+                f"{', '.join(map(str, ENVELOPE_VERSIONS))})"
+            )
+        if not isinstance(self.incarnation, str):
+            raise EnvelopeError(
+                f"incarnation must be a string, got {type(self.incarnation).__name__}"
+            )
+        if self.version == 1 and self.incarnation:
+            raise EnvelopeError("a version-1 envelope has no incarnation (use version 2)")
+        if self.version >= 2 and not _INCARNATION.fullmatch(self.incarnation):
+            raise EnvelopeError(
+                f"incarnation {self.incarnation[:40]!r} is not 32 lowercase hex digits"
             )
         if not isinstance(self.device_id, str) or not _DEVICE_ID.fullmatch(self.device_id):
             raise EnvelopeError(
@@ -116,9 +163,19 @@ class Envelope:
             raise EnvelopeError(f"body must be bytes, got {type(self.body).__name__}")
 
     @property
+    def key(self) -> tuple[str, str, int]:
+        """The idempotency key ``(device_id, incarnation, seq)``."""
+        return (self.device_id, self.incarnation, self.seq)
+
+    @property
     def has_json_body(self) -> bool:
         """Whether ``content_type`` says the body is JSON (parameters are ignored)."""
         return _is_json_type(self.content_type)
+
+
+def new_incarnation() -> str:
+    """A fresh outbox incarnation: 128 random bits as 32 lowercase hex digits."""
+    return secrets.token_hex(16)
 
 
 def canonical_json_body(value: Any) -> bytes:
@@ -164,6 +221,7 @@ def encode_envelope(env: Envelope, encoding: Literal["json", "protobuf"]) -> byt
             kind=env.kind,
             content_type=env.content_type,
             body=env.body,
+            incarnation=env.incarnation,
         )
         return message.SerializeToString(deterministic=True)
     if encoding == "json":
@@ -177,9 +235,10 @@ def encode_envelope(env: Envelope, encoding: Literal["json", "protobuf"]) -> byt
                 ) from exc
         else:
             body = base64.b64encode(env.body).decode("ascii")
-        document = {
-            "v": env.version,
-            "device_id": env.device_id,
+        document: dict[str, Any] = {"v": env.version, "device_id": env.device_id}
+        if env.version >= 2:
+            document["incarnation"] = env.incarnation
+        document |= {
             "seq": env.seq,
             "ts_ms": env.ts_ms,
             "kind": env.kind,
@@ -201,16 +260,24 @@ def decode_envelope(payload: bytes) -> Envelope:
 
     Raises:
         EnvelopeError: The payload is empty, not parsable, has unknown or missing fields,
-            trailing garbage, wrong types or out-of-range values.
+            trailing garbage, wrong types or out-of-range values. It is the only
+            exception: whatever else a parser raises is turned into it.
     """
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise EnvelopeError(f"payload must be bytes, got {type(payload).__name__}")
     payload = bytes(payload)
     if not payload.strip(_WHITESPACE):
         raise EnvelopeError("empty payload")
-    if payload.lstrip(_WHITESPACE)[:1] == b"{":
-        return _from_json(payload)
-    return _from_protobuf(payload)
+    try:
+        if payload.lstrip(_WHITESPACE)[:1] == b"{":
+            return _from_json(payload)
+        return _from_protobuf(payload)
+    except EnvelopeError:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
+        # A parser failure nobody foresaw is still one bad payload, not a crash: the
+        # caller dead-letters it with this reason.
+        raise EnvelopeError(f"undecodable payload: {type(exc).__name__}: {exc}"[:500]) from exc
 
 
 def _from_protobuf(payload: bytes) -> Envelope:
@@ -229,10 +296,11 @@ def _from_protobuf(payload: bytes) -> Envelope:
         kind=message.kind,
         content_type=message.content_type,
         body=message.body,
+        incarnation=message.incarnation,
     )
     # Protobuf parsing is lenient: unknown fields are kept, a repeated field silently
-    # overrides the first, so appended garbage that happens to parse would pass. A
-    # version-1 envelope is exactly its known fields, each once, in canonical form.
+    # overrides the first, so appended garbage that happens to parse would pass. An
+    # envelope is exactly its known fields, each once, in canonical form.
     if len(payload) != len(encode_envelope(envelope, "protobuf")):
         raise EnvelopeError(
             "protobuf envelope has unknown, repeated or non-canonically encoded fields "
@@ -245,15 +313,19 @@ def _from_json(payload: bytes) -> Envelope:
     document = _strict_json_loads(payload)
     if not isinstance(document, dict):
         raise EnvelopeError("JSON envelope must be an object")
-    unknown = sorted(set(document) - set(_JSON_KEYS))
+    # The version says which keys belong: a version-1 envelope has no incarnation.
+    keys = _JSON_KEYS_V2 if document.get("v") == 2 else _JSON_KEYS
+    unknown = sorted(set(document) - set(keys))
     if unknown:
         raise EnvelopeError(f"JSON envelope has unknown key(s) {unknown}")
-    missing = [key for key in _JSON_KEYS if key not in document]
+    missing = [key for key in keys if key not in document]
     if missing:
         raise EnvelopeError(f"JSON envelope is missing key(s) {missing}")
     for key in ("v", "seq", "ts_ms"):
         _check_int(key, document[key])
-    for key in ("device_id", "kind", "content_type"):
+    for key in ("device_id", "kind", "content_type", "incarnation"):
+        if key not in document:
+            continue
         if not isinstance(document[key], str):
             raise EnvelopeError(
                 f"JSON envelope key {key!r} must be a string, got {_json_type(document[key])}"
@@ -282,6 +354,7 @@ def _from_json(payload: bytes) -> Envelope:
         kind=document["kind"],
         content_type=content_type,
         body=body,
+        incarnation=document.get("incarnation", ""),
     )
 
 
@@ -292,13 +365,27 @@ def _strict_json_loads(data: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise EnvelopeError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     try:
-        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+        return json.loads(
+            text,
+            parse_constant=_refuse_constant,
+            parse_int=_bounded_int,
+            object_pairs_hook=_unique_keys,
+        )
     except json.JSONDecodeError as exc:
         raise EnvelopeError(
             f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from exc
     except RecursionError as exc:
         raise EnvelopeError("invalid JSON: nested too deeply") from exc
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text) - text.startswith("-")
+    if digits > _JSON_INT_DIGITS_MAX:
+        raise EnvelopeError(
+            f"invalid JSON: an integer has {digits} digits (at most {_JSON_INT_DIGITS_MAX})"
+        )
+    return int(text)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -327,6 +414,8 @@ def _check_text(name: str, value: object, min_len: int, max_len: int) -> None:
         raise EnvelopeError(f"{name} must have {min_len}..{max_len} characters, got {len(value)}")
     if _CONTROL.search(value):
         raise EnvelopeError(f"{name} {value!r} contains control characters")
+    if _SURROGATE.search(value):
+        raise EnvelopeError(f"{name} {value!r} contains a lone surrogate (not UTF-8)")
 
 
 def _is_json_type(content_type: str) -> bool:

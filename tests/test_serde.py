@@ -13,11 +13,14 @@ from hypothesis import strategies as st
 from edgefl.errors import BadInputError
 from edgefl.proto import envelope_pb2
 from edgefl.proto.serde import (
+    ENVELOPE_VERSION,
+    ENVELOPE_VERSIONS,
     Envelope,
     EnvelopeError,
     canonical_json_body,
     decode_envelope,
     encode_envelope,
+    new_incarnation,
 )
 
 ENCODINGS: tuple[Literal["json", "protobuf"], ...] = ("json", "protobuf")
@@ -56,8 +59,12 @@ def envelopes(draw: st.DrawFn) -> Envelope:
     else:
         content_type = draw(other_content_types)
         body = draw(st.binary(max_size=512))
+    version = draw(st.sampled_from([1, 2]))
     return Envelope(
-        version=1,
+        version=version,
+        incarnation=draw(st.text(alphabet="0123456789abcdef", min_size=32, max_size=32))
+        if version == 2
+        else "",
         device_id=draw(device_ids),
         seq=draw(st.integers(min_value=1, max_value=2**64 - 1)),
         ts_ms=draw(st.integers(min_value=1, max_value=2**63 - 1)),
@@ -65,6 +72,25 @@ def envelopes(draw: st.DrawFn) -> Envelope:
         content_type=content_type,
         body=body,
     )
+
+
+INC = "0123456789abcdef0123456789abcdef"
+
+
+def _raw_json(**raw: str) -> bytes:
+    """A JSON envelope whose fields are given as raw JSON text (to hold what json.dumps
+    cannot write: 5000-digit integers, escaped lone surrogates)."""
+    fields = {
+        "v": "1",
+        "device_id": '"pi-01"',
+        "seq": "7",
+        "ts_ms": "1700000000000",
+        "kind": '"telemetry"',
+        "content_type": '"application/json"',
+        "body": "{}",
+    }
+    fields.update(raw)
+    return ("{" + ",".join(f'"{k}":{v}' for k, v in fields.items()) + "}").encode()
 
 
 def valid(**overrides: Any) -> Envelope:
@@ -122,10 +148,11 @@ def test_protobuf_encoding_is_the_generated_message(env: Envelope) -> None:
         env.seq,
         env.ts_ms,
     )
-    assert (message.kind, message.content_type, message.body) == (
+    assert (message.kind, message.content_type, message.body, message.incarnation) == (
         env.kind,
         env.content_type,
         env.body,
+        env.incarnation,
     )
 
 
@@ -136,7 +163,7 @@ def test_arbitrary_bytes_never_raise_anything_but_envelope_error(data: bytes) ->
         env = decode_envelope(data)
     except EnvelopeError:
         return
-    assert env.version == 1  # whatever decodes is a valid envelope
+    assert env.version in ENVELOPE_VERSIONS  # whatever decodes is a valid envelope
 
 
 @settings(max_examples=200, deadline=None)
@@ -174,7 +201,23 @@ def test_error_is_bad_input() -> None:
         (json.dumps(json_doc()).encode() + b"xx", "invalid JSON"),
         (json.dumps(json_doc(extra=1)).encode(), "unknown key(s) ['extra']"),
         (json.dumps({k: v for k, v in json_doc().items() if k != "seq"}).encode(), "missing"),
-        (json.dumps(json_doc(v=2)).encode(), "unsupported envelope version 2"),
+        (json.dumps(json_doc(v=3)).encode(), "unsupported envelope version 3"),
+        (json.dumps(json_doc(v=2)).encode(), "missing key(s) ['incarnation']"),
+        (json.dumps(json_doc(incarnation=INC)).encode(), "unknown key(s) ['incarnation']"),
+        (json.dumps(json_doc(v=2, incarnation="")).encode(), "not 32 lowercase hex"),
+        (json.dumps(json_doc(v=2, incarnation=INC.upper())).encode(), "not 32 lowercase hex"),
+        (json.dumps(json_doc(v=2, incarnation=5)).encode(), "must be a string"),
+        # Python's int-digit limit (4300) raises a plain ValueError inside json.loads.
+        (_raw_json(seq="9" * 5000), "integer has 5000 digits"),
+        (_raw_json(ts_ms="-" + "1" * 4400), "integer has 4400 digits"),
+        (_raw_json(body='{"x":' + "7" * 5000 + "}"), "integer has 5000 digits"),
+        # A lone surrogate is a valid Python str but no UTF-8: refused here, not at the insert.
+        (_raw_json(kind='"d\\ud800"'), "lone surrogate"),
+        (_raw_json(content_type='"text/\\udfff"', body='""'), "lone surrogate"),
+        (_raw_json(body='{"k":"\\ud800"}'), "not serializable as JSON"),
+        (_raw_json(body='{"\\udbff":1}'), "not serializable as JSON"),
+        (b"[" * 100_000, "not a protobuf envelope"),
+        (b"{" + b'"a":[' * 50_000, "invalid JSON"),
         (json.dumps(json_doc(v=True)).encode(), "v must be an integer"),
         (json.dumps(json_doc(seq="7")).encode(), "seq must be an integer"),
         (json.dumps(json_doc(seq=1.0)).encode(), "seq must be an integer"),
@@ -212,7 +255,7 @@ def test_malformed_payloads_are_refused_with_a_reason(payload: bytes, reason: st
 
 
 def test_unknown_protobuf_field_is_refused() -> None:
-    payload = encode_envelope(valid(), "protobuf") + b"\x40\x01"  # field 8 = 1
+    payload = encode_envelope(valid(), "protobuf") + b"\x48\x01"  # field 9 = 1
     with pytest.raises(EnvelopeError, match="unknown, repeated"):
         decode_envelope(payload)
 
@@ -248,3 +291,43 @@ def test_unknown_encoding_is_refused() -> None:
 def test_json_body_is_stored_compact() -> None:
     payload = json.dumps(json_doc(body={"a": [1, 2], "b": "é"}), indent=2).encode()
     assert decode_envelope(payload).body == '{"a":[1,2],"b":"é"}'.encode()
+
+
+def test_version_2_carries_the_incarnation_in_both_encodings() -> None:
+    incarnation = new_incarnation()
+    assert len(incarnation) == 32
+    assert incarnation != new_incarnation()
+    env = valid(version=ENVELOPE_VERSION, incarnation=incarnation)
+    assert env.key == ("pi-01", incarnation, 7)
+    doc = json.loads(encode_envelope(env, "json"))
+    assert doc == json_doc(v=2, incarnation=incarnation)
+    assert list(doc)[:3] == ["v", "device_id", "incarnation"]
+    for encoding in ENCODINGS:
+        assert decode_envelope(encode_envelope(env, encoding)) == env
+
+
+def test_version_1_is_still_read_with_an_empty_incarnation() -> None:
+    v1 = decode_envelope(json.dumps(json_doc()).encode())
+    assert (v1.version, v1.incarnation, v1.key) == (1, "", ("pi-01", "", 7))
+    # what a not-yet-upgraded agent sends over protobuf: fields 1-7 only
+    old = envelope_pb2.Envelope(
+        version=1, device_id="pi-01", seq=7, ts_ms=1, kind="k", content_type="", body=b""
+    ).SerializeToString()
+    assert decode_envelope(old).incarnation == ""
+
+
+def test_version_and_incarnation_must_agree() -> None:
+    with pytest.raises(EnvelopeError, match="version-1 envelope has no incarnation"):
+        valid(incarnation=INC)
+    with pytest.raises(EnvelopeError, match="not 32 lowercase hex"):
+        valid(version=2)
+    bad = envelope_pb2.Envelope(
+        version=1, device_id="a", seq=1, ts_ms=1, kind="k", incarnation=INC
+    ).SerializeToString()
+    with pytest.raises(EnvelopeError, match="version-1 envelope has no incarnation"):
+        decode_envelope(bad)
+
+
+def test_surrogate_in_kind_cannot_be_built() -> None:
+    with pytest.raises(EnvelopeError, match="lone surrogate"):
+        valid(kind="d\ud800")
