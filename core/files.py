@@ -3,10 +3,36 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
+from typing import Final
 
-__all__ = ["write_bytes_atomic", "write_text_atomic"]
+from edgefl.errors import BadInputError
+
+__all__ = ["SAFE_NAME_PATTERN", "check_safe_name", "write_bytes_atomic", "write_text_atomic"]
+
+SAFE_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""A name that is also one safe path segment (run ids, scenario names).
+
+It starts with a letter or digit, so ``.``, ``..`` and hidden names are impossible, and it
+holds no separator, space or control character.
+"""
+_SAFE_NAME: Final = re.compile(SAFE_NAME_PATTERN)
+
+
+def check_safe_name(value: str, what: str) -> str:
+    """Return ``value`` if it matches :data:`SAFE_NAME_PATTERN`.
+
+    Raises:
+        BadInputError: It does not; the message names ``what`` and the rule.
+    """
+    if _SAFE_NAME.fullmatch(value) is None:
+        raise BadInputError(
+            f"invalid {what} {value!r}: it becomes a folder name",
+            hint="use 1 to 64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit",
+        )
+    return value
 
 
 def write_text_atomic(path: Path, text: str) -> None:

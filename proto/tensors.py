@@ -1,8 +1,8 @@
 """numpy ↔ ``edgefl.v1.Tensor`` for the inference contract (``proto/inference.proto``).
 
-:func:`decode_tensor` validates everything a peer controls (dtype name, shape, exact byte
-length) and raises :class:`TensorError` with the reason, so a server can map it to
-``INVALID_ARGUMENT`` without ever handing numpy a buffer of the wrong size.
+:func:`decode_tensor` validates everything a peer controls (dtype name, rank, shape and
+its size, exact byte length) and raises :class:`TensorError` with the reason, so a server
+can map it to ``INVALID_ARGUMENT`` without ever handing numpy a buffer of the wrong size.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ SUPPORTED_DTYPES: Final = frozenset({"float32", "float16", "int8", "uint8", "int
 """dtype names the contract allows; anything else is refused."""
 
 _MAX_RANK: Final = 8
+# Most bytes a shape may describe. It is checked with every zero dimension counted as 1,
+# so a shape such as [0, 2**62, 2**62] (0 bytes of body, but dimensions numpy refuses
+# with an unexpected error) is refused here; far above any gRPC message edgefl accepts.
+_MAX_TENSOR_BYTES: Final = 2**31
 
 
 class TensorError(BadInputError):
@@ -49,6 +53,11 @@ def decode_tensor(tensor: inference_pb2.Tensor) -> npt.NDArray[np.generic]:
     if any(d < 0 for d in shape):
         raise TensorError(f"shape {list(shape)} has a negative dimension")
     dtype = np.dtype(tensor.dtype).newbyteorder("<")
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize > _MAX_TENSOR_BYTES:
+        raise TensorError(
+            f"shape {list(shape)} is too large: its non-zero dimensions alone describe "
+            f"more than {_MAX_TENSOR_BYTES} bytes of {tensor.dtype}"
+        )
     expected = math.prod(shape) * dtype.itemsize
     if len(tensor.data) != expected:
         raise TensorError(

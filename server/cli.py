@@ -128,6 +128,9 @@ def inference(
     max_concurrency: Annotated[
         int, typer.Option(help="In-flight requests before RESOURCE_EXHAUSTED.")
     ] = 256,
+    max_samples_per_request: Annotated[
+        int, typer.Option(help="Most samples in one request (INVALID_ARGUMENT past it).")
+    ] = 256,
     max_message_bytes: Annotated[int, typer.Option(help="Largest request/response in bytes.")] = 4
     * 1024
     * 1024,
@@ -166,6 +169,7 @@ def inference(
             "max_batch": 1 if no_batching else max_batch,
             "max_wait_ms": max_wait_ms,
             "max_concurrency": max_concurrency,
+            "max_samples_per_request": max_samples_per_request,
             "max_message_bytes": max_message_bytes,
             "torch_threads": torch_threads,
             "tls_cert": tls_cert,
@@ -187,6 +191,7 @@ def inference(
             "version": served.version,
             "heldout_accuracy": served.heldout_accuracy,
             "max_batch": config.max_batch,
+            "max_samples_per_request": config.max_samples_per_request,
             "tls": config.tls_cert is not None,
             "mutual_tls": config.client_ca is not None,
         }
@@ -471,21 +476,23 @@ def train(
     Devices take part through their agents' SuperNodes. With --wait, follow it until it
     finishes, then print the registry's rounds and each device's ε from the ledger.
     """
-    import re
-
     from edgefl.clikit import error_console_print
     from edgefl.config import load_config
     from edgefl.errors import BadInputError
     from edgefl.federation import FederationPlan
+    from edgefl.files import check_safe_name
     from edgefl.server.fl.ledger import new_run_id
     from edgefl.server.fl.superlink import write_run_app
 
+    if run_id is not None:
+        # The run id names a folder under state_dir/runs: ".", ".." or "a/b" would write
+        # the run's files somewhere else.
+        try:
+            check_safe_name(run_id, "run id")
+        except BadInputError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--run-id") from exc
     fed_plan = load_config(FederationPlan, plan)
     rid = run_id or new_run_id()
-    if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", rid) is None:
-        raise BadInputError(
-            f"invalid run id {rid!r}", hint="use 1 to 64 characters from A-Z a-z 0-9 _ . -"
-        )
     ctx = _connect(config)
     try:
         run_dir = ctx.config.resolved_state_dir / "runs" / rid

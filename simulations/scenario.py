@@ -23,6 +23,7 @@ from pydantic import Field, field_validator, model_validator
 from edgefl.config import StrictModel, validate_config
 from edgefl.datasets import DATASETS
 from edgefl.errors import ConfigError
+from edgefl.files import SAFE_NAME_PATTERN
 
 if TYPE_CHECKING:
     from edgefl.federation import FederationPlan
@@ -63,7 +64,7 @@ class ScenarioMeta(StrictModel):
     """Identity of the scenario."""
 
     name: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        pattern=SAFE_NAME_PATTERN,
         description="Short name (letters, digits, . _ -), used in reports and file names.",
     )
     description: str = Field("", description="One or two sentences for the report.")

@@ -331,6 +331,25 @@ BAD_REQUESTS = {
         Code.INVALID_ARGUMENT,
         "names no model",
     ),
+    "shape numpy cannot hold (zero-sized)": (
+        inference_pb2.PredictRequest(
+            model="digits", input=_tensor("float32", [0, 2**62, 2**62], b"")
+        ),
+        Code.INVALID_ARGUMENT,
+        "too large",
+    ),
+    "negative dimension": (
+        inference_pb2.PredictRequest(model="digits", input=_tensor("float32", [-1, 1, 8, 8], b"")),
+        Code.INVALID_ARGUMENT,
+        "negative",
+    ),
+    "more samples than max_samples_per_request": (
+        inference_pb2.PredictRequest(
+            model="digits", input=encode_tensor(np.zeros((257, 1, 8, 8), np.float32))
+        ),
+        Code.INVALID_ARGUMENT,
+        "at most 256 per request",
+    ),
     "unknown model": (
         inference_pb2.PredictRequest(model="imagenet", input=encode_tensor(_GOOD)),
         Code.NOT_FOUND,
@@ -375,6 +394,33 @@ def test_oversized_message_is_refused_by_grpc(weights_dir: Path) -> None:
         code, _ = code_of(lambda: c.ask(huge))
         assert code == Code.RESOURCE_EXHAUSTED
         _ok(c)
+
+
+def test_max_samples_per_request_is_the_configured_cap(heavy: TorchServedModel) -> None:
+    config = InferenceServerConfig(max_samples_per_request=4)
+    with (
+        start_in_thread(config, models=[heavy]) as running,
+        grpc.insecure_channel(running.address) as ch,
+    ):
+        c = Client(ch)
+        assert rows(c.ask(np.zeros((4, 1, 8, 8), np.float32))).shape == (4, 10)
+        samples_before = running.server.batcher_stats("digits").samples
+        code, details = code_of(lambda: c.ask(np.zeros((5, 1, 8, 8), np.float32)))
+        assert code == Code.INVALID_ARGUMENT
+        assert "5 samples" in details
+        assert "at most 4" in details
+        # Refused before the model saw it.
+        assert running.server.batcher_stats("digits").samples == samples_before
+
+
+def test_decode_tensor_bounds_the_size_a_shape_describes() -> None:
+    from edgefl.proto.tensors import TensorError
+
+    for shape in ([0, 2**62, 2**62], [2**40, 2**40, 0], [2**31, 0], [0, 2**63 - 1]):
+        with pytest.raises(TensorError, match="too large"):
+            decode_tensor(_tensor("float32", shape, b""))
+    assert decode_tensor(_tensor("float32", [0, 1, 8, 8], b"")).shape == (0, 1, 8, 8)
+    assert decode_tensor(_tensor("int8", [2**20, 0], b"")).shape == (2**20, 0)
 
 
 def test_over_concurrency_is_refused_at_once_then_recovers(heavy: TorchServedModel) -> None:

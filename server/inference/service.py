@@ -14,9 +14,10 @@ Python API (what ``edgefl server inference``, tests and benchmarks use)::
   (0 = a free one), ``model`` (a name in ``HEAVY_MODELS``, default ``"digits"``),
   ``weights`` (cache folder; trained once if missing), ``train_epochs``, ``max_batch``
   (32; 1 = no batching), ``max_wait_ms`` (2), ``max_concurrency`` (in-flight requests,
-  256), ``max_message_bytes`` (4 MiB), ``torch_threads`` (1), ``tls_cert``/``tls_key``
-  (server certificate, e.g. ``FleetCA.issue_server_cert``), ``client_ca`` (require a
-  client certificate from this CA: mutual TLS), ``crl`` (refuse revoked devices; re-read
+  256), ``max_samples_per_request`` (256), ``max_message_bytes`` (4 MiB),
+  ``torch_threads`` (1), ``tls_cert``/``tls_key`` (server certificate, e.g.
+  ``FleetCA.issue_server_cert``), ``client_ca`` (require a client certificate from this
+  CA: mutual TLS), ``crl`` (refuse revoked devices; re-read
   when the file changes), ``registry_url`` (refuse devices the fleet registry does not
   list), ``grace_s`` (stop grace).
 - :class:`InferenceServer` (asyncio): ``await start()`` → bound port, ``await stop()``,
@@ -33,7 +34,8 @@ UNAVAILABLE (model still loading, or stopping), RESOURCE_EXHAUSTED (over
 gRPC itself with the same code), DEADLINE_EXCEEDED (already past on arrival, or passed
 in the queue or during compute: the work is dropped or stopped, see
 :mod:`~edgefl.server.inference.batcher`), INVALID_ARGUMENT (empty model name, bad dtype,
-shape or byte length), NOT_FOUND (unknown model or version), INTERNAL (a bug).
+shape or byte length, more than ``max_samples_per_request`` samples), NOT_FOUND (unknown
+model or version), INTERNAL (a bug).
 """
 
 from __future__ import annotations
@@ -112,6 +114,13 @@ class InferenceServerConfig(StrictModel):
     max_batch: int = Field(32, ge=1, le=4096, description="Samples per forward pass; 1: off.")
     max_wait_ms: float = Field(2.0, ge=0, le=100, description="Longest wait to fill a batch.")
     max_concurrency: int = Field(256, ge=1, description="In-flight requests before refusing.")
+    max_samples_per_request: int = Field(
+        256,
+        ge=1,
+        le=65536,
+        description="Most samples one request may carry (INVALID_ARGUMENT past it), so one "
+        "request cannot hold the model for long.",
+    )
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, le=1024**3, description="Largest request or response."
     )
@@ -612,6 +621,16 @@ class InferenceServer:
         if x.shape[0] == 0:
             await self._refuse(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "the input batch is empty (N = 0)"
+            )
+        cap = self.config.max_samples_per_request
+        if x.shape[0] > cap:
+            # INVALID_ARGUMENT, not RESOURCE_EXHAUSTED: the same request is refused however
+            # idle the server is, so retrying it unchanged is pointless; split it.
+            await self._refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the input batch has {x.shape[0]} samples; this server takes at most "
+                f"{cap} per request (max_samples_per_request): send several requests",
             )
         if not np.isfinite(x).all():
             await self._refuse(
