@@ -1,4 +1,4 @@
-"""MQTT ingest: validate fleet envelopes and store each ``(device_id, seq)`` exactly once.
+"""MQTT ingest: validate fleet envelopes and store each idempotency key exactly once.
 
 Data flow::
 
@@ -8,19 +8,31 @@ Data flow::
 
 Acknowledging only after the commit means a crash (even ``kill -9``) between receipt and
 commit leaves the message unacknowledged, and the broker redelivers it when the ingest
-reconnects with the same client id; the unique ``(device_id, seq)`` key turns those
-redeliveries (and the device outbox's own wire duplicates) into counted duplicates
-instead of extra rows. Messages published while the ingest is down are kept by the broker
-for the persistent session (up to mosquitto's ``max_queued_messages``, 1000 by default:
-raise it in production).
+reconnects with the same client id; the unique ``(device_id, incarnation, seq)`` key
+turns those redeliveries (and the device outbox's own wire duplicates) into counted
+duplicates instead of extra rows. The incarnation is the sending outbox's identity
+(envelope version 2; empty for version 1), so a deleted or reflashed outbox, whose seqs
+start again at 1, is stored in full. A key that comes back with a *different* envelope is
+not a redelivery: it is dead-lettered as ``conflicting_duplicate`` with a warning.
+Messages published while the ingest is down are kept by the broker for the persistent
+session (up to mosquitto's ``max_queued_messages``).
 
-Nothing a device sends can crash the ingest: bad topics, oversized payloads, malformed
-envelopes, a device id that differs from the topic and unusable status payloads go to the
-``dead_letters`` table with a reason code and a detail.
+Per-message isolation: what one message holds can cost that message only. Anything
+wrong with it (bad topic, oversized payload, malformed envelope, a device id that differs
+from the topic, a topic fleet other than the device's enrolled fleet, a retained message
+on a stream topic, a status payload that is neither ``online`` nor ``offline``) sends it
+to the ``dead_letters`` table with a reason code and a detail, and it is acknowledged
+with its batch. A batch whose transaction fails for another reason is split in halves
+until the failing message is alone, and that one is dead-lettered as ``store_failed``.
+Only a database outage (an error that says "try again": connection lost, locked, I/O)
+holds a batch back unacknowledged, retrying with backoff, because then nothing could be
+stored anyway. :meth:`Ingest.progress` tells a supervisor whether acknowledgements still
+flow while messages wait (``edgefl server start`` restarts an ingest that stalls).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import signal
@@ -29,7 +41,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -42,19 +54,32 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import Field, model_validator
-from sqlalchemy import Engine, Table
+from sqlalchemy import Engine, Table, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from edgefl.config import StrictModel
 from edgefl.errors import ConfigError
-from edgefl.proto.serde import Envelope, EnvelopeError, decode_envelope
+from edgefl.proto.serde import JSON_CONTENT_TYPE, Envelope, EnvelopeError, decode_envelope
 from edgefl.server.registry.db import default_database_url, make_engine, session_factory
 from edgefl.server.registry.db import upgrade as upgrade_registry
-from edgefl.server.registry.models import DEAD_LETTER_PAYLOAD_CAP, DeadLetter, Device, Record
+from edgefl.server.registry.models import (
+    DEAD_LETTER_PAYLOAD_CAP,
+    DeadLetter,
+    Device,
+    Enrollment,
+    Record,
+)
 
-__all__ = ["DEAD_LETTER_REASONS", "Ingest", "IngestConfig", "subscription_topics"]
+__all__ = [
+    "DEAD_LETTER_REASONS",
+    "DEFAULT_MAX_PAYLOAD_BYTES",
+    "Ingest",
+    "IngestConfig",
+    "IngestProgress",
+    "subscription_topics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +93,52 @@ _INT64_MAX: Final = 2**63 - 1
 # bulk-insert machinery costs more per row than the INSERT itself.
 _DEVICES: Final = cast(Table, Device.__table__)
 _RECORDS: Final = cast(Table, Record.__table__)
+_DEAD_LETTERS: Final = cast(Table, DeadLetter.__table__)
+_ENROLLMENTS: Final = cast(Table, Enrollment.__table__)
+# Keys per "(device_id, incarnation, seq) IN (...)" lookup: 3 bound parameters each.
+_KEYS_PER_LOOKUP: Final = 300
+_DETAIL_MAX: Final = 2000
+# Backoff while the database is unavailable.
+_DB_RETRY_MIN_S: Final = 0.2
+_DB_RETRY_MAX_S: Final = 5.0
+
+DEFAULT_MAX_PAYLOAD_BYTES: Final = 256 * 1024
+"""The default of :attr:`IngestConfig.max_payload_bytes`: larger payloads are refused.
+
+The broker's ``message_size_limit`` is set to the same number, so a larger PUBLISH is
+refused at the broker and never reaches the ingest's memory; the ingest checks again
+because an external broker may not be configured that way."""
 
 DEAD_LETTER_REASONS: Final = (
     "bad_status",
     "bad_topic",
+    "conflicting_duplicate",
     "device_mismatch",
+    "fleet_mismatch",
+    "ingest_error",
     "malformed_envelope",
     "oversized",
+    "retained",
     "seq_out_of_range",
     "store_failed",
 )
-"""Every reason code the ingest writes to ``dead_letters.reason``."""
+"""Every reason code the ingest writes to ``dead_letters.reason``.
+
+* ``bad_topic``: not a topic of the fleet contract;
+* ``oversized``: payload above ``max_payload_bytes``;
+* ``retained``: a retained message on a telemetry, data or result topic (records are a
+  stream: a retained one would come back on every new subscription);
+* ``bad_status``: a status payload other than ``online``/``offline``;
+* ``malformed_envelope``: the envelope does not decode (the detail says why);
+* ``device_mismatch``: the envelope's device id is not the topic's;
+* ``fleet_mismatch``: the topic's fleet is not the device's enrolled fleet (or, for a
+  device without enrollment, the fleet it was first seen in);
+* ``seq_out_of_range``: a seq above the stored range ``2**63-1``;
+* ``conflicting_duplicate``: an idempotency key already stored (or earlier in the same
+  batch) with a different envelope: a device reusing seqs, or a forged replay;
+* ``store_failed``: the database refused this one message (the detail has its error);
+* ``ingest_error``: the ingest itself failed on the message (a bug; logged with a
+  traceback)."""
 
 
 class IngestConfig(StrictModel):
@@ -114,7 +174,10 @@ class IngestConfig(StrictModel):
         description="Fleet to subscribe to, or '+' for every fleet.",
     )
     max_payload_bytes: int = Field(
-        256 * 1024, ge=1, description="Larger payloads are dead-lettered as 'oversized'."
+        DEFAULT_MAX_PAYLOAD_BYTES,
+        ge=1,
+        description="Larger payloads are dead-lettered as 'oversized'; the broker's "
+        "message_size_limit should be the same number.",
     )
     session_expiry_s: int = Field(
         7 * 24 * 3600,
@@ -146,6 +209,8 @@ class IngestConfig(StrictModel):
 def subscription_topics(fleet: str = "+") -> list[str]:
     """The topic filters the ingest subscribes to (all QoS 1).
 
+    The first three are the record streams (see :data:`_STREAM_KINDS`).
+
     Args:
         fleet: A fleet name, or ``"+"`` for every fleet.
 
@@ -164,24 +229,67 @@ def subscription_topics(fleet: str = "+") -> list[str]:
 
 
 @dataclass(frozen=True, slots=True)
+class IngestProgress:
+    """Whether the ingest is keeping up, for a supervisor (see :meth:`Ingest.progress`).
+
+    Attributes:
+        pending: Messages received and not acknowledged yet.
+        stalled_s: Seconds since the last acknowledgement while messages are pending
+            (counted from when the first of them arrived, if that was later); ``0.0``
+            when nothing is pending.
+        waiting_for_database: The worker is retrying a batch because the database is
+            unavailable (a restart of the ingest would not help).
+        worker_alive: The worker thread runs.
+    """
+
+    pending: int
+    stalled_s: float
+    waiting_for_database: bool
+    worker_alive: bool
+
+
+@dataclass(frozen=True, slots=True)
 class _Incoming:
     topic: str
     payload: bytes
     mid: int
     qos: int
+    retain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What one message turns into before it is written.
+
+    A dead letter has a ``reason``; a record has ``record`` (a row of ``records`` without
+    ``received_at``); a status message has ``online``. A message with none of them (an
+    empty retained status, which clears it) needs nothing written.
+    """
+
+    item: _Incoming
+    fleet: str = ""
+    device: str = ""
+    record: dict[str, Any] | None = None
+    online: bool | None = None
+    reason: str = ""
+    detail: str = ""
 
 
 @dataclass(slots=True)
-class _Batch:
-    """What one batch of messages turns into, before it is written."""
+class _Written:
+    """The counts of one committed transaction."""
 
-    records: list[dict[str, Any]]
-    record_keys: list[tuple[str, int]]
-    in_batch_duplicates: int
-    devices: dict[str, tuple[str, bool | None]]
-    dead: list[dict[str, Any]]
-    dead_reasons: Counter[str]
-    status_updates: int
+    stored: int = 0
+    duplicates: int = 0
+    status_updates: int = 0
+    dead: Counter[str] = field(default_factory=Counter)
+    # reason -> (topic, detail) of its first dead letter in the transaction, for the log
+    first_dead: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def dead_letter(self, rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
+        rows.append(row)
+        self.dead[row["reason"]] += 1
+        self.first_dead.setdefault(row["reason"], (row["topic"], row["detail"]))
 
 
 class _RejectedError(Exception):
@@ -231,6 +339,12 @@ class Ingest:
         )
         self._counters: Counter[str] = Counter()
         self._counters_lock = threading.Lock()
+        # Progress, under _counters_lock: messages received and not yet acknowledged, when
+        # the first of them arrived (monotonic) and when the last ack went out.
+        self._pending = 0
+        self._busy_since = time.monotonic()
+        self._last_ack = time.monotonic()
+        self._waiting_for_db = threading.Event()
         self._subscribed = threading.Event()
         self._accepting = threading.Event()
         self._stop_requested = threading.Event()
@@ -321,6 +435,8 @@ class Ingest:
         self._client.disconnect(properties=properties)
         self._client.loop_stop()
         self._worker = None
+        with self._counters_lock:
+            self._pending = 0  # what was not acknowledged is redelivered next session
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
@@ -352,8 +468,10 @@ class Ingest:
 
         Keys: ``received``, ``stored``, ``duplicates``, ``dead_lettered``,
         ``dead_lettered.<reason>`` for each reason in :data:`DEAD_LETTER_REASONS`,
-        ``status_updates``, ``acked``, ``db_retries`` and ``queued`` (current queue
-        depth).
+        ``status_updates``, ``acked``, ``db_retries``, ``batch_splits`` (transactions
+        split to isolate a message the database refused), ``dead_letter_failed``
+        (messages that could not even be dead-lettered: acknowledged and logged),
+        ``queued`` (current queue depth) and ``pending`` (received, not acknowledged).
         """
         with self._counters_lock:
             snapshot = dict(self._counters)
@@ -365,11 +483,28 @@ class Ingest:
             "status_updates": 0,
             "acked": 0,
             "db_retries": 0,
+            "batch_splits": 0,
+            "dead_letter_failed": 0,
         }
         result.update({f"dead_lettered.{reason}": 0 for reason in DEAD_LETTER_REASONS})
         result.update(snapshot)
         result["queued"] = self._queue.qsize()
+        result["pending"] = self._pending
         return dict(sorted(result.items()))
+
+    def progress(self) -> IngestProgress:
+        """Whether acknowledgements still flow while messages wait (for a watchdog)."""
+        now = time.monotonic()
+        worker = self._worker
+        with self._counters_lock:
+            pending = self._pending
+            since = max(self._last_ack, self._busy_since)
+        return IngestProgress(
+            pending=pending,
+            stalled_s=max(0.0, now - since) if pending else 0.0,
+            waiting_for_database=self._waiting_for_db.is_set(),
+            worker_alive=worker is not None and worker.is_alive(),
+        )
 
     # -- MQTT callbacks (paho network thread) -----------------------------------------
 
@@ -415,7 +550,9 @@ class Ingest:
             logger.error("broker refused the ingest connection: %s", reason_code)
             return
         logger.info("ingest connected (session present: %s)", flags.session_present)
-        topics = [(t, SubscribeOptions(qos=1)) for t in subscription_topics(self.config.fleet)]
+        topics = [
+            (t, _subscribe_options(t.split("/")[3])) for t in subscription_topics(self.config.fleet)
+        ]
         result, _mid = client.subscribe(topics)
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
             logger.error("ingest subscribe failed: %s", mqtt.error_string(result))
@@ -450,11 +587,19 @@ class Ingest:
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if not self._accepting.is_set():
             return  # not acknowledged: the broker redelivers it next session
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # MQTT forbids it; a broker that lets it through
+            topic = bytes(msg._topic).decode("utf-8", "backslashreplace")
+        item = _Incoming(topic, bytes(msg.payload), msg.mid, msg.qos, bool(msg.retain))
         with self._counters_lock:
             self._counters["received"] += 1
+            if self._pending == 0:
+                self._busy_since = time.monotonic()
+            self._pending += 1
         # Blocking here when the worker is behind is the back-pressure we want: paho stops
         # reading the socket and the broker holds the rest.
-        self._queue.put(_Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
+        self._queue.put(item)
 
     # -- worker thread ----------------------------------------------------------------
 
@@ -479,74 +624,92 @@ class Ingest:
                 batch.append(nxt)
             try:
                 self._handle(batch)
-            except Exception:  # the worker must survive anything; messages stay unacked
+            except Exception:  # a bug: the worker survives; the watchdog sees the stall
                 logger.exception("ingest failed on a batch of %d messages", len(batch))
 
     def _handle(self, batch: Sequence[_Incoming]) -> None:
-        """Store one batch (retrying while the database is unreachable), then ack it."""
-        planned = self._plan(batch, datetime.now(UTC))
-        delay = 0.2
-        while True:
-            try:
-                stored, duplicates = self._write(planned)
-                break
-            except (OperationalError, DBAPIError) as exc:
-                if not _is_transient(exc):
-                    logger.error("storing a batch failed (%s); storing one by one", exc)
-                    stored, duplicates = self._write_one_by_one(batch)
-                    planned = self._plan([], datetime.now(UTC))
-                    break
-                if self._stop_requested.is_set():
-                    logger.error(
-                        "database unavailable while stopping; %d messages left "
-                        "unacknowledged for redelivery",
-                        len(batch),
-                    )
-                    return
-                with self._counters_lock:
-                    self._counters["db_retries"] += 1
-                logger.warning("database unavailable (%s); retrying in %.1f s", exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
-            except SQLAlchemyError as exc:
-                logger.error("storing a batch failed (%s); storing one by one", exc)
-                stored, duplicates = self._write_one_by_one(batch)
-                planned = self._plan([], datetime.now(UTC))
-                break
-        self._ack(batch)
-        with self._counters_lock:
-            self._counters["stored"] += stored
-            self._counters["duplicates"] += duplicates + planned.in_batch_duplicates
-            self._counters["status_updates"] += planned.status_updates
-            for reason, count in planned.dead_reasons.items():
-                self._counters["dead_lettered"] += count
-                self._counters[f"dead_lettered.{reason}"] += count
+        """Store one batch, then acknowledge every message of it.
 
-    def _write_one_by_one(self, batch: Sequence[_Incoming]) -> tuple[int, int]:
-        """Fallback after a non-transient batch failure: isolate the offending message."""
-        stored = duplicates = 0
-        for item in batch:
-            planned = self._plan([item], datetime.now(UTC))
-            try:
-                s, d = self._write(planned)
-            except SQLAlchemyError as exc:
-                logger.error("cannot store message on %s: %s", item.topic, exc)
-                planned = self._plan([], datetime.now(UTC))
-                planned.dead.append(_dead_row(item, "store_failed", str(exc), datetime.now(UTC)))
-                planned.dead_reasons["store_failed"] += 1
-                try:
-                    s, d = self._write(planned)
-                except SQLAlchemyError:
-                    logger.exception("cannot dead-letter message on %s; dropping it", item.topic)
-                    continue
-            stored += s
-            duplicates += d + planned.in_batch_duplicates
+        Nothing a message holds can keep the batch from being acknowledged: each message
+        is planned on its own, and :meth:`_store` isolates one the database refuses. Only
+        a database outage during :meth:`stop` leaves the batch unacknowledged (the broker
+        redelivers it).
+        """
+        plans = [self._plan(item) for item in batch]
+        if self._store(plans):
+            self._ack(batch)
+
+    def _store(self, plans: Sequence[_Plan]) -> bool:
+        """Write ``plans``; split them while the database refuses the transaction.
+
+        Returns:
+            Whether every plan was written (stored, counted or dead-lettered); false only
+            when the database was unavailable while stopping.
+        """
+        failure = self._write_retrying(plans)
+        if failure is None:
+            return True
+        if isinstance(failure, _Stopping):
+            return False
+        if len(plans) > 1:
+            # The data is the cause (an outage is retried, not split): halve the batch
+            # until the message the database refuses is alone. log2(batch) extra
+            # transactions per such message, and every other message still goes through.
             with self._counters_lock:
-                self._counters["status_updates"] += planned.status_updates
-                for reason, count in planned.dead_reasons.items():
-                    self._counters["dead_lettered"] += count
-                    self._counters[f"dead_lettered.{reason}"] += count
-        return stored, duplicates
+                self._counters["batch_splits"] += 1
+            middle = len(plans) // 2
+            return self._store(plans[:middle]) and self._store(plans[middle:])
+        (plan,) = plans
+        logger.error("the database refused the message on %s: %s", plan.item.topic, failure)
+        dead = _Plan(plan.item, reason="store_failed", detail=_describe(failure))
+        again = self._write_retrying([dead])
+        if again is None:
+            return True
+        if isinstance(again, _Stopping):
+            return False
+        # Not even the dead letter fits: acknowledge anyway (holding the message would
+        # stall the session), loudly.
+        logger.error(
+            "cannot dead-letter the message on %s (%d bytes); acknowledging it: %s",
+            plan.item.topic,
+            len(plan.item.payload),
+            again,
+        )
+        with self._counters_lock:
+            self._counters["dead_letter_failed"] += 1
+        return True
+
+    def _write_retrying(self, plans: Sequence[_Plan]) -> Exception | _Stopping | None:
+        """:meth:`_write`, retried with backoff while the database is unavailable.
+
+        Returns:
+            ``None`` once written; the exception when the database refused the data;
+            :class:`_Stopping` when the ingest stops while the database is unavailable.
+        """
+        delay = _DB_RETRY_MIN_S
+        try:
+            while True:
+                try:
+                    self._write(plans)
+                    return None
+                except Exception as exc:  # classified below: outage or bad data
+                    if not _is_transient(exc):
+                        return exc
+                    if self._stop_requested.is_set():
+                        logger.error(
+                            "database unavailable while stopping; %d messages left "
+                            "unacknowledged for redelivery",
+                            len(plans),
+                        )
+                        return _Stopping()
+                    self._waiting_for_db.set()
+                    with self._counters_lock:
+                        self._counters["db_retries"] += 1
+                    logger.warning("database unavailable (%s); retrying in %.1f s", exc, delay)
+                    self._stop_requested.wait(delay)
+                    delay = min(delay * 2, _DB_RETRY_MAX_S)
+        finally:
+            self._waiting_for_db.clear()
 
     def _ack(self, batch: Sequence[_Incoming]) -> None:
         acked = 0
@@ -559,84 +722,161 @@ class Ingest:
                     logger.debug("ack of mid %d failed: %s", item.mid, mqtt.error_string(result))
         with self._counters_lock:
             self._counters["acked"] += acked
+            self._pending = max(0, self._pending - len(batch))
+            self._last_ack = time.monotonic()
 
-    def _plan(self, batch: Sequence[_Incoming], now: datetime) -> _Batch:
-        planned = _Batch([], [], 0, {}, [], Counter(), 0)
-        seen: set[tuple[str, int]] = set()
-        for item in batch:
-            try:
-                fleet, device, rest = _parse_topic(item.topic)
-                if len(item.payload) > self.config.max_payload_bytes:
-                    raise _RejectedError(
-                        "oversized",
-                        f"payload of {len(item.payload)} bytes exceeds the limit of "
-                        f"{self.config.max_payload_bytes}",
-                    )
-                if rest == ["status"]:
-                    online = _parse_status(item.payload)
-                    if online is None:
-                        continue  # an empty retained message clears the status: nothing to do
-                    planned.devices[device] = (fleet, online)
-                    planned.status_updates += 1
-                    continue
-                envelope = _decode(item.payload)
-                if envelope.device_id != device:
-                    raise _RejectedError(
-                        "device_mismatch",
-                        f"envelope device_id {envelope.device_id!r} differs from topic "
-                        f"device {device!r}",
-                    )
-                if envelope.seq > _INT64_MAX:
-                    raise _RejectedError(
-                        "seq_out_of_range", f"seq {envelope.seq} exceeds the stored range 2**63-1"
-                    )
-            except _RejectedError as rejected:
-                logger.warning("dead letter from %s: %s", item.topic, rejected)
-                planned.dead.append(_dead_row(item, rejected.reason, rejected.detail, now))
-                planned.dead_reasons[rejected.reason] += 1
-                continue
-            status = planned.devices.get(device, (fleet, None))[1]
-            planned.devices[device] = (fleet, status)
-            key = (envelope.device_id, envelope.seq)
-            if key in seen:
-                planned.in_batch_duplicates += 1
-                continue
-            seen.add(key)
-            planned.record_keys.append(key)
-            planned.records.append(
-                {
-                    "device_id": envelope.device_id,
-                    "seq": envelope.seq,
-                    "kind": envelope.kind,
-                    "topic": item.topic,
-                    "ts_ms": envelope.ts_ms,
-                    "content_type": envelope.content_type,
-                    "body": envelope.body,
-                    "received_at": now,
-                }
-            )
-        return planned
+    def _plan(self, item: _Incoming) -> _Plan:
+        """Validate one message (no database access); never raises."""
+        try:
+            fleet, device, rest = _parse_topic(item.topic)
+            if len(item.payload) > self.config.max_payload_bytes:
+                raise _RejectedError(
+                    "oversized",
+                    f"payload of {len(item.payload)} bytes exceeds the limit of "
+                    f"{self.config.max_payload_bytes}",
+                )
+            if item.retain and rest[0] in _STREAM_KINDS:
+                raise _RejectedError(
+                    "retained",
+                    f"retained message on the {rest[0]} topic {item.topic!r}: records are "
+                    "never retained (it would come back on every new subscription)",
+                )
+            if rest == ["status"]:
+                online = _parse_status(item.payload)
+                if online is None:
+                    return _Plan(item)  # an empty retained message clears the status
+                return _Plan(item, fleet, device, online=online)
+            envelope = _decode(item.payload)
+            if envelope.device_id != device:
+                raise _RejectedError(
+                    "device_mismatch",
+                    f"envelope device_id {envelope.device_id!r} differs from topic "
+                    f"device {device!r}",
+                )
+            if envelope.seq > _INT64_MAX:
+                raise _RejectedError(
+                    "seq_out_of_range", f"seq {envelope.seq} exceeds the stored range 2**63-1"
+                )
+        except _RejectedError as rejected:
+            return _Plan(item, reason=rejected.reason, detail=rejected.detail)
+        except Exception as exc:  # a bug must cost this message, not the batch
+            logger.exception("ingest failed on a message on %s", item.topic)
+            return _Plan(item, reason="ingest_error", detail=_describe(exc))
+        record = {
+            "device_id": envelope.device_id,
+            "incarnation": envelope.incarnation,
+            "seq": envelope.seq,
+            "kind": envelope.kind,
+            "topic": item.topic,
+            "ts_ms": envelope.ts_ms,
+            "content_type": envelope.content_type,
+            "body": envelope.body,
+        }
+        return _Plan(item, fleet, device, record=record)
 
-    def _write(self, planned: _Batch) -> tuple[int, int]:
-        """One transaction: upsert devices, insert dead letters and records.
+    def _write(self, plans: Sequence[_Plan]) -> None:
+        """One transaction: check fleets, upsert devices, insert records and dead letters.
 
-        Returns:
-            ``(stored, duplicates)`` for the records.
+        Duplicates are told apart from conflicting duplicates by comparing the envelope
+        (kind, ts_ms, content_type, body) with the stored one. The counters change only
+        after the commit.
         """
         assert self._engine is not None
         now = datetime.now(UTC)
         dialect = self._engine.dialect.name
+        written = _Written()
+        dead: list[dict[str, Any]] = []
+        devices: dict[str, tuple[str, bool | None]] = {}
+        firsts: dict[tuple[str, str, int], _Plan] = {}
+        rows: list[dict[str, Any]] = []
         factory = session_factory(self._engine)
         with factory() as session, session.begin():
-            for statement, rows in _upsert_devices(dialect, planned.devices, now):
-                session.execute(statement, rows)
-            if planned.dead:
-                session.add_all(DeadLetter(**row) for row in planned.dead)
-                session.flush()
-            inserted = 0
-            if planned.records:
-                inserted = _insert_records(session, dialect, planned.records)
-        return inserted, len(planned.records) - inserted
+            fleets = _expected_fleets(
+                session, {p.device for p in plans if p.record is not None or p.online is not None}
+            )
+            for plan in plans:
+                if plan.reason:
+                    written.dead_letter(dead, _dead_row(plan.item, plan.reason, plan.detail, now))
+                    continue
+                if plan.record is None and plan.online is None:
+                    continue
+                # A device without enrollment is pinned to the fleet it was first seen in.
+                expected = fleets.setdefault(plan.device, plan.fleet)
+                if plan.fleet != expected:
+                    detail = (
+                        f"device {plan.device!r} belongs to fleet {expected!r}, but published "
+                        f"under fleet {plan.fleet!r}"
+                    )
+                    written.dead_letter(dead, _dead_row(plan.item, "fleet_mismatch", detail, now))
+                    continue
+                if plan.record is None:
+                    devices[plan.device] = (plan.fleet, plan.online)
+                    written.status_updates += 1
+                    continue
+                devices.setdefault(plan.device, (plan.fleet, None))
+                key = _record_key(plan.record)
+                first = firsts.get(key)
+                if first is None:
+                    firsts[key] = plan
+                    rows.append(plan.record | {"received_at": now})
+                elif first.record is not None and _same_record(first.record, plan.record):
+                    written.duplicates += 1
+                else:
+                    written.dead_letter(dead, _conflict_row(plan, "earlier in the batch", now))
+            for statement, device_rows in _upsert_devices(dialect, devices, now):
+                session.execute(statement, device_rows)
+            inserted = _insert_records(session, dialect, rows) if rows else set()
+            written.stored = len(inserted)
+            again = [key for key in firsts if key not in inserted]
+            if again:
+                stored = _stored_records(session, again)
+                for key in again:
+                    plan = firsts[key]
+                    assert plan.record is not None
+                    if _same_record(stored[key], plan.record):
+                        written.duplicates += 1
+                    else:
+                        written.dead_letter(dead, _conflict_row(plan, "already stored", now))
+            if dead:
+                session.execute(_DEAD_LETTERS.insert(), dead)
+        with self._counters_lock:
+            self._counters["stored"] += written.stored
+            self._counters["duplicates"] += written.duplicates
+            self._counters["status_updates"] += written.status_updates
+            for reason, count in written.dead.items():
+                self._counters["dead_lettered"] += count
+                self._counters[f"dead_lettered.{reason}"] += count
+        for reason, count in sorted(written.dead.items()):
+            topic, detail = written.first_dead[reason]
+            logger.warning(
+                "dead-lettered %d message(s) as %s; the first on %s: %s",
+                count,
+                reason,
+                topic,
+                detail,
+            )
+
+
+class _Stopping:
+    """Returned instead of an error: the ingest stops while the database is down."""
+
+
+def _subscribe_options(head: str) -> SubscribeOptions:
+    """QoS 1; on record streams, retained messages are seen as retained, and only once.
+
+    ``retainAsPublished`` keeps the publisher's retain flag, so a retained record that
+    arrives while the ingest is connected is told apart (and dead-lettered) too; the
+    retain handling sends the retained ones only for a new subscription, not again on
+    every reconnect of the persistent session. Status and reported-state topics are
+    retained by design and keep the defaults.
+    """
+    if head in _STREAM_KINDS:
+        return SubscribeOptions(
+            qos=1,
+            retainAsPublished=True,
+            retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB,
+        )
+    return SubscribeOptions(qos=1)
 
 
 def _properties(packet_type: int) -> Properties:
@@ -665,18 +905,84 @@ def _parse_status(payload: bytes) -> bool | None:
 
 def _dead_row(item: _Incoming, reason: str, detail: str, now: datetime) -> dict[str, Any]:
     return {
-        "topic": item.topic,
+        "topic": _storable(item.topic),
         "payload": item.payload[:DEAD_LETTER_PAYLOAD_CAP],
         "payload_size": len(item.payload),
         "reason": reason,
-        "detail": detail,
+        "detail": _storable(detail)[:_DETAIL_MAX],
         "received_at": now,
     }
 
 
-def _is_transient(exc: DBAPIError) -> bool:
-    """Whether a database error means "try again later" rather than "bad data"."""
+def _conflict_row(plan: _Plan, where: str, now: datetime) -> dict[str, Any]:
+    assert plan.record is not None
+    device, incarnation, seq = _record_key(plan.record)
+    detail = (
+        f"key (device {device!r}, incarnation {incarnation!r}, seq {seq}) is {where} with "
+        "a different envelope: not a redelivery (a device reusing seqs, or a forged replay)"
+    )
+    return _dead_row(plan.item, "conflicting_duplicate", detail, now)
+
+
+def _storable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode (lone surrogates) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:_DETAIL_MAX]
+
+
+def _is_transient(exc: Exception) -> bool:
+    """Whether an error means "the database is unavailable, try again" (not "bad data").
+
+    Connection loss, a locked or unreachable database, I/O and disk-full errors are
+    ``OperationalError`` in both SQLite and PostgreSQL drivers; what a row holds raises
+    ``IntegrityError``, ``DataError`` or (before the driver) ``StatementError``.
+    """
+    if not isinstance(exc, DBAPIError):
+        return False
     return bool(exc.connection_invalidated) or isinstance(exc, OperationalError)
+
+
+def _is_json_content(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower() == JSON_CONTENT_TYPE
+
+
+def _record_key(record: dict[str, Any]) -> tuple[str, str, int]:
+    return (record["device_id"], record["incarnation"], record["seq"])
+
+
+def _same_record(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two records with one key carry the same envelope (a true redelivery).
+
+    JSON bodies are compared as JSON values: the JSON encoding of an envelope stores its
+    body compact, the protobuf encoding as it was written.
+    """
+    if any(a[k] != b[k] for k in ("kind", "ts_ms", "content_type")):
+        return False
+    if a["body"] == b["body"]:
+        return True
+    if not _is_json_content(a["content_type"]):
+        return False
+    try:
+        return bool(json.loads(a["body"]) == json.loads(b["body"]))
+    except (ValueError, RecursionError):  # not JSON after all: the bytes differ
+        return False
+
+
+def _expected_fleets(session: Session, device_ids: set[str]) -> dict[str, str]:
+    """The fleet each device must publish under: enrolled, else the one first seen."""
+    if not device_ids:
+        return {}
+    ids = sorted(device_ids)
+    fleets: dict[str, str] = {}
+    for table in (_DEVICES, _ENROLLMENTS):  # enrollments last: they win
+        rows = session.execute(
+            select(table.c.device_id, table.c.fleet).where(table.c.device_id.in_(ids))
+        )
+        fleets.update({str(device): str(fleet) for device, fleet in rows})
+    return fleets
 
 
 def _upsert_devices(
@@ -718,9 +1024,41 @@ def _upsert_devices(
     return planned
 
 
-def _insert_records(session: Session, dialect: str, rows: list[dict[str, Any]]) -> int:
-    """Insert records, skipping existing ``(device_id, seq)``; returns how many were new."""
+def _insert_records(
+    session: Session, dialect: str, rows: list[dict[str, Any]]
+) -> set[tuple[str, str, int]]:
+    """Insert records, skipping keys already stored; returns the keys that were new."""
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(_RECORDS).on_conflict_do_nothing(index_elements=["device_id", "seq"])
-    result = session.execute(statement.returning(_RECORDS.c.id), rows)
-    return len(result.all())
+    statement = insert(_RECORDS).on_conflict_do_nothing(
+        index_elements=["device_id", "incarnation", "seq"]
+    )
+    columns = (_RECORDS.c.device_id, _RECORDS.c.incarnation, _RECORDS.c.seq)
+    result = session.execute(statement.returning(*columns), rows)
+    return {(str(d), str(i), int(q)) for d, i, q in result.all()}
+
+
+def _stored_records(
+    session: Session, keys: list[tuple[str, str, int]]
+) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The stored envelopes (the fields :func:`_same_record` compares) of ``keys``."""
+    key_columns = (_RECORDS.c.device_id, _RECORDS.c.incarnation, _RECORDS.c.seq)
+    found: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for start in range(0, len(keys), _KEYS_PER_LOOKUP):
+        chunk = keys[start : start + _KEYS_PER_LOOKUP]
+        rows = session.execute(
+            select(
+                *key_columns,
+                _RECORDS.c.kind,
+                _RECORDS.c.ts_ms,
+                _RECORDS.c.content_type,
+                _RECORDS.c.body,
+            ).where(tuple_(*key_columns).in_(chunk))
+        )
+        for row in rows:
+            found[(str(row.device_id), str(row.incarnation), int(row.seq))] = {
+                "kind": row.kind,
+                "ts_ms": int(row.ts_ms),
+                "content_type": row.content_type,
+                "body": bytes(row.body),
+            }
+    return found

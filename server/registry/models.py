@@ -94,12 +94,15 @@ class Device(Base):
 
 
 class Record(Base):
-    """One accepted envelope, stored at most once per ``(device_id, seq)``.
+    """One accepted envelope, stored at most once per ``(device_id, incarnation, seq)``.
 
     Attributes:
         id: Surrogate key, in insertion order.
         device_id: Sender.
-        seq: Per-device sequence number (the idempotency key with ``device_id``).
+        incarnation: The sending outbox's identity (envelope version 2; 32 hex digits),
+            empty for version-1 envelopes. A new outbox (deleted, reset, reflashed) gets a
+            new one, and its seqs start again at 1 without colliding with stored ones.
+        seq: Sequence number within the incarnation.
         kind: Envelope kind.
         topic: The MQTT topic it arrived on.
         ts_ms: Device time, Unix milliseconds.
@@ -109,10 +112,11 @@ class Record(Base):
     """
 
     __tablename__ = "records"
-    __table_args__ = (UniqueConstraint("device_id", "seq"),)
+    __table_args__ = (UniqueConstraint("device_id", "incarnation", "seq"),)
 
     id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.device_id"))
+    incarnation: Mapped[str] = mapped_column(String(32), default="", server_default="")
     seq: Mapped[int] = mapped_column(BigInteger)
     kind: Mapped[str] = mapped_column(String(64))
     topic: Mapped[str] = mapped_column(Text)
@@ -130,8 +134,9 @@ class DeadLetter(Base):
         topic: The MQTT topic it arrived on.
         payload: The first :data:`DEAD_LETTER_PAYLOAD_CAP` bytes of the payload.
         payload_size: The original payload length in bytes.
-        reason: A short code (``malformed_envelope``, ``oversized``, ``device_mismatch``,
-            ``bad_topic``, ``bad_status``, ``seq_out_of_range``, ``store_failed``).
+        reason: A short code, one of ``edgefl.server.ingest.DEAD_LETTER_REASONS``
+            (``malformed_envelope``, ``oversized``, ``device_mismatch``,
+            ``fleet_mismatch``, ``conflicting_duplicate``, ``retained``, ...).
         detail: A human-readable explanation.
         received_at: When the ingest refused it.
     """
