@@ -497,7 +497,11 @@ def train(
     try:
         run_dir = ctx.config.resolved_state_dir / "runs" / rid
         app_dir = write_run_app(
-            run_dir / "app", fed_plan, registry_url=ctx.config.resolved_db_url, run_id=rid
+            run_dir / "app",
+            fed_plan,
+            registry_url=ctx.config.resolved_db_url,
+            run_id=rid,
+            admitted_only=True,  # nodes not admitted with `edgefl server admit` never train
         )
         flower_run_id = ctx.admin.submit_run(app_dir)
         (run_dir / "flower-run-id").write_text(f"{flower_run_id}\n", encoding="utf-8")

@@ -9,7 +9,12 @@
 - a **mosquitto** broker running the shipped configuration (``deploy/mosquitto/``:
   mutual TLS, ACL, CRL, persistence), unless ``broker.enabled`` is false and an external
   broker is used;
-- a **flower-superlink** with TLS, SuperNode authentication and an on-disk database;
+- a **flower-superlink** with TLS, SuperNode authentication and an on-disk database,
+  listening on loopback only, behind
+- an **nginx Fleet API proxy** (:mod:`edgefl.server.fl.fleet_proxy`) on
+  ``superlink.host``/``superlink.port``, the address devices dial: it terminates TLS and
+  passes on only the Fleet API routes, so the SuperLink's unauthenticated Control and
+  Runtime APIs cannot be reached from the network (``fleet_proxy.enabled``);
 - the **MQTT ingest**, in this process, authenticated with the service certificate.
 
 A child process that dies is restarted after an exponential backoff with jitter
@@ -54,6 +59,7 @@ from edgefl.files import write_text_atomic
 from edgefl.netutil import free_port, port_open
 from edgefl.procs import cmdline, cwd, end_process_group, pid_alive
 from edgefl.server.broker_config import render_mosquitto_config
+from edgefl.server.fl.fleet_proxy import FleetProxy, FleetProxyConfig, ProxyTLS
 from edgefl.server.fl.superlink import FlowerAdmin, SuperLink, SuperLinkConfig
 from edgefl.server.fleet_ca import CRL_VALIDITY_DAYS, SERVER_IDENTITY, FleetCA
 from edgefl.server.ingest import Ingest, IngestConfig
@@ -132,7 +138,15 @@ class ServerConfig(StrictModel):
     db_url: str | None = Field(
         None, description=f"Registry URL (default sqlite:///<state_dir>/{DEFAULT_DB_FILENAME})."
     )
-    superlink: SuperLinkConfig = Field(default_factory=lambda: SuperLinkConfig())
+    superlink: SuperLinkConfig = Field(
+        default_factory=lambda: SuperLinkConfig(),
+        description="The SuperLink; host/port is what devices dial (the Fleet API proxy "
+        "listens there unless fleet_proxy.enabled is false).",
+    )
+    fleet_proxy: FleetProxyConfig = Field(
+        default_factory=lambda: FleetProxyConfig(),
+        description="nginx in front of a loopback-only SuperLink (Fleet API routes only).",
+    )
     broker: BrokerConfig = Field(default_factory=lambda: BrokerConfig())
     ingest: ServerIngestConfig = Field(default_factory=lambda: ServerIngestConfig())
     restart_min_s: float = Field(1.0, gt=0, description="First restart delay of a child.")
@@ -179,6 +193,11 @@ def read_runtime(state_dir: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+_LOOPBACK_NAME = "localhost"
+"""DNS name in the server certificate the proxy checks the loopback SuperLink by (nginx
+1.22 matches only DNS names of an upstream certificate, not IP addresses)."""
 
 
 def _dial_host(host: str) -> str:
@@ -362,6 +381,7 @@ class Server:
         self._progress = progress or (lambda line: log.info("%s", line))
         self._ca: FleetCA | None = None
         self.superlink: SuperLink | None = None
+        self.fleet_proxy: FleetProxy | None = None
         self.broker: MosquittoBroker | None = None
         self.ingest: Ingest | None = None
         self._children: list[_Supervised] = []
@@ -392,14 +412,15 @@ class Server:
         """``host:port`` devices dial for the SuperLink."""
         if self.superlink is None:
             raise RuntimeError("Server.start() has not run")
-        sl = self.superlink.config
+        sl = self.config.superlink  # the proxy listens where the config says
         if sl.public_address:
             return sl.public_address
+        port = self.fleet_proxy.port if self.fleet_proxy is not None else self.superlink.port
         if sl.host in ("0.0.0.0", "::", ""):
             # A wildcard is not dialable: name the host the server certificate is for.
             names = self.config.hostnames or self.config.ips
-            return f"{names[0]}:{self.superlink.port}"
-        return self.superlink.public_address
+            return f"{names[0]}:{port}"
+        return f"{sl.host}:{port}"
 
     @property
     def superlink_admin_address(self) -> str:
@@ -449,6 +470,7 @@ class Server:
             "db_url": self.db_url,
             "superlink": self.superlink_address,
             "superlink_admin": self.superlink_admin_address,
+            "fleet_proxy": self.fleet_proxy.address if self.fleet_proxy is not None else None,
             "broker": {
                 "host": self.broker_host,
                 "port": self.broker_port,
@@ -510,10 +532,27 @@ class Server:
             )
         if sl_cfg.database is None:
             sl_cfg = sl_cfg.model_copy(update={"database": self.state_dir / "superlink.db"})
-        self._progress("[4/5] flower-superlink (TLS, node authentication, on-disk state)")
+        proxy_cfg = cfg.fleet_proxy
+        if proxy_cfg.enabled:
+            # The SuperLink's Control and Runtime APIs are unauthenticated: loopback only.
+            sl_cfg = sl_cfg.model_copy(
+                update={
+                    "host": "127.0.0.1",
+                    "port": proxy_cfg.superlink_port,
+                    "public_address": None,
+                }
+            )
+        self._progress(
+            "[4/5] flower-superlink (TLS, node authentication, on-disk state"
+            + (", loopback only behind the nginx Fleet API proxy)" if proxy_cfg.enabled else ")")
+        )
         self.superlink = SuperLink(sl_cfg, self.state_dir / "superlink")
         self.superlink.start()
         self._supervise("superlink", self.superlink)
+        if proxy_cfg.enabled:
+            self.fleet_proxy = self._make_fleet_proxy(sl_cfg, self.superlink.port)
+            self.fleet_proxy.start()
+            self._supervise("fleet_proxy", self.fleet_proxy)
 
         if cfg.ingest.enabled:
             self._progress(f"[5/5] MQTT ingest as {SERVER_IDENTITY}")
@@ -528,6 +567,31 @@ class Server:
             target=self._watch, name="edgefl-server-supervisor", daemon=True
         )
         self._supervisor.start()
+
+    def _make_fleet_proxy(self, sl_cfg: SuperLinkConfig, upstream_port: int) -> FleetProxy:
+        """The nginx Fleet API proxy on ``superlink.host/port``, before the SuperLink."""
+        public = self.config.superlink
+        tls = None
+        if not sl_cfg.insecure:
+            # _start fills them in from the fleet CA when the config names none.
+            certfile, keyfile, ca_file = sl_cfg.certfile, sl_cfg.keyfile, sl_cfg.ca_file
+            if certfile is None or keyfile is None or ca_file is None:
+                raise ConfigError("superlink: TLS needs certfile, keyfile and ca_file")
+            tls = ProxyTLS(
+                certfile=certfile,
+                keyfile=keyfile,
+                ca_file=ca_file,
+                upstream_name=_LOOPBACK_NAME,
+            )
+        return FleetProxy(
+            self.state_dir / "fleet-proxy",
+            self.config.fleet_proxy,
+            listen_host=public.host,
+            listen_port=public.port or free_port(public.host),
+            upstream_port=upstream_port,
+            tls=tls,
+            self_registration=not sl_cfg.node_auth,
+        )
 
     def _end_leftovers(self) -> None:
         """End the children a server on this ``state_dir`` left running when it was killed.
@@ -578,13 +642,12 @@ class Server:
                 )
 
     def _prepare_ca(self) -> FleetCA:
-        cfg = self.config
         if (self.ca_dir / "ca.pem").exists():
             ca = FleetCA.load(self.ca_dir)
         else:
             ca = FleetCA.create(self.ca_dir)
         if not self._server_cert_matches():
-            ca.issue_server_cert(cfg.hostnames, cfg.ips)
+            ca.issue_server_cert(*self._server_cert_names())
         service = self.ca_dir / "services" / SERVER_IDENTITY
         if not (service / "cert.pem").exists() or not (service / "key.pem").exists():
             ca.issue_service_cert(SERVER_IDENTITY)
@@ -615,8 +678,24 @@ class Server:
             return False
         dns = set(san.get_values_for_type(x509.DNSName))
         ips = {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
-        wanted_ips = {str(ipaddress.ip_address(ip)) for ip in self.config.ips}
-        return dns == set(self.config.hostnames) and ips == wanted_ips
+        hostnames, wanted = self._server_cert_names()
+        wanted_ips = {str(ipaddress.ip_address(ip)) for ip in wanted}
+        return dns == set(hostnames) and ips == wanted_ips
+
+    def _server_cert_names(self) -> tuple[list[str], list[str]]:
+        """DNS names and IPs for the server certificate.
+
+        The configured ones, plus the loopback names the Fleet API proxy and the admin
+        commands check the SuperLink by.
+        """
+        hostnames = list(self.config.hostnames)
+        ips = list(self.config.ips)
+        if self.config.fleet_proxy.enabled:
+            if _LOOPBACK_NAME not in hostnames:
+                hostnames.append(_LOOPBACK_NAME)
+            if "127.0.0.1" not in ips:
+                ips.append("127.0.0.1")
+        return hostnames, ips
 
     def _ingest_config(self) -> IngestConfig:
         section = self.config.ingest
@@ -712,6 +791,10 @@ class Server:
                 if now >= next_crl:
                     next_crl = now + self.config.crl_poll_s
                     self._check_crl()
+                    if self.fleet_proxy is not None:
+                        # A re-issued server certificate: nginx reloads without dropping
+                        # the devices' connections.
+                        self.fleet_proxy.reload_if_certificates_changed()
             except Exception:  # the supervisor must not die
                 log.exception("supervisor step failed")
 

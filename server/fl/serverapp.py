@@ -6,6 +6,17 @@
 The round loop is ours (Flower's ``Strategy.start`` cannot start at round k, wait boundedly
 for nodes or checkpoint between rounds); the strategy's ``configure_*``/``aggregate_*``
 methods are Flower's, called unchanged through :class:`~edgefl.server.fl.strategy.SelectedGrid`.
+
+**Admitted nodes only (deployments).** The SuperLink knows every node whose key was
+registered on it, by whatever means; the registry's ``enrollments`` table knows which of
+them ``edgefl server admit`` admitted, and as which device. A deployed run therefore
+counts, samples and evaluates only the connected nodes that are admitted enrollments
+(read again at every poll, so an admission or revocation during a run counts at once), and
+refuses, as a rejection with its reason, any reply from another node. The device a reply
+is accounted to is the one its node id is enrolled as, never the one it claims. This
+applies when the run config sets ``admitted-nodes-only`` (``edgefl server train`` does) or
+the registry holds any admitted enrollment; simulations (no enrollments; nodes are virtual)
+turn it off (``make_server_app(admitted_only=False)``).
 """
 
 from __future__ import annotations
@@ -45,24 +56,51 @@ class NotEnoughNodesError(EdgeflError):
     """Fewer nodes than ``min_available_nodes`` connected within ``node_wait_s``."""
 
 
-def wait_for_nodes(grid: Grid, minimum: int, wait_s: float) -> list[int]:
+def wait_for_nodes(
+    grid: Grid,
+    minimum: int,
+    wait_s: float,
+    admitted: Callable[[], dict[int, str] | None] | None = None,
+) -> list[int]:
     """Wait at most ``wait_s`` for ``minimum`` connected nodes (never Flower's endless wait).
 
+    Args:
+        grid: Flower's grid.
+        minimum: Nodes needed.
+        wait_s: Longest wait.
+        admitted: Called at every poll; when it returns a map (node id -> device id), only
+            connected nodes in it count and are returned (``None``: every node counts).
+
     Returns:
-        The connected node ids (at least ``minimum``).
+        The connected (and admitted) node ids (at least ``minimum``).
 
     Raises:
         NotEnoughNodesError: Still fewer than ``minimum`` after ``wait_s`` seconds.
     """
     deadline = time.monotonic() + wait_s
     while True:
-        nodes = list(grid.get_node_ids())
+        connected = list(grid.get_node_ids())
+        allowed = admitted() if admitted is not None else None
+        nodes = connected if allowed is None else [n for n in connected if n in allowed]
         if len(nodes) >= minimum:
+            if len(nodes) < len(connected):
+                others = sorted(set(connected) - set(nodes))
+                log.warning(
+                    "ignoring %d connected node(s) that are not admitted enrollments: %s",
+                    len(others),
+                    others,
+                )
             return nodes
         if time.monotonic() >= deadline:
+            not_admitted = len(connected) - len(nodes)
             raise NotEnoughNodesError(
                 f"only {len(nodes)} of the {minimum} required nodes (min_available_nodes) "
-                f"connected within node_wait_s={wait_s:g} s",
+                f"connected within node_wait_s={wait_s:g} s"
+                + (
+                    f" ({not_admitted} more connected but are not admitted enrollments)"
+                    if not_admitted
+                    else ""
+                ),
                 hint="start more SuperNodes, lower min_available_nodes or raise node_wait_s",
             )
         time.sleep(_POLL_S)
@@ -90,11 +128,14 @@ class _Run:
         run_id: str,
         resume: bool,
         on_round: Callable[[RoundReport], None] | None,
+        admitted_only: bool | None = None,
     ) -> None:
         self.plan = plan
         self.run_id = run_id
         self.resume = resume
         self.on_round = on_round
+        # True: only admitted enrollments; None: so when the registry has any; False: off.
+        self.admitted_only = admitted_only
         self.store = FlStore(registry_url)
         self.node_device: dict[int, str] = {}
         self.exhausted: set[str] = set()
@@ -140,7 +181,9 @@ class _Run:
         for rnd in range(first, plan.rounds + 1):
             started = time.monotonic()
             devices = self.store.devices(self.run_id)
-            nodes = wait_for_nodes(grid, plan.min_available_nodes, plan.node_wait_s)
+            nodes = wait_for_nodes(
+                grid, plan.min_available_nodes, plan.node_wait_s, self._admitted_nodes
+            )
             selected, excluded = select_nodes(
                 plan, rnd, nodes, self.node_device, devices, self.exhausted
             )
@@ -172,6 +215,7 @@ class _Run:
                     return
                 raise
             replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout_s))
+            admitted = self._admitted_nodes()
             screen = screen_train_replies(
                 rnd,
                 replies,
@@ -179,7 +223,8 @@ class _Run:
                 devices,
                 self.node_device,
                 self.exhausted,
-                enrolled=self._enrolled_nodes(),
+                enrolled=admitted if admitted is not None else self._enrolled_nodes(),
+                admitted_only=admitted is not None,
                 accept_plain=not plan.dp.enabled,
             )
             missing = len(messages) - len(replies)
@@ -257,6 +302,19 @@ class _Run:
                 self.on_round(report)
         self.store.finish(self.run_id, "completed")
 
+    def _admitted_nodes(self) -> dict[int, str] | None:
+        """The nodes this run may use (node id -> device id), or ``None`` for any node.
+
+        See the module docstring: the admitted enrollments when ``admitted_only`` is
+        true, or when it is ``None`` and the registry has any; otherwise ``None``.
+        """
+        if self.admitted_only is False:
+            return None
+        enrolled = self._enrolled_nodes()
+        if self.admitted_only is None and not enrolled:
+            return None
+        return enrolled
+
     def _enrolled_nodes(self) -> dict[int, str]:
         """Node id -> device id of the devices enrolled in the registry (none: empty).
 
@@ -290,8 +348,17 @@ class _Run:
             strategy.configure_evaluate(rnd, arrays, config, SelectedGrid(grid, chosen))
         )
         replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout_s))
+        admitted = self._admitted_nodes()
         usable: list[Message] = []
         for msg in replies:
+            if admitted is not None and int(msg.metadata.src_node_id) not in admitted:
+                log.warning(
+                    "round %d: refused an evaluation reply from node %d: not an admitted "
+                    "enrollment",
+                    rnd,
+                    int(msg.metadata.src_node_id),
+                )
+                continue
             if msg.has_error():
                 continue
             metrics = msg.content.metric_records.get("metrics")
@@ -316,6 +383,7 @@ def make_server_app(
     run_id: str,
     resume: bool = True,
     on_round: Callable[[RoundReport], None] | None = None,
+    admitted_only: bool | None = False,
 ) -> ServerApp:
     """A Flower ``ServerApp`` that runs ``plan`` as run ``run_id``.
 
@@ -337,6 +405,9 @@ def make_server_app(
             checkpoint (round numbering continues).
         resume: Continue an existing run (False: an existing run id is an error).
         on_round: Called after each committed round (e.g. a progress bar).
+        admitted_only: Use only nodes that are admitted enrollments in the registry
+            (see the module docstring); ``None``: when the registry has any. Off by
+            default: this builder serves simulations, whose nodes are virtual.
 
     Returns:
         The ServerApp (pass it to Flower's simulation engine or serve it).
@@ -351,20 +422,25 @@ def make_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        _Run(plan, registry_url, run_id, resume, on_round).execute(grid)
+        _Run(plan, registry_url, run_id, resume, on_round, admitted_only).execute(grid)
 
     return server_app
+
+
+RUN_KEYS: tuple[str, ...] = ("registry-url", "run-id", "admitted-nodes-only")
+"""Keys of a deployed run's ``run_config`` that are not plan keys."""
 
 
 def plan_from_run_config(run_config: dict[str, Any]) -> tuple[FederationPlan, str, str]:
     """Split a Flower ``run_config`` into (plan, registry URL, run id).
 
     ``registry-url`` defaults to the server's default registry, ``run-id`` to a new id.
+    ``admitted-nodes-only`` is read by the deployed app itself.
     """
     from edgefl.server.fl.ledger import new_run_id
     from edgefl.server.registry.db import default_database_url
 
-    flat = {k: v for k, v in run_config.items() if k not in ("registry-url", "run-id")}
+    flat = {k: v for k, v in run_config.items() if k not in RUN_KEYS}
     plan = FederationPlan.from_flat(flat, source="run_config")
     url = str(run_config.get("registry-url") or default_database_url())
     run_id = str(run_config.get("run-id") or new_run_id())
@@ -376,5 +452,8 @@ app = ServerApp()
 
 @app.main()
 def _deployed(grid: Grid, context: Context) -> None:
-    plan, url, run_id = plan_from_run_config(dict(context.run_config))
-    _Run(plan, url, run_id, True, None).execute(grid)
+    run_config = dict(context.run_config)
+    plan, url, run_id = plan_from_run_config(run_config)
+    # Deployed: admitted enrollments only when asked, and whenever the registry has any.
+    admitted_only = True if run_config.get("admitted-nodes-only") is True else None
+    _Run(plan, url, run_id, True, None, admitted_only).execute(grid)

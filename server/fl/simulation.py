@@ -59,8 +59,14 @@ def run_simulation(
     from edgefl.server.fl.ledger import load_result
     from edgefl.server.fl.serverapp import make_server_app
 
+    # Virtual nodes are never enrolled: the admitted-nodes-only check is for deployments.
     server_app = make_server_app(
-        plan, registry_url=registry_url, run_id=run_id, resume=resume, on_round=on_round
+        plan,
+        registry_url=registry_url,
+        run_id=run_id,
+        resume=resume,
+        on_round=on_round,
+        admitted_only=False,
     )
     config = backend_config or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
     # Ray workers inherit this: one torch thread per virtual client on a small machine.

@@ -11,7 +11,9 @@
 - :func:`select_nodes` picks devices by remaining ε budget and capability, seeded.
 - :func:`screen_train_replies` drops error replies, budget refusals and invalid updates
   (wrong keys/shapes/dtypes, NaN/Inf, ε going down) before Flower aggregates the rest,
-  and turns every reply that spent privacy into a ledger row.
+  and turns every reply that spent privacy into a ledger row. In a deployment it first
+  refuses every reply from a node that is not an admitted enrollment, and accounts each
+  reply to the device its node id is enrolled as, never to the one the reply names.
 """
 
 from __future__ import annotations
@@ -279,6 +281,7 @@ def screen_train_replies(
     exhausted: set[str],
     *,
     enrolled: dict[int, str] | None = None,
+    admitted_only: bool = False,
     accept_plain: bool = False,
 ) -> ScreenResult:
     """Split replies into aggregatable ones and the rest, and build the ledger rows.
@@ -298,6 +301,9 @@ def screen_train_replies(
         enrolled: Node id -> device id of enrolled devices (deployment): a reply whose
             ``device-id`` is not its node's enrolled device is rejected, so one device's
             node key cannot report (or spend ε) as another.
+        admitted_only: Refuse (as a rejection, keyed ``node-<id>``) every reply from a
+            node that is not in ``enrolled``: a node registered on the SuperLink by other
+            means than ``edgefl server admit`` is never aggregated nor put in the ledger.
         accept_plain: Aggregate replies without edgefl's privacy report (a stock Flower
             ClientApp: arrays plus ``num-examples``). Only for runs without local DP,
             where there is no per-device ε to account.
@@ -306,6 +312,20 @@ def screen_train_replies(
     for msg in replies:
         node = int(msg.metadata.src_node_id)
         known = (enrolled or {}).get(node)
+        if admitted_only and known is None:
+            claimed = ""
+            if not msg.has_error():
+                info = msg.content.config_records.get("edgefl")
+                if info is not None and "device-id" in info:
+                    claimed = f" (its reply claims device {str(info['device-id'])[:64]!r})"
+            out.rejected[f"node-{node}"] = f"node {node} is not an admitted enrollment{claimed}"
+            log.warning(
+                "round %d: refused the reply of node %d: %s",
+                server_round,
+                node,
+                out.rejected[f"node-{node}"],
+            )
+            continue
         if msg.has_error():
             name = node_device.get(node, known or f"node-{node}")
             out.failures[name] = str(msg.error.reason)[:300]

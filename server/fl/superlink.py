@@ -14,8 +14,13 @@ connection, and translates its JSON answers and failures (:class:`FlowerCommandE
 ``pyproject.toml`` whose components are edgefl's ServerApp and ClientApp (imported from
 the installed package; runtime dependency installation is disabled) and whose
 ``[tool.flwr.app.config]`` is the flat plan (``FederationPlan.to_flat``) plus the
-registry URL and run id. Flower only lets ``--run-config`` override keys that exist
-there, so the whole plan goes into the file.
+registry URL and run id (and ``admitted-nodes-only`` for ``edgefl server train``). Flower
+only lets ``--run-config`` override keys that exist there, so the whole plan goes into the
+file.
+
+Deployed by ``edgefl server start``, the SuperLink listens on loopback only, behind the
+nginx Fleet API proxy (:mod:`edgefl.server.fl.fleet_proxy`): :class:`FlowerAdmin` is for
+the server host.
 """
 
 from __future__ import annotations
@@ -439,6 +444,7 @@ def write_run_app(
     registry_url: str,
     run_id: str,
     clientapp: str = "edgefl.edge_agent.fl.clientapp:app",
+    admitted_only: bool = False,
 ) -> Path:
     """Write the Flower app folder for one run of ``plan`` (see the module docstring).
 
@@ -451,6 +457,10 @@ def write_run_app(
             ClientApp of your own goes here (put its module in ``directory``, Flower ships
             the folder's Python files to the SuperNodes); without edgefl's privacy report
             its replies are only aggregated in runs without local DP.
+        admitted_only: Write ``admitted-nodes-only = true``: the ServerApp uses only
+            nodes that are admitted enrollments in the registry, even while it has none
+            (``edgefl server train``). Without it the ServerApp still does so whenever the
+            registry has any admitted enrollment.
 
     Returns:
         ``directory`` (holding ``pyproject.toml``).
@@ -459,6 +469,8 @@ def write_run_app(
 
     directory.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {**plan.to_flat(), "registry-url": registry_url, "run-id": run_id}
+    if admitted_only:
+        config["admitted-nodes-only"] = True
     doc = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {
