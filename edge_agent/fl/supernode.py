@@ -21,6 +21,13 @@ node key the SuperLink does not know, ``CERTIFICATE_VERIFY_FAILED`` for a wrong 
 a hint, so a refusal is clear in the agent's own log. An unreachable SuperLink does not
 make the SuperNode exit: it retries by itself, and the agent keeps collecting meanwhile.
 
+Its pid (and the node id it last activated as) is kept in ``<state_dir>/supernode.json``.
+An agent killed with ``-9`` cannot stop its SuperNode, which then keeps the device's node
+online on the SuperLink, so the next activation would be refused; before its first start
+a supervisor ends such leftovers (:meth:`SuperNodeSupervisor.end_leftovers`), and a
+refused activation is logged with the likely cause (node still online after a SuperNode
+went away without signing off, key no longer accepted, key never registered).
+
 Node config passed to the ClientApp (``--node-config``, parsed by Flower as TOML, so
 strings are double-quoted): ``device-id``, ``state-dir`` (the privacy accountant),
 ``data-store``, ``eval-fraction``, ``telemetry-dir`` and the config's extra
@@ -53,9 +60,12 @@ from edgefl.edge_agent.fl.warmstart import install_launcher
 from edgefl.edge_agent.mqtt_link import backoff_delay
 from edgefl.enrollment import IdentityPaths
 from edgefl.errors import ConfigError
+from edgefl.files import write_text_atomic
+from edgefl.procs import cmdline, cwd, end_process_group, pid_alive
 
 __all__ = [
     "LOG_FILE",
+    "RUNTIME_FILE",
     "TELEMETRY_DIR",
     "Resources",
     "SuperNodeSupervisor",
@@ -69,6 +79,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LOG_FILE: Final = "supernode.log"
+RUNTIME_FILE: Final = "supernode.json"
+"""The running SuperNode's pid and the node id it last activated as (in the state dir)."""
 TELEMETRY_DIR: Final = "fl-telemetry"
 """Folder (in the state dir) where the ClientApp spools one JSON document per round."""
 
@@ -316,19 +328,36 @@ def meaningful_line(text: str) -> str:
 
 
 def _hint(line: str, config: TrainingConfig, ca: Path) -> str:
-    if "Failed to activate SuperNode" in line:
-        return (
-            "the SuperLink does not accept this device's node key: have it admitted "
-            "(`edgefl server admit`), or it was revoked; right after a crash the SuperLink "
-            "may still count the node as online, which clears after about a minute of "
-            "missed heartbeats"
-        )
     if "CERTIFICATE_VERIFY_FAILED" in line or "[SSL" in line:
         return (
             f"TLS to {config.superlink} failed: is {ca} the CA that signed the "
             "SuperLink's certificate, and does the certificate name this address?"
         )
     return ""
+
+
+_OURS: Final = (
+    "flower-supernode",
+    "flwr-clientapp",
+    "edgefl.edge_agent.fl.warmstart",
+    "edgefl.edge_agent.fl.apptrust",
+)
+"""Command-line marks of the processes a supervisor starts (the SuperNode and its apps)."""
+_STILL_ONLINE_S = 120.0
+"""How long after a SuperNode of this device went away without signing off the SuperLink
+may still count its node as online (heartbeat 30 s x patience 2, with slack)."""
+
+
+def _leftover_candidates(state_dir: Path) -> list[int]:
+    """PIDs of processes working in ``state_dir`` whose command line is one of ours."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if cwd(pid) == state_dir and any(m in a for a in cmdline(pid) for m in _OURS):
+            found.append(pid)
+    return found
 
 
 def _free_port() -> int:
@@ -403,6 +432,13 @@ class SuperNodeSupervisor:
         self.last_exit_code: int | None = None
         self.last_error = ""
         self.node_id: int | None = None
+        self.runtime_path = self.state_dir / RUNTIME_FILE
+        self._leftovers_checked = False
+        # When a SuperNode of this device last went away without signing off (ended as a
+        # leftover, crashed, killed): the SuperLink may count its node online until then.
+        self._unclean_end_at: float | None = None
+        known = self._read_runtime().get("node_id")
+        self._known_node_id: int | None = known if isinstance(known, int) else None
 
     # ------------------------------------------------------------------ public API
 
@@ -508,6 +544,7 @@ class SuperNodeSupervisor:
             self._signal_group(signal.SIGKILL)  # leftover ClientApp processes
             self.last_exit_code = self._proc.returncode
             self._proc = None
+            self._write_runtime(pid=None)
         self._close_log()
         self.state, self.reason = "stopped", "agent stopped"
 
@@ -568,7 +605,102 @@ class SuperNodeSupervisor:
                 )
         return ""
 
+    def _read_runtime(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.runtime_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def _write_runtime(self, **updates: int | None) -> None:
+        doc = {**self._read_runtime(), **updates}
+        try:
+            write_text_atomic(self.runtime_path, json.dumps(doc) + "\n")
+        except OSError as exc:
+            logger.warning("cannot write %s: %s", self.runtime_path, exc)
+
+    def end_leftovers(self) -> list[int]:
+        """End the SuperNode (and its ClientApps) an earlier agent process left running.
+
+        An agent killed with ``-9`` cannot stop its SuperNode: that runs in its own
+        process group, is adopted by init and keeps the device's node online on the
+        SuperLink, so the next SuperNode's activation is refused. Each process named in
+        ``supernode.json`` or working in this state dir whose command line is a
+        SuperNode, a ClientApp or a warm-start zygote is ended with its process group
+        (SIGTERM, which lets a SuperNode sign its node off; SIGKILL after
+        ``stop_grace_s``). Called once before the first start.
+
+        Returns:
+            The PIDs ended.
+        """
+        home = self.state_dir.resolve()
+        recorded = self._read_runtime().get("pid")
+        candidates = [recorded] if isinstance(recorded, int) else []
+        # Leaders first: ending a SuperNode's group ends its apps with it.
+        scanned = sorted(
+            _leftover_candidates(home),
+            key=lambda pid: not any("flower-supernode" in a for a in cmdline(pid)),
+        )
+        candidates += [pid for pid in scanned if pid not in candidates]
+        own = {os.getpid(), os.getppid()}
+        ended = []
+        for pid in candidates:
+            if pid in own or (self._proc is not None and pid == self._proc.pid):
+                continue
+            if not pid_alive(pid):
+                continue
+            args = cmdline(pid)
+            in_home = cwd(pid) == home or any(str(self.state_dir) in a for a in args)
+            if not in_home or not any(m in a for a in args for m in _OURS):
+                continue  # the PID was reused by something else
+            logger.warning(
+                "ending %s (pid %d), left running on %s by an agent process that did not "
+                "stop (killed?)",
+                next((Path(a).name for a in args for m in _OURS if m in a), "a process"),
+                pid,
+                self.state_dir,
+            )
+            if end_process_group(pid, timeout=self.config.stop_grace_s):
+                ended.append(pid)
+            else:
+                logger.error("the leftover process %d does not end; end it by hand", pid)
+        if ended:
+            self._unclean_end_at = self._clock()
+        if isinstance(recorded, int):
+            self._write_runtime(pid=None)
+        return ended
+
+    def _activation_cause(self, now: float) -> str:
+        """Why the SuperLink refused to activate this device's node, as far as we know.
+
+        Flower's SuperNode only prints ``Failed to activate SuperNode``; the SuperLink
+        keeps the reason to itself. The supervisor knows whether a SuperNode of this
+        device went away recently without signing off and whether this node key was
+        ever accepted, which tells the likely cases apart.
+        """
+        node = f"node {self._known_node_id}" if self._known_node_id else "this device's node"
+        if self._unclean_end_at is not None and now - self._unclean_end_at < _STILL_ONLINE_S:
+            return (
+                f"the SuperLink still counts {node} as online: a previous SuperNode of this "
+                f"device went away {now - self._unclean_end_at:.0f} s ago without signing "
+                "off, and the SuperLink frees its node after about a minute of missed "
+                "heartbeats; retrying until then"
+            )
+        if self._known_node_id is not None:
+            return (
+                f"the SuperLink no longer accepts this device's node key (accepted before as "
+                f"{node}): it was unregistered or revoked (see `edgefl server enrollments`), "
+                "or another process holds the node online"
+            )
+        return (
+            "this device's node key is not registered on the SuperLink: have the device "
+            "admitted (`edgefl server admit`) and its bundle installed, or it was revoked"
+        )
+
     def _start(self, now: float) -> None:
+        if not self._leftovers_checked:
+            self._leftovers_checked = True
+            self.end_leftovers()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.flower_home.mkdir(exist_ok=True)
         self.telemetry_dir.mkdir(exist_ok=True)
@@ -617,6 +749,7 @@ class SuperNodeSupervisor:
             logger.error("%s", self.last_error)
             self._schedule_restart(now, 0.0)
             return
+        self._write_runtime(pid=self._proc.pid)
         self.starts += 1
         self._started_at = now
         self._stop_deadline = None
@@ -648,8 +781,11 @@ class SuperNodeSupervisor:
         self._follow_log(react=False)
         self._close_log()
         self._proc = None
+        self._write_runtime(pid=None)
         self.last_exit_code = code
         ran = now - self._started_at
+        if self.node_id is not None and code != 0:
+            self._unclean_end_at = now  # killed or crashed while its node was online
         if self._stop_deadline is not None:
             self._stop_deadline = None
             self.state = "waiting"
@@ -663,10 +799,16 @@ class SuperNodeSupervisor:
                 else "no error in its output"
             )
         self.last_error = line
-        hint = _hint(line, self.config, self.root_certificates)
+        hint = (
+            self._activation_cause(now)
+            if "Failed to activate SuperNode" in line
+            else _hint(line, self.config, self.root_certificates)
+        )
         if ran >= self.config.stable_after_s:
             self._attempt = 0
         delay = self._schedule_restart(now, ran)
+        if "Failed to activate SuperNode" in line:
+            self.reason = f"restarting in {delay:.1f} s: {hint}"
         logger.error(
             "flower-supernode (pid %d) exited with code %s after %.1f s: %s%s; restarting in "
             "%.1f s",
@@ -717,6 +859,9 @@ class SuperNodeSupervisor:
         if match:
             self.node_id = int(match.group(1))
             self.reason = f"connected to {self.config.superlink} as node {self.node_id}"
+            if self.node_id != self._known_node_id:
+                self._known_node_id = self.node_id
+                self._write_runtime(node_id=self.node_id)
             self._warned_retrying = False
             logger.info(
                 "SuperNode registered with %s as node %d", self.config.superlink, self.node_id
