@@ -103,15 +103,17 @@ def log(message: str) -> None:
     print(f"[outbox-bench +{time.monotonic() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def envelope(device: str, seq: int, body: bytes = BODY) -> bytes:
+def envelope(device: str, seq: int, body: bytes = BODY, incarnation: str = "") -> bytes:
+    """A telemetry envelope; version 2 with an outbox's ``incarnation``, else version 1."""
     env = Envelope(
-        ENVELOPE_VERSION,
+        ENVELOPE_VERSION if incarnation else 1,
         device,
         seq,
         int(time.time() * 1000),
         "telemetry",
         "application/octet-stream",
         body,
+        incarnation,
     )
     return encode_envelope(env, "protobuf")
 
@@ -250,7 +252,10 @@ def bench_backlog(port: int, workdir: Path, n: int) -> float:
     with Outbox(workdir / f"{device}.db", device, OutboxPolicy()) as outbox:
         for start in range(0, n, 1000):
             outbox.put_many(
-                [(topic, lambda seq: envelope(device, seq)) for _ in range(min(1000, n - start))]
+                [
+                    (topic, lambda seq: envelope(device, seq, incarnation=outbox.incarnation))
+                    for _ in range(min(1000, n - start))
+                ]
             )
         with running_sender(port, outbox, device, start_sender=False) as (_link, sender):
             t0 = time.perf_counter()
@@ -549,6 +554,7 @@ def child_naive(args: argparse.Namespace) -> None:
 
 def child_outbox(args: argparse.Namespace) -> None:
     outbox = Outbox(Path(args.outbox), args.device, OutboxPolicy())
+    incarnation = outbox.incarnation
     config = MqttLinkConfig(host=HOST, port=args.port, client_id=args.device, reconnect_max_s=4.0)
     link = MqttLink(config, status_topic=status_topic(args.fleet, args.device))
     link.start()
@@ -560,7 +566,7 @@ def child_outbox(args: argparse.Namespace) -> None:
     t0 = time.monotonic()
     for i in range(int(args.rate * args.duration)):
         time.sleep(max(0.0, t0 + i / args.rate - time.monotonic()))
-        record = outbox.put(topic, lambda seq: envelope(args.device, seq))
+        record = outbox.put(topic, lambda seq: envelope(args.device, seq, incarnation=incarnation))
         print(record.seq, flush=True)  # committed: the outbox owns it now
         sender.wake()
     wait_until(lambda: outbox.stats().depth == 0, 40, poll=0.05)

@@ -72,6 +72,7 @@ from edgefl.edge_agent.mqtt_link import InboundMessage
 from edgefl.edge_agent.outbox import Outbox, OutboxFullError
 from edgefl.errors import BadInputError
 from edgefl.proto.serde import (
+    ENVELOPE_VERSION,
     JSON_CONTENT_TYPE,
     Envelope,
     EnvelopeError,
@@ -555,8 +556,9 @@ class CommandProcessor:
                     "UPDATE answered SET outbox_seq = ? WHERE correlation_id = ?", (seq, cid)
                 )
             env = Envelope(
-                version=1,
+                version=ENVELOPE_VERSION,
                 device_id=self.device_id,
+                incarnation=self.outbox.incarnation,
                 seq=seq,
                 ts_ms=ts_ms,
                 kind="response",

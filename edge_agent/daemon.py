@@ -188,14 +188,16 @@ class Agent:
 
     def _item(self, record: SourceRecord) -> OutboxItem:
         """An outbox item whose payload is the envelope, encoded once the seq is known."""
-        from edgefl.proto.serde import Envelope, encode_envelope
+        from edgefl.proto.serde import ENVELOPE_VERSION, Envelope, encode_envelope
 
         ts_ms = int(time.time() * 1000)
+        incarnation = self.outbox.incarnation
 
         def encode(seq: int) -> bytes:
             env = Envelope(
-                version=1,
+                version=ENVELOPE_VERSION,
                 device_id=self.config.device_id,
+                incarnation=incarnation,
                 seq=seq,
                 ts_ms=ts_ms,
                 kind=record.kind,

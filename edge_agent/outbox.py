@@ -25,17 +25,23 @@ Durability is :attr:`OutboxPolicy.synchronous`:
   milliseconds each; batch writes (:meth:`Outbox.put_many`) if you need both rate and
   ``FULL``.
 
+Every outbox file has an *incarnation* (:attr:`Outbox.incarnation`): 128 random bits,
+written as 32 lowercase hex digits when the file is created (or first opened by this
+version) and kept in it. It travels in every envelope (version 2), and the server
+deduplicates on ``(device_id, incarnation, seq)``. So a new file, whether the old one
+was deleted, quarantined or the device reflashed, can start its seqs again without
+colliding with seqs already stored, and without trusting any clock.
+
 A file that is not a usable outbox at start-up (not an SQLite database, a malformed
 schema, ``PRAGMA quick_check`` not ``ok``) is *quarantined*: it is renamed, with its
 ``-wal`` and ``-shm`` files, to ``<name>.corrupt-<UTC timestamp>`` (``-wal``/``-shm``
 appended, so the three still open together for forensics), an ERROR is logged naming it,
-and a fresh outbox starts in its place (:attr:`Outbox.quarantined`). The records in the
-quarantined file were not sent. The server deduplicates on ``(device_id, seq)``, so the
-fresh file must never hand out a sequence number that was already delivered: it continues
-from the quarantined file's counter when that can still be read, and otherwise from
-``wall-clock milliseconds * 1000``, which is larger than any counter a device could have
-reached by counting from 1 (and leaves room for 1000 records per millisecond before two
-such restarts could overlap). That fallback needs a correct wall clock.
+and a fresh outbox, with a new incarnation, starts in its place
+(:attr:`Outbox.quarantined`). The records in the quarantined file were not sent. The
+fresh file's seqs still continue from the quarantined file's counter when that can be
+read, and otherwise from ``wall-clock milliseconds * 1000``, so that the numbers stay
+increasing for a reader of the device's records; correctness rests on the incarnation
+alone.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -59,6 +66,7 @@ from pydantic import Field
 
 from edgefl.config import StrictModel
 from edgefl.errors import BadInputError, ExitCode
+from edgefl.proto.serde import new_incarnation
 
 __all__ = [
     "Body",
@@ -95,6 +103,9 @@ CREATE TABLE IF NOT EXISTS imports (
     key TEXT PRIMARY KEY,
     first_seq INTEGER NOT NULL,
     at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS identity (
+    incarnation TEXT NOT NULL
 );
 CREATE TRIGGER IF NOT EXISTS records_seq_is_new BEFORE INSERT ON records
 WHEN NEW.seq < (SELECT next_seq FROM counters)
@@ -224,6 +235,7 @@ _ROWS_PER_DELETE: Final = 500
 # read-only or out of disk space, which must never cost the records in the file.
 _CORRUPTION_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 _SIDE_FILES: Final = ("-wal", "-shm")
+_INCARNATION: Final = re.compile(r"[0-9a-f]{32}")
 # How long put_once() remembers a key (its producers delete their copy right after).
 _IMPORT_KEY_TTL_S: Final = 30 * 24 * 3600.0
 # Most records, and payload bytes, the in-memory tail of unleased records may hold (see
@@ -311,6 +323,9 @@ class Outbox:
         self._tail_bytes = 0  # payload bytes in self._tail
         self.quarantined: Path | None = None
         """Where a corrupt file found at start-up was moved to, or ``None``."""
+        self.incarnation: str = ""
+        """This file's identity, 32 lowercase hex digits (see the module docstring); it
+        goes into every envelope built from its records."""
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = self._open(first_seq=1)
@@ -327,6 +342,7 @@ class Outbox:
                 source,
             )
             self._db = self._open(first_seq=first_seq)
+        self.incarnation = str(self._db.execute("SELECT incarnation FROM identity").fetchone()[0])
         # The byte total is cached so put() does not scan the table; it is recomputed
         # from the rows at open and only changed after a successful commit.
         row = self._db.execute(
@@ -379,6 +395,18 @@ class Outbox:
                         "INSERT INTO counters (device_id, next_seq, dropped, expired) "
                         "VALUES (?, ?, 0, 0)",
                         (self.device_id, first_seq),
+                    )
+                incarnations = [str(r[0]) for r in db.execute("SELECT incarnation FROM identity")]
+                if not incarnations:
+                    # A new file, or one written before incarnations existed: its records
+                    # already in it were encoded without one (envelope version 1), and
+                    # their seqs stay unique under the empty incarnation.
+                    db.execute(
+                        "INSERT INTO identity (incarnation) VALUES (?)", (new_incarnation(),)
+                    )
+                elif len(incarnations) > 1 or not _INCARNATION.fullmatch(incarnations[0]):
+                    raise _CorruptOutboxError(
+                        f"identity table holds {incarnations[:2]!r}, not one incarnation"
                     )
         except sqlite3.DatabaseError as exc:
             db.close()

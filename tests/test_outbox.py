@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sqlite3
 from pathlib import Path
 
@@ -61,6 +62,50 @@ def test_seq_monotonic_across_deletes_and_reopen(tmp_path: Path) -> None:
         ob.ack(6)
         assert ob.put("t/a", b"z").seq == 7
         assert ob.stats().next_seq == 8
+
+
+def test_incarnation_is_made_with_the_file_and_kept_in_it(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with make(path) as ob:
+        first = ob.incarnation
+        assert re.fullmatch(r"[0-9a-f]{32}", first)
+        ob.put("t", b"a")
+    with make(path) as ob:
+        assert ob.incarnation == first  # a restart keeps it
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    with make(path) as ob:  # a deleted (reset, reflashed) outbox is a new incarnation
+        assert ob.incarnation != first
+        assert ob.put("t", b"b").seq == 1
+
+
+def test_file_from_before_incarnations_gets_one_and_keeps_its_seqs(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with make(path) as ob:
+        ob.put_many([("t", b"x")] * 3)
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE identity")  # as an outbox written by an older agent
+    db.commit()
+    db.close()
+    with make(path) as ob:
+        assert re.fullmatch(r"[0-9a-f]{32}", ob.incarnation)
+        assert [r.seq for r in ob.next_batch(10)] == [1, 2, 3]
+        assert ob.put("t", b"y").seq == 4
+
+
+def test_quarantined_file_is_replaced_by_a_new_incarnation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "o.db"
+    with make(path) as ob:
+        old = ob.incarnation
+    db = sqlite3.connect(path)
+    db.execute("UPDATE identity SET incarnation = 'not hex'")
+    db.commit()
+    db.close()
+    ob, _ = _reopen_quarantined(path, caplog)
+    with ob:
+        assert ob.incarnation not in (old, "not hex")
 
 
 def test_records_survive_reopen_and_are_replayed(tmp_path: Path) -> None:

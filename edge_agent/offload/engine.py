@@ -34,7 +34,13 @@ import numpy.typing as npt
 from edgefl.edge_agent.outbox import Outbox, OutboxItem
 from edgefl.edge_agent.runtimes import Runtime, create_runtime
 from edgefl.errors import BadInputError
-from edgefl.proto.serde import JSON_CONTENT_TYPE, Envelope, canonical_json_body, encode_envelope
+from edgefl.proto.serde import (
+    ENVELOPE_VERSION,
+    JSON_CONTENT_TYPE,
+    Envelope,
+    canonical_json_body,
+    encode_envelope,
+)
 
 from .breaker import CircuitBreaker
 from .client import CloudError, InferenceClient
@@ -458,19 +464,25 @@ class Predictor:
         if self.outbox is None or not results:
             return
         ts_ms = int(time.time() * 1000)
+        incarnation = self.outbox.incarnation
         items = [
-            OutboxItem(topic=self.result_topic, body=self._encoder(r, ts_ms), kind="result")
+            OutboxItem(
+                topic=self.result_topic, body=self._encoder(r, ts_ms, incarnation), kind="result"
+            )
             for r in results
         ]
         self.outbox.put_many(items)
 
-    def _encoder(self, result: PredictionResult, ts_ms: int) -> Callable[[int], bytes]:
+    def _encoder(
+        self, result: PredictionResult, ts_ms: int, incarnation: str
+    ) -> Callable[[int], bytes]:
         body = canonical_json_body(result.to_dict())
 
         def encode(seq: int) -> bytes:
             env = Envelope(
-                version=1,
+                version=ENVELOPE_VERSION,
                 device_id=self.device_id,
+                incarnation=incarnation,
                 seq=seq,
                 ts_ms=ts_ms,
                 kind="result",
