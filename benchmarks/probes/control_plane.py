@@ -137,17 +137,17 @@ def probe_control_api_from_outside(
     # Not vacuous: the proxy port answers the namespace over TLS.
     probe = net.run(
         [
-            "curl",
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--cacert",
+            sys.executable,
+            "-c",
+            "import http.client, ssl, sys\n"
+            "host, port, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3]\n"
+            "ctx = ssl.create_default_context(cafile=ca)\n"
+            "conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=10)\n"
+            "conn.request('POST', '/v1/control/list-nodes', body=b'')\n"
+            "print(conn.getresponse().status)\n",
+            host,
+            public.rpartition(":")[2],
             str(ca_file),
-            "-X",
-            "POST",
-            f"https://{public}/v1/control/list-nodes",
         ],
         timeout=30,
     )
