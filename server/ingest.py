@@ -569,6 +569,8 @@ class Ingest:
         if failed:
             logger.error("broker refused ingest subscriptions: %s", failed)
             return
+        if not self._subscribed.is_set():
+            logger.info("ingest subscribed to %d topic filters", len(reason_codes))
         self._subscribed.set()
 
     def _on_disconnect(
