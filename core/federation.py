@@ -105,7 +105,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from edgefl.config import StrictModel, validate_config
 from edgefl.errors import ConfigError
@@ -113,6 +113,7 @@ from edgefl.errors import ConfigError
 __all__ = [
     "DATASET_MODELS",
     "STRATEGIES",
+    "CentralDPBudget",
     "CentralDPPlan",
     "ClientInstructions",
     "DPPlan",
@@ -121,6 +122,8 @@ __all__ = [
     "FederationResult",
     "RoundReport",
     "StrategyPlan",
+    "central_dp_budget",
+    "central_dp_epsilon",
     "device_id_for",
     "load_plan",
     "profile_for",
@@ -234,6 +237,7 @@ class FederationPlan(StrictModel):
     central_dp: CentralDPPlan = Field(default_factory=CentralDPPlan)
     profiles: list[DeviceProfile] = Field(default_factory=lambda: [DeviceProfile()])
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Held-out share (server eval).")
+    _central_budget: CentralDPBudget | None = PrivateAttr(default=None)
 
     @field_validator("model")
     @classmethod
@@ -274,7 +278,17 @@ class FederationPlan(StrictModel):
             raise ValueError(f"profiles: fractions must sum to 1 (got {sum(given):.4g})")
         if self.central_dp.enabled and self.strategy.name != "fedavg":
             raise ValueError("central_dp needs strategy.name = 'fedavg' (Flower's accountant)")
+        self._central_budget = central_dp_budget(self)
+        if self._central_budget is not None and self._central_budget.rounds_fit == 0:
+            # Flower's accountant would stop the run before round 1: refuse it now instead
+            # of running nothing and reporting NaN accuracy.
+            raise ValueError(self._central_budget.describe())
         return self
+
+    @property
+    def central_budget(self) -> CentralDPBudget | None:
+        """How many rounds central DP's ``max_epsilon`` allows (``None``: no such cap)."""
+        return self._central_budget
 
     @property
     def model_name(self) -> str:
@@ -330,6 +344,141 @@ class FederationPlan(StrictModel):
 
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CentralDPBudget:
+    """What central DP's ``max_epsilon`` allows a plan, by Flower's own RDP accountant.
+
+    Attributes:
+        noise_multiplier: The plan's z.
+        max_epsilon: The plan's cap.
+        planned: The plan's rounds.
+        rounds_fit: Rounds whose release stays within ``max_epsilon`` (at most
+            ``planned``); Flower's accountant stops the run before the next one.
+        epsilon_fit: ε after ``rounds_fit`` rounds (0 when none fits).
+        epsilon_first: ε after one round.
+        epsilon_planned: ε after all planned rounds.
+        noise_for_one: Smallest z (3 significant digits, rounded up) that fits one round.
+        noise_for_all: Smallest z that fits every planned round.
+    """
+
+    noise_multiplier: float
+    max_epsilon: float
+    planned: int
+    rounds_fit: int
+    epsilon_fit: float
+    epsilon_first: float
+    epsilon_planned: float
+    noise_for_one: float
+    noise_for_all: float
+
+    def describe(self) -> str:
+        """One sentence for the operator: what fits, and what would fit the plan."""
+        z, cap, n = self.noise_multiplier, self.max_epsilon, self.planned
+        if self.rounds_fit >= n:
+            return (
+                f"central_dp: noise_multiplier {z:g} with max_epsilon {cap:g} allows all "
+                f"{n} planned rounds (ε {self.epsilon_planned:.3f})"
+            )
+        fix_all = (
+            f"noise_multiplier {self.noise_for_all:g} or max_epsilon "
+            f"{_round_up(self.epsilon_planned):g} allows all {n}"
+        )
+        if self.rounds_fit == 0:
+            return (
+                f"central_dp: noise_multiplier {z:g} spends ε {self.epsilon_first:.3f} in the "
+                f"first round, over max_epsilon {cap:g}, so no round can run; noise_multiplier "
+                f"{self.noise_for_one:g} or max_epsilon {_round_up(self.epsilon_first):g} "
+                f"allows 1 round, {fix_all}"
+            )
+        return (
+            f"central_dp: noise_multiplier {z:g} with max_epsilon {cap:g} allows only "
+            f"{self.rounds_fit} of the {n} planned rounds (the run stops after round "
+            f"{self.rounds_fit} at ε {self.epsilon_fit:.3f}); {fix_all}"
+        )
+
+
+def _round_up(value: float, digits: int = 3) -> float:
+    """``value`` rounded up to ``digits`` significant digits (a safe suggestion)."""
+    if value <= 0 or not math.isfinite(value):
+        return value
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(value)))
+    return math.ceil(value * scale) / scale
+
+
+def central_dp_epsilon(
+    noise_multiplier: float, delta: float, releases: int, population_size: int
+) -> float:
+    """ε after ``releases`` rounds of central DP, as the server's accountant counts it.
+
+    The same Flower ``RdpAccountant`` configuration as ``edgefl.server.fl.strategy``: one
+    Gaussian release per round, no amplification by sampling, add-or-remove-one
+    neighbours. Imports Flower's accountant (``flwr[dp]``) on first use.
+    """
+    from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=population_size,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    accountant.compose(
+        GaussianPrivacyEvent(
+            noise_multiplier=noise_multiplier,
+            sample_size=population_size,
+            population_size=population_size,
+        ),
+        count=releases,
+    )
+    return float(accountant.get_epsilon(delta))
+
+
+def central_dp_budget(plan: FederationPlan) -> CentralDPBudget | None:
+    """The rounds ``central_dp.max_epsilon`` allows ``plan``; ``None`` without such a cap."""
+    c = plan.central_dp
+    if not c.enabled or c.max_epsilon is None:
+        return None
+    cap, planned = c.max_epsilon, plan.rounds
+
+    def eps(z: float, k: int) -> float:
+        return central_dp_epsilon(z, c.delta, k, plan.num_devices)
+
+    # ε grows with the rounds: the last k that fits, by bisection on [0, planned].
+    lo, hi = 0, planned
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if eps(c.noise_multiplier, mid) <= cap:
+            lo = mid
+        else:
+            hi = mid - 1
+
+    def noise_for(k: int) -> float:
+        # ε falls as z grows: bisect to 3 significant digits, then round up so it fits.
+        low, high = 1e-3, 1.0
+        while eps(high, k) > cap:
+            low, high = high, high * 2
+        while high - low > high * 1e-4:
+            mid = (low + high) / 2
+            low, high = (mid, high) if eps(mid, k) > cap else (low, mid)
+        return _round_up(high)
+
+    z = c.noise_multiplier
+    return CentralDPBudget(
+        noise_multiplier=z,
+        max_epsilon=cap,
+        planned=planned,
+        rounds_fit=lo,
+        epsilon_fit=eps(z, lo) if lo else 0.0,
+        epsilon_first=eps(z, 1),
+        epsilon_planned=eps(z, planned),
+        noise_for_one=noise_for(1) if lo == 0 else z,
+        noise_for_all=noise_for(planned) if lo < planned else z,
+    )
 
 
 def load_plan(data: Any, source: str = "plan") -> FederationPlan:
@@ -538,6 +687,10 @@ class RoundReport:
         wall_s: Wall time of the round.
         aggregated: False when no update was aggregated (the model did not change).
         rejections: ``device_or_node: reason`` of every rejected reply.
+        refusals: ``device: reason`` of every device that refused to train (its reply's
+            reason, e.g. the ε the next round would reach past its cap).
+        failure_reasons: ``device_or_node: reason`` of every failed train message
+            (error replies; ``no reply`` for those that timed out).
     """
 
     round: int
@@ -556,10 +709,21 @@ class RoundReport:
     wall_s: float = 0.0
     aggregated: bool = True
     rejections: dict[str, str] = field(default_factory=dict)
+    refusals: dict[str, str] = field(default_factory=dict)
+    failure_reasons: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return asdict(self)
+
+    def why_nothing_trained(self) -> str:
+        """Each device's reason for not contributing this round, in one line."""
+        parts = [f"{d} refused: {r}" for d, r in sorted(self.refusals.items())]
+        parts += [f"{d} failed: {r}" for d, r in sorted(self.failure_reasons.items())]
+        parts += [f"{d} rejected: {r}" for d, r in sorted(self.rejections.items())]
+        if not parts:
+            parts = [f"{self.num_selected} selected, no usable update"]
+        return "; ".join(parts)
 
 
 @dataclass
@@ -574,6 +738,7 @@ class FederationResult:
         rounds: One report per finished round, in order.
         epsilon_per_device: The latest running ε of every device in the ledger.
         central_epsilon: ε of central DP (None when not enabled).
+        planned_rounds: The plan's rounds (0: unknown).
     """
 
     run_id: str
@@ -582,14 +747,43 @@ class FederationResult:
     rounds: list[RoundReport] = field(default_factory=list)
     epsilon_per_device: dict[str, float] = field(default_factory=dict)
     central_epsilon: float | None = None
+    planned_rounds: int = 0
 
     @property
     def final_accuracy(self) -> float:
         """Server-side accuracy after the last round (NaN when no round finished)."""
         return self.rounds[-1].accuracy if self.rounds else float("nan")
 
+    @property
+    def rounds_trained(self) -> int:
+        """Rounds that aggregated at least one update."""
+        return sum(1 for r in self.rounds if r.aggregated)
+
+    def shortfall(self) -> str | None:
+        """Why the run trained fewer rounds than planned, or ``None`` if it trained all.
+
+        A round that aggregated nothing does not count as trained, and its line names
+        every selected device's reason (refused, failed or rejected); a run that stopped
+        early adds its stop reason.
+        """
+        planned = self.planned_rounds or len(self.rounds)
+        idle = [r for r in self.rounds if not r.aggregated]
+        if self.rounds_trained >= planned and not idle and self.status != "stopped":
+            return None
+        parts = [f"trained {self.rounds_trained} of {planned} planned rounds"]
+        parts += [f"round {r.round} trained nobody ({r.why_nothing_trained()})" for r in idle]
+        if self.stop_reason:
+            parts.append(f"stopped: {self.stop_reason}")
+        elif len(self.rounds) < planned:
+            parts.append(f"only {len(self.rounds)} rounds ran")
+        return "; ".join(parts)
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
+        """A JSON-ready dict, with ``complete`` and ``shortfall`` (see :meth:`shortfall`)."""
         out = asdict(self)
         out["final_accuracy"] = self.final_accuracy
+        out["rounds_trained"] = self.rounds_trained
+        shortfall = self.shortfall()
+        out["complete"] = shortfall is None
+        out["shortfall"] = shortfall
         return out

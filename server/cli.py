@@ -492,6 +492,9 @@ def train(
         except BadInputError as exc:
             raise typer.BadParameter(str(exc), param_hint="--run-id") from exc
     fed_plan = load_config(FederationPlan, plan)
+    budget = fed_plan.central_budget
+    if budget is not None and budget.rounds_fit < fed_plan.rounds:
+        error_console_print(f"warning: {budget.describe()}")
     rid = run_id or new_run_id()
     ctx = _connect(config)
     try:
@@ -586,6 +589,7 @@ def _report_run(submitted: dict[str, Any], status: str, as_json: bool) -> None:
                 typer.echo(
                     f"{r.round:>5} {r.accuracy:>9.4f} {r.loss:>8.4f} "
                     f"{r.num_replies:>4}/{r.num_selected:<4} {r.epsilon_max:>7.3f} {r.wall_s:>6.1f}"
+                    + ("" if r.aggregated else f"  trained nobody: {r.why_nothing_trained()}")
                 )
             for device, eps in result.epsilon_per_device.items():
                 typer.echo(f"ε {device:<24} {eps:.4f}")
@@ -597,6 +601,11 @@ def _report_run(submitted: dict[str, Any], status: str, as_json: bool) -> None:
             hint=f"see `flwr log {submitted['flower_run_id']}` and the SuperLink log in the "
             "server's state_dir/superlink/",
         )
+    # Flower's "completed" only says the ServerApp returned: a run whose rounds trained
+    # nobody, or that stopped early, did not do what was asked.
+    shortfall = result.shortfall() if result is not None else "the registry has no such run"
+    if shortfall is not None:
+        raise RunFailedError(f"run {run_id} did not complete: {shortfall}")
 
 
 def _has_run(submitted: dict[str, Any]) -> bool:

@@ -59,7 +59,10 @@ def simulate(
     ] = False,
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
-    """Run a simulation scenario; write report.json, report.md and PNG plots to OUT."""
+    """Run a simulation scenario; write report.json, report.md and PNG plots to OUT.
+
+    Exits 9 (after writing the reports) when fewer rounds trained than planned.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -99,3 +102,15 @@ def simulate(
         emit_json(report)
     else:
         typer.echo((out / "report.md").read_text(encoding="utf-8"))
+    shortfalls = [
+        f"{label}{run['shortfall']}"
+        for label, run in (("", report), ("without DP: ", report.get("no_dp") or {}))
+        if run.get("shortfall")
+    ]
+    if shortfalls:
+        from edgefl.errors import RunFailedError
+
+        raise RunFailedError(
+            f"simulation {spec.scenario.name} did not complete: " + "; ".join(shortfalls),
+            hint=f"the reasons per device are in {out / 'report.json'}",
+        )

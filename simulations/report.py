@@ -3,7 +3,10 @@
 The JSON object always has the contract keys ``scenario``, ``rounds`` (each with
 ``round``, ``accuracy``, ``loss``, ``epsilon_max``, ``wall_s``, ``peak_rss_mb``),
 ``final_accuracy`` and ``epsilon_per_device``; everything else is extra detail
-(configuration echo, failures, rejected updates, totals, versions).
+(configuration echo, failures, rejected updates, totals, versions). ``complete`` is false
+when fewer rounds trained than planned (a round that aggregated nothing, or an early
+stop); ``shortfall`` then says why, with each device's reason, and ``edgefl simulate``
+exits 9.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ class RoundRow:
     failures: int = 0
     rejected: int = 0
     refused_budget: int = 0
+    aggregated: bool = True
+    trained_nobody_because: str = ""
+    refusals: dict[str, str] = field(default_factory=dict)
 
     @property
     def epsilon_max(self) -> float:
@@ -74,6 +80,9 @@ class RoundRow:
             "failures": self.failures,
             "rejected_updates": self.rejected,
             "refused_budget": self.refused_budget,
+            "aggregated": self.aggregated,
+            "trained_nobody_because": self.trained_nobody_because,
+            "refusals": dict(sorted(self.refusals.items())),
         }
 
 
@@ -91,6 +100,7 @@ class RunResult:
     rejection_reasons: dict[str, int] = field(default_factory=dict)
     stopped_early: str = ""
     registry_url: str = ""
+    shortfall: str | None = None
 
     @property
     def final_accuracy(self) -> float:
@@ -113,6 +123,8 @@ class RunResult:
             "rejected_updates": sum(r.rejected for r in self.rows),
             "rejection_reasons": self.rejection_reasons,
             "stopped_early": self.stopped_early,
+            "complete": self.shortfall is None,
+            "shortfall": self.shortfall,
             "registry_url": self.registry_url,
         }
 
@@ -206,6 +218,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if report.get("stopped_early"):
         lines.append(f"- stopped early: {report['stopped_early']}")
+    if report.get("shortfall"):
+        lines.append(f"- **did not complete: {report['shortfall']}**")
     no_dp = report.get("no_dp")
     if no_dp:
         lines.append(
@@ -226,6 +240,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {row.get('rejected_updates', '')} | {row['wall_s']:.2f} "
             f"| {row['peak_rss_mb']:.0f} |"
         )
+    idle = [row for row in report["rounds"] if not row.get("aggregated", True)]
+    if idle:
+        lines += ["", "## Rounds that trained nobody", ""]
+        lines += [f"- round {row['round']}: {row['trained_nobody_because']}" for row in idle]
     reasons = {**report.get("failure_reasons", {}), **report.get("rejection_reasons", {})}
     if reasons:
         lines += ["", "## Failures and rejected updates", ""]

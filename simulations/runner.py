@@ -147,6 +147,9 @@ def _run_one(
                 failures=rep.num_failures,
                 rejected=rep.num_rejected,
                 refused_budget=rep.num_refused,
+                aggregated=rep.aggregated,
+                trained_nobody_because="" if rep.aggregated else rep.why_nothing_trained(),
+                refusals=dict(rep.refusals),
             )
         )
         if rep.num_failures:
@@ -166,6 +169,7 @@ def _run_one(
         rejection_reasons=rejections,
         stopped_early=result.stop_reason,
         registry_url=registry_url,
+        shortfall=result.shortfall(),
     )
     histories: dict[str, list[tuple[float, float, int]]] = {}
     for entry in ledger:
@@ -210,6 +214,11 @@ def run_scenario(
     Returns:
         The report object written to ``report.json``.
     """
+    # Validate the plan before the engine starts: a central-DP budget that fits no round
+    # is a ConfigError (exit 3) here, and one that fits fewer rounds than planned is said.
+    budget = scenario.to_plan().central_budget
+    if budget is not None and budget.rounds_fit < scenario.training.rounds:
+        logging.getLogger(__name__).warning("%s", budget.describe())
     out_dir.mkdir(parents=True, exist_ok=True)
     url = registry_url or f"sqlite:///{(out_dir / REGISTRY_FILENAME).resolve()}"
     compare = scenario.simulation.compare_no_dp and scenario.privacy.enabled
@@ -244,6 +253,8 @@ def run_scenario(
         rss_method=RSS_METHOD,
         extra=extra,
     )
+    if budget is not None:
+        report["central_dp_budget"] = budget.describe()
     report["plots"] = write_plots(report, out_dir)
     write_reports(report, out_dir)
     return report

@@ -180,3 +180,74 @@ def test_console_script_maps_errors_to_exit_codes(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_refuses_a_central_dp_plan_that_fits_no_round(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        "num_devices = 10\nrounds = 10\n"
+        "[central_dp]\nenabled = true\nnoise_multiplier = 1.0\nmax_epsilon = 3.0\n"
+    )
+    config = tmp_path / "server.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\n")
+    result = invoke("server", "train", "--plan", str(plan), "--config", str(config))
+    assert result.exit_code == ExitCode.CONFIG, result.output
+    text = flat(result.output)
+    assert "noise_multiplier 1 spends ε 4.729 in the first round, over max_epsilon 3" in text
+    assert "noise_multiplier 1.5 or max_epsilon 4.73 allows 1 round" in text
+    assert not (tmp_path / "state").exists()  # refused before anything was touched
+
+
+def _run_whose_last_round_trained_nobody(url: str) -> None:
+    from edgefl.federation import RoundReport, load_plan
+    from edgefl.server.fl.ledger import Checkpoint, FlStore
+
+    store = FlStore(url)
+    try:
+        store.start_run("r-idle", load_plan({"num_devices": 3, "rounds": 3}), resume=False)
+        for rnd in (1, 2):
+            report = RoundReport(rnd, 0.8, 0.5, num_selected=3, num_replies=3)
+            store.commit_round("r-idle", report, [], Checkpoint(rnd, b"m", b"", {}))
+        idle = RoundReport(
+            3,
+            0.8,
+            0.5,
+            num_selected=3,
+            num_refused=3,
+            aggregated=False,
+            refusals={
+                f"dev-{d}": f"dev-{d}: the next round would take ε from 7.1 to 8.3, past its cap 8"
+                for d in "abc"
+            },
+        )
+        store.commit_round("r-idle", idle, [], Checkpoint(3, b"m", b"", {}))
+        store.finish("r-idle", "completed")
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_wait_exits_9_when_the_last_round_trained_nobody(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], as_json: bool
+) -> None:
+    from edgefl.errors import RunFailedError
+    from edgefl.server.cli import _report_run
+    from edgefl.server.registry import upgrade
+
+    url = f"sqlite:///{tmp_path / 'edgefl.db'}"
+    upgrade(url)
+    _run_whose_last_round_trained_nobody(url)
+    submitted = {"run_id": "r-idle", "flower_run_id": 7, "app_dir": "", "db_url": url}
+    with pytest.raises(RunFailedError) as info:
+        _report_run(submitted, "finished:completed", as_json)  # Flower says "completed"
+    assert info.value.exit_code == ExitCode.RUN_FAILED
+    message = str(info.value)
+    assert "trained 2 of 3 planned rounds; round 3 trained nobody (" in message
+    assert "dev-b refused: dev-b: the next round would take ε from 7.1 to 8.3" in message
+    out = capsys.readouterr().out
+    if as_json:
+        result = json.loads(out)["result"]
+        assert (result["complete"], result["rounds_trained"]) == (False, 2)
+        assert result["rounds"][-1]["refusals"]["dev-a"].endswith("past its cap 8")
+    else:
+        assert "trained nobody: dev-a refused:" in out  # the table row of round 3

@@ -344,6 +344,87 @@ def test_central_dp_accountant_survives_a_checkpoint() -> None:
     assert eps > 0
 
 
+def _central_plan(noise: float, max_epsilon: float, rounds: int = 10) -> dict[str, object]:
+    return {
+        "num_devices": 10,
+        "rounds": rounds,
+        "central_dp": {"enabled": True, "noise_multiplier": noise, "max_epsilon": max_epsilon},
+    }
+
+
+def _rounds_the_server_allows(plan: FederationPlan) -> tuple[int, float]:
+    """Round by round, as the server's wrapped strategy decides before each release."""
+    from flwr.serverapp import GaussianPrivacyEvent
+
+    accountant = build_strategy(plan).accountant  # type: ignore[attr-defined]
+    event = GaussianPrivacyEvent(plan.central_dp.noise_multiplier, 10, 10)
+    done = 0
+    while done < plan.rounds and not accountant.would_exceed(event):
+        accountant.compose(event)
+        done += 1
+    return done, accountant.get_privacy_spent().epsilon if done else 0.0
+
+
+def test_central_dp_plan_that_fits_no_round_is_refused_up_front() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_plan(_central_plan(1.0, 3.0))
+    message = str(info.value)
+    assert "noise_multiplier 1 spends ε 4.729 in the first round, over max_epsilon 3" in message
+    assert "no round can run" in message
+    # What would fit, and it does fit (the suggestions are rounded up, never down).
+    assert "noise_multiplier 1.5 or max_epsilon 4.73 allows 1 round" in message
+    assert load_plan(_central_plan(1.5, 3.0)).central_budget.rounds_fit >= 1  # type: ignore[union-attr]
+    assert load_plan(_central_plan(1.0, 4.73)).central_budget.rounds_fit == 1  # type: ignore[union-attr]
+    assert info.value.exit_code == 3
+
+
+def test_central_dp_budget_matches_the_servers_accountant() -> None:
+    plan = load_plan(_central_plan(3.0, 3.0))
+    budget = plan.central_budget
+    assert budget is not None
+    # The reporter's measurement: stopped after round 4 at ε = 2.985.
+    assert (budget.rounds_fit, round(budget.epsilon_fit, 3)) == (4, 2.985)
+    assert (budget.rounds_fit, budget.epsilon_fit) == pytest.approx(_rounds_the_server_allows(plan))
+    assert "allows only 4 of the 10 planned rounds" in budget.describe()
+    enough = load_plan(_central_plan(budget.noise_for_all, 3.0))
+    assert enough.central_budget is not None
+    assert enough.central_budget.rounds_fit == 10
+    assert _rounds_the_server_allows(enough)[0] == 10
+    assert load_plan({"num_devices": 10}).central_budget is None  # no central DP: no check
+
+
+def test_result_says_which_rounds_trained_nobody_and_why() -> None:
+    from edgefl.federation import FederationResult
+
+    refused = RoundReport(
+        3,
+        0.5,
+        1.0,
+        num_selected=3,
+        aggregated=False,
+        refusals={"dev-a": "next round would take ε to 8.4, past its cap 8.0"},
+        failure_reasons={"dev-b": "no reply within 600 s"},
+        rejections={"dev-c": "array 'w' has shape (2,), expected (3,)"},
+    )
+    done = [RoundReport(r, 0.9, 0.3, num_replies=3) for r in (1, 2)]
+    result = FederationResult("r", "completed", rounds=[*done, refused], planned_rounds=3)
+    shortfall = result.shortfall()
+    assert shortfall is not None
+    assert shortfall.startswith("trained 2 of 3 planned rounds; round 3 trained nobody (")
+    for part in ("dev-a refused: next round", "dev-b failed: no reply", "dev-c rejected: array"):
+        assert part in shortfall
+    assert result.to_dict()["complete"] is False
+    stopped = FederationResult(
+        "r", "stopped", "no device has ε budget left", done, planned_rounds=3
+    )
+    assert stopped.shortfall() == (
+        "trained 2 of 3 planned rounds; stopped: no device has ε budget left"
+    )
+    full = FederationResult("r", "completed", rounds=done, planned_rounds=2)
+    assert full.shortfall() is None
+    assert full.to_dict()["complete"] is True
+
+
 # ---------------------------------------------------------------- ledger (both DBs)
 
 
@@ -379,10 +460,33 @@ def test_ledger_rounds_and_resume_point(db_url: str) -> None:
         assert devices["sim-000"].rounds == 2
         result = store.result("r1")
         assert [r.round for r in result.rounds] == [1, 2]
+        assert result.planned_rounds == 3
+        assert result.shortfall() == "trained 2 of 3 planned rounds; only 2 rounds ran"
         assert result.epsilon_per_device == {"sim-000": 1.5, "sim-001": 1.6}
         assert len(store.ledger("r1")) == 4
         store.finish("r1", "completed")
         assert store.result("r1").status == "completed"
+        # A round that trained nobody keeps each device's reason in the registry.
+        idle = RoundReport(
+            3,
+            0.5,
+            1.0,
+            num_selected=2,
+            num_refused=2,
+            aggregated=False,
+            refusals={"sim-000": "past its cap", "sim-001": "past its cap too"},
+            failure_reasons={"node-7": "no reply within 600 s"},
+        )
+        store.commit_round("r1", idle, [], Checkpoint(3, b"m3", b"", {}))
+        back = store.result("r1").rounds[-1]
+        assert (back.aggregated, back.refusals, back.failure_reasons) == (
+            False,
+            idle.refusals,
+            idle.failure_reasons,
+        )
+        assert "round 3 trained nobody (sim-000 refused: past its cap" in str(
+            store.result("r1").shortfall()
+        )
     finally:
         store.close()
 

@@ -251,7 +251,12 @@ class FlStore:
                         central_epsilon=central_epsilon,
                         wall_s=report.wall_s,
                         detail_json=json.dumps(
-                            {"aggregated": report.aggregated, "rejections": report.rejections}
+                            {
+                                "aggregated": report.aggregated,
+                                "rejections": report.rejections,
+                                "refusals": report.refusals,
+                                "failure_reasons": report.failure_reasons,
+                            }
                         ),
                         at=now,
                     )
@@ -318,6 +323,8 @@ class FlStore:
                     wall_s=r.wall_s,
                     aggregated=bool(detail.get("aggregated", True)),
                     rejections=dict(detail.get("rejections", {})),
+                    refusals=dict(detail.get("refusals", {})),
+                    failure_reasons=dict(detail.get("failure_reasons", {})),
                 )
             )
             central = r.central_epsilon
@@ -329,6 +336,7 @@ class FlStore:
             rounds=reports,
             epsilon_per_device=eps,
             central_epsilon=central,
+            planned_rounds=int(json.loads(run.plan_json).get("rounds", 0)),
         )
 
     def plan(self, run_id: str) -> FederationPlan:

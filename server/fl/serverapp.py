@@ -190,8 +190,13 @@ class _Run:
             if excluded:
                 log.info("round %d: not selected: %s", rnd, excluded)
             if not selected:
-                self.store.finish(self.run_id, "stopped", "no device has ε budget left")
-                log.warning("run %s stopped: no device has ε budget left", self.run_id)
+                reason = "no device has ε budget left" + (
+                    " (" + "; ".join(f"{d}: {r}" for d, r in sorted(excluded.items())) + ")"
+                    if excluded
+                    else ""
+                )
+                self.store.finish(self.run_id, "stopped", reason)
+                log.warning("run %s stopped before round %d: %s", self.run_id, rnd, reason)
                 return
             config = ConfigRecord(
                 {
@@ -228,6 +233,13 @@ class _Run:
                 accept_plain=not plan.dp.enabled,
             )
             missing = len(messages) - len(replies)
+            failure_reasons = dict(screen.failures)
+            answered = {int(m.metadata.src_node_id) for m in replies}
+            for msg in messages:
+                node = int(msg.metadata.dst_node_id)
+                if node not in answered:
+                    name = self.node_device.get(node, f"node-{node}")
+                    failure_reasons[name] = f"no reply within {plan.round_timeout_s:g} s"
             aggregated = False
             train_loss: float | None = None
             if screen.accepted:
@@ -266,7 +278,11 @@ class _Run:
                 wall_s=time.monotonic() - started,
                 aggregated=aggregated,
                 rejections=dict(screen.rejected),
+                refusals=dict(screen.refusals),
+                failure_reasons=failure_reasons,
             )
+            if not aggregated:
+                log.warning("round %d trained nobody: %s", rnd, report.why_nothing_trained())
             blob, meta = strategy_state(strategy)
             central = getattr(strategy, "accountant", None)
             central_eps = (

@@ -243,6 +243,7 @@ class ScreenResult:
     failures: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
+    refusals: dict[str, str] = field(default_factory=dict)  # device -> its reply's reason
     flagged: list[str] = field(default_factory=list)
 
 
@@ -366,6 +367,7 @@ def screen_train_replies(
         node_device[node] = device
         if str(info.get("status", "")) == "budget_exhausted":
             out.refused.append(device)
+            out.refusals[device] = str(info.get("reason", "budget_exhausted"))[:300]
             exhausted.add(device)
             continue
         metrics = content.metric_records.get("metrics")
