@@ -14,6 +14,12 @@ Enrollment joins a device's three identities under one device id:
    keys and installs the certificate and the CA certificate.
 
 On the device everything lives in ``<state_dir>/identity/`` (:class:`IdentityPaths`).
+
+Renewal: certificates are valid for a year. Before its certificate expires, the agent
+publishes a :class:`RenewalRequest` (a CSR for its current key) on
+:func:`renewal_request_topic` over its current mutual-TLS connection; the server's
+certificate service answers with the fleet command :data:`INSTALL_CERT_COMMAND` carrying
+the new certificate, which the agent checks, installs atomically and reconnects with.
 """
 
 from __future__ import annotations
@@ -30,17 +36,28 @@ from edgefl.files import write_text_atomic
 
 __all__ = [
     "IDENTITY_DIR",
+    "INSTALL_CERT_COMMAND",
     "EnrollmentBundle",
     "EnrollmentRequest",
     "IdentityPaths",
+    "RenewalRequest",
     "read_bundle",
     "read_request",
+    "renewal_request_topic",
     "write_json_document",
 ]
 
 IDENTITY_DIR = "identity"
 _DocT = TypeVar("_DocT", bound=StrictModel)
 _ID = r"^[A-Za-z0-9_-]{1,64}$"
+
+INSTALL_CERT_COMMAND = "install-cert"
+"""The fleet command that carries a renewed certificate to the device."""
+
+
+def renewal_request_topic(fleet: str, device_id: str) -> str:
+    """Where a device publishes its :class:`RenewalRequest` (QoS 1, not retained)."""
+    return f"edgefl/{fleet}/{device_id}/cert/request"
 
 
 class EnrollmentRequest(StrictModel):
@@ -68,6 +85,15 @@ class EnrollmentBundle(StrictModel):
     cert_serial: str = Field(description="Serial of cert_pem, hexadecimal.")
     node_id: str = Field(description="The SuperLink's node id for the node key (decimal).")
     superlink: str | None = Field(None, description="host:port of the SuperLink, if known.")
+
+
+class RenewalRequest(StrictModel):
+    """What a device publishes on :func:`renewal_request_topic` to renew its certificate."""
+
+    kind: Literal["edgefl-cert-request"] = "edgefl-cert-request"
+    version: Literal[1] = 1
+    request_id: str = Field(pattern=_ID, description="Echoed back in the install command.")
+    csr_pem: str = Field(max_length=8192, description="PEM CSR, subject CN = device id.")
 
 
 class IdentityPaths:

@@ -21,6 +21,7 @@ exactly once: a file is committed under its name as import key, then deleted.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from edgefl.edge_agent.commands import (
 )
 from edgefl.edge_agent.datastore import SAMPLES_FILE, LocalDataStore, Sample
 from edgefl.edge_agent.fl.supernode import TELEMETRY_DIR, SuperNodeSupervisor, TrainingConfig
+from edgefl.edge_agent.identity import CertRenewer
 from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender, status_topic
 from edgefl.edge_agent.offload.config import OffloadConfig
 from edgefl.edge_agent.outbox import Outbox, OutboxFullError, OutboxItem, OutboxPolicy
@@ -56,6 +58,7 @@ from edgefl.edge_agent.sources import (
     SourceRecord,
     build_source,
 )
+from edgefl.enrollment import INSTALL_CERT_COMMAND
 from edgefl.errors import BadInputError
 from edgefl.files import write_text_atomic
 from edgefl.procs import pid_alive
@@ -87,6 +90,15 @@ class AgentConfig(StrictModel):
     )
     training: TrainingConfig | None = Field(
         None, description="Federated training on this device (a supervised Flower SuperNode)."
+    )
+    cert_renew_days: float = Field(
+        30.0,
+        gt=0,
+        description="Ask the server for a new certificate (over MQTT, same key) when less "
+        "than this is left of mqtt.cert_file; the server answers with install-cert.",
+    )
+    cert_renew_retry_s: float = Field(
+        600.0, gt=0, description="Ask again after this long while no certificate came."
     )
 
     @model_validator(mode="before")
@@ -128,6 +140,19 @@ class Agent:
         self.commands.register("ping", ping_handler)
         self.commands.register("status", status_handler(lambda: self.status(running=True)))
         self.commands.register("set-rate", set_rate_handler(self.set_source_rate))
+        self.renewer: CertRenewer | None = None
+        self._next_renewal = 0.0
+        mqtt_cfg = config.mqtt
+        if mqtt_cfg.cert_file and mqtt_cfg.key_file and mqtt_cfg.ca_file:
+            self.renewer = CertRenewer(
+                config.device_id,
+                config.fleet,
+                cert_path=mqtt_cfg.cert_file,
+                key_path=mqtt_cfg.key_file,
+                ca_path=mqtt_cfg.ca_file,
+                renew_before=dt.timedelta(days=config.cert_renew_days),
+            )
+            self.commands.register(INSTALL_CERT_COMMAND, self.renewer.install)
         self.link.subscribe(command_filter(config.fleet, config.device_id), qos=1)
         self.datastore: LocalDataStore | None = None
         self.supervisor: SuperNodeSupervisor | None = None
@@ -306,6 +331,30 @@ class Agent:
             logger.exception("importing training telemetry failed")
         self.supervisor.poll(connected=self.link.connected, samples=self._samples)
 
+    def _renewal_tick(self, now: float) -> None:
+        """Ask for a new certificate when due; reconnect once one was installed."""
+        renewer = self.renewer
+        if renewer is None:
+            return
+        if renewer.reload_needed:
+            renewer.reload_needed = False
+            self.link.reload_tls()
+            return
+        if now < self._next_renewal or not self.link.connected or not renewer.due():
+            return
+        self._next_renewal = now + self.config.cert_renew_retry_s
+        try:
+            topic, payload = renewer.request()
+        except BadInputError as exc:
+            logger.error("cannot ask for a new certificate: %s", exc)
+            return
+        self.link.publish(topic, payload, qos=1)
+        logger.warning(
+            "certificate %s expires at %s: asked the server for a new one",
+            renewer.cert_path,
+            renewer.not_after(),
+        )
+
     def run(self, stop: threading.Event) -> None:
         """Block until ``stop`` is set; always closes cleanly (retained ``offline``)."""
         self.commands.recover()
@@ -321,6 +370,7 @@ class Agent:
                     self.submit(source.due(now))
                 if now >= next_training:
                     self._training_tick()
+                    self._renewal_tick(now)
                     next_training = now + 1.0
                 if now >= next_status:
                     self.write_status(running=True)

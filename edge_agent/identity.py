@@ -3,7 +3,8 @@
 ``edgefl agent enroll`` calls :func:`prepare_enrollment` (keys are made once and kept;
 only ``force`` replaces them) and ``edgefl agent enroll --install`` calls
 :func:`install_bundle`, which refuses a bundle that does not belong to this device's
-keys. File layout and the contract with the server: :mod:`edgefl.enrollment`.
+keys. The running agent renews its certificate with :class:`CertRenewer`. File layout
+and the contract with the server: :mod:`edgefl.enrollment`.
 
 Private keys are written with mode 0600 set on the file before a byte of the key is in
 it, through a temporary file in the same folder and ``os.replace``, so a crash never
@@ -13,8 +14,11 @@ leaves a half-written or world-readable key.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -26,13 +30,16 @@ from edgefl.enrollment import (
     EnrollmentBundle,
     EnrollmentRequest,
     IdentityPaths,
+    RenewalRequest,
     read_bundle,
+    renewal_request_topic,
     write_json_document,
 )
 from edgefl.errors import BadInputError
 from edgefl.files import write_bytes_atomic
 
 __all__ = [
+    "CertRenewer",
     "EnrollmentResult",
     "InstallResult",
     "install_bundle",
@@ -289,3 +296,126 @@ def install_bundle(bundle_path: Path, device_id: str, fleet: str, state_dir: Pat
     write_json_document(paths.bundle, bundle)
     not_after = cert.not_valid_after_utc.astimezone(dt.UTC).isoformat()
     return InstallResult(bundle, f"{cert.serial_number:x}", not_after, paths)
+
+
+class CertRenewer:
+    """Renews the device's TLS certificate over MQTT before it expires.
+
+    The agent asks (:meth:`request`, published over its current mutual-TLS connection on
+    :func:`~edgefl.enrollment.renewal_request_topic`) with a CSR for the key it already
+    has, so no private key is ever made or moved; the server answers with the
+    ``install-cert`` command, whose handler is :meth:`install`. A certificate is installed
+    only if it is for this device's id and key, verifies against the installed fleet CA and
+    lasts longer than the current one; it is written atomically, and
+    :attr:`reload_needed` tells the agent to reconnect with it.
+
+    Args:
+        device_id: This device's id.
+        fleet: Its fleet.
+        cert_path: The installed certificate (``mqtt.cert_file``).
+        key_path: Its key (``mqtt.key_file``).
+        ca_path: The fleet CA certificate (``mqtt.ca_file``).
+        renew_before: Ask when less than this is left of the certificate.
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        fleet: str,
+        *,
+        cert_path: Path,
+        key_path: Path,
+        ca_path: Path,
+        renew_before: dt.timedelta,
+    ) -> None:
+        self.device_id = device_id
+        self.fleet = fleet
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.ca_path = ca_path
+        self.renew_before = renew_before
+        self.reload_needed = False
+        self.requests = 0
+        self.installed = 0
+
+    def not_after(self) -> dt.datetime | None:
+        """When the installed certificate expires (UTC), or ``None`` if it is unreadable."""
+        try:
+            cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return cert.not_valid_after_utc
+
+    def due(self, now: dt.datetime | None = None) -> bool:
+        """Whether the certificate expires within ``renew_before`` (or cannot be read)."""
+        end = self.not_after()
+        now = now or dt.datetime.now(dt.UTC)
+        return end is None or end - now < self.renew_before
+
+    def request(self) -> tuple[str, bytes]:
+        """The renewal request: ``(topic, payload)`` to publish with QoS 1.
+
+        Raises:
+            BadInputError: The TLS key cannot be loaded.
+        """
+        key = _load_tls_key(self.key_path)
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.device_id)]))
+            .sign(key, hashes.SHA256())
+        )
+        self.requests += 1
+        document = RenewalRequest(
+            request_id=uuid.uuid4().hex,
+            csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+        )
+        payload = json.dumps(document.model_dump(mode="json")).encode()
+        return renewal_request_topic(self.fleet, self.device_id), payload
+
+    def install(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The ``install-cert`` command handler: check, install, ask for a reconnect.
+
+        Safe to repeat: the certificate already installed is accepted again unchanged.
+
+        Raises:
+            BadInputError: Not a certificate for this device's id and key, not from the
+                fleet CA, or not newer than the installed one (nothing is written).
+        """
+        pem = args.get("cert_pem")
+        if not isinstance(pem, str):
+            raise BadInputError("install-cert: args.cert_pem must be a PEM string")
+        try:
+            cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+            ca = x509.load_pem_x509_certificate(self.ca_path.read_bytes())
+        except (OSError, ValueError, UnicodeEncodeError) as exc:
+            raise BadInputError(f"install-cert: unreadable certificate: {exc}") from exc
+        key = _load_tls_key(self.key_path)
+        pub = cert.public_key()
+        if not isinstance(pub, ec.EllipticCurvePublicKey) or _public_der(pub) != _public_der(
+            key.public_key()
+        ):
+            raise BadInputError("install-cert: the certificate is not for this device's key")
+        cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if cns != [self.device_id]:
+            raise BadInputError(f"install-cert: the certificate's CN is {cns!r}")
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise BadInputError("install-cert: not signed by the fleet CA") from exc
+        current = self.not_after()
+        result = {
+            "serial": f"{cert.serial_number:x}",
+            "not_after": cert.not_valid_after_utc.isoformat(),
+        }
+        if current is not None and cert.not_valid_after_utc <= current:
+            try:
+                same = self.cert_path.read_bytes().strip() == pem.encode("ascii").strip()
+            except OSError:
+                same = False
+            if same:
+                return {**result, "installed": False}  # a repeat: already in place
+            raise BadInputError("install-cert: the certificate does not outlast the current one")
+        write_bytes_atomic(self.cert_path, pem.encode("ascii"), mode=0o644)
+        self.installed += 1
+        self.reload_needed = True
+        return {**result, "installed": True}

@@ -472,6 +472,26 @@ class MqttLink:
             self.client_epoch += 1
             self._connect_async(self._client)
 
+    def reload_tls(self) -> None:
+        """Reconnect with the TLS files read again (a renewed certificate was installed).
+
+        paho reads the certificate once, when the client is built, so a new client is
+        built and connected like after a protocol fallback (same protocol, same session:
+        the broker keys it by the certificate's CN). What paho held in flight is handed
+        over by the outbox sender as after any new client (:attr:`client_epoch`).
+        """
+        with self._client_lock:
+            old = self._client
+            old.disconnect()
+            old.loop_stop()
+            if self._closing.is_set():
+                return
+            self._connected.clear()
+            self._client = self._build_client(old.protocol)
+            self.client_epoch += 1
+            self._connect_async(self._client)
+        _log.info("reconnecting with the renewed certificate %s", self.config.cert_file)
+
     # -- paho callbacks (network thread; no locks of ours) --------------------------------
 
     def _on_connect(

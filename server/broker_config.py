@@ -2,26 +2,41 @@
 
 The template and the ACL live in the repository's ``deploy/mosquitto/`` folder so that
 operators can read them; deployments and the broker tests both go through
-:func:`render_mosquitto_config`, so the tests exercise exactly what is shipped.
+:func:`render_mosquitto_config` and :func:`render_acl`, so the tests exercise exactly what
+is shipped.
+
+:data:`MAX_PAYLOAD_BYTES` is the one payload limit of the fleet: the broker's
+``message_size_limit`` defaults to the ingest's ``max_payload_bytes`` default
+(``edgefl server start`` passes the configured one).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import string
+from collections.abc import Iterable
 from pathlib import Path
 
 from edgefl.errors import ConfigError
+from edgefl.server.ingest import DEFAULT_MAX_PAYLOAD_BYTES
 
 __all__ = [
+    "MAX_PAYLOAD_BYTES",
     "default_acl_path",
     "default_template_path",
     "deploy_dir",
+    "render_acl",
     "render_mosquitto_config",
 ]
 
 logger = logging.getLogger(__name__)
+
+MAX_PAYLOAD_BYTES = DEFAULT_MAX_PAYLOAD_BYTES
+"""Largest MQTT payload the broker accepts: the ingest's default ``max_payload_bytes``."""
+
+_OPERATOR_CN = re.compile(r"edgefl-op-[A-Za-z0-9_-]{1,54}")
 
 
 def deploy_dir() -> Path:
@@ -47,6 +62,36 @@ def default_template_path() -> Path:
 def default_acl_path() -> Path:
     """The shipped ACL file."""
     return deploy_dir() / "acl"
+
+
+def render_acl(operators: Iterable[str] = (), *, acl: Path | None = None) -> str:
+    """The shipped ACL plus one read-only block per operator certificate.
+
+    mosquitto's ACL has no wildcard for user names, so each operator CN
+    (``FleetCA.operator_names()``) gets its own ``user`` block reading ``edgefl/#``.
+
+    Args:
+        operators: Operator CNs (``edgefl-op-<name>``).
+        acl: The base ACL; the shipped ``deploy/mosquitto/acl`` by default.
+
+    Returns:
+        The ACL text for mosquitto's ``acl_file``.
+
+    Raises:
+        ConfigError: The base ACL cannot be read, or a name is not an operator CN.
+    """
+    path = acl if acl is not None else default_acl_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read mosquitto ACL {path}: {exc.strerror}") from exc
+    blocks = []
+    for name in sorted(set(operators)):
+        # A newline or space in a name would add ACL lines of its own.
+        if _OPERATOR_CN.fullmatch(name) is None:
+            raise ConfigError(f"{name!r} is not an operator identity (edgefl-op-NAME)")
+        blocks.append(f"user {name}\ntopic read edgefl/#\n")
+    return text.rstrip("\n") + "\n\n" + "\n".join(blocks) if blocks else text
 
 
 def _path_value(name: str, value: Path) -> str:
@@ -77,6 +122,7 @@ def render_mosquitto_config(
     run_as_user: str | None = None,
     log_dest: str = "stderr",
     template: Path | None = None,
+    message_size_limit: int = MAX_PAYLOAD_BYTES,
 ) -> str:
     """Fill the shipped mosquitto template.
 
@@ -93,6 +139,8 @@ def render_mosquitto_config(
             ``mosquitto``, which may not read files owned by the caller.
         log_dest: mosquitto ``log_dest`` value (``stderr``, ``syslog``, ``file /path``).
         template: Template to fill; the shipped one by default.
+        message_size_limit: Largest payload accepted (bytes); set it to the ingest's
+            ``max_payload_bytes``.
 
     Returns:
         The configuration text, ready for ``mosquitto -c FILE``.
@@ -111,6 +159,14 @@ def render_mosquitto_config(
         raise ConfigError(f"invalid log_dest {log_dest!r}")
     if run_as_user is not None:
         _check_token("run_as_user", run_as_user)
+    if (
+        not isinstance(message_size_limit, int)
+        or isinstance(message_size_limit, bool)
+        or not 0 < message_size_limit <= 268_435_455
+    ):
+        raise ConfigError(
+            f"message_size_limit must be 1-268435455 bytes, got {message_size_limit!r}"
+        )
     template_path = template if template is not None else default_template_path()
     try:
         text = template_path.read_text(encoding="utf-8")
@@ -129,6 +185,7 @@ def render_mosquitto_config(
         "acl_file": _path_value("acl_file", acl_file if acl_file else default_acl_path()),
         "user_line": f"user {run_as_user}" if run_as_user else "# user: mosquitto's default",
         "log_dest": log_dest,
+        "message_size_limit": str(message_size_limit),
     }
     try:
         rendered = string.Template(text).substitute(values)

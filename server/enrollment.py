@@ -17,7 +17,10 @@ unregisters the node from the SuperLink (its key can no longer activate a SuperN
 only then marks the row ``revoked``. Each step is idempotent, so a revoke that failed
 half-way is completed by running it again; a row marked ``revoked`` means every step is
 done. A revoked device is never admitted again silently: :func:`admit` refuses it unless
-the caller asks for ``readmit`` explicitly.
+the caller asks for ``readmit`` explicitly, and every admission (a readmission above all)
+refuses a TLS key or a Flower node key that any earlier certificate or enrollment of this
+fleet carried (:class:`ReusedKeyError`): a revoked device comes back only with new keys,
+so its old, possibly stolen ``device.key`` or ``node.key`` stays useless.
 
 :func:`enrolled_nodes` gives the ServerApp the node id -> device id map of admitted
 devices, so it can refuse a reply whose claimed device id is not its node's.
@@ -25,10 +28,11 @@ devices, so it can refuse a reply whose claimed device id is not its node's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -40,7 +44,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from edgefl.enrollment import EnrollmentBundle, EnrollmentRequest
 from edgefl.errors import BadInputError, ConfigError, EdgeflError
 from edgefl.server.fl.superlink import FlowerAdmin, FlowerCommandError
-from edgefl.server.fleet_ca import FleetCA
+from edgefl.server.fleet_ca import FleetCA, check_not_reserved, public_key_fingerprint
 from edgefl.server.registry.db import session_factory
 from edgefl.server.registry.models import Enrollment
 
@@ -48,6 +52,7 @@ __all__ = [
     "AlreadyEnrolledError",
     "EnrollmentInfo",
     "NotEnrolledError",
+    "ReusedKeyError",
     "RevokeResult",
     "RevokedDeviceError",
     "admit",
@@ -55,6 +60,7 @@ __all__ = [
     "get_enrollment",
     "is_admitted",
     "list_enrollments",
+    "renew_device_cert",
     "revoke",
 ]
 
@@ -71,6 +77,10 @@ class RevokedDeviceError(BadInputError):
 
 class NotEnrolledError(BadInputError):
     """No enrollment of that device id exists."""
+
+
+class ReusedKeyError(RevokedDeviceError):
+    """The request carries a TLS or node key that an earlier enrollment used."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,7 @@ class EnrollmentInfo:
     revoked_at: datetime | None
     revoke_reason: str
     node_public_key: str = ""
+    cert_pem: str = ""
 
     def to_dict(self) -> dict[str, str | None]:
         """A JSON-ready dict (timestamps ISO 8601, UTC)."""
@@ -143,6 +154,7 @@ def _info(row: Enrollment) -> EnrollmentInfo:
         revoked_at=_utc(row.revoked_at) if row.revoked_at else None,
         revoke_reason=row.revoke_reason,
         node_public_key=row.node_public_key,
+        cert_pem=row.cert_pem,
     )
 
 
@@ -231,6 +243,7 @@ def admit(
         ConfigError: The registry cannot be used (nothing stays admitted).
     """
     device_id = request.device_id
+    check_not_reserved(device_id)
     csr = _parse_csr(request)
     node_key = _node_key_line(request)
     existing = get_enrollment(engine, device_id)
@@ -251,12 +264,13 @@ def admit(
             "and run `edgefl server admit REQUEST --readmit`",
         )
     if existing is not None and existing.node_public_key == node_key:
-        raise RevokedDeviceError(
+        raise ReusedKeyError(
             f"device {device_id!r}: this request carries the node key that was revoked",
             hint="make new keys on the device with `edgefl agent enroll --force`",
         )
+    _refuse_reused_keys(device_id, csr, node_key, ca=ca, engine=engine)
 
-    issued = ca.issue_device_cert(device_id, csr=csr, days=cert_days)
+    issued = ca.issue_device_cert(device_id, csr=csr, days=cert_days, node_key=node_key)
     serial_hex = f"{issued.serial:x}"
     try:
         with tempfile.TemporaryDirectory(prefix="edgefl-admit-") as tmp:
@@ -327,9 +341,75 @@ def _compensate(
                 device_id,
             )
     try:
-        ca.revoke(serial)
+        # Voided: the certificate never served, so the same request may be retried.
+        ca.revoke(serial, void=True)
     except (EdgeflError, OSError) as exc:
         log.error("could not revoke certificate serial %x of %r: %s", serial, device_id, exc)
+
+
+def _refuse_reused_keys(
+    device_id: str,
+    csr: x509.CertificateSigningRequest,
+    node_key: str | None,
+    *,
+    ca: FleetCA,
+    engine: Engine,
+) -> None:
+    """Refuse keys that an earlier certificate or enrollment (of any device) carried.
+
+    ``node_key`` ``None`` checks the TLS key alone (a renewal with a new TLS key).
+
+    Two sources, so nothing issued before the CA kept key fingerprints slips through:
+    the CA's ``state.json`` history and every ``enrollments`` row (its current
+    certificate and node key).
+
+    Raises:
+        ReusedKeyError: Naming which key, where it was used and what to do.
+        ConfigError: The registry cannot be read.
+    """
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        return  # issue_device_cert refuses it with its own reason
+    hint = (
+        "a device comes back only with new keys: run `edgefl agent enroll --force` on it "
+        "and admit the new request"
+    )
+    for use in ca.key_history(public_key=public_key):
+        raise ReusedKeyError(
+            f"device {device_id!r}: the TLS key of this request was used before by "
+            f"certificate serial {use.serial:x} of {use.cn!r}"
+            + (" (revoked)" if use.revoked else ""),
+            hint=hint,
+        )
+    for use in ca.key_history(node_key=node_key) if node_key else []:
+        raise ReusedKeyError(
+            f"device {device_id!r}: the node key of this request was enrolled before with "
+            f"certificate serial {use.serial:x} of {use.cn!r}"
+            + (" (revoked)" if use.revoked else ""),
+            hint=hint,
+        )
+    wanted = public_key_fingerprint(public_key)
+    for row in list_enrollments(engine):
+        if node_key and row.node_public_key.split()[:2] == node_key.split()[:2]:
+            raise ReusedKeyError(
+                f"device {device_id!r}: the node key of this request is the one of the "
+                f"enrollment of {row.device_id!r} ({row.status})",
+                hint=hint,
+            )
+        if _cert_key_fingerprint(row.cert_pem) == wanted:
+            raise ReusedKeyError(
+                f"device {device_id!r}: the TLS key of this request is the one of the "
+                f"certificate serial {row.cert_serial} of {row.device_id!r} ({row.status})",
+                hint=hint,
+            )
+
+
+def _cert_key_fingerprint(cert_pem: str) -> str | None:
+    try:
+        key = x509.load_pem_x509_certificate(cert_pem.encode("ascii")).public_key()
+    except (ValueError, UnicodeEncodeError):
+        return None
+    return public_key_fingerprint(key) if isinstance(key, ec.EllipticCurvePublicKey) else None
 
 
 def _unregister(admin: FlowerAdmin, node_id: int) -> bool:
@@ -380,6 +460,9 @@ def revoke(
             hint="`edgefl server enrollments` lists the enrolled devices",
         )
     ca.revoke(int(current.cert_serial, 16))
+    # A renewed device may still hold its previous, unexpired certificate too.
+    for serial in ca.device_serials(device_id):
+        ca.revoke(serial)
     was_registered = _unregister(admin, int(current.node_id))
     already = current.status == "revoked"
     try:
@@ -437,3 +520,98 @@ def enrolled_nodes(engine: Engine) -> dict[str, str]:
         ConfigError: The registry cannot be read.
     """
     return {e.node_id: e.device_id for e in list_enrollments(engine, status="admitted")}
+
+
+def renew_device_cert(
+    fleet: str,
+    device_id: str,
+    csr_pem: str,
+    *,
+    ca: FleetCA,
+    engine: Engine,
+    cert_days: float = 365,
+    reissue_after: timedelta = timedelta(minutes=5),
+) -> EnrollmentInfo:
+    """Issue a new certificate to an admitted device that asked over its own identity.
+
+    The caller (:mod:`edgefl.server.cert_renewal`) read the request on
+    ``edgefl/{fleet}/{device_id}/cert/request``, a topic the broker's ACL lets only the
+    certificate with CN ``device_id`` write, so the topic names the requester. Here the
+    request must also agree with the registry: the device is admitted, in that fleet, the
+    CSR's CN is the device id, and its key is the device's current TLS key (renewal) or a
+    key no certificate ever carried (rotation). The enrollment row then holds the new
+    certificate, so a later :func:`revoke` revokes it (and any older one still valid).
+
+    A request repeated within ``reissue_after`` of the last issue gets the current
+    certificate again instead of a new one: a device whose answer was lost retries, and a
+    device that floods requests cannot make the CA sign without bound.
+
+    Args:
+        fleet: The fleet in the request's topic.
+        device_id: The device in the request's topic.
+        csr_pem: The CSR, PEM.
+        ca: The fleet CA.
+        engine: The registry.
+        cert_days: Validity of the new certificate.
+        reissue_after: See above.
+
+    Returns:
+        The enrollment after the renewal (``cert_pem`` is the certificate to install).
+
+    Raises:
+        NotEnrolledError: No enrollment of that device.
+        RevokedDeviceError: The device is revoked, or the fleet differs.
+        ReusedKeyError: The CSR's key is neither the current one nor new.
+        BadInputError: The CSR is unreadable, its CN differs or its signature is bad.
+        ConfigError: The registry cannot be used.
+    """
+    current = get_enrollment(engine, device_id)
+    if current is None:
+        raise NotEnrolledError(f"certificate renewal: no enrollment of {device_id!r}")
+    if current.status != "admitted":
+        raise RevokedDeviceError(f"certificate renewal: {device_id!r} is {current.status}")
+    if current.fleet != fleet:
+        raise RevokedDeviceError(
+            f"certificate renewal: {device_id!r} is enrolled in fleet {current.fleet!r}, "
+            f"the request came on fleet {fleet!r}"
+        )
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise BadInputError(f"certificate renewal of {device_id!r}: not a PEM CSR") from exc
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise BadInputError(f"certificate renewal of {device_id!r}: not an EC key")
+    current_cert = x509.load_pem_x509_certificate(current.cert_pem.encode("ascii"))
+    same_key = _cert_key_fingerprint(current.cert_pem) == public_key_fingerprint(public_key)
+    if same_key and datetime.now(UTC) - current_cert.not_valid_before_utc < reissue_after:
+        # not_valid_before is back-dated by the CA's clock-skew allowance; that only
+        # widens the window.
+        log.info("certificate renewal of %r repeated: the current certificate again", device_id)
+        return current
+    if not same_key:
+        _refuse_reused_keys(device_id, csr, None, ca=ca, engine=engine)
+    issued = ca.issue_device_cert(
+        device_id, csr=csr, days=cert_days, node_key=current.node_public_key
+    )
+    try:
+        with session_factory(engine).begin() as session:
+            row = session.get(Enrollment, device_id)
+            if row is None or row.status != "admitted":
+                raise RevokedDeviceError(f"{device_id!r} was revoked during its renewal")
+            row.cert_serial = f"{issued.serial:x}"
+            row.cert_pem = issued.cert_pem.decode("ascii")
+            info = _info(row)
+    except BaseException as exc:
+        with contextlib.suppress(EdgeflError, OSError):
+            ca.revoke(issued.serial, void=True)
+        if isinstance(exc, SQLAlchemyError):
+            raise _registry_error(engine, exc) from exc
+        raise
+    log.info(
+        "renewed the certificate of %r: serial %x until %s",
+        device_id,
+        issued.serial,
+        issued.certificate.not_valid_after_utc.isoformat(timespec="seconds"),
+    )
+    return info

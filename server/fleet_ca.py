@@ -8,15 +8,23 @@ The CA lives in one directory (keep it off the broker and back it up)::
     devices/<device_id>/      cert.pem (+ key.pem, 0600, when the CA generated the key)
     server/                   cert.pem, key.pem: the broker's TLS server certificate
     services/<name>/          cert.pem, key.pem: client certificates of cloud services
+    operators/<name>/         cert.pem, key.pem: read-only operator certificates
 
 Every file is written atomically (temporary file in the same folder, ``fsync``,
 ``os.replace``), so a crash never leaves a half-written key or CRL behind. Private keys are
 created with mode 0600 before a single byte is written.
 
 The broker identifies a client by the certificate's common name (mosquitto
-``use_identity_as_username``), so the CN of a device certificate is its device id and the
-ACL (``deploy/mosquitto/acl``) confines it to ``edgefl/+/<device_id>/#``. The name
-``edgefl-server`` is reserved for the cloud ingest identity and cannot be a device id.
+``use_identity_as_username`` and ``use_username_as_clientid``), so the CN of a device
+certificate is its device id and the ACL (``deploy/mosquitto/acl``) confines it to its own
+topics below ``edgefl/+/<device_id>/``. Every cloud service has its own CN
+(:data:`SERVICE_IDENTITIES`, e.g. ``edgefl-ingest``) and ACL entry, operators have
+``edgefl-op-<name>``; names starting with :data:`RESERVED_PREFIX` are never device ids, so
+no device can be enrolled under a service's name.
+
+``state.json`` keeps, for every certificate issued, the SHA-256 of its public key (and,
+for a device enrolled by ``edgefl server admit``, of its Flower node key), so a
+readmission can refuse keys that were used before (:meth:`FleetCA.key_history`).
 
 Several processes may write to one CA directory (the server refreshes the CRL while
 ``edgefl server admit`` or ``revoke`` issue and revoke): every change to ``state.json`` and
@@ -53,11 +61,22 @@ from edgefl.errors import BadInputError, ConfigError
 from edgefl.files import write_bytes_atomic
 
 __all__ = [
+    "CERTS_IDENTITY",
+    "COMMANDS_IDENTITY",
     "CRL_VALIDITY_DAYS",
     "DEVICE_ID_PATTERN",
+    "INGEST_IDENTITY",
+    "OPERATOR_PREFIX",
+    "RESERVED_PREFIX",
+    "ROLLOUT_IDENTITY",
     "SERVER_IDENTITY",
+    "SERVICE_IDENTITIES",
     "FleetCA",
     "IssuedCert",
+    "KeyUse",
+    "check_not_reserved",
+    "node_key_fingerprint",
+    "public_key_fingerprint",
     "validate_device_id",
 ]
 
@@ -69,10 +88,33 @@ DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CRL_VALIDITY_DAYS = 30
 """Days a CRL signed here is valid (its nextUpdate)."""
 
-SERVER_IDENTITY = "edgefl-server"
-"""CN of the cloud ingest's client certificate; the ACL grants it the whole tree."""
+RESERVED_PREFIX = "edgefl-"
+"""CNs starting with this (any case) belong to services and operators, never to devices."""
 
-_RESERVED_IDS = frozenset({SERVER_IDENTITY})
+INGEST_IDENTITY = "edgefl-ingest"
+"""CN of the MQTT ingest: reads the device-to-cloud topics, writes nothing."""
+
+COMMANDS_IDENTITY = "edgefl-commands"
+"""CN of the command and desired-state publisher."""
+
+ROLLOUT_IDENTITY = "edgefl-rollout"
+"""CN of the model rollout publisher (desired state)."""
+
+CERTS_IDENTITY = "edgefl-certs"
+"""CN of the certificate renewal service (reads cert/request, answers on cert/issued)."""
+
+SERVICE_IDENTITIES = frozenset(
+    {INGEST_IDENTITY, COMMANDS_IDENTITY, ROLLOUT_IDENTITY, CERTS_IDENTITY}
+)
+"""Every service CN the shipped ACL has an entry for."""
+
+SERVER_IDENTITY = INGEST_IDENTITY
+"""The ingest's CN (the name older code imports; it was ``edgefl-server``)."""
+
+OPERATOR_PREFIX = "edgefl-op-"
+"""CN prefix of read-only operator certificates (``edgefl-op-<name>``)."""
+
+_LEGACY_IDS = frozenset({"edgefl-server"})
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 _STATE_VERSION = 1
 
@@ -95,6 +137,60 @@ def validate_device_id(device_id: str) -> str:
             hint="use 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'",
         )
     return device_id
+
+
+def check_not_reserved(device_id: str) -> str:
+    """Refuse a device id in the service namespace (:data:`RESERVED_PREFIX`).
+
+    The broker takes a certificate's CN as username and client id and grants the
+    service CNs their own topics; a device enrolled as ``edgefl-ingest`` would be the
+    ingest.
+
+    Raises:
+        BadInputError: The id starts with ``edgefl-`` (any case).
+    """
+    if device_id.lower().startswith(RESERVED_PREFIX) or device_id in _LEGACY_IDS:
+        raise BadInputError(
+            f"device id {device_id!r} is reserved: names starting with {RESERVED_PREFIX!r} "
+            "belong to the cloud services and operators",
+            hint="choose another device id",
+        )
+    return device_id
+
+
+def public_key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    """SHA-256 (hex) of the key's DER SubjectPublicKeyInfo: how ``state.json`` names keys."""
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(der)
+    return digest.finalize().hex()
+
+
+def node_key_fingerprint(node_key: str) -> str:
+    """SHA-256 (hex) of a Flower node public key, an OpenSSH line (its comment ignored)."""
+    fields = node_key.split()
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(" ".join(fields[:2]).encode("ascii", "replace"))
+    return digest.finalize().hex()
+
+
+@dataclass(frozen=True)
+class KeyUse:
+    """A certificate of this CA that carried a given key (:meth:`FleetCA.key_history`).
+
+    Attributes:
+        serial: The certificate's serial.
+        cn: Its subject CN.
+        kind: ``device``, ``service``, ``operator`` or ``server``.
+        revoked: Whether it is revoked.
+    """
+
+    serial: int
+    cn: str
+    kind: str
+    revoked: bool
 
 
 @dataclass(frozen=True)
@@ -312,8 +408,9 @@ class FleetCA:
         self,
         device_id: str,
         *,
-        days: int = 365,
+        days: float = 365,
         csr: x509.CertificateSigningRequest | None = None,
+        node_key: str | None = None,
     ) -> IssuedCert:
         """Issue a TLS client certificate for one device.
 
@@ -327,46 +424,148 @@ class FleetCA:
             csr: A request made on the device, so the key never leaves it. Its subject CN
                 must be ``device_id`` and its signature must verify. Without one, the CA
                 generates a P-256 key and writes it next to the certificate (mode 0600).
+            node_key: The Flower node public key (OpenSSH line) enrolled with this
+                certificate; its fingerprint is kept for :meth:`key_history`.
 
         Returns:
             The certificate, its key (``None`` with a CSR), serial and paths, written to
             ``directory/devices/<device_id>/``.
 
         Raises:
-            BadInputError: Invalid or reserved device id, bad ``days``, or a CSR whose
-                CN differs or whose signature does not verify.
+            BadInputError: Invalid or reserved (``edgefl-...``) device id, bad ``days``,
+                or a CSR whose CN differs or whose signature does not verify.
         """
         validate_device_id(device_id)
-        if device_id in _RESERVED_IDS:
-            raise BadInputError(
-                f"device id {device_id!r} is reserved for the cloud service identity",
-                hint="choose another device id",
-            )
+        check_not_reserved(device_id)
         folder = self.directory / "devices" / device_id
-        return self._issue_client_cert(device_id, folder, days=days, csr=csr, kind="device")
+        extra = {"node_key_sha256": node_key_fingerprint(node_key)} if node_key else {}
+        return self._issue_client_cert(
+            device_id, folder, days=days, csr=csr, kind="device", extra=extra
+        )
 
-    def issue_service_cert(self, name: str = SERVER_IDENTITY, *, days: int = 365) -> IssuedCert:
+    def issue_service_cert(self, name: str = INGEST_IDENTITY, *, days: float = 365) -> IssuedCert:
         """Issue a clientAuth certificate for a cloud service (by default the ingest).
 
-        The broker's ACL grants ``edgefl-server`` read access to ``edgefl/#`` and write
-        access to the command and desired-state topics.
+        Each service has its own entry in the broker's ACL (``deploy/mosquitto/acl``):
+        the ingest reads the device-to-cloud topics, ``edgefl-commands`` writes commands
+        and desired state, ``edgefl-certs`` answers certificate renewals.
 
         Args:
-            name: The service identity (certificate CN and MQTT username).
+            name: The service identity (certificate CN, MQTT username and client id),
+                one of :data:`SERVICE_IDENTITIES`.
             days: Validity of the certificate.
 
         Returns:
             The certificate and key, written to ``directory/services/<name>/``.
 
         Raises:
-            BadInputError: ``name`` is not ``[A-Za-z0-9_-]{1,64}``.
+            BadInputError: ``name`` is not a known service identity.
         """
-        validate_device_id(name)
+        if name not in SERVICE_IDENTITIES:
+            raise BadInputError(
+                f"{name!r} is not a service identity the broker's ACL knows",
+                hint=f"use one of {', '.join(sorted(SERVICE_IDENTITIES))}",
+            )
         folder = self.directory / "services" / name
         return self._issue_client_cert(name, folder, days=days, csr=None, kind="service")
 
+    def issue_operator_cert(self, name: str, *, days: float = 365) -> IssuedCert:
+        """Issue a read-only operator certificate (CN ``edgefl-op-<name>``).
+
+        For people watching the fleet with ``mosquitto_sub``: the broker's rendered ACL
+        (:func:`edgefl.server.broker_config.render_acl`) gives each operator CN read
+        access to ``edgefl/#`` and nothing else, so nobody needs a service's key.
+
+        Args:
+            name: The operator's name, ``[A-Za-z0-9_-]{1,54}``.
+            days: Validity of the certificate.
+
+        Returns:
+            The certificate and key, written to ``directory/operators/<name>/``.
+
+        Raises:
+            BadInputError: ``name`` is invalid or too long.
+        """
+        validate_device_id(name)
+        cn = OPERATOR_PREFIX + name
+        validate_device_id(cn)  # at most 64 characters in all
+        folder = self.directory / "operators" / name
+        return self._issue_client_cert(cn, folder, days=days, csr=None, kind="operator")
+
+    def operator_names(self) -> list[str]:
+        """CNs of the operator certificates that are neither revoked nor expired, sorted."""
+        state = self._read_state()
+        now = _now()
+        names = {
+            str(entry["cn"])
+            for serial, entry in state.issued.items()
+            if entry.get("kind") == "operator"
+            and serial not in state.revoked
+            and dt.datetime.fromisoformat(str(entry["not_after"])) > now
+        }
+        return sorted(names)
+
+    def device_serials(self, device_id: str) -> list[int]:
+        """Serials of ``device_id``'s certificates that are neither revoked nor expired."""
+        state = self._read_state()
+        now = _now()
+        return sorted(
+            serial
+            for serial, entry in state.issued.items()
+            if entry.get("kind") == "device"
+            and entry.get("cn") == device_id
+            and serial not in state.revoked
+            and dt.datetime.fromisoformat(str(entry["not_after"])) > now
+        )
+
+    def key_history(
+        self,
+        *,
+        public_key: ec.EllipticCurvePublicKey | None = None,
+        node_key: str | None = None,
+    ) -> list[KeyUse]:
+        """Certificates of this CA that carried ``public_key``, or were enrolled with ``node_key``.
+
+        Certificates voided by a failed admission (``revoke(serial, void=True)``) do not
+        count: their keys never served.
+
+        Args:
+            public_key: A TLS public key.
+            node_key: A Flower node public key (OpenSSH line).
+
+        Returns:
+            Every such certificate, by serial.
+        """
+        wanted_tls = public_key_fingerprint(public_key) if public_key is not None else None
+        wanted_node = node_key_fingerprint(node_key) if node_key else None
+        state = self._read_state()
+        found = []
+        for serial, entry in sorted(state.issued.items()):
+            if entry.get("voided"):
+                continue
+            if (wanted_tls is not None and entry.get("public_key_sha256") == wanted_tls) or (
+                wanted_node is not None and entry.get("node_key_sha256") == wanted_node
+            ):
+                found.append(
+                    KeyUse(
+                        serial=serial,
+                        cn=str(entry.get("cn", "?")),
+                        kind=str(entry.get("kind", "?")),
+                        revoked=serial in state.revoked,
+                    )
+                )
+        return found
+
+    def _read_state(self) -> _State:
+        """``state.json`` as it is on disk now (other processes write it too)."""
+        state_file = self.directory / "state.json"
+        try:
+            return _State.from_json(state_file.read_text(encoding="utf-8"), state_file)
+        except OSError:
+            return self._state
+
     def issue_server_cert(
-        self, hostnames: list[str], ips: list[str], *, days: int = 825
+        self, hostnames: list[str], ips: list[str], *, days: float = 825
     ) -> IssuedCert:
         """Issue the broker's TLS server certificate.
 
@@ -408,9 +607,10 @@ class FleetCA:
         cn: str,
         folder: Path,
         *,
-        days: int,
+        days: float,
         csr: x509.CertificateSigningRequest | None,
         kind: str,
+        extra: dict[str, str] | None = None,
     ) -> IssuedCert:
         key: ec.EllipticCurvePrivateKey | None = None
         if csr is None:
@@ -425,7 +625,7 @@ class FleetCA:
             eku=ExtendedKeyUsageOID.CLIENT_AUTH,
             days=days,
         )
-        return self._store(cert, key, folder, kind=kind)
+        return self._store(cert, key, folder, kind=kind, extra=extra)
 
     @staticmethod
     def _check_csr(
@@ -458,7 +658,7 @@ class FleetCA:
         public_key: ec.EllipticCurvePublicKey,
         san: list[x509.GeneralName],
         eku: x509.ObjectIdentifier,
-        days: int,
+        days: float,
     ) -> x509.Certificate:
         if days <= 0:
             raise BadInputError(f"certificate validity must be positive, got {days} days")
@@ -504,6 +704,7 @@ class FleetCA:
         folder: Path,
         *,
         kind: str,
+        extra: dict[str, str] | None = None,
     ) -> IssuedCert:
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         key_pem = _key_pem(key) if key is not None else None
@@ -517,10 +718,14 @@ class FleetCA:
         write_bytes_atomic(cert_path, cert_pem, mode=0o644)
         cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
         with self._writing() as state:
+            public_key = cert.public_key()
+            assert isinstance(public_key, ec.EllipticCurvePublicKey)  # only EC keys signed
             state.issued[cert.serial_number] = {
                 "kind": kind,
                 "cn": str(cn),
                 "not_after": cert.not_valid_after_utc.isoformat(),
+                "public_key_sha256": public_key_fingerprint(public_key),
+                **(extra or {}),
             }
         logger.info("issued %s certificate for %r, serial %x", kind, cn, cert.serial_number)
         return IssuedCert(
@@ -538,7 +743,7 @@ class FleetCA:
         """Serials revoked so far."""
         return frozenset(self._state.revoked)
 
-    def revoke(self, serial: int) -> None:
+    def revoke(self, serial: int, *, void: bool = False) -> None:
         """Revoke a certificate this CA issued and rewrite ``crl.pem``.
 
         Revoking twice is harmless. The broker reads its ``crlfile`` at start-up, so
@@ -546,6 +751,9 @@ class FleetCA:
 
         Args:
             serial: The certificate's serial number (:attr:`IssuedCert.serial`).
+            void: The certificate was issued by an admission that failed and never
+                served: :meth:`key_history` forgets its keys, so the same request may
+                be admitted again.
 
         Raises:
             BadInputError: This CA never issued that serial.
@@ -555,6 +763,8 @@ class FleetCA:
                 raise BadInputError(
                     f"serial {serial:x} was not issued by this CA", hint="check the serial number"
                 )
+            if void:
+                state.issued[serial]["voided"] = True
             if serial in state.revoked:
                 logger.info("serial %x is already revoked", serial)
                 return

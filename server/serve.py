@@ -58,10 +58,11 @@ from edgefl.errors import ConfigError, EdgeflError
 from edgefl.files import write_text_atomic
 from edgefl.netutil import free_port, port_open
 from edgefl.procs import cmdline, cwd, end_process_group, pid_alive
-from edgefl.server.broker_config import render_mosquitto_config
+from edgefl.server.broker_config import MAX_PAYLOAD_BYTES, render_acl, render_mosquitto_config
+from edgefl.server.cert_renewal import CertRenewalService
 from edgefl.server.fl.fleet_proxy import FleetProxy, FleetProxyConfig, ProxyTLS
 from edgefl.server.fl.superlink import FlowerAdmin, SuperLink, SuperLinkConfig
-from edgefl.server.fleet_ca import CRL_VALIDITY_DAYS, SERVER_IDENTITY, FleetCA
+from edgefl.server.fleet_ca import CERTS_IDENTITY, CRL_VALIDITY_DAYS, SERVER_IDENTITY, FleetCA
 from edgefl.server.ingest import Ingest, IngestConfig
 from edgefl.server.registry.db import DEFAULT_DB_FILENAME, upgrade
 
@@ -163,6 +164,27 @@ class ServerConfig(StrictModel):
         "is left; the broker refuses every device once it has expired.",
     )
 
+    cert_renew_days: float = Field(
+        30.0,
+        gt=0,
+        lt=365,
+        description="Re-issue the server's own certificates (broker/SuperLink server "
+        "certificate, ingest and certificate-service client certificates) when less than "
+        "this is left of them, at start-up and while running; devices renew theirs over "
+        "MQTT (cert/request) in the window of their agent config.",
+    )
+    cert_check_s: float = Field(
+        3600.0, gt=0, description="How often the server checks its own certificates."
+    )
+    device_cert_days: float = Field(
+        365.0, gt=0, description="Validity of device certificates renewed over MQTT."
+    )
+    cert_service: bool = Field(
+        True,
+        description="Answer devices' certificate renewal requests (the edgefl-certs "
+        "identity; needs the broker).",
+    )
+
     @field_validator("ips")
     @classmethod
     def _ips_parse(cls, value: list[str]) -> list[str]:
@@ -217,7 +239,14 @@ class MosquittoBroker:
     """
 
     def __init__(
-        self, workdir: Path, ca: FleetCA, certfile: Path, keyfile: Path, config: BrokerConfig
+        self,
+        workdir: Path,
+        ca: FleetCA,
+        certfile: Path,
+        keyfile: Path,
+        config: BrokerConfig,
+        *,
+        message_size_limit: int = MAX_PAYLOAD_BYTES,
     ) -> None:
         exe = shutil.which(config.executable)
         if (
@@ -241,6 +270,10 @@ class MosquittoBroker:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.conf_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
+        # The shipped ACL plus one read-only block per operator certificate.
+        self.acl_path = self.workdir / "acl"
+        self._ca_dir = ca.directory
+        write_text_atomic(self.acl_path, render_acl(ca.operator_names()))
         text = render_mosquitto_config(
             port=self.port,
             cafile=ca.cert_path.resolve(),
@@ -248,8 +281,10 @@ class MosquittoBroker:
             keyfile=keyfile.resolve(),
             crlfile=ca.crl_path.resolve(),
             data_dir=data_dir,
+            acl_file=self.acl_path.resolve(),
             bind_address=config.host,
             run_as_user=config.run_as_user or getpass.getuser(),
+            message_size_limit=message_size_limit,
         )
         write_text_atomic(self.conf_path, text)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -302,6 +337,26 @@ class MosquittoBroker:
                     hint=f"see {self.log_path}",
                 )
             time.sleep(0.05)
+
+    def reload_acl(self) -> bool:
+        """Render the ACL again (operators added or revoked); SIGHUP mosquitto if it changed.
+
+        mosquitto re-reads ``acl_file`` on SIGHUP without dropping connections.
+
+        Returns:
+            Whether the ACL changed.
+        """
+        text = render_acl(FleetCA.load(self._ca_dir).operator_names())
+        try:
+            if self.acl_path.read_text(encoding="utf-8") == text:
+                return False
+        except OSError:
+            pass
+        write_text_atomic(self.acl_path, text)
+        if self._proc is not None and self._proc.poll() is None:
+            os.kill(self._proc.pid, signal.SIGHUP)
+        log.warning("broker ACL changed (operators): mosquitto reloads it")
+        return True
 
     def _last_line(self) -> str:
         try:
@@ -384,6 +439,10 @@ class Server:
         self.fleet_proxy: FleetProxy | None = None
         self.broker: MosquittoBroker | None = None
         self.ingest: Ingest | None = None
+        self.cert_service: CertRenewalService | None = None
+        self._cert_engine: Any = None
+        self._certs_due_at = 0.0  # monotonic time of the next own-certificate check
+        self.cert_renewals: list[str] = []  # what _renew_own_certs re-issued, in order
         self._children: list[_Supervised] = []
         self._lock = threading.RLock()
         self._stopping = threading.Event()
@@ -513,7 +572,12 @@ class Server:
         if cfg.broker.enabled:
             self._progress("[3/5] mosquitto (mutual TLS, ACL, CRL, persistence)")
             self.broker = MosquittoBroker(
-                self.state_dir / "broker", self._ca, server_cert, server_key, cfg.broker
+                self.state_dir / "broker",
+                self._ca,
+                server_cert,
+                server_key,
+                cfg.broker,
+                message_size_limit=cfg.ingest.max_payload_bytes,
             )
             self.broker.start()
             self._supervise("broker", self.broker)
@@ -562,6 +626,9 @@ class Server:
                 log.warning("the ingest is not subscribed yet; it keeps retrying")
         else:
             self._progress("[5/5] ingest disabled")
+        if cfg.cert_service:
+            self._start_cert_service()
+        self._certs_due_at = time.monotonic() + cfg.cert_check_s
         self._write_runtime()
         self._supervisor = threading.Thread(
             target=self._watch, name="edgefl-server-supervisor", daemon=True
@@ -648,9 +715,7 @@ class Server:
             ca = FleetCA.create(self.ca_dir)
         if not self._server_cert_matches():
             ca.issue_server_cert(*self._server_cert_names())
-        service = self.ca_dir / "services" / SERVER_IDENTITY
-        if not (service / "cert.pem").exists() or not (service / "key.pem").exists():
-            ca.issue_service_cert(SERVER_IDENTITY)
+        self._renew_own_certs(ca, restart=False)
         # A server that was down past the CRL's nextUpdate must not start a broker that
         # refuses every device.
         self._refresh_crl(ca)
@@ -664,6 +729,82 @@ class Server:
             self._crl_due_at = time.time() + 60.0
         else:
             self._crl_due_at = (next_update - before).timestamp()
+
+    # -- own certificates (cert_renew_days) ----------------------------------------------
+
+    def _cert_due(self, folder: Path) -> bool:
+        """Whether ``folder``'s cert.pem/key.pem is missing, unreadable or due for renewal."""
+        try:
+            cert = x509.load_pem_x509_certificate((folder / "cert.pem").read_bytes())
+        except (OSError, ValueError):
+            return True
+        if not (folder / "key.pem").exists():
+            return True
+        left = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
+        return left < dt.timedelta(days=self.config.cert_renew_days)
+
+    def _renew_own_certs(self, ca: FleetCA, *, restart: bool = True) -> list[str]:
+        """Re-issue the server's own certificates that are missing or due; restart their users.
+
+        The broker and the SuperLink read the server certificate at start-up (the Fleet
+        API proxy reloads it by itself), the ingest and the certificate service read theirs
+        when they connect: each one using a renewed certificate is restarted (``restart``;
+        not during start-up, when none runs yet).
+
+        Returns:
+            What was re-issued: ``server``, and the service CNs.
+        """
+        renewed: list[str] = []
+        if self._cert_due(self.ca_dir / "server"):
+            ca.issue_server_cert(*self._server_cert_names())
+            renewed.append("server")
+        for name in (SERVER_IDENTITY, CERTS_IDENTITY):
+            if self._cert_due(self.ca_dir / "services" / name):
+                ca.issue_service_cert(name)
+                renewed.append(name)
+        if renewed:
+            log.warning("re-issued the server's own certificates: %s", ", ".join(renewed))
+            self.cert_renewals.extend(renewed)
+        if not restart or not renewed:
+            return renewed
+        with self._lock:
+            if "server" in renewed:
+                for sup in self._children:
+                    if sup.name == "fleet_proxy":
+                        continue  # nginx reloads certificates without dropping devices
+                    try:
+                        sup.child.stop()
+                        sup.child.start()
+                    except EdgeflError as exc:  # the supervisor retries a dead child
+                        log.error("restarting %s with the renewed certificate: %s", sup.name, exc)
+            if SERVER_IDENTITY in renewed and self.ingest is not None:
+                self.ingest.stop()
+                self.ingest = Ingest(self._ingest_config())
+                self.ingest.start()
+            if CERTS_IDENTITY in renewed and self.cert_service is not None:
+                self.cert_service.stop()
+                self._start_cert_service()
+        self._write_runtime()
+        return renewed
+
+    def _start_cert_service(self) -> None:
+        """Start the certificate renewal service (CN ``edgefl-certs``) on the broker."""
+        from edgefl.server.registry.db import make_engine
+
+        folder = self.ca_dir / "services" / CERTS_IDENTITY
+        if self._cert_engine is None:
+            self._cert_engine = make_engine(self.db_url)
+        self.cert_service = CertRenewalService(
+            host=self.broker_host,
+            port=self.broker_port,
+            ca_file=self.ca_dir / "ca.pem",
+            cert_file=folder / "cert.pem",
+            key_file=folder / "key.pem",
+            load_ca=lambda: FleetCA.load(self.ca_dir),
+            engine=self._cert_engine,
+            cert_days=self.config.device_cert_days,
+        )
+        self.cert_service.start()
 
     def _server_cert_matches(self) -> bool:
         """Whether the existing server certificate names exactly the configured hosts."""
@@ -730,6 +871,12 @@ class Server:
         if self._supervisor is not None:
             self._supervisor.join(10.0)
             self._supervisor = None
+        if self.cert_service is not None:
+            self.cert_service.stop()
+            self.cert_service = None
+        if self._cert_engine is not None:
+            self._cert_engine.dispose()
+            self._cert_engine = None
         if self.ingest is not None:
             try:
                 self.ingest.stop()
@@ -795,6 +942,11 @@ class Server:
                         # A re-issued server certificate: nginx reloads without dropping
                         # the devices' connections.
                         self.fleet_proxy.reload_if_certificates_changed()
+                    if self.broker is not None:
+                        self.broker.reload_acl()  # operator certificates added or revoked
+                if now >= self._certs_due_at:
+                    self._certs_due_at = now + self.config.cert_check_s
+                    self._renew_own_certs(self.ca)
             except Exception:  # the supervisor must not die
                 log.exception("supervisor step failed")
 

@@ -27,8 +27,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgefl.server.broker_config import default_acl_path, render_mosquitto_config
-from edgefl.server.fleet_ca import SERVER_IDENTITY, FleetCA, IssuedCert
+from edgefl.server.broker_config import render_acl, render_mosquitto_config
+from edgefl.server.fleet_ca import COMMANDS_IDENTITY, INGEST_IDENTITY, FleetCA, IssuedCert
 
 pytestmark = [
     pytest.mark.slow,
@@ -57,6 +57,7 @@ class Pki:
     ca: FleetCA
     server: IssuedCert
     service: IssuedCert
+    commands: IssuedCert
     dev_a: IssuedCert
     dev_b: IssuedCert
     dev_c: IssuedCert
@@ -71,6 +72,7 @@ def pki(tmp_path: Path) -> Pki:
         ca=ca,
         server=ca.issue_server_cert(["localhost"], ["127.0.0.1"]),
         service=ca.issue_service_cert(),
+        commands=ca.issue_service_cert(COMMANDS_IDENTITY),
         dev_a=ca.issue_device_cert("dev-a"),
         dev_b=ca.issue_device_cert("dev-b"),
         dev_c=ca.issue_device_cert("dev-c"),
@@ -88,6 +90,8 @@ class Broker:
         data.mkdir()
         assert pki.server.key_path is not None
         self.conf = workdir / "mosquitto.conf"
+        acl = workdir / "acl"
+        acl.write_text(render_acl(), encoding="utf-8")
         self.log = workdir / "mosquitto.log"
         self.conf.write_text(
             render_mosquitto_config(
@@ -97,7 +101,7 @@ class Broker:
                 keyfile=pki.server.key_path,
                 crlfile=pki.ca.crl_path,
                 data_dir=data,
-                acl_file=default_acl_path(),
+                acl_file=acl,
                 bind_address="127.0.0.1",
                 run_as_user=getpass.getuser(),
             ),
@@ -270,7 +274,7 @@ def test_device_publishes_to_own_subtree_and_server_receives(
     broker: Broker, pki: Pki, clients: list[Client]
 ) -> None:
     fleet = _fleet()
-    server = _client(clients, broker, pki, pki.service, SERVER_IDENTITY).connect()
+    server = _client(clients, broker, pki, pki.service, INGEST_IDENTITY).connect()
     server.subscribe("edgefl/#")
     dev_a = _client(clients, broker, pki, pki.dev_a, "dev-a").connect()
     topic = f"edgefl/{fleet}/dev-a/telemetry/temp"
@@ -283,7 +287,7 @@ def test_device_cannot_publish_as_another_device(
     broker: Broker, pki: Pki, clients: list[Client]
 ) -> None:
     fleet = _fleet()
-    server = _client(clients, broker, pki, pki.service, SERVER_IDENTITY).connect()
+    server = _client(clients, broker, pki, pki.service, INGEST_IDENTITY).connect()
     server.subscribe("edgefl/#")
     dev_a = _client(clients, broker, pki, pki.dev_a, "dev-a").connect()
 
@@ -315,7 +319,7 @@ def test_device_only_reads_its_own_commands(
     dev_a.subscribe(f"edgefl/{fleet}/dev-a/cmd/#")
     # Subscribing to the whole fleet is allowed, but the ACL filters what is delivered.
     dev_b.subscribe(f"edgefl/{fleet}/+/cmd/#")
-    server = _client(clients, broker, pki, pki.service, SERVER_IDENTITY).connect()
+    server = _client(clients, broker, pki, pki.commands, COMMANDS_IDENTITY).connect()
     cmd_a = f"edgefl/{fleet}/dev-a/cmd/reboot"
     cmd_b = f"edgefl/{fleet}/dev-b/cmd/reboot"
     assert not server.publish(cmd_a, b"for a").is_failure

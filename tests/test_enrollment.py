@@ -39,6 +39,7 @@ from edgefl.errors import BadInputError, ExitCode
 from edgefl.server.enrollment import (
     AlreadyEnrolledError,
     NotEnrolledError,
+    ReusedKeyError,
     RevokedDeviceError,
     admit,
     enrolled_nodes,
@@ -282,20 +283,31 @@ def test_bad_requests_are_refused_and_leave_nothing_behind(
     assert len(link.ca._state.issued) == issued_before
     assert _nodes(link.admin) == nodes_before
 
-    # The SuperLink refuses the registration (this node key is already another device's):
-    # the certificate just issued is revoked again and no row is written.
+    # Another device's node key: refused before anything is issued or registered.
     bundle = admit(good, ca=link.ca, admin=link.admin, engine=engine)
     thief = _device_id("thief")
-    thief_request = _enroll(tmp_path, thief).request.model_copy(
+    thief_enrollment = _enroll(tmp_path, thief)
+    thief_request = thief_enrollment.request.model_copy(
         update={"node_public_key": good.node_public_key}
     )
+    issued_before = len(link.ca._state.issued)
+    with pytest.raises(ReusedKeyError, match=f"node key .* of '{device}'"):
+        admit(thief_request, ca=link.ca, admin=link.admin, engine=engine)
+    assert get_enrollment(engine, thief) is None
+    assert len(FleetCA.load(link.ca.directory)._state.issued) == issued_before
+
+    # The SuperLink refuses the registration (the node key was registered there by hand):
+    # the certificate just issued is revoked again (voided) and no row is written.
+    link.admin.register_node(thief_enrollment.paths.node_public_key, name="squatter")
     revoked_before = set(link.ca.revoked_serials)
     with pytest.raises(FlowerCommandError, match="Public key already in use"):
-        admit(thief_request, ca=link.ca, admin=link.admin, engine=engine)
+        admit(thief_enrollment.request, ca=link.ca, admin=link.admin, engine=engine)
     assert get_enrollment(engine, thief) is None
     new_revoked = set(link.ca.revoked_serials) - revoked_before
     assert len(new_revoked) == 1
-    assert link.ca._state.issued[new_revoked.pop()]["cn"] == thief
+    entry = link.ca._state.issued[new_revoked.pop()]
+    assert entry["cn"] == thief
+    assert entry["voided"]  # never served: the same request may be admitted once fixed
 
     # Double admission names the way out.
     with pytest.raises(AlreadyEnrolledError, match="already admitted") as err:

@@ -89,11 +89,11 @@ def test_server_starts_broker_superlink_and_ingest(server: Server) -> None:
     # The CA was created with the broker/SuperLink server and the ingest's service cert.
     assert server.ca.cert_path == server.ca_dir / "ca.pem"
     assert (server.ca_dir / "server" / "cert.pem").exists()
-    assert (server.ca_dir / "services" / "edgefl-server" / "key.pem").exists()
+    assert (server.ca_dir / "services" / "edgefl-ingest" / "key.pem").exists()
     # The ingest is subscribed through mutual TLS on the shipped broker config.
     assert server.ingest is not None
     assert server.ingest.wait_ready(TIMEOUT)
-    assert server.ingest.config.cert_file == server.ca_dir / "services/edgefl-server/cert.pem"
+    assert server.ingest.config.cert_file == server.ca_dir / "services/edgefl-ingest/cert.pem"
     # The registry is migrated.
     engine = make_engine(server.db_url)
     try:
