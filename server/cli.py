@@ -70,6 +70,7 @@ def devices(
 
     from edgefl.errors import BadInputError
     from edgefl.server.registry import Device, Record, make_engine, session_factory
+    from edgefl.server.registry.db import display_url
 
     cfg = _ingest_config(config, {"db_url": db_url})
     engine = make_engine(cfg.db_url)
@@ -92,7 +93,7 @@ def devices(
             ]
     except SQLAlchemyError as exc:
         raise BadInputError(
-            f"cannot read the registry at {cfg.db_url}: {str(exc).splitlines()[0]}",
+            f"cannot read the registry at {display_url(cfg.db_url)}: {str(exc).splitlines()[0]}",
             hint="start `edgefl server ingest` once to create it, or pass --db-url",
         ) from exc
     finally:
@@ -483,6 +484,7 @@ def train(
     from edgefl.files import check_safe_name
     from edgefl.server.fl.ledger import new_run_id
     from edgefl.server.fl.superlink import write_run_app
+    from edgefl.server.registry.db import display_url
 
     if run_id is not None:
         # The run id names a folder under state_dir/runs: ".", ".." or "a/b" would write
@@ -508,11 +510,12 @@ def train(
         )
         flower_run_id = ctx.admin.submit_run(app_dir)
         (run_dir / "flower-run-id").write_text(f"{flower_run_id}\n", encoding="utf-8")
+        db_url = ctx.config.resolved_db_url
         submitted = {
             "run_id": rid,
             "flower_run_id": flower_run_id,
             "app_dir": str(app_dir),
-            "db_url": ctx.config.resolved_db_url,
+            "db_url": display_url(db_url),  # shown: never with its password
         }
         if not wait:
             if as_json:
@@ -527,7 +530,7 @@ def train(
         status = _wait_for_run(ctx, flower_run_id, rid, fed_plan.rounds, poll_s)
     finally:
         ctx.close()
-    _report_run(submitted, status, as_json)
+    _report_run(submitted, status, as_json, db_url=db_url)
 
 
 def _rounds_done(db_url: str, run_id: str) -> int:
@@ -565,12 +568,19 @@ def _wait_for_run(ctx: _Admin, flower_run_id: int, run_id: str, rounds: int, pol
         time.sleep(poll_s)
 
 
-def _report_run(submitted: dict[str, Any], status: str, as_json: bool) -> None:
+def _report_run(
+    submitted: dict[str, Any], status: str, as_json: bool, *, db_url: str | None = None
+) -> None:
+    """Print a finished run; raise RunFailedError (exit 9) unless it trained every round.
+
+    ``db_url`` is the registry with its password; ``submitted["db_url"]`` is only shown.
+    """
     from edgefl.errors import RunFailedError
     from edgefl.server.fl.ledger import load_result
 
     run_id = str(submitted["run_id"])
-    result = load_result(str(submitted["db_url"]), run_id) if _has_run(submitted) else None
+    url = db_url or str(submitted["db_url"])
+    result = load_result(url, run_id) if _has_run(url, run_id) else None
     if as_json:
         emit_json(
             {
@@ -608,16 +618,16 @@ def _report_run(submitted: dict[str, Any], status: str, as_json: bool) -> None:
         raise RunFailedError(f"run {run_id} did not complete: {shortfall}")
 
 
-def _has_run(submitted: dict[str, Any]) -> bool:
+def _has_run(db_url: str, run_id: str) -> bool:
     from edgefl.errors import EdgeflError
     from edgefl.server.fl.ledger import FlStore
 
     try:
-        store = FlStore(str(submitted["db_url"]))
+        store = FlStore(db_url)
     except EdgeflError:
         return False
     try:
-        store.result(str(submitted["run_id"]))
+        store.result(run_id)
         return True
     except EdgeflError:
         return False

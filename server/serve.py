@@ -64,7 +64,7 @@ from edgefl.server.fl.fleet_proxy import FleetProxy, FleetProxyConfig, ProxyTLS
 from edgefl.server.fl.superlink import FlowerAdmin, SuperLink, SuperLinkConfig
 from edgefl.server.fleet_ca import CERTS_IDENTITY, CRL_VALIDITY_DAYS, SERVER_IDENTITY, FleetCA
 from edgefl.server.ingest import Ingest, IngestConfig
-from edgefl.server.registry.db import DEFAULT_DB_FILENAME, upgrade
+from edgefl.server.registry.db import DEFAULT_DB_FILENAME, display_url, upgrade
 
 __all__ = [
     "RUNTIME_FILE",
@@ -526,7 +526,7 @@ class Server:
             "state_dir": str(self.state_dir),
             "ca_dir": str(self.ca_dir),
             "ca_file": str(self.ca_dir / "ca.pem"),
-            "db_url": self.db_url,
+            "db_url": display_url(self.db_url),  # printed and in server.json: no password
             "superlink": self.superlink_address,
             "superlink_admin": self.superlink_admin_address,
             "fleet_proxy": self.fleet_proxy.address if self.fleet_proxy is not None else None,

@@ -80,6 +80,7 @@ def _run_one(
 ) -> tuple[RunResult, dict[str, Any]]:
     from edgefl.server.fl import new_run_id, run_simulation
     from edgefl.server.fl.ledger import FlStore
+    from edgefl.server.registry.db import display_url
     from edgefl.simulations.accounting import check_reported_epsilon
 
     if not verbose:
@@ -168,7 +169,7 @@ def _run_one(
         failure_reasons=failures,
         rejection_reasons=rejections,
         stopped_early=result.stop_reason,
-        registry_url=registry_url,
+        registry_url=display_url(registry_url),  # the report never holds a password
         shortfall=result.shortfall(),
     )
     histories: dict[str, list[tuple[float, float, int]]] = {}

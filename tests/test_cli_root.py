@@ -251,3 +251,13 @@ def test_wait_exits_9_when_the_last_round_trained_nobody(
         assert result["rounds"][-1]["refusals"]["dev-a"].endswith("past its cap 8")
     else:
         assert "trained nobody: dev-a refused:" in out  # the table row of round 3
+
+
+def test_registry_password_is_never_printed(tmp_path: Path) -> None:
+    from edgefl.netutil import free_port
+
+    url = f"postgresql+psycopg2://edgefl:hunter2@127.0.0.1:{free_port()}/fleet"
+    result = invoke("server", "devices", "--db-url", url)
+    assert result.exit_code == ExitCode.BAD_INPUT, result.output
+    assert "hunter2" not in result.output
+    assert "postgresql+psycopg2://edgefl:***@127.0.0.1" in flat(result.output)

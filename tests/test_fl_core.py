@@ -500,3 +500,40 @@ def test_deployed_app_reads_the_plan_from_run_config() -> None:
     with pytest.raises(ConfigError, match=r"strategy\.name"):
         plan_from_run_config({**run_config, "strategy.name": "nope"})
     assert app is not None
+
+
+def test_run_app_keeps_the_registry_password_out_of_the_app(tmp_path: Path) -> None:
+    import tomllib
+
+    from sqlalchemy import make_url
+
+    from edgefl.server.fl.serverapp import plan_from_run_config
+    from edgefl.server.fl.superlink import write_run_app
+    from edgefl.server.registry.db import display_url
+
+    url = "postgresql+psycopg2://edgefl:s3cr%40t@db.example:5432/fleet?sslmode=require"
+    assert (
+        display_url(url) == "postgresql+psycopg2://edgefl:***@db.example:5432/fleet?sslmode=require"
+    )
+    plan = load_plan({"num_devices": 2, "rounds": 1})
+    app = write_run_app(tmp_path / "run" / "app", plan, registry_url=url, run_id="r1")
+    # Flower ships the app folder (and its run_config) to the SuperLink and every device.
+    for path in app.rglob("*"):
+        if path.is_file():
+            assert b"s3cr" not in path.read_bytes(), path
+    secret = tmp_path / "run" / "registry-password"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    doc = tomllib.loads((app / "pyproject.toml").read_text())
+    config = doc["tool"]["flwr"]["app"]["config"]
+    assert (
+        config["registry-url"]
+        == "postgresql+psycopg2://edgefl@db.example:5432/fleet?sslmode=require"
+    )
+    got_plan, got_url, run_id = plan_from_run_config(config)
+    assert (got_plan, run_id) == (plan, "r1")
+    assert make_url(got_url) == make_url(url)  # the ServerApp gets the real URL back
+    # Without a password nothing changes: no secret file, the URL as given.
+    plain = write_run_app(tmp_path / "p" / "app", plan, registry_url="sqlite:///x.db", run_id="p")
+    assert not (tmp_path / "p" / "registry-password").exists()
+    plain_config = tomllib.loads((plain / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert plan_from_run_config(plain_config["config"])[1] == "sqlite:///x.db"

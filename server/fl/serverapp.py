@@ -27,13 +27,14 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from pathlib import Path
+from typing import Any, Final, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from edgefl.errors import EdgeflError
+from edgefl.errors import ConfigError, EdgeflError
 from edgefl.federation import ClientInstructions, FederationPlan, RoundReport
 from edgefl.server.fl.ledger import Checkpoint, FlStore
 from edgefl.server.fl.strategy import (
@@ -443,7 +444,11 @@ def make_server_app(
     return server_app
 
 
-RUN_KEYS: tuple[str, ...] = ("registry-url", "run-id", "admitted-nodes-only")
+REGISTRY_PASSWORD_KEY: Final = "registry-password-file"
+"""run_config key: the file holding the registry URL's password (not in the URL)."""
+REGISTRY_PASSWORD_FILE: Final = "registry-password"
+"""Its name, beside the run's app folder (``write_run_app``), mode 0600."""
+RUN_KEYS: tuple[str, ...] = ("registry-url", "run-id", "admitted-nodes-only", REGISTRY_PASSWORD_KEY)
 """Keys of a deployed run's ``run_config`` that are not plan keys."""
 
 
@@ -454,11 +459,20 @@ def plan_from_run_config(run_config: dict[str, Any]) -> tuple[FederationPlan, st
     ``admitted-nodes-only`` is read by the deployed app itself.
     """
     from edgefl.server.fl.ledger import new_run_id
-    from edgefl.server.registry.db import default_database_url
+    from edgefl.server.registry.db import default_database_url, with_password
 
     flat = {k: v for k, v in run_config.items() if k not in RUN_KEYS}
     plan = FederationPlan.from_flat(flat, source="run_config")
     url = str(run_config.get("registry-url") or default_database_url())
+    secret = run_config.get(REGISTRY_PASSWORD_KEY)
+    if secret:
+        try:
+            password = Path(str(secret)).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the registry password file {secret}: {exc.strerror}"
+            ) from exc
+        url = with_password(url, password)
     run_id = str(run_config.get("run-id") or new_run_id())
     return plan, url, run_id
 

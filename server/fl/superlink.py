@@ -451,7 +451,9 @@ def write_run_app(
     Args:
         directory: The app folder (created).
         plan: The run's plan.
-        registry_url: Registry the ServerApp writes the ledger and checkpoints to.
+        registry_url: Registry the ServerApp writes the ledger and checkpoints to. Its
+            password (if any) goes into a 0600 file beside ``directory``, never into the
+            app: Flower ships the app's files and run_config to every SuperNode.
         run_id: edgefl's run id (resumable).
         clientapp: The ClientApp the SuperNodes run, ``module:attribute``. A stock Flower
             ClientApp of your own goes here (put its module in ``directory``, Flower ships
@@ -468,7 +470,16 @@ def write_run_app(
     import tomli_w
 
     directory.mkdir(parents=True, exist_ok=True)
-    config: dict[str, Any] = {**plan.to_flat(), "registry-url": registry_url, "run-id": run_id}
+    from edgefl.files import write_bytes_atomic
+    from edgefl.server.fl.serverapp import REGISTRY_PASSWORD_FILE, REGISTRY_PASSWORD_KEY
+    from edgefl.server.registry.db import split_password
+
+    bare_url, password = split_password(registry_url)
+    config: dict[str, Any] = {**plan.to_flat(), "registry-url": bare_url, "run-id": run_id}
+    if password is not None:
+        secret = directory.parent / REGISTRY_PASSWORD_FILE
+        write_bytes_atomic(secret, password.encode("utf-8"), mode=0o600)
+        config[REGISTRY_PASSWORD_KEY] = str(secret.resolve())
     if admitted_only:
         config["admitted-nodes-only"] = True
     doc = {

@@ -203,6 +203,7 @@ class DeviceDirectory:
         from sqlalchemy.exc import SQLAlchemyError
 
         from edgefl.server.registry import Device, Enrollment, make_engine
+        from edgefl.server.registry.db import display_url
 
         self._engine = make_engine(db_url)
         self._ttl_s = ttl_s
@@ -219,7 +220,8 @@ class DeviceDirectory:
         except SQLAlchemyError as exc:
             self._engine.dispose()
             raise ConfigError(
-                f"cannot read the device registry at {db_url}: {str(exc).splitlines()[0]}",
+                f"cannot read the device registry at {display_url(db_url)}: "
+                f"{str(exc).splitlines()[0]}",
                 hint="start `edgefl server ingest` once to create it, or fix --registry-url",
             ) from exc
 

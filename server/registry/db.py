@@ -9,6 +9,7 @@ package to head, with a configuration built in code (no ``alembic.ini`` needed).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Final
 
@@ -25,14 +26,46 @@ __all__ = [
     "alembic_config",
     "default_database_url",
     "default_state_dir",
+    "display_url",
     "make_engine",
     "session_factory",
+    "split_password",
     "upgrade",
+    "with_password",
 ]
 
 DEFAULT_DB_FILENAME: Final = "edgefl.db"
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 _SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
+# user:password@ in a URL SQLAlchemy cannot parse (display_url must never fail).
+_PASSWORD_IN_URL: Final = re.compile(r"(://[^:/@]*:)[^@]*@")
+
+
+def display_url(url: str) -> str:
+    """``url`` with its password shown as ``***``: for output, logs and files.
+
+    Only :func:`make_engine` (and what the ServerApp rebuilds with
+    :func:`with_password`) ever needs the password; everything shown goes through this.
+    """
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return _PASSWORD_IN_URL.sub(r"\1***@", url)
+
+
+def split_password(url: str) -> tuple[str, str | None]:
+    """``(url without its password, the password or None)``; see :func:`with_password`."""
+    parsed = make_url(url)
+    if parsed.password is None:
+        return url, None
+    # URL.set() ignores None; the URL is a NamedTuple, so _replace clears the field.
+    bare = parsed._replace(password=None).render_as_string(hide_password=False)
+    return bare, str(parsed.password)
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` put back (the inverse of :func:`split_password`)."""
+    return make_url(url).set(password=password).render_as_string(hide_password=False)
 
 
 def default_state_dir() -> Path:
@@ -76,7 +109,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
-        raise ConfigError(f"invalid database URL {url!r}: {exc}") from exc
+        raise ConfigError(f"invalid database URL {display_url(url)!r}: {exc}") from exc
     is_sqlite = parsed.get_backend_name() == "sqlite"
     if is_sqlite and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
