@@ -56,7 +56,8 @@ from typing import IO, Any, Final, Literal
 from pydantic import Field, field_validator, model_validator
 
 from edgefl.config import StrictModel
-from edgefl.edge_agent.fl.warmstart import install_launcher
+from edgefl.edge_agent.fl.apptrust import CLIENTAPP_REF, DEFAULT_CLIENTAPP, write_policy
+from edgefl.edge_agent.fl.warmstart import POLICY_FILE, install_launcher
 from edgefl.edge_agent.mqtt_link import backoff_delay
 from edgefl.enrollment import IdentityPaths
 from edgefl.errors import ConfigError
@@ -168,6 +169,19 @@ class TrainingConfig(StrictModel):
     warm_start_idle_exit_s: float = Field(
         600.0, gt=0, description="The warm zygote exits after this long without a message."
     )
+    trusted_clientapps: list[str] = Field(
+        default_factory=list,
+        description="ClientApps installed on this device (module.path:attribute) that it "
+        f"runs besides edgefl's own ({DEFAULT_CLIENTAPP}): a bring-your-own app is "
+        "admitted by installing it and listing it here. Loaded from the installed "
+        "packages, never from the app bundle's files.",
+    )
+    app_signing_keys: list[str] = Field(
+        default_factory=list,
+        description="Fleet app-signing public keys (an 'ssh-ed25519 AAAA...' line, or the "
+        "path of a file holding one in OpenSSH or PEM form; `edgefl server app-key` prints "
+        "it): an app bundle signed by one of them runs its own ClientApp code.",
+    )
 
     @field_validator("windows")
     @classmethod
@@ -176,6 +190,34 @@ class TrainingConfig(StrictModel):
             if not _WINDOW.match(window):
                 raise ValueError(f'{window!r} is not a window "HH:MM-HH:MM"')
         return value
+
+    @field_validator("trusted_clientapps")
+    @classmethod
+    def _clientapp_refs(cls, value: list[str]) -> list[str]:
+        for ref in value:
+            if not CLIENTAPP_REF.match(ref):
+                raise ValueError(f"{ref!r} is not a ClientApp reference 'module.path:attribute'")
+        return value
+
+    @field_validator("app_signing_keys")
+    @classmethod
+    def _signing_keys_parse(cls, value: list[str]) -> list[str]:
+        from edgefl.appsign import load_public_key
+
+        texts = []
+        for item in value:
+            text = item.strip()
+            if not text.startswith("ssh-"):
+                try:
+                    text = Path(text).expanduser().read_text(encoding="ascii").strip()
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise ValueError(f"app signing key {item!r}: {exc}") from exc
+            try:
+                load_public_key(text)
+            except ValueError as exc:
+                raise ValueError(f"app signing key {item!r}: {exc}") from exc
+            texts.append(text)
+        return texts
 
     @field_validator("node_config")
     @classmethod
@@ -708,16 +750,26 @@ class SuperNodeSupervisor:
         bin_dir = str(Path(sys.executable).parent)
         path = os.environ.get("PATH", "")
         path = f"{bin_dir}{os.pathsep}{path}" if path else bin_dir
-        if self.config.warm_start:
-            try:
-                warm_bin = install_launcher(
-                    self.state_dir, idle_exit_s=self.config.warm_start_idle_exit_s
-                )
-            except OSError as exc:
-                logger.warning("ClientApp warm start is off (cold starts): %s", exc)
-            else:
-                # Flower's SuperExec runs `flwr-clientapp` by name: ours comes first.
-                path = f"{warm_bin}{os.pathsep}{path}"
+        try:
+            # The trust gate is not optional: without it the SuperNode would run whatever
+            # ClientApp a run names, so a launcher that cannot be installed means no start.
+            write_policy(
+                self.state_dir / POLICY_FILE,
+                self.config.trusted_clientapps,
+                self.config.app_signing_keys,
+            )
+            gate_bin = install_launcher(
+                self.state_dir,
+                warm=self.config.warm_start,
+                idle_exit_s=self.config.warm_start_idle_exit_s,
+            )
+        except OSError as exc:
+            self.last_error = f"cannot install the ClientApp launcher: {exc}"
+            logger.error("%s; not starting the SuperNode", self.last_error)
+            self._schedule_restart(now, 0.0)
+            return
+        # Flower's SuperExec runs `flwr-clientapp` by name: ours comes first.
+        path = f"{gate_bin}{os.pathsep}{path}"
         env = {
             **os.environ,
             "PATH": path,

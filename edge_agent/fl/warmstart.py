@@ -12,9 +12,16 @@ one imports flwr, torch and Opacus (about 6 s here) before it trains. With
   to it, and exits with the child's exit status (or dies by the child's signal);
 - when there is no zygote (the run's first message, or it exited while idle) it starts
   one in the background, in the same process group (the supervisor's ``killpg`` reaches
-  it), and ``execv``'s the real ``flwr-clientapp`` for this message: a normal cold start;
-- any failure before the zygote has forked the child falls back to the real
-  ``flwr-clientapp``, so no message is lost to the warm path.
+  it), and waits for it (``first_wait_s``) before it runs this message cold;
+- any failure before the zygote has forked the child falls back to a cold start, so no
+  message is lost to the warm path.
+
+Warm or cold, the message runs behind edgefl's app trust gate
+(:func:`edgefl.edge_agent.fl.apptrust.run_gated`), which decides from the app bundle,
+before any of its code runs, whether the device runs it; a cold start is
+``python -I -m edgefl.edge_agent.fl.apptrust --policy FILE -- ARGS``, never the stock
+``flwr-clientapp``. Without ``training.warm_start`` the launcher is still installed and
+always starts cold, so the gate does not depend on the warm path.
 
 The zygote (:func:`serve`, ``python -m edgefl.edge_agent.fl.warmstart serve``) imports
 what the ClientApp needs (Flower's ``flwr-clientapp`` entry point, edgefl's ClientApp,
@@ -54,7 +61,9 @@ __all__ = [
     "DEFAULT_IDLE_EXIT_S",
     "FORK_LOG",
     "LOG_FILE",
+    "POLICY_FILE",
     "SOCKET_NAME",
+    "gated_command",
     "install_launcher",
     "launch",
     "main",
@@ -65,6 +74,8 @@ BIN_DIR: Final = "warmstart-bin"
 SOCKET_NAME: Final = "warmstart.sock"
 LOG_FILE: Final = "warmstart.log"
 FORK_LOG: Final = "warmstart-forks.log"
+POLICY_FILE: Final = "app-trust.json"
+"""The device's app trust policy (edgefl.edge_agent.fl.apptrust), in the state dir."""
 DEFAULT_IDLE_EXIT_S: Final = 600.0
 _MAX_MESSAGE = 1 << 20
 _PID_TIMEOUT_S = 15.0  # the zygote answers at once unless it is swapping
@@ -73,6 +84,8 @@ FIRST_WAIT_S: Final = 40.0
 _PRELOAD: Final = (
     "flwr.supernode.cli",
     "flwr.supernode.runtime.run_clientapp",
+    "edgefl.appsign",
+    "edgefl.edge_agent.fl.apptrust",
     "edgefl.edge_agent.fl.clientapp",
     "edgefl.edge_agent.fl.trainer",
     "edgefl.edge_agent.fl.privacy",
@@ -92,9 +105,16 @@ _PRELOAD: Final = (
 # ---------------------------------------------------------------------- the launcher
 
 
+def gated_command(python: str, policy: Path) -> list[str]:
+    """The cold start: Flower's ClientApp process behind the gate (arguments follow)."""
+    # -I: no PYTHONPATH, user site or working folder on sys.path (safe path).
+    return [python, "-I", "-m", "edgefl.edge_agent.fl.apptrust", "--policy", str(policy), "--"]
+
+
 def install_launcher(
     state_dir: Path,
     *,
+    warm: bool = True,
     idle_exit_s: float = DEFAULT_IDLE_EXIT_S,
     first_wait_s: float = FIRST_WAIT_S,
     python: str | None = None,
@@ -102,28 +122,28 @@ def install_launcher(
     """Write the ``flwr-clientapp`` launcher into ``<state_dir>/warmstart-bin``.
 
     Args:
-        state_dir: The agent's state dir (socket, logs and the bin dir live there).
+        state_dir: The agent's state dir (socket, logs, trust policy and the bin dir).
+        warm: Use the warm zygote; ``False``: every message starts cold (still gated).
         idle_exit_s: The zygote's idle time before it exits.
         first_wait_s: How long a message that finds no zygote waits for the one it starts
             before it runs cold (0: run cold at once).
-        python: Interpreter of the venv that has Flower (default: this one).
+        python: Interpreter of the venv that has Flower and edgefl (default: this one).
 
     Returns:
         The bin dir, to put first on the SuperNode's ``PATH``.
 
     Raises:
-        FileNotFoundError: The real ``flwr-clientapp`` is not beside the interpreter.
         OSError: The bin dir or the script cannot be written.
     """
     exe = python or sys.executable
-    real = Path(exe).parent / "flwr-clientapp"
-    if not real.is_file():
-        raise FileNotFoundError(f"no flwr-clientapp beside {exe}")
     state_dir = Path(state_dir).absolute()
     bin_dir = state_dir / BIN_DIR
     bin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    policy = state_dir / POLICY_FILE
+    gated = gated_command(exe, policy)
     serve_cmd = [
         exe,
+        "-I",
         "-m",
         "edgefl.edge_agent.fl.warmstart",
         "serve",
@@ -134,24 +154,27 @@ def install_launcher(
     ]
     script = (
         f"#!{exe} -IS\n"
-        "# Written by edgefl's SuperNode supervisor (training.warm_start): runs Flower's\n"
-        "# ClientApp in a process forked from a warm zygote, or the real flwr-clientapp.\n"
+        "# Written by edgefl's SuperNode supervisor: runs Flower's ClientApp behind edgefl's\n"
+        "# app trust gate, in a process forked from a warm zygote or in a cold one.\n"
         "import os, sys\n"
-        f"REAL = {str(real)!r}\n"
+        f"GATED = {gated!r}\n"
+        f"if not {bool(warm)!r}:\n"
+        "    os.execv(GATED[0], GATED + sys.argv[1:])\n"
         "try:\n"
         "    import importlib.util\n"
         f"    spec = importlib.util.spec_from_file_location('_edgefl_warmstart', {__file__!r})\n"
         "    mod = importlib.util.module_from_spec(spec)\n"
         "    spec.loader.exec_module(mod)\n"
         "except BaseException:\n"
-        "    os.execv(REAL, [REAL, *sys.argv[1:]])\n"
+        "    os.execv(GATED[0], GATED + sys.argv[1:])\n"
         "mod.launch(\n"
         "    sys.argv,\n"
         f"    socket_path={str(state_dir / SOCKET_NAME)!r},\n"
-        "    real=REAL,\n"
+        "    real=GATED,\n"
         f"    serve_cmd={serve_cmd!r},\n"
         f"    log_path={str(state_dir / LOG_FILE)!r},\n"
         f"    first_wait_s={float(first_wait_s)!r},\n"
+        f"    policy={str(policy)!r},\n"
         ")\n"
     )
     target = bin_dir / "flwr-clientapp"
@@ -162,8 +185,8 @@ def install_launcher(
     return bin_dir
 
 
-def _exec_real(real: str, argv: list[str]) -> NoReturn:
-    os.execv(real, [real, *argv[1:]])
+def _exec_real(real: list[str], argv: list[str]) -> NoReturn:
+    os.execv(real[0], [*real, *argv[1:]])
 
 
 def _spawn_zygote(serve_cmd: list[str], log_path: str) -> None:
@@ -218,20 +241,23 @@ def launch(
     argv: list[str],
     *,
     socket_path: str,
-    real: str,
+    real: list[str],
     serve_cmd: list[str],
     log_path: str,
     first_wait_s: float = FIRST_WAIT_S,
+    policy: str = "",
 ) -> NoReturn:
-    """Run this message in a child forked by the zygote, or in the real flwr-clientapp.
+    """Run this message in a child forked by the zygote, or cold; gated either way.
 
     Args:
         argv: The launcher's ``sys.argv`` (as Flower's SuperExec gave it).
         socket_path: The zygote's socket.
-        real: The real ``flwr-clientapp`` (fallback and first message).
+        real: The cold start's command (:func:`gated_command`), the message's arguments
+            follow it.
         serve_cmd: How to start a zygote.
         log_path: Where the zygote writes its own output.
         first_wait_s: How long to wait for a zygote this call had to start.
+        policy: The app trust policy file the forked child is gated by.
     """
     pending: list[int] = []
     child = 0
@@ -258,7 +284,9 @@ def launch(
         if sock is None:
             _restore_and_exec(real, argv, pending)
     try:
-        request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)})
+        request = json.dumps(
+            {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "policy": policy}
+        )
         socket.send_fds(sock, [request.encode()], [0, 1, 2])
         reply = json.loads(sock.recv(_MAX_MESSAGE) or b"{}")
         child = int(reply["pid"])
@@ -295,7 +323,7 @@ def select_readable(fd: int) -> bool:
         return bool(sel.select(None))
 
 
-def _restore_and_exec(real: str, argv: list[str], pending: list[int]) -> NoReturn:
+def _restore_and_exec(real: list[str], argv: list[str], pending: list[int]) -> NoReturn:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     if pending:  # asked to stop before the message started: stop as the real one would
@@ -489,7 +517,7 @@ def _exit_code(value: object) -> int:
 
 
 def _child(request: dict[str, Any], fds: list[int], close: list[int]) -> NoReturn:
-    """The forked child: become the ``flwr-clientapp`` process of this message."""
+    """The forked child: become the (gated) ``flwr-clientapp`` process of this message."""
     code = 1
     try:
         for fd in close:
@@ -515,10 +543,11 @@ def _child(request: dict[str, Any], fds: list[int], close: list[int]) -> NoRetur
 
         random.seed()
         np.random.seed()
-        from flwr.supernode.cli import flwr_clientapp
+        from edgefl.edge_agent.fl.apptrust import run_gated
 
         try:
-            flwr_clientapp()
+            # Behind the trust gate, as a cold start is; no policy: edgefl's app alone.
+            run_gated(str(request.get("policy") or "") or None)
             code = 0
         except SystemExit as exc:
             code = _exit_code(exc.code)

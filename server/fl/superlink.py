@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
@@ -43,6 +43,9 @@ from edgefl.config import StrictModel
 from edgefl.errors import ConfigError, ServiceUnavailableError
 from edgefl.federation import FederationPlan
 from edgefl.netutil import free_port, port_open
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "FlowerAdmin",
@@ -445,6 +448,7 @@ def write_run_app(
     run_id: str,
     clientapp: str = "edgefl.edge_agent.fl.clientapp:app",
     admitted_only: bool = False,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> Path:
     """Write the Flower app folder for one run of ``plan`` (see the module docstring).
 
@@ -463,6 +467,10 @@ def write_run_app(
             nodes that are admitted enrollments in the registry, even while it has none
             (``edgefl server train``). Without it the ServerApp still does so whenever the
             registry has any admitted enrollment.
+        signing_key: The fleet's app-signing key (:mod:`edgefl.server.fl.app_signing`):
+            the app is signed, so devices that trust the key may run its own ClientApp
+            code (they run only their installed ClientApps from an unsigned app); without
+            it an old signature in ``directory`` is removed.
 
     Returns:
         ``directory`` (holding ``pyproject.toml``).
@@ -505,4 +513,10 @@ def write_run_app(
         },
     }
     (directory / "pyproject.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
+    from edgefl.appsign import SIGNATURE_FILE
+    from edgefl.server.fl.app_signing import sign_app_dir
+
+    (directory / SIGNATURE_FILE).unlink(missing_ok=True)  # it would not match any more
+    if signing_key is not None:
+        sign_app_dir(directory, signing_key)
     return directory

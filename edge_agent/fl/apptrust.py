@@ -1,0 +1,288 @@
+"""The device's gate on ClientApp code: which app bundles it runs, checked before any runs.
+
+Flower's SuperNode runs whatever ClientApp the app bundle (FAB) of a run names, with the
+agent's user, beside the device's keys and outbox; whoever can start a run chooses it.
+Flower's own ``--trusted-entities`` check needs Flower Hub verifications that a
+self-hosted SuperLink never adds. So edgefl's ``flwr-clientapp`` (the launcher on the
+SuperNode's ``PATH``, :mod:`edgefl.edge_agent.fl.warmstart`) runs Flower's ClientApp
+process through :func:`run_gated`, which admits a bundle in one of two ways:
+
+- **installed code**: the bundle's ``[tool.flwr.app.components] clientapp`` is edgefl's
+  ClientApp (:data:`DEFAULT_CLIENTAPP`) or one the agent config allowlists
+  (``training.trusted_clientapps``, for a bring-your-own app installed on the device).
+  The bundle is then never extracted nor put on ``sys.path``: the ClientApp is imported
+  from the device's installed packages, so files in the bundle (an ``edgefl/`` package,
+  a ``torch.py``) cannot shadow it, and its dependencies are never installed;
+- **a signed bundle**: its :data:`edgefl.appsign.SIGNATURE_FILE` verifies with one of the
+  fleet app-signing keys in ``training.app_signing_keys`` (:mod:`edgefl.appsign`); Flower
+  then installs and loads it as usual.
+
+Anything else is refused, failing closed: an unreadable trust policy, a bundle that cannot
+be read unambiguously, or hooks that no longer fit Flower's code all refuse. The refusal
+is raised inside Flower's ``run_clientapp`` after the message was pulled, so Flower sends
+the server an error reply whose reason carries the refusal (and the SuperNode's log the
+traceback); no bundle code has run by then.
+
+The policy reaches the gate as a JSON file the supervisor writes
+(``<state_dir>/app-trust.json``, :func:`write_policy`); without the file only edgefl's
+installed ClientApp is admitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from edgefl.appsign import BundleError, key_id, load_public_key, read_bundle, verify_entries
+from edgefl.edge_agent.fl.warmstart import POLICY_FILE
+from edgefl.files import write_text_atomic
+
+__all__ = [
+    "CLIENTAPP_REF",
+    "DEFAULT_CLIENTAPP",
+    "POLICY_FILE",
+    "Admission",
+    "AppTrustPolicy",
+    "UntrustedAppError",
+    "main",
+    "run_gated",
+    "write_policy",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CLIENTAPP: Final = "edgefl.edge_agent.fl.clientapp:app"
+CLIENTAPP_REF: Final = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+"""``module.path:attribute``, as Flower's ``components.clientapp`` names a ClientApp."""
+_HOOKED: Final = (
+    "pull_task_input",
+    "install_from_fab",
+    "install_app_dependencies",
+    "get_load_client_app_fn",
+)
+
+
+class UntrustedAppError(Exception):
+    """The device refused to run an app bundle's ClientApp (the reason says why)."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Why a bundle may run, and how its ClientApp is loaded."""
+
+    kind: Literal["installed", "signed"]
+    clientapp: str
+    key_id: str = ""
+
+
+@dataclass(frozen=True)
+class AppTrustPolicy:
+    """Which ClientApps the device runs: installed ones by name, others signed."""
+
+    trusted_clientapps: tuple[str, ...] = (DEFAULT_CLIENTAPP,)
+    signing_keys: Mapping[str, ed25519.Ed25519PublicKey] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, trusted_clientapps: list[str], signing_keys: list[str]) -> AppTrustPolicy:
+        """A policy of edgefl's ClientApp plus ``trusted_clientapps``, and keys (OpenSSH/PEM).
+
+        Raises:
+            ValueError: A malformed ClientApp reference or key.
+        """
+        for ref in trusted_clientapps:
+            if not CLIENTAPP_REF.match(ref):
+                raise ValueError(f"{ref!r} is not a ClientApp reference 'module.path:attribute'")
+        keys = [load_public_key(k) for k in signing_keys]
+        refs = tuple(dict.fromkeys([DEFAULT_CLIENTAPP, *trusted_clientapps]))
+        return cls(refs, {key_id(k): k for k in keys})
+
+    @classmethod
+    def load(cls, path: Path | None) -> AppTrustPolicy:
+        """The policy in ``path``; edgefl's ClientApp alone when there is no file.
+
+        Raises:
+            ValueError: The file exists but cannot be read or parsed (fail closed).
+        """
+        if path is None or not path.exists():
+            return cls()
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            return cls.build(
+                list(doc.get("trusted_clientapps", [])), list(doc.get("app_signing_keys", []))
+            )
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise ValueError(f"unreadable app trust policy {path}: {exc}") from exc
+
+    def admit(self, fab: bytes, fab_id: str = "") -> Admission:
+        """Admit the bundle ``fab`` or refuse it; nothing of it is executed here.
+
+        Raises:
+            UntrustedAppError: The bundle names a ClientApp that is neither installed and
+                trusted nor in a bundle signed by a trusted key.
+        """
+        name = f"app bundle {fab_id[:48]}" if fab_id else "app bundle"
+        try:
+            entries = read_bundle(fab)
+            config = tomllib.loads(entries["pyproject.toml"].decode("utf-8"))
+            ref = config["tool"]["flwr"]["app"]["components"]["clientapp"]
+            if not isinstance(ref, str):
+                raise TypeError("components.clientapp is not a string")
+        except (BundleError, KeyError, TypeError, ValueError) as exc:
+            raise UntrustedAppError(f"edgefl refused the {name}: unreadable ({exc})") from None
+        if ref in self.trusted_clientapps:
+            return Admission("installed", ref)
+        try:
+            kid = verify_entries(entries, self.signing_keys)
+        except BundleError as exc:
+            raise UntrustedAppError(
+                f"edgefl refused the {name}: its ClientApp {ref[:80]!r} is not installed code "
+                f"this device trusts (training.trusted_clientapps) and {exc}"
+            ) from None
+        return Admission("signed", ref, kid)
+
+
+def write_policy(path: Path, trusted_clientapps: list[str], signing_keys: list[str]) -> None:
+    """Write the policy file the gate reads (keys as their OpenSSH or PEM text)."""
+    doc = {"trusted_clientapps": trusted_clientapps, "app_signing_keys": signing_keys}
+    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
+
+
+def _load_installed(ref: str) -> Any:
+    """Import an admitted ClientApp from the installed packages, never from a bundle."""
+    from flwr.clientapp.client_app import ClientApp
+
+    module_name, _, attributes = ref.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for attribute in attributes.split("."):
+            target = getattr(target, attribute)
+    except (ImportError, AttributeError) as exc:
+        raise UntrustedAppError(
+            f"edgefl: the trusted ClientApp {ref!r} is not installed on this device ({exc})"
+        ) from None
+    if not isinstance(target, ClientApp):
+        raise UntrustedAppError(f"edgefl: {ref!r} is not a Flower ClientApp")
+    return target
+
+
+class _Gate:
+    """Wraps four functions of Flower's ``run_clientapp`` module for one process."""
+
+    def __init__(self, policy: AppTrustPolicy | None, policy_error: str = "") -> None:
+        self.policy = policy
+        self.policy_error = policy_error
+        self.fab_id = ""
+        self.admission: Admission | None = None
+
+    def install(self, module: Any) -> None:
+        missing = [name for name in _HOOKED if not callable(getattr(module, name, None))]
+        if missing:  # Flower changed: refuse to run rather than run unchecked
+            raise RuntimeError(f"cannot gate Flower's ClientApp process: no {missing}")
+        pull = module.pull_task_input
+        install_fab = module.install_from_fab
+        install_deps = module.install_app_dependencies
+        load_fn = module.get_load_client_app_fn
+
+        def pull_task_input(*args: Any, **kwargs: Any) -> Any:
+            message, context, run, fab = pull(*args, **kwargs)
+            self.fab_id = f"{run.fab_id}=={run.fab_version}" if run.fab_id else ""
+            return message, context, run, fab
+
+        def install_from_fab(fab_file: Any, *args: Any, **kwargs: Any) -> Any:
+            self.admission = self._admit(fab_file)
+            if self.admission.kind == "installed":
+                return None  # never extracted: nothing of the bundle reaches sys.path
+            return install_fab(fab_file, *args, **kwargs)
+
+        def install_app_dependencies(*args: Any, **kwargs: Any) -> Any:
+            if self.admission is None or self.admission.kind != "signed":
+                return None  # installed code brings its own dependencies
+            return install_deps(*args, **kwargs)
+
+        def get_load_client_app_fn(*args: Any, **kwargs: Any) -> Callable[..., Any]:
+            flower_load = load_fn(*args, **kwargs)
+
+            def load(*largs: Any, **lkwargs: Any) -> Any:
+                admission = self.admission
+                if admission is None:
+                    raise UntrustedAppError("edgefl: no app bundle was admitted")
+                if admission.kind == "installed":
+                    return _load_installed(admission.clientapp)
+                return flower_load(*largs, **lkwargs)
+
+            return load
+
+        module.pull_task_input = pull_task_input
+        module.install_from_fab = install_from_fab
+        module.install_app_dependencies = install_app_dependencies
+        module.get_load_client_app_fn = get_load_client_app_fn
+
+    def _admit(self, fab_file: Any) -> Admission:
+        if self.policy is None:
+            raise UntrustedAppError(f"edgefl refused every app bundle: {self.policy_error}")
+        if not isinstance(fab_file, bytes):
+            raise UntrustedAppError("edgefl refused an app bundle that is not in memory")
+        try:
+            admission = self.policy.admit(fab_file, self.fab_id)
+        except UntrustedAppError as exc:
+            print(f"edgefl app trust: {exc}", file=sys.stderr, flush=True)
+            raise
+        how = f"signed by {admission.key_id}" if admission.key_id else "installed code"
+        print(
+            f"edgefl app trust: admitted {self.fab_id or 'app bundle'} "
+            f"(ClientApp {admission.clientapp}, {how})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return admission
+
+
+def run_gated(policy_path: str | None) -> None:
+    """Run Flower's ``flwr-clientapp`` (arguments from ``sys.argv``) behind the gate.
+
+    Raises:
+        RuntimeError: Flower's ClientApp process no longer has the functions gated here.
+    """
+    import flwr.supernode.runtime.run_clientapp as flower_process
+    from flwr.supernode.cli import flwr_clientapp
+
+    try:
+        policy: AppTrustPolicy | None = AppTrustPolicy.load(
+            Path(policy_path) if policy_path else None
+        )
+        error = ""
+    except ValueError as exc:
+        policy, error = None, str(exc)
+    _Gate(policy, error).install(flower_process)
+    flwr_clientapp()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -I -m edgefl.edge_agent.fl.apptrust --policy FILE -- FLWR_CLIENTAPP_ARGS``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    rest = args[args.index("--") + 1 :] if "--" in args else []
+    head = args[: args.index("--")] if "--" in args else args
+    parser = argparse.ArgumentParser(description="Flower's flwr-clientapp behind edgefl's gate")
+    parser.add_argument("--policy", default=None, help="The device's app trust policy file.")
+    known = parser.parse_args(head)
+    sys.argv = ["flwr-clientapp", *rest]
+    run_gated(known.policy)
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, not this __main__ copy: the refusal's class name
+    # (part of the reason the server records) is then edgefl's, as in a forked child.
+    from edgefl.edge_agent.fl.apptrust import main as _main
+
+    _main()
