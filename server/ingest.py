@@ -600,8 +600,16 @@ class Ingest:
                 self._busy_since = time.monotonic()
             self._pending += 1
         # Blocking here when the worker is behind is the back-pressure we want: paho stops
-        # reading the socket and the broker holds the rest.
-        self._queue.put(item)
+        # reading the socket and the broker holds the rest. But never for good: stop()
+        # must be able to end this thread even when the worker hangs.
+        while self._accepting.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+        with self._counters_lock:  # not acknowledged: the broker redelivers it
+            self._pending = max(0, self._pending - 1)
 
     # -- worker thread ----------------------------------------------------------------
 
@@ -694,6 +702,8 @@ class Ingest:
                 try:
                     self._write(plans)
                     return None
+                except _StoppedError:
+                    return _Stopping()
                 except Exception as exc:  # classified below: outage or bad data
                     if not _is_transient(exc):
                         return exc
@@ -783,15 +793,17 @@ class Ingest:
         (kind, ts_ms, content_type, body) with the stored one. The counters change only
         after the commit.
         """
-        assert self._engine is not None
+        engine = self._engine
+        if engine is None:
+            raise _StoppedError  # a worker abandoned by stop() writes nothing more
         now = datetime.now(UTC)
-        dialect = self._engine.dialect.name
+        dialect = engine.dialect.name
         written = _Written()
         dead: list[dict[str, Any]] = []
         devices: dict[str, tuple[str, bool | None]] = {}
-        firsts: dict[tuple[str, str, int], _Plan] = {}
-        rows: list[dict[str, Any]] = []
-        factory = session_factory(self._engine)
+        # Every record plan by key, in arrival order; the first of each is inserted.
+        by_key: dict[tuple[str, str, int], list[_Plan]] = {}
+        factory = session_factory(engine)
         with factory() as session, session.begin():
             fleets = _expected_fleets(
                 session, {p.device for p in plans if p.record is not None or p.online is not None}
@@ -816,29 +828,26 @@ class Ingest:
                     written.status_updates += 1
                     continue
                 devices.setdefault(plan.device, (plan.fleet, None))
-                key = _record_key(plan.record)
-                first = firsts.get(key)
-                if first is None:
-                    firsts[key] = plan
-                    rows.append(plan.record | {"received_at": now})
-                elif first.record is not None and _same_record(first.record, plan.record):
-                    written.duplicates += 1
-                else:
-                    written.dead_letter(dead, _conflict_row(plan, "earlier in the batch", now))
+                by_key.setdefault(_record_key(plan.record), []).append(plan)
             for statement, device_rows in _upsert_devices(dialect, devices, now):
                 session.execute(statement, device_rows)
+            rows = [_record_of(plans[0]) | {"received_at": now} for plans in by_key.values()]
             inserted = _insert_records(session, dialect, rows) if rows else set()
             written.stored = len(inserted)
-            again = [key for key in firsts if key not in inserted]
-            if again:
-                stored = _stored_records(session, again)
-                for key in again:
-                    plan = firsts[key]
-                    assert plan.record is not None
-                    if _same_record(stored[key], plan.record):
+            again = [key for key in by_key if key not in inserted]
+            stored = _stored_records(session, again) if again else {}
+            for key, same_key in by_key.items():
+                # What a later message with this key is held against: the stored record
+                # when there was one, else the one this batch inserted.
+                reference = stored.get(key) or _record_of(same_key[0])
+                for index, plan in enumerate(same_key):
+                    if index == 0 and key in inserted:
+                        continue
+                    if _same_record(reference, _record_of(plan)):
                         written.duplicates += 1
                     else:
-                        written.dead_letter(dead, _conflict_row(plan, "already stored", now))
+                        where = "already stored" if key in stored else "earlier in the batch"
+                        written.dead_letter(dead, _conflict_row(plan, where, now))
             if dead:
                 session.execute(_DEAD_LETTERS.insert(), dead)
         with self._counters_lock:
@@ -861,6 +870,10 @@ class Ingest:
 
 class _Stopping:
     """Returned instead of an error: the ingest stops while the database is down."""
+
+
+class _StoppedError(Exception):
+    """The ingest was stopped (its engine is gone) while a worker still ran."""
 
 
 def _subscribe_options(head: str) -> SubscribeOptions:
@@ -949,6 +962,11 @@ def _is_transient(exc: Exception) -> bool:
 
 def _is_json_content(content_type: str) -> bool:
     return content_type.split(";", 1)[0].strip().lower() == JSON_CONTENT_TYPE
+
+
+def _record_of(plan: _Plan) -> dict[str, Any]:
+    assert plan.record is not None
+    return plan.record
 
 
 def _record_key(record: dict[str, Any]) -> tuple[str, str, int]:

@@ -119,6 +119,14 @@ class ServerIngestConfig(IngestConfig):
     """
 
     enabled: bool = Field(True, description="Run the ingest in the server process.")
+    stall_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Watchdog: an ingest that acknowledges nothing for this long while "
+        "messages wait (or whose worker thread died) is restarted, and the restart "
+        "counted (ingest_restarts in server.json). Not while it waits for an unavailable "
+        "database: a restart cannot help then.",
+    )
 
 
 class ServerConfig(StrictModel):
@@ -451,6 +459,10 @@ class Server:
         self._crl_due_at = 0.0  # wall-clock time the CRL is due for re-signing
         self._wrote_runtime = False  # whether server.json in state_dir is this server's
         self.broker_restarts_for_crl = 0
+        self.ingest_restarts = 0
+        """How often the watchdog restarted a stalled ingest (:meth:`_check_ingest`)."""
+        self._ingest_restart_at = 0.0  # monotonic time of the last watchdog restart
+        self._ingest_db_wait_logged = False
 
     # -- properties -------------------------------------------------------------------
 
@@ -536,6 +548,7 @@ class Server:
                 "managed": self.broker is not None,
             },
             "ingest": self.ingest is not None,
+            "ingest_restarts": self.ingest_restarts,
             "pids": self.pids(),
         }
 
@@ -840,7 +853,7 @@ class Server:
 
     def _ingest_config(self) -> IngestConfig:
         section = self.config.ingest
-        data = section.model_dump(exclude={"enabled"}, exclude_unset=True)
+        data = section.model_dump(exclude={"enabled", "stall_timeout_s"}, exclude_unset=True)
         service = self.ca_dir / "services" / SERVER_IDENTITY
         data.setdefault("broker_host", self.broker_host)
         data.setdefault("broker_port", self.broker_port)
@@ -935,6 +948,7 @@ class Server:
             now = time.monotonic()
             try:
                 self._check_children(now)
+                self._check_ingest(now)
                 if now >= next_crl:
                     next_crl = now + self.config.crl_poll_s
                     self._check_crl()
@@ -982,6 +996,56 @@ class Server:
             except EdgeflError as exc:
                 sup.last_error = str(exc)
                 log.error("restarting %s failed: %s", sup.name, exc)
+
+    def _check_ingest(self, now: float) -> None:
+        """The ingest watchdog: restart an ingest that stopped acknowledging.
+
+        A poison message can no longer hold a batch back (the ingest isolates it), but a
+        hung database call or a bug could still stop acknowledgements; the broker then
+        stops sending once the ingest's Receive Maximum is used up, and every device's
+        records wait. A restart resumes the persistent session, and the broker redelivers
+        what was not acknowledged. An ingest that waits for an unavailable database is
+        left alone (logged once): nothing could be stored after a restart either.
+        """
+        ingest = self.ingest
+        if ingest is None or self._stopping.is_set():
+            return
+        progress = ingest.progress()
+        limit = self.config.ingest.stall_timeout_s
+        if progress.worker_alive and progress.stalled_s < limit:
+            self._ingest_db_wait_logged = False
+            return
+        if progress.worker_alive and progress.waiting_for_database:
+            if not self._ingest_db_wait_logged:
+                self._ingest_db_wait_logged = True
+                log.error(
+                    "the ingest has acknowledged nothing for %.0f s (%d messages wait): the "
+                    "database is unavailable; it keeps retrying",
+                    progress.stalled_s,
+                    progress.pending,
+                )
+            return
+        if now - self._ingest_restart_at < limit:
+            return  # one restart per stall_timeout_s at most
+        self._ingest_restart_at = now
+        why = (
+            "its worker thread died"
+            if not progress.worker_alive
+            else f"{progress.pending} message(s) pending, nothing acknowledged for "
+            f"{progress.stalled_s:.0f} s"
+        )
+        log.error("the ingest stalled (%s); restarting it", why)
+        with self._lock:
+            try:
+                ingest.stop(timeout=5.0)
+            except Exception:  # the new ingest matters more than a clean stop
+                log.exception("stopping the stalled ingest failed")
+            self.ingest = Ingest(self._ingest_config())
+            self.ingest.start()
+        self.ingest_restarts += 1
+        log.warning("restarted the ingest (%d watchdog restarts so far)", self.ingest_restarts)
+        if self._wrote_runtime:
+            self._write_runtime()
 
     def _check_crl(self) -> None:
         stamp = self._crl_state()

@@ -11,7 +11,9 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,20 +21,29 @@ import paho.mqtt.client as mqtt
 import pytest
 import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from edgefl.errors import ConfigError
-from edgefl.proto.serde import Envelope, encode_envelope
+from edgefl.proto.serde import ENVELOPE_VERSION, Envelope, encode_envelope, new_incarnation
+from edgefl.server import ingest as ingest_module
 from edgefl.server.fleet_ca import SERVER_IDENTITY, FleetCA
 from edgefl.server.ingest import DEAD_LETTER_REASONS, Ingest, IngestConfig, subscription_topics
 from edgefl.server.registry import (
     DEAD_LETTER_PAYLOAD_CAP,
     DeadLetter,
     Device,
+    Enrollment,
     Record,
     make_engine,
     upgrade,
 )
-from edgefl.server.serve import BrokerConfig, MosquittoBroker
+from edgefl.server.serve import (
+    BrokerConfig,
+    MosquittoBroker,
+    Server,
+    ServerConfig,
+    ServerIngestConfig,
+)
 from edgefl.testing import Mosquitto, wait_for
 
 TIMEOUT = 30.0
@@ -91,13 +102,15 @@ def publisher(broker: Mosquitto) -> Iterator[Publisher]:
 
 
 def _config(broker: Mosquitto, db_url: str, fleet: str, **extra: Any) -> IngestConfig:
-    return IngestConfig(
-        broker_host=broker.host,
-        broker_port=broker.port,
-        client_id=f"ingest-{fleet}",
-        db_url=db_url,
-        fleet=fleet,
-        **extra,
+    return IngestConfig.model_validate(
+        {
+            "broker_host": broker.host,
+            "broker_port": broker.port,
+            "client_id": f"ingest-{fleet}",
+            "db_url": db_url,
+            "fleet": fleet,
+            **extra,
+        }
     )
 
 
@@ -122,9 +135,21 @@ def envelope(
     *,
     body: Any = None,
     kind: str = "telemetry",
+    incarnation: str = "",
 ) -> bytes:
+    """Version 2 with an incarnation, version 1 (as an agent not yet upgraded) without."""
     payload = json.dumps(body if body is not None else {"seq": seq}).encode()
-    env = Envelope(1, device, seq, 1_700_000_000_000 + seq, kind, "application/json", payload)
+    version = ENVELOPE_VERSION if incarnation else 1
+    env = Envelope(
+        version,
+        device,
+        seq,
+        1_700_000_000_000 + seq,
+        kind,
+        "application/json",
+        payload,
+        incarnation,
+    )
     return encode_envelope(env, encoding)
 
 
@@ -552,3 +577,350 @@ def test_ingest_over_mutual_tls_with_the_service_certificate(
         device.loop_stop()
         ingest.stop()
         broker.stop()
+
+
+# -- idempotency key, conflicts, fleets ---------------------------------------------------
+
+
+def stored_keys(engine: sa.Engine, device: str) -> list[tuple[str, int]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(Record.incarnation, Record.seq)
+            .where(Record.device_id == device)
+            .order_by(Record.incarnation, Record.seq)
+        )
+        return [(str(i), int(q)) for i, q in rows]
+
+
+def reasons(engine: sa.Engine) -> Counter[str]:
+    with engine.connect() as conn:
+        return Counter(conn.scalars(sa.select(DeadLetter.reason)))
+
+
+@pytest.mark.slow
+def test_each_outbox_incarnation_is_stored_and_a_changed_body_is_dead_lettered(
+    ingest: Ingest, publisher: Publisher, registry: sa.Engine, fleet: str
+) -> None:
+    device = f"d{uuid.uuid4().hex[:8]}"
+    topic = f"edgefl/{fleet}/{device}/data/s"
+    old, new = sorted([new_incarnation(), new_incarnation()])
+    for seq in (1, 2, 3):
+        publisher.publish(topic, envelope(device, seq))  # an agent not yet upgraded
+        publisher.publish(topic, envelope(device, seq, incarnation=old))
+        publisher.publish(topic, envelope(device, seq, "protobuf", incarnation=new))  # reset
+    # A true redelivery (the same envelope, in the other encoding) is a duplicate ...
+    publisher.publish(topic, envelope(device, 2, "protobuf", incarnation=old))
+    # ... the same key with another body is not: dead-lettered, counted, logged.
+    publisher.publish(topic, envelope(device, 2, incarnation=old, body={"forged": True}))
+    publisher.publish(topic, envelope(device, 3, body={"forged": True}))
+    wait_for(lambda: ingest.metrics()["acked"] == 12, TIMEOUT, "12 messages acknowledged")
+    metrics = ingest.metrics()
+    assert (metrics["stored"], metrics["duplicates"]) == (9, 1)
+    assert metrics["dead_lettered.conflicting_duplicate"] == 2
+    assert metrics["dead_lettered"] == 2
+    assert stored_keys(registry, device) == sorted(
+        (inc, seq) for inc in ("", old, new) for seq in (1, 2, 3)
+    )
+    letters = [(r, d) for _t, r, d, _s, _n in dead_letters(registry)]
+    assert [r for r, _d in letters] == ["conflicting_duplicate"] * 2
+    assert f"incarnation {old!r}, seq 2" in letters[0][1]
+
+
+@pytest.mark.slow
+def test_conflict_inside_one_batch_is_dead_lettered(
+    broker: Mosquitto, publisher: Publisher, db_url: str, registry: sa.Engine, fleet: str
+) -> None:
+    # Published while the ingest is down, so both arrive in one batch when it starts.
+    device = f"d{uuid.uuid4().hex[:8]}"
+    topic = f"edgefl/{fleet}/{device}/data/s"
+    config = _config(broker, db_url, fleet)
+    first = Ingest(config)
+    first.start()
+    assert first.wait_ready(TIMEOUT)
+    first.stop()  # the persistent session now queues for it
+    publisher.publish(topic, envelope(device, 1, body={"a": 1}))
+    publisher.publish(topic, envelope(device, 1, body={"a": 2}))
+    publisher.publish(topic, envelope(device, 1, body={"a": 1}))
+    second = Ingest(config)
+    second.start()
+    try:
+        wait_for(lambda: second.metrics()["acked"] == 3, TIMEOUT, "3 messages acknowledged")
+        metrics = second.metrics()
+    finally:
+        second.stop()
+    assert (metrics["stored"], metrics["duplicates"]) == (1, 1)
+    assert metrics["dead_lettered.conflicting_duplicate"] == 1
+    assert reasons(registry) == {"conflicting_duplicate": 1}
+
+
+def _enroll(engine: sa.Engine, device: str, fleet: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            sa.insert(Enrollment).values(
+                device_id=device,
+                fleet=fleet,
+                status="admitted",
+                cert_serial=uuid.uuid4().hex,
+                cert_pem="",
+                node_public_key="",
+                node_id=str(uuid.uuid4().int % 10**18),
+                admitted_at=datetime.now(UTC),
+                revoke_reason="",
+            )
+        )
+
+
+@pytest.mark.slow
+def test_topic_fleet_must_be_the_enrolled_or_first_seen_fleet(
+    broker: Mosquitto, publisher: Publisher, db_url: str, registry: sa.Engine
+) -> None:
+    upgrade(db_url)
+    enrolled, unenrolled = f"e{uuid.uuid4().hex[:8]}", f"u{uuid.uuid4().hex[:8]}"
+    home, other = f"h{uuid.uuid4().hex[:6]}", f"o{uuid.uuid4().hex[:6]}"
+    _enroll(registry, enrolled, home)
+    service = Ingest(_config(broker, db_url, "+", client_id=f"ing-{uuid.uuid4().hex[:8]}"))
+    service.start()
+    try:
+        assert service.wait_ready(TIMEOUT)
+        # The enrolled device's first message comes under another fleet: refused anyway.
+        publisher.publish(f"edgefl/{other}/{enrolled}/data/s", envelope(enrolled, 1))
+        publisher.publish(f"edgefl/{home}/{enrolled}/data/s", envelope(enrolled, 2))
+        publisher.publish(f"edgefl/{other}/{enrolled}/status", b"online")
+        # A device without enrollment keeps the fleet it was first seen in.
+        publisher.publish(f"edgefl/{home}/{unenrolled}/data/s", envelope(unenrolled, 1))
+        publisher.publish(f"edgefl/{other}/{unenrolled}/data/s", envelope(unenrolled, 2))
+        wait_for(lambda: service.metrics()["acked"] == 5, TIMEOUT, "5 messages acknowledged")
+        metrics = service.metrics()
+    finally:
+        service.stop()
+    assert metrics["stored"] == 2
+    assert metrics["dead_lettered.fleet_mismatch"] == 3
+    assert stored_seqs(registry, enrolled) == [2]
+    assert stored_seqs(registry, unenrolled) == [1]
+    assert device_row(registry, enrolled).fleet == home
+    assert device_row(registry, enrolled).online is False  # the spoofed status was refused
+    assert device_row(registry, unenrolled).fleet == home
+    details = [d for _t, r, d, _s, _n in dead_letters(registry) if r == "fleet_mismatch"]
+    assert f"belongs to fleet {home!r}, but published under fleet {other!r}" in details[0]
+
+
+@pytest.mark.slow
+def test_retained_records_are_dead_lettered_but_retained_status_is_presence(
+    ingest: Ingest, publisher: Publisher, registry: sa.Engine, fleet: str
+) -> None:
+    device = f"d{uuid.uuid4().hex[:8]}"
+    base = f"edgefl/{fleet}/{device}"
+    publisher.publish(f"{base}/telemetry/t", envelope(device, 1), retain=True)
+    publisher.publish(f"{base}/result/r", envelope(device, 2), retain=True)
+    publisher.publish(f"{base}/data/s", envelope(device, 3))
+    publisher.publish(f"{base}/status", b"online", retain=True)
+    wait_for(lambda: ingest.metrics()["acked"] == 4, TIMEOUT, "4 messages acknowledged")
+    assert ingest.metrics()["dead_lettered.retained"] == 2
+    assert stored_seqs(registry, device) == [3]
+    assert device_row(registry, device).online is True
+    for topic in (f"{base}/telemetry/t", f"{base}/result/r", f"{base}/status"):
+        publisher.publish(topic, b"", retain=True)  # clear them
+
+
+# -- per-message isolation and the database ---------------------------------------------
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'iso' / 'edgefl.db'}"
+
+
+def _burst(publisher: Publisher, topic: str, payloads: list[bytes]) -> None:
+    """Publish without waiting in between, so the messages share a batch."""
+    infos = [publisher.client.publish(topic, p, qos=1) for p in payloads]
+    for info in infos:
+        info.wait_for_publish(10)
+
+
+@pytest.mark.slow
+def test_a_message_the_database_refuses_costs_only_that_message(
+    broker: Mosquitto,
+    publisher: Publisher,
+    sqlite_url: str,
+    fleet: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = ingest_module._insert_records
+
+    def refuse_one(session: Any, dialect: str, rows: list[dict[str, Any]]) -> Any:
+        # Fault injection: the database refuses one row (as a constraint or a driver
+        # might), which fails the whole transaction it is in.
+        if any(row["body"] == b'"refuse me"' for row in rows):
+            raise IntegrityError("INSERT INTO records", {}, Exception("refused"))
+        return real(session, dialect, rows)
+
+    monkeypatch.setattr(ingest_module, "_insert_records", refuse_one)
+    device = f"d{uuid.uuid4().hex[:8]}"
+    payloads = [envelope(device, seq) for seq in range(1, 41)]
+    payloads.insert(17, envelope(device, 99, body="refuse me"))
+    service = Ingest(_config(broker, sqlite_url, fleet))
+    service.start()
+    try:
+        assert service.wait_ready(TIMEOUT)
+        _burst(publisher, f"edgefl/{fleet}/{device}/data/s", payloads)
+        wait_for(lambda: service.metrics()["acked"] == 41, TIMEOUT, "41 acknowledged")
+        metrics = service.metrics()
+    finally:
+        service.stop()
+    engine = make_engine(sqlite_url)
+    try:
+        assert stored_seqs(engine, device) == list(range(1, 41))
+        letters = dead_letters(engine)
+    finally:
+        engine.dispose()
+    assert metrics["stored"] == 40
+    assert metrics["dead_lettered.store_failed"] == 1
+    assert [(r, "refused" in d) for _t, r, d, _s, _n in letters] == [("store_failed", True)]
+
+
+@pytest.mark.slow
+def test_database_outage_holds_messages_unacknowledged_until_it_ends(
+    broker: Mosquitto,
+    publisher: Publisher,
+    sqlite_url: str,
+    fleet: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = ingest_module._insert_records
+    outage = threading.Event()
+    outage.set()
+
+    def unavailable(session: Any, dialect: str, rows: list[dict[str, Any]]) -> Any:
+        if outage.is_set():
+            raise OperationalError("INSERT INTO records", {}, Exception("database is locked"))
+        return real(session, dialect, rows)
+
+    monkeypatch.setattr(ingest_module, "_insert_records", unavailable)
+    device = f"d{uuid.uuid4().hex[:8]}"
+    service = Ingest(_config(broker, sqlite_url, fleet))
+    service.start()
+    try:
+        assert service.wait_ready(TIMEOUT)
+        _burst(publisher, f"edgefl/{fleet}/{device}/data/s", [envelope(device, s) for s in (1, 2)])
+        wait_for(lambda: service.metrics()["db_retries"] >= 2, TIMEOUT, "retries")
+        progress = service.progress()
+        assert progress.pending == 2
+        assert progress.waiting_for_database
+        assert service.metrics()["acked"] == 0  # nothing acknowledged, nothing dead-lettered
+        outage.clear()
+        wait_for(lambda: service.metrics()["acked"] == 2, TIMEOUT, "2 acknowledged")
+        assert service.metrics()["stored"] == 2
+        assert service.metrics()["dead_lettered"] == 0
+        assert service.progress() == ingest_module.IngestProgress(0, 0.0, False, True)
+    finally:
+        outage.clear()
+        service.stop()
+
+
+@pytest.mark.slow
+def test_watchdog_restarts_an_ingest_that_stops_acknowledging(
+    broker: Mosquitto,
+    publisher: Publisher,
+    sqlite_url: str,
+    fleet: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = Server(
+        ServerConfig(
+            state_dir=tmp_path / "server",
+            ingest=ServerIngestConfig(
+                broker_host=broker.host,
+                broker_port=broker.port,
+                client_id=f"ingest-{fleet}",
+                db_url=sqlite_url,
+                migrate=True,
+                fleet=fleet,
+                ca_file=None,
+                stall_timeout_s=1.0,
+            ),
+        )
+    )
+    hang = threading.Event()
+    real = Ingest._write
+
+    def hung(self: Ingest, plans: Any) -> None:
+        # Fault injection: the first ingest's worker hangs in its database call (as a
+        # hung connection or a bug would); a new one must not.
+        if self is stalled:
+            hang.wait(60)
+        real(self, plans)
+
+    monkeypatch.setattr(Ingest, "_write", hung)
+    stalled = Ingest(server._ingest_config())
+    server.ingest = stalled
+    stalled.start()
+    device = f"d{uuid.uuid4().hex[:8]}"
+    try:
+        assert stalled.wait_ready(TIMEOUT)
+        publisher.publish(f"edgefl/{fleet}/{device}/data/s", envelope(device, 1))
+        wait_for(lambda: stalled.progress().stalled_s > 1.0, TIMEOUT, "a stall")
+        server._check_ingest(time.monotonic())
+        assert server.ingest is not stalled
+        assert server.ingest_restarts == 1  # what server.json reports as ingest_restarts
+        replacement = server.ingest
+        assert replacement.wait_ready(TIMEOUT)
+        # The broker redelivers what the stalled one never acknowledged.
+        wait_for(lambda: replacement.metrics()["stored"] == 1, TIMEOUT, "the record stored")
+        server._check_ingest(time.monotonic())  # healthy: no second restart
+        assert server.ingest_restarts == 1
+    finally:
+        hang.set()
+        if server.ingest is not None:
+            server.ingest.stop()
+    engine = make_engine(sqlite_url)
+    try:
+        assert stored_seqs(engine, device) == [1]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+def test_oversized_payload_through_a_broker_without_a_limit(tmp_path: Path) -> None:
+    """An external broker that does not enforce ``message_size_limit``: the ingest still
+    refuses a 10 MB payload (dead letter, original size kept), and honest records around it
+    are stored."""
+    db_url = f"sqlite:///{tmp_path / 'registry.db'}"
+    with Mosquitto(tmp_path, extra_lines=["max_queued_messages 100000"]) as broker:
+        ingest = Ingest(
+            IngestConfig(
+                broker_host=broker.host,
+                broker_port=broker.port,
+                client_id="ingest-oversized",
+                db_url=db_url,
+            )
+        )
+        ingest.start()
+        device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-big", protocol=mqtt.MQTTv5)
+        try:
+            assert ingest.wait_ready(30)
+            device.connect(broker.host, broker.port)
+            device.loop_start()
+            topic = "edgefl/f1/dev-big/data/s"
+            infos = [device.publish(topic, envelope("dev-big", 1), qos=1)]
+            infos.append(device.publish(topic, b"{" + b" " * (10 * 1024 * 1024) + b"}", qos=1))
+            infos.append(device.publish(topic, envelope("dev-big", 2), qos=1))
+            for info in infos:
+                info.wait_for_publish(30)
+            wait_for(lambda: ingest.metrics()["acked"] == 3, 30, "3 acknowledged")
+            assert ingest.metrics()["dead_lettered.oversized"] == 1
+        finally:
+            device.disconnect()
+            device.loop_stop()
+            ingest.stop()
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            seqs = sorted(conn.scalars(sa.select(Record.seq)))
+            letters = Counter(conn.scalars(sa.select(DeadLetter.reason)))
+            size = conn.scalar(sa.select(DeadLetter.payload_size))
+    finally:
+        engine.dispose()
+    assert seqs == [1, 2]
+    assert letters == {"oversized": 1}
+    assert size == 10 * 1024 * 1024 + 2
