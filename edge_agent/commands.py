@@ -44,7 +44,7 @@ never committed), is put into the outbox again. A sequence number is handed out 
 committed outbox transaction, so this re-enqueues exactly the responses that are not in
 the outbox: each correlation id gets one response record, which the outbox then delivers
 at least once with QoS 1 (a wire duplicate after a reconnect carries the same envelope
-``seq``, so the server deduplicates it on ``(device_id, seq)``).
+``seq``, so the server deduplicates it on ``(device_id, incarnation, seq)``).
 
 Rows are pruned one day after their command expired.
 

@@ -15,7 +15,7 @@ Records in flight when the connection drops stay in paho's memory and paho re-se
 after the reconnect, all at once (paho 2.2 ignores its own ``max_inflight`` there), so
 the sender never hands paho more than the broker's Receive Maximum; records still in the
 outbox after a process restart are replayed from SQLite. Either way the receiver may see a
-sequence number twice, so ingest must be idempotent on ``(device_id, seq)``.
+sequence number twice, so ingest must be idempotent on ``(device_id, incarnation, seq)``.
 
 Throughput: the sender thread is the only one that leases records from the outbox and
 deletes them, but it does not have to be on the GIL for every record to go out. It hands

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 import pytest
@@ -331,3 +332,12 @@ def test_version_and_incarnation_must_agree() -> None:
 def test_surrogate_in_kind_cannot_be_built() -> None:
     with pytest.raises(EnvelopeError, match="lone surrogate"):
         valid(kind="d\ud800")
+
+
+def test_the_fleet_contract_example_is_a_version_2_envelope() -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "fleet-contract.md").read_text()
+    example = doc.split("```json\n", 1)[1].split("```", 1)[0]
+    env = decode_envelope(example.encode())
+    assert (env.version, env.device_id, env.seq) == (ENVELOPE_VERSION, "pi-01", 7)
+    assert env.key == ("pi-01", "5f0c1d2e3a4b59687766554433221100", 7)
+    assert env.body == b'{"temp":21.5}'
