@@ -118,6 +118,22 @@ def _runs(server: Server) -> list[dict[str, Any]]:
     return list(doc.get("runs", []))
 
 
+def _answer(proc: subprocess.CompletedProcess[str]) -> tuple[bool, str]:
+    """Whether a ``flwr ... --format json`` command succeeded, and Flower's words.
+
+    ``flwr`` exits 0 after many failures; its JSON ``success`` field is what counts.
+    """
+    out = proc.stdout
+    try:
+        doc = json.loads(out[out.find("{") :]) if "{" in out else {}
+    except json.JSONDecodeError:
+        doc = {}
+    if proc.returncode == 0 and doc.get("success") is True:
+        return True, _tail(proc)
+    words = str(doc.get("error-message") or _tail(proc))
+    return False, " ".join(words.split())[:120]
+
+
 def _tail(proc: subprocess.CompletedProcess[str]) -> str:
     text = " ".join((proc.stdout + " " + proc.stderr).split())
     return text[-200:]
@@ -159,27 +175,32 @@ def probe_control_api_from_outside(
     flwr = str(_BIN / "flwr")
     got_through: list[str] = []
     answers: list[str] = []
-    listed = net.run([flwr, "supernode", "list", "target", "--format", "json"], env=env)
-    if listed.returncode == 0 and '"success": true' in listed.stdout:
-        got_through.append(f"supernode list: {_tail(listed)}")
-    answers.append(f"list rc={listed.returncode}")
     key = _node_public_key(workdir / "outsider.pub")
-    registered = net.run(
-        [flwr, "supernode", "register", str(key), "target", "--format", "json"], env=env
-    )
-    if registered.returncode == 0 and '"success": true' in registered.stdout:
-        got_through.append(f"supernode register: {_tail(registered)}")
-    answers.append(f"register rc={registered.returncode}")
     app = write_run_app(
         workdir / "outsider-app",
         _plan(),
         registry_url=f"sqlite:///{workdir / 'outsider.db'}",
         run_id="outsider",
     )
-    ran = net.run([flwr, "run", str(app), "target", "--format", "json"], env=env, timeout=120)
-    if ran.returncode == 0 and '"success": true' in ran.stdout:
-        got_through.append(f"run: {_tail(ran)}")
-    answers.append(f"run rc={ran.returncode}")
+    attempts = {
+        "supernode list": [flwr, "supernode", "list", "target", "--format", "json"],
+        "supernode register": [
+            flwr,
+            "supernode",
+            "register",
+            str(key),
+            "target",
+            "--format",
+            "json",
+        ],
+        "run": [flwr, "run", str(app), "target", "--format", "json"],
+    }
+    for what, argv in attempts.items():
+        ok, words = _answer(net.run(argv, env=env, timeout=120))
+        if ok:
+            got_through.append(f"{what}: {words}")
+        else:
+            answers.append(f"{what} refused ({words})")
 
     # What the SuperLink itself saw, asked on loopback.
     new_nodes = {n.node_id for n in server.admin().list_nodes()} - nodes_before
@@ -197,7 +218,7 @@ def probe_control_api_from_outside(
     return _result(
         True,
         f"proxy {public} reachable from {net.ns_ip} (Control API -> HTTP {status}); "
-        f"flwr {', '.join(answers)}; no node or run added; SuperLink port {raw_port} "
+        f"{'; '.join(answers)}; no node or run added; SuperLink port {raw_port} "
         "(loopback) refuses the namespace",
     )
 
@@ -209,7 +230,7 @@ def _plan(**extra: object) -> Any:
         {
             "dataset": "digits",
             "model": "digits-mlp",
-            "num_devices": 1,
+            "num_devices": 2,  # the two SuperNodes' partitions (num-partitions=2)
             "rounds": 1,
             "min_train_nodes": 1,
             "min_available_nodes": 1,
@@ -286,7 +307,8 @@ def probe_rogue_node_reply(server: Server, workdir: Path) -> dict[str, object]:
         proc, rogue_log = _supernode(workdir, "rogue", server, rogue.paths.node_key, honest_id, 1)
         procs.append(proc)
         wanted = {int(honest_node.node_id), rogue_node}
-        deadline = time.monotonic() + 90
+        started = time.monotonic()
+        deadline = started + 90
         while True:
             online = {n.node_id for n in server.admin().list_nodes() if n.status == "online"}
             if wanted <= online:
@@ -300,6 +322,7 @@ def probe_rogue_node_reply(server: Server, workdir: Path) -> dict[str, object]:
         plan = workdir / "plan.json"
         plan.write_text(_plan().model_dump_json(), encoding="utf-8")
         run_id = "rogue-probe"
+        online_s = time.monotonic() - started
         done = subprocess.run(
             [
                 str(_BIN / "edgefl"),
@@ -322,6 +345,7 @@ def probe_rogue_node_reply(server: Server, workdir: Path) -> dict[str, object]:
             check=False,
             env={**os.environ, "PATH": f"{_BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
         )
+        train_s = time.monotonic() - started - online_s
         rogue_text = rogue_log.read_text(encoding="utf-8", errors="replace")
         honest_text = honest_log.read_text(encoding="utf-8", errors="replace")
         if "Receiving: train" in rogue_text:
@@ -350,7 +374,8 @@ def probe_rogue_node_reply(server: Server, workdir: Path) -> dict[str, object]:
             True,
             f"rogue node {rogue_node} (registered on loopback, claiming {honest_id!r}) was "
             "online and never sent a message; round 1 selected and aggregated only the "
-            f"admitted node; ledger rows only for {honest_id}",
+            f"admitted node; ledger rows only for {honest_id} (nodes online after "
+            f"{online_s:.0f} s, run {train_s:.0f} s)",
         )
     finally:
         for proc in procs:
