@@ -458,6 +458,52 @@ def enrollments(
         )
 
 
+@app.command("app-key")
+@exits_on_error
+def app_key(
+    create: Annotated[
+        bool, typer.Option("--create", help="Create the key when the server has none.")
+    ] = False,
+    config: ServerConfigOption = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Print the fleet's app-signing public key, for devices' training.app_signing_keys.
+
+    The key (Ed25519, in <state_dir>/app-signing/, apart from the CA key) signs every app
+    `server train` submits. Devices always run their installed edgefl ClientApp; an app's
+    own ClientApp code runs only on devices that list this key.
+    """
+    from edgefl.appsign import key_id, public_key_line
+    from edgefl.errors import ConfigError
+    from edgefl.server.fl.app_signing import (
+        app_signing_key_path,
+        create_app_signing_key,
+        load_app_signing_key,
+    )
+
+    state_dir = _server_config(config).resolved_state_dir
+    key = load_app_signing_key(state_dir)
+    if key is None:
+        if not create:
+            raise ConfigError(
+                f"no app-signing key at {app_signing_key_path(state_dir)}",
+                hint="create it with `edgefl server app-key --create`",
+            )
+        create_app_signing_key(state_dir)
+        key = load_app_signing_key(state_dir)
+        assert key is not None
+    public = key.public_key()
+    doc = {
+        "public_key": public_key_line(public, "edgefl-app-signing"),
+        "key_id": key_id(public),
+        "path": str(app_signing_key_path(state_dir)),
+    }
+    if as_json:
+        emit_json(doc)
+        return
+    typer.echo(doc["public_key"])
+
+
 @app.command()
 @exits_on_error
 def train(
@@ -500,13 +546,19 @@ def train(
     rid = run_id or new_run_id()
     ctx = _connect(config)
     try:
+        from edgefl.server.fl.app_signing import load_app_signing_key
+
         run_dir = ctx.config.resolved_state_dir / "runs" / rid
+        # Signed when the server has an app-signing key (`edgefl server app-key`); devices
+        # run edgefl's installed ClientApp either way.
+        signing_key = load_app_signing_key(ctx.config.resolved_state_dir)
         app_dir = write_run_app(
             run_dir / "app",
             fed_plan,
             registry_url=ctx.config.resolved_db_url,
             run_id=rid,
             admitted_only=True,  # nodes not admitted with `edgefl server admit` never train
+            signing_key=signing_key,
         )
         flower_run_id = ctx.admin.submit_run(app_dir)
         (run_dir / "flower-run-id").write_text(f"{flower_run_id}\n", encoding="utf-8")
