@@ -415,6 +415,72 @@ def revoke(
     )
 
 
+@app.command("operator-cert")
+@exits_on_error
+def operator_cert(
+    name: Annotated[str, typer.Argument(help="The operator's name ([A-Za-z0-9_-], 1-54).")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for cert.pem, key.pem and ca.pem. [default: ./operator-NAME]"),
+    ] = None,
+    revoke_it: Annotated[
+        bool,
+        typer.Option("--revoke", help="Revoke NAME's operator certificates instead."),
+    ] = False,
+    config: ServerConfigOption = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Issue a read-only operator certificate (CN edgefl-op-NAME) for mosquitto_sub.
+
+    The broker lets it read edgefl/# and write nothing, so nobody watching the fleet
+    needs a service's key. A running `edgefl server start` adds it to the broker's ACL
+    within a second (and drops it again after --revoke).
+    """
+    from edgefl.errors import ConfigError
+    from edgefl.files import write_bytes_atomic
+    from edgefl.server.fleet_ca import OPERATOR_PREFIX, FleetCA
+    from edgefl.server.serve import read_runtime
+
+    cfg = _server_config(config)
+    ca_dir = cfg.resolved_ca_dir
+    if not (ca_dir / "ca.pem").exists():
+        raise ConfigError(
+            f"no fleet CA in {ca_dir}", hint="start the server once with `edgefl server start`"
+        )
+    ca = FleetCA.load(ca_dir)
+    cn = OPERATOR_PREFIX + name
+    if revoke_it:
+        serials = ca.live_serials(cn, kind="operator")
+        for serial in serials:
+            ca.revoke(serial)
+        doc: dict[str, Any] = {"cn": cn, "revoked": [f"{s:x}" for s in serials]}
+        if as_json:
+            emit_json(doc)
+            return
+        typer.echo(f"revoked {len(serials)} certificate(s) of {cn}")
+        return
+    issued = ca.issue_operator_cert(name)
+    folder = out if out is not None else Path(f"operator-{name}")
+    folder.mkdir(parents=True, exist_ok=True)
+    assert issued.key_pem is not None  # the CA made the key
+    write_bytes_atomic(folder / "key.pem", issued.key_pem, mode=0o600)
+    write_bytes_atomic(folder / "cert.pem", issued.cert_pem, mode=0o644)
+    write_bytes_atomic(folder / "ca.pem", ca.cert_pem, mode=0o644)
+    # The running server's broker port (broker.port 0 picks one at start).
+    running = (read_runtime(cfg.resolved_state_dir) or {}).get("broker") or {}
+    host = running.get("host", cfg.broker.host)
+    port = running.get("port", cfg.broker.port)
+    line = (
+        f"mosquitto_sub -h {host} -p {port} --cafile {folder}/ca.pem "
+        f"--cert {folder}/cert.pem --key {folder}/key.pem -t 'edgefl/#' -v"
+    )
+    doc = {"cn": cn, "serial": f"{issued.serial:x}", "folder": str(folder), "mosquitto_sub": line}
+    if as_json:
+        emit_json(doc)
+        return
+    typer.echo(f"issued {cn} (serial {issued.serial:x}) into {folder}/\nwatch the fleet: {line}")
+
+
 @app.command()
 @exits_on_error
 def enrollments(

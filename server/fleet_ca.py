@@ -507,13 +507,22 @@ class FleetCA:
 
     def device_serials(self, device_id: str) -> list[int]:
         """Serials of ``device_id``'s certificates that are neither revoked nor expired."""
+        return self.live_serials(device_id, kind="device")
+
+    def live_serials(self, cn: str, *, kind: str) -> list[int]:
+        """Serials of the ``kind`` certificates with CN ``cn``, neither revoked nor expired.
+
+        Args:
+            cn: The subject CN (a device id, a service or ``edgefl-op-<name>``).
+            kind: ``device``, ``service``, ``operator`` or ``server``.
+        """
         state = self._read_state()
         now = _now()
         return sorted(
             serial
             for serial, entry in state.issued.items()
-            if entry.get("kind") == "device"
-            and entry.get("cn") == device_id
+            if entry.get("kind") == kind
+            and entry.get("cn") == cn
             and serial not in state.revoked
             and dt.datetime.fromisoformat(str(entry["not_after"])) > now
         )

@@ -3,7 +3,7 @@
 :class:`Server` prepares and then supervises:
 
 - the **fleet CA** (``ca_dir``; created on first start with a TLS server certificate for
-  the configured host names and IPs, and the ``edgefl-server`` service certificate the
+  the configured host names and IPs, and the ``edgefl-ingest`` service certificate the
   ingest authenticates with);
 - the **registry** (``db_url``; migrated to head at start);
 - a **mosquitto** broker running the shipped configuration (``deploy/mosquitto/``:
@@ -115,7 +115,7 @@ class ServerIngestConfig(IngestConfig):
     """The MQTT ingest (``ingest:`` section): :class:`IngestConfig` plus ``enabled``.
 
     ``broker_host``/``broker_port``, ``db_url`` and the TLS files default to the server's
-    broker, registry and the CA's ``edgefl-server`` service certificate.
+    broker, registry and the CA's ``edgefl-ingest`` service certificate.
     """
 
     enabled: bool = Field(True, description="Run the ingest in the server process.")

@@ -163,7 +163,9 @@ def broker(tmp_path: Path, pki: Pki) -> Iterator[Broker]:
 class Client:
     """A paho MQTT 5 client over mutual TLS whose callbacks only feed queues."""
 
-    def __init__(self, broker: Broker, ca: FleetCA, cert: IssuedCert | None, name: str) -> None:
+    def __init__(
+        self, broker: Broker | _BrokerAt, ca: FleetCA, cert: IssuedCert | None, name: str
+    ) -> None:
         self.broker = broker
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -361,3 +363,95 @@ def test_revoked_device_is_refused_after_broker_restart(
     broker.wait_for_log("certificate verify failed")
     # The CRL refuses only what it lists.
     _client(clients, broker, pki, pki.dev_a, "dev-a").connect()
+
+
+def test_operator_certificate_reads_everything_and_writes_nothing(
+    tmp_path: Path, pki: Pki, clients: list[Client]
+) -> None:
+    """`edgefl server operator-cert NAME`, the mosquitto_sub line it prints (and
+    deploy/README.md shows), the ACL reload on SIGHUP, and --revoke."""
+    import json
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from edgefl.cli import app as cli_app
+    from edgefl.server.serve import BrokerConfig, MosquittoBroker
+
+    if shutil.which("mosquitto_sub") is None:
+        pytest.skip("mosquitto_sub (mosquitto-clients) is not installed")
+    assert pki.server.key_path is not None
+    broker = MosquittoBroker(
+        tmp_path / "mb", pki.ca, pki.server.cert_path, pki.server.key_path, BrokerConfig(port=0)
+    )
+    broker.start()
+    try:
+        config = tmp_path / "server.yaml"
+        config.write_text(
+            json.dumps(
+                {
+                    "state_dir": str(tmp_path / "state"),
+                    "ca_dir": str(pki.ca.directory),
+                    "broker": {"port": broker.port},
+                }
+            )
+        )
+        out = tmp_path / "alice"
+        cli = [
+            "server",
+            "operator-cert",
+            "alice",
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+            "--json",
+        ]
+        result = CliRunner().invoke(cli_app, cli)
+        assert result.exit_code == 0, result.output
+        doc = json.loads(result.output)
+        assert doc["cn"] == "edgefl-op-alice"
+        assert broker.reload_acl()  # what the running server does every second
+        assert not broker.reload_acl()  # nothing changed since
+        assert "user edgefl-op-alice" in broker.acl_path.read_text()
+
+        fleet = _fleet()
+        device = Client(_BrokerAt(broker.port), pki.ca, pki.dev_a, "dev-a")
+        clients.append(device)
+        device.connect()
+        status = f"edgefl/{fleet}/dev-a/status"
+        info = device.client.publish(status, b"online", qos=1, retain=True)
+        info.wait_for_publish(TIMEOUT)
+        # The documented line, bounded: one message, 10 s at most.
+        sub = subprocess.run(
+            [*shlex.split(doc["mosquitto_sub"]), "-C", "1", "-W", "10"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert sub.returncode == 0, sub.stderr
+        assert sub.stdout.strip() == f"{status} online"
+
+        operator = IssuedCert(
+            (out / "cert.pem").read_bytes(), None, 0, out / "cert.pem", out / "key.pem"
+        )
+        watcher = Client(_BrokerAt(broker.port), pki.ca, operator, "op")
+        clients.append(watcher)
+        watcher.connect()
+        for topic in (f"edgefl/{fleet}/dev-a/cmd/reboot", f"edgefl/{fleet}/dev-a/telemetry/t"):
+            assert watcher.publish(topic, b"x").value == NOT_AUTHORIZED
+
+        revoked = CliRunner().invoke(cli_app, [*cli[:3], "--config", str(config), "--revoke"])
+        assert revoked.exit_code == 0, revoked.output
+        assert broker.reload_acl()
+        assert "edgefl-op-alice" not in broker.acl_path.read_text()
+    finally:
+        broker.stop()
+
+
+@dataclass
+class _BrokerAt:
+    """What :class:`Client` needs of a broker: its port."""
+
+    port: int

@@ -18,7 +18,9 @@ from edgefl.errors import BadInputError, ConfigError
 from edgefl.server.fleet_ca import (
     CRL_VALIDITY_DAYS,
     SERVER_IDENTITY,
+    SERVICE_IDENTITIES,
     FleetCA,
+    check_not_reserved,
     validate_device_id,
 )
 
@@ -136,6 +138,62 @@ def test_server_identity_is_not_a_device_id(ca: FleetCA) -> None:
     assert _cn(issued.certificate.subject) == SERVER_IDENTITY
     eku = issued.certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+@pytest.mark.parametrize(
+    "name", ["edgefl-ingest", "edgefl-commands", "edgefl-certs", "EDGEFL-x", "edgefl-server"]
+)
+def test_service_namespace_is_never_a_device_id(ca: FleetCA, name: str) -> None:
+    # The broker takes the CN as username and client id: a device enrolled as a service
+    # name would be that service.
+    _key, csr = _csr(name)
+    with pytest.raises(BadInputError, match="reserved"):
+        ca.issue_device_cert(name, csr=csr)
+    with pytest.raises(BadInputError, match="reserved"):
+        check_not_reserved(name)
+
+
+def test_only_known_services_get_a_service_certificate(ca: FleetCA) -> None:
+    for name in SERVICE_IDENTITIES:
+        assert _cn(ca.issue_service_cert(name).certificate.subject) == name
+    with pytest.raises(BadInputError, match="not a service identity"):
+        ca.issue_service_cert("dev-a")
+
+
+def test_operator_certificates_are_listed_until_revoked(ca: FleetCA) -> None:
+    alice = ca.issue_operator_cert("alice")
+    bob = ca.issue_operator_cert("bob")
+    assert _cn(alice.certificate.subject) == "edgefl-op-alice"
+    assert ca.operator_names() == ["edgefl-op-alice", "edgefl-op-bob"]
+    ca.revoke(bob.serial)
+    assert ca.operator_names() == ["edgefl-op-alice"]
+    assert ca.live_serials("edgefl-op-alice", kind="operator") == [alice.serial]
+    with pytest.raises(BadInputError):
+        ca.issue_operator_cert("x" * 60)  # the CN would pass 64 characters
+
+
+def test_key_history_names_every_certificate_of_a_key_except_voided_ones(ca: FleetCA) -> None:
+    key, csr = _csr("dev-k")
+    node_key = "ecdsa-sha2-nistp384 AAAAE2VjZHNhLXNoYTItbmlzdHAzODQ= comment"
+    first = ca.issue_device_cert("dev-k", csr=csr, node_key=node_key)
+    uses = ca.key_history(public_key=key.public_key())
+    assert [(u.serial, u.cn, u.revoked) for u in uses] == [(first.serial, "dev-k", False)]
+    # The node key is matched without its comment.
+    assert ca.key_history(node_key=node_key.rsplit(" ", 1)[0] + " other")[0].serial == first.serial
+    ca.revoke(first.serial)
+    assert ca.key_history(public_key=key.public_key())[0].revoked
+    # A certificate of a failed admission is voided: its key may be admitted again.
+    other_key, other_csr = _csr("dev-v")
+    voided = ca.issue_device_cert("dev-v", csr=other_csr)
+    ca.revoke(voided.serial, void=True)
+    assert ca.key_history(public_key=other_key.public_key()) == []
+    assert ca.device_serials("dev-v") == []
+
+
+def test_short_validities_for_renewal_tests(ca: FleetCA) -> None:
+    issued = ca.issue_service_cert(days=2 / 1440)  # two minutes
+    left = issued.certificate.not_valid_after_utc - dt.datetime.now(dt.UTC)
+    assert dt.timedelta(minutes=1) < left <= dt.timedelta(minutes=2)
 
 
 def test_server_cert_has_dns_and_ip_sans(ca: FleetCA) -> None:
