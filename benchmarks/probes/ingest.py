@@ -32,7 +32,8 @@ PUBACKed by the broker, ``stored`` the rows stored for them, ``duplicate_rows`` 
 beyond one per honest key, and ``p99_lag_s`` is the 99th percentile of each honest
 record's ``received_at`` (set by the ingest at its write, just before the commit) minus
 the ``ts_ms`` the device stamped right before publishing it. The flood holds only when
-every bad message is dead-lettered with its reason, counted exactly.
+every bad message is dead-lettered with its reason, counted exactly, and a restarted
+ingest is redelivered nothing (every message was acknowledged).
 
 Everything runs on loopback: mosquitto on the shipped configuration (mutual TLS, ACL;
 :class:`edgefl.server.serve.MosquittoBroker`) under a fleet CA made for the probe, the
@@ -710,6 +711,12 @@ def probe_flood(rig: IngestRig) -> tuple[ProbeResult, dict[str, Any]]:
     p99 = statistics.quantiles(lags, n=100)[98] if len(lags) >= 2 else float("nan")
     letters = rig.dead_letters(attacker.name)
     attacker_rows = len(rig.records(attacker.name))
+    # Every message was acknowledged: a restarted ingest (its session resumed) is
+    # redelivered nothing, so nothing more is dead-lettered or stored.
+    rig.restart_ingest()
+    time.sleep(1.5)
+    redelivered = sum(rig.dead_letters(attacker.name).values()) - sum(letters.values())
+    redelivered += honest_rows() - rows
     for client in [bad, *clients]:
         rig.disconnect(client)
     figures: dict[str, Any] = {
@@ -728,6 +735,7 @@ def probe_flood(rig: IngestRig) -> tuple[ProbeResult, dict[str, Any]]:
         and letters == expected
         and sum(expected.values()) >= 1000
         and attacker_rows == 1
+        and redelivered == 0
     )
     return (
         ProbeResult(
@@ -736,11 +744,13 @@ def probe_flood(rig: IngestRig) -> tuple[ProbeResult, dict[str, Any]]:
             f"(dead letters {dict(letters)}, expected {dict(expected)}) beside "
             f"{HONEST_DEVICES} honest devices x {HONEST_RECORDS} records: stored "
             f"{figures['stored']}/{sent}, duplicate rows {figures['duplicate_rows']}, "
-            f"p99 lag {p99:.3f} s (limit {P99_LAG_LIMIT_S} s)",
+            f"p99 lag {p99:.3f} s (limit {P99_LAG_LIMIT_S} s); redelivered after an ingest "
+            f"restart: {redelivered}",
             {
                 "expected": dict(expected),
                 "dead_letters": dict(letters),
                 "attacker_rows": attacker_rows,
+                "redelivered": redelivered,
                 "flood_s": flood_s,
                 **figures,
             },

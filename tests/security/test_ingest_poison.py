@@ -87,6 +87,7 @@ def test_poison_flood_beside_honest_devices_loses_nothing(rig: IngestRig) -> Non
     assert honest["stored"] == sent  # 0 lost
     assert honest["duplicate_rows"] == 0
     assert counts["attacker_rows"] == 1  # its one honest record, none of the flood
+    assert counts["redelivered"] == 0  # everything was acknowledged
     assert sum(counts["expected"].values()) == FLOOD_MESSAGES  # the broker took them all
     assert counts["dead_letters"] == counts["expected"]  # each bad one, with its reason
     assert set(counts["dead_letters"]) == {
