@@ -3,7 +3,10 @@
 This module is the one place that the server (``edgefl.server.fl``), the device-side
 ClientApp (``edgefl.edge_agent.fl.clientapp``) and the simulation runner
 (``edgefl.simulations``) share. It imports only pydantic and the standard library, so the
-ClientApp (which Flower starts in a new process for every message) stays light.
+ClientApp (which Flower starts in a new process for every message) stays light; Flower's
+RDP accountant is imported only when a plan with central DP and ``max_epsilon`` is
+validated (:func:`central_dp_budget`: a plan whose first round would already pass
+``max_epsilon`` is refused, naming what would fit).
 
 Public API
 ==========
@@ -103,12 +106,15 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from edgefl.config import StrictModel, validate_config
 from edgefl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from flwr.serverapp import RdpAccountant
 
 __all__ = [
     "DATASET_MODELS",
@@ -122,6 +128,7 @@ __all__ = [
     "FederationResult",
     "RoundReport",
     "StrategyPlan",
+    "central_dp_accountant",
     "central_dp_budget",
     "central_dp_epsilon",
     "device_id_for",
@@ -407,26 +414,35 @@ def _round_up(value: float, digits: int = 3) -> float:
     return math.ceil(value * scale) / scale
 
 
-def central_dp_epsilon(
-    noise_multiplier: float, delta: float, releases: int, population_size: int
-) -> float:
-    """ε after ``releases`` rounds of central DP, as the server's accountant counts it.
+def central_dp_accountant(
+    delta: float, population_size: int, max_epsilon: float | None = None
+) -> RdpAccountant:
+    """Flower's ``RdpAccountant`` as central DP uses it (the server and the plan check).
 
-    The same Flower ``RdpAccountant`` configuration as ``edgefl.server.fl.strategy``: one
-    Gaussian release per round, no amplification by sampling, add-or-remove-one
-    neighbours. Imports Flower's accountant (``flwr[dp]``) on first use.
+    One Gaussian release per round, no amplification by sampling (every sampled device
+    is counted), add-or-remove-one neighbours. Imports Flower's accountant (``flwr[dp]``)
+    on first use.
     """
     from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
-    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
-    accountant = RdpAccountant(
+    return RdpAccountant(
         PrivacyConfig(
             target_delta=delta,
             population_size=population_size,
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            max_epsilon=max_epsilon,
         )
     )
+
+
+def central_dp_epsilon(
+    noise_multiplier: float, delta: float, releases: int, population_size: int
+) -> float:
+    """ε after ``releases`` rounds of central DP, by :func:`central_dp_accountant`."""
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    accountant = central_dp_accountant(delta, population_size)
     accountant.compose(
         GaussianPrivacyEvent(
             noise_multiplier=noise_multiplier,

@@ -98,23 +98,11 @@ def build_strategy(plan: FederationPlan) -> Strategy:
         inner = FedTrimmedAvg(**common, beta=s.trim_beta)
     if not plan.central_dp.enabled:
         return inner
-    from flwr.serverapp import (
-        NeighboringRelation,
-        PrivacyConfig,
-        RdpAccountant,
-        SamplingMethod,
-    )
+    from edgefl.federation import central_dp_accountant
 
     c = plan.central_dp
-    accountant = RdpAccountant(
-        PrivacyConfig(
-            target_delta=c.delta,
-            population_size=plan.num_devices,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
-            max_epsilon=c.max_epsilon,
-        )
-    )
+    # The same accountant the plan's up-front check uses (FederationPlan.central_budget).
+    accountant = central_dp_accountant(c.delta, plan.num_devices, c.max_epsilon)
     return DifferentialPrivacyClientSideFixedClipping(
         inner,
         noise_multiplier=c.noise_multiplier,
