@@ -542,9 +542,10 @@ def renew_device_cert(
     key no certificate ever carried (rotation). The enrollment row then holds the new
     certificate, so a later :func:`revoke` revokes it (and any older one still valid).
 
-    A request repeated within ``reissue_after`` of the last issue gets the current
-    certificate again instead of a new one: a device whose answer was lost retries, and a
-    device that floods requests cannot make the CA sign without bound.
+    A request for the same key that a new certificate would extend by less than
+    ``reissue_after`` (it was just renewed) gets the current certificate again instead of
+    a new one: a device whose answer was lost retries, and a device that floods requests
+    cannot make the CA sign without bound.
 
     Args:
         fleet: The fleet in the request's topic.
@@ -584,9 +585,8 @@ def renew_device_cert(
         raise BadInputError(f"certificate renewal of {device_id!r}: not an EC key")
     current_cert = x509.load_pem_x509_certificate(current.cert_pem.encode("ascii"))
     same_key = _cert_key_fingerprint(current.cert_pem) == public_key_fingerprint(public_key)
-    if same_key and datetime.now(UTC) - current_cert.not_valid_before_utc < reissue_after:
-        # not_valid_before is back-dated by the CA's clock-skew allowance; that only
-        # widens the window.
+    best = min(datetime.now(UTC) + timedelta(days=cert_days), ca.cert.not_valid_after_utc)
+    if same_key and current_cert.not_valid_after_utc >= best - reissue_after:
         log.info("certificate renewal of %r repeated: the current certificate again", device_id)
         return current
     if not same_key:

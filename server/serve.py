@@ -281,6 +281,7 @@ class MosquittoBroker:
         # The shipped ACL plus one read-only block per operator certificate.
         self.acl_path = self.workdir / "acl"
         self._ca_dir = ca.directory
+        self._acl_stamp: tuple[int, int, int] | None = None
         write_text_atomic(self.acl_path, render_acl(ca.operator_names()))
         text = render_mosquitto_config(
             port=self.port,
@@ -354,6 +355,13 @@ class MosquittoBroker:
         Returns:
             Whether the ACL changed.
         """
+        try:
+            stamp = (self._ca_dir / "state.json").stat()
+        except OSError:
+            return False
+        if (stamp.st_mtime_ns, stamp.st_size, stamp.st_ino) == self._acl_stamp:
+            return False  # the CA issued and revoked nothing since the last look
+        self._acl_stamp = (stamp.st_mtime_ns, stamp.st_size, stamp.st_ino)
         text = render_acl(FleetCA.load(self._ca_dir).operator_names())
         try:
             if self.acl_path.read_text(encoding="utf-8") == text:

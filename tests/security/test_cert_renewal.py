@@ -178,6 +178,15 @@ def test_agent_renews_its_certificate_over_mqtt_and_reconnects(
     # The key never changed: the renewed certificate is for the device's own key.
     key = serialization.load_pem_private_key((identity / "device.key").read_bytes(), None)
     assert renewed.certificate.public_key() == key.public_key()
+    # Asking again at once (a lost answer, or a flood) gets the same certificate again,
+    # not a new signature each time.
+    assert agent.renewer is not None
+    topic, payload = agent.renewer.request()
+    assert server.cert_service is not None
+    assert server.cert_service.handle(topic, payload)
+    again = get_enrollment(engine, device)
+    assert again is not None
+    assert again.cert_serial == f"{renewed.serial:x}"
 
 
 def test_device_cannot_get_a_certificate_in_another_devices_name(
