@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from edgefl.config import StrictModel, format_validation_error
 from edgefl.errors import BadInputError
@@ -37,12 +37,14 @@ from edgefl.files import write_text_atomic
 __all__ = [
     "IDENTITY_DIR",
     "INSTALL_CERT_COMMAND",
+    "SERVICE_ID_PREFIX",
     "EnrollmentBundle",
     "EnrollmentRequest",
     "IdentityPaths",
     "RenewalRequest",
     "read_bundle",
     "read_request",
+    "refuse_service_id",
     "renewal_request_topic",
     "write_json_document",
 ]
@@ -50,6 +52,30 @@ __all__ = [
 IDENTITY_DIR = "identity"
 _DocT = TypeVar("_DocT", bound=StrictModel)
 _ID = r"^[A-Za-z0-9_-]{1,64}$"
+
+SERVICE_ID_PREFIX = "edgefl-"
+"""Certificate CNs starting with this (any case) belong to the cloud services and operators.
+
+The broker takes a certificate's CN as MQTT username and client id, and the ACL grants
+each service CN its own topics, so a device enrolled as ``edgefl-ingest`` would be the
+ingest: no device id may start with it.
+"""
+
+
+def refuse_service_id(device_id: str) -> str:
+    """Refuse a device id in the service namespace (:data:`SERVICE_ID_PREFIX`).
+
+    Raises:
+        BadInputError: The id starts with ``edgefl-`` (any case).
+    """
+    if device_id.lower().startswith(SERVICE_ID_PREFIX):
+        raise BadInputError(
+            f"device id {device_id!r} is reserved: names starting with {SERVICE_ID_PREFIX!r} "
+            "belong to the cloud services and operators",
+            hint="choose another device id",
+        )
+    return device_id
+
 
 INSTALL_CERT_COMMAND = "install-cert"
 """The fleet command that carries a renewed certificate to the device."""
@@ -71,6 +97,14 @@ class EnrollmentRequest(StrictModel):
     node_public_key: str = Field(
         description="The Flower node public key, one OpenSSH line (ecdsa-sha2-nistp384 ...)."
     )
+
+    @field_validator("device_id")
+    @classmethod
+    def _not_a_service(cls, value: str) -> str:
+        try:
+            return refuse_service_id(value)
+        except BadInputError as exc:
+            raise ValueError(exc.message) from exc
 
 
 class EnrollmentBundle(StrictModel):

@@ -32,6 +32,7 @@ from edgefl.enrollment import (
     IdentityPaths,
     RenewalRequest,
     read_bundle,
+    refuse_service_id,
     renewal_request_topic,
     write_json_document,
 )
@@ -153,8 +154,10 @@ def prepare_enrollment(
         The request and what was created.
 
     Raises:
-        BadInputError: An existing key file cannot be loaded.
+        BadInputError: An existing key file cannot be loaded, or the device id is in the
+            service namespace (``edgefl-...``).
     """
+    refuse_service_id(device_id)
     paths = IdentityPaths(state_dir)
     paths.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 

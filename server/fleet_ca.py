@@ -57,6 +57,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edgefl.enrollment import SERVICE_ID_PREFIX, refuse_service_id
 from edgefl.errors import BadInputError, ConfigError
 from edgefl.files import write_bytes_atomic
 
@@ -88,7 +89,7 @@ DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CRL_VALIDITY_DAYS = 30
 """Days a CRL signed here is valid (its nextUpdate)."""
 
-RESERVED_PREFIX = "edgefl-"
+RESERVED_PREFIX = SERVICE_ID_PREFIX
 """CNs starting with this (any case) belong to services and operators, never to devices."""
 
 INGEST_IDENTITY = "edgefl-ingest"
@@ -114,7 +115,6 @@ SERVER_IDENTITY = INGEST_IDENTITY
 OPERATOR_PREFIX = "edgefl-op-"
 """CN prefix of read-only operator certificates (``edgefl-op-<name>``)."""
 
-_LEGACY_IDS = frozenset({"edgefl-server"})
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 _STATE_VERSION = 1
 
@@ -149,13 +149,7 @@ def check_not_reserved(device_id: str) -> str:
     Raises:
         BadInputError: The id starts with ``edgefl-`` (any case).
     """
-    if device_id.lower().startswith(RESERVED_PREFIX) or device_id in _LEGACY_IDS:
-        raise BadInputError(
-            f"device id {device_id!r} is reserved: names starting with {RESERVED_PREFIX!r} "
-            "belong to the cloud services and operators",
-            hint="choose another device id",
-        )
-    return device_id
+    return refuse_service_id(device_id)
 
 
 def public_key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:

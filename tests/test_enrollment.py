@@ -614,3 +614,26 @@ def test_admin_commands_without_a_server_say_how_to_start_one(tmp_path: Path) ->
     assert res.exit_code == ExitCode.CONFIG
     assert "no fleet CA" in res.output
     assert "edgefl server start" in res.output
+
+
+def test_a_device_cannot_enroll_under_a_service_name(
+    tmp_path: Path, link: Link, engine: sa.Engine
+) -> None:
+    """The broker takes the certificate CN as username and client id: a device admitted
+    as ``edgefl-ingest`` would be the ingest. Refused on the device, when the request is
+    read, and by admit itself."""
+    from edgefl.enrollment import EnrollmentRequest, read_request
+
+    with pytest.raises(BadInputError, match="reserved"):
+        prepare_enrollment("edgefl-ingest", FLEET, tmp_path / "svc")
+    data = _enroll(tmp_path, _device_id()).request.model_dump()
+    for name in ("edgefl-ingest", "edgefl-certs", "Edgefl-commands"):
+        data["device_id"] = name
+        forged = tmp_path / f"{name}.json"
+        forged.write_text(json.dumps(data))
+        with pytest.raises(BadInputError, match="reserved"):
+            read_request(forged)
+        unchecked = EnrollmentRequest.model_construct(**data)  # past the document check
+        with pytest.raises(BadInputError, match="reserved"):
+            admit(unchecked, ca=link.ca, admin=link.admin, engine=engine)
+    assert link.ca.live_serials("edgefl-ingest", kind="device") == []
