@@ -30,7 +30,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -388,13 +388,13 @@ def run_probes(workdir: Path) -> dict[str, dict[str, object]]:
     workdir.mkdir(parents=True, exist_ok=True)
     out: dict[str, dict[str, object]] = {}
     with veth_namespace("efl") as net, started_server(workdir, net.host_ip) as server:
-        for name, attack in (
-            (
-                "control_api_from_outside",
-                lambda: probe_control_api_from_outside(server, net, workdir),
+        attacks: dict[str, Callable[[], dict[str, object]]] = {
+            "control_api_from_outside": lambda: probe_control_api_from_outside(
+                server, net, workdir
             ),
-            ("rogue_node_reply", lambda: probe_rogue_node_reply(server, workdir)),
-        ):
+            "rogue_node_reply": lambda: probe_rogue_node_reply(server, workdir),
+        }
+        for name, attack in attacks.items():
             try:
                 out[name] = attack()
             except Exception as exc:  # a crashed attack is never a defence

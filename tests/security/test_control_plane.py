@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from probes.control_plane import (
     probe_control_api_from_outside,
     probe_rogue_node_reply,
@@ -83,7 +84,7 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
-EXPECTED = {"w": ((2, 3), "float32")}
+EXPECTED: dict[str, tuple[tuple[int, ...], str]] = {"w": ((2, 3), "float32")}
 
 
 def _reply(node: int, device: str) -> Message:
@@ -144,11 +145,11 @@ class _Fleet(Grid):
     def __init__(self, nodes: list[int]) -> None:
         self.nodes = nodes
 
-    def set_run(self, run: object) -> None:
+    def set_run(self, run: Run) -> None:
         raise NotImplementedError
 
     @property
-    def run(self) -> object:
+    def run(self) -> Run:
         raise NotImplementedError
 
     def get_node_ids(self) -> Iterable[int]:
