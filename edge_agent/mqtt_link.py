@@ -201,7 +201,11 @@ class MqttLinkConfig(StrictModel):
 
     host: str = Field(default="127.0.0.1", description="Broker host name or address.")
     port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port.")
-    client_id: str = Field(min_length=1, description="MQTT client id; the device id is usual.")
+    client_id: str = Field(
+        min_length=1,
+        description="MQTT client id; the device id is usual. The shipped broker ignores it "
+        "and uses the certificate's CN (use_username_as_clientid), which is the device id.",
+    )
     keepalive: int = Field(default=30, ge=5, description="Keepalive in seconds.")
     protocol: Literal["5", "3.1.1", "auto"] = Field(
         default="auto",
