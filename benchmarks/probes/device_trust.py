@@ -294,9 +294,9 @@ def run_probes(workdir: Path) -> dict[str, dict[str, object]]:
     if outcome.held:
         reason = str(outcome.replies["attacker"][0]["error"])
         detail = (
-            "attacker's bundle refused before its code ran (no marker), reply: "
-            f"{reason[:200]}; a bundle shadowing edgefl's package got the installed "
-            "ClientApp; a fleet-signed bring-your-own app ran"
+            "attacker's bundle refused before its code ran (no marker); the server got: "
+            f"{reason[reason.find(REFUSAL) :][:260]}; a bundle shadowing edgefl's package "
+            "got the installed ClientApp; a fleet-signed bring-your-own app ran"
         )
     else:
         detail = "; ".join(outcome.problems)

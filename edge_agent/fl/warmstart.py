@@ -29,7 +29,7 @@ trainer, privacy and data modules, torch, Opacus) without starting threads, open
 channels or running tensor ops, then serves requests in one thread: for each it
 ``fork``'s a child that puts the received descriptors on 0/1/2, takes the caller's
 cwd, environment and argv, reseeds the RNGs a fresh interpreter seeds at start-up and
-runs Flower's entry point exactly as the console script does; the child ends with
+runs Flower's entry point behind the trust gate, as a cold start does; the child ends with
 ``os._exit`` and the zygote sends its wait status back. A launcher that disappears takes
 its child with it (SIGKILL, as for a killed ``flwr-clientapp``). The zygote exits after
 ``--idle-exit-s`` seconds without a running child, so its memory is held only while runs
