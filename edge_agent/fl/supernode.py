@@ -836,8 +836,11 @@ class SuperNodeSupervisor:
         self._write_runtime(pid=None)
         self.last_exit_code = code
         ran = now - self._started_at
-        if self.node_id is not None and code != 0:
-            self._unclean_end_at = now  # killed or crashed while its node was online
+        # Stopped by SIGTERM (ours) or exiting cleanly, a SuperNode signs its node off; one
+        # killed or crashed leaves it online on the SuperLink for up to a minute.
+        signed_off = code == 0 or (self._stop_deadline is not None and code != -signal.SIGKILL)
+        if self.node_id is not None and not signed_off:
+            self._unclean_end_at = now
         if self._stop_deadline is not None:
             self._stop_deadline = None
             self.state = "waiting"

@@ -29,6 +29,7 @@ from edgefl.edge_agent.fl.apptrust import (
     write_policy,
 )
 from edgefl.edge_agent.fl.supernode import TrainingConfig
+from edgefl.edge_agent.fl.warmstart import install_launcher
 from edgefl.errors import ConfigError
 from edgefl.server.fl.app_signing import (
     app_signing_key_path,
@@ -232,3 +233,44 @@ def test_the_config_validates_and_writes_the_policy(
         with pytest.raises(ValidationError, match=why):
             TrainingConfig.model_validate({"superlink": "127.0.0.1:9", **bad})
     assert SIGNATURE_FILE.endswith(".json")  # Flower's build packs .json files
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_cold_start_runs_behind_the_gate_never_the_stock_clientapp(
+    tmp_path: Path, warm: bool
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from edgefl.procs import cmdline
+
+    bin_dir = install_launcher(tmp_path, warm=warm, first_wait_s=0.0, idle_exit_s=5.0)
+    # A message whose Runtime API nobody serves: Flower's process keeps retrying, so
+    # there is time to look at what the launcher became.
+    proc = subprocess.Popen(
+        [
+            str(bin_dir / "flwr-clientapp"),
+            "--runtime-api-address",
+            "127.0.0.1:9",
+            "--token",
+            "ab" * 32,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while "edgefl.edge_agent.fl.apptrust" not in cmdline(proc.pid):
+            assert proc.poll() is None, "the launcher exited"
+            assert time.monotonic() < deadline, cmdline(proc.pid)
+            time.sleep(0.05)
+        args = cmdline(proc.pid)
+        assert args[1:3] == ["-I", "-m"]
+        assert args[args.index("--policy") + 1] == str(tmp_path / "app-trust.json")
+        assert not any(Path(a).name == "flwr-clientapp" and "warmstart-bin" not in a for a in args)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
