@@ -79,10 +79,7 @@ from edgefl.server.inference import (
     start_in_thread,
 )
 
-try:
-    from benchmarks.netshape import LinkShape, ShapingProxy
-except ModuleNotFoundError:  # run as a script: benchmarks/ is on sys.path
-    from netshape import LinkShape, ShapingProxy  # type: ignore[import-not-found,no-redef]
+from netshape import LinkShape, ShapingProxy  # benchmarks/ is on sys.path (script or MYPYPATH)
 
 CONDITIONS: dict[str, LinkShape | None] = {
     "none": None,
