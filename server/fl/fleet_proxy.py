@@ -426,6 +426,11 @@ class FleetProxy:
         # still in its group (start_new_session made the master its leader).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, signal.SIGKILL)
+            # Their listening socket closes only when they are gone.
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline:
+                os.killpg(self._proc.pid, 0)  # ProcessLookupError once the group is empty
+                time.sleep(0.02)
         self._reap()
 
     def reload(self) -> None:
