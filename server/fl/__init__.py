@@ -9,7 +9,8 @@ Entry points (signatures are stable; see each docstring):
   run id that already has checkpoints continues from the last one.
 - ``edgefl.server.fl.serverapp:app``: the same ServerApp for ``flwr run`` deployments; it
   reads the plan from the ``run_config`` (``FederationPlan.to_flat()`` keys plus
-  ``registry-url`` and ``run-id``).
+  ``registry-url``, ``run-id`` and ``admitted-nodes-only``) and uses only nodes that are
+  admitted enrollments in the registry (see ``edgefl.server.fl.serverapp``).
 - :func:`run_simulation` (``edgefl.server.fl.simulation``): one run on Flower's
   simulation engine with the same ServerApp and ``edgefl.edge_agent.fl.clientapp:app``
   (one virtual node per device, 1 CPU each); returns a
