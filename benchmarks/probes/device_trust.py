@@ -109,6 +109,8 @@ class TrustOutcome:
     replies: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     markers: dict[str, bool] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    device_status: dict[str, Any] = field(default_factory=dict)
+    """The device's SuperNode supervisor status at the end (``refused_apps`` ...)."""
 
     @property
     def held(self) -> bool:
@@ -249,6 +251,8 @@ def probe_untrusted_app_on_device(
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not all(p.exists() for p in outs.values()):
             time.sleep(0.5)
+        time.sleep(1.0)  # one more supervisor poll reads the last lines of its log
+        outcome.device_status = sup.status()
     finally:
         stop.set()
         if thread is not None:

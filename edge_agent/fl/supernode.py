@@ -112,6 +112,8 @@ _TROUBLE = ("SSL/TLS handshake error detected", "Failed to send message")
 _HEALTHY = ("Received successfully", "Sent successfully", "SuperNode ID:")
 _STALL_S = 30.0
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+_REFUSED = "edgefl app trust: edgefl refused"
+"""How the ClientApp gate (edgefl.edge_agent.fl.apptrust) reports a refusal on stderr."""
 NodeConfigValue = str | int | float | bool
 
 
@@ -474,6 +476,9 @@ class SuperNodeSupervisor:
         self.last_exit_code: int | None = None
         self.last_error = ""
         self.node_id: int | None = None
+        self.refused_apps = 0
+        self.last_refusal = ""
+        self._partial_line = ""
         self.runtime_path = self.state_dir / RUNTIME_FILE
         self._leftovers_checked = False
         # When a SuperNode of this device last went away without signing off (ended as a
@@ -604,6 +609,8 @@ class SuperNodeSupervisor:
             "last_error": self.last_error,
             "clientappio_port": self._port,
             "log": str(self.log_path),
+            "refused_apps": self.refused_apps,
+            "last_refusal": self.last_refusal,
         }
 
     # ------------------------------------------------------------------ internals
@@ -780,6 +787,7 @@ class SuperNodeSupervisor:
         self._log_offset = self._log.tell()
         self._read_offset = self._log_offset
         self._tail = ""
+        self._partial_line = ""
         self._warned_retrying = False
         self._ended_at = None
         self._suspect = False
@@ -930,6 +938,7 @@ class SuperNodeSupervisor:
             self._suspect = False
         if self._ended_at is None and any(line in text for line in _ENDED):
             self._ended_at = self._clock()
+        self._note_refusals(text)
         if _RETRYING in text and not self._warned_retrying:
             self._warned_retrying = True
             self.last_error = f"cannot reach the SuperLink at {self.config.superlink}; retrying"
@@ -939,6 +948,18 @@ class SuperNodeSupervisor:
                 "(data collection goes on)",
                 self.config.superlink,
             )
+
+    def _note_refusals(self, text: str) -> None:
+        """Count and log the app bundles the ClientApp gate refused (complete lines only)."""
+        lines = (self._partial_line + text).split("\n")
+        self._partial_line = lines.pop()[-4096:]
+        for line in lines:
+            at = line.find(_REFUSED)
+            if at < 0:
+                continue
+            self.refused_apps += 1
+            self.last_refusal = line[at + len("edgefl app trust: ") :].strip()[:300]
+            logger.warning("the device refused to run an app: %s", self.last_refusal)
 
     def _close_log(self) -> None:
         if self._log is not None:

@@ -58,6 +58,11 @@ def test_a_device_runs_only_clientapp_code_it_trusts(tmp_path: Path) -> None:
     assert signed == {"error": None, "keys": ["result"]}
     supernode_log = (tmp_path / "device" / "supernode.log").read_text(errors="replace")
     assert "edgefl app trust: edgefl refused the app bundle probe/attacker-app" in supernode_log
+    # The agent counts the refusal and shows it in its status.
+    assert outcome.device_status["refused_apps"] == 1
+    assert outcome.device_status["last_refusal"].startswith(
+        "edgefl refused the app bundle probe/attacker-app"
+    )
 
 
 # ------------------------------------------------------------- the gate, no processes
