@@ -49,7 +49,14 @@ from edgefl.edge_agent.fl.supernode import TELEMETRY_DIR, SuperNodeSupervisor, T
 from edgefl.edge_agent.identity import CertRenewer
 from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender, status_topic
 from edgefl.edge_agent.offload.config import OffloadConfig
-from edgefl.edge_agent.outbox import Outbox, OutboxFullError, OutboxItem, OutboxPolicy
+from edgefl.edge_agent.outbox import (
+    Outbox,
+    OutboxFullError,
+    OutboxItem,
+    OutboxPolicy,
+    Record,
+    RecordTooLargeError,
+)
 from edgefl.edge_agent.outbox import read_stats as read_outbox_stats
 from edgefl.edge_agent.sources import (
     DatasetReplaySource,
@@ -126,6 +133,7 @@ class Agent:
             build_source(s, cache_dir=config.state_dir / "cache") for s in config.sources
         ]
         self.rejected = 0
+        self.oversized = 0  # records refused as larger than the fleet carries
         self._started_at = time.time()
         self.commands = CommandProcessor(
             config.state_dir,
@@ -236,25 +244,42 @@ class Agent:
     def submit(self, records: Sequence[SourceRecord]) -> list[int]:
         """Commit records to the outbox in one transaction; returns the stored seqs.
 
-        When the whole batch does not fit under ``reject_new``, the records are offered one
-        by one so that as many as fit are kept; each refused one is counted in ``rejected``.
+        A record whose envelope is over the largest payload the fleet carries is refused
+        (counted in ``rejected`` and ``oversized``, and by the outbox) and the rest of the
+        batch stored. When the batch does not fit under ``reject_new``, the records are
+        offered one by one so that as many as fit are kept; each refused one is counted in
+        ``rejected``.
         """
         if not records:
             return []
-        try:
-            stored = self.outbox.put_many([self._item(r) for r in records])
-        except OutboxFullError:
-            stored = []
-            for record in records:
-                try:
-                    stored += self.outbox.put_many([self._item(record)])
-                except OutboxFullError as exc:
-                    self.rejected += 1
-                    logger.warning("outbox refused a %s record: %s", record.kind, exc)
+        pending = list(records)
+        stored: list[Record] = []
+        while pending:
+            try:
+                stored += self.outbox.put_many([self._item(r) for r in pending])
+                break
+            except RecordTooLargeError as exc:
+                # Never sendable: drop it from the batch (it is counted once) and go on.
+                self._refused_oversized(pending.pop(exc.index), exc)
+            except OutboxFullError:
+                for record in pending:
+                    try:
+                        stored += self.outbox.put_many([self._item(record)])
+                    except RecordTooLargeError as exc:
+                        self._refused_oversized(record, exc)
+                    except OutboxFullError as exc:
+                        self.rejected += 1
+                        logger.warning("outbox refused a %s record: %s", record.kind, exc)
+                break
         self.sender.wake()
         if self.datastore is not None:
             self._keep_samples(records)
         return [r.seq for r in stored]
+
+    def _refused_oversized(self, record: SourceRecord, exc: RecordTooLargeError) -> None:
+        self.rejected += 1
+        self.oversized += 1
+        logger.error("refused a %s record of stream %s: %s", record.kind, record.stream, exc)
 
     def _keep_samples(self, records: Sequence[SourceRecord]) -> None:
         assert self.datastore is not None
@@ -311,6 +336,17 @@ class Agent:
             )
             try:
                 stored = self.outbox.put_once(f"fl-telemetry:{path.name}", [self._item(record)])
+            except RecordTooLargeError as exc:
+                # It can never be sent: set it aside like an unusable report.
+                bad = path.with_name(path.name + ".bad")
+                logger.error(
+                    "training telemetry %s cannot be sent (%s); set aside as %s", path, exc, bad
+                )
+                with contextlib.suppress(OSError):
+                    path.replace(bad)
+                self.telemetry_bad += 1
+                self.oversized += 1
+                continue
             except OutboxFullError as exc:
                 logger.warning("outbox full, training telemetry %s waits: %s", path.name, exc)
                 break
@@ -400,7 +436,7 @@ class Agent:
             "updated_at": time.time(),
             "connected": self.link.connected,
             "subscribed": self.link.subscribed,
-            "outbox": {**asdict(stats), "rejected": self.rejected},
+            "outbox": {**asdict(stats), "rejected": self.rejected, "oversized": self.oversized},
             "sender": {
                 "published": self.sender.published,
                 "acked": self.sender.acked,

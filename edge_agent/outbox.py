@@ -9,6 +9,16 @@ sender takes records with :meth:`Outbox.next_batch`, publishes them and calls
 :meth:`Outbox.ack` once the broker confirmed them; anything not acked is replayed after a
 restart.
 
+A record's payload is the envelope the sender publishes, and the broker refuses one over
+the wire contract's :data:`~edgefl.proto.serde.MAX_ENVELOPE_BYTES` (mosquitto 2.0 answers
+with a PUBACK paho 2.2 cannot parse: the client drops the connection and sends the record
+again on every reconnect, so one such record would block the outbox for good). So
+:meth:`Outbox.put` refuses a record over :attr:`OutboxPolicy.max_record_bytes` (at most
+that limit) with :class:`RecordTooLargeError`, and :meth:`Outbox.next_batch` sets aside,
+never hands out, one that an older version stored: it is deleted with an ERROR naming it.
+Both are counted in the file (:attr:`OutboxStats.oversized_refused`,
+:attr:`OutboxStats.oversized_set_aside`).
+
 The store is bounded by the total payload bytes. When a new record does not fit, the
 :class:`OutboxPolicy` decides: ``reject_new`` raises :class:`OutboxFullError`, while
 ``drop_oldest`` deletes the lowest-priority, oldest records to make room. Every drop and
@@ -66,7 +76,7 @@ from pydantic import Field
 
 from edgefl.config import StrictModel
 from edgefl.errors import BadInputError, ExitCode
-from edgefl.proto.serde import new_incarnation
+from edgefl.proto.serde import MAX_ENVELOPE_BYTES, new_incarnation
 
 __all__ = [
     "Body",
@@ -76,6 +86,7 @@ __all__ = [
     "OutboxPolicy",
     "OutboxStats",
     "Record",
+    "RecordTooLargeError",
     "read_stats",
 ]
 
@@ -107,6 +118,10 @@ CREATE TABLE IF NOT EXISTS imports (
 CREATE TABLE IF NOT EXISTS identity (
     incarnation TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS refusals (
+    reason TEXT PRIMARY KEY,
+    count INTEGER NOT NULL
+);
 CREATE TRIGGER IF NOT EXISTS records_seq_is_new BEFORE INSERT ON records
 WHEN NEW.seq < (SELECT next_seq FROM counters)
 BEGIN SELECT RAISE(ABORT, 'outbox seq reused'); END;
@@ -119,6 +134,34 @@ class OutboxFullError(BadInputError):
     """The outbox cannot take a record without breaking its byte bound."""
 
     exit_code = ExitCode.BAD_INPUT
+
+
+class RecordTooLargeError(BadInputError):
+    """A record's payload (the envelope) is over the largest the fleet carries.
+
+    Attributes:
+        size: The payload's bytes.
+        limit: :attr:`OutboxPolicy.max_record_bytes`.
+        index: Position of the record in the refused call's items, so a producer can
+            store the others without offering (and counting) this one again.
+    """
+
+    exit_code = ExitCode.BAD_INPUT
+
+    def __init__(self, size: int, limit: int, index: int = 0) -> None:
+        super().__init__(
+            f"record of {size} bytes is over the largest payload the fleet carries "
+            f"({limit} bytes); refused",
+            hint="send smaller records (split the data or lower the rate of a batched source)",
+        )
+        self.size = size
+        self.limit = limit
+        self.index = index
+
+
+# refusals.reason of a record refused by put() and of a stored one set aside unsent.
+_OVERSIZED_REFUSED: Final = "oversized"
+_OVERSIZED_SET_ASIDE: Final = "oversized_stored"
 
 
 class OutboxPolicy(StrictModel):
@@ -137,6 +180,16 @@ class OutboxPolicy(StrictModel):
         description=(
             "reject_new raises OutboxFullError; drop_oldest deletes the lowest-priority, "
             "oldest records (never ones of higher priority than the new record)."
+        ),
+    )
+    max_record_bytes: int = Field(
+        default=MAX_ENVELOPE_BYTES,
+        gt=0,
+        le=MAX_ENVELOPE_BYTES,
+        description=(
+            "Largest record payload (the encoded envelope) accepted; larger ones are "
+            "refused with RecordTooLargeError. At most the wire contract's "
+            f"MAX_ENVELOPE_BYTES ({MAX_ENVELOPE_BYTES}), which the broker enforces."
         ),
     )
     synchronous: Literal["NORMAL", "FULL"] = Field(
@@ -181,6 +234,10 @@ class OutboxStats:
         dropped: Records deleted by ``drop_oldest`` over the life of the file.
         expired: Records deleted past their TTL over the life of the file.
         next_seq: The sequence number the next record will get.
+        oversized_refused: Records :meth:`Outbox.put` refused as larger than
+            ``max_record_bytes``, over the life of the file.
+        oversized_set_aside: Stored records (from an older version) found larger than
+            ``max_record_bytes`` and deleted unsent, over the life of the file.
     """
 
     depth: int
@@ -189,6 +246,8 @@ class OutboxStats:
     dropped: int
     expired: int
     next_seq: int
+    oversized_refused: int = 0
+    oversized_set_aside: int = 0
 
 
 Body: TypeAlias = bytes | Callable[[int], bytes]
@@ -453,6 +512,7 @@ class Outbox:
             The stored record with its sequence number.
 
         Raises:
+            RecordTooLargeError: The payload is over ``max_record_bytes`` (counted).
             OutboxFullError: The record is bigger than the bound, or the store is full under
                 ``reject_new``, or ``drop_oldest`` found nothing it may drop.
             BadInputError: The topic cannot be published on (empty, wildcards).
@@ -479,6 +539,8 @@ class Outbox:
             The stored records, in the order of ``items``.
 
         Raises:
+            RecordTooLargeError: A payload is over ``max_record_bytes`` (counted; nothing of
+                the call is stored).
             OutboxFullError: A record is bigger than the bound, or the batch does not fit
                 under ``reject_new``, or ``drop_oldest`` cannot make room for a record.
             BadInputError: A topic cannot be published on (empty, wildcards).
@@ -492,12 +554,16 @@ class Outbox:
             return []
         with self._lock:
             try:
-                return self._put_locked(batch)
-            except _StaleSeqError:
-                # Another connection added records to this file: continue after them.
-                self._next_seq = self._read_next_seq()
-                self._tail = None
-                return self._put_locked(batch)
+                try:
+                    return self._put_locked(batch)
+                except _StaleSeqError:
+                    # Another connection added records to this file: continue after them.
+                    self._next_seq = self._read_next_seq()
+                    self._tail = None
+                    return self._put_locked(batch)
+            except RecordTooLargeError:
+                self._count_refusals(_OVERSIZED_REFUSED, 1)
+                raise
 
     def put_once(self, key: str, items: Sequence[OutboxItem]) -> list[Record] | None:
         """Commit ``items`` unless a :meth:`put_once` with the same ``key`` committed before.
@@ -511,27 +577,35 @@ class Outbox:
             The stored records, or ``None`` when the key was already committed.
 
         Raises:
+            RecordTooLargeError: As :meth:`put_many` (nothing is stored, the key is not kept).
             OutboxFullError: As :meth:`put_many` (nothing is stored, the key is not kept).
             BadInputError: A topic cannot be published on.
         """
         batch = list(items)
         for topic in {item.topic for item in batch}:
             _check_topic(topic)
-        with self._lock, self._transaction():
-            if self._db.execute("SELECT 1 FROM imports WHERE key = ?", (key,)).fetchone():
-                return None
-            now = self._clock()
-            self._db.execute("DELETE FROM imports WHERE at < ?", (now - _IMPORT_KEY_TTL_S,))
-            records = self._put_locked(batch) if batch else []
-            self._db.execute(
-                "INSERT INTO imports (key, first_seq, at) VALUES (?, ?, ?)",
-                (key, records[0].seq if records else self._next_seq, now),
-            )
-            return records
+        with self._lock:
+            try:
+                with self._transaction():
+                    if self._db.execute("SELECT 1 FROM imports WHERE key = ?", (key,)).fetchone():
+                        return None
+                    now = self._clock()
+                    self._db.execute("DELETE FROM imports WHERE at < ?", (now - _IMPORT_KEY_TTL_S,))
+                    records = self._put_locked(batch) if batch else []
+                    self._db.execute(
+                        "INSERT INTO imports (key, first_seq, at) VALUES (?, ?, ?)",
+                        (key, records[0].seq if records else self._next_seq, now),
+                    )
+                    return records
+            except RecordTooLargeError:
+                # Counted after the rollback, in a transaction of its own.
+                self._count_refusals(_OVERSIZED_REFUSED, 1)
+                raise
 
     def _put_locked(self, batch: Sequence[OutboxItem | tuple[str, Body]]) -> list[Record]:
         default_ttl = self.policy.default_ttl_s
         max_bytes = self.policy.max_bytes
+        max_record = self.policy.max_record_bytes
         now = self._clock()
         first = self._next_seq
         default_expiry = now + default_ttl if default_ttl is not None else None
@@ -551,6 +625,10 @@ class Outbox:
             if type(payload) is not bytes:
                 payload = bytes(payload)
             size = len(payload)
+            if size > max_record:
+                # The broker would refuse it in a way that blocks the outbox (see the
+                # module docstring): refused here, before anything of the call is stored.
+                raise RecordTooLargeError(size, max_record, seq - first)
             if size > max_bytes:
                 raise OutboxFullError(
                     f"record of {size} bytes exceeds the outbox bound of {max_bytes} bytes",
@@ -661,6 +739,9 @@ class Outbox:
                 # Everything up to the cursor is leased: read on from there.
                 rows = self._db.execute(_AFTER_CURSOR, (cursor[0], cursor[1], limit)).fetchall()
             unleased = [r for r in rows if r[0] not in leased]
+            max_record = self.policy.max_record_bytes
+            if any(len(r[2]) > max_record for r in unleased):
+                unleased = self._set_aside_oversized(unleased, max_record)
             # Rows come back in column order, which is the Record's: no copy per field.
             batch = [_new_record(Record, r) for r in unleased[:limit]]
             fetched = limit if cursor is not None else limit + len(leased)
@@ -675,6 +756,46 @@ class Outbox:
                 self._cursor = (batch[-1].priority, batch[-1].seq)
                 leased.update((r.seq, len(r.payload)) for r in batch)
         return batch
+
+    def _set_aside_oversized(self, rows: list[Record], max_record: int) -> list[Record]:
+        """Delete (and count) the stored records over ``max_record``; return the others.
+
+        Only an older version, which did not check the size at put, stored such records.
+        Publishing one would never end (see the module docstring), so it is dropped with
+        an ERROR naming it, and every other record goes on.
+        """
+        big = [r for r in rows if len(r[2]) > max_record]
+        with self._transaction():
+            self._db.executemany("DELETE FROM records WHERE seq = ?", [(r[0],) for r in big])
+            self._add_refusals(_OVERSIZED_SET_ASIDE, len(big))
+        self._bytes -= sum(len(r[2]) for r in big)
+        self._tail = None
+        for r in big:
+            _log.error(
+                "outbox: record seq=%d on %s (%s) is %d bytes, over the %d the fleet carries: "
+                "set aside unsent (the broker would refuse it and block the outbox)",
+                r[0],
+                r[1],
+                r[4],
+                len(r[2]),
+                max_record,
+            )
+        return [r for r in rows if len(r[2]) <= max_record]
+
+    def _count_refusals(self, reason: str, count: int) -> None:
+        """Add ``count`` to the refusals of ``reason``; the caller holds the lock."""
+        try:
+            with self._transaction():
+                self._add_refusals(reason, count)
+        except sqlite3.Error as exc:  # the refusal itself matters more than its count
+            _log.error("outbox: cannot count a refused record (%s): %s", reason, exc)
+
+    def _add_refusals(self, reason: str, count: int) -> None:
+        self._db.execute(
+            "INSERT INTO refusals (reason, count) VALUES (?, ?) "
+            "ON CONFLICT (reason) DO UPDATE SET count = count + excluded.count",
+            (reason, count),
+        )
 
     def ack(self, seq: int) -> None:
         """Delete a record the broker confirmed; unknown sequence numbers are ignored."""
@@ -750,6 +871,7 @@ class Outbox:
                 "SELECT next_seq, dropped, expired FROM counters WHERE device_id = ?",
                 (self.device_id,),
             ).fetchone()
+            refusals = _read_refusals(self._db)
         return OutboxStats(
             depth=int(depth),
             bytes=int(total),
@@ -757,6 +879,8 @@ class Outbox:
             dropped=int(dropped),
             expired=int(expired),
             next_seq=int(next_seq),
+            oversized_refused=refusals.get(_OVERSIZED_REFUSED, 0),
+            oversized_set_aside=refusals.get(_OVERSIZED_SET_ASIDE, 0),
         )
 
     # -- helpers; the caller holds self._lock and an open transaction --------------------
@@ -898,6 +1022,7 @@ def read_stats(
                 "expires_at IS NULL OR expires_at > ? AS live FROM records)",
                 (now,),
             ).fetchone()
+            refusals = _read_refusals(db)
             db.execute("COMMIT")
         finally:
             db.close()
@@ -921,7 +1046,17 @@ def read_stats(
         dropped=int(dropped),
         expired=int(expired) + int(stale),
         next_seq=int(next_seq),
+        oversized_refused=refusals.get(_OVERSIZED_REFUSED, 0),
+        oversized_set_aside=refusals.get(_OVERSIZED_SET_ASIDE, 0),
     )
+
+
+def _read_refusals(db: sqlite3.Connection) -> dict[str, int]:
+    """Refused records per reason; none in a file written before the table existed."""
+    try:
+        return {str(r): int(n) for r, n in db.execute("SELECT reason, count FROM refusals")}
+    except sqlite3.OperationalError:  # no such table (read-only look at an older file)
+        return {}
 
 
 def _split_schema(script: str) -> list[str]:

@@ -49,6 +49,7 @@ __all__ = [
     "ENVELOPE_VERSION",
     "ENVELOPE_VERSIONS",
     "JSON_CONTENT_TYPE",
+    "MAX_ENVELOPE_BYTES",
     "Envelope",
     "EnvelopeError",
     "canonical_json_body",
@@ -65,6 +66,15 @@ ENVELOPE_VERSIONS: Final = (1, 2)
 
 JSON_CONTENT_TYPE: Final = "application/json"
 """Content type whose body travels inline (not base64) in the JSON encoding."""
+
+MAX_ENVELOPE_BYTES: Final = 256 * 1024
+"""Largest encoded envelope (MQTT payload) the fleet carries: part of the wire contract.
+
+The shipped broker's ``message_size_limit`` and the ingest's default ``max_payload_bytes``
+are this number. A device must never publish more: mosquitto 2.0 answers a larger QoS 1
+PUBLISH with PUBACK reason 0x95, which paho 2.2 cannot parse, so the client drops the
+connection and sends the message again on every reconnect. The device's outbox refuses
+such a record when it is put (``edgefl.edge_agent.outbox.RecordTooLargeError``)."""
 
 _DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _INCARNATION = re.compile(r"[0-9a-f]{32}")

@@ -61,7 +61,13 @@ from sqlalchemy.orm import Session
 
 from edgefl.config import StrictModel
 from edgefl.errors import ConfigError
-from edgefl.proto.serde import JSON_CONTENT_TYPE, Envelope, EnvelopeError, decode_envelope
+from edgefl.proto.serde import (
+    JSON_CONTENT_TYPE,
+    MAX_ENVELOPE_BYTES,
+    Envelope,
+    EnvelopeError,
+    decode_envelope,
+)
 from edgefl.server.registry.db import default_database_url, make_engine, session_factory
 from edgefl.server.registry.db import upgrade as upgrade_registry
 from edgefl.server.registry.models import (
@@ -102,12 +108,13 @@ _DETAIL_MAX: Final = 2000
 _DB_RETRY_MIN_S: Final = 0.2
 _DB_RETRY_MAX_S: Final = 5.0
 
-DEFAULT_MAX_PAYLOAD_BYTES: Final = 256 * 1024
+DEFAULT_MAX_PAYLOAD_BYTES: Final = MAX_ENVELOPE_BYTES
 """The default of :attr:`IngestConfig.max_payload_bytes`: larger payloads are refused.
 
-The broker's ``message_size_limit`` is set to the same number, so a larger PUBLISH is
-refused at the broker and never reaches the ingest's memory; the ingest checks again
-because an external broker may not be configured that way."""
+It is the wire contract's :data:`~edgefl.proto.serde.MAX_ENVELOPE_BYTES`. The broker's
+``message_size_limit`` is set to the same number, so a larger PUBLISH is refused at the
+broker and never reaches the ingest's memory; the ingest checks again because an external
+broker may not be configured that way."""
 
 DEAD_LETTER_REASONS: Final = (
     "bad_status",
@@ -176,8 +183,10 @@ class IngestConfig(StrictModel):
     max_payload_bytes: int = Field(
         DEFAULT_MAX_PAYLOAD_BYTES,
         ge=1,
+        le=MAX_ENVELOPE_BYTES,
         description="Larger payloads are dead-lettered as 'oversized'; the broker's "
-        "message_size_limit should be the same number.",
+        "message_size_limit should be the same number. At most the wire contract's "
+        "MAX_ENVELOPE_BYTES (256 KiB): devices never send more.",
     )
     session_expiry_s: int = Field(
         7 * 24 * 3600,
