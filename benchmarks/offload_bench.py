@@ -60,6 +60,7 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
+from netshape import LinkShape, ShapingProxy  # benchmarks/ is on sys.path (script or MYPYPATH)
 from torch import nn
 
 from edgefl.datasets import load_dataset
@@ -78,8 +79,6 @@ from edgefl.server.inference import (
     load_or_train,
     start_in_thread,
 )
-
-from netshape import LinkShape, ShapingProxy  # benchmarks/ is on sys.path (script or MYPYPATH)
 
 CONDITIONS: dict[str, LinkShape | None] = {
     "none": None,
