@@ -5,9 +5,16 @@ operators can read them; deployments and the broker tests both go through
 :func:`render_mosquitto_config` and :func:`render_acl`, so the tests exercise exactly what
 is shipped.
 
-:data:`MAX_PAYLOAD_BYTES` is the one payload limit of the fleet: the broker's
-``message_size_limit`` defaults to the ingest's ``max_payload_bytes`` default
-(``edgefl server start`` passes the configured one).
+:data:`MAX_PAYLOAD_BYTES` is the one payload limit of the fleet, the wire contract's
+:data:`~edgefl.proto.serde.MAX_ENVELOPE_BYTES`: the broker's ``message_size_limit``
+defaults to it, as does the ingest's ``max_payload_bytes`` (``edgefl server start`` passes
+the configured one, which may only be lower).
+
+Devices get no ``pattern`` lines: mosquitto patterns substitute only ``%u`` and ``%c``, so
+a pattern cannot say which fleet a device enrolled in. :func:`render_acl` writes one
+``user`` block per admitted device instead, from the registry's enrollments, whose topics
+carry that device's fleet: a device can publish and subscribe only under
+``edgefl/<its fleet>/<its id>/``, and a device that is not admitted, nothing at all.
 """
 
 from __future__ import annotations
@@ -16,27 +23,50 @@ import ipaddress
 import logging
 import re
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from edgefl.errors import ConfigError
-from edgefl.server.ingest import DEFAULT_MAX_PAYLOAD_BYTES
+from edgefl.proto.serde import MAX_ENVELOPE_BYTES
 
 __all__ = [
+    "DEVICE_READS",
+    "DEVICE_WRITES",
     "MAX_PAYLOAD_BYTES",
     "default_acl_path",
     "default_template_path",
     "deploy_dir",
+    "device_acl_block",
     "render_acl",
     "render_mosquitto_config",
 ]
 
 logger = logging.getLogger(__name__)
 
-MAX_PAYLOAD_BYTES = DEFAULT_MAX_PAYLOAD_BYTES
-"""Largest MQTT payload the broker accepts: the ingest's default ``max_payload_bytes``."""
+MAX_PAYLOAD_BYTES = MAX_ENVELOPE_BYTES
+"""Largest MQTT payload the broker accepts: the wire contract's envelope limit."""
+
+DEVICE_WRITES = (
+    "telemetry/#",
+    "data/#",
+    "result/#",
+    "status",
+    "cmd-resp/#",
+    "state/reported",
+    "cert/request",
+)
+"""What a device may publish, under ``edgefl/<fleet>/<device>/``. Never ``cmd/#`` or
+``state/desired``: a device that could write (retained) there could forge its own
+commands and desired state."""
+
+DEVICE_READS = ("cmd/#", "state/desired")
+"""What a device may receive, under ``edgefl/<fleet>/<device>/`` (a renewed certificate
+comes as ``cmd/install-cert``)."""
 
 _OPERATOR_CN = re.compile(r"edgefl-op-[A-Za-z0-9_-]{1,54}")
+# The fleet contract's id syntax (device ids and fleets); the service prefix is no device.
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SERVICE_PREFIX = "edgefl-"
 
 
 def deploy_dir() -> Path:
@@ -64,28 +94,59 @@ def default_acl_path() -> Path:
     return deploy_dir() / "acl"
 
 
-def render_acl(operators: Iterable[str] = (), *, acl: Path | None = None) -> str:
-    """The shipped ACL plus one read-only block per operator certificate.
+def device_acl_block(device_id: str, fleet: str) -> str:
+    """The ``user`` block of one admitted device: its own subtree in its enrolled fleet.
 
-    mosquitto's ACL has no wildcard for user names, so each operator CN
-    (``FleetCA.operator_names()``) gets its own ``user`` block reading ``edgefl/#``.
+    Raises:
+        ConfigError: The device id or fleet is not an id of the fleet contract
+            (``[A-Za-z0-9_-]{1,64}``; a device id must not take the ``edgefl-`` service
+            prefix).
+    """
+    # A newline, space or wildcard in a name would add ACL lines or topics of its own.
+    if _ID.fullmatch(device_id) is None or device_id.startswith(_SERVICE_PREFIX):
+        raise ConfigError(f"{device_id!r} is not a device id the ACL can name")
+    if _ID.fullmatch(fleet) is None:
+        raise ConfigError(f"{fleet!r} (fleet of {device_id!r}) is not a fleet id")
+    base = f"edgefl/{fleet}/{device_id}/"
+    lines = [f"user {device_id}"]
+    lines += [f"topic write {base}{rest}" for rest in DEVICE_WRITES]
+    lines += [f"topic read {base}{rest}" for rest in DEVICE_READS]
+    return "\n".join(lines) + "\n"
+
+
+def render_acl(
+    operators: Iterable[str] = (),
+    *,
+    devices: Mapping[str, str] | None = None,
+    acl: Path | None = None,
+) -> str:
+    """The shipped ACL plus one block per admitted device and per operator certificate.
+
+    mosquitto's ACL has no wildcard for user names and its patterns cannot name a fleet,
+    so each admitted device (:func:`device_acl_block`) and each operator CN
+    (``FleetCA.operator_names()``, reading ``edgefl/#``) gets its own ``user`` block.
 
     Args:
         operators: Operator CNs (``edgefl-op-<name>``).
+        devices: Device id -> enrolled fleet of every admitted device (the registry's
+            enrollments); a device not named here may publish and receive nothing.
         acl: The base ACL; the shipped ``deploy/mosquitto/acl`` by default.
 
     Returns:
         The ACL text for mosquitto's ``acl_file``.
 
     Raises:
-        ConfigError: The base ACL cannot be read, or a name is not an operator CN.
+        ConfigError: The base ACL cannot be read, a name is not an operator CN, or a
+            device id or fleet is not an id.
     """
     path = acl if acl is not None else default_acl_path()
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read mosquitto ACL {path}: {exc.strerror}") from exc
-    blocks = []
+    blocks = [
+        device_acl_block(device_id, fleet) for device_id, fleet in sorted((devices or {}).items())
+    ]
     for name in sorted(set(operators)):
         # A newline or space in a name would add ACL lines of its own.
         if _OPERATOR_CN.fullmatch(name) is None:

@@ -43,7 +43,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -255,6 +255,7 @@ class MosquittoBroker:
         config: BrokerConfig,
         *,
         message_size_limit: int = MAX_PAYLOAD_BYTES,
+        devices: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         exe = shutil.which(config.executable)
         if (
@@ -278,11 +279,15 @@ class MosquittoBroker:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.conf_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
-        # The shipped ACL plus one read-only block per operator certificate.
+        # The shipped ACL plus one block per admitted device (pinned to its enrolled fleet)
+        # and one read-only block per operator certificate. Rendered here, so a device
+        # admitted while the server was down can publish as soon as the broker is up.
         self.acl_path = self.workdir / "acl"
         self._ca_dir = ca.directory
+        self._devices = devices
         self._acl_stamp: tuple[int, int, int] | None = None
-        write_text_atomic(self.acl_path, render_acl(ca.operator_names()))
+        self._operators = ca.operator_names()
+        write_text_atomic(self.acl_path, render_acl(self._operators, devices=self._admitted()))
         text = render_mosquitto_config(
             port=self.port,
             cafile=ca.cert_path.resolve(),
@@ -347,10 +352,20 @@ class MosquittoBroker:
                 )
             time.sleep(0.05)
 
-    def reload_acl(self) -> bool:
-        """Render the ACL again (operators added or revoked); SIGHUP mosquitto if it changed.
+    def _admitted(self) -> Mapping[str, str]:
+        """Device id -> enrolled fleet of every admitted device (none without a source)."""
+        return self._devices() if self._devices is not None else {}
 
-        mosquitto re-reads ``acl_file`` on SIGHUP without dropping connections.
+    def reload_acl(self) -> bool:
+        """Render the ACL again; SIGHUP mosquitto if it changed.
+
+        It changes when an operator certificate is issued or revoked (the CA's
+        ``state.json`` changed: only then is the CA loaded again) or when the set of
+        admitted devices or their fleets changed (read from the registry on every call, a
+        single small query: ``admit`` and ``revoke`` run in other processes, and the
+        registry row may be committed after the CA wrote ``state.json``). mosquitto
+        re-reads ``acl_file`` on SIGHUP without dropping connections; until it has, a newly
+        admitted device's publishes are refused (PUBACK 0x87) and stay in its outbox.
 
         Returns:
             Whether the ACL changed.
@@ -358,11 +373,13 @@ class MosquittoBroker:
         try:
             stamp = (self._ca_dir / "state.json").stat()
         except OSError:
-            return False
-        if (stamp.st_mtime_ns, stamp.st_size, stamp.st_ino) == self._acl_stamp:
-            return False  # the CA issued and revoked nothing since the last look
-        self._acl_stamp = (stamp.st_mtime_ns, stamp.st_size, stamp.st_ino)
-        text = render_acl(FleetCA.load(self._ca_dir).operator_names())
+            pass
+        else:
+            key = (stamp.st_mtime_ns, stamp.st_size, stamp.st_ino)
+            if key != self._acl_stamp:  # the CA issued or revoked something
+                self._acl_stamp = key
+                self._operators = FleetCA.load(self._ca_dir).operator_names()
+        text = render_acl(self._operators, devices=self._admitted())
         try:
             if self.acl_path.read_text(encoding="utf-8") == text:
                 return False
@@ -371,7 +388,7 @@ class MosquittoBroker:
         write_text_atomic(self.acl_path, text)
         if self._proc is not None and self._proc.poll() is None:
             os.kill(self._proc.pid, signal.SIGHUP)
-        log.warning("broker ACL changed (operators): mosquitto reloads it")
+        log.warning("broker ACL changed (devices admitted or revoked, or operators): reloading")
         return True
 
     def _last_line(self) -> str:
@@ -599,6 +616,7 @@ class Server:
                 server_key,
                 cfg.broker,
                 message_size_limit=cfg.ingest.max_payload_bytes,
+                devices=self.admitted_devices,
             )
             self.broker.start()
             self._supervise("broker", self.broker)
@@ -808,13 +826,28 @@ class Server:
         self._write_runtime()
         return renewed
 
-    def _start_cert_service(self) -> None:
-        """Start the certificate renewal service (CN ``edgefl-certs``) on the broker."""
+    def _registry(self) -> Any:
+        """The server's own SQLAlchemy engine on the registry (created on first use)."""
         from edgefl.server.registry.db import make_engine
 
-        folder = self.ca_dir / "services" / CERTS_IDENTITY
         if self._cert_engine is None:
             self._cert_engine = make_engine(self.db_url)
+        return self._cert_engine
+
+    def admitted_devices(self) -> dict[str, str]:
+        """Device id -> enrolled fleet of every admitted device: the broker ACL's devices.
+
+        Raises:
+            ConfigError: The registry cannot be read.
+        """
+        from edgefl.server.enrollment import list_enrollments
+
+        return {e.device_id: e.fleet for e in list_enrollments(self._registry(), status="admitted")}
+
+    def _start_cert_service(self) -> None:
+        """Start the certificate renewal service (CN ``edgefl-certs``) on the broker."""
+        folder = self.ca_dir / "services" / CERTS_IDENTITY
+        self._registry()
         self.cert_service = CertRenewalService(
             host=self.broker_host,
             port=self.broker_port,
@@ -965,7 +998,9 @@ class Server:
                         # the devices' connections.
                         self.fleet_proxy.reload_if_certificates_changed()
                     if self.broker is not None:
-                        self.broker.reload_acl()  # operator certificates added or revoked
+                        # Devices admitted or revoked (another process), operator
+                        # certificates added or revoked.
+                        self.broker.reload_acl()
                 if now >= self._certs_due_at:
                     self._certs_due_at = now + self.config.cert_check_s
                     self._renew_own_certs(self.ca)

@@ -91,7 +91,7 @@ class Broker:
         assert pki.server.key_path is not None
         self.conf = workdir / "mosquitto.conf"
         acl = workdir / "acl"
-        acl.write_text(render_acl(), encoding="utf-8")
+        acl.write_text(render_acl(devices=_ADMITTED), encoding="utf-8")
         self.log = workdir / "mosquitto.log"
         self.conf.write_text(
             render_mosquitto_config(
@@ -260,8 +260,13 @@ def clients() -> Iterator[list[Client]]:
         c.close()
 
 
+# The fleet the devices are admitted to: the ACL pins each device to its enrolled fleet.
+_FLEET = f"t{uuid.uuid4().hex[:10]}"
+_ADMITTED = {"dev-a": _FLEET, "dev-b": _FLEET, "dev-c": _FLEET}
+
+
 def _fleet() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
+    return _FLEET
 
 
 def _client(
@@ -382,7 +387,12 @@ def test_operator_certificate_reads_everything_and_writes_nothing(
         pytest.skip("mosquitto_sub (mosquitto-clients) is not installed")
     assert pki.server.key_path is not None
     broker = MosquittoBroker(
-        tmp_path / "mb", pki.ca, pki.server.cert_path, pki.server.key_path, BrokerConfig(port=0)
+        tmp_path / "mb",
+        pki.ca,
+        pki.server.cert_path,
+        pki.server.key_path,
+        BrokerConfig(port=0),
+        devices=lambda: _ADMITTED,
     )
     broker.start()
     try:

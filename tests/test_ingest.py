@@ -537,6 +537,7 @@ def test_ingest_over_mutual_tls_with_the_service_certificate(
         ca.directory / "server" / "cert.pem",
         ca.directory / "server" / "key.pem",
         BrokerConfig(port=0),
+        devices=lambda: {"tls-dev": fleet},  # admitted to the test's fleet
     )
     broker.start()
     ingest = Ingest(

@@ -43,8 +43,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgefl.proto.serde import Envelope, encode_envelope
-from edgefl.server.broker_config import MAX_PAYLOAD_BYTES
+from edgefl.proto.serde import MAX_ENVELOPE_BYTES, Envelope, encode_envelope
 from edgefl.server.fleet_ca import (
     COMMANDS_IDENTITY,
     INGEST_IDENTITY,
@@ -199,11 +198,19 @@ def broker_lab(workdir: Path) -> Iterator[BrokerLab]:
         "dev-b": ca.issue_device_cert("dev-b"),
         "op": ca.issue_operator_cert("probe"),
     }
+    fleet = f"f{uuid.uuid4().hex[:8]}"
+    # The devices are admitted to the lab's fleet: the broker's ACL pins each to it.
+    admitted = {"dev-a": fleet, "dev-b": fleet}
     broker = MosquittoBroker(
-        workdir / "broker", ca, server.cert_path, server.key_path, BrokerConfig(port=0)
+        workdir / "broker",
+        ca,
+        server.cert_path,
+        server.key_path,
+        BrokerConfig(port=0),
+        devices=lambda: admitted,
     )
     broker.start()
-    lab = BrokerLab(workdir, ca, broker, certs, fleet=f"f{uuid.uuid4().hex[:8]}")
+    lab = BrokerLab(workdir, ca, broker, certs, fleet=fleet)
     try:
         yield lab
     finally:
@@ -322,7 +329,7 @@ def probe_device_writes_own_desired_state(lab: BrokerLab) -> Result:
     }
 
 
-def probe_oversized_payload(lab: BrokerLab, limit: int = MAX_PAYLOAD_BYTES) -> Result:
+def probe_oversized_payload(lab: BrokerLab, limit: int = MAX_ENVELOPE_BYTES) -> Result:
     """See the module docstring.
 
     mosquitto 2.0.11 answers an oversized QoS 1 PUBLISH with PUBACK reason 0x95 (Packet

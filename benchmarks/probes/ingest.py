@@ -14,10 +14,14 @@ of an enrolled device that holds only its own certificate and key:
   device's data topic. Held when both are dead-lettered as ``retained``, neither is
   stored, and after an ingest restart (a re-subscription) nothing of them is stored and
   the honest records are.
-- ``fleet_spoof``: the device publishes under another fleet's topic prefix (the shipped
-  ACL, ``edgefl/+/%u/...``, lets it). Held when the broker refuses it, or the ingest
-  dead-letters it (``fleet_mismatch``), stores nothing under that fleet and leaves the
-  device's fleet as enrolled.
+- ``fleet_spoof``: the device publishes a record and a status under another fleet's
+  topic prefix (an ACL of patterns, ``edgefl/+/%u/...``, let it). Held only when both
+  layers refuse it: the broker (its ACL names each admitted device with its enrolled
+  fleet) answers PUBACK 0x87 and nothing reaches the ingest; and the ingest, tried alone
+  in the window before the broker reloads a changed enrollment (the device is moved to
+  another fleet in the registry and publishes under its old one, which the stale ACL
+  still allows), dead-letters both (``fleet_mismatch``), stores nothing and leaves the
+  device's fleet as it was.
 - ``outbox_reset``: a real agent (``edgefl agent run``) sends records, is stopped, its
   ``outbox.db*`` deleted, and started again: its seqs begin again at 1. Held when every
   record of both lives is stored (two outbox incarnations), none twice, and nothing is
@@ -93,6 +97,8 @@ __all__ = [
 ]
 
 TIMEOUT: Final = 30.0
+NOT_AUTHORIZED: Final = 0x87
+"""MQTT 5 reason code of a PUBLISH the broker's ACL refuses."""
 FLOOD_MESSAGES: Final = 1400
 """Bad messages the attacker sends during the flood (the issue asks for at least 1,000)."""
 HONEST_DEVICES: Final = 3
@@ -245,12 +251,19 @@ class IngestRig:
         server = self.ca.issue_server_cert(["localhost"], ["127.0.0.1"])
         assert server.key_path is not None
         self.service = self.ca.issue_service_cert(SERVER_IDENTITY)
-        self.broker = MosquittoBroker(
-            workdir / "broker", self.ca, server.cert_path, server.key_path, BrokerConfig(port=0)
-        )
         self.db_url = f"sqlite:///{workdir / 'registry.db'}"
         upgrade(self.db_url)
         self.engine = make_engine(self.db_url)
+        # The broker's ACL names every admitted device with its fleet, read from the
+        # registry as the running server does (Server.admitted_devices).
+        self.broker = MosquittoBroker(
+            workdir / "broker",
+            self.ca,
+            server.cert_path,
+            server.key_path,
+            BrokerConfig(port=0),
+            devices=self.admitted,
+        )
         self.fleet = f"f{uuid.uuid4().hex[:8]}"
         self.log = workdir / "ingest.log"
         self._ingest: subprocess.Popen[bytes] | None = None
@@ -333,8 +346,32 @@ class IngestRig:
 
     # -- devices -----------------------------------------------------------------------
 
-    def enroll(self, name: str, fleet: str | None = None) -> FleetDevice:
-        """Issue a device certificate and record the enrollment (device id -> fleet)."""
+    def admitted(self) -> dict[str, str]:
+        """Device id -> fleet of every admitted device in the rig's registry."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(Enrollment.device_id, Enrollment.fleet).where(
+                    Enrollment.status == "admitted"
+                )
+            )
+            return {str(device): str(fleet) for device, fleet in rows}
+
+    def reload_broker_acl(self) -> None:
+        """What the running server does within a second of an admission: render the ACL
+        again and SIGHUP mosquitto; wait until mosquitto has read it."""
+        before = self._acl_reloads()
+        if self.broker.reload_acl():
+            wait(lambda: self._acl_reloads() > before, TIMEOUT, "mosquitto's ACL reload")
+            time.sleep(0.1)  # the log line comes just before mosquitto reads the files
+
+    def _acl_reloads(self) -> int:
+        text = self.broker.log_path.read_text(encoding="utf-8", errors="replace")
+        return text.count("Reloading config")
+
+    def enroll(self, name: str, fleet: str | None = None, *, reload: bool = True) -> FleetDevice:
+        """Issue a device certificate, record the enrollment (device id -> fleet) and
+        reload the broker's ACL, which pins the device to that fleet (unless ``reload`` is
+        false: the moment between an admission and the server's reload)."""
         cert = self.ca.issue_device_cert(name)
         device = FleetDevice(name, fleet or self.fleet, cert)
         with self.engine.begin() as conn:
@@ -352,6 +389,8 @@ class IngestRig:
                     revoke_reason="",
                 )
             )
+        if reload:
+            self.reload_broker_acl()
         return device
 
     def connect(self, device: FleetDevice) -> MqttDevice:
@@ -561,11 +600,12 @@ def probe_fleet_spoof(rig: IngestRig) -> ProbeResult:
     bad = rig.connect(attacker)
     # First a record of its own, so the device is known in its enrolled fleet.
     own = bad.publish(attacker.topic("data/s"), envelope(attacker.name, 1))
+    # 1. The broker: the ACL names the device's enrolled fleet, so these are refused.
     spoofed = [
         bad.publish(attacker.topic("data/s", fleet=other), envelope(attacker.name, 2)),
         bad.publish(attacker.topic("status", fleet=other), b"online"),
     ]
-    rig.disconnect(bad)
+    refused = all(rc.value == NOT_AUTHORIZED for rc in spoofed)
     delivered = sum(not rc.is_failure for rc in spoofed)
     expected = Counter({"fleet_mismatch": delivered}) if delivered else Counter()
     settled = _settle(
@@ -578,23 +618,58 @@ def probe_fleet_spoof(rig: IngestRig) -> ProbeResult:
     under_other = [r for r in rows if r.topic.startswith(f"edgefl/{other}/")]
     fleet = rig.device_fleet(attacker.name)
     letters = rig.dead_letters(attacker.name)
-    held = (
-        settled
+    # 2. The ingest, behind it: the device is moved to another fleet in the registry (a
+    # readmission into another fleet) and publishes under its old one before the broker
+    # has reloaded its ACL, which still allows that. The ingest must refuse it alone.
+    moved = f"m{uuid.uuid4().hex[:8]}"
+    with rig.engine.begin() as conn:
+        conn.execute(
+            sa.update(Enrollment).where(Enrollment.device_id == attacker.name).values(fleet=moved)
+        )
+    stale = [
+        bad.publish(attacker.topic("data/s"), envelope(attacker.name, 3)),
+        bad.publish(attacker.topic("status"), b"online"),
+    ]
+    rig.disconnect(bad)
+    stale_delivered = sum(not rc.is_failure for rc in stale)
+    stale_expected = letters + Counter({"fleet_mismatch": stale_delivered})
+    ingest_settled = _settle(lambda: rig.dead_letters(attacker.name) == stale_expected)
+    ingest_rows = len(rig.records(attacker.name)) - len(rows)
+    ingest_fleet = rig.device_fleet(attacker.name)
+    stale_letters = rig.dead_letters(attacker.name) - letters
+    rig.reload_broker_acl()  # what the server does within a second: pinned to "moved"
+    broker_held = (
+        refused
+        and settled
         and not own.is_failure
         and not under_other
         and fleet == attacker.fleet
         and letters == expected
     )
+    ingest_held = (
+        stale_delivered == len(stale)
+        and ingest_settled
+        and ingest_rows == 0
+        and ingest_fleet == attacker.fleet
+    )
     return ProbeResult(
-        held,
-        f"enrolled in {attacker.fleet}, published a record and a status under fleet {other} "
-        f"(PUBACKs {[str(rc) for rc in spoofed]}): rows under {other} {len(under_other)}, "
-        f"dead letters {dict(letters)}, devices.fleet {fleet}",
+        broker_held and ingest_held,
+        f"enrolled in {attacker.fleet}, published a record and a status under fleet {other}: "
+        f"broker PUBACKs {[f'0x{rc.value:02x}' for rc in spoofed]}, rows under {other} "
+        f"{len(under_other)}, dead letters {dict(letters)}, devices.fleet {fleet}; "
+        f"moved to fleet {moved} in the registry and published under {attacker.fleet} "
+        f"before the broker reloaded (PUBACKs {[f'0x{rc.value:02x}' for rc in stale]}): "
+        f"ingest dead letters {dict(stale_letters)}, rows stored {ingest_rows}, "
+        f"devices.fleet {ingest_fleet}",
         {
             "delivered": delivered,
             "rows_under_other_fleet": len(under_other),
             "dead_letters": dict(letters),
             "device_fleet": fleet,
+            "broker_refused": refused,
+            "stale_acl_delivered": stale_delivered,
+            "stale_acl_dead_letters": dict(stale_letters),
+            "stale_acl_rows": ingest_rows,
         },
     )
 
