@@ -56,6 +56,7 @@ __all__ = [
     "RevokeResult",
     "RevokedDeviceError",
     "admit",
+    "admitted_fleets",
     "enrolled_nodes",
     "get_enrollment",
     "is_admitted",
@@ -520,6 +521,22 @@ def enrolled_nodes(engine: Engine) -> dict[str, str]:
         ConfigError: The registry cannot be read.
     """
     return {e.node_id: e.device_id for e in list_enrollments(engine, status="admitted")}
+
+
+def admitted_fleets(engine: Engine) -> dict[str, str]:
+    """Device id -> enrolled fleet of every admitted device (the broker ACL's devices).
+
+    Reads two columns only: the running server calls it every poll.
+
+    Raises:
+        ConfigError: The registry cannot be read.
+    """
+    query = select(Enrollment.device_id, Enrollment.fleet).where(Enrollment.status == "admitted")
+    try:
+        with engine.connect() as conn:
+            return {str(device): str(fleet) for device, fleet in conn.execute(query)}
+    except SQLAlchemyError as exc:
+        raise _registry_error(engine, exc) from exc
 
 
 def renew_device_cert(

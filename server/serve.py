@@ -840,9 +840,9 @@ class Server:
         Raises:
             ConfigError: The registry cannot be read.
         """
-        from edgefl.server.enrollment import list_enrollments
+        from edgefl.server.enrollment import admitted_fleets
 
-        return {e.device_id: e.fleet for e in list_enrollments(self._registry(), status="admitted")}
+        return admitted_fleets(self._registry())
 
     def _start_cert_service(self) -> None:
         """Start the certificate renewal service (CN ``edgefl-certs``) on the broker."""

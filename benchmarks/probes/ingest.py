@@ -348,13 +348,9 @@ class IngestRig:
 
     def admitted(self) -> dict[str, str]:
         """Device id -> fleet of every admitted device in the rig's registry."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(Enrollment.device_id, Enrollment.fleet).where(
-                    Enrollment.status == "admitted"
-                )
-            )
-            return {str(device): str(fleet) for device, fleet in rows}
+        from edgefl.server.enrollment import admitted_fleets
+
+        return admitted_fleets(self.engine)
 
     def reload_broker_acl(self) -> None:
         """What the running server does within a second of an admission: render the ACL

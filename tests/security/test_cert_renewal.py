@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,6 +88,11 @@ def _admit(server: Server, engine: sa.Engine, root: Path, device: str) -> Path:
     bundle_path = root / f"{device}.bundle.json"
     write_json_document(bundle_path, bundle)
     install_bundle(bundle_path, device, FLEET, state_dir)
+    # The broker's ACL names each admitted device: wait for the server's reload.
+    broker = server.broker
+    assert broker is not None
+    wait_for(lambda: f"user {device}\n" in broker.acl_path.read_text(), TIMEOUT, "the ACL")
+    time.sleep(0.2)  # mosquitto reads it on the SIGHUP that follows the write
     return state_dir
 
 

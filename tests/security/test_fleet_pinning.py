@@ -219,7 +219,7 @@ def test_server_pins_devices_admitted_before_start_and_while_running(
         )
         late = _probe(server, cert)
         try:
-            codes = []
+            codes: list[int] = []
 
             def accepted() -> bool:
                 rc = late.publish(f"edgefl/{FLEET}/late/data/s", envelope("late", len(codes) + 1))
