@@ -660,7 +660,12 @@ class OutboxSender:
     batched (one transaction per ``ack_batch`` PUBACKs, or as soon as the link goes quiet,
     or after ``ack_delay_s``): an acknowledged record stays leased until then, so it is
     never sent again by this process, and one that a crash leaves undeleted is sent again
-    after the restart (a duplicate the ingest drops).
+    after the restart (a duplicate the ingest drops). A failed PUBACK, such as 0x87 "Not
+    authorized" for a device the broker's ACL does not name yet (admitted moments before
+    the server reloaded it), deletes nothing: the record is sent again after
+    ``retry_after_s``. A record over the largest payload the fleet carries never reaches
+    this thread: the outbox refuses it at put, and sets aside one an older version stored
+    (a PUBACK 0x95 for it would drop the connection on every attempt).
 
     Args:
         outbox: Where records come from; acked there on a successful PUBACK.
