@@ -244,3 +244,20 @@ def test_server_pins_devices_admitted_before_start_and_while_running(
         )
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("device", "fleet"),
+    [
+        ("dev\ntopic write edgefl/#", FLEET),  # a line of its own
+        ("dev", "lab/+"),  # a wildcard in the fleet
+        ("edgefl-ingest", FLEET),  # a service identity is no device
+        ("dev a", FLEET),
+    ],
+)
+def test_acl_refuses_names_that_would_add_lines_or_topics(device: str, fleet: str) -> None:
+    from edgefl.errors import ConfigError
+    from edgefl.server.broker_config import render_acl
+
+    with pytest.raises(ConfigError):
+        render_acl(devices={device: fleet})
