@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from edgefl.edge_agent.mqtt_link import InboundMessage
-from edgefl.edge_agent.outbox import Outbox, OutboxFullError
+from edgefl.edge_agent.outbox import Outbox, OutboxFullError, RecordTooLargeError
 from edgefl.errors import BadInputError
 from edgefl.proto.serde import (
     ENVELOPE_VERSION,
@@ -574,6 +574,24 @@ class CommandProcessor:
                 priority=_RESPONSE_PRIORITY,
                 kind="response",
             )
+        except RecordTooLargeError as exc:
+            # Retrying cannot help, and the broker refuses it: answer with the reason instead.
+            _log.warning("the response to %s is too large to send: %s", cid, exc)
+            small = canonical_json_body(
+                {
+                    "correlation_id": cid,
+                    "ok": False,
+                    "error": f"response too large to send ({exc.size} bytes, "
+                    f"limit {exc.limit}); ask for less",
+                }
+            )
+            with self._lock:
+                self._db.execute(
+                    "UPDATE answered SET response = ?, outbox_seq = NULL WHERE correlation_id = ?",
+                    (small, cid),
+                )
+            self._enqueue(cid, small)
+            return
         except OutboxFullError as exc:
             with self._lock:
                 self._db.execute(

@@ -39,7 +39,13 @@ from edgefl.edge_agent.commands import (
 from edgefl.edge_agent.daemon import Agent, AgentConfig
 from edgefl.edge_agent.mqtt_link import InboundMessage
 from edgefl.edge_agent.outbox import Outbox, OutboxPolicy
-from edgefl.proto.serde import Envelope, canonical_json_body, decode_envelope, encode_envelope
+from edgefl.proto.serde import (
+    MAX_ENVELOPE_BYTES,
+    Envelope,
+    canonical_json_body,
+    decode_envelope,
+    encode_envelope,
+)
 from edgefl.testing import Mosquitto, wait_for
 
 EDGEFL = Path(sys.executable).parent / "edgefl"
@@ -187,6 +193,22 @@ def test_processor_answers_once_and_refuses_bad_input(
     assert len(calls) == 1
     assert h.processor.stats.duplicate == 1
     assert len(h.responses()) == 5
+
+
+def test_a_response_too_large_to_send_is_answered_with_the_reason(tmp_path: Path) -> None:
+    h = _Harness(tmp_path)
+    h.processor.register("dump", lambda args: {"blob": "x" * (MAX_ENVELOPE_BYTES + 10)})
+    h.processor.register("ping", ping_handler)
+    h.send("dump", {}, "d1")
+    h.send("ping", {}, "p1")  # the processor goes on
+    by_cid = {body["correlation_id"]: body for _, body in h.responses()}
+    assert sorted(by_cid) == ["d1", "p1"]
+    assert by_cid["d1"]["ok"] is False
+    assert by_cid["d1"]["error"].startswith("response too large to send")
+    assert by_cid["p1"]["ok"] is True
+    # Nothing is left to retry, across a restart too.
+    h.reopen()
+    assert h.processor.recover() == 0
 
 
 def test_recover_enqueues_only_responses_missing_from_the_outbox(tmp_path: Path) -> None:
