@@ -11,7 +11,8 @@ Enrollment joins a device's three identities under one device id:
    (``flwr supernode register``), records both under the device id in the registry and
    writes an :class:`EnrollmentBundle`.
 3. ``edgefl agent enroll --install BUNDLE`` checks the bundle against the device's own
-   keys and installs the certificate and the CA certificate.
+   keys and installs the certificate, the CA certificate and the fleet's app-signing
+   public keys (pinned: the device's app gate trusts them whatever its config says).
 
 On the device everything lives in ``<state_dir>/identity/`` (:class:`IdentityPaths`).
 
@@ -30,6 +31,7 @@ from typing import Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 
+from edgefl.appsign import PINNED_KEYS_FILE, load_public_key
 from edgefl.config import StrictModel, format_validation_error
 from edgefl.errors import BadInputError
 from edgefl.files import write_text_atomic
@@ -119,6 +121,23 @@ class EnrollmentBundle(StrictModel):
     cert_serial: str = Field(description="Serial of cert_pem, hexadecimal.")
     node_id: str = Field(description="The SuperLink's node id for the node key (decimal).")
     superlink: str | None = Field(None, description="host:port of the SuperLink, if known.")
+    app_signing_keys: list[str] = Field(
+        default_factory=list,
+        max_length=8,
+        description="The fleet's app-signing public keys (OpenSSH lines), if it has any: "
+        "the device pins them and runs app bundles they signed (edgefl.appsign).",
+    )
+
+    @field_validator("app_signing_keys")
+    @classmethod
+    def _signing_keys(cls, value: list[str]) -> list[str]:
+        lines = []
+        for line in value:
+            if "\n" in line.strip() or len(line) > 512:
+                raise ValueError("each app-signing key is one OpenSSH line")
+            load_public_key(line)  # ValueError: not an Ed25519 key
+            lines.append(line.strip())
+        return lines
 
 
 class RenewalRequest(StrictModel):
@@ -147,6 +166,8 @@ class IdentityPaths:
         self.request = self.directory / "enroll-request.json"
         self.bundle = self.directory / "enrollment.json"
         """The installed bundle (node id, serial)."""
+        self.app_signing_keys = self.directory / PINNED_KEYS_FILE
+        """The fleet's app-signing public keys from the bundle (absent: it had none)."""
 
 
 def _read_document(model: type[_DocT], path: Path, what: str) -> _DocT:

@@ -226,8 +226,9 @@ def _refuse(message: str, hint: str) -> BadInputError:
 def install_bundle(bundle_path: Path, device_id: str, fleet: str, state_dir: Path) -> InstallResult:
     """Check a bundle against this device's keys and install its certificates.
 
-    Writes ``device.pem``, ``ca.pem`` and ``enrollment.json`` (the bundle) atomically,
-    only once every check passed.
+    Writes ``device.pem``, ``ca.pem``, the fleet's app-signing keys (``app-signing.pub``,
+    when the bundle has any) and ``enrollment.json`` (the bundle) atomically, only once
+    every check passed.
 
     Args:
         bundle_path: The bundle ``edgefl server admit`` wrote.
@@ -296,6 +297,14 @@ def install_bundle(bundle_path: Path, device_id: str, fleet: str, state_dir: Pat
         ) from exc
     write_bytes_atomic(paths.cert, bundle.cert_pem.encode(), mode=0o644)
     write_bytes_atomic(paths.ca, bundle.ca_pem.encode(), mode=0o644)
+    if bundle.app_signing_keys:
+        # Pinned like ca.pem: the app gate reads them besides training.app_signing_keys,
+        # so a config can add keys but never drop the fleet's.
+        keys = "".join(f"{line}\n" for line in bundle.app_signing_keys)
+        write_bytes_atomic(paths.app_signing_keys, keys.encode("ascii"), mode=0o644)
+    else:
+        # The installed bundle is the truth: one without keys leaves none pinned.
+        paths.app_signing_keys.unlink(missing_ok=True)
     write_json_document(paths.bundle, bundle)
     not_after = cert.not_valid_after_utc.astimezone(dt.UTC).isoformat()
     return InstallResult(bundle, f"{cert.serial_number:x}", not_after, paths)

@@ -343,6 +343,7 @@ def admit(
     """
     from edgefl.enrollment import read_request, write_json_document
     from edgefl.server.enrollment import admit as admit_device
+    from edgefl.server.fl.app_signing import app_signing_public_keys
 
     req = read_request(request)
     ctx = _connect(config)
@@ -354,6 +355,8 @@ def admit(
             engine=ctx.engine,
             superlink_address=ctx.superlink_address,
             readmit=readmit,
+            # Read before admitting: an unreadable key fails with nothing admitted.
+            app_signing_keys=app_signing_public_keys(ctx.config.resolved_state_dir),
         )
     finally:
         ctx.close()
@@ -365,6 +368,7 @@ def admit(
         "node_id": bundle.node_id,
         "cert_serial": bundle.cert_serial,
         "superlink": bundle.superlink,
+        "app_signing_keys": len(bundle.app_signing_keys),
         "bundle": str(target),
     }
     if as_json:
@@ -372,7 +376,9 @@ def admit(
         return
     typer.echo(
         f"admitted {bundle.device_id} (fleet {bundle.fleet}): node {bundle.node_id}, "
-        f"certificate serial {bundle.cert_serial}; bundle written to {target}\n"
+        f"certificate serial {bundle.cert_serial}; bundle written to {target}"
+        + (" with the fleet's app-signing key" if bundle.app_signing_keys else "")
+        + "\n"
         f"on the device: edgefl agent enroll --install {target.name}"
     )
 

@@ -10,6 +10,9 @@
 Nothing is left half-admitted: if the registration fails the new certificate is revoked,
 and if the commit fails the node is unregistered and the certificate revoked.
 
+The bundle also carries the fleet's app-signing public keys when the server has them
+(the caller passes them in), which the device pins for its app gate.
+
 :func:`revoke` works the other way round and in an order that any retry finishes: it
 revokes the certificate serial (the CA rewrites ``crl.pem``; ``edgefl server start``
 restarts its broker when that file changes, which ends the device's MQTT access),
@@ -31,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -219,6 +223,7 @@ def admit(
     superlink_address: str | None = None,
     readmit: bool = False,
     cert_days: int = 365,
+    app_signing_keys: Sequence[str] = (),
 ) -> EnrollmentBundle:
     """Admit a device: sign its CSR, register its node key, record both (see module doc).
 
@@ -231,6 +236,9 @@ def admit(
         readmit: Admit a device whose enrollment was revoked, with the keys of this
             request (its old certificate stays revoked, its old node unregistered).
         cert_days: Validity of the device certificate.
+        app_signing_keys: The fleet's app-signing public keys (OpenSSH lines,
+            :func:`edgefl.server.fl.app_signing.app_signing_public_keys`), written into
+            the bundle for the device to pin.
 
     Returns:
         The bundle to hand back to the device.
@@ -317,6 +325,7 @@ def admit(
         cert_serial=serial_hex,
         node_id=node_id_text,
         superlink=superlink_address,
+        app_signing_keys=list(app_signing_keys),
     )
 
 

@@ -572,6 +572,9 @@ def test_cli_refuses_bad_input_with_clear_errors(tmp_path: Path, sqlite_server: 
     enrolled = _enroll(tmp_path, "dev-cli")
     out = tmp_path / "bundle.json"
     args = ["--config", str(config), "--json"]
+    res = runner.invoke(cli_app, ["server", "app-key", "--create", *args])
+    assert res.exit_code == 0, res.output
+    fleet_key = json.loads(res.stdout)["public_key"]
     res = runner.invoke(
         cli_app, ["server", "admit", str(enrolled.request_path), "--out", str(out), *args]
     )
@@ -580,6 +583,8 @@ def test_cli_refuses_bad_input_with_clear_errors(tmp_path: Path, sqlite_server: 
     assert summary["device_id"] == "dev-cli"
     assert json.loads(out.read_text())["node_id"] == summary["node_id"]
     assert summary["superlink"] == server.superlink_address
+    assert summary["app_signing_keys"] == 1
+    assert json.loads(out.read_text())["app_signing_keys"] == [fleet_key]
 
     res = runner.invoke(cli_app, ["server", "admit", str(enrolled.request_path), *args])
     assert res.exit_code == ExitCode.BAD_INPUT
@@ -614,6 +619,60 @@ def test_admin_commands_without_a_server_say_how_to_start_one(tmp_path: Path) ->
     assert res.exit_code == ExitCode.CONFIG
     assert "no fleet CA" in res.output
     assert "edgefl server start" in res.output
+
+
+def test_the_bundle_carries_the_fleet_app_signing_key_and_the_device_pins_it(
+    tmp_path: Path, link: Link, engine: sa.Engine
+) -> None:
+    """A device admitted while the server has an app-signing key trusts it with no
+    configuration: it runs an app bundle that key signed, and only that key's."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from edgefl.appsign import key_id
+    from edgefl.edge_agent.fl.apptrust import POLICY_FILE, AppTrustPolicy, write_policy
+    from edgefl.edge_agent.identity import install_bundle
+    from edgefl.enrollment import write_json_document
+    from edgefl.server.fl.app_signing import (
+        app_signing_public_keys,
+        create_app_signing_key,
+        load_app_signing_key,
+        sign_app_dir,
+    )
+
+    server_state = tmp_path / "server"
+    assert app_signing_public_keys(server_state) == []  # no key: the bundle carries none
+    line = create_app_signing_key(server_state)
+    key = load_app_signing_key(server_state)
+    assert key is not None
+    device = _device_id()
+    enrolled = _enroll(tmp_path, device)
+    bundle = admit(
+        enrolled.request,
+        ca=link.ca,
+        admin=link.admin,
+        engine=engine,
+        app_signing_keys=app_signing_public_keys(server_state),
+    )
+    assert bundle.app_signing_keys == [line]
+    path = tmp_path / "bundle.json"
+    write_json_document(path, bundle)
+    state = tmp_path / "devices" / device
+    install_bundle(path, device, FLEET, state)
+    assert enrolled.paths.app_signing_keys.read_text() == line + "\n"
+
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(
+        '[project]\nname = "byo"\nversion = "1.0.0"\ndependencies = []\n'
+        '[tool.flwr.app]\npublisher = "lab"\n'
+        '[tool.flwr.app.components]\nserverapp = "byo:server"\nclientapp = "byo:app"\n'
+        "[tool.flwr.app.config]\n"
+    )
+    (app / "byo.py").write_text("app = server = None\n")
+    sign_app_dir(app, key)
+    write_policy(state / POLICY_FILE, [], [])  # training.app_signing_keys is empty
+    admission = AppTrustPolicy.load(state / POLICY_FILE).admit(build_fab_from_disk(app))
+    assert (admission.kind, admission.key_id) == ("signed", key_id(key.public_key()))
 
 
 def test_a_device_cannot_enroll_under_a_service_name(

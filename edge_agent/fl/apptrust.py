@@ -14,8 +14,12 @@ process through :func:`run_gated`, which admits a bundle in one of two ways:
   from the device's installed packages, so files in the bundle (an ``edgefl/`` package,
   a ``torch.py``) cannot shadow it, and its dependencies are never installed;
 - **a signed bundle**: its :data:`edgefl.appsign.SIGNATURE_FILE` verifies with one of the
-  fleet app-signing keys in ``training.app_signing_keys`` (:mod:`edgefl.appsign`); Flower
-  then installs and loads it as usual.
+  fleet app-signing keys the device trusts: those its enrollment bundle brought (pinned in
+  ``<state_dir>/identity/app-signing.pub``; the config cannot remove them) and those in
+  ``training.app_signing_keys`` (:mod:`edgefl.appsign`), and it is no rollback: not older
+  than a bundle the device already accepted (:func:`edgefl.appsign.check_rollback`, its
+  memory in ``<state_dir>/app-trust-seen.json``). Flower then installs and loads it as
+  usual.
 
 Anything else is refused, failing closed: an unreadable trust policy, a bundle that cannot
 be read unambiguously, or hooks that no longer fit Flower's code all refuse. The refusal
@@ -25,15 +29,18 @@ traceback); no bundle code has run by then.
 
 The policy reaches the gate as a JSON file the supervisor writes
 (``<state_dir>/app-trust.json``, :func:`write_policy`); without the file only edgefl's
-installed ClientApp is admitted.
+installed ClientApp and bundles signed by the pinned keys are admitted. The pinned keys
+and the rollback memory are found beside it, in the same state dir.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import json
 import logging
+import os
 import re
 import sys
 import tomllib
@@ -44,14 +51,26 @@ from typing import Any, Final, Literal
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from edgefl.appsign import BundleError, key_id, load_public_key, read_bundle, verify_entries
+from edgefl.appsign import (
+    PINNED_KEYS_FILE,
+    BundleError,
+    RollbackError,
+    SignedBundle,
+    check_rollback,
+    key_id,
+    load_public_key,
+    load_public_keys,
+    read_bundle,
+    verify_bundle,
+)
 from edgefl.edge_agent.fl.warmstart import POLICY_FILE
-from edgefl.files import write_text_atomic
+from edgefl.files import write_bytes_atomic, write_text_atomic
 
 __all__ = [
     "CLIENTAPP_REF",
     "DEFAULT_CLIENTAPP",
     "POLICY_FILE",
+    "SEEN_FILE",
     "Admission",
     "AppTrustPolicy",
     "UntrustedAppError",
@@ -65,6 +84,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_CLIENTAPP: Final = "edgefl.edge_agent.fl.clientapp:app"
 CLIENTAPP_REF: Final = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 """``module.path:attribute``, as Flower's ``components.clientapp`` names a ClientApp."""
+SEEN_FILE: Final = "app-trust-seen.json"
+"""In the state dir: the signed bundles accepted so far (:func:`edgefl.appsign.check_rollback`)."""
+_IDENTITY_DIR: Final = "identity"  # edgefl.enrollment.IDENTITY_DIR, not imported: cold start
 _HOOKED: Final = (
     "pull_task_input",
     "install_from_fab",
@@ -92,10 +114,25 @@ class AppTrustPolicy:
 
     trusted_clientapps: tuple[str, ...] = (DEFAULT_CLIENTAPP,)
     signing_keys: Mapping[str, ed25519.Ed25519PublicKey] = field(default_factory=dict)
+    seen_path: Path | None = None
+    """The rollback memory (:data:`SEEN_FILE`); ``None``: no rollback check (tests)."""
 
     @classmethod
-    def build(cls, trusted_clientapps: list[str], signing_keys: list[str]) -> AppTrustPolicy:
+    def build(
+        cls,
+        trusted_clientapps: list[str],
+        signing_keys: list[str],
+        *,
+        pinned_keys: list[ed25519.Ed25519PublicKey] | None = None,
+        seen_path: Path | None = None,
+    ) -> AppTrustPolicy:
         """A policy of edgefl's ClientApp plus ``trusted_clientapps``, and keys (OpenSSH/PEM).
+
+        Args:
+            trusted_clientapps: Installed ClientApps admitted by name.
+            signing_keys: The config's app-signing keys.
+            pinned_keys: The keys the enrollment bundle brought (trusted as well).
+            seen_path: Where the rollback memory is kept (``None``: not checked).
 
         Raises:
             ValueError: A malformed ClientApp reference or key.
@@ -103,33 +140,61 @@ class AppTrustPolicy:
         for ref in trusted_clientapps:
             if not CLIENTAPP_REF.match(ref):
                 raise ValueError(f"{ref!r} is not a ClientApp reference 'module.path:attribute'")
-        keys = [load_public_key(k) for k in signing_keys]
+        keys = [*(pinned_keys or []), *(load_public_key(k) for k in signing_keys)]
         refs = tuple(dict.fromkeys([DEFAULT_CLIENTAPP, *trusted_clientapps]))
-        return cls(refs, {key_id(k): k for k in keys})
+        return cls(refs, {key_id(k): k for k in keys}, seen_path)
 
     @classmethod
     def load(cls, path: Path | None) -> AppTrustPolicy:
-        """The policy in ``path``; edgefl's ClientApp alone when there is no file.
+        """The policy in ``path``, the pinned keys and rollback memory of its state dir.
+
+        ``path`` is ``<state_dir>/app-trust.json``. Without the file: edgefl's ClientApp
+        and bundles signed by the keys pinned in ``<state_dir>/identity/`` alone.
 
         Raises:
-            ValueError: The file exists but cannot be read or parsed (fail closed).
+            ValueError: The file or the pinned keys exist but cannot be read or parsed
+                (fail closed).
         """
-        if path is None or not path.exists():
+        if path is None:
             return cls()
+        pinned_path = path.parent / _IDENTITY_DIR / PINNED_KEYS_FILE
+        try:
+            pinned = (
+                load_public_keys(pinned_path.read_text(encoding="ascii"))
+                if pinned_path.exists()
+                else []
+            )
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"unreadable pinned app-signing keys {pinned_path}: {exc}") from exc
+        seen = path.parent / SEEN_FILE
+        if not path.exists():
+            return cls.build([], [], pinned_keys=pinned, seen_path=seen)
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
             return cls.build(
-                list(doc.get("trusted_clientapps", [])), list(doc.get("app_signing_keys", []))
+                list(doc.get("trusted_clientapps", [])),
+                list(doc.get("app_signing_keys", [])),
+                pinned_keys=pinned,
+                seen_path=seen,
             )
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise ValueError(f"unreadable app trust policy {path}: {exc}") from exc
 
-    def admit(self, fab: bytes, fab_id: str = "") -> Admission:
+    def admit(self, fab: bytes, fab_id: str = "", run_id: str = "") -> Admission:
         """Admit the bundle ``fab`` or refuse it; nothing of it is executed here.
+
+        A signed bundle is also checked against, and recorded in, the rollback memory
+        (:attr:`seen_path`) before this returns.
+
+        Args:
+            fab: The bundle's bytes.
+            fab_id: Its Flower name, for the reason.
+            run_id: The run that sent it (rollback rule 1 of :mod:`edgefl.appsign`).
 
         Raises:
             UntrustedAppError: The bundle names a ClientApp that is neither installed and
-                trusted nor in a bundle signed by a trusted key.
+                trusted nor in a bundle signed by a trusted key, or its signature is
+                older than a bundle this device already accepted (a rollback).
         """
         name = f"app bundle {fab_id[:48]}" if fab_id else "app bundle"
         try:
@@ -143,13 +208,52 @@ class AppTrustPolicy:
         if ref in self.trusted_clientapps:
             return Admission("installed", ref)
         try:
-            kid = verify_entries(entries, self.signing_keys)
+            signed = verify_bundle(entries, self.signing_keys)
         except BundleError as exc:
             raise UntrustedAppError(
                 f"edgefl refused the {name}: its ClientApp {ref[:80]!r} is not installed code "
                 f"this device trusts (training.trusted_clientapps) and {exc}"
             ) from None
-        return Admission("signed", ref, kid)
+        if self.seen_path is not None:
+            try:
+                _remember(self.seen_path, signed, run_id)
+            except RollbackError as exc:
+                raise UntrustedAppError(f"edgefl refused the {name}: {exc}") from None
+            except (OSError, ValueError) as exc:
+                raise UntrustedAppError(
+                    f"edgefl refused the {name}: its rollback memory {self.seen_path} "
+                    f"cannot be used ({exc}); remove the file to start it again"
+                ) from None
+        return Admission("signed", ref, signed.key_id)
+
+
+def _remember(seen_path: Path, signed: SignedBundle, run_id: str) -> None:
+    """Check ``signed`` against the rollback memory and record it, under a lock.
+
+    The lock makes the check and the write one step for the ClientApp processes that
+    admit messages at the same time (one per message, forked or cold).
+
+    Raises:
+        RollbackError: The bundle is a rollback (nothing is written).
+        OSError: The memory cannot be read, locked or written.
+        ValueError: The memory is not JSON this gate wrote.
+    """
+    fd = os.open(seen_path.with_name(seen_path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            state: Any = json.loads(seen_path.read_bytes())
+        except FileNotFoundError:
+            state = {}
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        updated = check_rollback(state, signed, run_id)
+        if updated != state:
+            # fsynced before the code runs: a crash cannot make the device forget it.
+            data = (json.dumps(updated, indent=1, sort_keys=True) + "\n").encode()
+            write_bytes_atomic(seen_path, data, mode=0o600)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_policy(path: Path, trusted_clientapps: list[str], signing_keys: list[str]) -> None:
@@ -183,6 +287,7 @@ class _Gate:
         self.policy = policy
         self.policy_error = policy_error
         self.fab_id = ""
+        self.run_id = ""
         self.admission: Admission | None = None
 
     def install(self, module: Any) -> None:
@@ -197,6 +302,7 @@ class _Gate:
         def pull_task_input(*args: Any, **kwargs: Any) -> Any:
             message, context, run, fab = pull(*args, **kwargs)
             self.fab_id = f"{run.fab_id}=={run.fab_version}" if run.fab_id else ""
+            self.run_id = str(getattr(run, "run_id", "") or "")
             return message, context, run, fab
 
         def install_from_fab(fab_file: Any, *args: Any, **kwargs: Any) -> Any:
@@ -234,7 +340,7 @@ class _Gate:
         if not isinstance(fab_file, bytes):
             raise UntrustedAppError("edgefl refused an app bundle that is not in memory")
         try:
-            admission = self.policy.admit(fab_file, self.fab_id)
+            admission = self.policy.admit(fab_file, self.fab_id, self.run_id)
         except UntrustedAppError as exc:
             print(f"edgefl app trust: {exc}", file=sys.stderr, flush=True)
             raise

@@ -9,7 +9,12 @@ The key is an Ed25519 key of its own, kept apart from the fleet CA's key: it liv
 ``<state_dir>/app-signing/`` (folder 0700, private key 0600), never in ``ca/``, so code
 signing and device certificates can be rotated, revoked or held offline separately.
 ``edgefl server app-key --create`` makes it; ``edgefl server train`` signs every app it
-submits while the key exists.
+submits while the key exists; ``edgefl server admit`` puts its public key
+(:func:`app_signing_public_keys`) in every enrollment bundle it writes, and the device
+pins it when it installs the bundle.
+
+To rotate, put the next key's public line in another ``*.pub`` file in that folder
+first: devices admitted from then on pin both keys.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from edgefl.appsign import (
     SIGNATURE_FILE,
     key_id,
+    load_public_keys,
     public_key_line,
     read_bundle,
     sign_entries,
@@ -35,6 +41,7 @@ from edgefl.files import write_bytes_atomic
 __all__ = [
     "KEY_DIR",
     "app_signing_key_path",
+    "app_signing_public_keys",
     "create_app_signing_key",
     "load_app_signing_key",
     "sign_app_dir",
@@ -95,6 +102,34 @@ def load_app_signing_key(state_dir: Path) -> ed25519.Ed25519PrivateKey | None:
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise ConfigError(f"{path} is not an Ed25519 key")
     return key
+
+
+def app_signing_public_keys(state_dir: Path) -> list[str]:
+    """The fleet's app-signing public keys for enrollment bundles (OpenSSH lines).
+
+    The key of ``app-signing.key`` first, then the keys of every other ``*.pub`` file in
+    its folder (a next key, or one held offline), each once; empty when there is none.
+
+    Raises:
+        ConfigError: The private key or a ``*.pub`` file is unreadable or not Ed25519.
+    """
+    keys: dict[str, str] = {}
+    private = load_app_signing_key(state_dir)
+    if private is not None:
+        public = private.public_key()
+        keys[key_id(public)] = public_key_line(public, "edgefl-app-signing")
+    folder = app_signing_key_path(state_dir).parent
+    for path in sorted(folder.glob("*.pub")) if folder.is_dir() else []:
+        try:
+            found = load_public_keys(path.read_text(encoding="ascii"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError(
+                f"app-signing public key file {path}: {exc}",
+                hint="each line an 'ssh-ed25519 AAAA...' key; remove the file if unused",
+            ) from exc
+        for public in found:
+            keys.setdefault(key_id(public), public_key_line(public, "edgefl-app-signing"))
+    return list(keys.values())
 
 
 def sign_app_dir(

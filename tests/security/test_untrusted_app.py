@@ -20,7 +20,7 @@ from flwr.cli.build import build_fab_from_disk
 from probes.device_trust import REFUSAL, probe_untrusted_app_on_device
 from pydantic import ValidationError
 
-from edgefl.appsign import SIGNATURE_FILE, public_key_line
+from edgefl.appsign import SIGNATURE_FILE, key_id, public_key_line
 from edgefl.edge_agent.fl import apptrust
 from edgefl.edge_agent.fl.apptrust import (
     DEFAULT_CLIENTAPP,
@@ -30,7 +30,7 @@ from edgefl.edge_agent.fl.apptrust import (
 )
 from edgefl.edge_agent.fl.supernode import TrainingConfig
 from edgefl.edge_agent.fl.warmstart import install_launcher
-from edgefl.errors import ConfigError
+from edgefl.errors import BadInputError, ConfigError
 from edgefl.server.fl.app_signing import (
     app_signing_key_path,
     create_app_signing_key,
@@ -207,8 +207,14 @@ def test_the_gate_fails_closed(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="install_app_dependencies"):
         apptrust._Gate(AppTrustPolicy()).install(NotFlower())
-    # No policy file at all: edgefl's installed ClientApp alone.
-    assert AppTrustPolicy.load(tmp_path / "missing.json") == AppTrustPolicy()
+    # No policy file at all: edgefl's installed ClientApp alone (no key is pinned here).
+    alone = AppTrustPolicy.load(tmp_path / "missing.json")
+    assert (alone.trusted_clientapps, dict(alone.signing_keys)) == ((DEFAULT_CLIENTAPP,), {})
+    # Pinned keys that cannot be read refuse everything, as a bad policy does.
+    (tmp_path / "identity").mkdir()
+    (tmp_path / "identity" / "app-signing.pub").write_text("ssh-ed25519 garbage\n")
+    with pytest.raises(ValueError, match="unreadable pinned app-signing keys"):
+        AppTrustPolicy.load(tmp_path / "missing.json")
 
 
 def test_the_config_validates_and_writes_the_policy(
@@ -279,3 +285,172 @@ def test_a_cold_start_runs_behind_the_gate_never_the_stock_clientapp(
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+# ------------------------------------------------- the key pinned at enrollment
+
+
+def test_the_gate_trusts_the_key_pinned_by_the_installed_enrollment_bundle(
+    tmp_path: Path, fleet_key: tuple[ed25519.Ed25519PrivateKey, str]
+) -> None:
+    """The device's config lists no app-signing key: the one its enrollment bundle
+    brought is trusted all the same, and a config cannot take it away."""
+    from cryptography import x509
+
+    from edgefl.edge_agent.identity import install_bundle, prepare_enrollment
+    from edgefl.enrollment import EnrollmentBundle, IdentityPaths, write_json_document
+    from edgefl.server.fl.app_signing import app_signing_public_keys
+    from edgefl.server.fleet_ca import FleetCA
+
+    key, line = fleet_key
+    # What `edgefl server admit` writes, as far as the device can tell (the SuperLink's
+    # node registration is left out: tests/test_enrollment.py runs the real one).
+    ca = FleetCA.create(tmp_path / "ca")
+    state = tmp_path / "device"
+    request = prepare_enrollment("pi-app", "lab", state).request
+    issued = ca.issue_device_cert("pi-app", csr=x509.load_pem_x509_csr(request.csr_pem.encode()))
+    bundle = EnrollmentBundle(
+        device_id="pi-app",
+        fleet="lab",
+        cert_pem=issued.cert_pem.decode(),
+        ca_pem=ca.cert_pem.decode(),
+        cert_serial=f"{issued.serial:x}",
+        node_id="7",
+        app_signing_keys=app_signing_public_keys(tmp_path / "server"),
+    )
+    assert bundle.app_signing_keys == [line]
+    write_json_document(tmp_path / "bundle.json", bundle)
+    install_bundle(tmp_path / "bundle.json", "pi-app", "lab", state)
+    pinned = IdentityPaths(state).app_signing_keys
+    assert pinned.read_text() == line + "\n"
+
+    app = _app(tmp_path / "app", "byo:app", {"byo.py": "app = 1\n"})
+    sign_app_dir(app, key)
+    fab = build_fab_from_disk(app)
+    write_policy(state / apptrust.POLICY_FILE, [], [])  # the config adds nothing
+    policy = AppTrustPolicy.load(state / apptrust.POLICY_FILE)
+    admission = policy.admit(fab, "someone/some-app", "1")
+    assert (admission.kind, admission.key_id) == ("signed", key_id(key.public_key()))
+    # Another key in the config adds to the pinned one, it does not replace it.
+    other = public_key_line(ed25519.Ed25519PrivateKey.generate().public_key())
+    write_policy(state / apptrust.POLICY_FILE, [], [other])
+    assert AppTrustPolicy.load(state / apptrust.POLICY_FILE).admit(fab, "", "1").kind == "signed"
+    # A bundle without keys, installed later, leaves none pinned: the gate refuses.
+    write_json_document(
+        tmp_path / "bundle.json", bundle.model_copy(update={"app_signing_keys": []})
+    )
+    install_bundle(tmp_path / "bundle.json", "pi-app", "lab", state)
+    assert not pinned.exists()
+    with pytest.raises(UntrustedAppError, match="which this device does not trust"):
+        AppTrustPolicy.load(state / apptrust.POLICY_FILE).admit(fab, "", "1")
+
+
+def test_a_bundle_with_a_malformed_app_signing_key_is_refused_on_install(
+    tmp_path: Path,
+) -> None:
+    from edgefl.enrollment import read_bundle
+
+    doc = {
+        "device_id": "pi-app",
+        "fleet": "lab",
+        "cert_pem": "x",
+        "ca_pem": "x",
+        "cert_serial": "1",
+        "node_id": "7",
+        "app_signing_keys": ["ssh-rsa AAAAB3NzaC1yc2E"],
+    }
+    path = tmp_path / "bundle.json"
+    for bad in (["ssh-rsa AAAAB3NzaC1yc2E"], ["ssh-ed25519 AAAA\nssh-ed25519 BBBB"]):
+        path.write_text(json.dumps({**doc, "app_signing_keys": bad}))
+        with pytest.raises(BadInputError, match="app_signing_keys"):
+            read_bundle(path)
+
+
+# --------------------------------------------------------- rollback and replay
+
+
+def test_an_older_signed_bundle_replayed_after_a_newer_one_is_refused(
+    tmp_path: Path, fleet_key: tuple[ed25519.Ed25519PrivateKey, str]
+) -> None:
+    """The attacker starts runs (but holds no key) and sends a bundle the fleet signed
+    before it signed a newer one: validly signed, and refused as a rollback."""
+    key, line = fleet_key
+    state = tmp_path / "device"
+    state.mkdir()
+    write_policy(state / apptrust.POLICY_FILE, [], [line])
+
+    def policy() -> AppTrustPolicy:  # each ClientApp process loads it anew
+        return AppTrustPolicy.load(state / apptrust.POLICY_FILE)
+
+    t0 = 1_700_000_000
+    old = _app(tmp_path / "v1", "byo:app", {"byo.py": "app = 'v1, with the bug'\n"})
+    sign_app_dir(old, key, signed_at=t0)
+    new = _app(tmp_path / "v2", "byo:app", {"byo.py": "app = 'v2, fixed'\n"})
+    sign_app_dir(new, key, signed_at=t0 + 3600)
+    old_fab, new_fab = build_fab_from_disk(old), build_fab_from_disk(new)
+
+    assert policy().admit(old_fab, "someone/app", "101").kind == "signed"
+    assert policy().admit(new_fab, "someone/app", "102").kind == "signed"
+    # Every round of a run sends its bundle again: run 101 keeps running.
+    assert policy().admit(old_fab, "someone/app", "101").kind == "signed"
+    # The old bundle in a new run is a rollback, refused with the reason.
+    with pytest.raises(UntrustedAppError) as refused:
+        policy().admit(old_fab, "someone/app", "666")
+    reason = str(refused.value)
+    assert "someone/app" in reason
+    assert f"by key {key_id(key.public_key())} is a rollback" in reason
+    assert (
+        "signed at 2023-11-14T22:13:20Z, older than the newest accepted 2023-11-14T23:13:20Z"
+        in reason
+    )
+    assert len(reason) <= 300  # what the ServerApp keeps of a reason
+    # Also without a run id; the memory is on disk, so every new process refuses it.
+    with pytest.raises(UntrustedAppError, match="rollback"):
+        policy().admit(old_fab, "", "")
+    seen = state / apptrust.SEEN_FILE
+    assert seen.stat().st_mode & 0o777 == 0o600
+    # The same (newest) bundle re-run under a new run id is accepted.
+    assert policy().admit(new_fab, "someone/app", "103").kind == "signed"
+    # Signed a little before the newest (two runs started close together): accepted.
+    close = _app(tmp_path / "v3", "byo:app", {"byo.py": "app = 'v3'\n"})
+    sign_app_dir(close, key, signed_at=t0 + 3600 - 60)
+    assert policy().admit(build_fab_from_disk(close), "someone/app", "104").kind == "signed"
+    # Nothing the attacker can do to the run id helps: a replayed run id with another
+    # bundle is judged by its timestamp.
+    with pytest.raises(UntrustedAppError, match="rollback"):
+        policy().admit(old_fab, "someone/app", "102")
+
+
+def test_a_rollback_memory_that_cannot_be_read_refuses_signed_bundles(
+    tmp_path: Path, fleet_key: tuple[ed25519.Ed25519PrivateKey, str]
+) -> None:
+    key, line = fleet_key
+    state = tmp_path / "device"
+    state.mkdir()
+    write_policy(state / apptrust.POLICY_FILE, [], [line])
+    app = _app(tmp_path / "app", "byo:app", {"byo.py": "app = 1\n"})
+    sign_app_dir(app, key)
+    (state / apptrust.SEEN_FILE).write_text("[1, 2]")
+    policy = AppTrustPolicy.load(state / apptrust.POLICY_FILE)
+    with pytest.raises(UntrustedAppError, match=r"rollback memory .* cannot be used"):
+        policy.admit(build_fab_from_disk(app), "", "1")
+    # Installed code does not depend on it.
+    installed = _app(tmp_path / "inst", DEFAULT_CLIENTAPP)
+    assert policy.admit(build_fab_from_disk(installed)).kind == "installed"
+
+
+def test_the_rollback_rule_keeps_a_bounded_memory_per_key() -> None:
+    from edgefl.appsign import MAX_REMEMBERED_RUNS, SignedBundle, check_rollback
+
+    state: dict[str, Any] = {}
+    for run in range(MAX_REMEMBERED_RUNS + 10):
+        state = check_rollback(state, SignedBundle("k1", 1000 + run, f"d{run}"), str(run))
+    runs = state["keys"]["k1"]["runs"]
+    assert len(runs) == MAX_REMEMBERED_RUNS
+    assert "0" not in runs
+    assert str(MAX_REMEMBERED_RUNS + 9) in runs
+    # Another key's memory starts on its own (a new key after a clock accident).
+    state = check_rollback(state, SignedBundle("k2", 5, "x"), "1")
+    assert state["keys"]["k2"]["newest"] == 5
+    with pytest.raises(ValueError, match="malformed"):
+        check_rollback({"keys": {"k1": {"newest": "soon"}}}, SignedBundle("k1", 1, "d"), "")
