@@ -1,7 +1,7 @@
 """Signed Flower app bundles (FABs): the format the server signs and the device checks.
 
 A device runs a bundle's own ClientApp code only when the bundle is signed by a fleet
-app-signing key it trusts (``training.app_signing_keys``); edgefl's own ClientApp is
+app-signing key it trusts (see below) and is no rollback; edgefl's own ClientApp is
 loaded from the installed package instead (:mod:`edgefl.edge_agent.fl.apptrust`).
 
 The signature is modelled on Flower's own FAB verification (Ed25519 over an 8-byte
@@ -39,9 +39,10 @@ signature verified and before any bundle code runs:
    newest accepted T2").
 
 Only timestamps from the same clock, the signing server's, are ever compared: the device's
-own clock is never used (a Raspberry Pi has no real-time clock and may boot in the past),
-as in TUF's policy for devices without a trusted clock. A bundle signed far in the future
-is therefore not refused either. Limits, on purpose:
+own clock is never used (a Raspberry Pi has no real-time clock and may boot in the past).
+Like TUF's rollback check, which compares new metadata only with the version the client
+last trusted, the rule needs no trusted time on the device; so a bundle signed far in the
+future is not refused either. Limits, on purpose:
 
 - The tolerance lets runs that were signed close together (two ``edgefl server train``
   started within minutes, whose first messages reach the device in either order) all
@@ -53,6 +54,9 @@ is therefore not refused either. Limits, on purpose:
   Run ids are the SuperLink's; one that controls the SuperLink and sends an old bundle
   under the id of a run the device admitted it with gets it run again (that SuperLink's
   host holds the signing key in the default layout anyway).
+- Each key has its own memory (signers' clocks are not compared): after a rotation, the
+  old key's bundles stay judged only against that key's newest, so stop trusting a
+  retired key (drop it from the config, or readmit with a bundle without it).
 - The state (``<state_dir>/app-trust-seen.json``) is the device's memory: deleting it,
   or a new device, accepts any validly signed bundle once. A server clock that once
   signed far in the future makes the device refuse everything older until the state

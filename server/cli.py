@@ -542,8 +542,10 @@ def app_key(
     """Print the fleet's app-signing public key, for devices' training.app_signing_keys.
 
     The key (Ed25519, in <state_dir>/app-signing/, apart from the CA key) signs every app
-    `server train` submits. Devices always run their installed edgefl ClientApp; an app's
-    own ClientApp code runs only on devices that list this key.
+    `server train` submits, and `server admit` puts it in the bundles it writes (devices
+    admitted before it existed need it in training.app_signing_keys). Devices always run
+    their installed edgefl ClientApp; an app's own ClientApp code runs only on devices
+    that trust this key.
     """
     from edgefl.appsign import key_id, public_key_line
     from edgefl.errors import ConfigError

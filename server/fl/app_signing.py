@@ -1,9 +1,9 @@
 """The fleet's app-signing key: signs the app bundles the server submits.
 
-Devices run a bundle's own ClientApp code only when it is signed by a key listed in
-their ``training.app_signing_keys`` (see :mod:`edgefl.appsign` for the format and
-:mod:`edgefl.edge_agent.fl.apptrust` for the device's gate); edgefl's own ClientApp,
-installed on the device, needs no signature.
+Devices run a bundle's own ClientApp code only when it is signed by a key they trust:
+the one their enrollment bundle brought, or one in their ``training.app_signing_keys``
+(see :mod:`edgefl.appsign` for the format and :mod:`edgefl.edge_agent.fl.apptrust` for
+the device's gate); edgefl's own ClientApp, installed on the device, needs no signature.
 
 The key is an Ed25519 key of its own, kept apart from the fleet CA's key: it lives in
 ``<state_dir>/app-signing/`` (folder 0700, private key 0600), never in ``ca/``, so code
