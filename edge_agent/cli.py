@@ -129,6 +129,7 @@ def enroll(
             "cert": str(done.paths.cert),
             "ca": str(done.paths.ca),
             "bundle": str(done.paths.bundle),
+            "app_signing_keys": len(done.bundle.app_signing_keys),
         }
         if as_json:
             emit_json(report)
@@ -137,6 +138,11 @@ def enroll(
                 f"installed the certificate of {cfg.device_id} (serial {done.serial}, valid "
                 f"until {done.not_after}, node id {done.bundle.node_id}) in "
                 f"{done.paths.directory}"
+                + (
+                    f"; pinned the fleet's app-signing key ({done.paths.app_signing_keys.name})"
+                    if done.bundle.app_signing_keys
+                    else ""
+                )
             )
         return
     result = prepare_enrollment(cfg.device_id, cfg.fleet, cfg.state_dir, out=out, force=force)
