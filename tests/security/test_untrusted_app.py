@@ -454,3 +454,40 @@ def test_the_rollback_rule_keeps_a_bounded_memory_per_key() -> None:
     assert state["keys"]["k2"]["newest"] == 5
     with pytest.raises(ValueError, match="malformed"):
         check_rollback({"keys": {"k1": {"newest": "soon"}}}, SignedBundle("k1", 1, "d"), "")
+
+
+def _admit_runs(policy_path: str, fab: bytes, runs: list[str]) -> None:
+    policy = AppTrustPolicy.load(Path(policy_path))
+    for run in runs:
+        policy.admit(fab, "someone/app", run)
+
+
+def test_clientapp_processes_admitting_at_once_lose_no_run(
+    tmp_path: Path, fleet_key: tuple[ed25519.Ed25519PrivateKey, str]
+) -> None:
+    """One ClientApp process per message: their check-and-record must not lose updates
+    (a lost run would be refused as a rollback on its next round)."""
+    import multiprocessing
+
+    key, line = fleet_key
+    state = tmp_path / "device"
+    state.mkdir()
+    write_policy(state / apptrust.POLICY_FILE, [], [line])
+    app = _app(tmp_path / "app", "byo:app", {"byo.py": "app = 1\n"})
+    sign_app_dir(app, key)
+    fab = build_fab_from_disk(app)
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(
+            target=_admit_runs,
+            args=(str(state / apptrust.POLICY_FILE), fab, [f"{w}-{i}" for i in range(15)]),
+        )
+        for w in range(4)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    [memory] = json.loads((state / apptrust.SEEN_FILE).read_text())["keys"].values()
+    assert len(memory["runs"]) == 60
