@@ -221,6 +221,10 @@ def test_device_cannot_get_a_certificate_in_another_devices_name(
     ca = FleetCA.load(server.ca_dir)
     probe = MqttProbe(server.broker_port, ca, _device_cert(attacker_dir), attacker).connect()
     try:
+        # mosquitto applies the ACL naming the attacker on the SIGHUP after its write: wait
+        # until its own topics are open to it, so the refusals below are the ACL's verdict.
+        own = f"edgefl/{FLEET}/{attacker}/telemetry/probe"
+        wait_for(lambda: not probe.publish(own, b"{}").is_failure, TIMEOUT, "the ACL reload")
         # On the victim's topic: the ACL refuses it.
         rc = probe.publish(renewal_request_topic(FLEET, victim), payload)
         assert rc.value == NOT_AUTHORIZED, rc
