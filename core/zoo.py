@@ -18,7 +18,14 @@ from torch import nn
 
 from edgefl.errors import UnknownModelError
 
-__all__ = ["MODELS", "ModelSpec", "build_model", "get_spec", "state_dict_sha256"]
+__all__ = [
+    "MODELS",
+    "ModelSpec",
+    "build_model",
+    "build_trainable_model",
+    "get_spec",
+    "state_dict_sha256",
+]
 
 
 @dataclass(frozen=True)
@@ -176,3 +183,19 @@ def state_dict_sha256(model: nn.Module) -> str:
         buf.write(t.numpy().tobytes())
         digest.update(buf.getvalue())
     return digest.hexdigest()
+
+
+def build_trainable_model(name: str) -> nn.Module:
+    """A zoo model made valid for Opacus (``ModuleValidator.fix``: BatchNorm -> GroupNorm).
+
+    The server builds its global model with this too, so keys and shapes always agree.
+    """
+    model: nn.Module = build_model(name, seed=0)
+    try:
+        from opacus.validators import ModuleValidator
+    except ImportError:  # a server without Opacus: zoo models have no BatchNorm anyway
+        return model
+    if not ModuleValidator.is_valid(model):
+        fixed: nn.Module = ModuleValidator.fix(model)
+        return fixed
+    return model

@@ -57,11 +57,9 @@ import json
 import logging
 import math
 import queue
-import re
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,7 +68,18 @@ from typing import Any, Final, Literal
 
 from edgefl.edge_agent.mqtt_link import InboundMessage
 from edgefl.edge_agent.outbox import Outbox, OutboxFullError, RecordTooLargeError
-from edgefl.errors import BadInputError
+
+# The command wire format (topics, ids, building a command) is a contract the server
+# shares; it lives in edgefl.proto.commands and stays importable from here.
+from edgefl.proto.commands import (
+    _ID,
+    CommandError,
+    _check_correlation_id,
+    command_filter,
+    command_topic,
+    make_command,
+    response_topic,
+)
 from edgefl.proto.serde import (
     ENVELOPE_VERSION,
     JSON_CONTENT_TYPE,
@@ -106,8 +115,6 @@ COMMANDS_FILE: Final = "commands.db"
 CommandHandler = Callable[[dict[str, Any]], dict[str, Any]]
 """A command implementation: takes the ``args`` object, returns the ``result`` object."""
 
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_CORRELATION_MAX: Final = 128
 _BODY_KEYS: Final = frozenset({"correlation_id", "expires_at_ms", "args"})
 _RETENTION_MS: Final = 24 * 3600 * 1000
 _RESPONSE_PRIORITY: Final = 10
@@ -125,10 +132,6 @@ CREATE TABLE IF NOT EXISTS answered (
 );
 CREATE INDEX IF NOT EXISTS answered_expiry ON answered (expires_at_ms);
 """
-
-
-class CommandError(BadInputError):
-    """A command message is malformed, or a command's arguments are invalid."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,90 +180,6 @@ class CommandStats:
     def as_dict(self) -> dict[str, int]:
         """The counters as a JSON-ready dict."""
         return {name: int(getattr(self, name)) for name in self.__slots__}
-
-
-def command_topic(fleet: str, device_id: str, name: str) -> str:
-    """``edgefl/{fleet}/{device}/cmd/{name}``."""
-    return f"edgefl/{fleet}/{device_id}/cmd/{name}"
-
-
-def command_filter(fleet: str, device_id: str) -> str:
-    """The subscription that receives every command of a device: ``.../cmd/+``."""
-    return f"edgefl/{fleet}/{device_id}/cmd/+"
-
-
-def response_topic(fleet: str, device_id: str, correlation_id: str) -> str:
-    """``edgefl/{fleet}/{device}/cmd-resp/{correlation_id}``."""
-    return f"edgefl/{fleet}/{device_id}/cmd-resp/{correlation_id}"
-
-
-def _check_correlation_id(value: object) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= _CORRELATION_MAX:
-        raise CommandError(f"correlation_id must be a string of 1..{_CORRELATION_MAX} characters")
-    # It becomes a topic level: no wildcards, separators or control characters.
-    if any(c in value for c in "+#/") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise CommandError(f"correlation_id {value!r} contains '+', '#', '/' or control characters")
-    return value
-
-
-def make_command(
-    fleet: str,
-    device: str,
-    name: str,
-    args: dict[str, Any],
-    ttl_s: float,
-    correlation_id: str | None = None,
-    *,
-    encoding: Literal["json", "protobuf"] = "json",
-    now_ms: int | None = None,
-) -> tuple[str, bytes]:
-    """Build a command for a device (server side, admin CLI, tests).
-
-    The envelope's ``device_id`` is the *target* device (the topic's ``{device}``), and its
-    ``seq`` is the current time in microseconds: commands are deduplicated by correlation
-    id, never by ``(device_id, seq)``, so ``seq`` only has to be a valid positive number.
-
-    Args:
-        fleet: Fleet of the device.
-        device: Target device id.
-        name: Command name, ``[A-Za-z0-9_-]{1,64}``.
-        args: JSON object of arguments.
-        ttl_s: Seconds from now until the command expires.
-        correlation_id: Id of this request; a random one when ``None``. Reuse it only to
-            resend the same request: the device answers each id once.
-        encoding: Envelope encoding.
-        now_ms: Current Unix time in milliseconds; the wall clock when ``None``.
-
-    Returns:
-        ``(topic, payload)`` to publish with QoS 1.
-
-    Raises:
-        CommandError: A name, id or argument is invalid.
-    """
-    for label, value in (("fleet", fleet), ("device", device), ("name", name)):
-        if not _ID.fullmatch(value):
-            raise CommandError(f"{label} {value!r} does not match [A-Za-z0-9_-]{{1,64}}")
-    if not isinstance(args, dict):
-        raise CommandError("args must be a JSON object")
-    if not math.isfinite(ttl_s):
-        raise CommandError("ttl_s must be finite")
-    cid = _check_correlation_id(correlation_id if correlation_id is not None else uuid.uuid4().hex)
-    now = now_ms if now_ms is not None else int(time.time() * 1000)
-    body = {"correlation_id": cid, "expires_at_ms": now + int(ttl_s * 1000), "args": args}
-    try:
-        env = Envelope(
-            version=1,
-            device_id=device,
-            seq=max(1, time.time_ns() // 1000),
-            ts_ms=now,
-            kind="command",
-            content_type=JSON_CONTENT_TYPE,
-            body=canonical_json_body(body),
-        )
-        payload = encode_envelope(env, encoding)
-    except EnvelopeError as exc:
-        raise CommandError(f"cannot encode command {name!r}: {exc.message}") from exc
-    return command_topic(fleet, device, name), payload
 
 
 def parse_command(topic: str, payload: bytes, device_id: str) -> ParsedCommand:

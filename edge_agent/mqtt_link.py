@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import random
 import ssl
 import threading
 import time
@@ -61,6 +60,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import Field, SecretStr, model_validator
 
+from edgefl.backoff import backoff_delay  # moved to the shared layer; kept importable here
 from edgefl.config import StrictModel
 from edgefl.edge_agent.outbox import Outbox, Record
 
@@ -111,25 +111,6 @@ class _PahoClient(mqtt.Client):
 def status_topic(fleet: str, device_id: str) -> str:
     """The retained presence topic of a device: ``edgefl/{fleet}/{device}/status``."""
     return f"edgefl/{fleet}/{device_id}/status"
-
-
-def backoff_delay(
-    attempt: int, min_s: float, max_s: float, rng: Callable[[], float] = random.random
-) -> float:
-    """Exponential backoff with "equal jitter" for reconnect attempt ``attempt`` (0-based).
-
-    Half the capped exponential delay is fixed and half random, so a fleet that lost its
-    broker at the same instant does not reconnect in lock-step, yet no device retries in a
-    tight loop.
-
-    Args:
-        attempt: How many attempts failed in a row, starting at 0.
-        min_s: Delay of the first attempt before jitter.
-        max_s: Cap on the delay before jitter.
-        rng: Source of uniform numbers in ``[0, 1)``; tests inject their own.
-    """
-    base = min(max_s, min_s * (2.0 ** min(attempt, 32)))
-    return base / 2 + rng() * base / 2
 
 
 class TokenBucket:

@@ -40,9 +40,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 from sqlalchemy import Engine
 
-from edgefl.edge_agent.commands import make_command
 from edgefl.enrollment import INSTALL_CERT_COMMAND, RenewalRequest, renewal_request_topic
 from edgefl.errors import EdgeflError
+from edgefl.proto.commands import make_command
 from edgefl.server.enrollment import renew_device_cert
 from edgefl.server.fleet_ca import FleetCA
 

@@ -18,7 +18,7 @@
 - the **MQTT ingest**, in this process, authenticated with the service certificate.
 
 A child process that dies is restarted after an exponential backoff with jitter
-(:func:`edgefl.edge_agent.mqtt_link.backoff_delay`, the one retry curve of the project).
+(:func:`edgefl.backoff.backoff_delay`, the one retry curve of the project).
 The CA's ``crl.pem`` is watched: mosquitto 2.0 reads its ``crlfile`` only at start-up,
 so when ``edgefl server revoke`` rewrites the CRL the broker is restarted (gracefully, so
 its persistence file keeps queued messages) and the revoked device's certificate is
@@ -52,8 +52,8 @@ from typing import IO, Any, Protocol
 from cryptography import x509
 from pydantic import Field, field_validator
 
+from edgefl.backoff import backoff_delay
 from edgefl.config import StrictModel
-from edgefl.edge_agent.mqtt_link import backoff_delay
 from edgefl.errors import ConfigError, EdgeflError
 from edgefl.files import write_text_atomic
 from edgefl.netutil import free_port, port_open

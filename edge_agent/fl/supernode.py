@@ -55,10 +55,10 @@ from typing import IO, Any, Final, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from edgefl.backoff import backoff_delay
 from edgefl.config import StrictModel
 from edgefl.edge_agent.fl.apptrust import CLIENTAPP_REF, DEFAULT_CLIENTAPP, write_policy
 from edgefl.edge_agent.fl.warmstart import POLICY_FILE, install_launcher
-from edgefl.edge_agent.mqtt_link import backoff_delay
 from edgefl.enrollment import IdentityPaths
 from edgefl.errors import ConfigError
 from edgefl.files import write_text_atomic

@@ -15,7 +15,9 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from edgefl.zoo import build_model
+# build_trainable_model moved to the shared layer (the server builds its global model with
+# it too); it stays importable here.
+from edgefl.zoo import build_trainable_model
 
 __all__ = ["LocalResult", "build_trainable_model", "evaluate_local", "train_local"]
 
@@ -37,22 +39,6 @@ class LocalResult:
     history: list[list[float]]
     steps: int
     train_time_s: float
-
-
-def build_trainable_model(name: str) -> nn.Module:
-    """A zoo model made valid for Opacus (``ModuleValidator.fix``: BatchNorm -> GroupNorm).
-
-    The server builds its global model with this too, so keys and shapes always agree.
-    """
-    model: nn.Module = build_model(name, seed=0)
-    try:
-        from opacus.validators import ModuleValidator
-    except ImportError:  # a server without Opacus: zoo models have no BatchNorm anyway
-        return model
-    if not ModuleValidator.is_valid(model):
-        fixed: nn.Module = ModuleValidator.fix(model)
-        return fixed
-    return model
 
 
 def _load(model: nn.Module, state: dict[str, npt.NDArray[np.float32]]) -> None:

@@ -142,7 +142,7 @@ def find_device_model(path: Path) -> Path:
         chosen = candidates[0]
     else:
         raise BadInputError(f"device model {path} does not exist")
-    from edgefl.quantize.manifest import (
+    from edgefl.manifest import (
         check_file_against_manifest,
         manifest_path_for,
         read_manifest,

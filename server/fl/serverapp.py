@@ -151,8 +151,8 @@ class _Run:
         import torch
 
         from edgefl.datasets import load_dataset
-        from edgefl.edge_agent.fl.trainer import build_trainable_model
         from edgefl.training import evaluate
+        from edgefl.zoo import build_trainable_model
 
         plan = self.plan
         checkpoint = self.store.start_run(self.run_id, plan, resume=self.resume)

@@ -40,8 +40,8 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from edgefl.edge_agent.fl.privacy import epsilon_of, merge_history
 from edgefl.federation import FederationPlan
+from edgefl.privacy import epsilon_of, merge_history
 from edgefl.server.fl.ledger import DeviceRecord, LedgerRow
 
 __all__ = [
