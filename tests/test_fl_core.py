@@ -316,12 +316,21 @@ def test_bounded_wait_fails_clearly_instead_of_hanging() -> None:
 def test_fedadam_state_survives_a_checkpoint() -> None:
     plan = load_plan({"strategy": {"name": "fedadam"}})
     strategy = build_strategy(plan)
-    strategy.m_t = {"w": np.arange(6.0).reshape(2, 3)}  # type: ignore[attr-defined]
-    strategy.v_t = {"w": np.ones((2, 3))}  # type: ignore[attr-defined]
+    m_t = {"w": np.arange(6.0).reshape(2, 3), "b": np.array([-1.5, 2.5])}
+    v_t = {"w": np.arange(6.0).reshape(2, 3) ** 2 + 0.25, "b": np.array([0.5, 3.0])}
+    strategy.m_t = m_t  # type: ignore[attr-defined]
+    strategy.v_t = v_t  # type: ignore[attr-defined]
     blob, meta = strategy_state(strategy)
     fresh = build_strategy(plan)
+    # Adam's two moments are both state: a resume that restores m_t alone scales every
+    # step by a fresh v_t, so each one is checked, key by key.
     load_strategy_state(fresh, blob, json.loads(json.dumps(meta)))
-    np.testing.assert_array_equal(fresh.m_t["w"], np.arange(6.0).reshape(2, 3))  # type: ignore[attr-defined]
+    for name, expected in (("m_t", m_t), ("v_t", v_t)):
+        restored = getattr(fresh, name)
+        assert isinstance(restored, dict), f"{name} was not restored: {restored!r}"
+        assert set(restored) == set(expected), name
+        for key, value in expected.items():
+            np.testing.assert_array_equal(restored[key], value, err_msg=f"{name}[{key}]")
 
 
 def test_central_dp_accountant_survives_a_checkpoint() -> None:

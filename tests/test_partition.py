@@ -156,9 +156,11 @@ def test_gives_up_when_no_draw_meets_min_size() -> None:
     assert "alpha" in info.value.hint
 
 
-def test_empty_labels_are_refused_or_give_empty_partitions() -> None:
-    try:
-        parts = dirichlet_partition(np.array([], dtype=np.int64), 3, 1.0, min_size=0)
-    except BadInputError:
-        return
-    assert_exact_cover(parts, 0, 3)
+def test_empty_labels_are_refused_but_one_sample_is_split() -> None:
+    # The contract is a refusal naming the cause, even when min_size=0 would allow
+    # three empty partitions; the smallest non-empty input is still split, not refused.
+    with pytest.raises(BadInputError, match="empty"):
+        dirichlet_partition(np.array([], dtype=np.int64), 3, 1.0, min_size=0)
+    parts = dirichlet_partition(np.array([4], dtype=np.int64), 3, 1.0, min_size=0)
+    assert_exact_cover(parts, 1, 3)
+    assert sorted(len(p) for p in parts) == [0, 0, 1]

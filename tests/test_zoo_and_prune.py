@@ -196,7 +196,9 @@ def test_prune_exact_with_stride_and_no_bias() -> None:
         ),
     ],
 )
-def test_unsupported_conv_options_are_refused_or_kept(conv: Callable[[], nn.Conv2d]) -> None:
+def test_dilation_and_padding_mode_are_kept(conv: Callable[[], nn.Conv2d]) -> None:
+    # The pruner rebuilds each Conv2d with its dilation and padding mode, so these are
+    # supported: a refusal (or a rebuild that drops them) is a failure, not a pass.
     torch.manual_seed(0)
     first = conv()
     x = torch.rand(4, 1, 8, 8)
@@ -204,10 +206,12 @@ def test_unsupported_conv_options_are_refused_or_kept(conv: Callable[[], nn.Conv
         features = first(x)[0].numel()
     model = nn.Sequential(first, nn.ReLU(), nn.Flatten(), nn.Linear(features, 3)).eval()
     zero_half_of_hidden_channels(model, seed=0)
-    try:
-        pruned = prune_channels(model, 0.5)
-    except BadInputError:
-        return
+    pruned = prune_channels(model, 0.5)
+    rebuilt = pruned[0]
+    assert isinstance(rebuilt, nn.Conv2d)
+    assert rebuilt.out_channels == first.out_channels // 2
+    assert rebuilt.dilation == first.dilation
+    assert rebuilt.padding_mode == first.padding_mode
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), model(x), atol=1e-5, rtol=1e-5)
 
