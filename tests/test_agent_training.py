@@ -77,6 +77,7 @@ def _context(node_config: Mapping[str, bool | float | int | str]) -> Context:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("task_identity")
 def test_clientapp_trains_on_the_data_store_and_spools_telemetry(tmp_path: Path) -> None:
     store_path, state, spool = tmp_path / "samples.db", tmp_path / "state", tmp_path / "spool"
@@ -167,6 +168,7 @@ def _telemetry(agent: Agent) -> list[dict[str, Any]]:
     ]
 
 
+@pytest.mark.slow
 def test_agent_keeps_labelled_samples_only_with_a_training_section(tmp_path: Path) -> None:
     agent = Agent(_agent_config(tmp_path, free_port(), max_samples=50))
     try:
@@ -194,6 +196,7 @@ def test_agent_keeps_labelled_samples_only_with_a_training_section(tmp_path: Pat
         other.outbox.close()
 
 
+@pytest.mark.slow
 def test_telemetry_spool_is_imported_exactly_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -222,6 +225,7 @@ def test_telemetry_spool_is_imported_exactly_once(
         agent.datastore.close()
 
 
+@pytest.mark.slow
 def test_a_put_once_committed_before_a_crash_is_not_stored_again(tmp_path: Path) -> None:
     agent = Agent(_agent_config(tmp_path, free_port()))
     try:
@@ -305,6 +309,7 @@ def test_agent_buffers_while_the_superlink_is_unreachable_and_joins_when_it_is_u
             agent.wait()
 
 
+@pytest.mark.slow
 def test_replay_source_never_imports_scikit_learn_in_the_agent(tmp_path: Path) -> None:
     import subprocess
     import sys

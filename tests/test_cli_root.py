@@ -150,6 +150,7 @@ def test_missing_required_option_is_a_usage_error() -> None:
     assert "--out" in result.output
 
 
+@pytest.mark.slow
 def test_console_script_list_json() -> None:
     script = Path(sys.executable).parent / "edgefl"
     assert script.exists()
@@ -166,6 +167,7 @@ def test_console_script_list_json() -> None:
     assert "int8" in payload["recipes"]
 
 
+@pytest.mark.slow
 def test_console_script_maps_errors_to_exit_codes(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "edgefl"
     proc = subprocess.run(

@@ -322,6 +322,7 @@ for i in range(int(sys.argv[3])):
 """
 
 
+@pytest.mark.slow
 def test_concurrent_writers_in_two_processes_lose_nothing(ca: FleetCA) -> None:
     n = 25
     procs = [

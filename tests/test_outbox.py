@@ -734,6 +734,7 @@ def test_healthy_file_is_not_quarantined(tmp_path: Path, caplog: pytest.LogCaptu
     assert list(tmp_path.glob("*.corrupt-*")) == []
 
 
+@pytest.mark.slow
 def test_locked_file_is_an_error_not_corruption(tmp_path: Path) -> None:
     path = tmp_path / "o.db"
     holder = sqlite3.connect(path, isolation_level=None)

@@ -6,6 +6,7 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edgefl.datasets import load_dataset
 from edgefl.edge_agent.fl import privacy as pv
@@ -24,6 +25,7 @@ def test_digits_mlp_is_far_smaller_than_the_cnn() -> None:
     assert n_mlp * 50 < n_cnn
 
 
+@pytest.mark.slow
 def test_digits_mlp_learns_digits_centrally() -> None:
     spec = get_spec("digits-mlp")
     data = load_dataset("digits", test_fraction=0.2, seed=0)
@@ -32,6 +34,7 @@ def test_digits_mlp_learns_digits_centrally() -> None:
     assert evaluate(model, data.x_test, data.y_test).accuracy >= 0.9
 
 
+@pytest.mark.slow
 def test_digits_mlp_learns_under_dp_sgd_on_one_device() -> None:
     # 300 samples at ε=8 over 10 local epochs: the accountant lands on the target and the
     # noisy model is far better than chance (0.1).
