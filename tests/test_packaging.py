@@ -82,3 +82,11 @@ def test_cli_help_does_not_import_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert proc.stdout.strip() == "False"
+
+
+def test_server_extra_installs_what_its_privacy_check_imports() -> None:
+    # The ServerApp checks reported ε with edgefl.privacy.epsilon_of, which uses Opacus'
+    # accountant: without opacus in the extra, `pip install '.[server]'` fails at run time.
+    source = (ROOT / "core" / "privacy.py").read_text()
+    assert "from opacus" in source
+    assert "opacus" in {_name(r) for r in _closure("server")}
