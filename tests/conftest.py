@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,8 +10,35 @@ import pytest
 import sqlalchemy as sa
 
 from edgefl.server import fleet_ca
+from edgefl.testing import Mosquitto
 
 PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mosquitto]:
+    """A plain mosquitto on a free loopback port, in memory.
+
+    ``persistent`` (indirect param) saves sessions to ``tmp_path/mosquitto-data`` every
+    second. Brokers with TLS, an ACL or users stay in the files that need them.
+    """
+    # mosquitto drops past max_queued_messages (1000 by default) for an offline session;
+    # the ingest and fault tests queue more than that for a device that is away.
+    lines = ["max_queued_messages 100000"]
+    if getattr(request, "param", "memory") == "persistent":
+        store = tmp_path / "mosquitto-data"
+        store.mkdir()
+        # Later lines win over the helper's "persistence false". The shipped config
+        # (deploy/mosquitto) uses autosave_interval 60; 1 s keeps the test short.
+        lines += ["persistence true", f"persistence_location {store}/", "autosave_interval 1"]
+    with Mosquitto(tmp_path, extra_lines=lines) as running:
+        yield running
+
+
+@pytest.fixture
+def fleet() -> str:
+    """A fleet name no other test (or a broker another test left running) uses."""
+    return f"f{os.getpid()}{uuid.uuid4().hex[:8]}"
 
 
 def _postgres_problem() -> str | None:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +71,6 @@ def _write_config(tmp_path: Path, port: int, *, rate_hz: float, limit: int) -> P
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    with Mosquitto(tmp_path) as running:
-        yield running
 
 
 def _start_agent(config: Path) -> subprocess.Popen[bytes]:

@@ -151,7 +151,7 @@ class Broker:
 
 
 @pytest.fixture
-def broker(tmp_path: Path, pki: Pki) -> Iterator[Broker]:
+def tls_broker(tmp_path: Path, pki: Pki) -> Iterator[Broker]:
     b = Broker(tmp_path, pki)
     b.start()
     try:
@@ -278,12 +278,12 @@ def _client(
 
 
 def test_device_publishes_to_own_subtree_and_server_receives(
-    broker: Broker, pki: Pki, clients: list[Client]
+    tls_broker: Broker, pki: Pki, clients: list[Client]
 ) -> None:
     fleet = _fleet()
-    server = _client(clients, broker, pki, pki.service, INGEST_IDENTITY).connect()
+    server = _client(clients, tls_broker, pki, pki.service, INGEST_IDENTITY).connect()
     server.subscribe("edgefl/#")
-    dev_a = _client(clients, broker, pki, pki.dev_a, "dev-a").connect()
+    dev_a = _client(clients, tls_broker, pki, pki.dev_a, "dev-a").connect()
     topic = f"edgefl/{fleet}/dev-a/telemetry/temp"
     rc = dev_a.publish(topic, b"21.5")
     assert not rc.is_failure, rc
@@ -291,12 +291,12 @@ def test_device_publishes_to_own_subtree_and_server_receives(
 
 
 def test_device_cannot_publish_as_another_device(
-    broker: Broker, pki: Pki, clients: list[Client]
+    tls_broker: Broker, pki: Pki, clients: list[Client]
 ) -> None:
     fleet = _fleet()
-    server = _client(clients, broker, pki, pki.service, INGEST_IDENTITY).connect()
+    server = _client(clients, tls_broker, pki, pki.service, INGEST_IDENTITY).connect()
     server.subscribe("edgefl/#")
-    dev_a = _client(clients, broker, pki, pki.dev_a, "dev-a").connect()
+    dev_a = _client(clients, tls_broker, pki, pki.dev_a, "dev-a").connect()
 
     spoofed = f"edgefl/{fleet}/dev-b/telemetry/temp"
     rc = dev_a.publish(spoofed, b"forged")
@@ -318,15 +318,15 @@ def test_device_cannot_publish_as_another_device(
 
 
 def test_device_only_reads_its_own_commands(
-    broker: Broker, pki: Pki, clients: list[Client]
+    tls_broker: Broker, pki: Pki, clients: list[Client]
 ) -> None:
     fleet = _fleet()
-    dev_a = _client(clients, broker, pki, pki.dev_a, "dev-a").connect()
-    dev_b = _client(clients, broker, pki, pki.dev_b, "dev-b").connect()
+    dev_a = _client(clients, tls_broker, pki, pki.dev_a, "dev-a").connect()
+    dev_b = _client(clients, tls_broker, pki, pki.dev_b, "dev-b").connect()
     dev_a.subscribe(f"edgefl/{fleet}/dev-a/cmd/#")
     # Subscribing to the whole fleet is allowed, but the ACL filters what is delivered.
     dev_b.subscribe(f"edgefl/{fleet}/+/cmd/#")
-    server = _client(clients, broker, pki, pki.commands, COMMANDS_IDENTITY).connect()
+    server = _client(clients, tls_broker, pki, pki.commands, COMMANDS_IDENTITY).connect()
     cmd_a = f"edgefl/{fleet}/dev-a/cmd/reboot"
     cmd_b = f"edgefl/{fleet}/dev-b/cmd/reboot"
     assert not server.publish(cmd_a, b"for a").is_failure
@@ -341,33 +341,33 @@ def test_device_only_reads_its_own_commands(
 
 
 def test_client_without_certificate_is_refused(
-    broker: Broker, pki: Pki, clients: list[Client]
+    tls_broker: Broker, pki: Pki, clients: list[Client]
 ) -> None:
-    anon = _client(clients, broker, pki, None, "anonymous")
+    anon = _client(clients, tls_broker, pki, None, "anonymous")
     assert anon.try_connect() in {"tls-error", "refused"}
-    broker.wait_for_log("peer did not return a certificate")
+    tls_broker.wait_for_log("peer did not return a certificate")
 
 
 def test_certificate_from_another_ca_is_refused(
-    broker: Broker, pki: Pki, clients: list[Client]
+    tls_broker: Broker, pki: Pki, clients: list[Client]
 ) -> None:
-    impostor = _client(clients, broker, pki, pki.foreign, "impostor")
+    impostor = _client(clients, tls_broker, pki, pki.foreign, "impostor")
     assert impostor.try_connect() in {"tls-error", "refused"}
-    broker.wait_for_log("certificate verify failed")
+    tls_broker.wait_for_log("certificate verify failed")
 
 
 def test_revoked_device_is_refused_after_broker_restart(
-    broker: Broker, pki: Pki, clients: list[Client]
+    tls_broker: Broker, pki: Pki, clients: list[Client]
 ) -> None:
-    first = _client(clients, broker, pki, pki.dev_c, "dev-c").connect()
+    first = _client(clients, tls_broker, pki, pki.dev_c, "dev-c").connect()
     first.close()
     pki.ca.revoke(pki.dev_c.serial)
-    broker.restart()  # mosquitto reads crlfile at start-up only
-    revoked = _client(clients, broker, pki, pki.dev_c, "dev-c")
+    tls_broker.restart()  # mosquitto reads crlfile at start-up only
+    revoked = _client(clients, tls_broker, pki, pki.dev_c, "dev-c")
     assert revoked.try_connect() in {"tls-error", "refused"}
-    broker.wait_for_log("certificate verify failed")
+    tls_broker.wait_for_log("certificate verify failed")
     # The CRL refuses only what it lists.
-    _client(clients, broker, pki, pki.dev_a, "dev-a").connect()
+    _client(clients, tls_broker, pki, pki.dev_a, "dev-a").connect()
 
 
 def test_operator_certificate_reads_everything_and_writes_nothing(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sqlite3
 import subprocess
@@ -50,10 +49,6 @@ from edgefl.testing import Mosquitto, wait_for
 
 EDGEFL = Path(sys.executable).parent / "edgefl"
 DEVICE = "dev-c"
-
-
-def _fleet() -> str:
-    return f"f{os.getpid()}{uuid.uuid4().hex[:8]}"
 
 
 def _message(topic: str, payload: bytes) -> InboundMessage:
@@ -301,12 +296,6 @@ class Client:
         self.client.disconnect()
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    with Mosquitto(tmp_path) as running:
-        yield running
-
-
 def _config(tmp_path: Path, port: int, fleet: str, **extra: Any) -> dict[str, Any]:
     return {
         "device_id": DEVICE,
@@ -334,11 +323,6 @@ class RunningAgent:
         self.stop.set()
         self.thread.join(30)
         assert not self.thread.is_alive()
-
-
-@pytest.fixture
-def fleet() -> str:
-    return _fleet()
 
 
 @pytest.fixture

@@ -663,7 +663,7 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Fleet:
+def tls_fleet(tmp_path: Path) -> Fleet:
     ca = FleetCA.create(tmp_path / "ca")
     other = FleetCA.create(tmp_path / "other-ca", common_name="someone else's CA")
     return Fleet(
@@ -674,53 +674,53 @@ def fleet(tmp_path: Path) -> Fleet:
     )
 
 
-def tls_channel(fleet: Fleet, address: str, device: IssuedCert | None) -> grpc.Channel:
+def tls_channel(tls_fleet: Fleet, address: str, device: IssuedCert | None) -> grpc.Channel:
     creds = grpc.ssl_channel_credentials(
-        root_certificates=fleet.ca.cert_pem,
+        root_certificates=tls_fleet.ca.cert_pem,
         private_key=device.key_pem if device is not None else None,
         certificate_chain=device.cert_pem if device is not None else None,
     )
     return grpc.secure_channel(address, creds)
 
 
-def mtls_config(fleet: Fleet) -> InferenceServerConfig:
+def mtls_config(tls_fleet: Fleet) -> InferenceServerConfig:
     return InferenceServerConfig(
-        tls_cert=fleet.server.cert_path,
-        tls_key=fleet.server.key_path,
-        client_ca=fleet.ca.cert_path,
-        crl=fleet.ca.crl_path,
+        tls_cert=tls_fleet.server.cert_path,
+        tls_key=tls_fleet.server.key_path,
+        client_ca=tls_fleet.ca.cert_path,
+        crl=tls_fleet.ca.crl_path,
     )
 
 
 def test_mutual_tls_accepts_fleet_devices_and_refuses_another_ca(
-    fleet: Fleet, heavy: TorchServedModel
+    tls_fleet: Fleet, heavy: TorchServedModel
 ) -> None:
-    with start_in_thread(mtls_config(fleet), models=[heavy]) as running:
-        with tls_channel(fleet, running.address, fleet.devices["pi-01"]) as ch:
+    with start_in_thread(mtls_config(tls_fleet), models=[heavy]) as running:
+        with tls_channel(tls_fleet, running.address, tls_fleet.devices["pi-01"]) as ch:
             c = Client(ch)
             assert c.status(SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
             _ok(c)
-        with tls_channel(fleet, running.address, fleet.stranger) as ch:
+        with tls_channel(tls_fleet, running.address, tls_fleet.stranger) as ch:
             code, _ = code_of(lambda: _ok(Client(ch)))
             assert code == Code.UNAVAILABLE  # refused in the handshake
-        with tls_channel(fleet, running.address, None) as ch:
+        with tls_channel(tls_fleet, running.address, None) as ch:
             code, _ = code_of(lambda: _ok(Client(ch)))
             assert code == Code.UNAVAILABLE  # no client certificate at all
         with grpc.insecure_channel(running.address) as ch:
             code, _ = code_of(lambda: _ok(Client(ch)))
             assert code == Code.UNAVAILABLE  # plaintext to a TLS port
-        with tls_channel(fleet, running.address, fleet.devices["pi-02"]) as ch:
+        with tls_channel(tls_fleet, running.address, tls_fleet.devices["pi-02"]) as ch:
             _ok(Client(ch))  # the server kept serving through all of that
         assert running.server.completed == 2
 
 
 def test_revoked_device_is_refused_on_its_next_call(
-    fleet: Fleet, heavy: TorchServedModel, caplog: pytest.LogCaptureFixture
+    tls_fleet: Fleet, heavy: TorchServedModel, caplog: pytest.LogCaptureFixture
 ) -> None:
     with (
-        start_in_thread(mtls_config(fleet), models=[heavy]) as running,
-        tls_channel(fleet, running.address, fleet.devices["pi-01"]) as ch1,
-        tls_channel(fleet, running.address, fleet.devices["pi-02"]) as ch2,
+        start_in_thread(mtls_config(tls_fleet), models=[heavy]) as running,
+        tls_channel(tls_fleet, running.address, tls_fleet.devices["pi-01"]) as ch1,
+        tls_channel(tls_fleet, running.address, tls_fleet.devices["pi-02"]) as ch2,
     ):
         one, two = Client(ch1), Client(ch2)
         _ok(one)
@@ -733,7 +733,7 @@ def test_revoked_device_is_refused_on_its_next_call(
         stream = two.stream(iter(outbox.get, None), timeout=30)
         outbox.put(request)
         assert next(stream).model == "digits"
-        fleet.ca.revoke(fleet.devices["pi-02"].serial)  # rewrites crl.pem; no restart
+        tls_fleet.ca.revoke(tls_fleet.devices["pi-02"].serial)  # rewrites crl.pem; no restart
         outbox.put(request)
         code, details = code_of(lambda: next(stream))
         assert code == Code.UNAUTHENTICATED
@@ -755,33 +755,35 @@ def test_revoked_device_is_refused_on_its_next_call(
         )
     # A fresh connection after a restart is refused too (the CRL is read at start-up).
     with (
-        start_in_thread(mtls_config(fleet), models=[heavy]) as running,
-        tls_channel(fleet, running.address, fleet.devices["pi-02"]) as ch,
+        start_in_thread(mtls_config(tls_fleet), models=[heavy]) as running,
+        tls_channel(tls_fleet, running.address, tls_fleet.devices["pi-02"]) as ch,
     ):
         code, _ = code_of(lambda: _ok(Client(ch)))
         assert code == Code.UNAUTHENTICATED
 
 
-def test_server_only_tls(fleet: Fleet, heavy: TorchServedModel) -> None:
-    config = InferenceServerConfig(tls_cert=fleet.server.cert_path, tls_key=fleet.server.key_path)
+def test_server_only_tls(tls_fleet: Fleet, heavy: TorchServedModel) -> None:
+    config = InferenceServerConfig(
+        tls_cert=tls_fleet.server.cert_path, tls_key=tls_fleet.server.key_path
+    )
     with (
         start_in_thread(config, models=[heavy]) as running,
-        tls_channel(fleet, running.address, None) as ch,
+        tls_channel(tls_fleet, running.address, None) as ch,
     ):
         _ok(Client(ch))
 
 
 def test_crl_from_another_ca_is_refused_at_start(
-    fleet: Fleet, heavy: TorchServedModel, tmp_path: Path
+    tls_fleet: Fleet, heavy: TorchServedModel, tmp_path: Path
 ) -> None:
     other = FleetCA.load(tmp_path / "other-ca")
-    config = mtls_config(fleet).model_copy(update={"crl": other.crl_path})
+    config = mtls_config(tls_fleet).model_copy(update={"crl": other.crl_path})
     with pytest.raises(ConfigError, match="not signed by the client CA"):
         start_in_thread(config, models=[heavy])
 
 
 def test_device_missing_from_the_registry_is_refused(
-    fleet: Fleet, heavy: TorchServedModel, tmp_path: Path
+    tls_fleet: Fleet, heavy: TorchServedModel, tmp_path: Path
 ) -> None:
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     upgrade(url)
@@ -791,11 +793,11 @@ def test_device_missing_from_the_registry_is_refused(
         session.add(Device(device_id="pi-01", fleet="f1", first_seen=now, last_seen=now))
         session.commit()
     engine.dispose()
-    config = mtls_config(fleet).model_copy(update={"registry_url": url})
+    config = mtls_config(tls_fleet).model_copy(update={"registry_url": url})
     with (
         start_in_thread(config, models=[heavy]) as running,
-        tls_channel(fleet, running.address, fleet.devices["pi-01"]) as ch1,
-        tls_channel(fleet, running.address, fleet.devices["pi-02"]) as ch2,
+        tls_channel(tls_fleet, running.address, tls_fleet.devices["pi-01"]) as ch1,
+        tls_channel(tls_fleet, running.address, tls_fleet.devices["pi-02"]) as ch2,
     ):
         _ok(Client(ch1))
         code, details = code_of(lambda: _ok(Client(ch2)))
@@ -806,7 +808,7 @@ def test_device_missing_from_the_registry_is_refused(
 
 
 def test_registry_enrollment_decides_over_the_devices_table(
-    fleet: Fleet, heavy: TorchServedModel, tmp_path: Path
+    tls_fleet: Fleet, heavy: TorchServedModel, tmp_path: Path
 ) -> None:
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     upgrade(url)
@@ -832,11 +834,11 @@ def test_registry_enrollment_decides_over_the_devices_table(
             )
         session.commit()
     engine.dispose()
-    config = mtls_config(fleet).model_copy(update={"registry_url": url})
+    config = mtls_config(tls_fleet).model_copy(update={"registry_url": url})
     with (
         start_in_thread(config, models=[heavy]) as running,
-        tls_channel(fleet, running.address, fleet.devices["pi-01"]) as ch1,
-        tls_channel(fleet, running.address, fleet.devices["pi-02"]) as ch2,
+        tls_channel(tls_fleet, running.address, tls_fleet.devices["pi-01"]) as ch1,
+        tls_channel(tls_fleet, running.address, tls_fleet.devices["pi-02"]) as ch2,
     ):
         _ok(Client(ch2))
         code, details = code_of(lambda: _ok(Client(ch1)))

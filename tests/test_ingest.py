@@ -53,18 +53,6 @@ TIMEOUT = 30.0
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    # mosquitto drops past max_queued_messages (1000 by default) for an offline session.
-    with Mosquitto(tmp_path, extra_lines=["max_queued_messages 100000"]) as b:
-        yield b
-
-
-@pytest.fixture
-def fleet() -> str:
-    return f"f{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
 def registry(db_url: str) -> Iterator[sa.Engine]:
     """An engine for the test's own queries (the ingest has its own)."""
     engine = make_engine(db_url)

@@ -41,12 +41,6 @@ def prefix() -> str:
     return f"edgefl/test-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    with Mosquitto(tmp_path) as b:
-        yield b
-
-
 class Subscriber:
     """A plain paho client that records every message on ``topic`` (QoS 0 on purpose).
 

@@ -144,7 +144,7 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def superlink_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("fleet")
     ca = FleetCA.create(root / "ca")
     server = ca.issue_server_cert(["localhost"], ["127.0.0.1"])
@@ -157,16 +157,21 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 def _device(
-    fleet: Fleet, tmp_path: Path, *, register: bool = True, ca: Path | None = None, **fields: Any
+    superlink_fleet: Fleet,
+    tmp_path: Path,
+    *,
+    register: bool = True,
+    ca: Path | None = None,
+    **fields: Any,
 ) -> SuperNodeSupervisor:
     state = tmp_path / "state"
     paths = prepare_enrollment("dev", "lab", state).paths
     if register:
-        fleet.superlink.admin().register_node(paths.node_public_key)
-    paths.ca.write_bytes(ca.read_bytes() if ca is not None else fleet.ca.cert_pem)
+        superlink_fleet.superlink.admin().register_node(paths.node_public_key)
+    paths.ca.write_bytes(ca.read_bytes() if ca is not None else superlink_fleet.ca.cert_pem)
     config = TrainingConfig.model_validate(
         {
-            "superlink": fleet.superlink.address,
+            "superlink": superlink_fleet.superlink.address,
             "min_samples": 10,
             "restart_min_s": 0.5,
             "restart_max_s": 2.0,
@@ -201,9 +206,9 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_starts_only_when_connected_with_enough_samples_then_stops(
-    fleet: Fleet, tmp_path: Path
+    superlink_fleet: Fleet, tmp_path: Path
 ) -> None:
-    sup = _device(fleet, tmp_path)
+    sup = _device(superlink_fleet, tmp_path)
     try:
         sup.poll(connected=False, samples=500)
         assert sup.status()["state"] == "waiting"
@@ -230,8 +235,10 @@ def test_starts_only_when_connected_with_enough_samples_then_stops(
 
 
 @pytest.mark.slow
-def test_a_killed_supernode_is_restarted_with_backoff(fleet: Fleet, tmp_path: Path) -> None:
-    sup = _device(fleet, tmp_path)
+def test_a_killed_supernode_is_restarted_with_backoff(
+    superlink_fleet: Fleet, tmp_path: Path
+) -> None:
+    sup = _device(superlink_fleet, tmp_path)
     try:
         _poll_until(sup, lambda: sup.node_id is not None, "the SuperNode to register")
         first = sup.pid
@@ -260,10 +267,10 @@ def test_a_killed_supernode_is_restarted_with_backoff(fleet: Fleet, tmp_path: Pa
 
 @pytest.mark.slow
 def test_an_unregistered_node_key_is_refused_with_a_clear_log_line(
-    fleet: Fleet, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    superlink_fleet: Fleet, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="edgefl.edge_agent.fl.supernode")
-    sup = _device(fleet, tmp_path, register=False, restart_min_s=30.0, restart_max_s=60.0)
+    sup = _device(superlink_fleet, tmp_path, register=False, restart_min_s=30.0, restart_max_s=60.0)
     try:
         _poll_until(sup, lambda: sup.last_exit_code is not None, "the SuperNode to exit")
     finally:
@@ -277,11 +284,13 @@ def test_an_unregistered_node_key_is_refused_with_a_clear_log_line(
 
 @pytest.mark.slow
 def test_a_wrong_root_ca_is_refused_with_a_clear_log_line(
-    fleet: Fleet, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    superlink_fleet: Fleet, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="edgefl.edge_agent.fl.supernode")
     other = FleetCA.create(tmp_path / "other-ca")
-    sup = _device(fleet, tmp_path, ca=other.cert_path, restart_min_s=30.0, restart_max_s=60.0)
+    sup = _device(
+        superlink_fleet, tmp_path, ca=other.cert_path, restart_min_s=30.0, restart_max_s=60.0
+    )
     try:
         _poll_until(sup, lambda: sup.last_exit_code is not None, "the SuperNode to exit")
     finally:
