@@ -89,7 +89,12 @@ def test_fleet_routes_reach_the_superlink_and_nothing_else_does(setup: _Setup) -
     # request), not the proxy's 403/404/502.
     status, _ = _post(setup, "/v1/fleet/activate-node")
     assert status not in (403, 404, 502), status
-    assert "POST /v1/fleet/activate-node" in setup.proxy.access_log.read_text()
+    # nginx writes the access log line when it finalises the request, which can be just
+    # after the client has read the answer.
+    deadline = time.monotonic() + 10
+    while "POST /v1/fleet/activate-node" not in setup.proxy.access_log.read_text():
+        assert time.monotonic() < deadline, setup.proxy.access_log.read_text()
+        time.sleep(0.05)
     # The same route with another method, the Control and Runtime APIs, anything else.
     assert _post(setup, "/v1/fleet/activate-node", "GET")[0] == 403
     assert _post(setup, "/v1/control/list-nodes")[0] == 403
