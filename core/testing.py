@@ -22,7 +22,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["Mosquitto", "free_port", "wait_for"]
+__all__ = ["Mosquitto", "free_port", "mosquitto_executable", "wait_for"]
+
+
+def mosquitto_executable() -> str | None:
+    """The mosquitto binary (on PATH, or Debian's /usr/sbin), or ``None`` if not installed."""
+    return shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
 
 
 def free_port() -> int:
@@ -63,9 +70,7 @@ class Mosquitto:
         *,
         persistence: bool = False,
     ) -> None:
-        exe = shutil.which("mosquitto") or (
-            "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-        )
+        exe = mosquitto_executable()
         if exe is None:
             raise RuntimeError("mosquitto is not installed")
         self.exe = exe

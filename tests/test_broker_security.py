@@ -29,13 +29,11 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefl.server.broker_config import render_acl, render_mosquitto_config
 from edgefl.server.fleet_ca import COMMANDS_IDENTITY, INGEST_IDENTITY, FleetCA, IssuedCert
+from edgefl.testing import mosquitto_executable
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
-        reason="mosquitto is not installed",
-    ),
+    pytest.mark.skipif(mosquitto_executable() is None, reason="mosquitto is not installed"),
 ]
 
 TIMEOUT = 10.0

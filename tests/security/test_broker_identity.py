@@ -11,7 +11,6 @@ revoked TLS key again.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,13 +26,11 @@ from probes.broker import (
 )
 
 from edgefl.server.registry import upgrade
+from edgefl.testing import mosquitto_executable
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
-        reason="mosquitto is not installed",
-    ),
+    pytest.mark.skipif(mosquitto_executable() is None, reason="mosquitto is not installed"),
 ]
 
 

@@ -19,7 +19,6 @@ server renders it again (and SIGHUPs mosquitto) when devices are admitted or rev
 
 from __future__ import annotations
 
-import shutil
 import threading
 import uuid
 from collections.abc import Iterator
@@ -40,14 +39,11 @@ from edgefl.server.fleet_ca import FleetCA, IssuedCert
 from edgefl.server.registry import Enrollment, make_engine, upgrade
 from edgefl.server.registry.db import DEFAULT_DB_FILENAME
 from edgefl.server.serve import Server, ServerConfig
-from edgefl.testing import wait_for
+from edgefl.testing import mosquitto_executable, wait_for
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
-        reason="mosquitto is not installed",
-    ),
+    pytest.mark.skipif(mosquitto_executable() is None, reason="mosquitto is not installed"),
 ]
 
 TIMEOUT = 30.0

@@ -16,7 +16,6 @@ counted; the link connects once and never again.
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import threading
 import time
@@ -30,14 +29,11 @@ from edgefl.edge_agent.daemon import OUTBOX_FILE, Agent, AgentConfig
 from edgefl.edge_agent.outbox import Outbox, OutboxPolicy, RecordTooLargeError
 from edgefl.edge_agent.sources import SourceRecord
 from edgefl.proto.serde import ENVELOPE_VERSION, MAX_ENVELOPE_BYTES, Envelope, encode_envelope
-from edgefl.testing import wait_for
+from edgefl.testing import mosquitto_executable, wait_for
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
-        reason="mosquitto is not installed",
-    ),
+    pytest.mark.skipif(mosquitto_executable() is None, reason="mosquitto is not installed"),
 ]
 
 TIMEOUT = 30.0
