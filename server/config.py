@@ -1,0 +1,153 @@
+"""The server's config file (``server.yaml``): one model, one section per service.
+
+:class:`ServerConfig` is what ``edgefl server start -c server.yaml`` validates; its sections
+are the broker (:class:`BrokerConfig`), the ingest (:class:`ServerIngestConfig`), the
+SuperLink and the Fleet API proxy. The models live apart from :mod:`edgefl.server.serve`
+(which runs the processes they describe) so that every ``edgefl server`` command can read
+the same file without importing the supervisor.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from edgefl.config import StrictModel
+from edgefl.server.fl.fleet_proxy import FleetProxyConfig
+from edgefl.server.fl.superlink import SuperLinkConfig
+from edgefl.server.fleet_ca import CRL_VALIDITY_DAYS
+from edgefl.server.ingest import IngestConfig
+from edgefl.server.registry.db import DEFAULT_DB_FILENAME
+
+__all__ = ["BrokerConfig", "ServerConfig", "ServerIngestConfig"]
+
+
+class BrokerConfig(StrictModel):
+    """The MQTT broker (``broker:`` section)."""
+
+    enabled: bool = Field(
+        True,
+        description="Run mosquitto with the shipped config; false: use an external broker "
+        "at host:port (it must trust the fleet CA and read its CRL).",
+    )
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the broker listens on (an IP), and what the ingest dials.",
+    )
+    port: int = Field(8883, ge=0, le=65535, description="Mutual-TLS port; 0 picks a free one.")
+    data_dir: Path | None = Field(
+        None, description="Persistence folder (default <state_dir>/broker)."
+    )
+    executable: str = Field("mosquitto", description="mosquitto binary (name or path).")
+    run_as_user: str | None = Field(
+        None,
+        description="User mosquitto runs as (default: the user running the server, who "
+        "can read the keys in state_dir).",
+    )
+
+
+class ServerIngestConfig(IngestConfig):
+    """The MQTT ingest (``ingest:`` section): :class:`IngestConfig` plus ``enabled``.
+
+    ``broker_host``/``broker_port``, ``db_url`` and the TLS files default to the server's
+    broker, registry and the CA's ``edgefl-ingest`` service certificate.
+    """
+
+    enabled: bool = Field(True, description="Run the ingest in the server process.")
+    stall_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Watchdog: an ingest that acknowledges nothing for this long while "
+        "messages wait (or whose worker thread died) is restarted, and the restart "
+        "counted (ingest_restarts in server.json). Not while it waits for an unavailable "
+        "database: a restart cannot help then.",
+    )
+
+
+class ServerConfig(StrictModel):
+    """``edgefl server start`` settings (YAML, TOML or JSON; unknown keys are errors)."""
+
+    state_dir: Path = Field(
+        Path("edgefl-server"), description="Everything the server keeps (relative: to cwd)."
+    )
+    ca_dir: Path | None = Field(None, description="The fleet CA (default <state_dir>/ca).")
+    hostnames: list[str] = Field(
+        default_factory=lambda: ["localhost"],
+        description="DNS names in the server certificate (broker and SuperLink).",
+    )
+    ips: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1"],
+        description="IP addresses in the server certificate.",
+    )
+    db_url: str | None = Field(
+        None, description=f"Registry URL (default sqlite:///<state_dir>/{DEFAULT_DB_FILENAME})."
+    )
+    superlink: SuperLinkConfig = Field(
+        default_factory=lambda: SuperLinkConfig(),
+        description="The SuperLink; host/port is what devices dial (the Fleet API proxy "
+        "listens there unless fleet_proxy.enabled is false).",
+    )
+    fleet_proxy: FleetProxyConfig = Field(
+        default_factory=lambda: FleetProxyConfig(),
+        description="nginx in front of a loopback-only SuperLink (Fleet API routes only).",
+    )
+    broker: BrokerConfig = Field(default_factory=lambda: BrokerConfig())
+    ingest: ServerIngestConfig = Field(default_factory=lambda: ServerIngestConfig())
+    restart_min_s: float = Field(1.0, gt=0, description="First restart delay of a child.")
+    restart_max_s: float = Field(30.0, gt=0, description="Cap on the restart delay.")
+    stable_after_s: float = Field(
+        30.0, gt=0, description="A child up this long has its restart delay reset."
+    )
+    crl_poll_s: float = Field(1.0, gt=0, description="How often crl.pem is checked.")
+    crl_refresh_days: float = Field(
+        10.0,
+        gt=0,
+        lt=CRL_VALIDITY_DAYS,
+        description=f"Re-sign the CRL (valid {CRL_VALIDITY_DAYS} days) when less than this "
+        "is left; the broker refuses every device once it has expired.",
+    )
+
+    cert_renew_days: float = Field(
+        30.0,
+        gt=0,
+        lt=365,
+        description="Re-issue the server's own certificates (broker/SuperLink server "
+        "certificate, ingest and certificate-service client certificates) when less than "
+        "this is left of them, at start-up and while running; devices renew theirs over "
+        "MQTT (cert/request) in the window of their agent config.",
+    )
+    cert_check_s: float = Field(
+        3600.0, gt=0, description="How often the server checks its own certificates."
+    )
+    device_cert_days: float = Field(
+        365.0, gt=0, description="Validity of device certificates renewed over MQTT."
+    )
+    cert_service: bool = Field(
+        True,
+        description="Answer devices' certificate renewal requests (the edgefl-certs "
+        "identity; needs the broker).",
+    )
+
+    @field_validator("ips")
+    @classmethod
+    def _ips_parse(cls, value: list[str]) -> list[str]:
+        for ip in value:
+            ipaddress.ip_address(ip)
+        return value
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        """``state_dir`` as an absolute path."""
+        return self.state_dir.expanduser().resolve()
+
+    @property
+    def resolved_ca_dir(self) -> Path:
+        """``ca_dir`` (or its default) as an absolute path."""
+        return (self.ca_dir or self.resolved_state_dir / "ca").expanduser().resolve()
+
+    @property
+    def resolved_db_url(self) -> str:
+        """``db_url`` or the SQLite default inside ``state_dir``."""
+        return self.db_url or f"sqlite:///{self.resolved_state_dir / DEFAULT_DB_FILENAME}"
