@@ -31,12 +31,23 @@ def _load(config: Path) -> Any:
 @app.command("validate-config")
 @exits_on_error
 def validate_config(config: ConfigOption, as_json: Annotated[bool, JSON_OPTION] = False) -> None:
-    """Check a config file; exits 3 naming each bad key."""
+    """Check a config file; exits 3 naming each bad key, and reports each renamed key."""
+    from edgefl.config import config_renames
+
     cfg = _load(config)
+    renames = config_renames(cfg)
     if as_json:
-        emit_json({"valid": True, "config": cfg.model_dump(mode="json")})
+        emit_json(
+            {
+                "valid": True,
+                "config": cfg.model_dump(mode="json"),
+                "renamed_keys": [{"old": r.old, "new": r.new} for r in renames],
+            }
+        )
     else:
         typer.echo(f"{config}: valid (device {cfg.device_id}, fleet {cfg.fleet})")
+        for rename in renames:
+            typer.echo(f"  {rename.message()}")
 
 
 @app.command()

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
+from typing import Annotated, ClassVar, Literal
 
 import pytest
 from pydantic import Field, ValidationError
 
-from edgefl.config import StrictModel, load_config, validate_config
+from edgefl.config import (
+    Address,
+    Rename,
+    RenamedKeyWarning,
+    RenameMap,
+    StrictModel,
+    TlsFiles,
+    config_renames,
+    load_config,
+    validate_config,
+)
 from edgefl.errors import ConfigError, ExitCode
 
 
@@ -195,3 +207,122 @@ def test_config_error_exit_code() -> None:
     assert ConfigError.exit_code is ExitCode.CONFIG
     assert int(ExitCode.CONFIG) == 3
     assert ConfigError("x").exit_code == 3
+
+
+# Renamed keys: an old name is moved to the new one (at any depth), warned about, reported.
+
+
+class Endpoint(Address):
+    host: str = Field("127.0.0.1", min_length=1, description="Host.")
+    port: int = Field(1883, ge=1, le=65535, description="Port.")
+
+
+class Link(StrictModel):
+    renamed_keys: ClassVar[RenameMap] = {
+        "broker_host": "broker.host",
+        "broker_port": "broker.port",
+        "ca_file": "tls.ca_file",
+        "keepalive": "keepalive_s",
+        "timeout_ms": Rename("timeout_s", lambda v: v / 1000),
+    }
+    broker: Endpoint = Field(default_factory=lambda: Endpoint(), description="Broker.")
+    tls: TlsFiles = Field(default_factory=lambda: TlsFiles(), description="TLS.")
+    keepalive_s: int = Field(30, description="Keepalive.")
+    timeout_s: float = Field(1.0, description="Timeout.")
+
+
+class Replay(StrictModel):
+    renamed_keys: ClassVar[RenameMap] = {"hz": "rate_hz"}
+    type: Literal["replay"] = "replay"
+    rate_hz: float = Field(1.0, description="Rate.")
+
+
+class Device(StrictModel):
+    link: Link = Field(default_factory=lambda: Link(), description="Link.")
+    spare: Link | None = Field(None, description="Optional section.")
+    sources: list[Annotated[Replay, Field(discriminator="type")]] = Field(
+        default_factory=list, description="List of sections."
+    )
+
+
+OLD_DEVICE = {
+    "link": {"broker_port": 8883, "ca_file": "/ca.pem", "keepalive": 5, "timeout_ms": 250},
+    "spare": {"broker_host": "mqtt.local"},
+    "sources": [{"type": "replay", "hz": 3}],
+}
+
+
+def test_old_keys_are_moved_to_their_new_place_at_every_depth(tmp_path: Path) -> None:
+    path = write(tmp_path, "json", json.dumps(OLD_DEVICE))
+    with pytest.warns(RenamedKeyWarning) as warned:
+        cfg = load_config(Device, path)
+    assert cfg.link.broker == Endpoint(port=8883)
+    assert cfg.link.tls.ca_file == Path("/ca.pem")
+    assert (cfg.link.keepalive_s, cfg.link.timeout_s) == (5, 0.25)
+    assert cfg.spare is not None
+    assert cfg.spare.broker.host == "mqtt.local"
+    assert cfg.sources[0].rate_hz == 3
+    renames = [(r.old, r.new) for r in config_renames(cfg)]
+    assert renames == [
+        ("link.broker_port", "link.broker.port"),
+        ("link.ca_file", "link.tls.ca_file"),
+        ("link.keepalive", "link.keepalive_s"),
+        ("link.timeout_ms", "link.timeout_s"),
+        ("spare.broker_host", "spare.broker.host"),
+        ("sources.0.hz", "sources.0.rate_hz"),
+    ]
+    texts = [str(w.message) for w in warned]
+    assert len(texts) == 6
+    assert texts[0] == (
+        f"{path}: key link.broker_port is renamed link.broker.port; accepted until the next release"
+    )
+    assert config_renames(cfg)[0].message() == (
+        "key link.broker_port is renamed link.broker.port; accepted until the next release"
+    )
+
+
+def test_a_renamed_key_is_also_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="edgefl.config"), pytest.warns(RenamedKeyWarning):
+        validate_config(Link, {"keepalive": 5}, source="agent.yaml")
+    assert "agent.yaml: key keepalive is renamed keepalive_s" in caplog.text
+
+
+def test_new_keys_give_no_warning_and_no_renames(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = validate_config(Device, {"link": {"broker": {"port": 8883}, "keepalive_s": 5}})
+    assert config_renames(cfg) == []
+    assert cfg.link.broker.port == 8883
+
+
+@pytest.mark.parametrize(
+    ("data", "old", "new"),
+    [
+        ({"keepalive": 5, "keepalive_s": 6}, "link.keepalive", "link.keepalive_s"),
+        ({"broker_port": 1, "broker": {"port": 2}}, "link.broker_port", "link.broker.port"),
+    ],
+)
+def test_old_and_new_key_together_is_an_error(data: dict[str, object], old: str, new: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_config(Device, {"link": data}, source="agent.yaml")
+    assert str(info.value) == (
+        f"agent.yaml: both {old} (its old name) and {new} are given; keep only the new one"
+    )
+
+
+def test_models_built_in_code_accept_old_keys_too() -> None:
+    with pytest.warns(RenamedKeyWarning, match="Link: key keepalive is renamed keepalive_s"):
+        link = Link(keepalive=7)  # type: ignore[call-arg]
+    assert link.keepalive_s == 7
+    with pytest.raises(ValidationError, match="both keepalive"):
+        Link(keepalive=7, keepalive_s=8)  # type: ignore[call-arg]
+
+
+def test_tls_files_and_address_are_strict() -> None:
+    assert not TlsFiles().configured
+    assert TlsFiles(ca_file=Path("ca.pem")).configured
+    with pytest.raises(ValidationError):
+        TlsFiles.model_validate({"certfile": "x"})
+    with pytest.raises(ValidationError):
+        Address.model_validate({"host": "h"})  # port has no default in the base
+    assert Address(port=0).host == "127.0.0.1"
