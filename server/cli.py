@@ -111,9 +111,14 @@ def devices(
 @app.command()
 @exits_on_error
 def inference(
-    model: Annotated[str, typer.Option(help="Heavy model to serve.")] = "digits",
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port; 0 picks a free one.")] = 0,
+    config: ServerConfigOption = None,
+    model: Annotated[
+        str | None, typer.Option(help="Heavy model to serve. [default: digits]")
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on. [default: 127.0.0.1]")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port; 0 picks a free one. [default: 0]")] = None,
     weights: Annotated[
         Path | None,
         typer.Option(help="Weights cache folder (trained once if empty). [default: ~/.cache]"),
@@ -121,25 +126,44 @@ def inference(
     train_epochs: Annotated[
         int | None, typer.Option(help="Epochs if the model must be trained.")
     ] = None,
-    max_batch: Annotated[int, typer.Option(help="Most samples per forward pass.")] = 32,
-    max_wait_ms: Annotated[float, typer.Option(help="Longest wait to fill a batch.")] = 2.0,
+    max_batch: Annotated[
+        int | None, typer.Option(help="Most samples per forward pass. [default: 32]")
+    ] = None,
+    max_wait_ms: Annotated[
+        float | None, typer.Option(help="Longest wait to fill a batch. [default: 2.0]")
+    ] = None,
     no_batching: Annotated[
         bool, typer.Option("--no-batching", help="One request per forward pass.")
     ] = False,
     max_concurrency: Annotated[
-        int, typer.Option(help="In-flight requests before RESOURCE_EXHAUSTED.")
-    ] = 256,
+        int | None,
+        typer.Option(help="In-flight requests before RESOURCE_EXHAUSTED. [default: 256]"),
+    ] = None,
     max_samples_per_request: Annotated[
-        int, typer.Option(help="Most samples in one request (INVALID_ARGUMENT past it).")
-    ] = 256,
-    max_message_bytes: Annotated[int, typer.Option(help="Largest request/response in bytes.")] = 4
-    * 1024
-    * 1024,
-    torch_threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 1,
-    tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM).")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
-    client_ca: Annotated[
-        Path | None, typer.Option(help="Require client certificates from this CA (mTLS).")
+        int | None,
+        typer.Option(help="Most samples in one request (INVALID_ARGUMENT past it). [default: 256]"),
+    ] = None,
+    max_message_bytes: Annotated[
+        int | None, typer.Option(help="Largest request/response in bytes. [default: 4 MiB]")
+    ] = None,
+    torch_threads: Annotated[
+        int | None, typer.Option(help="torch intra-op threads. [default: 1]")
+    ] = None,
+    cert: Annotated[
+        Path | None,
+        typer.Option("--cert", "--tls-cert", help="Server certificate (PEM): tls.cert_file."),
+    ] = None,
+    key: Annotated[
+        Path | None,
+        typer.Option("--key", "--tls-key", help="Server private key (PEM): tls.key_file."),
+    ] = None,
+    ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca",
+            "--client-ca",
+            help="Require client certificates from this CA (mutual TLS): tls.ca_file.",
+        ),
     ] = None,
     crl: Annotated[
         Path | None, typer.Option(help="The client CA's CRL: revoked devices are refused.")
@@ -151,7 +175,10 @@ def inference(
 ) -> None:
     """Serve the heavy model over gRPC (edgefl.v1.Inference + health) until SIGINT/SIGTERM.
 
-    Prints the bound address once the model is SERVING (one JSON line with --json).
+    Settings come from the ``inference:`` section of the server config (-c), then the
+    flags. Prints the bound address once the model is SERVING (one JSON line with --json).
+    (``--tls-cert``, ``--tls-key`` and ``--client-ca`` are the old names of ``--cert``,
+    ``--key`` and ``--ca``.)
     """
     import json
 
@@ -159,42 +186,41 @@ def inference(
     from edgefl.config import validate_config
     from edgefl.server.inference.service import InferenceServer, InferenceServerConfig, serve
 
-    config = validate_config(
-        InferenceServerConfig,
-        {
-            "host": host,
-            "port": port,
-            "model": model,
-            "weights": weights,
-            "train_epochs": train_epochs,
-            "max_batch": 1 if no_batching else max_batch,
-            "max_wait_ms": max_wait_ms,
-            "max_concurrency": max_concurrency,
-            "max_samples_per_request": max_samples_per_request,
-            "max_message_bytes": max_message_bytes,
-            "torch_threads": torch_threads,
-            "tls_cert": tls_cert,
-            "tls_key": tls_key,
-            "client_ca": client_ca,
-            "crl": crl,
-            "registry_url": registry_url,
-        },
-        source="command line",
+    base = _server_config(config).inference.model_dump(exclude_unset=True)
+    flags: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "model": model,
+        "weights": weights,
+        "train_epochs": train_epochs,
+        "max_batch": 1 if no_batching else max_batch,
+        "max_wait_ms": max_wait_ms,
+        "max_concurrency": max_concurrency,
+        "max_samples_per_request": max_samples_per_request,
+        "max_message_bytes": max_message_bytes,
+        "crl": crl,
+        "registry_url": registry_url,
+    }
+    base.update({k: v for k, v in flags.items() if v is not None})
+    tls = {"cert_file": cert, "key_file": key, "ca_file": ca}
+    base["tls"] = {**base.get("tls", {}), **{k: v for k, v in tls.items() if v is not None}}
+    settings = validate_config(
+        InferenceServerConfig, base, source=f"{config or 'command line'} (inference)"
     )
 
     def ready(server: InferenceServer) -> None:
-        served = server.models[config.model]
+        served = server.models[settings.model]
         info = {
             "address": server.address,
-            "host": config.host,
+            "host": settings.host,
             "port": server.port,
             "model": served.name,
             "version": served.version,
             "heldout_accuracy": served.heldout_accuracy,
-            "max_batch": config.max_batch,
-            "max_samples_per_request": config.max_samples_per_request,
-            "tls": config.tls_cert is not None,
-            "mutual_tls": config.client_ca is not None,
+            "max_batch": settings.max_batch,
+            "max_samples_per_request": settings.max_samples_per_request,
+            "tls": settings.tls.cert_file is not None,
+            "mutual_tls": settings.tls.ca_file is not None,
         }
         if as_json:
             # One line, so a supervisor can read it with readline() while we keep running.
@@ -207,7 +233,7 @@ def inference(
             )
 
     serve(
-        config,
+        settings,
         on_ready=ready,
         progress=lambda what, done, total: error_console_print(f"[{done}/{total}] {what}"),
     )
@@ -218,7 +244,7 @@ def inference(
 
 def _server_config(config: Path | None) -> Any:
     from edgefl.config import load_config
-    from edgefl.server.serve import ServerConfig
+    from edgefl.server.config import ServerConfig
 
     return load_config(ServerConfig, config) if config is not None else ServerConfig()
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import ClassVar, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from edgefl.config import StrictModel
+from edgefl.config import RenameMap, StrictModel, TlsFiles
 from edgefl.server.fl.fleet_proxy import FleetProxyConfig
 from edgefl.server.fl.superlink import SuperLinkConfig
 from edgefl.server.fleet_ca import CRL_VALIDITY_DAYS
 from edgefl.server.ingest import IngestConfig
 from edgefl.server.registry.db import DEFAULT_DB_FILENAME
 
-__all__ = ["BrokerConfig", "ServerConfig", "ServerIngestConfig"]
+__all__ = ["BrokerConfig", "InferenceServerConfig", "ServerConfig", "ServerIngestConfig"]
 
 
 class BrokerConfig(StrictModel):
@@ -66,6 +67,69 @@ class ServerIngestConfig(IngestConfig):
     )
 
 
+class InferenceServerConfig(StrictModel):
+    """The gRPC inference service (``inference:`` section; ``edgefl server inference``).
+
+    See :mod:`edgefl.server.inference.service` for what each setting does.
+    """
+
+    renamed_keys: ClassVar[RenameMap] = {
+        "tls_cert": "tls.cert_file",
+        "tls_key": "tls.key_file",
+        "client_ca": "tls.ca_file",
+    }
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(0, ge=0, le=65535, description="Port; 0 picks a free one.")
+    model: str = Field("digits", min_length=1, description="Heavy model to serve.")
+    weights: Path | None = Field(
+        None, description="Weights cache folder; default ~/.cache/edgefl/inference."
+    )
+    train_epochs: int | None = Field(
+        None, ge=1, description="Epochs when the cache is empty; default: the recipe's."
+    )
+    max_batch: int = Field(32, ge=1, le=4096, description="Samples per forward pass; 1: off.")
+    max_wait_ms: float = Field(2.0, ge=0, le=100, description="Longest wait to fill a batch.")
+    max_concurrency: int = Field(256, ge=1, description="In-flight requests before refusing.")
+    max_samples_per_request: int = Field(
+        256,
+        ge=1,
+        le=65536,
+        description="Most samples one request may carry (INVALID_ARGUMENT past it), so one "
+        "request cannot hold the model for long.",
+    )
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=1024**3, description="Largest request or response."
+    )
+    torch_threads: int | None = Field(
+        1, ge=1, description="torch intra-op threads while serving; None leaves torch's."
+    )
+    tls: TlsFiles = Field(
+        default_factory=lambda: TlsFiles(),
+        description="cert_file/key_file: the server certificate (TLS); ca_file: the CA of "
+        "client certificates (mutual TLS).",
+    )
+    crl: Path | None = Field(None, description="CRL of tls.ca_file; revoked devices are refused.")
+    registry_url: str | None = Field(
+        None, description="Device registry (SQLAlchemy URL): unlisted devices are refused."
+    )
+    registry_ttl_s: float = Field(30.0, ge=0, description="How long registry answers are reused.")
+    grace_s: float = Field(2.0, ge=0, description="Time in-flight calls get when stopping.")
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> Self:
+        tls = self.tls
+        if (tls.cert_file is None) != (tls.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together: give both or neither")
+        if tls.ca_file is not None and tls.cert_file is None:
+            raise ValueError("tls.ca_file (mutual TLS) needs tls.cert_file and tls.key_file")
+        if self.crl is not None and tls.ca_file is None:
+            raise ValueError("crl needs tls.ca_file: revocation applies to client certificates")
+        if self.registry_url is not None and tls.ca_file is None:
+            raise ValueError("registry_url needs tls.ca_file: devices are known by certificate")
+        return self
+
+
 class ServerConfig(StrictModel):
     """``edgefl server start`` settings (YAML, TOML or JSON; unknown keys are errors)."""
 
@@ -95,6 +159,11 @@ class ServerConfig(StrictModel):
     )
     broker: BrokerConfig = Field(default_factory=lambda: BrokerConfig())
     ingest: ServerIngestConfig = Field(default_factory=lambda: ServerIngestConfig())
+    inference: InferenceServerConfig = Field(
+        default_factory=lambda: InferenceServerConfig(),
+        description="The gRPC inference service `edgefl server inference` runs (not "
+        "started by `edgefl server start`); its flags override this section.",
+    )
     restart_min_s: float = Field(1.0, gt=0, description="First restart delay of a child.")
     restart_max_s: float = Field(30.0, gt=0, description="Cap on the restart delay.")
     stable_after_s: float = Field(

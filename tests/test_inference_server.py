@@ -23,7 +23,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2
 
-from edgefl.config import validate_config
+from edgefl.config import RenamedKeyWarning, TlsFiles, config_renames, validate_config
 from edgefl.datasets import Dataset, load_dataset
 from edgefl.errors import ArtifactError, BadInputError, ConfigError, UnknownModelError
 from edgefl.proto import inference_pb2
@@ -610,12 +610,26 @@ def test_batches_respect_max_batch_in_arrival_order(
 
 
 def test_config_refuses_half_tls_settings(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="tls_cert and tls_key"):
-        validate_config(InferenceServerConfig, {"tls_cert": str(tmp_path / "c.pem")})
-    with pytest.raises(ConfigError, match="client_ca"):
+    with pytest.raises(ConfigError, match=r"tls.cert_file and tls.key_file"):
+        validate_config(InferenceServerConfig, {"tls": {"cert_file": str(tmp_path / "c.pem")}})
+    with pytest.raises(ConfigError, match=r"crl needs tls.ca_file"):
         validate_config(InferenceServerConfig, {"crl": str(tmp_path / "crl.pem")})
     with pytest.raises(ConfigError, match="max_batch"):
         validate_config(InferenceServerConfig, {"max_batch": 0})
+
+
+def test_config_accepts_the_old_tls_keys_with_a_warning(tmp_path: Path) -> None:
+    old = {"tls_cert": "s.pem", "tls_key": "s.key", "client_ca": "ca.pem"}
+    with pytest.warns(RenamedKeyWarning, match="tls_cert is renamed tls.cert_file"):
+        config = validate_config(InferenceServerConfig, old, source="server.yaml")
+    assert config.tls == TlsFiles(
+        cert_file=Path("s.pem"), key_file=Path("s.key"), ca_file=Path("ca.pem")
+    )
+    assert [r.new for r in config_renames(config)] == [
+        "tls.cert_file",
+        "tls.key_file",
+        "tls.ca_file",
+    ]
 
 
 @pytest.mark.slow
@@ -685,9 +699,11 @@ def tls_channel(tls_fleet: Fleet, address: str, device: IssuedCert | None) -> gr
 
 def mtls_config(tls_fleet: Fleet) -> InferenceServerConfig:
     return InferenceServerConfig(
-        tls_cert=tls_fleet.server.cert_path,
-        tls_key=tls_fleet.server.key_path,
-        client_ca=tls_fleet.ca.cert_path,
+        tls=TlsFiles(
+            cert_file=tls_fleet.server.cert_path,
+            key_file=tls_fleet.server.key_path,
+            ca_file=tls_fleet.ca.cert_path,
+        ),
         crl=tls_fleet.ca.crl_path,
     )
 
@@ -764,7 +780,7 @@ def test_revoked_device_is_refused_on_its_next_call(
 
 def test_server_only_tls(tls_fleet: Fleet, heavy: TorchServedModel) -> None:
     config = InferenceServerConfig(
-        tls_cert=tls_fleet.server.cert_path, tls_key=tls_fleet.server.key_path
+        tls=TlsFiles(cert_file=tls_fleet.server.cert_path, key_file=tls_fleet.server.key_path)
     )
     with (
         start_in_thread(config, models=[heavy]) as running,

@@ -29,6 +29,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from edgefl.cli import app
+from edgefl.config import TlsFiles
 from edgefl.edge_agent.offload import (
     CloudError,
     InferenceClient,
@@ -301,9 +302,7 @@ def tls_server(
     assert cert.key_path is not None
     config = InferenceServerConfig(
         model=MODEL,
-        tls_cert=cert.cert_path,
-        tls_key=cert.key_path,
-        client_ca=ca.cert_path,
+        tls=TlsFiles(cert_file=cert.cert_path, key_file=cert.key_path, ca_file=ca.cert_path),
         crl=ca.crl_path,
     )
     with start_in_thread(config, models=[_served(device)]) as running:

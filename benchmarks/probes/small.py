@@ -33,6 +33,7 @@ import grpc
 import numpy as np
 import yaml
 
+from edgefl.config import TlsFiles
 from edgefl.proto import inference_pb2
 from edgefl.proto.tensors import encode_tensor
 from edgefl.server.fleet_ca import FleetCA, IssuedCert
@@ -107,9 +108,9 @@ def inference_target(workdir: Path, *, weights: Path | None = None) -> Iterator[
     weights_dir = weights if weights is not None else workdir / "weights"
     model = load_or_train("digits", weights_dir, epochs=1)
     config = InferenceServerConfig(
-        tls_cert=server_cert.cert_path,
-        tls_key=server_cert.key_path,
-        client_ca=ca.cert_path,
+        tls=TlsFiles(
+            cert_file=server_cert.cert_path, key_file=server_cert.key_path, ca_file=ca.cert_path
+        ),
         crl=ca.crl_path,
     )
     with start_in_thread(config, models=[model]) as running:

@@ -15,11 +15,12 @@ Python API (what ``edgefl server inference``, tests and benchmarks use)::
   ``weights`` (cache folder; trained once if missing), ``train_epochs``, ``max_batch``
   (32; 1 = no batching), ``max_wait_ms`` (2), ``max_concurrency`` (in-flight requests,
   256), ``max_samples_per_request`` (256), ``max_message_bytes`` (4 MiB),
-  ``torch_threads`` (1), ``tls_cert``/``tls_key`` (server certificate, e.g.
-  ``FleetCA.issue_server_cert``), ``client_ca`` (require a client certificate from this
-  CA: mutual TLS), ``crl`` (refuse revoked devices; re-read
-  when the file changes), ``registry_url`` (refuse devices the fleet registry does not
-  list), ``grace_s`` (stop grace).
+  ``torch_threads`` (1), ``tls`` (:class:`~edgefl.config.TlsFiles`: ``cert_file`` and
+  ``key_file`` are the server certificate, e.g. ``FleetCA.issue_server_cert``;
+  ``ca_file`` requires a client certificate from this CA: mutual TLS; the old keys
+  ``tls_cert``/``tls_key``/``client_ca`` are accepted for one release), ``crl`` (refuse
+  revoked devices; re-read when the file changes), ``registry_url`` (refuse devices the
+  fleet registry does not list), ``grace_s`` (stop grace).
 - :class:`InferenceServer` (asyncio): ``await start()`` → bound port, ``await stop()``,
   ``await wait_for_termination()``; ``models=[...]`` serves given :class:`ServedModel`
   objects instead of loading ``config.model`` (tests inject a slow model this way).
@@ -52,17 +53,16 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, NoReturn, Self
+from typing import Any, Final, NoReturn
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2
-from pydantic import Field, model_validator
 
-from edgefl.config import StrictModel
 from edgefl.errors import BadInputError, ConfigError, EdgeflError, ExitCode
 from edgefl.proto import inference_pb2
 from edgefl.proto.tensors import TensorError, decode_tensor, encode_tensor
+from edgefl.server.config import InferenceServerConfig
 from edgefl.server.inference.auth import DeviceDirectory, PeerRefusedError, PeerVerifier
 from edgefl.server.inference.batcher import BatcherStats, ComputeAbandonedError, MicroBatcher
 from edgefl.server.inference.models import ServedModel, get_recipe, load_or_train
@@ -97,57 +97,6 @@ def default_weights_dir() -> Path:
 
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "edgefl" / "inference"
-
-
-class InferenceServerConfig(StrictModel):
-    """Settings of one inference server; see the module docstring."""
-
-    host: str = Field("127.0.0.1", description="Address to listen on.")
-    port: int = Field(0, ge=0, le=65535, description="Port; 0 picks a free one.")
-    model: str = Field("digits", min_length=1, description="Heavy model to serve.")
-    weights: Path | None = Field(
-        None, description="Weights cache folder; default ~/.cache/edgefl/inference."
-    )
-    train_epochs: int | None = Field(
-        None, ge=1, description="Epochs when the cache is empty; default: the recipe's."
-    )
-    max_batch: int = Field(32, ge=1, le=4096, description="Samples per forward pass; 1: off.")
-    max_wait_ms: float = Field(2.0, ge=0, le=100, description="Longest wait to fill a batch.")
-    max_concurrency: int = Field(256, ge=1, description="In-flight requests before refusing.")
-    max_samples_per_request: int = Field(
-        256,
-        ge=1,
-        le=65536,
-        description="Most samples one request may carry (INVALID_ARGUMENT past it), so one "
-        "request cannot hold the model for long.",
-    )
-    max_message_bytes: int = Field(
-        4 * 1024 * 1024, ge=1024, le=1024**3, description="Largest request or response."
-    )
-    torch_threads: int | None = Field(
-        1, ge=1, description="torch intra-op threads while serving; None leaves torch's."
-    )
-    tls_cert: Path | None = Field(None, description="Server certificate (PEM).")
-    tls_key: Path | None = Field(None, description="Server private key (PEM).")
-    client_ca: Path | None = Field(None, description="CA of client certificates: mutual TLS.")
-    crl: Path | None = Field(None, description="CRL of client_ca; revoked devices are refused.")
-    registry_url: str | None = Field(
-        None, description="Device registry (SQLAlchemy URL): unlisted devices are refused."
-    )
-    registry_ttl_s: float = Field(30.0, ge=0, description="How long registry answers are reused.")
-    grace_s: float = Field(2.0, ge=0, description="Time in-flight calls get when stopping.")
-
-    @model_validator(mode="after")
-    def _tls_consistent(self) -> Self:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together: give both or neither")
-        if self.client_ca is not None and self.tls_cert is None:
-            raise ValueError("client_ca (mutual TLS) needs tls_cert and tls_key")
-        if self.crl is not None and self.client_ca is None:
-            raise ValueError("crl needs client_ca: revocation applies to client certificates")
-        if self.registry_url is not None and self.client_ca is None:
-            raise ValueError("registry_url needs client_ca: devices are known by certificate")
-        return self
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -270,8 +219,8 @@ class InferenceServer:
         cfg = self.config
         if self._given_models is None:
             get_recipe(cfg.model)  # an unknown name fails before anything is bound
-        if cfg.client_ca is not None:
-            self._verifier = PeerVerifier(cfg.client_ca, cfg.crl)
+        if cfg.tls.ca_file is not None:
+            self._verifier = PeerVerifier(cfg.tls.ca_file, cfg.crl)
         if cfg.registry_url is not None:
             self._directory = DeviceDirectory(cfg.registry_url, ttl_s=cfg.registry_ttl_s)
         server = grpc.aio.server(
@@ -314,13 +263,14 @@ class InferenceServer:
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         target = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
         try:
-            if cfg.tls_cert is not None and cfg.tls_key is not None:
+            tls = cfg.tls
+            if tls.cert_file is not None and tls.key_file is not None:
                 creds = grpc.ssl_server_credentials(
-                    [(_read(cfg.tls_key, "TLS key"), _read(cfg.tls_cert, "TLS certificate"))],
+                    [(_read(tls.key_file, "TLS key"), _read(tls.cert_file, "TLS certificate"))],
                     root_certificates=(
-                        _read(cfg.client_ca, "client CA") if cfg.client_ca is not None else None
+                        _read(tls.ca_file, "client CA") if tls.ca_file is not None else None
                     ),
-                    require_client_auth=cfg.client_ca is not None,
+                    require_client_auth=tls.ca_file is not None,
                 )
                 port = server.add_secure_port(target, creds)
             else:
