@@ -75,9 +75,10 @@ import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from sqlalchemy.orm import Session
 
-from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender, status_topic
+from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender
 from edgefl.edge_agent.outbox import Outbox, OutboxItem, OutboxPolicy
 from edgefl.proto.serde import ENVELOPE_VERSION, Envelope, encode_envelope
+from edgefl.proto.topics import record_topic, status_topic
 from edgefl.server.ingest import Ingest, IngestConfig
 from edgefl.server.registry.models import Record
 from edgefl.testing import Mosquitto
@@ -174,7 +175,7 @@ class PahoCounter:
 def bench_raw_paho(port: int, payloads: list[bytes]) -> float:
     client = PahoCounter(port, f"raw-{uid()}")
     client.start()
-    topic = f"edgefl/bench/raw-{uid()}/data/x"
+    topic = record_topic("bench", f"raw-{uid()}", "data", "x")
     t0 = time.perf_counter()
     for payload in payloads:
         client.client.publish(topic, payload, qos=1)
@@ -209,7 +210,7 @@ def running_sender(
 def bench_outbox_e2e(port: int, workdir: Path, payloads: list[bytes], batch: int) -> float:
     """Records committed ``batch`` per transaction (one put per record if 1) while sent."""
     device = f"e2e-{uid()}"
-    topic = f"edgefl/bench/{device}/data/x"
+    topic = record_topic("bench", device, "data", "x")
     with (
         Outbox(workdir / f"{device}.db", device, OutboxPolicy()) as outbox,
         running_sender(port, outbox, device) as (_link, sender),
@@ -233,12 +234,13 @@ def bench_outbox_e2e(port: int, workdir: Path, payloads: list[bytes], batch: int
 def bench_enqueue(workdir: Path, single_n: int, batched_n: int, batch: int) -> dict[str, float]:
     payload = envelope("enq", 1)
     with Outbox(workdir / "enqueue-single.db", "enq", OutboxPolicy()) as outbox:
+        topic = record_topic("bench", "enq", "data", "x")
         t0 = time.perf_counter()
         for _ in range(single_n):
-            outbox.put("edgefl/bench/enq/data/x", payload)
+            outbox.put(topic, payload)
         single = single_n / (time.perf_counter() - t0)
     with Outbox(workdir / "enqueue-batched.db", "enq", OutboxPolicy()) as outbox:
-        items = [OutboxItem("edgefl/bench/enq/data/x", payload)] * batch
+        items = [OutboxItem(record_topic("bench", "enq", "data", "x"), payload)] * batch
         t0 = time.perf_counter()
         for _ in range(batched_n // batch):
             outbox.put_many(items)
@@ -248,7 +250,7 @@ def bench_enqueue(workdir: Path, single_n: int, batched_n: int, batch: int) -> d
 
 def bench_backlog(port: int, workdir: Path, n: int) -> float:
     device = f"backlog-{uid()}"
-    topic = f"edgefl/bench/{device}/data/x"
+    topic = record_topic("bench", device, "data", "x")
     with Outbox(workdir / f"{device}.db", device, OutboxPolicy()) as outbox:
         for start in range(0, n, 1000):
             outbox.put_many(
@@ -536,7 +538,7 @@ def child_naive(args: argparse.Namespace) -> None:
     client.client.loop_start()
     client.connected.wait(5)
     print("READY", flush=True)
-    topic = f"edgefl/{args.fleet}/{args.device}/telemetry/x"
+    topic = record_topic(args.fleet, args.device, "telemetry", "x")
     expected = 0
     seq = args.start_seq
     t0 = time.monotonic()
@@ -562,7 +564,7 @@ def child_outbox(args: argparse.Namespace) -> None:
     sender.start()
     link.wait_connected(5)
     print("READY", flush=True)
-    topic = f"edgefl/{args.fleet}/{args.device}/telemetry/x"
+    topic = record_topic(args.fleet, args.device, "telemetry", "x")
     t0 = time.monotonic()
     for i in range(int(args.rate * args.duration)):
         time.sleep(max(0.0, t0 + i / args.rate - time.monotonic()))
@@ -580,7 +582,7 @@ def child_publish(args: argparse.Namespace) -> None:
     names = [f"d{i:02d}" for i in range(args.devices)]
     payloads = [
         (
-            f"edgefl/{args.fleet}/{names[i % args.devices]}/telemetry/x",
+            record_topic(args.fleet, names[i % args.devices], "telemetry", "x"),
             envelope(names[i % args.devices], i + 1),
         )
         for i in range(args.n)
@@ -644,7 +646,7 @@ def child_fleet(args: argparse.Namespace) -> None:
             if when >= end:
                 continue
             seqs[i] += 1
-            topic = f"edgefl/{args.fleet}/{names[i]}/telemetry/x"
+            topic = record_topic(args.fleet, names[i], "telemetry", "x")
             info = clients[i].publish(topic, envelope(names[i], seqs[i]), qos=1)
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 published += 1

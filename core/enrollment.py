@@ -35,6 +35,8 @@ from edgefl.appsign import PINNED_KEYS_FILE, load_public_key
 from edgefl.config import StrictModel, format_validation_error
 from edgefl.errors import BadInputError
 from edgefl.files import write_text_atomic
+from edgefl.proto.ids import ID_REGEX
+from edgefl.proto.topics import cert_request_topic
 
 __all__ = [
     "IDENTITY_DIR",
@@ -53,7 +55,6 @@ __all__ = [
 
 IDENTITY_DIR = "identity"
 _DocT = TypeVar("_DocT", bound=StrictModel)
-_ID = r"^[A-Za-z0-9_-]{1,64}$"
 
 SERVICE_ID_PREFIX = "edgefl-"
 """Certificate CNs starting with this (any case) belong to the cloud services and operators.
@@ -85,7 +86,7 @@ INSTALL_CERT_COMMAND = "install-cert"
 
 def renewal_request_topic(fleet: str, device_id: str) -> str:
     """Where a device publishes its :class:`RenewalRequest` (QoS 1, not retained)."""
-    return f"edgefl/{fleet}/{device_id}/cert/request"
+    return cert_request_topic(fleet, device_id)
 
 
 class EnrollmentRequest(StrictModel):
@@ -93,8 +94,8 @@ class EnrollmentRequest(StrictModel):
 
     kind: Literal["edgefl-enrollment-request"] = "edgefl-enrollment-request"
     version: Literal[1] = 1
-    device_id: str = Field(pattern=_ID)
-    fleet: str = Field(pattern=_ID)
+    device_id: str = Field(pattern=ID_REGEX)
+    fleet: str = Field(pattern=ID_REGEX)
     csr_pem: str = Field(description="PEM CSR of the device's TLS key, subject CN = device_id.")
     node_public_key: str = Field(
         description="The Flower node public key, one OpenSSH line (ecdsa-sha2-nistp384 ...)."
@@ -114,8 +115,8 @@ class EnrollmentBundle(StrictModel):
 
     kind: Literal["edgefl-enrollment-bundle"] = "edgefl-enrollment-bundle"
     version: Literal[1] = 1
-    device_id: str = Field(pattern=_ID)
-    fleet: str = Field(pattern=_ID)
+    device_id: str = Field(pattern=ID_REGEX)
+    fleet: str = Field(pattern=ID_REGEX)
     cert_pem: str = Field(description="The device certificate the fleet CA issued.")
     ca_pem: str = Field(description="The fleet CA certificate (MQTT broker, gRPC, SuperLink).")
     cert_serial: str = Field(description="Serial of cert_pem, hexadecimal.")
@@ -145,7 +146,7 @@ class RenewalRequest(StrictModel):
 
     kind: Literal["edgefl-cert-request"] = "edgefl-cert-request"
     version: Literal[1] = 1
-    request_id: str = Field(pattern=_ID, description="Echoed back in the install command.")
+    request_id: str = Field(pattern=ID_REGEX, description="Echoed back in the install command.")
     csr_pem: str = Field(max_length=8192, description="PEM CSR, subject CN = device id.")
 
 

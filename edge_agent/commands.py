@@ -70,16 +70,9 @@ from edgefl.edge_agent.mqtt_link import InboundMessage
 from edgefl.edge_agent.outbox import Outbox, OutboxFullError, RecordTooLargeError
 
 # The command wire format (topics, ids, building a command) is a contract the server
-# shares; it lives in edgefl.proto.commands and stays importable from here.
-from edgefl.proto.commands import (
-    _ID,
-    CommandError,
-    _check_correlation_id,
-    command_filter,
-    command_topic,
-    make_command,
-    response_topic,
-)
+# shares; it lives in edgefl.proto and stays importable from here.
+from edgefl.proto.commands import CommandError, check_correlation_id, make_command
+from edgefl.proto.ids import check_id, is_id
 from edgefl.proto.serde import (
     ENVELOPE_VERSION,
     JSON_CONTENT_TYPE,
@@ -89,6 +82,7 @@ from edgefl.proto.serde import (
     decode_envelope,
     encode_envelope,
 )
+from edgefl.proto.topics import command_filter, command_topic, response_topic
 
 __all__ = [
     "COMMANDS_FILE",
@@ -197,7 +191,7 @@ def parse_command(topic: str, payload: bytes, device_id: str) -> ParsedCommand:
         CommandError: Anything is wrong; the message says what.
     """
     levels = topic.split("/")
-    if len(levels) != 5 or levels[3] != "cmd" or not _ID.fullmatch(levels[4]):
+    if len(levels) != 5 or levels[3] != "cmd" or not is_id(levels[4]):
         raise CommandError(f"not a command topic: {topic!r}")
     name = levels[4]
     try:
@@ -220,7 +214,7 @@ def parse_command(topic: str, payload: bytes, device_id: str) -> ParsedCommand:
     missing = sorted(_BODY_KEYS - set(body))
     if unknown or missing:
         raise CommandError(f"body has unknown key(s) {unknown} / missing key(s) {missing}")
-    cid = _check_correlation_id(body["correlation_id"])
+    cid = check_correlation_id(body["correlation_id"])
     expires = body["expires_at_ms"]
     if isinstance(expires, bool) or not isinstance(expires, int):
         raise CommandError("expires_at_ms must be an integer")
@@ -233,7 +227,7 @@ def _salvage_correlation_id(payload: bytes) -> str | None:
     """The correlation id of a malformed command, if one can be read safely."""
     try:
         body = json.loads(decode_envelope(payload).body)
-        return _check_correlation_id(body["correlation_id"])
+        return check_correlation_id(body["correlation_id"])
     except (EnvelopeError, CommandError, ValueError, TypeError, KeyError):
         return None
 
@@ -297,15 +291,14 @@ class CommandProcessor:
         """Add a command.
 
         Args:
-            name: Command name, ``[A-Za-z0-9_-]{1,64}``.
+            name: Command name, an id (:mod:`edgefl.proto.ids`).
             handler: Takes ``args``, returns the ``result`` object; raise to answer
                 ``ok: false`` with the error text.
 
         Raises:
             ValueError: The name is invalid or already registered.
         """
-        if not _ID.fullmatch(name):
-            raise ValueError(f"command name {name!r} does not match [A-Za-z0-9_-]{{1,64}}")
+        check_id(name, "command name")
         if name in self._handlers:
             raise ValueError(f"command {name!r} is already registered")
         self._handlers[name] = handler

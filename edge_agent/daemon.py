@@ -39,7 +39,6 @@ from edgefl.config import StrictModel
 from edgefl.edge_agent.commands import (
     CommandError,
     CommandProcessor,
-    command_filter,
     ping_handler,
     set_rate_handler,
     status_handler,
@@ -47,7 +46,7 @@ from edgefl.edge_agent.commands import (
 from edgefl.edge_agent.datastore import SAMPLES_FILE, LocalDataStore, Sample
 from edgefl.edge_agent.fl.supernode import TELEMETRY_DIR, SuperNodeSupervisor, TrainingConfig
 from edgefl.edge_agent.identity import CertRenewer
-from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender, status_topic
+from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender
 from edgefl.edge_agent.offload.config import OffloadConfig
 from edgefl.edge_agent.outbox import (
     Outbox,
@@ -69,6 +68,8 @@ from edgefl.enrollment import INSTALL_CERT_COMMAND
 from edgefl.errors import BadInputError
 from edgefl.files import write_text_atomic
 from edgefl.procs import pid_alive
+from edgefl.proto.ids import ID_REGEX
+from edgefl.proto.topics import command_filter, record_topic, status_topic
 
 __all__ = ["STATUS_FILE", "Agent", "AgentConfig", "read_status"]
 
@@ -76,14 +77,13 @@ logger = logging.getLogger(__name__)
 
 STATUS_FILE = "agent-status.json"
 OUTBOX_FILE = "outbox.db"
-_ID = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class AgentConfig(StrictModel):
     """The agent's one config file (YAML). Unknown keys are errors."""
 
-    device_id: str = Field(pattern=_ID, description="This device's id (its certificate CN).")
-    fleet: str = Field("default", pattern=_ID, description="Fleet the device belongs to.")
+    device_id: str = Field(pattern=ID_REGEX, description="This device's id (its certificate CN).")
+    fleet: str = Field("default", pattern=ID_REGEX, description="Fleet the device belongs to.")
     state_dir: Path = Field(description="Where the outbox and status file live.")
     encoding: Literal["json", "protobuf"] = Field(
         "json", description="Envelope encoding on the wire (json is readable by mosquitto_sub)."
@@ -217,7 +217,7 @@ class Agent:
 
     def topic_for(self, record: SourceRecord) -> str:
         """``edgefl/{fleet}/{device}/{kind}/{stream}``."""
-        return f"edgefl/{self.config.fleet}/{self.config.device_id}/{record.kind}/{record.stream}"
+        return record_topic(self.config.fleet, self.config.device_id, record.kind, record.stream)
 
     def _item(self, record: SourceRecord) -> OutboxItem:
         """An outbox item whose payload is the envelope, encoded once the seq is known."""

@@ -25,6 +25,7 @@ import numpy.typing as npt
 from pydantic import Field, model_validator
 
 from edgefl.config import StrictModel
+from edgefl.proto.ids import ID_REGEX
 
 __all__ = [
     "DataSource",
@@ -76,7 +77,7 @@ class DatasetReplayConfig(StrictModel):
     dataset: Literal["digits", "mnist5k", "breast-cancer"] = "digits"
     split: Literal["train", "test"] = "train"
     rate_hz: float = Field(1.0, gt=0, le=10_000, description="Samples per second.")
-    stream: str = Field("samples", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    stream: str = Field("samples", pattern=ID_REGEX)
     kind: Literal["data", "telemetry"] = "data"
     partition: int | None = Field(
         None, ge=0, description="Replay only this Dirichlet partition (with num_partitions)."

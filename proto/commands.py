@@ -1,4 +1,4 @@
-"""The command wire format: topics, ids and building a command message.
+"""The command wire format: correlation ids and building a command message.
 
 The server (certificate renewal, the admin CLI) builds commands and the device agent
 (:mod:`edgefl.edge_agent.commands`) parses and answers them, so the format is a contract
@@ -8,12 +8,12 @@ between the two and lives here, below both. See ``docs/fleet-contract.md``.
 from __future__ import annotations
 
 import math
-import re
 import time
 import uuid
 from typing import Any, Final, Literal
 
 from edgefl.errors import BadInputError
+from edgefl.proto.ids import ID_PATTERN, is_id
 from edgefl.proto.serde import (
     JSON_CONTENT_TYPE,
     Envelope,
@@ -21,41 +21,39 @@ from edgefl.proto.serde import (
     canonical_json_body,
     encode_envelope,
 )
+from edgefl.proto.topics import command_filter, command_topic, response_topic
 
 __all__ = [
+    "CORRELATION_ID_MAX_LEN",
     "CommandError",
+    "check_correlation_id",
     "command_filter",
     "command_topic",
     "make_command",
     "response_topic",
 ]
 
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_CORRELATION_MAX: Final = 128
+CORRELATION_ID_MAX_LEN: Final = 128
+"""Longest correlation id (it is a topic level of the response)."""
 
 
 class CommandError(BadInputError):
     """A command message is malformed, or a command's arguments are invalid."""
 
 
-def command_topic(fleet: str, device_id: str, name: str) -> str:
-    """``edgefl/{fleet}/{device}/cmd/{name}``."""
-    return f"edgefl/{fleet}/{device_id}/cmd/{name}"
+def check_correlation_id(value: object) -> str:
+    """Return ``value`` if it is a usable correlation id.
 
+    It becomes the last level of the response topic, so it is 1 to 128 characters with no
+    ``+``, ``#``, ``/`` or control character.
 
-def command_filter(fleet: str, device_id: str) -> str:
-    """The subscription that receives every command of a device: ``.../cmd/+``."""
-    return f"edgefl/{fleet}/{device_id}/cmd/+"
-
-
-def response_topic(fleet: str, device_id: str, correlation_id: str) -> str:
-    """``edgefl/{fleet}/{device}/cmd-resp/{correlation_id}``."""
-    return f"edgefl/{fleet}/{device_id}/cmd-resp/{correlation_id}"
-
-
-def _check_correlation_id(value: object) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= _CORRELATION_MAX:
-        raise CommandError(f"correlation_id must be a string of 1..{_CORRELATION_MAX} characters")
+    Raises:
+        CommandError: It is not.
+    """
+    if not isinstance(value, str) or not 1 <= len(value) <= CORRELATION_ID_MAX_LEN:
+        raise CommandError(
+            f"correlation_id must be a string of 1..{CORRELATION_ID_MAX_LEN} characters"
+        )
     # It becomes a topic level: no wildcards, separators or control characters.
     if any(c in value for c in "+#/") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
         raise CommandError(f"correlation_id {value!r} contains '+', '#', '/' or control characters")
@@ -82,7 +80,7 @@ def make_command(
     Args:
         fleet: Fleet of the device.
         device: Target device id.
-        name: Command name, ``[A-Za-z0-9_-]{1,64}``.
+        name: Command name, an id (:mod:`edgefl.proto.ids`).
         args: JSON object of arguments.
         ttl_s: Seconds from now until the command expires.
         correlation_id: Id of this request; a random one when ``None``. Reuse it only to
@@ -97,13 +95,13 @@ def make_command(
         CommandError: A name, id or argument is invalid.
     """
     for label, value in (("fleet", fleet), ("device", device), ("name", name)):
-        if not _ID.fullmatch(value):
-            raise CommandError(f"{label} {value!r} does not match [A-Za-z0-9_-]{{1,64}}")
+        if not is_id(value):
+            raise CommandError(f"{label} {value!r} does not match {ID_PATTERN}")
     if not isinstance(args, dict):
         raise CommandError("args must be a JSON object")
     if not math.isfinite(ttl_s):
         raise CommandError("ttl_s must be finite")
-    cid = _check_correlation_id(correlation_id if correlation_id is not None else uuid.uuid4().hex)
+    cid = check_correlation_id(correlation_id if correlation_id is not None else uuid.uuid4().hex)
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     body = {"correlation_id": cid, "expires_at_ms": now + int(ttl_s * 1000), "args": args}
     try:

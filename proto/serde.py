@@ -1,7 +1,8 @@
-"""The one module that touches protobuf: the MQTT payload envelope and its two encodings.
+"""The MQTT payload envelope and its two encodings (the only code that touches its protobuf).
 
 Everything else in edgefl works on :class:`Envelope`, a frozen dataclass of plain Python
-values. Two wire encodings exist (see ``proto/envelope.proto``):
+values (the inference contract's tensors have their own module, :mod:`edgefl.proto.tensors`).
+Two wire encodings exist (see ``proto/envelope.proto``):
 
 * ``"protobuf"``: the binary ``edgefl.v1.Envelope`` message (compact);
 * ``"json"``: one UTF-8 JSON object that ``mosquitto_sub`` shows as text::
@@ -10,7 +11,8 @@ values. Two wire encodings exist (see ``proto/envelope.proto``):
        "kind":"telemetry","content_type":"application/json","body":{"temp":21.5}}
 
   ``body`` is the JSON value itself when ``content_type`` is ``application/json`` and a
-  base64 string otherwise.
+  base64 string otherwise. The version is the key ``v`` here (the protobuf field is
+  ``version``); every key is required except ``incarnation``, which version 1 omits.
 
 Two envelope versions exist and both are read. Version 2 (:data:`ENVELOPE_VERSION`, what
 devices write) carries the *incarnation* of the sending outbox: 128 random bits created
@@ -44,6 +46,7 @@ from google.protobuf.message import DecodeError
 
 from edgefl.errors import BadInputError
 from edgefl.proto import envelope_pb2
+from edgefl.proto.ids import ID_PATTERN, is_id
 
 __all__ = [
     "ENVELOPE_VERSION",
@@ -56,6 +59,7 @@ __all__ = [
     "decode_envelope",
     "encode_envelope",
     "new_incarnation",
+    "salvage_json_body",
 ]
 
 ENVELOPE_VERSION: Final = 2
@@ -76,7 +80,6 @@ PUBLISH with PUBACK reason 0x95, which paho 2.2 cannot parse, so the client drop
 connection and sends the message again on every reconnect. The device's outbox refuses
 such a record when it is put (``edgefl.edge_agent.outbox.RecordTooLargeError``)."""
 
-_DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _INCARNATION = re.compile(r"[0-9a-f]{32}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Lone (unpaired) surrogates: valid in a Python str, but not encodable as UTF-8, so a
@@ -116,7 +119,7 @@ class Envelope:
 
     Attributes:
         version: Envelope schema version, one of :data:`ENVELOPE_VERSIONS`.
-        device_id: Sender, ``[A-Za-z0-9_-]{1,64}``; equals the topic's ``{device}``.
+        device_id: Sender, an id (:mod:`edgefl.proto.ids`); equals the topic's ``{device}``.
         seq: Sequence number within the incarnation, ``1 <= seq < 2**64``;
             ``(device_id, incarnation, seq)`` is the idempotency key.
         ts_ms: Creation time on the device, Unix milliseconds, ``0 < ts_ms < 2**63``.
@@ -157,10 +160,8 @@ class Envelope:
             raise EnvelopeError(
                 f"incarnation {self.incarnation[:40]!r} is not 32 lowercase hex digits"
             )
-        if not isinstance(self.device_id, str) or not _DEVICE_ID.fullmatch(self.device_id):
-            raise EnvelopeError(
-                f"device_id {self.device_id!r} does not match [A-Za-z0-9_-]{{1,64}}"
-            )
+        if not is_id(self.device_id):
+            raise EnvelopeError(f"device_id {self.device_id!r} does not match {ID_PATTERN}")
         _check_int("seq", self.seq)
         if not 1 <= self.seq <= _UINT64_MAX:
             raise EnvelopeError(f"seq {self.seq} is out of range (1 .. 2**64-1)")
@@ -290,6 +291,32 @@ def decode_envelope(payload: bytes) -> Envelope:
         raise EnvelopeError(f"undecodable payload: {type(exc).__name__}: {exc}"[:500]) from exc
 
 
+def salvage_json_body(payload: bytes) -> dict[str, Any] | None:
+    """The JSON object body of a payload that may not be a valid envelope, if readable.
+
+    For a consumer that answers even a malformed message (a command whose correlation id
+    can still be read, see ``edgefl.edge_agent.commands``): the payload is parsed as
+    :func:`decode_envelope` parses it (the same limits on size, depth and integers) but
+    the envelope's own fields are not checked. A JSON envelope's ``body`` must be an
+    object inline; a protobuf envelope's ``body`` must be UTF-8 JSON of an object.
+
+    Returns:
+        The body object, or ``None`` when there is none to read. Never raises.
+    """
+    try:
+        payload = bytes(payload)
+        if payload.lstrip(_WHITESPACE)[:1] == b"{":
+            document = _strict_json_loads(payload)
+            body = document.get("body") if isinstance(document, dict) else None
+        else:
+            message = envelope_pb2.Envelope()
+            message.ParseFromString(payload)
+            body = _strict_json_loads(message.body) if message.body else None
+    except (EnvelopeError, DecodeError, ValueError, TypeError, OverflowError, RecursionError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
 def _from_protobuf(payload: bytes) -> Envelope:
     message = envelope_pb2.Envelope()
     try:
@@ -327,7 +354,10 @@ def _from_json(payload: bytes) -> Envelope:
     keys = _JSON_KEYS_V2 if document.get("v") == 2 else _JSON_KEYS
     unknown = sorted(set(document) - set(keys))
     if unknown:
-        raise EnvelopeError(f"JSON envelope has unknown key(s) {unknown}")
+        hint = ""
+        if "version" in unknown and "v" not in document:
+            hint = " (the version key is 'v'; 'version' is the protobuf field's name)"
+        raise EnvelopeError(f"JSON envelope has unknown key(s) {unknown}{hint}")
     missing = [key for key in keys if key not in document]
     if missing:
         raise EnvelopeError(f"JSON envelope is missing key(s) {missing}")

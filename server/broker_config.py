@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import string
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from edgefl.errors import ConfigError
+from edgefl.proto.ids import ID_PATTERN, is_id
 from edgefl.proto.serde import MAX_ENVELOPE_BYTES
+from edgefl.proto.topics import ROOT, device_prefix
 
 __all__ = [
     "DEVICE_READS",
@@ -63,9 +64,8 @@ DEVICE_READS = ("cmd/#", "state/desired")
 """What a device may receive, under ``edgefl/<fleet>/<device>/`` (a renewed certificate
 comes as ``cmd/install-cert``)."""
 
-_OPERATOR_CN = re.compile(r"edgefl-op-[A-Za-z0-9_-]{1,54}")
-# The fleet contract's id syntax (device ids and fleets); the service prefix is no device.
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_OPERATOR_PREFIX = "edgefl-op-"
+# The service prefix is no device.
 _SERVICE_PREFIX = "edgefl-"
 
 
@@ -99,15 +99,15 @@ def device_acl_block(device_id: str, fleet: str) -> str:
 
     Raises:
         ConfigError: The device id or fleet is not an id of the fleet contract
-            (``[A-Za-z0-9_-]{1,64}``; a device id must not take the ``edgefl-`` service
+            (:mod:`edgefl.proto.ids`; a device id must not take the ``edgefl-`` service
             prefix).
     """
     # A newline, space or wildcard in a name would add ACL lines or topics of its own.
-    if _ID.fullmatch(device_id) is None or device_id.startswith(_SERVICE_PREFIX):
+    if not is_id(device_id) or device_id.startswith(_SERVICE_PREFIX):
         raise ConfigError(f"{device_id!r} is not a device id the ACL can name")
-    if _ID.fullmatch(fleet) is None:
-        raise ConfigError(f"{fleet!r} (fleet of {device_id!r}) is not a fleet id")
-    base = f"edgefl/{fleet}/{device_id}/"
+    if not is_id(fleet):
+        raise ConfigError(f"{fleet!r} (fleet of {device_id!r}) is not a fleet id ({ID_PATTERN})")
+    base = f"{device_prefix(fleet, device_id)}/"
     lines = [f"user {device_id}"]
     lines += [f"topic write {base}{rest}" for rest in DEVICE_WRITES]
     lines += [f"topic read {base}{rest}" for rest in DEVICE_READS]
@@ -149,9 +149,10 @@ def render_acl(
     ]
     for name in sorted(set(operators)):
         # A newline or space in a name would add ACL lines of its own.
-        if _OPERATOR_CN.fullmatch(name) is None:
+        # An operator CN is an id (at most 64 characters in all) with the operator prefix.
+        if not (name.startswith(_OPERATOR_PREFIX) and name != _OPERATOR_PREFIX and is_id(name)):
             raise ConfigError(f"{name!r} is not an operator identity (edgefl-op-NAME)")
-        blocks.append(f"user {name}\ntopic read edgefl/#\n")
+        blocks.append(f"user {name}\ntopic read {ROOT}/#\n")
     return text.rstrip("\n") + "\n\n" + "\n".join(blocks) if blocks else text
 
 

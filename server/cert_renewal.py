@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import ssl
 import threading
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from sqlalchemy import Engine
 from edgefl.enrollment import INSTALL_CERT_COMMAND, RenewalRequest, renewal_request_topic
 from edgefl.errors import EdgeflError
 from edgefl.proto.commands import make_command
+from edgefl.proto.topics import ANY, cert_request_filter, split_topic
 from edgefl.server.enrollment import renew_device_cert
 from edgefl.server.fleet_ca import FleetCA
 
@@ -59,14 +59,13 @@ log = logging.getLogger(__name__)
 INSTALL_COMMAND: Final = INSTALL_CERT_COMMAND
 """The command that carries a renewed certificate to the device."""
 
-_TOPIC = re.compile(r"edgefl/([A-Za-z0-9_-]{1,64})/([A-Za-z0-9_-]{1,64})/cert/request")
 _MAX_REQUEST_BYTES: Final = 16 * 1024
 _ANSWER_TTL_S: Final = 24 * 3600.0
 
 
-def request_filter(fleet: str = "+") -> str:
+def request_filter(fleet: str = ANY) -> str:
     """The topic filter the service subscribes to."""
-    return f"edgefl/{fleet}/+/cert/request"
+    return cert_request_filter(fleet)
 
 
 class CertRenewalService:
@@ -199,11 +198,11 @@ class CertRenewalService:
         Returns:
             Whether a certificate was sent.
         """
-        match = _TOPIC.fullmatch(topic)
-        if match is None or retained:
+        parts = split_topic(topic)
+        if parts is None or parts.rest != ("cert", "request") or retained:
             # The ACL lets no device retain here anyway; an old retained request is stale.
             return self._refuse(topic, "not a renewal topic, or retained")
-        fleet, device_id = match.group(1), match.group(2)
+        fleet, device_id = parts.fleet, parts.device_id
         if len(payload) > _MAX_REQUEST_BYTES:
             return self._refuse(topic, f"request of {len(payload)} bytes")
         try:

@@ -45,7 +45,6 @@ import fcntl
 import ipaddress
 import json
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +59,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edgefl.enrollment import SERVICE_ID_PREFIX, refuse_service_id
 from edgefl.errors import BadInputError, ConfigError
 from edgefl.files import write_bytes_atomic
+from edgefl.proto.ids import ID_RE, ID_SYNTAX
 
 __all__ = [
     "CERTS_IDENTITY",
@@ -83,8 +83,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-"""What a device id (and so a certificate CN and an MQTT username) may look like."""
+DEVICE_ID_PATTERN = ID_RE
+"""What a device id (and so a certificate CN and an MQTT username) may look like: an id of
+the fleet contract (:mod:`edgefl.proto.ids`)."""
 
 CRL_VALIDITY_DAYS = 30
 """Days a CRL signed here is valid (its nextUpdate)."""
@@ -120,7 +121,7 @@ _STATE_VERSION = 1
 
 
 def validate_device_id(device_id: str) -> str:
-    """Check that ``device_id`` is ``[A-Za-z0-9_-]{1,64}``.
+    """Check that ``device_id`` is an id of the fleet contract (:mod:`edgefl.proto.ids`).
 
     Args:
         device_id: The id to check.
@@ -134,7 +135,7 @@ def validate_device_id(device_id: str) -> str:
     if not isinstance(device_id, str) or DEVICE_ID_PATTERN.fullmatch(device_id) is None:
         raise BadInputError(
             f"invalid device id {device_id!r}",
-            hint="use 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'",
+            hint=f"use {ID_SYNTAX}",
         )
     return device_id
 
@@ -413,7 +414,7 @@ class FleetCA:
         certificate over the old files; the old certificate stays valid until revoked.
 
         Args:
-            device_id: ``[A-Za-z0-9_-]{1,64}``; also the device's MQTT username.
+            device_id: An id (:mod:`edgefl.proto.ids`); also the device's MQTT username.
             days: Validity of the certificate.
             csr: A request made on the device, so the key never leaves it. Its subject CN
                 must be ``device_id`` and its signature must verify. Without one, the CA
@@ -471,7 +472,8 @@ class FleetCA:
         access to ``edgefl/#`` and nothing else, so nobody needs a service's key.
 
         Args:
-            name: The operator's name, ``[A-Za-z0-9_-]{1,54}``.
+            name: The operator's name: an id of at most 54 characters, so that the CN
+                ``edgefl-op-<name>`` is an id too.
             days: Validity of the certificate.
 
         Returns:

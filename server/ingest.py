@@ -61,6 +61,7 @@ from sqlalchemy.orm import Session
 
 from edgefl.config import StrictModel
 from edgefl.errors import ConfigError
+from edgefl.proto.ids import ID_PATTERN, ID_REGEX, is_id
 from edgefl.proto.serde import (
     JSON_CONTENT_TYPE,
     MAX_ENVELOPE_BYTES,
@@ -68,6 +69,7 @@ from edgefl.proto.serde import (
     EnvelopeError,
     decode_envelope,
 )
+from edgefl.proto.topics import ANY, RECORD_KINDS, ROOT, device_prefix
 from edgefl.server.registry.db import default_database_url, make_engine, session_factory
 from edgefl.server.registry.db import upgrade as upgrade_registry
 from edgefl.server.registry.models import (
@@ -89,11 +91,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_SEGMENT = r"[A-Za-z0-9_-]{1,64}"
-_SEGMENT_CHARS: Final = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
-)
-_STREAM_KINDS: Final = frozenset({"telemetry", "data", "result"})
+_STREAM_KINDS: Final = RECORD_KINDS
 _INT64_MAX: Final = 2**63 - 1
 # The hot path writes through the tables (SQLAlchemy Core), not the ORM classes: the ORM's
 # bulk-insert machinery costs more per row than the INSERT itself.
@@ -155,7 +153,7 @@ class IngestConfig(StrictModel):
     broker_port: int = Field(1883, ge=1, le=65535, description="MQTT broker TCP port.")
     client_id: str = Field(
         "edgefl-ingest",
-        pattern=rf"^{_SEGMENT}$",
+        pattern=ID_REGEX,
         description="MQTT client id; the broker keeps the persistent session under it, so "
         "a restarted ingest must reuse it to receive what was published meanwhile.",
     )
@@ -177,7 +175,7 @@ class IngestConfig(StrictModel):
     migrate: bool = Field(True, description="Run the alembic migrations to head at start.")
     fleet: str = Field(
         "+",
-        pattern=rf"^(\+|{_SEGMENT})$",
+        pattern=rf"^(\+|{ID_PATTERN})$",
         description="Fleet to subscribe to, or '+' for every fleet.",
     )
     max_payload_bytes: int = Field(
@@ -226,7 +224,7 @@ def subscription_topics(fleet: str = "+") -> list[str]:
     Returns:
         The MQTT topic filters.
     """
-    base = f"edgefl/{fleet}/+"
+    base = device_prefix(fleet, ANY)
     return [
         f"{base}/telemetry/#",
         f"{base}/data/#",
@@ -308,18 +306,16 @@ class _RejectedError(Exception):
         self.detail = detail
 
 
-def _is_segment(text: str) -> bool:
-    return 1 <= len(text) <= 64 and all(c in _SEGMENT_CHARS for c in text)
-
-
 def _parse_topic(topic: str) -> tuple[str, str, list[str]]:
     """Split ``edgefl/{fleet}/{device}/...`` and check it is a topic the ingest reads."""
     parts = topic.split("/")
-    if len(parts) < 4 or parts[0] != "edgefl":
+    if len(parts) < 4 or parts[0] != ROOT:
         raise _RejectedError("bad_topic", f"topic {topic!r} is not edgefl/{{fleet}}/{{device}}/...")
     fleet, device, rest = parts[1], parts[2], parts[3:]
-    if not _is_segment(fleet) or not _is_segment(device):
-        raise _RejectedError("bad_topic", f"fleet/device segments of {topic!r} must be {_SEGMENT}")
+    if not is_id(fleet) or not is_id(device):
+        raise _RejectedError(
+            "bad_topic", f"fleet/device segments of {topic!r} must be {ID_PATTERN}"
+        )
     head = rest[0]
     valid = (
         (head in _STREAM_KINDS and len(rest) >= 2 and all(rest[1:]))

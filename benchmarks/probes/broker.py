@@ -44,6 +44,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefl.proto.serde import MAX_ENVELOPE_BYTES, Envelope, encode_envelope
+from edgefl.proto.topics import device_prefix
 from edgefl.server.fleet_ca import (
     COMMANDS_IDENTITY,
     INGEST_IDENTITY,
@@ -166,7 +167,7 @@ class BrokerLab:
         self.clients.clear()
 
     def topic(self, device: str, rest: str) -> str:
-        return f"edgefl/{self.fleet}/{device}/{rest}"
+        return f"{device_prefix(self.fleet, device)}/{rest}"
 
     def broker_log(self) -> str:
         return self.broker.log_path.read_text(encoding="utf-8", errors="replace")

@@ -75,6 +75,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefl.proto.serde import ENVELOPE_VERSION, Envelope, encode_envelope, new_incarnation
+from edgefl.proto.topics import device_prefix
 from edgefl.server.fleet_ca import SERVER_IDENTITY, FleetCA, IssuedCert
 from edgefl.server.ingest import IngestConfig
 from edgefl.server.registry import DeadLetter, Device, Enrollment, Record, make_engine, upgrade
@@ -140,7 +141,7 @@ class FleetDevice:
 
     def topic(self, rest: str, fleet: str | None = None) -> str:
         """``edgefl/{fleet}/{name}/{rest}`` (its enrolled fleet unless given)."""
-        return f"edgefl/{fleet or self.fleet}/{self.name}/{rest}"
+        return f"{device_prefix(fleet or self.fleet, self.name)}/{rest}"
 
 
 class MqttDevice:

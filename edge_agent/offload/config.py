@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from edgefl.config import StrictModel
+from edgefl.proto.ids import ID_REGEX
 
 from .estimators import Statistic
 
@@ -129,6 +130,6 @@ class OffloadConfig(PolicyConfig):
     breaker: BreakerConfig = Field(default_factory=lambda: BreakerConfig())
     result_stream: str = Field(
         "predict",
-        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        pattern=ID_REGEX,
         description="Stream name in the result topic edgefl/{fleet}/{device}/result/{stream}.",
     )

@@ -41,6 +41,7 @@ from edgefl.proto.serde import (
     canonical_json_body,
     encode_envelope,
 )
+from edgefl.proto.topics import record_topic
 
 from .breaker import CircuitBreaker
 from .client import CloudError, InferenceClient
@@ -458,7 +459,7 @@ class Predictor:
     @property
     def result_topic(self) -> str:
         """``edgefl/{fleet}/{device}/result/{stream}``."""
-        return f"edgefl/{self.fleet}/{self.device_id}/result/{self.config.result_stream}"
+        return record_topic(self.fleet, self.device_id, "result", self.config.result_stream)
 
     def _emit(self, results: Sequence[PredictionResult]) -> None:
         if self.outbox is None or not results:
