@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-__all__ = ["free_port", "port_open"]
+__all__ = ["dial_host", "free_port", "port_open"]
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -21,3 +21,11 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def dial_host(host: str) -> str:
+    """Where to connect to reach a listener bound to ``host`` on this machine.
+
+    A wildcard address (``0.0.0.0``, ``::`` or empty) is not dialable: loopback is.
+    """
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host

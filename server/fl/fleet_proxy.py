@@ -42,26 +42,23 @@ So devices authenticate with Flower's node authentication only.
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import logging
 import os
 import re
 import shutil
 import signal
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from pydantic import Field
 
 from edgefl.config import StrictModel
 from edgefl.errors import ConfigError, ServiceUnavailableError
 from edgefl.files import write_text_atomic
-from edgefl.netutil import port_open
-from edgefl.procs import end_process_group
+from edgefl.netutil import dial_host, port_open
+from edgefl.process import ManagedProcess, ProcessNotReadyError, last_log_line
+from edgefl.resources import deploy_path
 
 __all__ = [
     "FLEET_ROUTES",
@@ -155,18 +152,12 @@ class ProxyTLS:
 
 
 def default_template_path() -> Path:
-    """The shipped ``deploy/nginx/fleet-proxy.conf.template``.
+    """The shipped ``deploy/nginx/fleet-proxy.conf.template`` (from ``edgefl/deploy``).
 
     Raises:
-        ConfigError: It is not there (a wheel install does not ship ``deploy/``).
+        ConfigError: It is not there (an install without its package data).
     """
-    path = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "fleet-proxy.conf.template"
-    if not path.is_file():
-        raise ConfigError(
-            f"nginx template not found at {path}",
-            hint="use a source checkout, or pass template= explicitly",
-        )
-    return path
+    return deploy_path("nginx", "fleet-proxy.conf.template")
 
 
 def _location(path: str, upstream: str) -> str:
@@ -273,10 +264,6 @@ def render_proxy_config(
     return text
 
 
-def _dial_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
 class FleetProxy:
     """One nginx running the Fleet API proxy (see the module docstring).
 
@@ -339,8 +326,7 @@ class FleetProxy:
             user=user,
         )
         write_text_atomic(self.conf_path, text)
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self._proc: ManagedProcess | None = None
         self._cert_stamp = self._tls_stamp()
 
     @property
@@ -369,7 +355,7 @@ class FleetProxy:
 
     def running(self) -> bool:
         """Whether the master process is alive."""
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and self._proc.running()
 
     def start(self) -> None:
         """Start nginx and wait until it accepts connections.
@@ -380,64 +366,44 @@ class FleetProxy:
         """
         if self.running():
             return
-        self._reap()
-        dial = _dial_host(self.listen_host)
+        dial = dial_host(self.listen_host)
         if port_open(dial, self.port):
             raise FleetProxyError(
                 f"fleet proxy port {self.address} is already in use",
                 hint="stop what listens there or choose another superlink.port",
             )
-        self._log = self.stdout_log.open("ab")
-        self._proc = subprocess.Popen(
+        # Its own process group: its workers go with it; Ctrl-C is ours to handle.
+        self._proc = ManagedProcess(
             self.command(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            self.stdout_log,
+            name="nginx",
             cwd=self.workdir,
-            start_new_session=True,  # its workers go with it; Ctrl-C is ours to handle
+            error_logs=(self.error_log,),
         )
-        log.info("started nginx pid %d on %s", self._proc.pid, self.address)
+        pid = self._proc.start()
+        log.info("started nginx pid %d on %s", pid, self.address)
         self._cert_stamp = self._tls_stamp()
-        deadline = time.monotonic() + self.config.startup_timeout_s
-        while not port_open(dial, self.port):
-            code = self._proc.poll()
-            if code is not None:
-                raise FleetProxyError(
-                    f"nginx exited with code {code} at start-up: {self.last_error()}",
-                    hint=f"see {self.error_log}",
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise FleetProxyError(
-                    f"nginx did not listen on {self.address} within "
-                    f"{self.config.startup_timeout_s:g} s",
-                    hint=f"see {self.error_log}",
-                )
-            time.sleep(0.05)
+        try:
+            self._proc.wait_for_port(dial, self.port, self.config.startup_timeout_s)
+        except ProcessNotReadyError as exc:
+            raise FleetProxyError(
+                exc.message.replace(f"listen on {dial}:{self.port}", f"listen on {self.address}"),
+                hint=exc.hint,
+            ) from None
 
     def stop(self) -> None:
-        """SIGTERM nginx's process group (fast shutdown), SIGKILL after 10 s; reap it."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            end_process_group(self._proc.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(5.0)
-        # A master killed with -9 leaves its workers running, holding the port: they are
-        # still in its group (start_new_session made the master its leader).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, signal.SIGKILL)
-            # Their listening socket closes only when they are gone.
-            deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline:
-                os.killpg(self._proc.pid, 0)  # ProcessLookupError once the group is empty
-                time.sleep(0.02)
-        self._reap()
+        """SIGTERM nginx's process group (fast shutdown), SIGKILL after 10 s; reap it.
+
+        A master killed with -9 leaves its workers running, holding the port: they are
+        still in its group, and are killed and waited for too.
+        """
+        if self._proc is not None:
+            self._proc.stop(10.0)
 
     def reload(self) -> None:
         """SIGHUP: nginx re-reads its config and certificates without dropping connections."""
         if self.running() and self._proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._proc.pid, signal.SIGHUP)
+            self._proc.send_signal(signal.SIGHUP)
             log.info("nginx pid %d reloads its certificates", self._proc.pid)
 
     def reload_if_certificates_changed(self) -> bool:
@@ -467,21 +433,6 @@ class FleetProxy:
                 out.append((0, 0))
         return tuple(out)
 
-    def _reap(self) -> None:
-        if self._proc is not None and self._proc.poll() is not None:
-            self._proc = None
-        if self._proc is None and self._log is not None:
-            self._log.close()
-            self._log = None
-
     def last_error(self) -> str:
         """The last line of nginx's error log (or of its stdout)."""
-        for path in (self.error_log, self.stdout_log):
-            try:
-                lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-            except OSError:
-                continue
-            lines = [ln.strip() for ln in lines if ln.strip()]
-            if lines:
-                return lines[-1]
-        return ""
+        return last_log_line(self.error_log, self.stdout_log)

@@ -25,17 +25,14 @@ the server host.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
@@ -43,6 +40,7 @@ from edgefl.config import StrictModel
 from edgefl.errors import ConfigError, ServiceUnavailableError
 from edgefl.federation import FederationPlan
 from edgefl.netutil import free_port, port_open
+from edgefl.process import ManagedProcess, ProcessNotReadyError, last_log_line
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -62,6 +60,8 @@ log = logging.getLogger(__name__)
 
 CONNECTION = "edgefl"
 """Name of the one connection in the private ``FLWR_HOME``."""
+_ERROR_WORDS = ("ERROR", "Error", "Failed", "error:", "refused")
+"""What marks a line of a Flower log that names why it failed."""
 
 
 class SuperLinkError(ServiceUnavailableError):
@@ -147,8 +147,7 @@ class SuperLink:
         self.port = config.port or free_port(config.host)
         self.database = config.database or self.workdir / "superlink.db"
         self.log_path = self.workdir / "superlink.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self._proc: ManagedProcess | None = None
         if not config.insecure and config.certfile is None:
             raise ConfigError(
                 "superlink: TLS needs certfile, keyfile and ca_file",
@@ -213,77 +212,45 @@ class SuperLink:
                 f"port {self.address} is already in use",
                 hint="stop what listens there or choose another superlink.port",
             )
-        self._log = self.log_path.open("ab")
-        self._proc = subprocess.Popen(
+        # Its own process group: its ServerApp subprocesses go with it.
+        self._proc = ManagedProcess(
             self.command(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            self.log_path,
+            name="flower-superlink",
             env=flower_env(self.home),
             cwd=self.workdir,
-            start_new_session=True,  # its ServerApp subprocesses go with it
+            causes=_ERROR_WORDS,
         )
-        log.info("started flower-superlink pid %d on %s", self._proc.pid, self.address)
-        deadline = time.monotonic() + self.config.startup_timeout_s
-        while not port_open(self.config.host, self.port):
-            code = self._proc.poll()
-            if code is not None:
-                raise SuperLinkError(
-                    f"flower-superlink exited with code {code} at start-up: {self.last_error()}",
-                    hint=f"see {self.log_path}",
-                )
-            if time.monotonic() > deadline:
-                self.kill()
-                raise SuperLinkError(
-                    f"flower-superlink did not listen on {self.address} within "
-                    f"{self.config.startup_timeout_s:g} s",
-                    hint=f"see {self.log_path}",
-                )
-            time.sleep(0.1)
+        pid = self._proc.start()
+        log.info("started flower-superlink pid %d on %s", pid, self.address)
+        try:
+            self._proc.wait_for_port(
+                self.config.host, self.port, self.config.startup_timeout_s, interval=0.1
+            )
+        except ProcessNotReadyError as exc:
+            raise SuperLinkError(exc.message, hint=exc.hint) from None
 
     def running(self) -> bool:
         """Whether the process is alive."""
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and self._proc.running()
 
     def exit_code(self) -> int | None:
         """Its exit code once it has exited (``None`` while running or never started)."""
         return self._proc.poll() if self._proc is not None else None
 
-    def _signal_group(self, sig: int) -> None:
-        if self._proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._proc.pid, sig)
-
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds (its whole process group)."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._signal_group(signal.SIGKILL)
-                self._proc.wait()
-        self._signal_group(signal.SIGKILL)  # leftover ServerApp subprocesses
-        self._close_log()
+        if self._proc is not None:
+            self._proc.stop(timeout)  # and its leftover ServerApp subprocesses
 
     def kill(self) -> None:
         """SIGKILL the process group at once (a crash, for fault tests)."""
-        if self._proc is None:
-            return
-        self._signal_group(signal.SIGKILL)
-        self._proc.wait()
-        self._close_log()
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if self._proc is not None:
+            self._proc.kill()
 
     def last_error(self) -> str:
         """The last line of its log that reads like an error (or the last line)."""
-        return last_log_line(self.log_path)
+        return last_log_line(self.log_path, causes=_ERROR_WORDS)
 
     def admin(self) -> FlowerAdmin:
         """A :class:`FlowerAdmin` for this SuperLink."""
@@ -300,25 +267,6 @@ class SuperLink:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def last_log_line(path: Path, max_bytes: int = 64 * 1024) -> str:
-    """The last error-looking line of a Flower log (ANSI colours removed)."""
-    import re
-
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - max_bytes))
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln]
-    for line in reversed(lines):
-        if any(w in line for w in ("ERROR", "Error", "Failed", "error:", "refused")):
-            return line
-    return lines[-1] if lines else ""
 
 
 class FlowerAdmin:
