@@ -11,18 +11,49 @@ Splits are stratified and seeded, so every component sees the same held-out set.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
 from edgefl.errors import BadInputError
 
-__all__ = ["DATASETS", "Dataset", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "MODELS_BY_DATASET",
+    "MODEL_DATASET",
+    "Dataset",
+    "default_model",
+    "load_dataset",
+]
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 
-DATASETS: tuple[str, ...] = ("breast-cancer", "digits", "mnist5k")
+MODELS_BY_DATASET: Final[dict[str, tuple[str, ...]]] = {
+    "breast-cancer": ("cancer-mlp",),
+    "digits": ("digits-cnn", "digits-mlp"),
+    "mnist5k": ("mnist-cnn",),
+}
+"""Every bundled dataset and the zoo models built for it, the dataset's default first.
+
+The one table of which model fits which data. It holds names only, so a federation plan
+or a scenario validates without importing torch; ``edgefl.zoo`` builds the models and
+reads each model's dataset from here (a test pins the zoo's names to this table).
+"""
+
+DATASETS: Final[tuple[str, ...]] = tuple(MODELS_BY_DATASET)
+"""The bundled datasets' names."""
+
+MODEL_DATASET: Final[dict[str, str]] = {
+    model: dataset for dataset, models in MODELS_BY_DATASET.items() for model in models
+}
+"""Zoo model name -> the dataset it is built for (derived from :data:`MODELS_BY_DATASET`)."""
+
+
+def default_model(dataset: str) -> str:
+    """The zoo model a plan trains on ``dataset`` when it names none."""
+    return MODELS_BY_DATASET[dataset][0]
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 
 This module is the one place that the server (``edgefl.server.fl``), the device-side
 ClientApp (``edgefl.edge_agent.fl.clientapp``) and the simulation runner
-(``edgefl.simulations``) share. It imports only pydantic and the standard library, so the
-ClientApp (which Flower starts in a new process for every message) stays light; Flower's
+(``edgefl.simulations``) share. It imports only pydantic, the standard library and the
+name tables of ``edgefl.datasets`` (no torch: a plan names zoo models without building
+them), so the ClientApp (which Flower starts in a new process for every message) stays
+light; Flower's
 RDP accountant is imported only when a plan with central DP and ``max_epsilon`` is
 validated (:func:`central_dp_budget`: a plan whose first round would already pass
 ``max_epsilon`` is refused, naming what would fit).
@@ -14,7 +16,12 @@ Public API
 :class:`FederationPlan`
     Everything a run needs, validated once (unknown keys and bad values give a
     :class:`~edgefl.errors.ConfigError` naming the key path). Build it with
-    :func:`load_plan` (dict, e.g. a TOML table) or ``FederationPlan(...)``.
+    :func:`load_plan` (dict, e.g. a TOML table), ``edgefl.config.load_config`` (a file)
+    or ``FederationPlan(...)``. A simulation scenario is the same file plus a
+    ``[simulation]`` table, which the plan ignores (with a log line); keys of the older
+    scenario layout (``[data]``, ``[training]``, ``[privacy]``, ``share``, ``speed``, ...)
+    are still read, each with a warning naming its new key. :func:`keys_table` renders
+    the keys, types, defaults and meanings (the README's table).
     ``plan.to_flat()`` / ``FederationPlan.from_flat()`` convert to and from a flat
     ``{"dp.target_epsilon": 8.0, ...}`` dict that fits a Flower ``run_config`` (the
     ``[tool.flwr.app.config]`` table of a deployment); lists travel as JSON strings.
@@ -42,7 +49,10 @@ Public API
 
 :func:`profile_for`
     The :class:`DeviceProfile` of a partition (profiles are assigned by ``fraction`` in
-    partition-id order).
+    partition-id order, each group's stragglers after the rest: :func:`expand_profiles`).
+
+:data:`STRATEGY_PARAMS`, :data:`STRATEGIES`
+    The strategy names and the ``[strategy]`` parameters each takes.
 
 Privacy accounting (decided here, implemented by the ClientApp)
 ===============================================================
@@ -97,13 +107,15 @@ Device profiles (simulation)
 ============================
 
 ``compute_speed`` < 1 makes a device sleep ``train_time * (1/speed - 1)`` after training
-(a slow device); ``dropout`` is the probability that the device fails a train message,
-drawn from ``Random((seed, partition_id, round))`` so runs are reproducible.
+(a slow device; a straggler uses ``straggler_speed``); ``dropout`` is the probability that
+the device fails a train message, drawn from ``Random((seed, partition_id, round))`` so
+runs are reproducible. Real devices (no partition id) ignore the profiles.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -111,14 +123,16 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from edgefl.config import StrictModel, validate_config
+from edgefl.datasets import DATASETS, MODEL_DATASET, default_model
 from edgefl.errors import ConfigError
+from edgefl.files import SAFE_NAME_PATTERN
 
 if TYPE_CHECKING:
     from flwr.serverapp import RdpAccountant
 
 __all__ = [
-    "DATASET_MODELS",
     "STRATEGIES",
+    "STRATEGY_PARAMS",
     "CentralDPBudget",
     "CentralDPPlan",
     "ClientInstructions",
@@ -132,32 +146,35 @@ __all__ = [
     "central_dp_budget",
     "central_dp_epsilon",
     "device_id_for",
+    "expand_profiles",
+    "keys_table",
     "load_plan",
     "profile_for",
 ]
 
-StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"]
-STRATEGIES: Final[tuple[str, ...]] = (
-    "fedavg",
-    "fedprox",
-    "fedadam",
-    "fedmedian",
-    "fedtrimmedavg",
-)
-
-DATASET_MODELS: Final[dict[str, str]] = {
-    "digits": "digits-cnn",
-    "mnist5k": "mnist-cnn",
-    "breast-cancer": "cancer-mlp",
+STRATEGY_PARAMS: Final[dict[str, frozenset[str]]] = {
+    "fedavg": frozenset(),
+    "fedprox": frozenset({"proximal_mu"}),
+    "fedadam": frozenset({"eta", "eta_l", "beta_1", "beta_2", "tau"}),
+    "fedmedian": frozenset(),
+    "fedtrimmedavg": frozenset({"trim_beta"}),
 }
-"""The default zoo model of each bundled dataset (``edgefl.zoo`` holds the models; it is
-not imported here because it needs torch)."""
+"""The one list of strategy names, with the ``[strategy]`` parameters each takes. They
+wrap Flower's strategies of the same name (``edgefl.server.fl.strategy`` builds them)."""
+
+STRATEGIES: Final[tuple[str, ...]] = tuple(STRATEGY_PARAMS)
+
+log = logging.getLogger(__name__)
+
+
+def _renamed(old: str, new: str) -> None:
+    log.warning("%s: renamed to %s; the old name is accepted until the next release", old, new)
 
 
 class DPPlan(StrictModel):
     """Local (record-level) differential privacy: Opacus DP-SGD on every device."""
 
-    enabled: bool = Field(True, description="Train with DP-SGD (False: plain SGD).")
+    enabled: bool = Field(True, description="Train with DP-SGD (false: plain SGD).")
     target_epsilon: float = Field(8.0, gt=0, description="ε each device reaches after all rounds.")
     delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee.")
     max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clip C.")
@@ -166,6 +183,16 @@ class DPPlan(StrictModel):
         gt=0,
         description="A device refuses to train past this ε (default: target_epsilon).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "device_epsilon_cap" in data:
+            data = dict(data)
+            if "epsilon_cap" not in data:
+                _renamed("dp.device_epsilon_cap", "dp.epsilon_cap")
+                data["epsilon_cap"] = data.pop("device_epsilon_cap")
+        return data
 
     @property
     def cap(self) -> float:
@@ -176,10 +203,10 @@ class DPPlan(StrictModel):
 class CentralDPPlan(StrictModel):
     """Central (user-level) DP: Flower's client-side fixed clipping + RdpAccountant."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="Add central DP on the server (needs fedavg).")
     noise_multiplier: float = Field(1.0, gt=0, description="z of the Gaussian mechanism.")
     clipping_norm: float = Field(1.0, gt=0, description="Clip of each device's update.")
-    delta: float = Field(1e-5, gt=0, lt=1)
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the central accountant.")
     max_epsilon: float | None = Field(
         None, gt=0, description="The run stops before a round would pass this ε."
     )
@@ -188,7 +215,7 @@ class CentralDPPlan(StrictModel):
 class StrategyPlan(StrictModel):
     """Aggregation strategy (one of Flower's) and its parameters."""
 
-    name: StrategyName = "fedavg"
+    name: str = Field("fedavg", description=f"One of: {', '.join(STRATEGIES)}.")
     proximal_mu: float = Field(0.0, ge=0, description="FedProx μ (client-side proximal term).")
     eta: float = Field(0.01, gt=0, description="FedAdam server learning rate.")
     eta_l: float = Field(0.1, gt=0, description="FedAdam client learning rate (informative).")
@@ -197,76 +224,239 @@ class StrategyPlan(StrictModel):
     tau: float = Field(1e-3, gt=0, description="FedAdam τ.")
     trim_beta: float = Field(0.2, ge=0, lt=0.5, description="FedTrimmedAvg cut per tail.")
 
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        key = value.lower()
+        if key not in STRATEGY_PARAMS:
+            raise ValueError(f"unknown strategy {value!r}; choose one of: {', '.join(STRATEGIES)}")
+        return key
+
     @model_validator(mode="after")
     def _check(self) -> StrategyPlan:
+        allowed = STRATEGY_PARAMS[self.name]
+        # A parameter left at its default is no choice (a plan read back from a
+        # run_config carries every parameter).
+        changed = sorted(
+            key
+            for key, info in type(self).model_fields.items()
+            if key != "name" and key not in allowed and getattr(self, key) != info.default
+        )
+        if changed:
+            takes = ", ".join(sorted(allowed)) or "none"
+            raise ValueError(f"{changed} do not apply to {self.name!r} (it takes: {takes})")
         if self.name == "fedprox" and self.proximal_mu <= 0:
             raise ValueError("fedprox needs proximal_mu > 0")
         return self
 
 
 class DeviceProfile(StrictModel):
-    """How a simulated device behaves; ``fraction`` of the devices get this profile."""
+    """How a group of simulated devices behaves; ``fraction`` of the devices get it.
 
+    Within the group, ``straggler_fraction`` of the devices run at ``straggler_speed``
+    instead of ``compute_speed`` (a straggler the round timeout may cut off). Only
+    simulated devices (partition ids) emulate a profile; a real device ignores it.
+    """
+
+    name: str | None = Field(None, min_length=1, max_length=64, description="Group name.")
     fraction: float | None = Field(
-        None, gt=0, le=1, description="Share of devices (default: an equal split)."
+        None, gt=0, le=1, description="Share of the devices (default: an equal split)."
     )
     compute_speed: float = Field(1.0, gt=0, le=1, description="1 = full speed, 0.25 = 4x slower.")
     dropout: float = Field(0.0, ge=0, le=1, description="Probability of failing a round.")
+    straggler_fraction: float = Field(
+        0.0, ge=0, le=1, description="Share of this group that straggles."
+    )
+    straggler_speed: float = Field(
+        0.1, gt=0, le=1, description="compute_speed of the group's stragglers."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("share" in data or "speed" in data):
+            data = dict(data)
+            for old, new in (("share", "fraction"), ("speed", "compute_speed")):
+                if old in data and new not in data:
+                    _renamed(f"profiles.{old}", f"profiles.{new}")
+                    data[new] = data.pop(old)
+        return data
+
+
+_SCENARIO_SECTIONS = ("scenario", "data", "training", "privacy")
+"""Sections of the scenario format before the plan and the scenario became one file."""
+
+
+def _upgrade_old_layout(data: dict[str, Any]) -> dict[str, Any]:
+    """A plan in today's keys from the older scenario layout, each move logged.
+
+    ``[scenario]``, ``[data]`` and ``[training]`` keys became top-level keys,
+    ``training.strategy`` / ``strategy_params`` became the ``[strategy]`` table,
+    ``[privacy]`` became ``[dp]``, a ``[central_dp]`` table switched central DP on, and
+    ``simulation.node_wait_s`` / ``round_timeout_s`` became top-level keys. The derived
+    values the old layout implied (wait for every device, train every sampled one, a
+    30 s node wait) are filled in, so an old file runs as it did.
+    """
+    out = dict(data)
+    old_layout = isinstance(out.get("data"), dict) or isinstance(out.get("training"), dict)
+
+    def move(old: str, new: str, value: Any) -> None:
+        _renamed(old, new)
+        if new in out:
+            raise ValueError(f"{old} and {new} are the same key: give only {new}")
+        out[new] = value
+
+    simulation = out.get("simulation")
+    if isinstance(simulation, dict):
+        simulation = dict(simulation)
+        for key in ("node_wait_s", "round_timeout_s"):
+            if key in simulation:
+                move(f"simulation.{key}", key, simulation.pop(key))
+        out["simulation"] = simulation
+    if not any(isinstance(out.get(s), dict) for s in _SCENARIO_SECTIONS):
+        return out
+    for section in ("scenario", "data", "training"):
+        table = out.pop(section, None)
+        if not isinstance(table, dict):
+            if table is not None:
+                out[section] = table  # not a table: let validation name it
+            continue
+        for key, value in table.items():
+            if section == "data" and key == "min_samples_per_device":
+                log.warning("data.min_samples_per_device: no longer used; ignored")
+            elif section == "training" and key == "strategy":
+                _renamed("training.strategy", "strategy.name")
+                out["strategy"] = {**out.get("strategy", {}), "name": value}
+            elif section == "training" and key == "strategy_params" and isinstance(value, dict):
+                _renamed("training.strategy_params", "the [strategy] table")
+                out["strategy"] = {**out.get("strategy", {}), **value}
+            else:
+                move(f"{section}.{key}", key, value)
+    if "privacy" in out:
+        move("privacy", "dp", out.pop("privacy"))
+    if not old_layout:
+        return out
+    central = out.get("central_dp")
+    if isinstance(central, dict) and "enabled" not in central:
+        log.warning("central_dp: the table alone no longer switches it on; add enabled = true")
+        out["central_dp"] = {"enabled": True, **central}
+    devices = out.get("num_devices")
+    if isinstance(devices, int):
+        out.setdefault("min_available_nodes", devices)
+        share = out.get("fraction_train", 1.0)
+        if isinstance(share, int | float):
+            out.setdefault("min_train_nodes", max(1, math.floor(devices * share)))
+    evaluate = out.get("fraction_evaluate", 0.0)
+    if isinstance(evaluate, int | float):
+        out.setdefault("min_evaluate_nodes", 1 if evaluate > 0 else 0)
+    out.setdefault("node_wait_s", 30.0)
+    return out
 
 
 class FederationPlan(StrictModel):
-    """Everything one federated run needs. See the module docstring."""
+    """Everything one federated run needs. See the module docstring.
 
-    dataset: Literal["digits", "mnist5k", "breast-cancer"] = "digits"
-    model: str | None = Field(None, description="Zoo model (default: the dataset's).")
-    num_devices: int = Field(10, ge=1, le=10_000)
-    dirichlet_alpha: float = Field(0.5, gt=0)
-    seed: int = Field(0, ge=0)
-    rounds: int = Field(10, ge=1, le=10_000)
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    strategy: StrategyPlan = Field(default_factory=StrategyPlan)
-    fraction_train: float = Field(1.0, gt=0, le=1)
-    fraction_evaluate: float = Field(0.0, ge=0, le=1)
-    min_train_nodes: int = Field(2, ge=1)
-    min_evaluate_nodes: int = Field(1, ge=0)
-    min_available_nodes: int = Field(2, ge=1)
+    A simulation scenario is a plan plus a ``[simulation]`` table
+    (``edgefl.simulations.scenario.Scenario``); the plan itself ignores that table, so
+    ``edgefl server train --plan`` runs a scenario file as it is.
+    """
+
+    name: str | None = Field(
+        None,
+        pattern=SAFE_NAME_PATTERN,
+        description="Short name (letters, digits, `. _ -`); a scenario needs one (reports).",
+    )
+    description: str = Field("", description="One or two sentences for reports.")
+    dataset: str = Field("digits", description=f"Bundled dataset: {' | '.join(DATASETS)}.")
+    model: str | None = Field(
+        None, description="Zoo model built for the dataset (default: the dataset's first)."
+    )
+    num_devices: int = Field(
+        10,
+        ge=1,
+        le=10_000,
+        description="Devices (partitions of the data); central DP's population size.",
+    )
+    dirichlet_alpha: float = Field(
+        0.5, gt=0, description="Dirichlet label-skew of the partitions; smaller is more non-IID."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the split, the partitions and the model.")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Held-out share of the dataset (server-side evaluation)."
+    )
+    rounds: int = Field(10, ge=1, le=10_000, description="Planned federated rounds.")
+    local_epochs: int = Field(1, ge=1, description="Local epochs per round.")
+    batch_size: int = Field(16, ge=1, description="Expected batch size (Poisson under DP).")
+    lr: float = Field(0.1, gt=0, description="Local learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Local SGD momentum.")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Local optimiser.")
+    strategy: StrategyPlan = Field(
+        default_factory=StrategyPlan, description="Aggregation strategy and its parameters."
+    )
+    fraction_train: float = Field(
+        1.0, gt=0, le=1, description="Share of the connected devices trained per round."
+    )
+    fraction_evaluate: float = Field(
+        0.0, ge=0, le=1, description="Share of devices for federated evaluation (0: off)."
+    )
+    min_train_nodes: int = Field(2, ge=1, description="Fewest devices a round trains.")
+    min_evaluate_nodes: int = Field(1, ge=0, description="Fewest devices a round evaluates.")
+    min_available_nodes: int = Field(
+        2, ge=1, description="Devices that must be connected before a round starts."
+    )
     node_wait_s: float = Field(60.0, ge=0, description="Bounded wait for min_available_nodes.")
     round_timeout_s: float = Field(600.0, gt=0, description="Per-round reply timeout.")
     select_by_budget: bool = Field(True, description="Never select devices out of ε budget.")
     select_by_capability: bool = Field(
         True, description="Prefer fast devices (reported profile, past round times)."
     )
-    dp: DPPlan = Field(default_factory=DPPlan)
-    central_dp: CentralDPPlan = Field(default_factory=CentralDPPlan)
-    profiles: list[DeviceProfile] = Field(default_factory=lambda: [DeviceProfile()])
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="Held-out share (server eval).")
+    dp: DPPlan = Field(default_factory=DPPlan, description="Device-level DP-SGD.")
+    central_dp: CentralDPPlan = Field(
+        default_factory=CentralDPPlan, description="Central DP on the server."
+    )
+    profiles: list[DeviceProfile] = Field(
+        default_factory=lambda: [DeviceProfile()],
+        description="Emulated device groups (`[[profiles]]`; simulated devices only).",
+    )
     _central_budget: CentralDPBudget | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_file_layout(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = _upgrade_old_layout(data)
+        if cls is FederationPlan and "simulation" in data:
+            log.warning("[simulation] is for `edgefl simulate` only; the plan ignores it")
+            data = {k: v for k, v in data.items() if k != "simulation"}
+        return data
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset {value!r}; choose one of: {', '.join(DATASETS)}")
+        return value
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        from edgefl.zoo import MODELS  # torch import only where the plan is validated
-
-        if value not in MODELS:
-            raise ValueError(f"unknown model; choose one of: {', '.join(sorted(MODELS))}")
+        if value is not None and value not in MODEL_DATASET:
+            raise ValueError(f"unknown model; choose one of: {', '.join(sorted(MODEL_DATASET))}")
         return value
+
+    @field_validator("profiles", mode="before")
+    @classmethod
+    def _one_table_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationPlan:
-        if self.model is not None:
-            from edgefl.zoo import get_spec
-
-            if get_spec(self.model).dataset != self.dataset:
-                raise ValueError(
-                    f"model {self.model!r} is for dataset {get_spec(self.model).dataset!r}, "
-                    f"not {self.dataset!r}"
-                )
+        if self.model is not None and MODEL_DATASET[self.model] != self.dataset:
+            raise ValueError(
+                f"model {self.model!r} is built for dataset {MODEL_DATASET[self.model]!r}, "
+                f"not {self.dataset!r}"
+            )
         if self.min_available_nodes > self.num_devices:
             raise ValueError(
                 f"min_available_nodes ({self.min_available_nodes}) > num_devices "
@@ -283,6 +473,9 @@ class FederationPlan(StrictModel):
             raise ValueError("profiles: give a fraction for every profile or for none")
         if given and not math.isclose(sum(given), 1.0, abs_tol=1e-6):
             raise ValueError(f"profiles: fractions must sum to 1 (got {sum(given):.4g})")
+        names = [p.name for p in self.profiles if p.name is not None]
+        if len(set(names)) != len(names):
+            raise ValueError(f"profiles: names must be unique, got {names}")
         if self.central_dp.enabled and self.strategy.name != "fedavg":
             raise ValueError("central_dp needs strategy.name = 'fedavg' (Flower's accountant)")
         self._central_budget = central_dp_budget(self)
@@ -300,7 +493,7 @@ class FederationPlan(StrictModel):
     @property
     def model_name(self) -> str:
         """The zoo model (the dataset's default when ``model`` is not set)."""
-        return self.model or DATASET_MODELS[self.dataset]
+        return self.model or default_model(self.dataset)
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
         """A flat ``run_config``-style dict: nested keys dotted, lists as JSON strings.
@@ -346,10 +539,21 @@ class FederationPlan(StrictModel):
         return load_plan(nested, source=source)
 
     def plan_key(self) -> str:
-        """A short stable fingerprint of the plan (devices keep σ per plan key)."""
+        """A short stable fingerprint of the plan (devices keep σ per plan key).
+
+        The name and description do not count, nor a profile's name and straggler keys
+        while no device straggles (keys newer than the fingerprint: a plan that could be
+        written before keeps its key, so a resumed run keeps its σ).
+        """
         import hashlib
 
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        data = self.model_dump(mode="json", exclude={"name", "description"})
+        for profile in data["profiles"]:
+            if profile["name"] is None:
+                del profile["name"]
+            if profile["straggler_fraction"] == 0:
+                del profile["straggler_fraction"], profile["straggler_speed"]
+        text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -506,9 +710,90 @@ def load_plan(data: Any, source: str = "plan") -> FederationPlan:
     return validate_config(FederationPlan, data, source=source)
 
 
+def _type_name(annotation: Any) -> str:
+    """A config type as a reader writes it: ``int``, ``float or unset``, ``sgd | adam``."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Literal:
+        return " | ".join(str(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return f"{_type_name(args[0])} or unset"
+    return {str: "string", int: "int", float: "float", bool: "bool"}.get(annotation, "table")
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return "unset"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def keys_table(model: type[StrictModel], prefix: str = "") -> str:
+    """A Markdown table of a config model's keys (key, type, default, meaning).
+
+    Nested tables are flattened to dotted keys (``dp.target_epsilon``), a list of tables
+    to ``profiles[].fraction``; the meaning is each field's description. The README's key
+    tables are this function's output (a test keeps them equal).
+    """
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(cls: type[StrictModel], pre: str) -> None:
+        import typing
+
+        for name, info in cls.model_fields.items():
+            ann = info.annotation
+            inner = typing.get_args(ann)[0] if typing.get_origin(ann) is list else None
+            if isinstance(ann, type) and issubclass(ann, StrictModel):
+                walk(ann, f"{pre}{name}.")
+                continue
+            if isinstance(inner, type) and issubclass(inner, StrictModel):
+                walk(inner, f"{pre}{name}[].")
+                continue
+            default = "required" if info.is_required() else _toml_value(info.get_default())
+            cells = [f"`{pre}{name}`", _type_name(ann), default, info.description or ""]
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+
+    walk(model, prefix)
+    return "\n".join(rows) + "\n"
+
+
 def device_id_for(partition_id: int) -> str:
     """The stable device name of a simulated partition: ``sim-007``."""
     return f"sim-{partition_id:03d}"
+
+
+def expand_profiles(profiles: list[DeviceProfile]) -> list[DeviceProfile]:
+    """The profiles with every fraction set and each group's stragglers a group of their own.
+
+    A group with ``straggler_fraction`` s becomes its regular part (fraction × (1 − s) at
+    ``compute_speed``) followed by its stragglers (fraction × s at ``straggler_speed``),
+    both with the group's dropout; profiles without a fraction share equally.
+    """
+    out: list[DeviceProfile] = []
+    for profile in profiles:
+        share = profile.fraction if profile.fraction is not None else 1.0 / len(profiles)
+        regular = share * (1 - profile.straggler_fraction)
+        straggling = share * profile.straggler_fraction
+        if regular > 0:
+            out.append(
+                DeviceProfile(
+                    name=profile.name,
+                    fraction=regular,
+                    compute_speed=profile.compute_speed,
+                    dropout=profile.dropout,
+                )
+            )
+        if straggling > 0:
+            out.append(
+                DeviceProfile(
+                    name=profile.name,
+                    fraction=straggling,
+                    compute_speed=profile.straggler_speed,
+                    dropout=profile.dropout,
+                )
+            )
+    return out
 
 
 def profile_for(
@@ -516,10 +801,12 @@ def profile_for(
 ) -> DeviceProfile:
     """The profile of one partition: profiles cover the partition ids in order by fraction.
 
+    Stragglers are placed after the rest of their group (:func:`expand_profiles`).
     Counts are rounded by largest remainder, so they always add up to ``num_partitions``.
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition_id {partition_id} outside [0, {num_partitions})")
+    profiles = expand_profiles(profiles)
     shares = [p.fraction if p.fraction is not None else 1.0 / len(profiles) for p in profiles]
     exact = [s * num_partitions for s in shares]
     counts = [math.floor(e) for e in exact]
@@ -625,7 +912,14 @@ class ClientInstructions:
             delta=plan.dp.delta,
             max_grad_norm=plan.dp.max_grad_norm,
             epsilon_cap=plan.dp.cap,
-            profiles=json.dumps([p.model_dump(mode="json") for p in plan.profiles]),
+            # The wire keeps the three keys every ClientApp version reads: groups with
+            # stragglers travel as two profiles, names stay on the server.
+            profiles=json.dumps(
+                [
+                    p.model_dump(mode="json", include={"fraction", "compute_speed", "dropout"})
+                    for p in expand_profiles(plan.profiles)
+                ]
+            ),
             proximal_mu=plan.strategy.proximal_mu if plan.strategy.name == "fedprox" else 0.0,
         )
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edgefl.datasets import MODEL_DATASET
 from edgefl.errors import UnknownModelError
 
 __all__ = [
@@ -33,7 +34,6 @@ class ModelSpec:
     """What the zoo knows about one model: its data, shape and how to train it."""
 
     name: str
-    dataset: str
     input_shape: tuple[int, ...]
     num_classes: int
     factory: Callable[[], nn.Sequential]
@@ -41,6 +41,11 @@ class ModelSpec:
     lr: float
     batch_size: int
     description: str
+
+    @property
+    def dataset(self) -> str:
+        """The bundled dataset the model is built for (``edgefl.datasets.MODEL_DATASET``)."""
+        return MODEL_DATASET[self.name]
 
 
 def _digits_cnn() -> nn.Sequential:
@@ -101,7 +106,6 @@ MODELS: dict[str, ModelSpec] = {
     for spec in (
         ModelSpec(
             "digits-cnn",
-            "digits",
             (1, 8, 8),
             10,
             _digits_cnn,
@@ -112,7 +116,6 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             "digits-mlp",
-            "digits",
             (1, 8, 8),
             10,
             _digits_mlp,
@@ -123,7 +126,6 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             "mnist-cnn",
-            "mnist5k",
             (1, 28, 28),
             10,
             _mnist_cnn,
@@ -134,7 +136,6 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             "cancer-mlp",
-            "breast-cancer",
             (30,),
             2,
             _cancer_mlp,

@@ -44,7 +44,8 @@ def simulate(
         Path,
         typer.Option(
             "--scenario",
-            help="Scenario TOML file (shipped ones: simulations/scenarios/*.toml).",
+            help="Scenario TOML file: a federation plan plus [simulation] (shipped ones: "
+            "simulations/scenarios/*.toml; keys: README 'Laptop simulation').",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Output folder: reports, plots, registry.db.")],
@@ -70,9 +71,7 @@ def simulate(
     from edgefl.simulations.scenario import load_scenario
 
     spec = load_scenario(scenario)
-    rounds = spec.training.rounds * (
-        2 if spec.simulation.compare_no_dp and spec.privacy.enabled else 1
-    )
+    rounds = spec.rounds * (2 if spec.simulation.compare_no_dp and spec.dp.enabled else 1)
     console = Console(stderr=True)
     with (
         Progress(
@@ -85,13 +84,13 @@ def simulate(
         ) as bar,
         stdout_to_stderr(),
     ):
-        task = bar.add_task(f"{spec.scenario.name}: starting the simulation engine", total=rounds)
+        task = bar.add_task(f"{spec.name}: starting the simulation engine", total=rounds)
 
         def on_round(p: RoundProgress) -> None:
             bar.update(
                 task,
                 completed=p.done,
-                description=f"{spec.scenario.name} [{p.label}] round {p.round}: "
+                description=f"{spec.name} [{p.label}] round {p.round}: "
                 f"acc {p.accuracy:.1%}, ε max {p.epsilon_max:.2f}",
             )
 
@@ -111,6 +110,6 @@ def simulate(
         from edgefl.errors import RunFailedError
 
         raise RunFailedError(
-            f"simulation {spec.scenario.name} did not complete: " + "; ".join(shortfalls),
+            f"simulation {spec.name} did not complete: " + "; ".join(shortfalls),
             hint=f"the reasons per device are in {out / 'report.json'}",
         )

@@ -89,8 +89,8 @@ def _run_one(
         import flwr.common.logger  # noqa: F401
 
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    plan = scenario.to_plan()
-    run_id = f"{scenario.scenario.name}-{label}-{new_run_id()}"
+    plan = scenario.plan
+    run_id = f"{scenario.name}-{label}-{new_run_id()}"
     timings: dict[int, tuple[float, float]] = {}
     with TreeRssSampler() as rss:
         started = time.perf_counter()
@@ -217,16 +217,16 @@ def run_scenario(
     """
     # Validate the plan before the engine starts: a central-DP budget that fits no round
     # is a ConfigError (exit 3) here, and one that fits fewer rounds than planned is said.
-    budget = scenario.to_plan().central_budget
-    if budget is not None and budget.rounds_fit < scenario.training.rounds:
+    budget = scenario.central_budget
+    if budget is not None and budget.rounds_fit < scenario.rounds:
         logging.getLogger(__name__).warning("%s", budget.describe())
     out_dir.mkdir(parents=True, exist_ok=True)
     url = registry_url or f"sqlite:///{(out_dir / REGISTRY_FILENAME).resolve()}"
-    compare = scenario.simulation.compare_no_dp and scenario.privacy.enabled
-    total = scenario.training.rounds * (2 if compare else 1)
+    compare = scenario.simulation.compare_no_dp and scenario.dp.enabled
+    total = scenario.rounds * (2 if compare else 1)
     dp_run, extra = _run_one(
         scenario,
-        "dp" if scenario.privacy.enabled else "no-dp",
+        "dp" if scenario.dp.enabled else "no-dp",
         url,
         done_before=0,
         total=total,
@@ -246,8 +246,8 @@ def run_scenario(
         )
         extra["no_dp_run_id"] = no_dp_extra["run_id"]
     report = build_report(
-        scenario=scenario.scenario.name,
-        description=scenario.scenario.description,
+        scenario=scenario.name,
+        description=scenario.description,
         config=scenario.model_dump(mode="json"),
         dp=dp_run,
         no_dp=no_dp_run,

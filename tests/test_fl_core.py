@@ -92,6 +92,59 @@ def test_plan_flat_round_trip_and_instructions() -> None:
         ClientInstructions.from_config({**inst.to_config(), "batch-size": "16"})
 
 
+def test_one_table_of_strategies_models_and_datasets() -> None:
+    """Strategy names, models per dataset and device profiles are each defined once."""
+    from edgefl import datasets, zoo
+    from edgefl.federation import STRATEGIES, STRATEGY_PARAMS
+
+    # Every name builds the Flower strategy of that name, with the parameters it takes.
+    params = {"fedprox": {"proximal_mu": 0.1}}
+    for name in STRATEGIES:
+        built = build_strategy(load_plan({"strategy": {"name": name, **params.get(name, {})}}))
+        assert type(built).__name__.lower() == name
+        assert STRATEGY_PARAMS[name] <= set(type(built).__init__.__code__.co_varnames) | {
+            "trim_beta"  # Flower calls it beta
+        }
+    # The zoo builds exactly the models the torch-free table names, for its datasets.
+    assert set(zoo.MODELS) == set(datasets.MODEL_DATASET)
+    for name, spec in zoo.MODELS.items():
+        assert spec.dataset == datasets.MODEL_DATASET[name]
+    for dataset in datasets.DATASETS:
+        model = load_plan({"dataset": dataset}).model_name
+        assert model == datasets.MODELS_BY_DATASET[dataset][0]
+        assert zoo.get_spec(model).dataset == dataset
+    # One DeviceProfile: the scenario module has none of its own.
+    import edgefl.simulations.scenario as scenario
+
+    assert not hasattr(scenario, "DeviceProfile")
+    assert not hasattr(scenario, "STRATEGIES")
+
+
+def test_plan_key_is_unchanged_for_plans_older_than_the_new_keys() -> None:
+    """Devices keep σ per plan key: name, description and unused profile keys do not
+    change it (the values were computed by the previous release)."""
+    assert load_plan({}).plan_key() == "3509e8f141aeaadf"
+    plan = {
+        "num_devices": 6,
+        "strategy": {"name": "fedprox", "proximal_mu": 0.05},
+        "profiles": [{"fraction": 0.5}, {"fraction": 0.5, "compute_speed": 0.25, "dropout": 0.2}],
+        "dp": {"target_epsilon": 3.0, "epsilon_cap": 2.5},
+    }
+    assert load_plan(plan).plan_key() == "4aac79e50a0a466e"
+    assert load_plan({**plan, "name": "x", "description": "y"}).plan_key() == "4aac79e50a0a466e"
+    slow = {**plan, "profiles": [{"fraction": 1.0, "straggler_fraction": 0.5}]}
+    assert load_plan(slow).plan_key() != load_plan({**plan, "profiles": [{}]}).plan_key()
+
+
+def test_strategy_parameters_must_fit_the_strategy() -> None:
+    with pytest.raises(ConfigError, match=r"\['eta'\] do not apply to 'fedavg'"):
+        load_plan({"strategy": {"name": "fedavg", "eta": 0.5}})
+    # A default value is no choice: a plan read back from a run_config carries them all.
+    plan = load_plan({"strategy": {"name": "fedavg", "eta": 0.01}})
+    assert FederationPlan.from_flat(plan.to_flat()) == plan
+    assert load_plan({"strategy": {"name": "FedAdam", "eta": 0.5}}).strategy.name == "fedadam"
+
+
 def test_profiles_cover_partitions_by_fraction() -> None:
     profiles = [DeviceProfile(fraction=0.7), DeviceProfile(fraction=0.3, compute_speed=0.5)]
     speeds = [profile_for(profiles, i, 10).compute_speed for i in range(10)]

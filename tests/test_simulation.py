@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import tomllib
 from pathlib import Path
@@ -13,7 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from edgefl.cli import app
+from edgefl.config import load_config
 from edgefl.errors import ConfigError, ExitCode
+from edgefl.federation import STRATEGIES, FederationPlan, keys_table
 from edgefl.simulations.accounting import check_reported_epsilon, recompute_epsilon
 from edgefl.simulations.plots import ACCURACY_PNG, DP_VS_NO_DP_PNG, EPSILON_PNG, write_plots
 from edgefl.simulations.report import (
@@ -26,23 +29,26 @@ from edgefl.simulations.report import (
 )
 from edgefl.simulations.resources import TreeRssSampler, tree_rss_mb
 from edgefl.simulations.scenario import (
-    STRATEGIES,
+    Scenario,
+    SimulationSection,
     load_scenario,
     parse_scenario,
     shipped_scenarios,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = {p.stem: p for p in shipped_scenarios()}
+EXAMPLE_PLANS = sorted((ROOT / "deploy" / "plans").glob("*.toml"))
 
 VALID: dict[str, Any] = {
-    "scenario": {"name": "t", "description": "test"},
-    "data": {
-        "dataset": "digits",
-        "model": "digits-cnn",
-        "num_devices": 6,
-        "dirichlet_alpha": 0.5,
-    },
-    "training": {"rounds": 3, "lr": 0.05},
+    "name": "t",
+    "description": "test",
+    "dataset": "digits",
+    "model": "digits-cnn",
+    "num_devices": 6,
+    "dirichlet_alpha": 0.5,
+    "rounds": 3,
+    "lr": 0.05,
 }
 
 
@@ -67,34 +73,85 @@ def test_shipped_scenarios_are_the_five_named_ones() -> None:
         "breast-cancer",
         "dropouts-stragglers",
     }
+    assert [p.name for p in EXAMPLE_PLANS] == ["digits-dp.toml"]
 
 
-@pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_every_shipped_scenario_parses_and_becomes_a_plan(name: str) -> None:
-    scenario = load_scenario(SCENARIOS[name])
-    assert scenario.scenario.name == name
-    plan = scenario.to_plan()
-    assert plan.num_devices == scenario.data.num_devices
-    assert plan.rounds == scenario.training.rounds
-    assert plan.dataset == scenario.data.dataset
-    assert plan.strategy.name == scenario.training.strategy
-    assert plan.dp.enabled == scenario.privacy.enabled
-    assert math.isclose(sum(p.fraction or 0 for p in plan.profiles), 1.0, abs_tol=1e-6)
+@pytest.mark.parametrize(
+    "path",
+    [*SCENARIOS.values(), *EXAMPLE_PLANS],
+    ids=[*SCENARIOS, *(f"deploy-{p.stem}" for p in EXAMPLE_PLANS)],
+)
+def test_every_shipped_file_is_both_a_scenario_and_a_plan(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shipped scenario or example plan loads as both, in today's keys only."""
+    with caplog.at_level(logging.WARNING):
+        scenario = load_scenario(path)
+    assert not caplog.records, "a shipped file uses an old key: " + caplog.text
+    assert scenario.name == path.stem
+    with caplog.at_level(logging.WARNING):
+        plan = load_config(FederationPlan, path)  # what `edgefl server train --plan` reads
+    # The plan is the file without [simulation]: the same plan the simulation runs.
+    assert plan == scenario.plan
+    assert plan.model_dump() == scenario.model_dump(exclude={"simulation"})
+    ignored = [r.getMessage() for r in caplog.records]
+    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    assert ignored == (
+        ["[simulation] is for `edgefl simulate` only; the plan ignores it"]
+        if "simulation" in raw
+        else []
+    )
+    assert math.isclose(
+        sum(p.fraction or 1 / len(plan.profiles) for p in plan.profiles), 1.0, abs_tol=1e-6
+    )
 
 
 def test_target_scenario_matches_the_issue() -> None:
     s = load_scenario(SCENARIOS["digits-noniid-dp"])
-    assert (s.data.dataset, s.data.num_devices, s.data.dirichlet_alpha) == ("digits", 20, 0.5)
-    assert s.privacy.enabled
-    assert s.privacy.target_epsilon == 8.0
-    assert s.training.rounds <= 30
+    assert (s.dataset, s.num_devices, s.dirichlet_alpha) == ("digits", 20, 0.5)
+    assert s.dp.enabled
+    assert s.dp.target_epsilon == 8.0
+    assert s.rounds <= 30
+
+
+def test_quick_scenario_trains_what_it_did() -> None:
+    """The migration kept the plan the old layout's translation gave (another change
+    will tune it)."""
+    plan = load_scenario(SCENARIOS["quick"]).plan
+    assert plan.model_dump(include={"dataset", "model", "num_devices", "rounds", "lr"}) == {
+        "dataset": "digits",
+        "model": "digits-cnn",
+        "num_devices": 4,
+        "rounds": 2,
+        "lr": 0.05,
+    }
+    assert (plan.batch_size, plan.dirichlet_alpha, plan.local_epochs) == (32, 1.0, 1)
+    assert (plan.min_available_nodes, plan.min_train_nodes, plan.node_wait_s) == (4, 4, 30.0)
+    assert plan.round_timeout_s == 900.0
+    assert (plan.dp.enabled, plan.dp.target_epsilon, plan.strategy.name) == (True, 8.0, "fedavg")
+
+
+def test_a_plan_without_simulation_is_a_scenario_with_defaults() -> None:
+    s = parse_scenario(VALID)
+    assert s.simulation == SimulationSection()
+    assert s.plan == FederationPlan.model_validate(VALID)
+
+
+def test_a_scenario_needs_a_name() -> None:
+    data = copy.deepcopy(VALID)
+    del data["name"]
+    with pytest.raises(ConfigError, match="name"):
+        parse_scenario(data)
+    assert FederationPlan.model_validate(data).name is None  # a plan does not
 
 
 def test_unknown_key_is_named_with_its_path() -> None:
     with pytest.raises(ConfigError) as err:
-        parse_scenario(with_change("training.learning_rate", 0.1))
-    assert "training.learning_rate" in err.value.message
+        parse_scenario(with_change("dp.target_epsilom", 0.1))
+    assert "dp.target_epsilom" in err.value.message
     assert "unknown key" in err.value.message
+    with pytest.raises(ConfigError, match=r"simulation\.node_count.*unknown key"):
+        parse_scenario(with_change("simulation.node_count", 3))
 
 
 def test_unknown_section_is_named() -> None:
@@ -106,39 +163,39 @@ def test_unknown_section_is_named() -> None:
 
 def test_bad_strategy_name_lists_the_choices() -> None:
     with pytest.raises(ConfigError) as err:
-        parse_scenario(with_change("training.strategy", "fedsgd"))
+        parse_scenario(with_change("strategy.name", "fedsgd"))
     msg = err.value.message
-    assert "training.strategy" in msg
+    assert "strategy.name" in msg
     assert "fedsgd" in msg
     for name in STRATEGIES:
         assert name in msg
 
 
 def test_strategy_params_must_fit_the_strategy() -> None:
-    data = with_change("training.strategy", "fedavg")
-    data["training"]["strategy_params"] = {"proximal_mu": 0.1}
+    data = with_change("strategy", {"name": "fedavg", "proximal_mu": 0.1})
     with pytest.raises(ConfigError, match="proximal_mu"):
         parse_scenario(data)
-    data["training"]["strategy"] = "fedprox"
-    assert parse_scenario(data).to_plan().strategy.proximal_mu == 0.1
+    data["strategy"]["name"] = "fedprox"
+    assert parse_scenario(data).plan.strategy.proximal_mu == 0.1
 
 
 def test_unknown_dataset_and_mismatched_model() -> None:
-    with pytest.raises(ConfigError, match=r"data\.dataset.*unknown dataset 'cifar10'"):
-        parse_scenario(with_change("data.dataset", "cifar10"))
+    with pytest.raises(ConfigError, match=r"dataset.*unknown dataset 'cifar10'"):
+        parse_scenario(with_change("dataset", "cifar10"))
     with pytest.raises(ConfigError, match="built for dataset 'mnist5k'"):
-        parse_scenario(with_change("data.model", "mnist-cnn"))
+        parse_scenario(with_change("model", "mnist-cnn"))
 
 
 @pytest.mark.parametrize(
     ("path", "value", "where"),
     [
-        ("data.num_devices", 0, "data.num_devices"),
-        ("data.dirichlet_alpha", -1.0, "data.dirichlet_alpha"),
-        ("training.rounds", "ten", "training.rounds"),
-        ("privacy.delta", 2.0, "privacy.delta"),
-        ("simulation.round_timeout_s", 0, "simulation.round_timeout_s"),
-        ("scenario.name", "has space", "scenario.name"),
+        ("num_devices", 0, "num_devices"),
+        ("dirichlet_alpha", -1.0, "dirichlet_alpha"),
+        ("rounds", "ten", "rounds"),
+        ("dp.delta", 2.0, "dp.delta"),
+        ("round_timeout_s", 0, "round_timeout_s"),
+        ("simulation.num_cpus", 0, "simulation.num_cpus"),
+        ("name", "has space", "name"),
     ],
 )
 def test_bad_values_name_the_key(path: str, value: Any, where: str) -> None:
@@ -148,44 +205,215 @@ def test_bad_values_name_the_key(path: str, value: Any, where: str) -> None:
     assert repr(value) in err.value.message
 
 
-def test_profiles_as_one_table_or_a_list_and_shares_checked() -> None:
-    one = with_change("profiles", {"speed": 0.5, "dropout": 0.2})
+def test_profiles_as_one_table_or_a_list_and_fractions_checked() -> None:
+    one = with_change("profiles", {"compute_speed": 0.5, "dropout": 0.2})
     assert parse_scenario(one).profiles[0].dropout == 0.2
-    bad = with_change("profiles", [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.4}])
-    with pytest.raises(ConfigError, match="add up to 1"):
+    bad = with_change("profiles", [{"name": "a", "fraction": 0.5}, {"name": "b", "fraction": 0.4}])
+    with pytest.raises(ConfigError, match="sum to 1"):
         parse_scenario(bad)
+    same = with_change("profiles", [{"name": "a"}, {"name": "a"}])
+    with pytest.raises(ConfigError, match="names must be unique"):
+        parse_scenario(same)
 
 
-def test_stragglers_become_their_own_plan_profile() -> None:
+def test_stragglers_travel_as_their_own_profile() -> None:
+    from edgefl.federation import ClientInstructions, profile_for
+
     data = with_change(
         "profiles",
         [
-            {"name": "fast", "share": 0.5},
+            {"name": "fast", "fraction": 0.5},
             {
                 "name": "slow",
-                "share": 0.5,
-                "speed": 0.5,
+                "fraction": 0.5,
+                "compute_speed": 0.5,
                 "dropout": 0.3,
                 "straggler_fraction": 0.5,
                 "straggler_speed": 0.05,
             },
         ],
     )
-    plan = parse_scenario(data).to_plan()
-    speeds = sorted((p.compute_speed, p.fraction, p.dropout) for p in plan.profiles)
+    plan = parse_scenario(data).plan
+    sent = ClientInstructions.from_plan(plan, "r").device_profiles()
+    speeds = sorted((p.compute_speed, p.fraction, p.dropout) for p in sent)
     assert speeds == [(0.05, 0.25, 0.3), (0.5, 0.25, 0.3), (1.0, 0.5, 0.0)]
+    # 8 devices: 4 fast, then the slow group's 2 regular and its 2 stragglers.
+    assigned = [profile_for(plan.profiles, i, 8).compute_speed for i in range(8)]
+    assert assigned == [1.0] * 4 + [0.5] * 2 + [0.05] * 2
 
 
 def test_without_dp_switches_off_both_kinds() -> None:
     data = with_change(
-        "central_dp", {"noise_multiplier": 1.0, "clipping_norm": 1.0, "max_epsilon": 5.0}
+        "central_dp",
+        {"enabled": True, "noise_multiplier": 1.0, "clipping_norm": 1.0, "max_epsilon": 5.0},
     )
     s = parse_scenario(data)
-    assert s.to_plan().central_dp.enabled
+    assert s.plan.central_dp.enabled
     off = s.without_dp()
-    assert not off.privacy.enabled
-    assert off.central_dp is None
-    assert s.privacy.enabled  # the original is untouched
+    assert isinstance(off, Scenario)
+    assert not off.dp.enabled
+    assert not off.central_dp.enabled
+    assert s.dp.enabled  # the original is untouched
+
+
+# ---- the older scenario layout, read for one release --------------------------------
+
+OLD_LAYOUT: dict[str, Any] = {
+    "scenario": {"name": "old", "description": "the layout before plan = scenario"},
+    "data": {
+        "dataset": "digits",
+        "model": "digits-cnn",
+        "num_devices": 6,
+        "dirichlet_alpha": 0.5,
+        "min_samples_per_device": 8,
+    },
+    "training": {
+        "rounds": 3,
+        "lr": 0.05,
+        "fraction_train": 0.5,
+        "strategy": "fedprox",
+        "strategy_params": {"proximal_mu": 0.01},
+    },
+    "privacy": {"target_epsilon": 3.0, "device_epsilon_cap": 2.5},
+    "central_dp": {"noise_multiplier": 2.0, "clipping_norm": 1.0, "max_epsilon": 50.0},
+    "profiles": [{"name": "a", "share": 0.5, "speed": 0.5}, {"name": "b", "share": 0.5}],
+    "simulation": {"num_cpus": 0.5, "round_timeout_s": 120},
+}
+
+NEW_LAYOUT: dict[str, Any] = {
+    "name": "old",
+    "description": "the layout before plan = scenario",
+    "dataset": "digits",
+    "model": "digits-cnn",
+    "num_devices": 6,
+    "dirichlet_alpha": 0.5,
+    "rounds": 3,
+    "lr": 0.05,
+    "fraction_train": 0.5,
+    # What the old layout implied: wait for every device, train every sampled one,
+    # a 30 s node wait, no federated evaluation.
+    "min_available_nodes": 6,
+    "min_train_nodes": 3,
+    "min_evaluate_nodes": 0,
+    "node_wait_s": 30,
+    "round_timeout_s": 120,
+    "strategy": {"name": "fedprox", "proximal_mu": 0.01},
+    "dp": {"target_epsilon": 3.0, "epsilon_cap": 2.5},
+    "central_dp": {
+        "enabled": True,
+        "noise_multiplier": 2.0,
+        "clipping_norm": 1.0,
+        "max_epsilon": 50.0,
+    },
+    "profiles": [
+        {"name": "a", "fraction": 0.5, "compute_speed": 0.5},
+        {"name": "b", "fraction": 0.5},
+    ],
+    "simulation": {"num_cpus": 0.5},
+}
+
+
+def test_old_layout_reads_as_the_new_with_a_warning_per_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    strategy = copy.deepcopy(OLD_LAYOUT)
+    strategy["training"]["strategy"] = "fedavg"  # central DP needs fedavg
+    del strategy["training"]["strategy_params"]
+    expected = copy.deepcopy(NEW_LAYOUT)
+    expected["strategy"] = {"name": "fedavg"}
+    with caplog.at_level(logging.WARNING):
+        old = parse_scenario(strategy)
+    assert old == parse_scenario(expected)
+    text = caplog.text
+    for old_key, new_key in [
+        ("scenario.name", "name"),
+        ("data.num_devices", "num_devices"),
+        ("training.rounds", "rounds"),
+        ("training.strategy", "strategy.name"),
+        ("privacy", "dp"),
+        ("dp.device_epsilon_cap", "dp.epsilon_cap"),
+        ("profiles.share", "profiles.fraction"),
+        ("profiles.speed", "profiles.compute_speed"),
+        ("simulation.round_timeout_s", "round_timeout_s"),
+    ]:
+        assert f"{old_key}: renamed to {new_key};" in text
+    assert "central_dp: the table alone no longer switches it on" in text
+    assert "data.min_samples_per_device: no longer used" in text
+
+
+def test_old_strategy_params_become_the_strategy_table() -> None:
+    data = copy.deepcopy(OLD_LAYOUT)
+    del data["central_dp"]
+    expected = copy.deepcopy(NEW_LAYOUT)
+    del expected["central_dp"]
+    assert parse_scenario(data) == parse_scenario(expected)
+
+
+def test_old_and_new_name_of_one_key_is_refused() -> None:
+    data = copy.deepcopy(OLD_LAYOUT)
+    data["rounds"] = 4
+    with pytest.raises(ConfigError, match=r"training\.rounds and rounds are the same key"):
+        parse_scenario(data)
+
+
+def test_server_train_reads_an_old_scenario_file(tmp_path: Path) -> None:
+    old = tmp_path / "old.toml"
+    old.write_text(
+        """
+[scenario]
+name = "old"
+[data]
+dataset = "digits"
+model = "digits-cnn"
+num_devices = 4
+dirichlet_alpha = 1.0
+[training]
+rounds = 2
+lr = 0.05
+[privacy]
+target_epsilon = 8.0
+[simulation]
+num_cpus = 1
+node_wait_s = 45
+""",
+        encoding="utf-8",
+    )
+    plan = load_config(FederationPlan, old)
+    assert (plan.name, plan.rounds, plan.node_wait_s, plan.min_available_nodes) == (
+        "old",
+        2,
+        45.0,
+        4,
+    )
+
+
+# ---- documentation ---------------------------------------------------------------------
+
+
+def _readme_table(marker: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = f"<!-- {marker}: start -->\n", f"<!-- {marker}: end -->"
+    assert start in text, f"README lost its {marker} markers"
+    assert end in text, f"README lost its {marker} markers"
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("marker", "model", "prefix"),
+    [("plan-keys", FederationPlan, ""), ("simulation-keys", SimulationSection, "simulation.")],
+)
+def test_readme_key_tables_match_the_models(marker: str, model: Any, prefix: str) -> None:
+    """The README's key tables are generated from the models' field descriptions."""
+    assert _readme_table(marker) == keys_table(model, prefix), (
+        f"regenerate the README table between the {marker} markers with: python -c "
+        f"'from edgefl.federation import keys_table; ...; print(keys_table(...))'"
+    )
+
+
+def test_every_plan_key_has_a_meaning() -> None:
+    rows = keys_table(FederationPlan).splitlines()[2:]
+    assert rows
+    assert all(not row.endswith("|  |") for row in rows)
 
 
 def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
@@ -198,17 +426,13 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_cli_rejects_a_bad_scenario_with_exit_code_3(tmp_path: Path) -> None:
-    text = tomllib.loads(SCENARIOS["quick"].read_text())
-    text["training"]["strategy"] = "fedbogus"
+    text = SCENARIOS["quick"].read_text(encoding="utf-8")
+    assert 'name = "fedavg"' in text
     path = tmp_path / "bad.toml"
-    lines = []
-    for section, values in text.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(text.replace('name = "fedavg"', 'name = "fedbogus"'), encoding="utf-8")
     result = CliRunner().invoke(app, ["simulate", "--scenario", str(path), "--out", str(tmp_path)])
     assert result.exit_code == ExitCode.CONFIG
-    assert "training.strategy" in result.output
+    assert "strategy.name" in result.output
     assert "fedbogus" in result.output
     assert not (tmp_path / REPORT_JSON).exists()
 

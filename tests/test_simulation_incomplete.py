@@ -1,6 +1,6 @@
 """A simulated run whose last round trains nobody is reported as incomplete (exit 9).
 
-Every device hits its ε cap (``privacy.device_epsilon_cap``, below the target ε the
+Every device hits its ε cap (``dp.epsilon_cap``, below the target ε the
 devices size σ for): round 1 trains, round 2 is refused by every device with
 ``budget_exhausted``. With ``select_by_budget = false`` the server still sends round 2,
 which is how a real fleet met it. Before the fix the run reported success and exited 0.
@@ -17,33 +17,33 @@ from pathlib import Path
 import pytest
 
 SCENARIO = """
-[scenario]
 name = "cap-exhausted"
 description = "2 devices whose ε cap lets them train round 1 only."
 
-[data]
 dataset = "digits"
 model = "digits-cnn"
 num_devices = 2
 dirichlet_alpha = 1.0
 seed = 0
 
-[training]
 rounds = 2
 local_epochs = 1
 batch_size = 32
 lr = 0.05
 select_by_budget = false
 
-[privacy]
+min_available_nodes = 2
+min_train_nodes = 2
+node_wait_s = 30
+round_timeout_s = 600
+
+[dp]
 target_epsilon = 8.0
 # Round 1 takes each device to about ε 6.6, round 2 would take it to 8.0.
-device_epsilon_cap = 7.5
+epsilon_cap = 7.5
 
 [simulation]
 num_cpus = 1
-node_wait_s = 30
-round_timeout_s = 600
 """
 
 

@@ -50,7 +50,7 @@ def test_report_follows_the_output_contract(quick_run: tuple[Path, dict[str, Any
     assert report == json.loads((out / "report.json").read_text())
     assert report["scenario"] == "quick"
     rounds = report["rounds"]
-    assert [r["round"] for r in rounds] == list(range(1, scenario.training.rounds + 1))
+    assert [r["round"] for r in rounds] == list(range(1, scenario.rounds + 1))
     for row in rounds:
         for key, kind in (
             ("round", int),
@@ -67,8 +67,8 @@ def test_report_follows_the_output_contract(quick_run: tuple[Path, dict[str, Any
         assert row["peak_rss_mb"] > 300
     assert report["final_accuracy"] == rounds[-1]["accuracy"]
     eps = report["epsilon_per_device"]
-    assert sorted(eps) == [f"sim-{i:03d}" for i in range(scenario.data.num_devices)]
-    cap = scenario.privacy.cap
+    assert sorted(eps) == [f"sim-{i:03d}" for i in range(scenario.num_devices)]
+    cap = scenario.dp.cap
     assert all(0 < e <= cap * (1 + 1e-6) for e in eps.values())
     assert rounds[-1]["epsilon_max"] == pytest.approx(max(eps.values()))
     # ε only grows, round after round.

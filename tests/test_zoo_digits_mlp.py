@@ -59,5 +59,5 @@ def test_digits_mlp_learns_under_dp_sgd_on_one_device() -> None:
 def test_target_scenario_uses_the_dp_sized_model() -> None:
     path = ROOT / "simulations" / "scenarios" / "digits-noniid-dp.toml"
     scenario = tomllib.loads(path.read_text(encoding="utf-8"))
-    assert scenario["data"]["model"] == "digits-mlp"
-    assert get_spec("digits-mlp").dataset == scenario["data"]["dataset"]
+    assert scenario["model"] == "digits-mlp"
+    assert get_spec("digits-mlp").dataset == scenario["dataset"]
