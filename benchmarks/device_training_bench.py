@@ -199,9 +199,11 @@ def _agent_yaml(work: Path, i: int, server: Server, devices: int, warm_start: bo
                 "mqtt": {
                     "host": "127.0.0.1",
                     "port": server.broker_port,
-                    "ca_file": str(ident.ca),
-                    "cert_file": str(ident.cert),
-                    "key_file": str(ident.tls_key),
+                    "tls": {
+                        "ca_file": str(ident.ca),
+                        "cert_file": str(ident.cert),
+                        "key_file": str(ident.tls_key),
+                    },
                 },
                 "sources": [
                     {

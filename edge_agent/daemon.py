@@ -102,7 +102,7 @@ class AgentConfig(StrictModel):
         30.0,
         gt=0,
         description="Ask the server for a new certificate (over MQTT, same key) when less "
-        "than this is left of mqtt.cert_file; the server answers with install-cert.",
+        "than this is left of mqtt.tls.cert_file; the server answers with install-cert.",
     )
     cert_renew_retry_s: float = Field(
         600.0, gt=0, description="Ask again after this long while no certificate came."
@@ -150,14 +150,14 @@ class Agent:
         self.commands.register("set-rate", set_rate_handler(self.set_source_rate))
         self.renewer: CertRenewer | None = None
         self._next_renewal = 0.0
-        mqtt_cfg = config.mqtt
-        if mqtt_cfg.cert_file and mqtt_cfg.key_file and mqtt_cfg.ca_file:
+        tls = config.mqtt.tls
+        if tls.cert_file and tls.key_file and tls.ca_file:
             self.renewer = CertRenewer(
                 config.device_id,
                 config.fleet,
-                cert_path=mqtt_cfg.cert_file,
-                key_path=mqtt_cfg.key_file,
-                ca_path=mqtt_cfg.ca_file,
+                cert_path=tls.cert_file,
+                key_path=tls.key_file,
+                ca_path=tls.ca_file,
                 renew_before=dt.timedelta(days=config.cert_renew_days),
             )
             self.commands.register(INSTALL_CERT_COMMAND, self.renewer.install)

@@ -324,9 +324,9 @@ class CertRenewer:
     Args:
         device_id: This device's id.
         fleet: Its fleet.
-        cert_path: The installed certificate (``mqtt.cert_file``).
-        key_path: Its key (``mqtt.key_file``).
-        ca_path: The fleet CA certificate (``mqtt.ca_file``).
+        cert_path: The installed certificate (``mqtt.tls.cert_file``).
+        key_path: Its key (``mqtt.tls.key_file``).
+        ca_path: The fleet CA certificate (``mqtt.tls.ca_file``).
         renew_before: Ask when less than this is left of the certificate.
     """
 

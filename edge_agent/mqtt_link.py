@@ -50,8 +50,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -61,7 +60,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import Field, SecretStr, model_validator
 
 from edgefl.backoff import backoff_delay  # moved to the shared layer; kept importable here
-from edgefl.config import StrictModel
+from edgefl.config import RenameMap, StrictModel, TlsFiles
 from edgefl.edge_agent.outbox import Outbox, Record
 
 __all__ = [
@@ -178,7 +177,14 @@ class InboundMessage:
 
 
 class MqttLinkConfig(StrictModel):
-    """Broker connection settings of a device."""
+    """Broker connection settings of a device (the agent's ``mqtt:`` section)."""
+
+    renamed_keys: ClassVar[RenameMap] = {
+        "ca_file": "tls.ca_file",
+        "cert_file": "tls.cert_file",
+        "key_file": "tls.key_file",
+        "keepalive": "keepalive_s",
+    }
 
     host: str = Field(default="127.0.0.1", description="Broker host name or address.")
     port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port.")
@@ -187,7 +193,13 @@ class MqttLinkConfig(StrictModel):
         description="MQTT client id; the device id is usual. The shipped broker ignores it "
         "and uses the certificate's CN (use_username_as_clientid), which is the device id.",
     )
-    keepalive: int = Field(default=30, ge=5, description="Keepalive in seconds.")
+    keepalive_s: int = Field(
+        default=30,
+        ge=5,
+        description="MQTT keepalive: the link pings after this long without traffic, and "
+        "the broker drops it (publishing the offline last will) after 1.5 times this "
+        "long without any packet.",
+    )
     protocol: Literal["5", "3.1.1", "auto"] = Field(
         default="auto",
         description="MQTT version; auto tries 5 and falls back to 3.1.1 if the broker refuses.",
@@ -199,9 +211,11 @@ class MqttLinkConfig(StrictModel):
     )
     username: str | None = Field(default=None, description="User name, if the broker wants one.")
     password: SecretStr | None = Field(default=None, description="Password for username.")
-    ca_file: Path | None = Field(default=None, description="CA bundle; setting it enables TLS.")
-    cert_file: Path | None = Field(default=None, description="Device certificate (mutual TLS).")
-    key_file: Path | None = Field(default=None, description="Private key of cert_file.")
+    tls: TlsFiles = Field(
+        default_factory=lambda: TlsFiles(),
+        description="ca_file: the fleet CA, setting it enables TLS; cert_file/key_file: the "
+        "device certificate and key (mutual TLS).",
+    )
     reconnect_min_s: float = Field(default=1.0, gt=0, description="First reconnect delay.")
     reconnect_max_s: float = Field(default=60.0, gt=0, description="Cap on reconnect delays.")
     flush_rate_per_s: float | None = Field(
@@ -218,10 +232,11 @@ class MqttLinkConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_pairs(self) -> MqttLinkConfig:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
-        if self.cert_file is not None and self.ca_file is None:
-            raise ValueError("a client certificate needs ca_file (TLS)")
+        tls = self.tls
+        if (tls.cert_file is None) != (tls.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        if tls.cert_file is not None and tls.ca_file is None:
+            raise ValueError("a client certificate needs tls.ca_file (TLS)")
         if self.password is not None and self.username is None:
             raise ValueError("password needs username")
         if self.reconnect_max_s < self.reconnect_min_s:
@@ -390,11 +405,12 @@ class MqttLink:
         if cfg.username is not None:
             password = cfg.password.get_secret_value() if cfg.password is not None else None
             client.username_pw_set(cfg.username, password)
-        if cfg.ca_file is not None:
+        tls = cfg.tls
+        if tls.ca_file is not None:
             client.tls_set(
-                ca_certs=str(cfg.ca_file),
-                certfile=str(cfg.cert_file) if cfg.cert_file is not None else None,
-                keyfile=str(cfg.key_file) if cfg.key_file is not None else None,
+                ca_certs=str(tls.ca_file),
+                certfile=str(tls.cert_file) if tls.cert_file is not None else None,
+                keyfile=str(tls.key_file) if tls.key_file is not None else None,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
         # paho's own in-flight limit is off (0): the outbox sender keeps the bound itself
@@ -425,12 +441,12 @@ class MqttLink:
             client.connect_async(
                 cfg.host,
                 cfg.port,
-                cfg.keepalive,
+                cfg.keepalive_s,
                 clean_start=False,
                 properties=props,
             )
         else:
-            client.connect_async(cfg.host, cfg.port, cfg.keepalive)
+            client.connect_async(cfg.host, cfg.port, cfg.keepalive_s)
         client.loop_start()
 
     def _set_reconnect_delay(self, client: mqtt.Client, attempt: int) -> None:
@@ -475,7 +491,7 @@ class MqttLink:
             self._client = self._build_client(old.protocol)
             self.client_epoch += 1
             self._connect_async(self._client)
-        _log.info("reconnecting with the renewed certificate %s", self.config.cert_file)
+        _log.info("reconnecting with the renewed certificate %s", self.config.tls.cert_file)
 
     # -- paho callbacks (network thread; no locks of ours) --------------------------------
 

@@ -18,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from typer.testing import CliRunner
 
 from edgefl.cli import app
-from edgefl.config import load_config
+from edgefl.config import RenamedKeyWarning, load_config
 from edgefl.edge_agent.daemon import AgentConfig
 from edgefl.edge_agent.outbox import Outbox
 from edgefl.errors import ExitCode
@@ -98,6 +98,42 @@ def test_validate_config_names_the_bad_key(tmp_path: Path) -> None:
     assert result.exit_code == ExitCode.CONFIG
     for fragment in ("mqtt.port", "sources.0.dataset-replay.rate_hz", "bogus", "unknown key"):
         assert fragment in result.output
+
+
+OLD_AGENT_YAML = """device_id: dev-a
+state_dir: /tmp/x
+mqtt:
+  host: mqtt.local
+  port: 8883
+  keepalive: 20
+  ca_file: /etc/edgefl/ca.pem
+  cert_file: /etc/edgefl/device.pem
+  key_file: /etc/edgefl/device.key
+"""
+
+
+def test_an_agent_yaml_with_old_key_names_still_loads_and_validate_config_says_so(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(OLD_AGENT_YAML)
+    with pytest.warns(RenamedKeyWarning, match="mqtt.keepalive is renamed mqtt.keepalive_s"):
+        cfg = load_config(AgentConfig, path)
+    assert cfg.mqtt.keepalive_s == 20
+    assert cfg.mqtt.tls.cert_file == Path("/etc/edgefl/device.pem")
+    result = CliRunner().invoke(app, ["agent", "validate-config", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    for old, new in [
+        ("mqtt.keepalive", "mqtt.keepalive_s"),
+        ("mqtt.ca_file", "mqtt.tls.ca_file"),
+        ("mqtt.cert_file", "mqtt.tls.cert_file"),
+        ("mqtt.key_file", "mqtt.tls.key_file"),
+    ]:
+        assert f"key {old} is renamed {new}; accepted until the next release" in result.stdout
+    result = CliRunner().invoke(app, ["agent", "validate-config", "-c", str(path), "--json"])
+    renamed = json.loads(result.stdout)["renamed_keys"]
+    assert {"old": "mqtt.keepalive", "new": "mqtt.keepalive_s"} in renamed
+    assert len(renamed) == 4
 
 
 @pytest.mark.slow

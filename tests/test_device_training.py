@@ -128,9 +128,11 @@ def _agent_config(tmp_path: Path, i: int, info: dict[str, Any]) -> Path:
                 "mqtt": {
                     "host": "127.0.0.1",
                     "port": int(info["broker"]["port"]),
-                    "ca_file": str(ident.ca),
-                    "cert_file": str(ident.cert),
-                    "key_file": str(ident.tls_key),
+                    "tls": {
+                        "ca_file": str(ident.ca),
+                        "cert_file": str(ident.cert),
+                        "key_file": str(ident.tls_key),
+                    },
                 },
                 "sources": [
                     {

@@ -324,7 +324,7 @@ def make_rig(
         mqtt_cfg: dict[str, Any] = {
             "host": "127.0.0.1",
             "port": proxy.port if via_proxy else broker.port,
-            "keepalive": KEEPALIVE_S,
+            "keepalive_s": KEEPALIVE_S,
             "reconnect_min_s": 0.2,
             "reconnect_max_s": 1.0,
         }

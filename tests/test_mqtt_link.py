@@ -598,9 +598,7 @@ def test_mutual_tls_with_device_certificate(tmp_path: Path, prefix: str) -> None
         prefix,
         link_config(
             broker.port,
-            ca_file=pki["ca"],
-            cert_file=pki["device"],
-            key_file=pki["device_key"],
+            tls={"ca_file": pki["ca"], "cert_file": pki["device"], "key_file": pki["device_key"]},
         ),
     )
     try:

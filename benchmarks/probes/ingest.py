@@ -843,9 +843,11 @@ def probe_outbox_reset(rig: IngestRig, records: int = 150) -> ProbeResult:
         "mqtt": {
             "host": "127.0.0.1",
             "port": rig.broker.port,
-            "ca_file": str(rig.ca.cert_path),
-            "cert_file": str(device.cert.cert_path),
-            "key_file": str(device.cert.key_path),
+            "tls": {
+                "ca_file": str(rig.ca.cert_path),
+                "cert_file": str(device.cert.cert_path),
+                "key_file": str(device.cert.key_path),
+            },
             "reconnect_min_s": 0.2,
             "reconnect_max_s": 1.0,
         },

@@ -155,9 +155,11 @@ def test_agent_renews_its_certificate_over_mqtt_and_reconnects(
             "mqtt": {
                 "host": "127.0.0.1",
                 "port": server.broker_port,
-                "ca_file": str(identity / "ca.pem"),
-                "cert_file": str(identity / "device.pem"),
-                "key_file": str(identity / "device.key"),
+                "tls": {
+                    "ca_file": str(identity / "ca.pem"),
+                    "cert_file": str(identity / "device.pem"),
+                    "key_file": str(identity / "device.key"),
+                },
             },
             "cert_renew_retry_s": 5,
         }

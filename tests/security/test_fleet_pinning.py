@@ -81,9 +81,11 @@ def _agent_config(
                 "host": "127.0.0.1",
                 "port": rig.broker.port,
                 "protocol": "5",
-                "ca_file": str(rig.ca.cert_path),
-                "cert_file": str(cert.cert_path),
-                "key_file": str(cert.key_path),
+                "tls": {
+                    "ca_file": str(rig.ca.cert_path),
+                    "cert_file": str(cert.cert_path),
+                    "key_file": str(cert.key_path),
+                },
                 "reconnect_min_s": 0.2,
             },
         }

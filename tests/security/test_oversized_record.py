@@ -57,9 +57,11 @@ def _agent_config(lab: BrokerLab, state_dir: Path) -> AgentConfig:
                 "host": "127.0.0.1",
                 "port": lab.broker.port,
                 "protocol": "5",
-                "ca_file": str(lab.ca.cert_path),
-                "cert_file": str(cert.cert_path),
-                "key_file": str(cert.key_path),
+                "tls": {
+                    "ca_file": str(lab.ca.cert_path),
+                    "cert_file": str(cert.cert_path),
+                    "key_file": str(cert.key_path),
+                },
             },
         }
     )
