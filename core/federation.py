@@ -117,12 +117,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from edgefl.config import StrictModel, validate_config
+from edgefl.config import KeyRename, RenamedKeyWarning, RenameMap, StrictModel, validate_config
 from edgefl.datasets import DATASETS, MODEL_DATASET, default_model
 from edgefl.errors import ConfigError
 from edgefl.files import SAFE_NAME_PATTERN
@@ -167,12 +168,17 @@ STRATEGIES: Final[tuple[str, ...]] = tuple(STRATEGY_PARAMS)
 log = logging.getLogger(__name__)
 
 
-def _renamed(old: str, new: str) -> None:
-    log.warning("%s: renamed to %s; the old name is accepted until the next release", old, new)
+def _renamed(old: str, new: str, source: str) -> None:
+    """Announce a key of the older scenario layout the way ``renamed_keys`` does."""
+    text = KeyRename(old, new, source).warning_text()
+    log.warning("%s", text)
+    warnings.warn(text, RenamedKeyWarning, stacklevel=2)
 
 
 class DPPlan(StrictModel):
     """Local (record-level) differential privacy: Opacus DP-SGD on every device."""
+
+    renamed_keys: ClassVar[RenameMap] = {"device_epsilon_cap": "epsilon_cap"}
 
     enabled: bool = Field(True, description="Train with DP-SGD (false: plain SGD).")
     target_epsilon: float = Field(8.0, gt=0, description="ε each device reaches after all rounds.")
@@ -183,16 +189,6 @@ class DPPlan(StrictModel):
         gt=0,
         description="A device refuses to train past this ε (default: target_epsilon).",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _old_names(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "device_epsilon_cap" in data:
-            data = dict(data)
-            if "epsilon_cap" not in data:
-                _renamed("dp.device_epsilon_cap", "dp.epsilon_cap")
-                data["epsilon_cap"] = data.pop("device_epsilon_cap")
-        return data
 
     @property
     def cap(self) -> float:
@@ -258,6 +254,8 @@ class DeviceProfile(StrictModel):
     simulated devices (partition ids) emulate a profile; a real device ignores it.
     """
 
+    renamed_keys: ClassVar[RenameMap] = {"share": "fraction", "speed": "compute_speed"}
+
     name: str | None = Field(None, min_length=1, max_length=64, description="Group name.")
     fraction: float | None = Field(
         None, gt=0, le=1, description="Share of the devices (default: an equal split)."
@@ -271,39 +269,31 @@ class DeviceProfile(StrictModel):
         0.1, gt=0, le=1, description="compute_speed of the group's stragglers."
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _old_names(cls, data: Any) -> Any:
-        if isinstance(data, dict) and ("share" in data or "speed" in data):
-            data = dict(data)
-            for old, new in (("share", "fraction"), ("speed", "compute_speed")):
-                if old in data and new not in data:
-                    _renamed(f"profiles.{old}", f"profiles.{new}")
-                    data[new] = data.pop(old)
-        return data
 
-
-_SCENARIO_SECTIONS = ("scenario", "data", "training", "privacy")
+_SCENARIO_SECTIONS = ("scenario", "data", "training")
 """Sections of the scenario format before the plan and the scenario became one file."""
 
 
-def _upgrade_old_layout(data: dict[str, Any]) -> dict[str, Any]:
-    """A plan in today's keys from the older scenario layout, each move logged.
+def _upgrade_old_layout(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A plan in today's keys from the older scenario layout, each move announced.
 
     ``[scenario]``, ``[data]`` and ``[training]`` keys became top-level keys,
-    ``training.strategy`` / ``strategy_params`` became the ``[strategy]`` table,
-    ``[privacy]`` became ``[dp]``, a ``[central_dp]`` table switched central DP on, and
-    ``simulation.node_wait_s`` / ``round_timeout_s`` became top-level keys. The derived
-    values the old layout implied (wait for every device, train every sampled one, a
-    30 s node wait) are filled in, so an old file runs as it did.
+    ``training.strategy`` / ``strategy_params`` became the ``[strategy]`` table, a
+    ``[central_dp]`` table switched central DP on, and ``simulation.node_wait_s`` /
+    ``round_timeout_s`` became top-level keys. The derived values the old layout implied
+    (wait for every device, train every sampled one, a 30 s node wait) are filled in, so
+    an old file runs as it did. (Plain renames, ``[privacy]`` -> ``[dp]`` and the like,
+    are the models' ``renamed_keys``.)
     """
     out = dict(data)
     old_layout = isinstance(out.get("data"), dict) or isinstance(out.get("training"), dict)
 
     def move(old: str, new: str, value: Any) -> None:
-        _renamed(old, new)
         if new in out:
-            raise ValueError(f"{old} and {new} are the same key: give only {new}")
+            raise ValueError(
+                f"both {old} (its old name) and {new} are given; keep only the new one"
+            )
+        _renamed(old, new, source)
         out[new] = value
 
     simulation = out.get("simulation")
@@ -325,15 +315,13 @@ def _upgrade_old_layout(data: dict[str, Any]) -> dict[str, Any]:
             if section == "data" and key == "min_samples_per_device":
                 log.warning("data.min_samples_per_device: no longer used; ignored")
             elif section == "training" and key == "strategy":
-                _renamed("training.strategy", "strategy.name")
+                _renamed("training.strategy", "strategy.name", source)
                 out["strategy"] = {**out.get("strategy", {}), "name": value}
             elif section == "training" and key == "strategy_params" and isinstance(value, dict):
-                _renamed("training.strategy_params", "the [strategy] table")
+                _renamed("training.strategy_params", "strategy", source)
                 out["strategy"] = {**out.get("strategy", {}), **value}
             else:
                 move(f"{section}.{key}", key, value)
-    if "privacy" in out:
-        move("privacy", "dp", out.pop("privacy"))
     if not old_layout:
         return out
     central = out.get("central_dp")
@@ -420,12 +408,14 @@ class FederationPlan(StrictModel):
     )
     _central_budget: CentralDPBudget | None = PrivateAttr(default=None)
 
+    renamed_keys: ClassVar[RenameMap] = {"privacy": "dp"}
+
     @model_validator(mode="before")
     @classmethod
     def _read_file_layout(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        data = _upgrade_old_layout(data)
+        data = _upgrade_old_layout(data, cls.__name__)
         if cls is FederationPlan and "simulation" in data:
             log.warning("[simulation] is for `edgefl simulate` only; the plan ignores it")
             data = {k: v for k, v in data.items() if k != "simulation"}
