@@ -394,6 +394,21 @@ node_wait_s = 45
     )
 
 
+def test_server_train_takes_a_scenario_file_and_says_it_ignores_simulation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The plan is read (and [simulation] set aside) before the server config is."""
+    missing = tmp_path / "server.yaml"
+    with caplog.at_level(logging.WARNING, logger="edgefl.federation"):
+        result = CliRunner().invoke(
+            app,
+            ["server", "train", "--plan", str(SCENARIOS["quick"]), "--config", str(missing)],
+        )
+    assert result.exit_code == ExitCode.CONFIG, result.output
+    assert "[simulation] is for `edgefl simulate` only" in caplog.text
+    assert str(missing) in result.output  # got past the plan, stopped at the server config
+
+
 # ---- documentation ---------------------------------------------------------------------
 
 
