@@ -274,6 +274,10 @@ _SCENARIO_SECTIONS = ("scenario", "data", "training")
 """Sections of the scenario format before the plan and the scenario became one file."""
 
 
+def _table(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
 def _upgrade_old_layout(data: dict[str, Any], source: str) -> dict[str, Any]:
     """A plan in today's keys from the older scenario layout, each move announced.
 
@@ -316,10 +320,10 @@ def _upgrade_old_layout(data: dict[str, Any], source: str) -> dict[str, Any]:
                 log.warning("data.min_samples_per_device: no longer used; ignored")
             elif section == "training" and key == "strategy":
                 _renamed("training.strategy", "strategy.name", source)
-                out["strategy"] = {**out.get("strategy", {}), "name": value}
+                out["strategy"] = {**_table(out.get("strategy")), "name": value}
             elif section == "training" and key == "strategy_params" and isinstance(value, dict):
                 _renamed("training.strategy_params", "strategy", source)
-                out["strategy"] = {**out.get("strategy", {}), **value}
+                out["strategy"] = {**_table(out.get("strategy")), **value}
             else:
                 move(f"{section}.{key}", key, value)
     if not old_layout:
