@@ -1,25 +1,25 @@
-"""The agent's Flower SuperNode: when to run it (:class:`TrainingPolicy`) and how.
+"""The agent's Flower SuperNode: when to run it and how (:class:`SuperNodeSupervisor`).
 
 :class:`SuperNodeSupervisor` is polled by the agent's main loop about once a second. It
 starts ``flower-supernode`` (TLS to the SuperLink with the fleet CA, node authentication
-with the device's node key from ``edgefl agent enroll``) when the policy allows it:
-connected (the MQTT link is up, the agent's proxy for the network), enough samples in
-the local data store, inside the optional time windows and under the optional resource
-thresholds. It stops it (SIGTERM to its process group, SIGKILL after a grace period)
-when the policy stops allowing it, and restarts it with exponential backoff and jitter
-when it exits on its own; the backoff resets after a stable run.
+with the device's node key from ``edgefl agent enroll``) when the policy allows it
+(:class:`~edgefl.edge_agent.fl.policy.TrainingPolicy`: connected, enough samples, inside
+the time windows, under the resource thresholds). It stops it (SIGTERM to its process
+group, SIGKILL after a grace period) when the policy stops allowing it, and restarts it
+with exponential backoff and jitter when it exits on its own; the backoff resets after a
+stable run (:class:`edgefl.supervise.RestartBackoff`).
 
 With ``warm_start`` (the default) the SuperNode's ``PATH`` starts with a private bin dir
 whose ``flwr-clientapp`` runs each message in a process forked from a warm zygote
 (:mod:`edgefl.edge_agent.fl.warmstart`), in the same process group; the first message
 of a run, and any message the warm path cannot take, is a normal cold start.
 
-The SuperNode runs in its own process group (its ``flwr-clientapp`` children go with it)
-and writes to ``<state_dir>/supernode.log``. When it exits, the supervisor logs the line
-of that log that names the cause (Flower prints ``Failed to activate SuperNode`` for a
-node key the SuperLink does not know, ``CERTIFICATE_VERIFY_FAILED`` for a wrong CA) with
-a hint, so a refusal is clear in the agent's own log. An unreachable SuperLink does not
-make the SuperNode exit: it retries by itself, and the agent keeps collecting meanwhile.
+The SuperNode is a managed process (:class:`edgefl.process.ManagedProcess`: its own
+process group, so its ``flwr-clientapp`` children go with it) writing to
+``<state_dir>/supernode.log``. When it exits, the supervisor logs the line of that log
+that names the cause with a hint (:mod:`edgefl.edge_agent.fl.supernode_log`), so a
+refusal is clear in the agent's own log. An unreachable SuperLink does not make the
+SuperNode exit: it retries by itself, and the agent keeps collecting meanwhile.
 
 Its pid (and the node id it last activated as) is kept in ``<state_dir>/supernode.json``.
 An agent killed with ``-9`` cannot stop its SuperNode, which then keeps the device's node
@@ -28,15 +28,14 @@ a supervisor ends such leftovers (:meth:`SuperNodeSupervisor.end_leftovers`), an
 refused activation is logged with the likely cause (node still online after a SuperNode
 went away without signing off, key no longer accepted, key never registered).
 
-Node config passed to the ClientApp (``--node-config``, parsed by Flower as TOML, so
-strings are double-quoted): ``device-id``, ``state-dir`` (the privacy accountant),
-``data-store``, ``eval-fraction``, ``telemetry-dir`` and the config's extra
-``node_config`` entries.
+The config (:mod:`~edgefl.edge_agent.fl.supernode_config`), the policy
+(:mod:`~edgefl.edge_agent.fl.policy`), the resource reader
+(:mod:`~edgefl.edge_agent.fl.resources`) and the log heuristics live in their own
+modules; their names are re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -44,25 +43,34 @@ import os
 import random
 import re
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final, Literal
+from typing import Any, Final, Literal
 
-from pydantic import Field, field_validator, model_validator
-
-from edgefl.backoff import backoff_delay
-from edgefl.config import StrictModel
-from edgefl.edge_agent.fl.apptrust import CLIENTAPP_REF, DEFAULT_CLIENTAPP, write_policy
+from edgefl.edge_agent.fl.apptrust import write_policy
+from edgefl.edge_agent.fl.policy import TrainingPolicy
+from edgefl.edge_agent.fl.resources import Resources, read_resources
+from edgefl.edge_agent.fl.supernode_config import NodeConfigValue, TrainingConfig, node_config_arg
+from edgefl.edge_agent.fl.supernode_log import (
+    ANSI,
+    ENDED,
+    HEALTHY,
+    NODE_ID,
+    REFUSED,
+    RETRYING,
+    TROUBLE,
+    meaningful_line,
+    tls_hint,
+)
 from edgefl.edge_agent.fl.warmstart import POLICY_FILE, install_launcher
 from edgefl.enrollment import IdentityPaths
-from edgefl.errors import ConfigError
 from edgefl.files import write_text_atomic
+from edgefl.netutil import free_port
+from edgefl.process import ManagedProcess
 from edgefl.procs import cmdline, cwd, end_process_group, pid_alive
+from edgefl.supervise import RestartBackoff
 
 __all__ = [
     "LOG_FILE",
@@ -85,300 +93,10 @@ RUNTIME_FILE: Final = "supernode.json"
 TELEMETRY_DIR: Final = "fl-telemetry"
 """Folder (in the state dir) where the ClientApp spools one JSON document per round."""
 
-_WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_CAUSE = re.compile(
-    r"Failed to activate SuperNode|CERTIFICATE_VERIFY_FAILED|\[SSL|\[code: \d+\]|"
-    r"Traceback|Error:|Exception|refused|denied|No such file|Permission",
-)
-_NOISE = (
-    "INFO",
-    "For more information",
-    "Exit Code",
-    "The SuperNode could not establish",
-    "Failed to initialize the connection",
-)
-_RETRYING = "Connection attempt failed"
-# Flower 1.41's SuperNode prints these when it gives up (reconnecting through a network
-# cut fails after two ~30 s TLS handshake timeouts) but may stay alive afterwards, no
-# longer connected and no longer retrying: treat either line as the end of the process.
-_ENDED = ("Giving up reconnection", "SuperNode terminated gracefully")
 _LINGER_S = 10.0
-# After a network cut Flower 1.41's SuperNode can also wedge without saying so: a TLS
-# error, then silence, alive but no longer polling or retrying. Silence is normal for an
-# idle SuperNode, so only silence right after such an error counts; a healthy line
-# (a message received or sent, an activation) clears the suspicion.
-_TROUBLE = ("SSL/TLS handshake error detected", "Failed to send message")
-_HEALTHY = ("Received successfully", "Sent successfully", "SuperNode ID:")
+"""How long a SuperNode that said it gave up (supernode_log.ENDED) may stay alive."""
 _STALL_S = 30.0
-_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
-_REFUSED = "edgefl app trust: edgefl refused"
-"""How the ClientApp gate (edgefl.edge_agent.fl.apptrust) reports a refusal on stderr."""
-NodeConfigValue = str | int | float | bool
-
-
-class TrainingConfig(StrictModel):
-    """The agent config's ``training:`` section: federated training on this device."""
-
-    superlink: str = Field(
-        pattern=r"^[^\s:]+:\d{1,5}$", description="host:port of the SuperLink's Fleet API."
-    )
-    root_certificates: Path | None = Field(
-        None, description="CA that signed the SuperLink's certificate (default: identity/ca.pem)."
-    )
-    node_key: Path | None = Field(
-        None, description="Flower node private key (default: identity/node.key)."
-    )
-    insecure: bool = Field(
-        False,
-        description="Plain HTTP and no node authentication. For tests only: anyone on the "
-        "path can read the model updates and any process can pose as this device.",
-    )
-    min_samples: int = Field(32, ge=1, description="Local samples needed before training.")
-    require_connected: bool = Field(
-        True, description="Train only while the MQTT link is up (the network proxy)."
-    )
-    windows: list[str] = Field(
-        default_factory=list,
-        description='Local-time windows "HH:MM-HH:MM" (may wrap midnight); empty = always.',
-    )
-    max_load_per_cpu: float | None = Field(
-        None, gt=0, description="Do not train above this 1-minute load average per CPU."
-    )
-    min_free_memory_mb: float | None = Field(
-        None, gt=0, description="Do not train with less available memory than this."
-    )
-    restart_min_s: float = Field(1.0, gt=0, description="First restart delay (before jitter).")
-    restart_max_s: float = Field(60.0, gt=0, description="Cap on the restart delay.")
-    stable_after_s: float = Field(
-        60.0, gt=0, description="A run this long resets the restart backoff."
-    )
-    stop_grace_s: float = Field(10.0, gt=0, description="SIGTERM to SIGKILL delay.")
-    node_config: dict[str, NodeConfigValue] = Field(
-        default_factory=dict, description="Extra --node-config entries for the ClientApp."
-    )
-    max_samples: int = Field(10_000, ge=1, description="Bound of the local data store.")
-    eval_fraction: float = Field(0.2, ge=0, lt=1, description="Held-out share of the store.")
-    clientappio_port: int | None = Field(
-        None, ge=1, le=65535, description="SuperNode's ClientApp API port (default: a free one)."
-    )
-    warm_start: bool = Field(
-        True,
-        description="Run each message's ClientApp in a process forked from a warm zygote "
-        "(edgefl.edge_agent.fl.warmstart) instead of a fresh interpreter; the zygote exits "
-        "when idle. False: Flower's plain flwr-clientapp for every message.",
-    )
-    warm_start_idle_exit_s: float = Field(
-        600.0, gt=0, description="The warm zygote exits after this long without a message."
-    )
-    trusted_clientapps: list[str] = Field(
-        default_factory=list,
-        description="ClientApps installed on this device (module.path:attribute) that it "
-        f"runs besides edgefl's own ({DEFAULT_CLIENTAPP}): a bring-your-own app is "
-        "admitted by installing it and listing it here. Loaded from the installed "
-        "packages, never from the app bundle's files.",
-    )
-    app_signing_keys: list[str] = Field(
-        default_factory=list,
-        description="Fleet app-signing public keys (an 'ssh-ed25519 AAAA...' line, or the "
-        "path of a file holding one in OpenSSH or PEM form; `edgefl server app-key` prints "
-        "it): an app bundle signed by one of them runs its own ClientApp code.",
-    )
-
-    @field_validator("windows")
-    @classmethod
-    def _windows_parse(cls, value: list[str]) -> list[str]:
-        for window in value:
-            if not _WINDOW.match(window):
-                raise ValueError(f'{window!r} is not a window "HH:MM-HH:MM"')
-        return value
-
-    @field_validator("trusted_clientapps")
-    @classmethod
-    def _clientapp_refs(cls, value: list[str]) -> list[str]:
-        for ref in value:
-            if not CLIENTAPP_REF.match(ref):
-                raise ValueError(f"{ref!r} is not a ClientApp reference 'module.path:attribute'")
-        return value
-
-    @field_validator("app_signing_keys")
-    @classmethod
-    def _signing_keys_parse(cls, value: list[str]) -> list[str]:
-        from edgefl.appsign import load_public_key
-
-        texts = []
-        for item in value:
-            text = item.strip()
-            if not text.startswith("ssh-"):
-                try:
-                    text = Path(text).expanduser().read_text(encoding="ascii").strip()
-                except (OSError, UnicodeDecodeError) as exc:
-                    raise ValueError(f"app signing key {item!r}: {exc}") from exc
-            try:
-                load_public_key(text)
-            except ValueError as exc:
-                raise ValueError(f"app signing key {item!r}: {exc}") from exc
-            texts.append(text)
-        return texts
-
-    @field_validator("node_config")
-    @classmethod
-    def _node_config_quotable(cls, value: dict[str, NodeConfigValue]) -> dict[str, NodeConfigValue]:
-        for key, item in value.items():
-            _check_node_config_entry(key, item)
-        return value
-
-    @model_validator(mode="after")
-    def _backoff_ordered(self) -> TrainingConfig:
-        if self.restart_max_s < self.restart_min_s:
-            raise ValueError("restart_max_s must be >= restart_min_s")
-        return self
-
-
-def _check_node_config_entry(key: str, value: NodeConfigValue) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
-        raise ValueError(f"node config key {key!r}: use letters, digits, '_' and '-'")
-    if isinstance(value, str) and any(c in value for c in '"\\\n\r'):
-        # Flower's parser takes "..." up to the next quote and parses it as TOML.
-        raise ValueError(f"node config value of {key!r} may not contain quotes or backslashes")
-
-
-def node_config_arg(entries: dict[str, NodeConfigValue]) -> str:
-    """The ``--node-config`` string: ``key="string" n=3 flag=true`` (TOML values).
-
-    Raises:
-        ConfigError: A key or string value Flower's parser cannot carry.
-    """
-    parts = []
-    for key, value in entries.items():
-        try:
-            _check_node_config_entry(key, value)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, str):
-            text = json.dumps(value)
-        else:
-            text = repr(value)
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
-
-
-@dataclass(frozen=True)
-class Resources:
-    """Resource readings the policy compares with its thresholds (``None``: unknown)."""
-
-    load_per_cpu: float | None = None
-    free_memory_mb: float | None = None
-
-
-def read_resources() -> Resources:
-    """The 1-minute load average per CPU and ``MemAvailable`` from ``/proc/meminfo``."""
-    try:
-        load: float | None = os.getloadavg()[0] / (os.cpu_count() or 1)
-    except OSError:
-        load = None
-    free: float | None = None
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                free = int(line.split()[1]) / 1024.0
-                break
-    return Resources(load, free)
-
-
-def _minutes(text: str) -> int:
-    hours, minutes = text.split(":")
-    return int(hours) * 60 + int(minutes)
-
-
-class TrainingPolicy:
-    """Whether the device may train now; pure, so it is tested with any clock and readings.
-
-    Args:
-        config: The training section.
-    """
-
-    def __init__(self, config: TrainingConfig) -> None:
-        self.config = config
-        self._windows = [
-            (_minutes(w.split("-")[0]), _minutes(w.split("-")[1])) for w in config.windows
-        ]
-
-    def in_window(self, now: dt.datetime) -> bool:
-        """Whether local time ``now`` is inside a window (always, without windows)."""
-        if not self._windows:
-            return True
-        minute = now.hour * 60 + now.minute
-        for start, end in self._windows:
-            if start <= end:
-                if start <= minute < end:
-                    return True
-            elif minute >= start or minute < end:  # wraps midnight
-                return True
-        return False
-
-    def evaluate(
-        self,
-        now: dt.datetime,
-        connected: bool,
-        samples: int,
-        resources: Resources | None = None,
-    ) -> tuple[bool, str]:
-        """Decide, naming the first reason that forbids training.
-
-        Args:
-            now: Local wall-clock time.
-            connected: Whether the agent's MQTT link is up.
-            samples: Samples in the local data store.
-            resources: Current readings (thresholds are skipped for unknown values).
-
-        Returns:
-            ``(allowed, reason)``; the reason says why (or, when allowed, that it is).
-        """
-        c = self.config
-        if c.require_connected and not connected:
-            return False, "not connected (the MQTT link is down)"
-        if samples < c.min_samples:
-            return False, f"{samples} of {c.min_samples} samples collected"
-        if not self.in_window(now):
-            return False, f"outside the training windows {', '.join(c.windows)} ({now:%H:%M})"
-        r = resources or Resources()
-        load, free = r.load_per_cpu, r.free_memory_mb
-        if c.max_load_per_cpu is not None and load is not None and load > c.max_load_per_cpu:
-            return False, f"load {load:.2f} per CPU is above {c.max_load_per_cpu:g}"
-        if c.min_free_memory_mb is not None and free is not None and free < c.min_free_memory_mb:
-            return False, f"{free:.0f} MB free memory is below {c.min_free_memory_mb:g} MB"
-        return True, "policy allows training"
-
-
-def meaningful_line(text: str) -> str:
-    """The line of SuperNode output that best names why it stopped (``""`` if none).
-
-    Prefers the last line naming a cause (Flower's ``[code: N] ...`` line, an SSL error,
-    a traceback's last line); skips Flower's generic wrapper lines and INFO chatter.
-    """
-    lines = [_ANSI.sub("", ln).strip() for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln]
-    useful = [ln for ln in lines if not ln.startswith(_NOISE) and _RETRYING not in ln]
-    for line in reversed(useful):
-        if _CAUSE.search(line):
-            return line
-    for line in reversed(lines):
-        if line.startswith(("ERROR", "WARNING", "CRITICAL")):
-            return line
-    return useful[-1] if useful else ""
-
-
-def _hint(line: str, config: TrainingConfig, ca: Path) -> str:
-    if "CERTIFICATE_VERIFY_FAILED" in line or "[SSL" in line:
-        return (
-            f"TLS to {config.superlink} failed: is {ca} the CA that signed the "
-            "SuperLink's certificate, and does the certificate name this address?"
-        )
-    return ""
-
+"""Silence after a connection error (supernode_log.TROUBLE) that counts as wedged."""
 
 _OURS: Final = (
     "flower-supernode",
@@ -402,12 +120,6 @@ def _leftover_candidates(state_dir: Path) -> list[int]:
         if cwd(pid) == state_dir and any(m in a for a in cmdline(pid) for m in _OURS):
             found.append(pid)
     return found
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 State = Literal["stopped", "waiting", "running", "stopping", "backoff"]
@@ -453,17 +165,14 @@ class SuperNodeSupervisor:
         self._clock = clock
         self._wallclock = wallclock
         self._resources = resources
-        self._rng = rng
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._log_offset = 0
+        self._proc: ManagedProcess | None = None
         self._read_offset = 0
         self._tail = ""
         self._port = config.clientappio_port
-        self._started_at = 0.0
         self._stop_deadline: float | None = None
-        self._attempt = 0
-        self._next_start = 0.0
+        self._backoff = RestartBackoff(
+            config.restart_min_s, config.restart_max_s, config.stable_after_s, rng
+        )
         self._decision: tuple[bool, str] | None = None
         self._warned_retrying = False
         self._ended_at: float | None = None
@@ -471,7 +180,6 @@ class SuperNodeSupervisor:
         self._last_output = 0.0
         self.state: State = "stopped"
         self.reason = "not polled yet"
-        self.restarts = 0
         self.starts = 0
         self.last_exit_code: int | None = None
         self.last_error = ""
@@ -494,10 +202,15 @@ class SuperNodeSupervisor:
         """PID of the running SuperNode."""
         return self._proc.pid if self._proc is not None else None
 
+    @property
+    def restarts(self) -> int:
+        """How often the SuperNode was scheduled to start again after it exited."""
+        return self._backoff.restarts
+
     def command(self) -> list[str]:
         """The ``flower-supernode`` command line (the port is chosen on first use)."""
         if self._port is None:
-            self._port = _free_port()
+            self._port = free_port()
         exe = Path(sys.executable).parent / "flower-supernode"
         cmd = [str(exe) if exe.exists() else "flower-supernode"]
         cmd += ["--superlink", self.config.superlink]
@@ -542,7 +255,7 @@ class SuperNodeSupervisor:
                 now - self._ended_at,
             )
             self._ended_at = None
-            self._signal_group(signal.SIGKILL)
+            self._proc.signal_group(signal.SIGKILL)
         elif (
             self._proc is not None
             and self._suspect
@@ -557,12 +270,12 @@ class SuperNodeSupervisor:
                 now - self._last_output,
             )
             self._suspect = False
-            self._signal_group(signal.SIGKILL)
+            self._proc.signal_group(signal.SIGKILL)
         allowed, reason = self._decide(connected, samples)
         if self._proc is not None:
             if self._stop_deadline is not None:
                 if now >= self._stop_deadline:
-                    self._signal_group(signal.SIGKILL)
+                    self._proc.signal_group(signal.SIGKILL)
                 return
             if not allowed:
                 logger.info("stopping the SuperNode (pid %d): %s", self._proc.pid, reason)
@@ -571,7 +284,7 @@ class SuperNodeSupervisor:
         if not allowed:
             self.state, self.reason = "waiting", reason
             return
-        if now < self._next_start:
+        if not self._backoff.due(now):
             self.state = "backoff"
             return
         self._start(now)
@@ -580,19 +293,12 @@ class SuperNodeSupervisor:
         """Stop the SuperNode (if running) and wait for it; for agent shutdown."""
         grace = self.config.stop_grace_s if timeout is None else timeout
         if self._proc is not None:
-            if self._proc.poll() is None:
+            if self._proc.running():
                 logger.info("stopping the SuperNode (pid %d): agent shutdown", self._proc.pid)
-                self._signal_group(signal.SIGTERM)
-                try:
-                    self._proc.wait(grace)
-                except subprocess.TimeoutExpired:
-                    self._signal_group(signal.SIGKILL)
-                    self._proc.wait()
-            self._signal_group(signal.SIGKILL)  # leftover ClientApp processes
-            self.last_exit_code = self._proc.returncode
+            # SIGTERM, SIGKILL after the grace, then its leftover ClientApp processes.
+            self.last_exit_code = self._proc.stop(grace)
             self._proc = None
             self._write_runtime(pid=None)
-        self._close_log()
         self.state, self.reason = "stopped", "agent stopped"
 
     def status(self) -> dict[str, Any]:
@@ -783,9 +489,6 @@ class SuperNodeSupervisor:
             "FLWR_HOME": str(self.flower_home),
             "PYTHONUNBUFFERED": "1",
         }
-        self._log = self.log_path.open("ab")
-        self._log_offset = self._log.tell()
-        self._read_offset = self._log_offset
         self._tail = ""
         self._partial_line = ""
         self._warned_retrying = False
@@ -793,57 +496,49 @@ class SuperNodeSupervisor:
         self._suspect = False
         self._last_output = now
         self.node_id = None
+        # Its own process group: its ClientApps go with it.
+        proc = ManagedProcess(
+            cmd, self.log_path, name="flower-supernode", env=env, cwd=self.state_dir
+        )
         try:
-            self._proc = subprocess.Popen(
-                cmd,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=self.state_dir,
-                start_new_session=True,  # its own process group: its ClientApps go with it
-            )
+            pid = proc.start()
         except OSError as exc:
-            self._close_log()
             self.last_error = f"cannot start flower-supernode: {exc}"
             logger.error("%s", self.last_error)
             self._schedule_restart(now, 0.0)
             return
-        self._write_runtime(pid=self._proc.pid)
+        self._proc = proc
+        self._read_offset = proc.log_offset
+        self._write_runtime(pid=pid)
         self.starts += 1
-        self._started_at = now
+        self._backoff.started(now)
         self._stop_deadline = None
         self.state, self.reason = "running", f"connecting to {self.config.superlink}"
         logger.info(
             "started flower-supernode pid %d for %s (SuperLink %s, log %s)",
-            self._proc.pid,
+            pid,
             self.device_id,
             self.config.superlink,
             self.log_path,
         )
 
     def _terminate(self, now: float, reason: str) -> None:
-        self._signal_group(signal.SIGTERM)
+        if self._proc is not None:
+            self._proc.signal_group(signal.SIGTERM)
         self._stop_deadline = now + self.config.stop_grace_s
         self.state, self.reason = "stopping", reason
-
-    def _signal_group(self, sig: int) -> None:
-        if self._proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, sig)
 
     def _reaped(self, now: float) -> None:
         assert self._proc is not None
         code = self._proc.returncode
         pid = self._proc.pid
-        self._signal_group(signal.SIGKILL)  # ClientApps it left behind
+        self._proc.signal_group(signal.SIGKILL)  # ClientApps it left behind
         self._follow_log(react=False)
-        self._close_log()
+        self._proc.close_log()
         self._proc = None
         self._write_runtime(pid=None)
         self.last_exit_code = code
-        ran = now - self._started_at
+        ran = now - self._backoff.started_at
         # Stopped by SIGTERM (ours) or exiting cleanly, a SuperNode signs its node off; one
         # killed or crashed leaves it online on the SuperLink for up to a minute.
         signed_off = code == 0 or (self._stop_deadline is not None and code != -signal.SIGKILL)
@@ -865,10 +560,9 @@ class SuperNodeSupervisor:
         hint = (
             self._activation_cause(now)
             if "Failed to activate SuperNode" in line
-            else _hint(line, self.config, self.root_certificates)
+            else tls_hint(line, self.config.superlink, self.root_certificates)
         )
-        if ran >= self.config.stable_after_s:
-            self._attempt = 0
+        self._backoff.note_running(now)  # a run of stable_after_s resets the backoff
         delay = self._schedule_restart(now, ran)
         if "Failed to activate SuperNode" in line:
             self.reason = f"restarting in {delay:.1f} s: {hint}"
@@ -884,12 +578,8 @@ class SuperNodeSupervisor:
         )
 
     def _schedule_restart(self, now: float, ran: float) -> float:
-        delay = backoff_delay(
-            self._attempt, self.config.restart_min_s, self.config.restart_max_s, self._rng
-        )
-        self._attempt += 1
-        self.restarts += 1
-        self._next_start = now + delay
+        delay = self._backoff.schedule(now)
+        self._backoff.count_restart()
         self.state = "backoff"
         self.reason = f"restarting in {delay:.1f} s after an exit" + (
             f": {self.last_error}" if self.last_error else ""
@@ -903,7 +593,7 @@ class SuperNodeSupervisor:
             react: Log the connection progress it shows (not for an exited SuperNode,
                 whose shutdown chatter would read like a connection problem).
         """
-        if self._log is None:
+        if self._proc is None:
             return
         try:
             with self.log_path.open("rb") as fh:
@@ -918,7 +608,7 @@ class SuperNodeSupervisor:
         self._tail = (self._tail + text)[-32 * 1024 :]
         if not react:
             return
-        match = _NODE_ID.search(_ANSI.sub("", text))
+        match = NODE_ID.search(ANSI.sub("", text))
         if match:
             self.node_id = int(match.group(1))
             self.reason = f"connected to {self.config.superlink} as node {self.node_id}"
@@ -930,16 +620,16 @@ class SuperNodeSupervisor:
                 "SuperNode registered with %s as node %d", self.config.superlink, self.node_id
             )
         self._last_output = self._clock()
-        trouble = max((text.rfind(t) for t in _TROUBLE), default=-1)
-        healthy = max((text.rfind(h) for h in _HEALTHY), default=-1)
+        trouble = max((text.rfind(t) for t in TROUBLE), default=-1)
+        healthy = max((text.rfind(h) for h in HEALTHY), default=-1)
         if trouble > healthy:
             self._suspect = True
         elif healthy > trouble:
             self._suspect = False
-        if self._ended_at is None and any(line in text for line in _ENDED):
+        if self._ended_at is None and any(line in text for line in ENDED):
             self._ended_at = self._clock()
         self._note_refusals(text)
-        if _RETRYING in text and not self._warned_retrying:
+        if RETRYING in text and not self._warned_retrying:
             self._warned_retrying = True
             self.last_error = f"cannot reach the SuperLink at {self.config.superlink}; retrying"
             self.reason = self.last_error
@@ -954,14 +644,9 @@ class SuperNodeSupervisor:
         lines = (self._partial_line + text).split("\n")
         self._partial_line = lines.pop()[-4096:]
         for line in lines:
-            at = line.find(_REFUSED)
+            at = line.find(REFUSED)
             if at < 0:
                 continue
             self.refused_apps += 1
             self.last_refusal = line[at + len("edgefl app trust: ") :].strip()[:300]
             logger.warning("the device refused to run an app: %s", self.last_refusal)
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
