@@ -62,8 +62,9 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[str]:
     )
     ax.plot(rounds, [r["epsilon_max"] for r in rows], marker="o", ms=3, label="max")
     ax.plot(rounds, [r.get("epsilon_median", 0.0) for r in rows], ls="--", label="median")
-    target = report.get("config", {}).get("privacy", {}).get("target_epsilon")
-    if target is not None and report.get("config", {}).get("privacy", {}).get("enabled", True):
+    dp = report.get("config", {}).get("dp", {})
+    target = dp.get("target_epsilon")
+    if target is not None and dp.get("enabled", True):
         ax.axhline(float(target), color="C3", lw=1, label=f"target ε={target}")
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative ε per device")

@@ -185,20 +185,19 @@ def _num(value: float, spec: str) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """A human summary: headline figures, the per-round table and the plots."""
-    cfg = report.get("config", {})
-    privacy = cfg.get("privacy", {})
-    data = cfg.get("data", {})
-    training = cfg.get("training", {})
+    cfg = report.get("config", {})  # the scenario: plan keys plus "simulation"
+    privacy = cfg.get("dp", {})
+    strategy = cfg.get("strategy", {})
     dp_on = bool(privacy.get("enabled", True))
     lines = [f"# Simulation `{report['scenario']}`", ""]
     if report.get("description"):
         lines += [report["description"], ""]
     lines += [
-        f"- data: `{data.get('dataset')}` / `{data.get('model')}`, "
-        f"{data.get('num_devices')} devices, Dirichlet α={data.get('dirichlet_alpha')}",
-        f"- training: {training.get('strategy')}, {len(report['rounds'])}/"
-        f"{training.get('rounds')} rounds, {training.get('local_epochs')} local epoch(s), "
-        f"lr {training.get('lr')}, batch {training.get('batch_size')}",
+        f"- data: `{cfg.get('dataset')}` / `{cfg.get('model')}`, "
+        f"{cfg.get('num_devices')} devices, Dirichlet α={cfg.get('dirichlet_alpha')}",
+        f"- training: {strategy.get('name')}, {len(report['rounds'])}/"
+        f"{cfg.get('rounds')} rounds, {cfg.get('local_epochs')} local epoch(s), "
+        f"lr {cfg.get('lr')}, batch {cfg.get('batch_size')}",
         (
             f"- privacy: DP-SGD target ε={privacy.get('target_epsilon')} at "
             f"δ={privacy.get('delta')}, clip {privacy.get('max_grad_norm')}"

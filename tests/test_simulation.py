@@ -546,6 +546,10 @@ def test_report_contract_markdown_and_plots(tmp_path: Path) -> None:
 
     md = (tmp_path / REPORT_MD).read_text()
     assert "# Simulation `t`" in md
+    # The summary reads the scenario's keys (plan keys plus [simulation]).
+    assert "- data: `digits` / `digits-cnn`, 6 devices, Dirichlet α=0.5" in md
+    assert "- training: fedavg, 5/3 rounds, 1 local epoch(s), lr 0.05, batch 16" in md
+    assert "- privacy: DP-SGD target ε=8.0 at δ=1e-05, clip 1.0" in md
     assert md.count("\n| ") == 1 + 5  # header + one line per round
     for png in (ACCURACY_PNG, EPSILON_PNG, DP_VS_NO_DP_PNG):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
