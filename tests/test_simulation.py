@@ -428,7 +428,8 @@ def test_readme_key_tables_match_the_models(marker: str, model: Any, prefix: str
     """The README's key tables are generated from the models' field descriptions."""
     assert _readme_table(marker) == keys_table(model, prefix), (
         f"regenerate the README table between the {marker} markers with: python -c "
-        f"'from edgefl.federation import keys_table; ...; print(keys_table(...))'"
+        f"'from {model.__module__} import {model.__name__}; from edgefl.federation import "
+        f'keys_table; print(keys_table({model.__name__}, "{prefix}"), end="")\''
     )
 
 
