@@ -14,15 +14,33 @@ envelope of kind ``response``::
 
 What happens to each message (:meth:`CommandProcessor.handle`):
 
-* **malformed** (not an envelope, wrong kind, bad body): a warning with the reason and the
-  ``malformed`` counter. If the body still names a valid correlation id the device answers
-  ``ok: false`` once; otherwise there is nobody to answer.
+* **malformed** (not an envelope, wrong kind, bad body, a key misspelt): a warning with
+  the reason and the ``malformed`` counter. Whenever a correlation id can still be read
+  (:func:`edgefl.proto.serde.salvage_json_body`: the body of a payload whose envelope
+  fields are wrong), the device answers ``ok: false`` once with the reason, so the sender
+  learns what was wrong. Otherwise there is nobody to answer: counted as ``unanswered``.
 * **already answered** (same correlation id; a QoS 1 redelivery or a second publish): not
   run again and not answered again; counted as ``duplicate``.
 * **expired** (``now_ms > expires_at_ms``): an INFO log ``ignoring expired command NAME
   (correlation ID) expired X ms ago``, counted, no answer.
 * **unknown name**: ``ok: false`` listing the known commands.
 * a handler that raises: ``ok: false`` with the error text; otherwise ``ok: true``.
+
+Whoever can publish on the command topics (the cloud, per the broker's ACL) must not be
+able to turn the agent into a publisher of its choosing, so an answer to a malformed
+command follows the rules of every answer, and a few more:
+
+* it goes only to this device's own response topic,
+  ``edgefl/{fleet}/{device}/cmd-resp/{correlation_id}``, built from the agent's own fleet
+  and id (never from the message), and only for a message on the agent's own command
+  topic; the correlation id is 1-128 characters without ``/``, ``+``, ``#`` or control
+  characters, so it cannot add a topic level;
+* one answer per correlation id (the ``answered`` table), like any command;
+* a readable but expired ``expires_at_ms`` gets no answer, like any expired command;
+* the error text is cut to :data:`_ERROR_MAX` characters;
+* malformed messages are answered and logged at most :data:`_MALFORMED_BURST` at once and
+  :data:`_MALFORMED_PER_S` per second on average; the rest are only counted
+  (``rate_limited``, and ``unanswered``).
 
 Exactly one answer per correlation id
 -------------------------------------
@@ -81,8 +99,9 @@ from edgefl.proto.serde import (
     canonical_json_body,
     decode_envelope,
     encode_envelope,
+    salvage_json_body,
 )
-from edgefl.proto.topics import command_filter, command_topic, response_topic
+from edgefl.proto.topics import command_filter, command_topic, response_topic, split_topic
 
 __all__ = [
     "COMMANDS_FILE",
@@ -114,6 +133,12 @@ _RETENTION_MS: Final = 24 * 3600 * 1000
 _RESPONSE_PRIORITY: Final = 10
 _PRUNE_EVERY_S: Final = 3600.0
 _RETRY_PENDING_S: Final = 2.0
+_ERROR_MAX: Final = 500
+"""Longest error text in an answer to a malformed command."""
+_MALFORMED_BURST: Final = 20.0
+"""Malformed messages answered (and logged) at once before the rate limit applies."""
+_MALFORMED_PER_S: Final = 1.0
+"""Malformed messages answered (and logged) per second on average."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answered (
@@ -153,7 +178,11 @@ class CommandStats:
         received: Messages taken from the command topics.
         executed: Handlers run (including unknown commands answered with an error).
         answered: Responses committed (one per correlation id).
-        malformed: Messages that were not valid commands.
+        malformed: Messages that were not valid commands (answered when possible).
+        unanswered: Malformed messages that got no answer: no readable correlation id,
+            not on this device's command topic, expired, already answered, or over the
+            rate limit.
+        rate_limited: Malformed messages over the rate limit (neither answered nor logged).
         expired: Commands ignored because they had expired.
         duplicate: Commands whose correlation id was already answered.
         unknown: Commands with no handler.
@@ -165,6 +194,8 @@ class CommandStats:
     executed: int = 0
     answered: int = 0
     malformed: int = 0
+    unanswered: int = 0
+    rate_limited: int = 0
     expired: int = 0
     duplicate: int = 0
     unknown: int = 0
@@ -223,13 +254,27 @@ def parse_command(topic: str, payload: bytes, device_id: str) -> ParsedCommand:
     return ParsedCommand(name=name, correlation_id=cid, expires_at_ms=expires, args=body["args"])
 
 
-def _salvage_correlation_id(payload: bytes) -> str | None:
-    """The correlation id of a malformed command, if one can be read safely."""
-    try:
-        body = json.loads(decode_envelope(payload).body)
-        return check_correlation_id(body["correlation_id"])
-    except (EnvelopeError, CommandError, ValueError, TypeError, KeyError):
+@dataclass(frozen=True, slots=True)
+class _Salvaged:
+    """What can be read of a malformed command: enough to answer it, or nothing."""
+
+    correlation_id: str
+    expires_at_ms: int | None
+
+
+def _salvage(payload: bytes) -> _Salvaged | None:
+    """The correlation id (and expiry, if readable) of a malformed command, or ``None``."""
+    body = salvage_json_body(payload)
+    if body is None:
         return None
+    try:
+        cid = check_correlation_id(body.get("correlation_id"))
+    except CommandError:
+        return None
+    expires = body.get("expires_at_ms")
+    if isinstance(expires, bool) or not isinstance(expires, int):
+        expires = None
+    return _Salvaged(cid, expires)
 
 
 class CommandProcessor:
@@ -272,6 +317,8 @@ class CommandProcessor:
         self._clock_ms = clock_ms if clock_ms is not None else lambda: int(time.time() * 1000)
         self._handlers: dict[str, CommandHandler] = {}
         self._pending: list[str] = []  # correlation ids whose response the outbox refused
+        self._malformed_tokens = _MALFORMED_BURST
+        self._malformed_at_ms: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # the SQLite connection; never taken in paho callbacks
@@ -378,22 +425,7 @@ class CommandProcessor:
         try:
             command = parse_command(message.topic, message.payload, self.device_id)
         except CommandError as exc:
-            self.stats.malformed += 1
-            cid = _salvage_correlation_id(message.payload)
-            _log.warning(
-                "malformed command on %s (correlation %s): %s", message.topic, cid, exc.message
-            )
-            if cid is not None and not self._answered(cid):
-                name = message.topic.rsplit("/", 1)[-1]
-                response = {
-                    "correlation_id": cid,
-                    "command": name,
-                    "ok": False,
-                    "error": f"malformed command: {exc.message}",
-                }
-                self._answer(cid, name, now_ms + _RETENTION_MS, response, now_ms, message)
-            else:
-                self._do_ack(message)
+            self._malformed(message, exc.message, now_ms)
             return
         cid = command.correlation_id
         if self._answered(cid):
@@ -413,6 +445,67 @@ class CommandProcessor:
             return
         response = self._execute(command)
         self._answer(cid, command.name, command.expires_at_ms, response, now_ms, message)
+
+    def _malformed(self, message: InboundMessage, reason: str, now_ms: int) -> None:
+        """Answer a malformed command ``ok: false`` if it can be (see the module docstring)."""
+        self.stats.malformed += 1
+        if not self._take_malformed_token(now_ms):
+            self.stats.rate_limited += 1
+            self.stats.unanswered += 1
+            self._do_ack(message)
+            return
+        topic = message.topic
+        parts = split_topic(topic)
+        own = (
+            parts is not None
+            and (parts.fleet, parts.device_id) == (self.fleet, self.device_id)
+            and len(parts.rest) == 2
+            and parts.rest[0] == "cmd"
+        )
+        salvaged = _salvage(message.payload) if own else None
+        _log.warning(
+            "malformed command on %r (correlation %s): %s",
+            topic[:200],
+            salvaged.correlation_id if salvaged is not None else None,
+            reason,
+        )
+        if salvaged is None:
+            self.stats.unanswered += 1
+            self._do_ack(message)
+            return
+        cid = salvaged.correlation_id
+        if salvaged.expires_at_ms is not None and now_ms > salvaged.expires_at_ms:
+            _log.info("not answering malformed command %s: it expired", cid)
+            self.stats.unanswered += 1
+            self._do_ack(message)
+            return
+        if self._answered(cid):
+            self.stats.unanswered += 1
+            self._do_ack(message)
+            return
+        assert parts is not None
+        name = parts.rest[1] if is_id(parts.rest[1]) else ""
+        error = f"malformed command: {reason}"
+        response = {
+            "correlation_id": cid,
+            "command": name,
+            "ok": False,
+            "error": error if len(error) <= _ERROR_MAX else error[: _ERROR_MAX - 3] + "...",
+        }
+        self._answer(cid, name, now_ms + _RETENTION_MS, response, now_ms, message)
+
+    def _take_malformed_token(self, now_ms: int) -> bool:
+        """The rate limit of answers to malformed commands (a token bucket)."""
+        if self._malformed_at_ms is not None:
+            elapsed_s = max(0, now_ms - self._malformed_at_ms) / 1000
+            self._malformed_tokens = min(
+                _MALFORMED_BURST, self._malformed_tokens + elapsed_s * _MALFORMED_PER_S
+            )
+        self._malformed_at_ms = now_ms
+        if self._malformed_tokens < 1:
+            return False
+        self._malformed_tokens -= 1
+        return True
 
     def _execute(self, command: ParsedCommand) -> dict[str, Any]:
         base: dict[str, Any] = {"correlation_id": command.correlation_id, "command": command.name}

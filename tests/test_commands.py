@@ -190,6 +190,103 @@ def test_processor_answers_once_and_refuses_bad_input(
     assert len(h.responses()) == 5
 
 
+def _doc_style_command(cid: str, expires_at_ms: int, key: str = "version") -> bytes:
+    """A JSON command as a reader of an older contract doc wrote it: ``version``, not ``v``."""
+    document = {
+        key: 1,
+        "device_id": DEVICE,
+        "seq": 1,
+        "ts_ms": 1,
+        "kind": "command",
+        "content_type": "application/json",
+        "body": {"correlation_id": cid, "expires_at_ms": expires_at_ms, "args": {}},
+    }
+    return json.dumps(document).encode()
+
+
+def test_a_malformed_command_with_a_readable_correlation_id_is_answered(tmp_path: Path) -> None:
+    h = _Harness(tmp_path)
+    h.processor.register("ping", ping_handler)
+    topic = f"edgefl/fl/{DEVICE}/cmd/ping"
+    expires = h.now_ms + 60_000
+    h.processor.handle(_message(topic, _doc_style_command("doc-1", expires)))
+    h.processor.handle(_message(topic, _doc_style_command("doc-1", expires)))  # once only
+    # A protobuf envelope of the wrong kind whose body still names its correlation id.
+    body = canonical_json_body({"correlation_id": "kind-1", "expires_at_ms": expires, "args": {}})
+    wrong_kind = Envelope(1, DEVICE, 1, h.now_ms, "telemetry", "application/json", body)
+    h.processor.handle(_message(topic, encode_envelope(wrong_kind, "protobuf")))
+    # Addressed to another device but on this device's topic: answered here, never there.
+    other_body = body.replace(b"kind-1", b"other-1")
+    other = Envelope(1, "other-dev", 1, h.now_ms, "command", "application/json", other_body)
+    h.processor.handle(_message(topic, encode_envelope(other, "json")))
+    # A correct command with the right key still works.
+    h.processor.handle(_message(topic, _doc_style_command("ok-1", expires, key="v")))
+
+    by_cid = {body["correlation_id"]: (t, body) for t, body in h.responses()}
+    assert sorted(by_cid) == ["doc-1", "kind-1", "ok-1", "other-1"]
+    assert {t for t, _ in by_cid.values()} == {
+        f"edgefl/fl/{DEVICE}/cmd-resp/{cid}" for cid in by_cid
+    }
+    doc = by_cid["doc-1"][1]
+    assert doc["ok"] is False
+    assert doc["command"] == "ping"
+    assert "unknown key(s) ['version']" in doc["error"]
+    assert "the version key is 'v'" in doc["error"]
+    assert "not 'command'" in by_cid["kind-1"][1]["error"]
+    assert "addressed to 'other-dev'" in by_cid["other-1"][1]["error"]
+    assert by_cid["ok-1"][1]["ok"] is True
+    stats = h.processor.stats
+    assert (stats.malformed, stats.unanswered, stats.answered) == (4, 1, 4)
+
+
+def test_an_unreadable_or_unsafe_malformed_command_is_dropped_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = _Harness(tmp_path)
+    caplog.set_level(logging.INFO, logger="edgefl.edge_agent.commands")
+    topic = f"edgefl/fl/{DEVICE}/cmd/ping"
+    future = h.now_ms + 60_000
+    junk = [
+        (topic, b"\x00garbage"),
+        (topic, b"{not json"),
+        (topic, b'{"v":1,"device_id":"dev-c"}'),  # no body
+        (topic, _doc_style_command("a/b", future)),  # would add a topic level
+        (topic, _doc_style_command("#", future)),  # a wildcard
+        (topic, _doc_style_command("x" * 129, future)),  # too long
+        (topic, _doc_style_command("old-1", h.now_ms - 1)),  # expired
+        # Not this device's command topic: no answer anywhere.
+        ("edgefl/fl/victim/cmd/ping", _doc_style_command("v-1", future)),
+        (f"edgefl/other-fleet/{DEVICE}/cmd/ping", _doc_style_command("v-2", future)),
+        (f"edgefl/fl/{DEVICE}/state/desired", _doc_style_command("v-3", future)),
+    ]
+    for t, payload in junk:
+        h.processor.handle(_message(t, payload))
+    assert h.responses() == []
+    stats = h.processor.stats
+    assert (stats.malformed, stats.unanswered, stats.answered) == (len(junk), len(junk), 0)
+    assert "malformed command on" in caplog.text
+
+
+def test_answers_to_malformed_commands_are_rate_limited(tmp_path: Path) -> None:
+    h = _Harness(tmp_path)
+    topic = f"edgefl/fl/{DEVICE}/cmd/ping"
+    for i in range(30):
+        h.processor.handle(_message(topic, _doc_style_command(f"m-{i}", h.now_ms + 600_000)))
+    assert len(h.responses()) == 20
+    assert h.processor.stats.rate_limited == 10
+    h.now_ms += 5_000  # five more tokens
+    for i in range(30, 40):
+        h.processor.handle(_message(topic, _doc_style_command(f"m-{i}", h.now_ms + 600_000)))
+    assert len(h.responses()) == 25  # the outbox still holds the first 20 (not sent)
+    assert h.processor.stats.rate_limited == 15
+    assert h.processor.stats.unanswered == 15
+    # Valid commands are never limited.
+    h.processor.register("ping", ping_handler)
+    for i in range(30):
+        h.send("ping", {}, f"p-{i}")
+    assert len(h.responses()) == 55
+
+
 def test_a_response_too_large_to_send_is_answered_with_the_reason(tmp_path: Path) -> None:
     h = _Harness(tmp_path)
     h.processor.register("dump", lambda args: {"blob": "x" * (MAX_ENVELOPE_BYTES + 10)})
