@@ -56,8 +56,9 @@ from edgefl.server.broker import BrokerError, MosquittoBroker
 from edgefl.server.cert_renewal import CertRenewalService
 from edgefl.server.config import BrokerConfig, ServerConfig, ServerIngestConfig
 from edgefl.server.fl.fleet_proxy import FleetProxy, ProxyTLS
+from edgefl.server.fl.superlink import CONNECTION as FLOWER_CONNECTION
 from edgefl.server.fl.superlink import FlowerAdmin, SuperLink, SuperLinkConfig
-from edgefl.server.fleet_ca import CERTS_IDENTITY, SERVER_IDENTITY, FleetCA
+from edgefl.server.fleet_ca import CERTS_IDENTITY, OPERATOR_PREFIX, SERVER_IDENTITY, FleetCA
 from edgefl.server.ingest import Ingest, IngestConfig
 from edgefl.server.registry.db import display_url, upgrade
 from edgefl.server.runtime import RUNTIME_FILE, end_leftovers, read_runtime
@@ -76,6 +77,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+ADMIN_FLWR_HOME = "admin-flwr-home"
+"""Folder in ``state_dir``: the ``FLWR_HOME`` of the admin commands on the server host."""
 
 
 class Server:
@@ -170,15 +174,59 @@ class Server:
         """Host the broker is reached at."""
         return dial_host(self.config.broker.host)
 
+    @property
+    def admin_flwr_home(self) -> Path:
+        """The ``FLWR_HOME`` the admin commands on this host use (one connection, ``edgefl``)."""
+        return self.state_dir / ADMIN_FLWR_HOME
+
     def admin(self, home: Path | None = None) -> FlowerAdmin:
         """A ``flwr`` wrapper for the SuperLink (own ``FLWR_HOME`` under ``state_dir``)."""
         insecure = self.config.superlink.insecure
         return FlowerAdmin(
             self.superlink_admin_address,
-            home or self.state_dir / "admin-flwr-home",
+            home or self.admin_flwr_home,
             root_certificates=None if insecure else self.ca_dir / "ca.pem",
             insecure=insecure,
         )
+
+    def operator_identity(self) -> dict[str, Any]:
+        """The read-only identities for watching the fleet with ``mosquitto_sub``.
+
+        An operator certificate (CN ``edgefl-op-NAME``, made by ``edgefl server
+        operator-cert NAME``) may read ``edgefl/#`` and write nothing; the CA keeps a copy
+        in ``ca_dir/operators/NAME/``. Nobody needs to borrow a service's key.
+        """
+        ca_file = self.ca_dir / "ca.pem"
+        try:
+            cns = FleetCA.load(self.ca_dir).operator_names()
+        except (EdgeflError, OSError, ValueError):
+            cns = []
+        identities = []
+        for cn in cns:
+            folder = self.ca_dir / "operators" / cn.removeprefix(OPERATOR_PREFIX)
+            identities.append(
+                {
+                    "cn": cn,
+                    "cert_file": str(folder / "cert.pem"),
+                    "key_file": str(folder / "key.pem"),
+                }
+            )
+        folder_text = (
+            str(Path(identities[0]["cert_file"]).parent)
+            if identities
+            else str(self.ca_dir / "operators" / "NAME")
+        )
+        return {
+            "cn": f"{OPERATOR_PREFIX}NAME",
+            "make": "edgefl server operator-cert NAME --config SERVER_CONFIG "
+            "(read-only: edgefl/# only)",
+            "ca_file": str(ca_file),
+            "identities": identities,
+            "mosquitto_sub": (
+                f"mosquitto_sub -h {self.broker_host} -p {self.broker_port} --cafile {ca_file} "
+                f"--cert {folder_text}/cert.pem --key {folder_text}/key.pem -t 'edgefl/#' -v"
+            ),
+        }
 
     def pids(self) -> dict[str, int | None]:
         """PID of every child process, and of this process (``server``)."""
@@ -208,6 +256,11 @@ class Server:
             "ingest": self.ingest is not None,
             "ingest_restarts": self.ingest_restarts,
             "pids": self.pids(),
+            "operator": self.operator_identity(),
+            "admin_flwr_home": {
+                "path": str(self.admin_flwr_home),
+                "flwr": f"FLWR_HOME={self.admin_flwr_home} flwr ls {FLOWER_CONNECTION}",
+            },
         }
 
     # -- start / stop -----------------------------------------------------------------
@@ -301,6 +354,7 @@ class Server:
         if cfg.cert_service:
             self._start_cert_service()
         self._certs_due_at = time.monotonic() + cfg.cert_check_s
+        self.admin()  # writes admin-flwr-home/config.toml: server.json's flwr example works
         self._write_runtime()
         self._watcher = threading.Thread(
             target=self._watch, name="edgefl-server-supervisor", daemon=True
@@ -407,19 +461,8 @@ class Server:
         self.cert_service.start()
 
     def _ingest_config(self) -> IngestConfig:
-        section = self.config.ingest
-        data = section.model_dump(exclude={"enabled", "stall_timeout_s"}, exclude_unset=True)
-        service = self.ca_dir / "services" / SERVER_IDENTITY
-        data.setdefault("broker_host", self.broker_host)
-        data.setdefault("broker_port", self.broker_port)
-        data.setdefault("db_url", self.db_url)
-        data.setdefault("migrate", False)  # done at start
-        if "ca_file" not in data:
-            data["ca_file"] = self.ca_dir / "ca.pem"
-            data.setdefault("cert_file", service / "cert.pem")
-            data.setdefault("key_file", service / "key.pem")
         try:
-            return IngestConfig.model_validate(data)
+            return self.config.ingest_settings(self.broker_host, self.broker_port, migrate=False)
         except ValueError as exc:
             raise ConfigError(f"ingest: {exc}") from exc
 
@@ -494,10 +537,10 @@ class Server:
                         # A re-issued server certificate: nginx reloads without dropping
                         # the devices' connections.
                         self.fleet_proxy.reload_if_certificates_changed()
-                    if self.broker is not None:
-                        # Devices admitted or revoked (another process), operator
-                        # certificates added or revoked.
-                        self.broker.reload_acl()
+                    # Devices admitted or revoked (another process), operator
+                    # certificates added or revoked (server.json lists operators).
+                    if self.broker is not None and self.broker.reload_acl():
+                        self._write_runtime()
                 if now >= self._certs_due_at:
                     self._certs_due_at = now + self.config.cert_check_s
                     self._renew_own_certs(self.ca)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +104,45 @@ def test_server_starts_broker_superlink_and_ingest(server: Server) -> None:
         engine.dispose()
     # The SuperLink answers over TLS.
     assert server.admin().list_nodes() == []
+
+
+@pytest.mark.slow
+def test_start_json_names_the_operator_identity_and_the_admin_flower_home(
+    server: Server,
+) -> None:
+    info = server.info()
+    operator = info["operator"]
+    assert operator["cn"] == "edgefl-op-NAME"
+    assert operator["make"].startswith("edgefl server operator-cert NAME")
+    assert operator["identities"] == []  # none made yet: the example names the folder
+    assert f"-p {server.broker_port} " in operator["mosquitto_sub"]
+    assert f"--cafile {server.ca_dir / 'ca.pem'} " in operator["mosquitto_sub"]
+    home = Path(info["admin_flwr_home"]["path"])
+    assert home == server.state_dir / "admin-flwr-home"
+    assert f'address = "{server.superlink_admin_address}"' in (home / "config.toml").read_text()
+    assert info["admin_flwr_home"]["flwr"] == f"FLWR_HOME={home} flwr ls edgefl"
+
+    # An operator certificate made while the server runs shows up in server.json, with a
+    # mosquitto_sub line that connects, subscribes and waits (exit 27: timed out, no error).
+    FleetCA.load(server.ca_dir).issue_operator_cert("alice")
+
+    def listed() -> list[dict[str, str]]:
+        runtime = read_runtime(server.state_dir) or {}
+        identities: list[dict[str, str]] = runtime.get("operator", {}).get("identities", [])
+        return identities
+
+    wait_for(lambda: bool(listed()), TIMEOUT, "the operator in server.json")
+    (identity,) = listed()
+    assert identity["cn"] == "edgefl-op-alice"
+    assert Path(identity["cert_file"]).is_file()
+    assert Path(identity["key_file"]).is_file()
+    line = (read_runtime(server.state_dir) or {})["operator"]["mosquitto_sub"]
+    assert f"--cert {identity['cert_file']} --key {identity['key_file']}" in line
+    if shutil.which("mosquitto_sub"):
+        done = subprocess.run(
+            [*shlex.split(line), "-W", "2"], capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 27, done.stderr
 
 
 @pytest.mark.slow
