@@ -356,7 +356,7 @@ class FederationPlan(StrictModel):
     name: str | None = Field(
         None,
         pattern=SAFE_NAME_PATTERN,
-        description="Short name (letters, digits, `. _ -`); a scenario needs one (reports).",
+        description="Short name (letters, digits, `. _ -`); a simulation's reports and run ids.",
     )
     description: str = Field("", description="One or two sentences for reports.")
     dataset: str = Field("digits", description=f"Bundled dataset: {' | '.join(DATASETS)}.")

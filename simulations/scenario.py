@@ -79,7 +79,7 @@ def parse_scenario(data: Any, source: str = "scenario") -> Scenario:
 
 
 def load_scenario(path: Path) -> Scenario:
-    """Read and validate a scenario TOML file.
+    """Read and validate a scenario TOML file (``name`` defaults to the file's stem).
 
     Raises:
         ConfigError: The file is missing, not TOML, or invalid (naming the key path).
@@ -99,6 +99,9 @@ def load_scenario(path: Path) -> Scenario:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    old_name = isinstance(data.get("scenario"), dict) and "name" in data["scenario"]
+    if "name" not in data and not old_name:
+        data["name"] = path.stem  # a plan file without a name runs under its file's
     return parse_scenario(data, source=str(path))
 
 

@@ -137,12 +137,15 @@ def test_a_plan_without_simulation_is_a_scenario_with_defaults() -> None:
     assert s.plan == FederationPlan.model_validate(VALID)
 
 
-def test_a_scenario_needs_a_name() -> None:
+def test_a_scenario_needs_a_name_which_a_file_gives(tmp_path: Path) -> None:
     data = copy.deepcopy(VALID)
     del data["name"]
     with pytest.raises(ConfigError, match="name"):
         parse_scenario(data)
     assert FederationPlan.model_validate(data).name is None  # a plan does not
+    plan = tmp_path / "my-plan.toml"
+    plan.write_text('dataset = "digits"\nrounds = 2\n', encoding="utf-8")
+    assert load_scenario(plan).name == "my-plan"
 
 
 def test_unknown_key_is_named_with_its_path() -> None:
