@@ -2,8 +2,12 @@
 
 Every error raised on purpose by edgefl derives from :class:`EdgeflError`. Third-party
 errors are translated at the boundary (``raise ... from exc``) so callers only ever need
-to catch this tree. Library code never calls ``sys.exit``: the CLI maps an exception to
-its :class:`ExitCode` in one place (``edgefl.cli``).
+to catch this tree. Each class carries its :class:`ExitCode` (``exit_code``). Library code
+never calls ``sys.exit``: the CLI maps an exception to its code in one place,
+:func:`edgefl.clikit.exits_on_error`, the decorator every command wears (it prints the
+message and hint on stderr and exits with ``exit_code``). An unexpected exception ends
+the process with its traceback and status 1 (``INTERNAL``); a bad command line exits 2
+(``USAGE``, from click).
 
 Exit codes (stable, documented in the README):
 

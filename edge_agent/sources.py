@@ -2,8 +2,9 @@
 
 A source yields records at its own pace; the agent daemon commits every record to the
 outbox before it is published. :class:`DatasetReplaySource` plays a bundled dataset back
-at a configurable rate, standing in for a real sensor so the agent produces real traffic
-(and, later, real local training data).
+at a configurable rate, standing in for a real sensor so the agent produces real traffic;
+an agent with a ``training:`` section also keeps its labelled samples in the local data
+store (:mod:`edgefl.edge_agent.datastore`) that on-device training reads.
 """
 
 from __future__ import annotations

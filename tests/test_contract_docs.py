@@ -26,7 +26,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefl.config import load_config
 from edgefl.edge_agent.daemon import AgentConfig
-from edgefl.proto import envelope_pb2
+from edgefl.proto import envelope_pb2, topics
+from edgefl.proto.ids import ID_REGEX, InvalidIdError, check_id, is_id
 from edgefl.proto.serde import Envelope, EnvelopeError, decode_envelope, encode_envelope
 from edgefl.testing import Mosquitto, wait_for
 
@@ -69,6 +70,56 @@ def _table(header: str) -> list[list[str]]:
             break
         rows.append([cell.strip() for cell in line.strip("|").split("|")])
     return rows
+
+
+# -- ids and topics ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["a", "pi-01", "A_b-9", "x" * 64])
+def test_ids_the_contract_allows(value: str) -> None:
+    assert is_id(value)
+    assert check_id(value, "device id") == value
+    assert re.fullmatch(ID_REGEX, value)
+
+
+@pytest.mark.parametrize(
+    "value", ["", "x" * 65, "a/b", "a+", "#", "a b", "a\nb", "é", "a.b", None, 7]
+)
+def test_ids_the_contract_refuses(value: object) -> None:
+    assert not is_id(value)
+    with pytest.raises(InvalidIdError, match="device id"):
+        check_id(value, "device id")
+
+
+def test_every_topic_of_the_contract_table_is_built_by_the_topics_module() -> None:
+    built = {
+        topics.record_topic("{fleet}", "{device}", "telemetry", "{stream}"),
+        topics.record_topic("{fleet}", "{device}", "data", "{stream}"),
+        topics.record_topic("{fleet}", "{device}", "result", "{stream}"),
+        topics.status_topic("{fleet}", "{device}"),
+        topics.command_topic("{fleet}", "{device}", "{name}"),
+        topics.response_topic("{fleet}", "{device}", "{correlation_id}"),
+        topics.state_reported_topic("{fleet}", "{device}"),
+        topics.state_desired_topic("{fleet}", "{device}"),
+        topics.cert_request_topic("{fleet}", "{device}"),
+    }
+    documented = {row[0].strip("`") for row in _table("| topic |")}
+    assert documented == built
+    assert {"telemetry", "data", "result"} == topics.RECORD_KINDS
+
+
+def test_split_topic_reads_what_the_builders_write() -> None:
+    parts = topics.split_topic(topics.response_topic("f1", "pi-01", "c-1"))
+    assert parts == topics.TopicParts("f1", "pi-01", ("cmd-resp", "c-1"))
+    assert topics.cert_request_filter() == "edgefl/+/+/cert/request"
+    assert topics.command_filter("f1", "pi-01") == "edgefl/f1/pi-01/cmd/+"
+    for bad in (
+        "edgefl/f1/pi-01",
+        "other/f1/pi-01/status",
+        "edgefl/+/pi-01/status",
+        "edgefl/f1//x",
+    ):
+        assert topics.split_topic(bad) is None
 
 
 # -- the envelope ------------------------------------------------------------------------

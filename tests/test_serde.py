@@ -22,6 +22,7 @@ from edgefl.proto.serde import (
     decode_envelope,
     encode_envelope,
     new_incarnation,
+    salvage_json_body,
 )
 
 ENCODINGS: tuple[Literal["json", "protobuf"], ...] = ("json", "protobuf")
@@ -341,3 +342,54 @@ def test_the_fleet_contract_example_is_a_version_2_envelope() -> None:
     assert (env.version, env.device_id, env.seq) == (ENVELOPE_VERSION, "pi-01", 7)
     assert env.key == ("pi-01", "5f0c1d2e3a4b59687766554433221100", 7)
     assert env.body == b'{"temp":21.5}'
+
+
+def test_a_json_envelope_with_version_for_v_is_refused_naming_the_key() -> None:
+    env = Envelope(1, "pi-01", 1, 1, "command", "application/json", b"{}")
+    document = json.loads(encode_envelope(env, "json"))
+    document["version"] = document.pop("v")
+    with pytest.raises(
+        EnvelopeError, match=r"unknown key\(s\) \['version'\] \(the version key is 'v'"
+    ):
+        decode_envelope(json.dumps(document).encode())
+
+
+def test_salvage_reads_the_body_of_an_invalid_envelope() -> None:
+    body = {"correlation_id": "c-1", "expires_at_ms": 5, "args": {}}
+    misspelt = {"version": 1, "device_id": "pi 01", "body": body}  # and more wrong
+    assert salvage_json_body(json.dumps(misspelt).encode()) == body
+    # A valid envelope of another kind, in both encodings.
+    env = Envelope(1, "pi-01", 1, 1, "telemetry", "application/json", canonical_json_body(body))
+    for encoding in ENCODINGS:
+        assert salvage_json_body(encode_envelope(env, encoding)) == body
+    # A protobuf envelope whose fields are out of range still has a readable body.
+    bad = envelope_pb2.Envelope(version=9, body=canonical_json_body(body))
+    assert salvage_json_body(bad.SerializeToString()) == body
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\x00garbage",
+        b"{not json",
+        b"[1, 2]",
+        b'{"body": [1]}',
+        b'{"body": "eyJhIjoxfQ=="}',  # base64 of a JSON object: not read
+        b'{"body": {"a": NaN}}',
+        b'{"body": {"a": 1, "a": 2}}',
+        b'{"body": {"n": ' + b"9" * 5000 + b"}}",
+        b"{" * 100_000,
+        envelope_pb2.Envelope(body=b"not json").SerializeToString(),
+        envelope_pb2.Envelope(body=b"[1]").SerializeToString(),
+    ],
+)
+def test_salvage_returns_none_when_there_is_no_object_body(payload: bytes) -> None:
+    assert salvage_json_body(payload) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_salvage_never_raises(data: bytes) -> None:
+    result = salvage_json_body(data)
+    assert result is None or isinstance(result, dict)
