@@ -10,11 +10,18 @@ from typing import Annotated, Any
 
 import typer
 
-from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error
+from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error, print_table
 
 __all__ = ["app"]
 
-app = typer.Typer(help="The device agent: data sources, outbox, MQTT link.", no_args_is_help=True)
+app = typer.Typer(
+    help=(
+        "The device agent: data sources, durable outbox and MQTT link, fleet commands, "
+        "enrollment (enroll), on-device DP training in a Flower SuperNode (a training: "
+        "section of the config) and local/cloud inference (predict)."
+    ),
+    no_args_is_help=True,
+)
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="Agent config file (YAML, TOML or JSON).")
@@ -53,7 +60,11 @@ def validate_config(config: ConfigOption, as_json: Annotated[bool, JSON_OPTION] 
 @app.command()
 @exits_on_error
 def run(config: ConfigOption) -> None:
-    """Run the agent until SIGTERM or Ctrl-C; boots even when the broker is down."""
+    """Run the agent until SIGTERM or Ctrl-C; boots even when the broker is down.
+
+    It sends its sources' records through the outbox, answers fleet commands and, with a
+    training: section, supervises the Flower SuperNode that trains on the device.
+    """
     from edgefl.edge_agent.daemon import Agent
 
     agent = Agent(_load(config))
@@ -253,12 +264,29 @@ def predict(
     if as_json:
         emit_json(report)
         return
-    for row in report["results"]:
-        typer.echo(
-            f"{row['index']}: label {row['label']} (p={row['confidence']:.3f}) "
-            f"{row['source']} {row['latency_ms']:.2f} ms"
-            f"{'' if row['deadline_met'] else ' MISSED'}: {row['reason']}"
-        )
+    print_table(
+        [
+            ("#", "right"),
+            ("label", "right"),
+            ("p", "right"),
+            ("source", "left"),
+            ("latency ms", "right"),
+            ("budget", "left"),
+            ("reason", "left"),
+        ],
+        [
+            (
+                row["index"],
+                row["label"],
+                f"{row['confidence']:.3f}",
+                row["source"],
+                f"{row['latency_ms']:.2f}",
+                "met" if row["deadline_met"] else "MISSED",
+                row["reason"],
+            )
+            for row in report["results"]
+        ],
+    )
     s = report["summary"]
     typer.echo(
         f"{s['samples']} samples, budget {report['budget_ms']:g} ms, mode {report['mode']}: "

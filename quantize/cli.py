@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error
+from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error, print_table
 from edgefl.errors import VerificationError
 from edgefl.quantize.recipes import DEFAULT_VARIANTS
 
@@ -60,13 +60,26 @@ def list_cmd(as_json: Annotated[bool, JSON_OPTION] = False) -> None:
     if as_json:
         emit_json(payload)
         return
-    typer.echo("models:")
-    for name, info in payload["models"].items():
-        typer.echo(f"  {name:<12} {info['description']}")
-    typer.echo("recipes (prefix prunedNN- for structured pruning):")
-    for key, desc in payload["recipes"].items():
-        typer.echo(f"  {key:<12} {desc}")
-    typer.echo(f"verification runtimes here: {', '.join(targets) or 'none'}")
+    print_table(
+        [("model", "left"), ("dataset", "left"), ("description", "left")],
+        [(name, info["dataset"], info["description"]) for name, info in payload["models"].items()],
+        title="models",
+    )
+    typer.echo("")
+    print_table(
+        [("recipe", "left"), ("description", "left")],
+        payload["recipes"].items(),
+        title="recipes (prefix prunedNN- for structured pruning)",
+    )
+    typer.echo("")
+    print_table(
+        [("runtime", "left"), ("importable here", "left"), ("verification target", "left")],
+        [
+            (key, "yes" if installed else "no", "yes" if key in targets else "no")
+            for key, installed in payload["runtimes"].items()
+        ],
+        title="device runtimes here",
+    )
 
 
 @app.command()
@@ -174,13 +187,26 @@ def verify(
             }
         )
     else:
-        for key, check in results.items():
-            state = "ok" if check.passed else "FAILED: " + "; ".join(check.reasons)
-            typer.echo(
-                f"{artifact.name} on {key} {check.version}: {state} "
-                f"(max abs err {check.max_abs_error:.3g}, "
-                f"top-1 agreement {check.top1_agreement:.0%})"
-            )
+        print_table(
+            [
+                ("runtime", "left"),
+                ("version", "left"),
+                ("max abs err", "right"),
+                ("top-1 agreement", "right"),
+                ("result", "left"),
+            ],
+            [
+                (
+                    key,
+                    check.version,
+                    f"{check.max_abs_error:.3g}",
+                    f"{check.top1_agreement:.0%}",
+                    "ok" if check.passed else "FAILED: " + "; ".join(check.reasons),
+                )
+                for key, check in results.items()
+            ],
+            title=f"{artifact.name} (sha256 {m.sha256[:12]}...)",
+        )
     if failed:
         raise VerificationError(
             f"{artifact.name} disagrees with its reference on {', '.join(failed)}",
