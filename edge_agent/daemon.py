@@ -8,7 +8,8 @@ status`` can report on a running (or dead) agent from another process.
 
 The agent subscribes (QoS 1, persistent session) to ``edgefl/{fleet}/{device}/cmd/+`` and
 answers each command once through the outbox (see :mod:`edgefl.edge_agent.commands`);
-built-in commands are ``ping``, ``status`` and ``set-rate``.
+built-in commands are ``ping``, ``status`` and ``set-rate``, and ``install-cert`` when the
+link has a client certificate (mutual TLS) to renew.
 
 With a ``training:`` section (:class:`~edgefl.edge_agent.fl.supernode.TrainingConfig`)
 the agent also keeps every labelled sample in its local data store
