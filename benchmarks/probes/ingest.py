@@ -75,7 +75,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefl.proto.serde import ENVELOPE_VERSION, Envelope, encode_envelope, new_incarnation
-from edgefl.proto.topics import device_prefix
+from edgefl.proto.topics import ROOT, device_prefix
 from edgefl.server.fleet_ca import SERVER_IDENTITY, FleetCA, IssuedCert
 from edgefl.server.ingest import IngestConfig
 from edgefl.server.registry import DeadLetter, Device, Enrollment, Record, make_engine, upgrade
@@ -423,7 +423,7 @@ class IngestRig:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(DeadLetter.reason, sa.func.count())
-                .where(DeadLetter.topic.like(f"edgefl/%/{device}/%"))
+                .where(DeadLetter.topic.like(f"{ROOT}/%/{device}/%"))
                 .group_by(DeadLetter.reason)
             )
             return Counter({str(reason): int(n) for reason, n in rows})
@@ -612,7 +612,7 @@ def probe_fleet_spoof(rig: IngestRig) -> ProbeResult:
         )
     )
     rows = rig.records(attacker.name)
-    under_other = [r for r in rows if r.topic.startswith(f"edgefl/{other}/")]
+    under_other = [r for r in rows if r.topic.startswith(f"{ROOT}/{other}/")]
     fleet = rig.device_fleet(attacker.name)
     letters = rig.dead_letters(attacker.name)
     # 2. The ingest, behind it: the device is moved to another fleet in the registry (a
