@@ -79,7 +79,7 @@ from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender
 from edgefl.edge_agent.outbox import Outbox, OutboxItem, OutboxPolicy
 from edgefl.proto.serde import ENVELOPE_VERSION, Envelope, encode_envelope
 from edgefl.proto.topics import record_topic, status_topic
-from edgefl.server.ingest import Ingest, IngestConfig
+from edgefl.server.ingest import BrokerAddress, Ingest, IngestConfig
 from edgefl.server.registry.models import Record
 from edgefl.testing import Mosquitto
 
@@ -288,7 +288,12 @@ def pg_schema_url() -> Iterator[str]:
 
 def start_ingest(port: int, db_url: str, fleet: str) -> Ingest:
     ingest = Ingest(
-        IngestConfig(broker_port=port, client_id=f"ingest-{uid()}", db_url=db_url, fleet=fleet)
+        IngestConfig(
+            broker=BrokerAddress(port=port),
+            client_id=f"ingest-{uid()}",
+            db_url=db_url,
+            fleet=fleet,
+        )
     )
     ingest.start()
     if not ingest.wait_ready(15):

@@ -80,6 +80,7 @@ __all__ = [
     "config_renames",
     "format_validation_error",
     "load_config",
+    "read_config_data",
     "validate_config",
 ]
 

@@ -2,27 +2,47 @@
 
 :class:`ServerConfig` is what ``edgefl server start -c server.yaml`` validates; its sections
 are the broker (:class:`BrokerConfig`), the ingest (:class:`ServerIngestConfig`), the
-SuperLink and the Fleet API proxy. The models live apart from :mod:`edgefl.server.serve`
-(which runs the processes they describe) so that every ``edgefl server`` command can read
-the same file without importing the supervisor.
+SuperLink, the Fleet API proxy and the inference service. The models live apart from
+:mod:`edgefl.server.serve` (which runs the processes they describe) so that every
+``edgefl server`` command can read the same file without importing the supervisor:
+:func:`read_server_config` is the one reader, and :func:`read_ingest_file` also accepts the
+bare ingest config ``edgefl server ingest -c`` read before (with a warning, for one release).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
+import warnings
 from pathlib import Path
 from typing import ClassVar, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from edgefl.config import RenameMap, StrictModel, TlsFiles
+from edgefl.config import (
+    RenamedKeyWarning,
+    RenameMap,
+    StrictModel,
+    TlsFiles,
+    read_config_data,
+    validate_config,
+)
 from edgefl.server.fl.fleet_proxy import FleetProxyConfig
 from edgefl.server.fl.superlink import SuperLinkConfig
-from edgefl.server.fleet_ca import CRL_VALIDITY_DAYS
+from edgefl.server.fleet_ca import CRL_VALIDITY_DAYS, SERVER_IDENTITY
 from edgefl.server.ingest import IngestConfig
 from edgefl.server.registry.db import DEFAULT_DB_FILENAME
 
-__all__ = ["BrokerConfig", "InferenceServerConfig", "ServerConfig", "ServerIngestConfig"]
+__all__ = [
+    "BrokerConfig",
+    "InferenceServerConfig",
+    "ServerConfig",
+    "ServerIngestConfig",
+    "read_ingest_file",
+    "read_server_config",
+]
+
+log = logging.getLogger(__name__)
 
 
 class BrokerConfig(StrictModel):
@@ -52,7 +72,7 @@ class BrokerConfig(StrictModel):
 class ServerIngestConfig(IngestConfig):
     """The MQTT ingest (``ingest:`` section): :class:`IngestConfig` plus ``enabled``.
 
-    ``broker_host``/``broker_port``, ``db_url`` and the TLS files default to the server's
+    ``broker`` (host, port), ``db_url`` and ``tls`` default to the server's
     broker, registry and the CA's ``edgefl-ingest`` service certificate.
     """
 
@@ -220,3 +240,72 @@ class ServerConfig(StrictModel):
     def resolved_db_url(self) -> str:
         """``db_url`` or the SQLite default inside ``state_dir``."""
         return self.db_url or f"sqlite:///{self.resolved_state_dir / DEFAULT_DB_FILENAME}"
+
+    def ingest_settings(
+        self, broker_host: str, broker_port: int, *, migrate: bool | None = None
+    ) -> IngestConfig:
+        """The ingest's settings: the ``ingest:`` section, what it leaves unset filled in.
+
+        ``broker`` defaults to ``broker_host:broker_port`` (where this server's broker is
+        reached), ``db_url`` to the registry, ``tls`` (unless ``tls.ca_file`` is given) to
+        the fleet CA and its ``edgefl-ingest`` service certificate.
+
+        Raises:
+            ValueError: The result is not a valid :class:`IngestConfig` (pydantic's error).
+        """
+        data = self.ingest.model_dump(exclude={"enabled", "stall_timeout_s"}, exclude_unset=True)
+        service = self.resolved_ca_dir / "services" / SERVER_IDENTITY
+        broker = data.setdefault("broker", {})
+        broker.setdefault("host", broker_host)
+        broker.setdefault("port", broker_port)
+        data.setdefault("db_url", self.resolved_db_url)
+        if migrate is not None:
+            data.setdefault("migrate", migrate)
+        tls = data.setdefault("tls", {})
+        if "ca_file" not in tls:
+            tls["ca_file"] = self.resolved_ca_dir / "ca.pem"
+            tls.setdefault("cert_file", service / "cert.pem")
+            tls.setdefault("key_file", service / "key.pem")
+        return IngestConfig.model_validate(data)
+
+
+def read_server_config(path: Path | None) -> ServerConfig:
+    """The server config file (``server.yaml``), or the built-in defaults without one.
+
+    Raises:
+        ConfigError: The file is missing, unparsable or invalid (naming each bad key).
+    """
+    if path is None:
+        return ServerConfig()
+    return validate_config(ServerConfig, read_config_data(path), source=str(path))
+
+
+def _bare_ingest_keys(data: object) -> set[str]:
+    """Top-level keys that only a bare :class:`IngestConfig` file has (not server.yaml)."""
+    if not isinstance(data, dict):
+        return set()
+    ingest_keys = set(IngestConfig.model_fields) | set(IngestConfig.renamed_keys)
+    return (set(data) & ingest_keys) - set(ServerConfig.model_fields)
+
+
+def read_ingest_file(path: Path) -> ServerConfig | IngestConfig:
+    """``edgefl server ingest -c`` / ``server devices -c``: server.yaml, or an old ingest file.
+
+    A file with a key only an :class:`IngestConfig` has (``client_id``, ``fleet``,
+    ``broker``...) at the top is the bare ingest config these commands read before the
+    ``ingest:`` section of server.yaml: it is still read, with a warning, for one release.
+    Any other file (``db_url`` alone included) is a server config.
+
+    Raises:
+        ConfigError: The file is missing, unparsable or invalid.
+    """
+    data = read_config_data(path)
+    if not _bare_ingest_keys(data):
+        return validate_config(ServerConfig, data, source=str(path))
+    text = (
+        f"{path}: a bare ingest config is read as before, until the next release; move its "
+        "keys into the ingest: section of the server config (server.yaml)"
+    )
+    log.warning("%s", text)
+    warnings.warn(text, RenamedKeyWarning, stacklevel=2)
+    return validate_config(IngestConfig, data, source=str(path))

@@ -43,9 +43,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from types import FrameType
-from typing import Any, Final, cast
+from typing import Any, ClassVar, Final, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -53,13 +52,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from sqlalchemy import Engine, Table, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from edgefl.config import StrictModel
+from edgefl.config import Address, RenameMap, StrictModel, TlsFiles
 from edgefl.errors import ConfigError
 from edgefl.proto.ids import ID_PATTERN, ID_REGEX, is_id
 from edgefl.proto.serde import (
@@ -83,6 +82,7 @@ from edgefl.server.registry.models import (
 __all__ = [
     "DEAD_LETTER_REASONS",
     "DEFAULT_MAX_PAYLOAD_BYTES",
+    "BrokerAddress",
     "Ingest",
     "IngestConfig",
     "IngestProgress",
@@ -146,11 +146,27 @@ DEAD_LETTER_REASONS: Final = (
   traceback)."""
 
 
+class BrokerAddress(Address):
+    """The broker the ingest dials (``broker: {host, port}``)."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="MQTT broker host name.")
+    port: int = Field(1883, ge=1, le=65535, description="MQTT broker TCP port.")
+
+
 class IngestConfig(StrictModel):
     """Settings of the MQTT ingest (validated once, unknown keys are errors)."""
 
-    broker_host: str = Field("127.0.0.1", min_length=1, description="MQTT broker host name.")
-    broker_port: int = Field(1883, ge=1, le=65535, description="MQTT broker TCP port.")
+    renamed_keys: ClassVar[RenameMap] = {
+        "broker_host": "broker.host",
+        "broker_port": "broker.port",
+        "ca_file": "tls.ca_file",
+        "cert_file": "tls.cert_file",
+        "key_file": "tls.key_file",
+    }
+
+    broker: BrokerAddress = Field(
+        default_factory=lambda: BrokerAddress(), description="The MQTT broker to dial."
+    )
     client_id: str = Field(
         "edgefl-ingest",
         pattern=ID_REGEX,
@@ -158,16 +174,15 @@ class IngestConfig(StrictModel):
         "a restarted ingest must reuse it to receive what was published meanwhile.",
     )
     username: str | None = Field(None, description="Broker user name, if the broker wants one.")
-    password: str | None = Field(None, description="Broker password (with username).")
-    ca_file: Path | None = Field(
-        None, description="CA certificate that signed the broker's certificate: enables TLS."
+    password: SecretStr | None = Field(
+        None, description="Broker password (with username); never printed."
     )
-    cert_file: Path | None = Field(
-        None,
-        description="Client certificate for mutual TLS (the fleet CA's edgefl-server "
-        "service certificate; the broker takes its CN as the user name).",
+    tls: TlsFiles = Field(
+        default_factory=lambda: TlsFiles(),
+        description="ca_file: the CA that signed the broker's certificate, setting it "
+        "enables TLS; cert_file/key_file: the client certificate for mutual TLS (the fleet "
+        "CA's edgefl-ingest service certificate; the broker takes its CN as the user name).",
     )
-    key_file: Path | None = Field(None, description="Private key of cert_file.")
     db_url: str = Field(
         default_factory=default_database_url,
         description="Registry database URL; default sqlite:///<state dir>/edgefl.db.",
@@ -206,10 +221,11 @@ class IngestConfig(StrictModel):
 
     @model_validator(mode="after")
     def _tls_files(self) -> IngestConfig:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
-        if self.cert_file is not None and self.ca_file is None:
-            raise ValueError("cert_file needs ca_file (the CA of the broker's certificate)")
+        tls = self.tls
+        if (tls.cert_file is None) != (tls.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        if tls.cert_file is not None and tls.ca_file is None:
+            raise ValueError("tls.cert_file needs tls.ca_file (the CA of the broker's certificate)")
         return self
 
 
@@ -386,8 +402,8 @@ class Ingest:
         properties.SessionExpiryInterval = self.config.session_expiry_s
         properties.ReceiveMaximum = self.config.receive_maximum
         self._client.connect_async(
-            self.config.broker_host,
-            self.config.broker_port,
+            self.config.broker.host,
+            self.config.broker.port,
             keepalive=self.config.keepalive_s,
             clean_start=False,
             properties=properties,
@@ -396,8 +412,8 @@ class Ingest:
         logger.info(
             "ingest %s connecting to %s:%d, storing into %s",
             self.config.client_id,
-            self.config.broker_host,
-            self.config.broker_port,
+            self.config.broker.host,
+            self.config.broker.port,
             self._engine.url.render_as_string(hide_password=True),
         )
 
@@ -521,20 +537,24 @@ class Ingest:
             manual_ack=True,
         )
         if self.config.username is not None:
-            client.username_pw_set(self.config.username, self.config.password)
-        if self.config.ca_file is not None:
+            password = self.config.password
+            client.username_pw_set(
+                self.config.username, password.get_secret_value() if password else None
+            )
+        tls = self.config.tls
+        if tls.ca_file is not None:
             try:
                 client.tls_set(
-                    ca_certs=str(self.config.ca_file),
-                    certfile=str(self.config.cert_file) if self.config.cert_file else None,
-                    keyfile=str(self.config.key_file) if self.config.key_file else None,
+                    ca_certs=str(tls.ca_file),
+                    certfile=str(tls.cert_file) if tls.cert_file else None,
+                    keyfile=str(tls.key_file) if tls.key_file else None,
                 )
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(
-                    f"ingest TLS files unusable ({self.config.ca_file}, "
-                    f"{self.config.cert_file}, {self.config.key_file}): {exc}",
-                    hint="point ca_file/cert_file/key_file at the fleet CA and the "
-                    "edgefl-server service certificate",
+                    f"ingest TLS files unusable ({tls.ca_file}, "
+                    f"{tls.cert_file}, {tls.key_file}): {exc}",
+                    hint="point tls.ca_file/cert_file/key_file at the fleet CA and the "
+                    "edgefl-ingest service certificate",
                 ) from exc
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect

@@ -23,11 +23,18 @@ import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from edgefl.config import TlsFiles
 from edgefl.errors import ConfigError
 from edgefl.proto.serde import ENVELOPE_VERSION, Envelope, encode_envelope, new_incarnation
 from edgefl.server import ingest as ingest_module
 from edgefl.server.fleet_ca import SERVER_IDENTITY, FleetCA
-from edgefl.server.ingest import DEAD_LETTER_REASONS, Ingest, IngestConfig, subscription_topics
+from edgefl.server.ingest import (
+    DEAD_LETTER_REASONS,
+    BrokerAddress,
+    Ingest,
+    IngestConfig,
+    subscription_topics,
+)
 from edgefl.server.registry import (
     DEAD_LETTER_PAYLOAD_CAP,
     DeadLetter,
@@ -92,8 +99,7 @@ def publisher(broker: Mosquitto) -> Iterator[Publisher]:
 def _config(broker: Mosquitto, db_url: str, fleet: str, **extra: Any) -> IngestConfig:
     return IngestConfig.model_validate(
         {
-            "broker_host": broker.host,
-            "broker_port": broker.port,
+            "broker": {"host": broker.host, "port": broker.port},
             "client_id": f"ingest-{fleet}",
             "db_url": db_url,
             "fleet": fleet,
@@ -499,12 +505,12 @@ def test_ingest_killed_mid_stream_stores_every_seq_exactly_once(
 
 
 def test_tls_options_are_checked() -> None:
-    with pytest.raises(ValueError, match="cert_file and key_file go together"):
-        IngestConfig(ca_file=Path("/ca.pem"), cert_file=Path("/c.pem"))
-    with pytest.raises(ValueError, match="cert_file needs ca_file"):
-        IngestConfig(cert_file=Path("/c.pem"), key_file=Path("/k.pem"))
+    with pytest.raises(ValueError, match=r"tls\.cert_file and tls\.key_file go together"):
+        IngestConfig(tls=TlsFiles(ca_file=Path("/ca.pem"), cert_file=Path("/c.pem")))
+    with pytest.raises(ValueError, match=r"tls\.cert_file needs tls\.ca_file"):
+        IngestConfig(tls=TlsFiles(cert_file=Path("/c.pem"), key_file=Path("/k.pem")))
     with pytest.raises(ConfigError, match="ingest TLS files unusable"):
-        Ingest(IngestConfig(ca_file=Path("/nonexistent/ca.pem")))
+        Ingest(IngestConfig(tls=TlsFiles(ca_file=Path("/nonexistent/ca.pem"))))
 
 
 @pytest.mark.slow
@@ -530,14 +536,13 @@ def test_ingest_over_mutual_tls_with_the_service_certificate(
     broker.start()
     ingest = Ingest(
         IngestConfig(
-            broker_host="127.0.0.1",
-            broker_port=broker.port,
+            broker=BrokerAddress(host="127.0.0.1", port=broker.port),
             client_id=f"ingest-{fleet}",
             db_url=db_url,
             fleet=fleet,
-            ca_file=ca.cert_path,
-            cert_file=service.cert_path,
-            key_file=service.key_path,
+            tls=TlsFiles(
+                ca_file=ca.cert_path, cert_file=service.cert_path, key_file=service.key_path
+            ),
         )
     )
     device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="tls-dev", protocol=mqtt.MQTTv5)
@@ -819,13 +824,12 @@ def test_watchdog_restarts_an_ingest_that_stops_acknowledging(
         ServerConfig(
             state_dir=tmp_path / "server",
             ingest=ServerIngestConfig(
-                broker_host=broker.host,
-                broker_port=broker.port,
+                broker=BrokerAddress(host=broker.host, port=broker.port),
                 client_id=f"ingest-{fleet}",
                 db_url=sqlite_url,
                 migrate=True,
                 fleet=fleet,
-                ca_file=None,
+                tls=TlsFiles(ca_file=None),
                 stall_timeout_s=1.0,
             ),
         )
@@ -878,8 +882,7 @@ def test_oversized_payload_through_a_broker_without_a_limit(tmp_path: Path) -> N
     with Mosquitto(tmp_path, extra_lines=["max_queued_messages 100000"]) as broker:
         ingest = Ingest(
             IngestConfig(
-                broker_host=broker.host,
-                broker_port=broker.port,
+                broker=BrokerAddress(host=broker.host, port=broker.port),
                 client_id="ingest-oversized",
                 db_url=db_url,
             )

@@ -95,7 +95,7 @@ def test_server_starts_broker_superlink_and_ingest(server: Server) -> None:
     # The ingest is subscribed through mutual TLS on the shipped broker config.
     assert server.ingest is not None
     assert server.ingest.wait_ready(TIMEOUT)
-    assert server.ingest.config.cert_file == server.ca_dir / "services/edgefl-ingest/cert.pem"
+    assert server.ingest.config.tls.cert_file == server.ca_dir / "services/edgefl-ingest/cert.pem"
     # The registry is migrated.
     engine = make_engine(server.db_url)
     try:

@@ -51,7 +51,7 @@ from edgefl.server.fleet_ca import (
     FleetCA,
     IssuedCert,
 )
-from edgefl.server.ingest import Ingest, IngestConfig
+from edgefl.server.ingest import BrokerAddress, Ingest, IngestConfig
 from edgefl.server.serve import BrokerConfig, MosquittoBroker
 
 __all__ = [
@@ -175,13 +175,12 @@ class BrokerLab:
     def ingest_config(self, db_url: str) -> IngestConfig:
         cert = self.certs[INGEST_IDENTITY]
         return IngestConfig(
-            broker_host="127.0.0.1",
-            broker_port=self.broker.port,
+            broker=BrokerAddress(host="127.0.0.1", port=self.broker.port),
             db_url=db_url,
             fleet=self.fleet,
-            ca_file=self.ca.cert_path,
-            cert_file=cert.cert_path,
-            key_file=cert.key_path,
+            tls=TlsFiles(
+                ca_file=self.ca.cert_path, cert_file=cert.cert_path, key_file=cert.key_path
+            ),
         )
 
 

@@ -74,10 +74,11 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgefl.config import TlsFiles
 from edgefl.proto.serde import ENVELOPE_VERSION, Envelope, encode_envelope, new_incarnation
 from edgefl.proto.topics import ROOT, device_prefix
 from edgefl.server.fleet_ca import SERVER_IDENTITY, FleetCA, IssuedCert
-from edgefl.server.ingest import IngestConfig
+from edgefl.server.ingest import BrokerAddress, IngestConfig
 from edgefl.server.registry import DeadLetter, Device, Enrollment, Record, make_engine, upgrade
 from edgefl.server.serve import BrokerConfig, MosquittoBroker
 
@@ -280,14 +281,15 @@ class IngestRig:
     def ingest_config(self) -> IngestConfig:
         """The ingest as ``edgefl server start`` configures it: every fleet, mutual TLS."""
         return IngestConfig(
-            broker_host="127.0.0.1",
-            broker_port=self.broker.port,
+            broker=BrokerAddress(host="127.0.0.1", port=self.broker.port),
             client_id=SERVER_IDENTITY,
             db_url=self.db_url,
             migrate=False,
-            ca_file=self.ca.cert_path,
-            cert_file=self.service.cert_path,
-            key_file=self.service.key_path,
+            tls=TlsFiles(
+                ca_file=self.ca.cert_path,
+                cert_file=self.service.cert_path,
+                key_file=self.service.key_path,
+            ),
         )
 
     def start_ingest(self) -> None:
