@@ -233,7 +233,7 @@ def test_wait_exits_9_when_the_last_round_trained_nobody(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], as_json: bool
 ) -> None:
     from edgefl.errors import RunFailedError
-    from edgefl.server.cli import _report_run
+    from edgefl.server.runs import report_run
     from edgefl.server.registry import upgrade
 
     url = f"sqlite:///{tmp_path / 'edgefl.db'}"
@@ -241,7 +241,7 @@ def test_wait_exits_9_when_the_last_round_trained_nobody(
     _run_whose_last_round_trained_nobody(url)
     submitted = {"run_id": "r-idle", "flower_run_id": 7, "app_dir": "", "db_url": url}
     with pytest.raises(RunFailedError) as info:
-        _report_run(submitted, "finished:completed", as_json)  # Flower says "completed"
+        report_run(submitted, "finished:completed", as_json)  # Flower says "completed"
     assert info.value.exit_code == ExitCode.RUN_FAILED
     message = str(info.value)
     assert "trained 2 of 3 planned rounds; round 3 trained nobody (" in message

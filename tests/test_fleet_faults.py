@@ -310,14 +310,18 @@ def make_rig(
         max_inflight: int | None = None,
     ) -> Rig:
         fleet = f"f{uuid.uuid4().hex[:10]}"
-        ingest_config = tmp_path / "ingest.yaml"
+        ingest_config = tmp_path / "server.yaml"
         ingest_config.write_text(
             yaml.safe_dump(
                 {
-                    "broker_host": broker.host,
-                    "client_id": f"ingest-{fleet}",
-                    "fleet": fleet,
-                    "keepalive_s": KEEPALIVE_S,
+                    "state_dir": str(tmp_path / "server"),
+                    "ingest": {
+                        "broker": {"host": broker.host},
+                        "client_id": f"ingest-{fleet}",
+                        "fleet": fleet,
+                        "keepalive_s": KEEPALIVE_S,
+                        "tls": {"ca_file": None},  # the test broker is plaintext
+                    },
                 }
             )
         )
