@@ -22,7 +22,15 @@ app = typer.Typer()
 @app.command()
 @exits_on_error
 def train(
-    plan: Annotated[Path, typer.Option("--plan", help="Federation plan (TOML, YAML or JSON).")],
+    plan: Annotated[
+        Path,
+        typer.Option(
+            "--plan",
+            help="Federation plan (TOML, YAML or JSON). Keys, types and defaults: README "
+            "'Federation plan keys'; example: deploy/plans/digits-dp.toml. A simulation "
+            "scenario file works as it is (its simulation table is ignored).",
+        ),
+    ],
     config: ServerConfigOption = None,
     run_id: Annotated[
         str | None, typer.Option("--run-id", help="Our run id (an existing one resumes).")

@@ -44,7 +44,7 @@ def simulate(
         Path,
         typer.Option(
             "--scenario",
-            help="Scenario TOML file: a federation plan plus [simulation] (shipped ones: "
+            help="Scenario TOML file: a federation plan plus a simulation table (shipped: "
             "simulations/scenarios/*.toml; keys: README 'Laptop simulation').",
         ),
     ],

@@ -412,6 +412,17 @@ def test_server_train_takes_a_scenario_file_and_says_it_ignores_simulation(
     assert str(missing) in result.output  # got past the plan, stopped at the server config
 
 
+def test_help_points_to_the_plan_keys_and_the_example() -> None:
+    import re
+
+    result = CliRunner().invoke(app, ["server", "train", "--help"], env={"COLUMNS": "200"})
+    text = re.sub(r"[\s│]+", " ", result.output)
+    assert "README 'Federation plan keys'" in text
+    assert "deploy/plans/digits-dp.toml" in text
+    assert "simulation table is ignored" in text
+    assert (ROOT / "deploy" / "plans" / "digits-dp.toml").is_file()
+
+
 # ---- documentation ---------------------------------------------------------------------
 
 
