@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from edgefl.config import StrictModel
+from edgefl.config import StrictModel, TlsFiles
 from edgefl.proto.ids import ID_REGEX
 
 from .estimators import Statistic
@@ -38,12 +38,13 @@ Mode = Literal["local", "cloud", "adaptive"]
 through the deadline). ``adaptive``: offload when it fits, is healthy and is wanted."""
 
 
-class TlsConfig(StrictModel):
-    """TLS towards the inference service; with a certificate and key it is mutual TLS."""
+class TlsConfig(TlsFiles):
+    """TLS towards the inference service: the shared ``tls:`` files, ``ca_file`` required.
+
+    With ``cert_file`` and ``key_file`` (this device's certificate and key) it is mutual TLS.
+    """
 
     ca_file: Path = Field(description="CA certificate (PEM) that signed the server's certificate.")
-    cert_file: Path | None = Field(None, description="This device's certificate (PEM), for mTLS.")
-    key_file: Path | None = Field(None, description="This device's private key (PEM), for mTLS.")
     server_name: str | None = Field(
         None, description="Name to check the server certificate against, if not the host."
     )
