@@ -29,6 +29,7 @@ from edgefl.errors import ConfigError
 from edgefl.proto.ids import ID_PATTERN, is_id
 from edgefl.proto.serde import MAX_ENVELOPE_BYTES
 from edgefl.proto.topics import ROOT, device_prefix
+from edgefl.resources import deploy_path
 
 __all__ = [
     "DEVICE_READS",
@@ -70,18 +71,12 @@ _SERVICE_PREFIX = "edgefl-"
 
 
 def deploy_dir() -> Path:
-    """The ``deploy/mosquitto`` folder of this source tree.
+    """The shipped ``deploy/mosquitto`` folder (in the wheel: ``edgefl/deploy/mosquitto``).
 
     Raises:
-        ConfigError: The folder is not there (a wheel install does not ship ``deploy/``).
+        ConfigError: The folder is not there (an install without its package data).
     """
-    folder = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
-    if not folder.is_dir():
-        raise ConfigError(
-            f"mosquitto templates not found at {folder}",
-            hint="pass template= and acl_file= explicitly, or use a source checkout",
-        )
-    return folder
+    return deploy_path("mosquitto")
 
 
 def default_template_path() -> Path:

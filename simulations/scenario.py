@@ -25,6 +25,7 @@ from edgefl.config import StrictModel, validate_config
 from edgefl.errors import ConfigError
 from edgefl.federation import FederationPlan
 from edgefl.files import SAFE_NAME_PATTERN
+from edgefl.resources import package_path
 
 __all__ = [
     "Scenario",
@@ -107,4 +108,4 @@ def load_scenario(path: Path) -> Scenario:
 
 def shipped_scenarios() -> list[Path]:
     """The scenario files installed with the package."""
-    return sorted((Path(__file__).resolve().parent / "scenarios").glob("*.toml"))
+    return sorted(package_path("edgefl.simulations", "scenarios").glob("*.toml"))

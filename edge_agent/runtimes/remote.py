@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from edgefl import errors
 from edgefl.errors import EdgeflError, RuntimeUnavailableError
+from edgefl.resources import source_checkout
 
 from .base import TensorSpec
 
@@ -53,13 +54,6 @@ class RemoteResult:
     latency_us: list[float] = field(default_factory=list)
 
 
-def _repo_root() -> Path | None:
-    for parent in Path(__file__).resolve().parents:
-        if (parent / "pyproject.toml").is_file():
-            return parent
-    return None
-
-
 def find_tflite_python() -> Path | None:
     """Locate the Python of the tflite-runtime environment.
 
@@ -70,7 +64,7 @@ def find_tflite_python() -> Path | None:
     configured = os.environ.get(TFLITE_PYTHON_ENV)
     if configured:
         return Path(configured)
-    root = _repo_root()
+    root = source_checkout()
     if root is None:
         return None
     for candidate in (

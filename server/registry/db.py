@@ -20,6 +20,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgefl.errors import ConfigError
+from edgefl.resources import package_path
 
 __all__ = [
     "DEFAULT_DB_FILENAME",
@@ -35,7 +36,6 @@ __all__ = [
 ]
 
 DEFAULT_DB_FILENAME: Final = "edgefl.db"
-MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 _SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
 # user:password@ in a URL SQLAlchemy cannot parse (display_url must never fail).
 _PASSWORD_IN_URL: Final = re.compile(r"(://[^:/@]*:)[^@]*@")
@@ -147,7 +147,8 @@ def alembic_config(url: str) -> Config:
     ``%`` need no escaping.
     """
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    migrations = package_path("edgefl.server.registry.migrations")
+    config.set_main_option("script_location", str(migrations))
     config.set_main_option("path_separator", "os")
     config.attributes["url"] = url
     return config
