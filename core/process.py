@@ -18,8 +18,9 @@ Every process edgefl starts and owns (mosquitto, ``flower-superlink``, nginx,
   log-line picker).
 
 Restarting a process that died is the supervisor's job (:mod:`edgefl.supervise`), on the
-one backoff curve (:func:`edgefl.backoff.backoff_delay`). Ending a process this one holds
-no handle to (left running by a killed predecessor) is :func:`edgefl.procs.end_process_group`.
+one backoff curve (:func:`edgefl.backoff.backoff_delay`). The SIGTERM-then-SIGKILL sequence
+is :func:`edgefl.procs.end_process_group`, which also ends a process this one holds no
+handle to (left running by a killed predecessor).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import IO
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from edgefl.netutil import port_open
+from edgefl.procs import end_process_group
 
 __all__ = [
     "ManagedProcess",
@@ -354,12 +356,8 @@ class ManagedProcess:
             self.close_log()
             return None
         if proc.poll() is None:
-            self.signal_group(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.signal_group(signal.SIGKILL)
-                proc.wait()
+            end_process_group(proc.pid, timeout=grace)  # gone or a zombie now
+            proc.wait()
         self._end_group()
         self.close_log()
         return proc.returncode

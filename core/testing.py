@@ -1,7 +1,8 @@
-"""A private mosquitto for tests and benchmarks, killed by PID.
+"""A private mosquitto for tests and benchmarks, and the polling helper tests use.
 
-Each broker gets its own config file and a free loopback port. Stdlib only, so it ships
-with the package at no cost.
+Each broker gets its own config file and a free loopback port, and runs as a
+:class:`~edgefl.process.ManagedProcess` (its own process group, killed by that group).
+Only the base dependencies, so it ships with the package at no cost.
 
 Tests use it through a fixture such as::
 
@@ -16,11 +17,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+from edgefl.netutil import free_port as _free
+from edgefl.process import ManagedProcess, ProcessNotReadyError, wait_until
 
 __all__ = ["Mosquitto", "free_port", "mosquitto_executable", "wait_for"]
 
@@ -33,19 +35,13 @@ def mosquitto_executable() -> str | None:
 
 
 def free_port() -> int:
-    """Ask the kernel for a free loopback TCP port."""
-    from edgefl.netutil import free_port as _free
-
+    """Ask the kernel for a free loopback TCP port (:func:`edgefl.netutil.free_port`)."""
     return _free("127.0.0.1")
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.02)
+    wait_until(condition, timeout, what, interval=0.02)
 
 
 class Mosquitto:
@@ -102,30 +98,25 @@ class Mosquitto:
             lines += ["allow_anonymous false", f"password_file {self.passwd}"]
         lines += extra_lines
         self.conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: ManagedProcess | None = None
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start the broker and wait until its port accepts connections."""
-        if self.proc is not None and self.proc.poll() is None:
+        """Start the broker and wait until its port accepts connections.
+
+        Raises:
+            RuntimeError: mosquitto exited at start-up (the message quotes its log).
+            TimeoutError: It did not listen within ``timeout`` seconds (it is killed).
+        """
+        if self.proc is not None and self.proc.running():
             return
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [self.exe, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
-            )
-        proc = self.proc
-
-        def accepting() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"mosquitto exited with {proc.returncode}: {self.log.read_text()[-2000:]}"
-                )
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return True
-            except OSError:
-                return False
-
-        wait_for(accepting, timeout, f"mosquitto on port {self.port}")
+        self.proc = ManagedProcess([self.exe, "-c", str(self.conf)], self.log, name="mosquitto")
+        self.proc.start()
+        try:
+            self.proc.wait_for_port(self.host, self.port, timeout, interval=0.02)
+        except ProcessNotReadyError as exc:
+            if exc.exit_code is None:
+                raise TimeoutError(f"{exc} ({exc.hint})") from None
+            raise RuntimeError(f"{exc} ({exc.hint})") from None
 
     def _write_users(self, users: Mapping[str, str]) -> None:
         tool = shutil.which("mosquitto_passwd")
@@ -139,16 +130,14 @@ class Mosquitto:
     def set_users(self, users: Mapping[str, str]) -> None:
         """Replace the password file and make the running broker reload it (SIGHUP)."""
         self._write_users(users)
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGHUP)
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def kill(self) -> None:
-        """SIGKILL this broker (by its PID only) and reap it."""
+        """SIGKILL this broker (its own process group) and reap it."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
+        self.proc.kill()
         self.proc = None
 
     def restart(self, timeout: float = 10.0) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from edgefl.config import load_config
 from edgefl.edge_agent.daemon import AgentConfig, read_status
 from edgefl.edge_agent.fl.supernode import RUNTIME_FILE
 from edgefl.edge_agent.identity import prepare_enrollment
+from edgefl.process import ManagedProcess
 from edgefl.procs import cmdline, pid_alive
 from edgefl.testing import free_port, wait_for
 
@@ -46,12 +46,11 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         dep.stop()
 
 
-def _agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [str(EDGEFL), "agent", "run", "--config", str(config)],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
+def _agent(config: Path, log: Path) -> ManagedProcess:
+    """``edgefl agent run`` in its own process group (its SuperNode has a group of its own)."""
+    proc = ManagedProcess([str(EDGEFL), "agent", "run", "--config", str(config)], log)
+    proc.start()
+    return proc
 
 
 @pytest.mark.slow
@@ -92,13 +91,12 @@ def test_a_restarted_agent_ends_the_supernode_its_killed_predecessor_left(
         )
 
     first = _agent(config_path, log)
-    second: subprocess.Popen[bytes] | None = None
+    second: ManagedProcess | None = None
     orphan = 0
     try:
         wait_for(lambda: supernode().get("node_id") == node_id, 120, "the first SuperNode active")
         orphan = int(supernode()["pid"])
         first.kill()  # kill -9: the agent cannot stop its SuperNode
-        first.wait(10)
         time.sleep(1.0)
         # The precondition the issue found: the SuperNode outlives its agent, node online.
         assert pid_alive(orphan)
@@ -127,21 +125,19 @@ def test_a_restarted_agent_ends_the_supernode_its_killed_predecessor_left(
         assert not pid_alive(new_pid)
     finally:
         for proc in (first, second):
-            if proc is not None and proc.poll() is None:
+            if proc is not None:
                 proc.kill()
-                proc.wait()
         if orphan:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(orphan, signal.SIGKILL)
 
 
-def _stand_in(cwd: Path, *marks: str) -> subprocess.Popen[bytes]:
+def _stand_in(cwd: Path, *marks: str) -> ManagedProcess:
     """A sleeping process whose command line carries ``marks`` (a leftover's stand-in)."""
-    return subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(120)", *marks],
-        cwd=cwd,
-        start_new_session=True,
-    )
+    argv = [sys.executable, "-c", "import time; time.sleep(120)", *marks]
+    proc = ManagedProcess(argv, cwd.parent / f"stand-in-{cwd.name}.log", cwd=cwd)
+    proc.start()
+    return proc
 
 
 def test_leftovers_are_ended_by_state_dir_and_the_refusal_names_the_cause(
@@ -180,6 +176,4 @@ def test_leftovers_are_ended_by_state_dir_and_the_refusal_names_the_cause(
         assert "edgefl server admit" in fresh._activation_cause(0.0)
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            proc.kill()

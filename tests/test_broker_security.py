@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import os
 import queue
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -27,6 +24,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgefl.netutil import free_port
+from edgefl.process import ManagedProcess
 from edgefl.server.broker_config import render_acl, render_mosquitto_config
 from edgefl.server.fleet_ca import COMMANDS_IDENTITY, INGEST_IDENTITY, FleetCA, IssuedCert
 from edgefl.testing import mosquitto_executable
@@ -42,12 +41,6 @@ NOT_AUTHORIZED = 0x87
 
 def _mosquitto_exe() -> str:
     return shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -80,10 +73,10 @@ def pki(tmp_path: Path) -> Pki:
 
 
 class Broker:
-    """mosquitto running the shipped config; started and stopped by PID."""
+    """mosquitto running the shipped config; started and stopped as a managed process."""
 
     def __init__(self, workdir: Path, pki: Pki) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         data = workdir / "broker-data"
         data.mkdir()
         assert pki.server.key_path is not None
@@ -105,35 +98,17 @@ class Broker:
             ),
             encoding="utf-8",
         )
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: ManagedProcess | None = None
 
     def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [_mosquitto_exe(), "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"mosquitto not listening on {self.port}") from None
-                time.sleep(0.02)
+        self.proc = ManagedProcess([_mosquitto_exe(), "-c", str(self.conf)], self.log)
+        self.proc.start()
+        self.proc.wait_for_port("127.0.0.1", self.port, TIMEOUT, interval=0.02)
 
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=TIMEOUT)
+        self.proc.stop(TIMEOUT)
         self.proc = None
 
     def wait_for_log(self, text: str) -> None:

@@ -18,8 +18,6 @@ rounds of edgefl's ServerApp. Checked afterwards:
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -33,6 +31,7 @@ import yaml
 
 from edgefl.edge_agent.fl.privacy import FilePrivacyStore, epsilon_of
 from edgefl.enrollment import IdentityPaths
+from edgefl.process import ManagedProcess
 from edgefl.server.fl.ledger import FlStore
 from edgefl.server.registry import Record, make_engine, session_factory
 from edgefl.testing import free_port, wait_for
@@ -55,44 +54,20 @@ def _cli(*args: str, timeout: float = 180) -> dict[str, Any]:
     return doc
 
 
-class _Proc:
-    """A long-running CLI process in its own process group, its output in a file."""
+class _Proc(ManagedProcess):
+    """A long-running ``edgefl`` command in its own process group, its output in a file."""
 
     def __init__(self, args: list[str], log: Path) -> None:
-        self.log_path = log
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [*EDGEFL, *args], stdout=subprocess.PIPE, stderr=self._log, start_new_session=True
-        )
+        super().__init__([*EDGEFL, *args], log, name=f"edgefl {args[0]}")
+        self.start()
 
-    def readline(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        buf = b""
-        while time.monotonic() < deadline:
-            chunk = self.proc.stdout.readline()
-            if chunk:
-                buf += chunk
-                if buf.endswith(b"\n"):
-                    return buf.decode()
-            elif self.proc.poll() is not None:
-                break
-            else:
-                time.sleep(0.1)
-        raise AssertionError(
-            f"no line from {self.log_path.name}: {self.log_path.read_text()[-3000:]}"
-        )
+    def json_line(self, timeout: float) -> dict[str, Any]:
+        """The JSON document it prints on one line (``--json``) once ready."""
+        doc: dict[str, Any] = json.loads(self.wait_for_log(r'(?m)^\{".*\}$', timeout).group(0))
+        return doc
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
+    def stop(self, grace: float = 60.0) -> int | None:
+        return super().stop(grace)
 
 
 @pytest.fixture
@@ -109,7 +84,7 @@ def server(tmp_path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     )
     proc = _Proc(["server", "start", "--config", str(config), "--json"], tmp_path / "server.log")
     try:
-        info = json.loads(proc.readline(timeout=120))
+        info = proc.json_line(timeout=120)
         yield config, info
     finally:
         proc.stop()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from edgefl.process import ManagedProcess
 from edgefl.server.fl.ledger import FlStore
 
 pytestmark = pytest.mark.slow
@@ -66,13 +66,12 @@ def test_killed_server_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     args = [url, "", "", json.dumps(PLAN)]
 
-    proc = subprocess.Popen(
+    proc = ManagedProcess(
         [sys.executable, str(script), args[0], str(first_log), "1", args[3]],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        tmp_path / "first.out",
         env=env,
     )
+    proc.start()
     try:
         deadline = time.monotonic() + 300
         while not _rounds_logged(first_log):
@@ -80,8 +79,7 @@ def test_killed_server_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "round 1 never finished"
             time.sleep(0.5)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.kill()
     assert _rounds_logged(first_log) == [1]
 
     store = FlStore(url)

@@ -19,10 +19,8 @@ to cut it off; the ingest always connects to the broker directly.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 import uuid
@@ -39,6 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from typer.testing import CliRunner
 
 from edgefl.cli import app
+from edgefl.process import ManagedProcess, read_tail
 from edgefl.proto.serde import Envelope, encode_envelope
 from edgefl.server.registry import DeadLetter, Record, make_engine, upgrade
 from edgefl.testing import Mosquitto, wait_for
@@ -61,47 +60,37 @@ TIMEOUT = 60.0
 
 
 class Proc:
-    """A child process with its output in a log file; stopped by its PID only."""
+    """A child process (its own process group) with its output in a log file."""
 
     def __init__(self, argv: list[str], log: Path) -> None:
         self.argv = argv
         self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: ManagedProcess | None = None
 
     def start(self) -> None:
         assert not self.alive(), "already running"
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT)
+        self.proc = ManagedProcess(self.argv, self.log)
+        self.proc.start()
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.proc.running()
 
     def kill9(self) -> None:
         """SIGKILL (no clean shutdown of any kind) and reap."""
         assert self.proc is not None
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
+        self.proc.kill()
         self.proc = None
 
     def terminate(self, timeout: float = 20.0) -> int | None:
         """SIGTERM, wait, SIGKILL if needed; return the exit code of a clean exit."""
         if self.proc is None:
             return None
-        code: int | None = self.proc.poll()
-        if code is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                code = self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-                code = None
+        code = self.proc.stop(timeout)
         self.proc = None
-        return code
+        return None if code == -signal.SIGKILL else code
 
     def tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+        return read_tail(self.log)[-chars:]
 
 
 @dataclass

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -25,6 +23,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from edgefl.config import TlsFiles
 from edgefl.errors import ConfigError
+from edgefl.process import ManagedProcess
 from edgefl.proto.serde import ENVELOPE_VERSION, Envelope, encode_envelope, new_incarnation
 from edgefl.server import ingest as ingest_module
 from edgefl.server.fleet_ca import SERVER_IDENTITY, FleetCA
@@ -391,41 +390,31 @@ Ingest(IngestConfig.model_validate_json(sys.argv[1])).run()
 
 
 class IngestProcess:
-    """``Ingest.run`` in a child process, so it can be killed with SIGKILL."""
+    """``Ingest.run`` in a child process (its own group), so it can be killed with SIGKILL."""
 
     def __init__(self, config: IngestConfig, log: Path) -> None:
         self.config = config
         self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: ManagedProcess | None = None
 
     def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _INGEST_MAIN, self.config.model_dump_json()],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        argv = [sys.executable, "-c", _INGEST_MAIN, self.config.model_dump_json()]
+        self.proc = ManagedProcess(argv, self.log, name="ingest")
+        self.proc.start()
 
     def kill(self) -> None:
         assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
+        self.proc.kill()
         self.proc = None
 
     def terminate(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        self.proc.stop(15.0)
         self.proc = None
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.proc.running()
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ from edgefl.edge_agent.fl.warmstart import (
 )
 from edgefl.edge_agent.identity import prepare_enrollment
 from edgefl.federation import FederationPlan
+from edgefl.process import ManagedProcess
 from edgefl.procs import pid_alive
 from edgefl.server.fl.ledger import FlStore
 from edgefl.server.fl.superlink import write_run_app
@@ -154,7 +155,7 @@ def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A served zygote (started as a launcher would) and its launcher's bin dir."""
     state = tmp_path_factory.mktemp("zygote")
     bin_dir = install_launcher(state, idle_exit_s=300.0)
-    proc = subprocess.Popen(
+    proc = ManagedProcess(
         [
             sys.executable,
             "-m",
@@ -165,21 +166,15 @@ def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             "--idle-exit-s",
             "300",
         ],
-        stdout=(state / LOG_FILE).open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        state / LOG_FILE,
+        name="warm-start zygote",
     )
+    proc.start()
     try:
-        wait_for(
-            lambda: "serving" in (state / LOG_FILE).read_text(errors="replace"),
-            120,
-            "the zygote serving",
-        )
+        proc.wait_for_log("serving", 120)
         yield bin_dir
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.kill()
 
 
 def _hanging_clientapp(bin_dir: Path) -> tuple[subprocess.Popen[bytes], int]:

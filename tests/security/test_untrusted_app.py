@@ -250,17 +250,15 @@ def test_the_config_validates_and_writes_the_policy(
 def test_a_cold_start_runs_behind_the_gate_never_the_stock_clientapp(
     tmp_path: Path, warm: bool
 ) -> None:
-    import os
-    import signal
-    import subprocess
     import time
 
+    from edgefl.process import ManagedProcess
     from edgefl.procs import cmdline
 
     bin_dir = install_launcher(tmp_path, warm=warm, first_wait_s=0.0, idle_exit_s=5.0)
     # A message whose Runtime API nobody serves: Flower's process keeps retrying, so
     # there is time to look at what the launcher became.
-    proc = subprocess.Popen(
+    proc = ManagedProcess(
         [
             str(bin_dir / "flwr-clientapp"),
             "--runtime-api-address",
@@ -268,23 +266,21 @@ def test_a_cold_start_runs_behind_the_gate_never_the_stock_clientapp(
             "--token",
             "ab" * 32,
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        tmp_path / "launcher.log",
     )
+    pid = proc.start()
     try:
         deadline = time.monotonic() + 30
-        while "edgefl.edge_agent.fl.apptrust" not in cmdline(proc.pid):
+        while "edgefl.edge_agent.fl.apptrust" not in cmdline(pid):
             assert proc.poll() is None, "the launcher exited"
-            assert time.monotonic() < deadline, cmdline(proc.pid)
+            assert time.monotonic() < deadline, cmdline(pid)
             time.sleep(0.05)
-        args = cmdline(proc.pid)
+        args = cmdline(pid)
         assert args[1:3] == ["-I", "-m"]
         assert args[args.index("--policy") + 1] == str(tmp_path / "app-trust.json")
         assert not any(Path(a).name == "flwr-clientapp" and "warmstart-bin" not in a for a in args)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.kill()
 
 
 # ------------------------------------------------- the key pinned at enrollment
