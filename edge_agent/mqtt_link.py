@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import ssl
 import threading
 import time
 from collections import deque
@@ -53,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, cast
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -62,6 +61,7 @@ from pydantic import Field, SecretStr, model_validator
 from edgefl.backoff import backoff_delay  # moved to the shared layer; kept importable here
 from edgefl.config import RenameMap, StrictModel, TlsFiles
 from edgefl.edge_agent.outbox import Outbox, Record
+from edgefl.mqtt_client import build_client
 
 __all__ = [
     "InboundMessage",
@@ -89,22 +89,6 @@ _ACK_FAILED = 0
 
 
 _PAHO_LOG = logging.getLogger(f"{__name__}.paho")
-
-
-class _PahoClient(mqtt.Client):
-    """paho's client, whose per-packet DEBUG lines cost nothing unless they are logged.
-
-    paho formats nothing but still makes two calls into :mod:`logging` for every packet it
-    sends or receives (``Sending PUBLISH ...``, ``Received PUBACK ...``), on its own thread,
-    which is the one that bounds the link's message rate. Those lines are dropped here
-    unless :data:`_PAHO_LOG` is enabled for DEBUG when the line comes; paho's warnings and
-    errors always go through.
-    """
-
-    def _easy_log(self, level: int, fmt: str, *args: Any) -> None:
-        if level == mqtt.MQTT_LOG_DEBUG and not _PAHO_LOG.isEnabledFor(logging.DEBUG):
-            return
-        super()._easy_log(level, fmt, *args)  # type: ignore[arg-type]
 
 
 def status_topic(fleet: str, device_id: str) -> str:
@@ -385,34 +369,16 @@ class MqttLink:
         cfg = self.config
         # manual_ack: an inbound QoS 1 message is acknowledged by ack() after the consumer
         # handled it, not by paho when on_message returns (which only queues it).
-        if protocol == MQTTProtocolVersion.MQTTv5:
-            client = _PahoClient(
-                CallbackAPIVersion.VERSION2,
-                client_id=cfg.client_id,
-                protocol=protocol,
-                manual_ack=True,
-            )
-        else:
-            # 3.1.1 keeps the session with clean_session=False (needs a fixed client id).
-            client = _PahoClient(
-                CallbackAPIVersion.VERSION2,
-                client_id=cfg.client_id,
-                protocol=protocol,
-                clean_session=False,
-                manual_ack=True,
-            )
-        client.enable_logger(_PAHO_LOG)
-        if cfg.username is not None:
-            password = cfg.password.get_secret_value() if cfg.password is not None else None
-            client.username_pw_set(cfg.username, password)
-        tls = cfg.tls
-        if tls.ca_file is not None:
-            client.tls_set(
-                ca_certs=str(tls.ca_file),
-                certfile=str(tls.cert_file) if tls.cert_file is not None else None,
-                keyfile=str(tls.key_file) if tls.key_file is not None else None,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+        client = build_client(
+            cfg.client_id,
+            protocol="5" if protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1",
+            tls=cfg.tls,
+            username=cfg.username,
+            password=cfg.password,
+            manual_ack=True,
+            logger=_PAHO_LOG,
+            what="MQTT link",
+        )
         # paho's own in-flight limit is off (0): the outbox sender keeps the bound itself
         # (OutboxSender.window), counting what it handed paho. paho's limit would cost a
         # scan of every message it holds on every PUBACK, on the thread that bounds the

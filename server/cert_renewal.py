@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import ssl
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -32,15 +31,16 @@ from pathlib import Path
 from typing import Any, Final
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 from sqlalchemy import Engine
 
+from edgefl.config import TlsFiles
 from edgefl.enrollment import INSTALL_CERT_COMMAND, RenewalRequest, renewal_request_topic
 from edgefl.errors import EdgeflError
+from edgefl.mqtt_client import build_client
 from edgefl.proto.commands import make_command
 from edgefl.proto.topics import ANY, cert_request_filter, split_topic
 from edgefl.server.enrollment import renew_device_cert
@@ -107,16 +107,10 @@ class CertRenewalService:
         self._queue: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue(maxsize=10_000)
         self._subscribed = threading.Event()
         self._worker: threading.Thread | None = None
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id="edgefl-certs",  # the broker uses the certificate CN anyway
-            protocol=mqtt.MQTTv5,
-        )
-        self._client.tls_set(
-            ca_certs=str(ca_file),
-            certfile=str(cert_file),
-            keyfile=str(key_file),
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        self._client = build_client(
+            "edgefl-certs",  # the broker uses the certificate CN anyway
+            tls=TlsFiles(ca_file=ca_file, cert_file=cert_file, key_file=key_file),
+            what="certificate service",
         )
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe

@@ -36,7 +36,6 @@ import json
 import logging
 import queue
 import signal
-import ssl
 import threading
 import time
 from collections import Counter
@@ -47,7 +46,7 @@ from types import FrameType
 from typing import Any, ClassVar, Final, cast
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -60,6 +59,7 @@ from sqlalchemy.orm import Session
 
 from edgefl.config import Address, RenameMap, StrictModel, TlsFiles
 from edgefl.errors import ConfigError
+from edgefl.mqtt_client import build_client
 from edgefl.proto.ids import ID_PATTERN, ID_REGEX, is_id
 from edgefl.proto.serde import (
     JSON_CONTENT_TYPE,
@@ -530,32 +530,16 @@ class Ingest:
     # -- MQTT callbacks (paho network thread) -----------------------------------------
 
     def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.config.client_id,
-            protocol=mqtt.MQTTv5,
+        client = build_client(
+            self.config.client_id,
+            tls=self.config.tls,
+            username=self.config.username,
+            password=self.config.password,
             manual_ack=True,
+            what="ingest",
+            tls_hint="point tls.ca_file/cert_file/key_file at the fleet CA and the "
+            "edgefl-ingest service certificate",
         )
-        if self.config.username is not None:
-            password = self.config.password
-            client.username_pw_set(
-                self.config.username, password.get_secret_value() if password else None
-            )
-        tls = self.config.tls
-        if tls.ca_file is not None:
-            try:
-                client.tls_set(
-                    ca_certs=str(tls.ca_file),
-                    certfile=str(tls.cert_file) if tls.cert_file else None,
-                    keyfile=str(tls.key_file) if tls.key_file else None,
-                )
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(
-                    f"ingest TLS files unusable ({tls.ca_file}, "
-                    f"{tls.cert_file}, {tls.key_file}): {exc}",
-                    hint="point tls.ca_file/cert_file/key_file at the fleet CA and the "
-                    "edgefl-ingest service certificate",
-                ) from exc
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
