@@ -24,6 +24,7 @@ Imports of heavy modules happen inside the commands, so ``edgefl --help`` stays 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -131,6 +132,33 @@ def start(
         )
 
     server.run(on_ready=ready)
+
+
+@app.command("validate-config")
+@exits_on_error
+def validate_config(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="Server config file (YAML, TOML or JSON).")
+    ],
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Check a server config file; exits 3 naming each bad key, and reports each renamed key."""
+    from edgefl.config import config_renames
+
+    cfg = server_config(config)
+    renames = config_renames(cfg)
+    if as_json:
+        emit_json(
+            {
+                "valid": True,
+                "config": cfg.model_dump(mode="json"),
+                "renamed_keys": [{"old": r.old, "new": r.new} for r in renames],
+            }
+        )
+        return
+    typer.echo(f"{config}: valid (state_dir {cfg.state_dir})")
+    for rename in renames:
+        typer.echo(f"  {rename.message()}")
 
 
 # The other commands, by job (see the module docstring), in the order `--help` lists them.

@@ -274,3 +274,30 @@ def test_the_default_deadline_follows_the_plan() -> None:
 
     plan = load_plan({"num_devices": 3, "rounds": 4, "node_wait_s": 60, "round_timeout_s": 100})
     assert default_timeout_s(plan) == 60 + 4 * 2 * 100 + 300
+
+
+def test_validate_config_reports_each_renamed_key_and_never_prints_a_secret(
+    tmp_path: Path,
+) -> None:
+    config = write(
+        tmp_path / "server.yaml",
+        "ingest:\n  broker_host: mqtt.local\n  username: ops\n  password: hunter2\n"
+        "inference:\n  tls_cert: s.pem\n  tls_key: s.key\n",
+    )
+    result = CliRunner().invoke(app, ["server", "validate-config", "-c", str(config)])
+    assert result.exit_code == 0, result.output
+    for old, new in [
+        ("ingest.broker_host", "ingest.broker.host"),
+        ("inference.tls_cert", "inference.tls.cert_file"),
+        ("inference.tls_key", "inference.tls.key_file"),
+    ]:
+        assert f"key {old} is renamed {new}; accepted until the next release" in result.stdout
+    result = CliRunner().invoke(app, ["server", "validate-config", "-c", str(config), "--json"])
+    doc = json.loads(result.stdout)
+    assert doc["config"]["ingest"]["broker"]["host"] == "mqtt.local"
+    assert len(doc["renamed_keys"]) == 3
+    assert "hunter2" not in result.stdout
+    bad = write(tmp_path / "bad.yaml", "ingest: {broker: {port: 0}}\n")
+    result = CliRunner().invoke(app, ["server", "validate-config", "-c", str(bad)])
+    assert result.exit_code == 3
+    assert "ingest.broker.port" in result.output
