@@ -144,14 +144,22 @@ def validate_config(
 ) -> None:
     """Check a server config file; exits 3 naming each bad key, and reports each renamed key."""
     from edgefl.config import config_renames
+    from edgefl.server.registry.db import display_url
 
     cfg = server_config(config)
     renames = config_renames(cfg)
     if as_json:
+        shown = cfg.model_dump(mode="json")  # SecretStr values come out masked
+        # Database URLs are plain strings: their passwords are masked here.
+        for section in (shown, shown["ingest"]):
+            if section.get("db_url"):
+                section["db_url"] = display_url(section["db_url"])
+        if shown["inference"].get("registry_url"):
+            shown["inference"]["registry_url"] = display_url(shown["inference"]["registry_url"])
         emit_json(
             {
                 "valid": True,
-                "config": cfg.model_dump(mode="json"),
+                "config": shown,
                 "renamed_keys": [{"old": r.old, "new": r.new} for r in renames],
             }
         )

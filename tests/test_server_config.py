@@ -281,7 +281,9 @@ def test_validate_config_reports_each_renamed_key_and_never_prints_a_secret(
 ) -> None:
     config = write(
         tmp_path / "server.yaml",
+        "db_url: postgresql+psycopg2://edgefl:hunter2@db/edgefl\n"
         "ingest:\n  broker_host: mqtt.local\n  username: ops\n  password: hunter2\n"
+        "  db_url: postgresql+psycopg2://edgefl:hunter2@db/edgefl\n"
         "inference:\n  tls_cert: s.pem\n  tls_key: s.key\n",
     )
     result = CliRunner().invoke(app, ["server", "validate-config", "-c", str(config)])
