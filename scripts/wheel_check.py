@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,10 +37,14 @@ import threading
 import time
 import traceback
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+# Run by .venv's Python: the check uses the project's own process toolkit and test helpers.
+from edgefl.process import ManagedProcess, ProcessNotReadyError, wait_until
+from edgefl.testing import Mosquitto, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN_BIN = ROOT / ".venv" / "bin"
@@ -93,44 +98,29 @@ class Steps:
 
 
 class Children:
-    """Long-running processes, each in its own process group, stopped at the end."""
+    """The long-running processes of the check (``edgefl.process``), stopped at the end."""
 
-    def __init__(self) -> None:
-        self.procs: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.procs: list[ManagedProcess] = []
 
-    def start(
-        self, args: list[str], log: Path, *, stdout: int | None = None
-    ) -> subprocess.Popen[bytes]:
-        """Start ``args`` with stderr (and stdout unless given) in ``log``."""
-        out = log.open("wb")
-        proc = subprocess.Popen(
-            args,
-            stdout=stdout if stdout is not None else out,
-            stderr=out,
-            start_new_session=True,
-        )
-        self.procs.append((proc, out))
+    def start(self, name: str, argv: list[str]) -> ManagedProcess:
+        """Start ``argv`` in its own process group, its output in ``<work>/<name>.log``."""
+        proc = ManagedProcess(argv, self.work / f"{name}.log", name=name)
+        proc.start()
+        self.procs.append(proc)
         return proc
-
-    def stop(self, proc: subprocess.Popen[bytes], grace_s: float = 60.0) -> int:
-        """SIGTERM to the process group, SIGKILL after ``grace_s``; the exit code."""
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        return proc.returncode
 
     def stop_all(self) -> None:
         """Stop every process still running, newest first."""
-        for proc, out in reversed(self.procs):
-            self.stop(proc, grace_s=30.0)
-            out.close()
+        for proc in reversed(self.procs):
+            proc.stop(grace=30.0)
         self.procs.clear()
+
+
+def exited(proc: ManagedProcess) -> CheckFailedError:
+    """The failure of a process that exited too early, with the end of its log."""
+    return CheckFailedError(f"{proc.name} exited {proc.returncode}:\n{proc.tail()[-3000:]}")
 
 
 def run(args: list[str], *, timeout: float = 300.0, env: dict[str, str] | None = None) -> str:
@@ -150,27 +140,6 @@ def run_json(args: list[str], *, timeout: float = 300.0) -> dict[str, Any]:
     """Run an ``edgefl ... --json`` command; its JSON answer (all it prints on stdout)."""
     doc: dict[str, Any] = json.loads(run([*args, "--json"], timeout=timeout))
     return doc
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``condition`` every half second until it holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise CheckFailedError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.5)
-
-
-def free_port() -> int:
-    """A free loopback TCP port."""
-    from edgefl.testing import free_port as _free
-
-    return _free()
-
-
-def tail(path: Path, chars: int = 3000) -> str:
-    """The end of a log file, or a note that there is none."""
-    return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path}: no file)"
 
 
 def scratch_parent() -> str | None:
@@ -330,8 +299,6 @@ def device_checks(
     bin_dir: Path, work: Path, steps: Steps, children: Children, tflite: tuple[Path, Path]
 ) -> None:
     """The agent from the ``.[device]`` venv: no torch; config, predict, run."""
-    from edgefl.testing import Mosquitto
-
     python, edgefl = str(bin_dir / "python"), str(bin_dir / "edgefl")
     with steps("device: torch, flwr and opacus are absent"):
         code = (
@@ -385,20 +352,17 @@ def device_checks(
             collector = Collector(broker.port, f"edgefl/{FLEET}/pi-01/#")
             try:
                 agent = children.start(
-                    [edgefl, "agent", "run", "--config", str(config)], work / "device-agent.log"
+                    "device-agent", [edgefl, "agent", "run", "--config", str(config)]
                 )
 
                 def delivered() -> bool:
                     if agent.poll() is not None:
-                        raise CheckFailedError(f"agent exited: {tail(work / 'device-agent.log')}")
+                        raise exited(agent)
                     return collector.count("result") >= committed
 
-                wait_for(delivered, 60, f"{committed} results from the agent")
-                exit_code = children.stop(agent)
-                if exit_code != 0:
-                    raise CheckFailedError(
-                        f"agent exited {exit_code}: {tail(work / 'device-agent.log')}"
-                    )
+                wait_until(delivered, 60, f"{committed} results from the agent", interval=0.2)
+                if agent.stop(grace=30.0) != 0:
+                    raise exited(agent)
             finally:
                 collector.close()
     finally:
@@ -493,33 +457,20 @@ def server_checks(bin_dir: Path, work: Path, steps: Steps, children: Children) -
             }
         )
     )
-    log = work / "server.log"
     with steps("server: edgefl server start (configs from the wheel)"):
         server = children.start(
-            [edgefl, "server", "start", "--config", str(config), "--json"],
-            log,
-            stdout=subprocess.PIPE,
+            "server", [edgefl, "server", "start", "--config", str(config), "--json"]
         )
-        assert server.stdout is not None
-        ready = threading.Event()
-        first: list[bytes] = []
-
-        def read_first_line() -> None:
-            assert server.stdout is not None
-            first.append(server.stdout.readline())
-            ready.set()
-
-        threading.Thread(target=read_first_line, daemon=True).start()
-        if not ready.wait(180) or not first or not first[0]:
-            raise CheckFailedError(f"server start printed nothing: {tail(log)}")
-        info: dict[str, Any] = json.loads(first[0])
+        # Ready: the one JSON line it prints (its progress lines go to the same log).
+        ready = server.wait_for_log(re.compile(r"^\{.*\}$", re.MULTILINE), 180, interval=0.2)
+        info: dict[str, Any] = json.loads(ready.group(0))
     with steps("server: ε accounting (edgefl.privacy.epsilon_of) without the device stack"):
         out, err = accounting.communicate(timeout=300)
         if accounting.returncode != 0:
             raise CheckFailedError(f"epsilon_of in the server venv: {err[-3000:]}")
         print(f"wheel-check: ε of 500 steps at σ=1.1, q=0.01: {float(out):.2f}", flush=True)
 
-    agents: list[subprocess.Popen[bytes]] = []
+    agents: list[ManagedProcess] = []
     configs = [_agent_config(work, i, info) for i in range(DEVICES)]
     with steps(f"server: {DEVICES} devices enrolled, admitted, running (.venv agents)"):
         for i, agent_config in enumerate(configs):
@@ -541,17 +492,15 @@ def server_checks(bin_dir: Path, work: Path, steps: Steps, children: Children) -
             run_json([agent_cli, "agent", "enroll", "--config", str(agent_config), *install])
             agents.append(
                 children.start(
-                    [agent_cli, "agent", "run", "--config", str(agent_config)],
-                    work / f"agent{i}.log",
+                    f"agent{i}", [agent_cli, "agent", "run", "--config", str(agent_config)]
                 )
             )
 
         def supernodes_up() -> bool:
-            if server.poll() is not None:
-                raise CheckFailedError(f"server exited: {tail(log)}")
-            for i, agent_config in enumerate(configs):
-                if agents[i].poll() is not None:
-                    raise CheckFailedError(f"agent {i} exited: {tail(work / f'agent{i}.log')}")
+            for proc in [server, *agents]:
+                if proc.poll() is not None:
+                    raise exited(proc)
+            for agent_config in configs:
                 status = run_json([agent_cli, "agent", "status", "--config", str(agent_config)])
                 supernode = (status.get("training") or {}).get("supernode") or {}
                 if not (
@@ -562,7 +511,7 @@ def server_checks(bin_dir: Path, work: Path, steps: Steps, children: Children) -
                     return False
             return True
 
-        wait_for(supernodes_up, 180, "connected agents with a running SuperNode")
+        wait_until(supernodes_up, 180, "connected agents with their SuperNode", interval=1.0)
 
     plan = work / "plan.toml"
     plan.write_text(PLAN)
@@ -588,12 +537,11 @@ def server_checks(bin_dir: Path, work: Path, steps: Steps, children: Children) -
 
     with steps("server: SIGTERM stops the agents and the server"):
         for proc in [*agents, server]:
-            os.killpg(proc.pid, signal.SIGTERM)
+            proc.signal_group(signal.SIGTERM)  # all at once; each stop then waits
         for agent in agents:
-            children.stop(agent)
-        exit_code = children.stop(server)
-        if exit_code != 0:
-            raise CheckFailedError(f"server start exited {exit_code}: {tail(log)}")
+            agent.stop(grace=60.0)
+        if server.stop(grace=60.0) != 0:
+            raise exited(server)
 
 
 # --- main ------------------------------------------------------------------------------
@@ -606,8 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="Keep the temporary folder.")
     args = parser.parse_args(argv)
 
-    steps, children = Steps(), Children()
+    steps = Steps()
     work = Path(tempfile.mkdtemp(prefix="edgefl-wheel-check-", dir=scratch_parent()))
+    children = Children(work)
     try:
         with steps("build the wheel (python -m build --wheel)"):
             wheel = build_wheel(ROOT, work)
@@ -627,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
                 server_bin = make_venv(work / "venv-server", wheel, "server", constraints)
             server_checks(server_bin, work, steps, children)
     except Exception as exc:
-        if not isinstance(exc, CheckFailedError):
+        if not isinstance(exc, CheckFailedError | ProcessNotReadyError | TimeoutError):
             traceback.print_exc()
         print(f"wheel-check: FAILED: {exc}", file=sys.stderr, flush=True)
         print(f"wheel-check: logs in {work}", file=sys.stderr, flush=True)
