@@ -407,6 +407,22 @@ def test_shipped_files_are_found_through_edgefl_resources() -> None:
     assert (package_path("edgefl.server.registry.migrations") / "script.py.mako").is_file()
 
 
+def test_an_installed_package_finds_deploy_inside_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wheel's layout: site-packages/edgefl/deploy, and no checkout around it."""
+    from edgefl import resources
+
+    package = tmp_path / "venv" / "lib" / "site-packages" / "edgefl"
+    (package / "deploy" / "mosquitto").mkdir(parents=True)
+    (package / "deploy" / "mosquitto" / "acl").write_text("# acl\n")
+    # A pyproject.toml above the venv (a venv inside another project) is no checkout.
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'other'\n")
+    monkeypatch.setattr(resources, "_PACKAGE", package)
+    assert resources.source_checkout() is None
+    assert resources.deploy_path("mosquitto", "acl") == package / "deploy" / "mosquitto" / "acl"
+
+
 def test_a_missing_shipped_file_is_a_config_error_naming_it() -> None:
     from edgefl.errors import ConfigError
     from edgefl.resources import deploy_path, package_path
