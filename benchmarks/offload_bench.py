@@ -66,7 +66,7 @@ from torch import nn
 from edgefl.datasets import load_dataset
 from edgefl.edge_agent.offload import OffloadConfig, Predictor, load_runtime
 from edgefl.edge_agent.offload.client import InferenceClient
-from edgefl.edge_agent.offload.config import CloudConfig
+from edgefl.edge_agent.offload.config import CloudConfig, CloudTarget
 from edgefl.edge_agent.offload.engine import find_device_model
 from edgefl.proto import inference_pb2
 from edgefl.proto.tensors import encode_tensor
@@ -92,6 +92,12 @@ MODES = ("local", "cloud", "adaptive")
 CLOUD_FITS = ("none", "rtt20", "loss5")
 HEAVY = "digits"
 OVERHEAD_MODEL = "overhead-3k"
+
+
+def _target(address: str) -> CloudTarget:
+    """``host:port`` as the offload config's ``{host, port}``."""
+    host, _, port = address.rpartition(":")
+    return CloudTarget(host=host, port=int(port))
 
 
 def log(message: str) -> None:
@@ -148,7 +154,7 @@ def grpc_overhead(address: str, iters: int) -> dict[str, float]:
     round_trips: list[float] = []
     with (
         grpc.insecure_channel(address) as channel,
-        InferenceClient(CloudConfig(target=address, model=OVERHEAD_MODEL)) as client,
+        InferenceClient(CloudConfig(target=_target(address), model=OVERHEAD_MODEL)) as client,
     ):
         call = channel.unary_unary(
             "/edgefl.v1.Inference/Predict",
@@ -464,7 +470,7 @@ def measure_conditions(
                     "model": model_path,
                     "mode": mode,
                     "budget_ms": args.budget_ms,
-                    "cloud": {"target": target, "model": HEAVY},
+                    "cloud": {"target": _target(target).model_dump(), "model": HEAVY},
                 }
             )
             if runtime is None:

@@ -42,6 +42,11 @@ models, ``X | None``, ``list[X]``, ``dict[str, X]`` and discriminated unions), s
 reported paths are full (``ingest.broker_host``); constructing a model directly in code
 (``IngestConfig(broker_host=...)``) is rewritten too, with a path relative to that model.
 
+An address that used to be ``"host:port"`` text and is now a ``{host, port}`` section is
+handled the same way when its :class:`Address` subclass sets ``text_form_accepted = True``:
+the text is split, warned about and reported (``key cloud.target is written {host, port}
+now...``).
+
 The renames found are kept on the returned instance: :func:`config_renames` gives them
 as :class:`KeyRename` records, which ``validate-config`` commands print with
 :meth:`KeyRename.message`::
@@ -114,14 +119,21 @@ class KeyRename:
     """The new key's full path (``ingest.broker.host``)."""
     source: str = "config"
     """Where it was read (the file name)."""
+    text_address: bool = False
+    """Not a new name: an address given as ``"host:port"`` text, now ``{host, port}``."""
 
     def message(self) -> str:
         """The line ``validate-config`` prints: ``key X is renamed Y; accepted until ...``."""
+        if self.text_address:
+            return (
+                f"key {self.old} is written {{host, port}} now, not 'host:port' text; "
+                "accepted until the next release"
+            )
         return f"key {self.old} is renamed {self.new}; accepted until the next release"
 
     def warning_text(self) -> str:
         """The warning issued when the old key is read."""
-        return f"{self.source}: {self.message()}"
+        return f"{self.source}: {self.message()}" if self.source else self.message()
 
 
 class _ConflictError(ValueError):
@@ -248,7 +260,10 @@ def _walk(model: type[StrictModel], data: Any, prefix: str) -> tuple[Any, list[K
                 new_value = entries
         else:
             sub = _pick_model(annotation, value, field.discriminator)
-            if sub is not None:
+            if sub is not None and isinstance(value, str) and _takes_text(sub):
+                new_value = _address_from_text(value)
+                sub_found = [KeyRename(path, path, text_address=True)]
+            elif sub is not None:
                 new_value, sub_found = _walk(sub, value, path)
         if sub_found:
             if not copied:
@@ -257,6 +272,20 @@ def _walk(model: type[StrictModel], data: Any, prefix: str) -> tuple[Any, list[K
             data[name] = new_value
             found.extend(sub_found)
     return data, found
+
+
+def _takes_text(model: type[StrictModel]) -> bool:
+    return issubclass(model, Address) and model.text_form_accepted
+
+
+def _address_from_text(value: str) -> Any:
+    """``"host:port"`` (``"[v6]:port"``) as ``{host, port}``; other text is left to fail."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return value
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return {"host": host, "port": int(port)}
 
 
 def _discriminator(annotation: Any) -> Any:
@@ -272,7 +301,7 @@ def _discriminator(annotation: Any) -> Any:
 def _announce(renames: list[KeyRename], source: str) -> list[KeyRename]:
     out = []
     for rename in renames:
-        rename = KeyRename(rename.old, rename.new, source)
+        rename = KeyRename(rename.old, rename.new, source, rename.text_address)
         text = rename.warning_text()
         log.warning("%s", text)
         warnings.warn(text, RenamedKeyWarning, stacklevel=4)
@@ -418,5 +447,25 @@ class Address(StrictModel):
         port: int = Field(1883, ge=1, le=65535, description="Broker TCP port.")
     """
 
+    text_form_accepted: ClassVar[bool] = False
+    """Whether a ``"host:port"`` text (the older form of some addresses) is still read,
+    with a warning, for one release; :func:`config_renames` reports it."""
+
     host: str = Field("127.0.0.1", min_length=1, description="Host name or IP address.")
     port: int = Field(ge=0, le=65535, description="TCP port (0: pick a free one, listeners).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_text(cls, data: Any) -> Any:
+        # Data that came through validate_config/load_config is already a dict (with the
+        # key's full path reported); this catches an address built from text in code.
+        if not cls.text_form_accepted or not isinstance(data, str):
+            return data
+        parsed = _address_from_text(data)
+        if isinstance(parsed, dict):
+            _announce([KeyRename(f"{cls.__name__} {data!r}", "", text_address=True)], "")
+        return parsed
+
+    def __str__(self) -> str:
+        """``host:port`` (``[host]:port`` for an IPv6 address)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"

@@ -326,3 +326,40 @@ def test_tls_files_and_address_are_strict() -> None:
     with pytest.raises(ValidationError):
         Address.model_validate({"host": "h"})  # port has no default in the base
     assert Address(port=0).host == "127.0.0.1"
+
+
+class Target(Address):
+    text_form_accepted: ClassVar[bool] = True
+    host: str = Field(min_length=1, description="Host.")
+    port: int = Field(ge=1, le=65535, description="Port.")
+
+
+class Cloud(StrictModel):
+    target: Target = Field(description="Where the service is.")
+
+
+class Device2(StrictModel):
+    cloud: Cloud = Field(description="Cloud.")
+
+
+def test_an_address_given_as_text_is_split_warned_about_and_reported() -> None:
+    with pytest.warns(RenamedKeyWarning, match="key cloud.target is written"):
+        cfg = validate_config(Device2, {"cloud": {"target": "inference.local:50051"}}, "a.yaml")
+    assert (cfg.cloud.target.host, cfg.cloud.target.port) == ("inference.local", 50051)
+    assert str(cfg.cloud.target) == "inference.local:50051"
+    (rename,) = config_renames(cfg)
+    assert rename.message() == (
+        "key cloud.target is written {host, port} now, not 'host:port' text; "
+        "accepted until the next release"
+    )
+    assert str(validate_config(Cloud, {"target": "[::1]:7"}).target) == "[::1]:7"
+    with pytest.raises(ConfigError, match=r"cloud\.target"):
+        validate_config(Device2, {"cloud": {"target": "no-port"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert validate_config(Cloud, {"target": {"host": "h", "port": 1}}).target.port == 1
+
+
+def test_only_addresses_that_opt_in_take_text() -> None:
+    with pytest.raises(ConfigError):
+        validate_config(Link, {"broker": "h:1"})

@@ -119,7 +119,12 @@ def server(device: DeviceModel) -> Iterator[RunningServer]:
 def _config(device: DeviceModel, target: str | None, **policy: Any) -> OffloadConfig:
     data: dict[str, Any] = {"model": device.tflite, "budget_ms": 2000.0, **policy}
     if target is not None:
-        cloud = {"target": target, "model": MODEL, "health_interval_s": 0.2}
+        host, _, port = target.rpartition(":")
+        cloud = {
+            "target": {"host": host, "port": int(port)},
+            "model": MODEL,
+            "health_interval_s": 0.2,
+        }
         data["cloud"] = {**cloud, **policy.pop("cloud", {})}
         data.update(policy)
     return OffloadConfig.model_validate(data)
@@ -532,3 +537,17 @@ def test_health_thread_keeps_feeding_the_rtt_estimate(
             time.sleep(0.05)
         assert predictor.estimates.rtt.count >= seeded + 3
     assert not any(t.name == "offload-health" for t in threading.enumerate())
+
+
+def test_cloud_target_text_of_the_older_form_still_loads_with_a_warning(
+    device: DeviceModel,
+) -> None:
+    from edgefl.config import RenamedKeyWarning, config_renames, validate_config
+
+    data = {"model": str(device.tflite), "cloud": {"target": "infer.local:50051", "model": MODEL}}
+    with pytest.warns(RenamedKeyWarning, match=r"key cloud\.target is written \{host, port\}"):
+        config = validate_config(OffloadConfig, data, source="agent.yaml")
+    assert config.cloud is not None
+    assert (config.cloud.target.host, config.cloud.target.port) == ("infer.local", 50051)
+    assert str(config.cloud.target) == "infer.local:50051"
+    assert [r.old for r in config_renames(config)] == ["cloud.target"]

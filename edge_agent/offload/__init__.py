@@ -14,7 +14,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .breaker import BreakerState, CircuitBreaker
-from .config import BreakerConfig, CloudConfig, Mode, OffloadConfig, PolicyConfig, TlsConfig
+from .config import (
+    BreakerConfig,
+    CloudConfig,
+    CloudTarget,
+    Mode,
+    OffloadConfig,
+    PolicyConfig,
+    TlsConfig,
+)
 from .estimators import OffloadEstimates, RollingEstimate
 from .policy import Decision, OffloadPolicy
 
@@ -29,6 +37,7 @@ __all__ = [
     "CloudAnswer",
     "CloudConfig",
     "CloudError",
+    "CloudTarget",
     "Decision",
     "InferenceClient",
     "Mode",

@@ -133,12 +133,12 @@ class InferenceClient:
             ("grpc.enable_retries", 0),
         ]
         if config.tls is None:
-            self._channel = grpc.insecure_channel(config.target, options=options)
+            self._channel = grpc.insecure_channel(str(config.target), options=options)
         else:
             if config.tls.server_name:
                 options.append(("grpc.ssl_target_name_override", config.tls.server_name))
             self._channel = grpc.secure_channel(
-                config.target, channel_credentials(config.tls), options=options
+                str(config.target), channel_credentials(config.tls), options=options
             )
         self._predict = self._channel.unary_unary(
             _PREDICT,

@@ -7,7 +7,7 @@ A minimal section::
       mode: adaptive                                 # local | cloud | adaptive
       budget_ms: 60
       cloud:
-        target: inference.example.org:50051
+        target: {host: inference.example.org, port: 50051}
         model: digits-cnn
         tls: {ca_file: ca.pem, cert_file: device.pem, key_file: device.key}
 """
@@ -15,11 +15,11 @@ A minimal section::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from edgefl.config import StrictModel, TlsFiles
+from edgefl.config import Address, StrictModel, TlsFiles
 from edgefl.proto.ids import ID_REGEX
 
 from .estimators import Statistic
@@ -27,6 +27,7 @@ from .estimators import Statistic
 __all__ = [
     "BreakerConfig",
     "CloudConfig",
+    "CloudTarget",
     "Mode",
     "OffloadConfig",
     "PolicyConfig",
@@ -56,12 +57,24 @@ class TlsConfig(TlsFiles):
         return self
 
 
+class CloudTarget(Address):
+    """The inference service's address, ``{host, port}`` (``str()`` gives ``host:port``).
+
+    The older ``"host:port"`` text is still read, with a warning, for one release.
+    """
+
+    text_form_accepted: ClassVar[bool] = True
+
+    host: str = Field(
+        min_length=1, pattern=r"^[^\s:]+$", description="Host name or IP of the service."
+    )
+    port: int = Field(ge=1, le=65535, description="Its port.")
+
+
 class CloudConfig(StrictModel):
     """Where the cloud model is and how to reach it."""
 
-    target: str = Field(
-        pattern=r"^[^\s:]+:\d{1,5}$", description="HOST:PORT of the inference service."
-    )
+    target: CloudTarget = Field(description="The inference service, {host, port}.")
     model: str = Field(min_length=1, description="Model name the service serves.")
     version: str = Field("", description="Model version to require; empty takes the served one.")
     tls: TlsConfig | None = Field(None, description="TLS settings; omit for plaintext (tests).")

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgefl.config import load_config, validate_config
-from edgefl.errors import BadInputError
+from edgefl.errors import BadInputError, ConfigError
 
 from .config import OffloadConfig
 from .estimators import percentile
@@ -82,7 +82,11 @@ def _settings(req: PredictRequest) -> tuple[OffloadConfig, Any]:
     if req.cloud is not None or req.cloud_model is not None:
         cloud = dict(base.get("cloud") or {})
         if req.cloud is not None:
-            cloud["target"] = req.cloud
+            host, _, port = req.cloud.rpartition(":")
+            if not host or not port.isdigit():
+                # A config error (exit 3), as when the option was validated as text.
+                raise ConfigError(f"predict options: cloud.target: {req.cloud!r} is not HOST:PORT")
+            cloud["target"] = {"host": host, "port": int(port)}
         if req.cloud_model is not None:
             cloud["model"] = req.cloud_model
         if "model" not in cloud:
@@ -161,7 +165,7 @@ def run_predict(req: PredictRequest) -> dict[str, Any]:
             "model": describe_model(runtime),
             "mode": settings.mode,
             "budget_ms": settings.budget_ms,
-            "cloud": None if settings.cloud is None else settings.cloud.target,
+            "cloud": None if settings.cloud is None else str(settings.cloud.target),
             "results": [{"index": i, **r.to_dict()} for i, r in enumerate(results)],
             "summary": _summary(
                 [r.latency_ms for r in results],
