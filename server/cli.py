@@ -75,6 +75,9 @@ def devices(
     if as_json:
         emit_json({"devices": rows})
         return
+    if not rows:
+        typer.echo("no devices in the registry (the ingest adds each as it reports)")
+        return
     print_table(
         [
             ("device", "left"),
