@@ -7,12 +7,13 @@ What a deployment installs is the wheel, not this source tree, so this is what C
    look inside: the deployment configs, migrations, scenarios and protos must be there.
 2. Two venvs with only the wheel and one extra each, pip pinned to the versions of
    ``.venv`` (a constraints file from its ``pip freeze``; torch 2.13.0 is the CPU build).
-3. ``.[device]``: no torch; ``edgefl agent validate-config``, ``edgefl agent predict`` on a
-   small ``.tflite`` (converted with ``.venv``'s toolkit), results committed to the
-   outbox, and ``edgefl agent run`` delivering them to a plain local mosquitto.
-4. ``.[server]``: ε accounting (``edgefl.privacy.epsilon_of``, the ServerApp's budget
-   check), then ``edgefl server start`` (its mosquitto, nginx and SuperLink configs come
-   from the wheel), two devices enrolled and admitted, and ``edgefl server train`` of a
+3. ``.[device]``: no torch; ``edgefl agent validate-config`` (also on the shipped
+   ``agent.example.yaml``), ``edgefl agent predict`` on a small ``.tflite`` (converted
+   with ``.venv``'s toolkit), results committed to the outbox, and ``edgefl agent run``
+   delivering them to a plain local mosquitto.
+4. ``.[server]``: ``edgefl server start`` (its mosquitto, nginx and SuperLink configs come
+   from the wheel) with ε accounting beside it (``edgefl.privacy.epsilon_of``, the
+   ServerApp's budget check), two devices enrolled and admitted, and ``edgefl server train`` of a
    two-round DP federated run. The devices (``edgefl agent run`` with their SuperNodes)
    come from ``.venv``: what is checked here is that the server side runs from the
    server-only venv.
@@ -58,6 +59,7 @@ WHEEL_MUST_HAVE = (
     "edgefl/deploy/mosquitto/acl",
     "edgefl/deploy/nginx/fleet-proxy.conf.template",
     "edgefl/deploy/systemd/edgefl-agent.service",
+    "edgefl/deploy/agent.example.yaml",
     "edgefl/server/registry/migrations/env.py",
     "edgefl/server/registry/migrations/script.py.mako",
     "edgefl/server/registry/migrations/versions/0001_initial.py",
@@ -326,8 +328,15 @@ def device_checks(
                 }
             )
         )
-        with steps("device: edgefl agent validate-config"):
-            run_json([edgefl, "agent", "validate-config", "--config", str(config)])
+        with steps("device: edgefl agent validate-config (the shipped example, this config)"):
+            find = "from edgefl.resources import deploy_path as d; print(d('agent.example.yaml'))"
+            example = run([python, "-c", find]).strip()
+            if "site-packages" not in example:
+                raise CheckFailedError(f"the example was found outside the wheel: {example}")
+            for path in (example, str(config)):
+                checked = run_json([edgefl, "agent", "validate-config", "--config", path])
+                if not checked["valid"]:
+                    raise CheckFailedError(f"validate-config {path}: {checked}")
         model, batch = tflite
         with steps("device: edgefl agent predict (ai-edge-litert, results to the outbox)"):
             report = run_json(

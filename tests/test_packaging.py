@@ -407,6 +407,15 @@ def test_shipped_files_are_found_through_edgefl_resources() -> None:
     assert (package_path("edgefl.server.registry.migrations") / "script.py.mako").is_file()
 
 
+def test_the_shipped_agent_example_is_valid_in_todays_keys() -> None:
+    from edgefl.config import config_renames, load_config
+    from edgefl.edge_agent.daemon import AgentConfig
+
+    config = load_config(AgentConfig, ROOT / "deploy" / "agent.example.yaml")
+    assert config_renames(config) == []
+    assert config.mqtt.tls.ca_file is not None
+
+
 def test_an_installed_package_finds_deploy_inside_itself(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
