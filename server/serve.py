@@ -49,6 +49,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from edgefl.config import TlsFiles
 from edgefl.errors import ConfigError, EdgeflError
 from edgefl.files import write_text_atomic
 from edgefl.netutil import dial_host, free_port
@@ -311,12 +312,12 @@ class Server:
         self.upkeep.crl_stamp = self.upkeep.crl_state()
 
         sl_cfg = cfg.superlink
-        if not sl_cfg.insecure and sl_cfg.certfile is None:
+        if not sl_cfg.insecure and sl_cfg.tls.cert_file is None:
             sl_cfg = sl_cfg.model_copy(
                 update={
-                    "certfile": server_cert,
-                    "keyfile": server_key,
-                    "ca_file": self.ca_dir / "ca.pem",
+                    "tls": TlsFiles(
+                        ca_file=self.ca_dir / "ca.pem", cert_file=server_cert, key_file=server_key
+                    )
                 }
             )
         if sl_cfg.database is None:
@@ -367,12 +368,18 @@ class Server:
         tls = None
         if not sl_cfg.insecure:
             # _start fills them in from the fleet CA when the config names none.
-            certfile, keyfile, ca_file = sl_cfg.certfile, sl_cfg.keyfile, sl_cfg.ca_file
-            if certfile is None or keyfile is None or ca_file is None:
-                raise ConfigError("superlink: TLS needs certfile, keyfile and ca_file")
+            cert_file, key_file, ca_file = (
+                sl_cfg.tls.cert_file,
+                sl_cfg.tls.key_file,
+                sl_cfg.tls.ca_file,
+            )
+            if cert_file is None or key_file is None or ca_file is None:
+                raise ConfigError(
+                    "superlink: TLS needs tls.cert_file, tls.key_file and tls.ca_file"
+                )
             tls = ProxyTLS(
-                certfile=certfile,
-                keyfile=keyfile,
+                cert_file=cert_file,
+                key_file=key_file,
                 ca_file=ca_file,
                 upstream_name=LOOPBACK_NAME,
             )

@@ -1,21 +1,20 @@
 """Helpers for tests that run a real Flower deployment: SuperLink, SuperNodes, runs.
 
 Everything here starts real processes (``flower-superlink``, ``flower-supernode``) on
-loopback with free ports, and stops only what it started, by PID.
+loopback with free ports, each a :class:`edgefl.process.ManagedProcess` in its own process
+group, and stops only what it started, by that group.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgefl.config import TlsFiles
+from edgefl.process import ManagedProcess
 from edgefl.server.fl.superlink import FlowerAdmin, SuperLink, SuperLinkConfig, flower_env
 from edgefl.server.fleet_ca import FleetCA
 from edgefl.testing import free_port
@@ -50,9 +49,9 @@ def start_deployment(workdir: Path, *, node_auth: bool = True) -> Deployment:
     link = SuperLink(
         SuperLinkConfig(
             port=0,
-            certfile=server.cert_path,
-            keyfile=server.key_path,
-            ca_file=ca.cert_path,
+            tls=TlsFiles(
+                ca_file=ca.cert_path, cert_file=server.cert_path, key_file=server.key_path
+            ),
             node_auth=node_auth,
         ),
         workdir / "superlink",
@@ -96,18 +95,14 @@ class SuperNodeProcess:
         ]
         if node_key is not None:
             cmd += ["--auth-supernode-private-key", str(node_key)]
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=flower_env(workdir / "flwr-home"),
-            start_new_session=True,
+        self.process = ManagedProcess(
+            cmd, self.log_path, name="flower-supernode", env=flower_env(workdir / "flwr-home")
         )
+        self._pid = self.process.start()
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self._pid
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -115,7 +110,7 @@ class SuperNodeProcess:
     def ended(self) -> bool:
         """Exited, or gave up: Flower 1.41's SuperNode can stay alive, disconnected and no
         longer retrying, after giving up reconnecting, so its word counts as an exit."""
-        if self.proc.poll() is not None:
+        if self.process.poll() is not None:
             return True
         text = self.log_text()
         if "Giving up reconnection" in text or "SuperNode terminated gracefully" in text:
@@ -129,21 +124,11 @@ class SuperNodeProcess:
 
     def kill(self) -> None:
         """SIGKILL the SuperNode and its ClientApp processes (a crash)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        self.process.kill()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # ClientApps it left behind
-        self._log.close()
+        """SIGTERM its group, SIGKILL after 15 s, then the ClientApps it left behind."""
+        self.process.stop(15.0)
 
 
 def wait_run_finished(admin: FlowerAdmin, run_id: int, timeout: float) -> str:

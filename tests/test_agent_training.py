@@ -18,7 +18,7 @@ import pytest
 import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from edgefl.config import load_config
+from edgefl.config import TlsFiles, load_config
 from edgefl.datasets import load_dataset
 from edgefl.edge_agent.daemon import Agent, AgentConfig, read_status
 from edgefl.edge_agent.datastore import LocalDataStore, Sample
@@ -251,7 +251,8 @@ def test_agent_buffers_while_the_superlink_is_unreachable_and_joins_when_it_is_u
     server = ca.issue_server_cert(["localhost"], ["127.0.0.1"])
     assert server.key_path is not None
     link_config = SuperLinkConfig(
-        port=free_port(), certfile=server.cert_path, keyfile=server.key_path, ca_file=ca.cert_path
+        port=free_port(),
+        tls=TlsFiles(ca_file=ca.cert_path, cert_file=server.cert_path, key_file=server.key_path),
     )
     state = tmp_path / "state"
     paths = prepare_enrollment("pi-01", "lab", state).paths

@@ -14,7 +14,6 @@ import json
 import queue
 import re
 import ssl
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -34,8 +33,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 from typer.testing import CliRunner
 
 from edgefl.cli import app as cli_app
+from edgefl.config import TlsFiles
 from edgefl.edge_agent.identity import EnrollmentResult, prepare_enrollment
 from edgefl.errors import BadInputError, ExitCode
+from edgefl.process import ManagedProcess
 from edgefl.server.enrollment import (
     AlreadyEnrolledError,
     NotEnrolledError,
@@ -93,7 +94,8 @@ def link(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Link]:
     server = ca.issue_server_cert(["localhost"], ["127.0.0.1"])
     assert server.key_path is not None
     config = SuperLinkConfig(
-        port=0, certfile=server.cert_path, keyfile=server.key_path, ca_file=ca.cert_path
+        port=0,
+        tls=TlsFiles(ca_file=ca.cert_path, cert_file=server.cert_path, key_file=server.key_path),
     )
     superlink = SuperLink(config, root / "superlink")
     superlink.start()
@@ -116,30 +118,29 @@ def _nodes(admin: FlowerAdmin) -> dict[int, str]:
 
 
 class SuperNode:
-    """A real ``flower-supernode`` with a device's node key, killed by PID."""
+    """A real ``flower-supernode`` with a device's node key, in its own process group."""
 
     def __init__(self, workdir: Path, address: str, ca_file: Path, node_key: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.log = workdir / f"supernode-{uuid.uuid4().hex[:6]}.log"
-        with self.log.open("wb") as fh:
-            self.proc = subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "flower-supernode"),
-                    "--superlink",
-                    address,
-                    "--root-certificates",
-                    str(ca_file),
-                    "--auth-supernode-private-key",
-                    str(node_key),
-                    "--port",
-                    str(free_port()),
-                    "--max-retries",
-                    "2",
-                ],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                env=flower_env(workdir / "flwr-home"),
-            )
+        self.proc = ManagedProcess(
+            [
+                str(Path(sys.executable).parent / "flower-supernode"),
+                "--superlink",
+                address,
+                "--root-certificates",
+                str(ca_file),
+                "--auth-supernode-private-key",
+                str(node_key),
+                "--port",
+                str(free_port()),
+                "--max-retries",
+                "2",
+            ],
+            self.log,
+            env=flower_env(workdir / "flwr-home"),
+        )
+        self.proc.start()
 
     def text(self) -> str:
         return re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_text(encoding="utf-8", errors="replace"))
@@ -161,13 +162,7 @@ class SuperNode:
         return code
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
+        self.proc.stop(15.0)
 
 
 @pytest.fixture

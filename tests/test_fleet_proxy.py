@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from edgefl.config import TlsFiles
 from edgefl.netutil import free_port, port_open
 from edgefl.procs import pid_alive
 from edgefl.server.fl.fleet_proxy import FleetProxy, FleetProxyConfig, ProxyTLS
@@ -40,7 +41,11 @@ def setup(tmp_path: Path) -> Iterator[_Setup]:
     ca.issue_server_cert(["localhost"], ["127.0.0.1"])
     cert, key = tmp_path / "ca" / "server" / "cert.pem", tmp_path / "ca" / "server" / "key.pem"
     link = SuperLink(
-        SuperLinkConfig(host="127.0.0.1", port=0, certfile=cert, keyfile=key, ca_file=ca.cert_path),
+        SuperLinkConfig(
+            host="127.0.0.1",
+            port=0,
+            tls=TlsFiles(ca_file=ca.cert_path, cert_file=cert, key_file=key),
+        ),
         tmp_path / "superlink",
     )
     link.start()

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from edgefl.config import TlsFiles
 from edgefl.edge_agent.fl.supernode import (
     Resources,
     SuperNodeSupervisor,
@@ -150,7 +151,8 @@ def superlink_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]
     server = ca.issue_server_cert(["localhost"], ["127.0.0.1"])
     assert server.key_path is not None
     config = SuperLinkConfig(
-        port=0, certfile=server.cert_path, keyfile=server.key_path, ca_file=ca.cert_path
+        port=0,
+        tls=TlsFiles(ca_file=ca.cert_path, cert_file=server.cert_path, key_file=server.key_path),
     )
     with SuperLink(config, root / "superlink") as link:
         yield Fleet(ca, link, root)

@@ -43,6 +43,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgefl.config import TlsFiles
 from edgefl.proto.serde import MAX_ENVELOPE_BYTES, Envelope, encode_envelope
 from edgefl.proto.topics import device_prefix
 from edgefl.server.fleet_ca import (
@@ -378,7 +379,10 @@ def probe_readmit_old_tls_key(workdir: Path) -> Result:
     assert server.key_path is not None
     superlink = SuperLink(
         SuperLinkConfig(
-            port=0, certfile=server.cert_path, keyfile=server.key_path, ca_file=ca.cert_path
+            port=0,
+            tls=TlsFiles(
+                ca_file=ca.cert_path, cert_file=server.cert_path, key_file=server.key_path
+            ),
         ),
         workdir / "superlink",
     )

@@ -33,6 +33,7 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from edgefl.config import TlsFiles
 from edgefl.edge_agent.fl.supernode import SuperNodeSupervisor, TrainingConfig
 from edgefl.edge_agent.identity import prepare_enrollment
 from edgefl.server.fl.app_signing import (
@@ -207,9 +208,11 @@ def probe_untrusted_app_on_device(
     link = SuperLink(
         SuperLinkConfig(
             port=0,
-            certfile=server_cert.cert_path,
-            keyfile=server_cert.key_path,
-            ca_file=ca.cert_path,
+            tls=TlsFiles(
+                ca_file=ca.cert_path,
+                cert_file=server_cert.cert_path,
+                key_file=server_cert.key_path,
+            ),
             node_auth=True,
         ),
         workdir / "superlink",

@@ -158,8 +158,8 @@ class SuperNodeSupervisor:
         self.data_store = Path(data_store)
         self.telemetry_dir = self.state_dir / TELEMETRY_DIR
         identity = IdentityPaths(self.state_dir)
-        self.root_certificates = config.root_certificates or identity.ca
-        self.node_key = config.node_key or identity.node_key
+        self.root_certificates = config.tls.ca_file or identity.ca
+        self.node_key = config.auth_key_file or identity.node_key
         self.log_path = self.state_dir / LOG_FILE
         self.flower_home = self.state_dir / "flwr-home"
         self._clock = clock
@@ -213,7 +213,7 @@ class SuperNodeSupervisor:
             self._port = free_port()
         exe = Path(sys.executable).parent / "flower-supernode"
         cmd = [str(exe) if exe.exists() else "flower-supernode"]
-        cmd += ["--superlink", self.config.superlink]
+        cmd += ["--superlink", str(self.config.superlink)]
         if self.config.insecure:
             cmd.append("--insecure")
         else:
@@ -307,7 +307,7 @@ class SuperNodeSupervisor:
             "state": self.state,
             "reason": self.reason,
             "pid": self.pid,
-            "superlink": self.config.superlink,
+            "superlink": str(self.config.superlink),
             "node_id": self.node_id,
             "starts": self.starts,
             "restarts": self.restarts,
@@ -560,7 +560,7 @@ class SuperNodeSupervisor:
         hint = (
             self._activation_cause(now)
             if "Failed to activate SuperNode" in line
-            else tls_hint(line, self.config.superlink, self.root_certificates)
+            else tls_hint(line, str(self.config.superlink), self.root_certificates)
         )
         self._backoff.note_running(now)  # a run of stable_after_s resets the backoff
         delay = self._schedule_restart(now, ran)

@@ -9,32 +9,64 @@ strings are double-quoted): ``device-id``, ``state-dir`` (the privacy accountant
 from __future__ import annotations
 
 import json
+import logging
 import re
+import warnings
 from pathlib import Path
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from edgefl.config import StrictModel
+from edgefl.config import Address, RenamedKeyWarning, RenameMap, StrictModel, TlsFiles
 from edgefl.edge_agent.fl.apptrust import CLIENTAPP_REF, DEFAULT_CLIENTAPP
 from edgefl.errors import ConfigError
 
-__all__ = ["NodeConfigValue", "TrainingConfig", "node_config_arg"]
+__all__ = ["NodeConfigValue", "SuperLinkAddress", "TrainingConfig", "node_config_arg"]
+
+log = logging.getLogger(__name__)
 
 _WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 NodeConfigValue = str | int | float | bool
 
 
+class SuperLinkAddress(Address):
+    """Where the SuperLink's Fleet API is (``training.superlink: {host, port}``).
+
+    ``str()`` gives ``host:port``, what ``flower-supernode --superlink`` takes.
+    """
+
+    host: str = Field(
+        min_length=1, pattern=r"^[^\s:]+$", description="Host name or IP of the SuperLink."
+    )
+    port: int = Field(ge=1, le=65535, description="Its Fleet API port.")
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
 class TrainingConfig(StrictModel):
     """The agent config's ``training:`` section: federated training on this device."""
 
-    superlink: str = Field(
-        pattern=r"^[^\s:]+:\d{1,5}$", description="host:port of the SuperLink's Fleet API."
+    renamed_keys: ClassVar[RenameMap] = {
+        "root_certificates": "tls.ca_file",
+        "node_key": "auth_key_file",
+    }
+
+    superlink: SuperLinkAddress = Field(
+        description="The SuperLink's Fleet API, {host, port} (the older 'host:port' text is "
+        "accepted for one release, with a warning)."
     )
-    root_certificates: Path | None = Field(
-        None, description="CA that signed the SuperLink's certificate (default: identity/ca.pem)."
+    tls: TlsFiles = Field(
+        default_factory=lambda: TlsFiles(),
+        description="ca_file: the CA that signed the SuperLink's certificate (default: "
+        "identity/ca.pem). The SuperNode presents no client certificate (Flower's HTTP "
+        "client has none), so cert_file/key_file stay unset: the device proves who it is "
+        "with auth_key_file.",
     )
-    node_key: Path | None = Field(
-        None, description="Flower node private key (default: identity/node.key)."
+    auth_key_file: Path | None = Field(
+        None,
+        description="Flower node authentication private key, which signs the SuperNode's "
+        "requests (not a TLS key; default: identity/node.key).",
     )
     insecure: bool = Field(
         False,
@@ -134,6 +166,32 @@ class TrainingConfig(StrictModel):
         for key, item in value.items():
             _check_node_config_entry(key, item)
         return value
+
+    @field_validator("superlink", mode="before")
+    @classmethod
+    def _superlink_text(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        match = re.fullmatch(r"([^\s:]+):(\d{1,5})", value)
+        if match is None:
+            raise ValueError(f"{value!r} is not host:port (write superlink: {{host, port}})")
+        host, port = match.group(1), int(match.group(2))
+        text = (
+            f"training.superlink {value!r} is written superlink: {{host: {host}, port: "
+            f"{port}}}; the 'host:port' form is accepted until the next release"
+        )
+        log.warning("%s", text)
+        warnings.warn(text, RenamedKeyWarning, stacklevel=2)
+        return {"host": host, "port": port}
+
+    @model_validator(mode="after")
+    def _no_client_certificate(self) -> TrainingConfig:
+        if self.tls.cert_file is not None or self.tls.key_file is not None:
+            raise ValueError(
+                "tls.cert_file/tls.key_file: the SuperNode presents no client certificate; "
+                "set tls.ca_file only (node authentication uses auth_key_file)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _backoff_ordered(self) -> TrainingConfig:

@@ -138,15 +138,15 @@ class ProxyTLS:
     """TLS on both sides of the proxy.
 
     Attributes:
-        certfile: Server certificate devices see (issued by the fleet CA).
-        keyfile: Its key.
+        cert_file: Server certificate devices see (issued by the fleet CA).
+        key_file: Its key.
         ca_file: The fleet CA certificate, to verify the SuperLink behind the proxy.
         upstream_name: DNS name the SuperLink's certificate is checked against (in its
             subjectAltName; nginx 1.22 matches DNS names only, not IP addresses).
     """
 
-    certfile: Path
-    keyfile: Path
+    cert_file: Path
+    key_file: Path
     ca_file: Path
     upstream_name: str = "localhost"
 
@@ -224,8 +224,8 @@ def render_proxy_config(
     ]
     if tls is not None:
         tls_lines = [
-            f"        ssl_certificate {tls.certfile};",
-            f"        ssl_certificate_key {tls.keyfile};",
+            f"        ssl_certificate {tls.cert_file};",
+            f"        ssl_certificate_key {tls.key_file};",
             "        ssl_protocols TLSv1.2 TLSv1.3;",
             "        ssl_session_cache shared:fleet_tls:1m;",
             "        # The SuperLink behind us keeps TLS (node authentication needs it):",
@@ -425,7 +425,7 @@ class FleetProxy:
         if self.tls is None:
             return ()
         out: list[tuple[int, int]] = []
-        for path in (self.tls.certfile, self.tls.keyfile):
+        for path in (self.tls.cert_file, self.tls.key_file):
             try:
                 st = path.stat()
                 out.append((st.st_mtime_ns, st.st_ino))

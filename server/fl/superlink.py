@@ -32,11 +32,11 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, model_validator
 
-from edgefl.config import StrictModel
+from edgefl.config import RenameMap, StrictModel, TlsFiles
 from edgefl.errors import ConfigError, ServiceUnavailableError
 from edgefl.federation import FederationPlan
 from edgefl.netutil import free_port, port_open
@@ -75,6 +75,12 @@ class FlowerCommandError(ServiceUnavailableError):
 class SuperLinkConfig(StrictModel):
     """How to run the SuperLink (``edgefl server start``'s ``superlink:`` section)."""
 
+    renamed_keys: ClassVar[RenameMap] = {
+        "certfile": "tls.cert_file",
+        "keyfile": "tls.key_file",
+        "ca_file": "tls.ca_file",
+    }
+
     host: str = Field("127.0.0.1", description="Address the SuperLink listens on.")
     port: int = Field(9092, ge=0, le=65535, description="Its one HTTP(S) port; 0 picks one.")
     public_address: str | None = Field(
@@ -84,9 +90,12 @@ class SuperLinkConfig(StrictModel):
         None, description="SQLite state file (default: <state_dir>/superlink.db)."
     )
     insecure: bool = Field(False, description="Plain HTTP and no node authentication (tests).")
-    certfile: Path | None = Field(None, description="TLS server certificate (PEM).")
-    keyfile: Path | None = Field(None, description="Its private key.")
-    ca_file: Path | None = Field(None, description="The CA that signed certfile.")
+    tls: TlsFiles = Field(
+        default_factory=lambda: TlsFiles(),
+        description="cert_file/key_file: the TLS server certificate and its key; ca_file: "
+        "the CA that signed cert_file (all three, or none: edgefl server start fills them "
+        "in from the fleet CA).",
+    )
     node_auth: bool = Field(True, description="Only registered node keys may connect.")
     startup_timeout_s: float = Field(60.0, gt=0)
 
@@ -97,9 +106,10 @@ class SuperLinkConfig(StrictModel):
                 # Flower refuses node authentication without TLS.
                 self.node_auth = False
             return self
-        given = [p for p in (self.certfile, self.keyfile, self.ca_file) if p is not None]
+        t = self.tls
+        given = [p for p in (t.cert_file, t.key_file, t.ca_file) if p is not None]
         if given and len(given) != 3:
-            raise ValueError("certfile, keyfile and ca_file go together")
+            raise ValueError("tls.cert_file, tls.key_file and tls.ca_file go together")
         return self
 
 
@@ -148,9 +158,9 @@ class SuperLink:
         self.database = config.database or self.workdir / "superlink.db"
         self.log_path = self.workdir / "superlink.log"
         self._proc: ManagedProcess | None = None
-        if not config.insecure and config.certfile is None:
+        if not config.insecure and config.tls.cert_file is None:
             raise ConfigError(
-                "superlink: TLS needs certfile, keyfile and ca_file",
+                "superlink: TLS needs tls.cert_file, tls.key_file and tls.ca_file",
                 hint="issue a server certificate with the fleet CA, or set insecure: true "
                 "(tests only)",
             )
@@ -179,11 +189,11 @@ class SuperLink:
         else:
             cmd += [
                 "--ssl-certfile",
-                str(c.certfile),
+                str(c.tls.cert_file),
                 "--ssl-keyfile",
-                str(c.keyfile),
+                str(c.tls.key_file),
                 "--ssl-ca-certfile",
-                str(c.ca_file),
+                str(c.tls.ca_file),
             ]
             if c.node_auth:
                 cmd.append("--enable-supernode-auth")
@@ -257,7 +267,7 @@ class SuperLink:
         return FlowerAdmin(
             self.address,
             self.home,
-            root_certificates=None if self.config.insecure else self.config.ca_file,
+            root_certificates=None if self.config.insecure else self.config.tls.ca_file,
             insecure=self.config.insecure,
         )
 
