@@ -323,7 +323,7 @@ def test_failed_puback_keeps_the_record_for_retry(
         # Allow it: the record is re-sent after retry_after_s and now acked.
         acl.write_text(f"topic write {prefix}/#\n", encoding="utf-8")
         assert broker.proc is not None
-        os.kill(broker.proc.pid, signal.SIGHUP)
+        broker.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: agent.outbox.stats().depth == 0, TIMEOUT, "the retried record acked")
         assert agent.sender.acked == 2
     finally:
