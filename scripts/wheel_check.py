@@ -381,6 +381,14 @@ def device_checks(
 # --- server ----------------------------------------------------------------------------
 
 
+def _address(value: Any) -> dict[str, Any]:
+    """``{host, port}`` from what ``server start --json`` prints for an address."""
+    if isinstance(value, dict):
+        return {"host": value["host"], "port": int(value["port"])}
+    host, _, port = str(value).rpartition(":")
+    return {"host": host, "port": int(port)}
+
+
 def _agent_config(work: Path, i: int, info: dict[str, Any]) -> Path:
     from edgefl.enrollment import IdentityPaths
 
@@ -412,7 +420,7 @@ def _agent_config(work: Path, i: int, info: dict[str, Any]) -> Path:
                         "limit": 300,
                     }
                 ],
-                "training": {"superlink": str(info["superlink"]), "min_samples": 200},
+                "training": {"superlink": _address(info["superlink"]), "min_samples": 200},
             }
         )
     )
