@@ -233,8 +233,8 @@ def test_wait_exits_9_when_the_last_round_trained_nobody(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], as_json: bool
 ) -> None:
     from edgefl.errors import RunFailedError
-    from edgefl.server.runs import report_run
     from edgefl.server.registry import upgrade
+    from edgefl.server.runs import report_run
 
     url = f"sqlite:///{tmp_path / 'edgefl.db'}"
     upgrade(url)
