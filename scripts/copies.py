@@ -12,13 +12,16 @@ trees the same way (``--root`` measures another checkout):
   a variable ``n``, or a value doubled: ``x *= 2`` / ``x = x * 2``, and a ``min()`` cap).
 - ``free_port_helpers``: functions that bind a socket to port 0 to learn a free port.
 - ``log_line_pickers``: functions whose name says they pick a log line
-  (``last``/``tail``/``meaningful`` together with ``line``/``log``).
+  (``last``/``tail``/``meaningful`` together with ``line``/``log``) and that do not just
+  call another such function (a thin wrapper is not a copy).
 - ``supervisors``: classes named ``*Supervisor`` plus functions named ``*check_children``
-  (restart loops).
+  (restart loops), by name.
+- ``restart_delay_sites``: functions that call ``backoff_delay`` themselves: each keeps its
+  own restart or reconnect state on the one curve.
 - ``id_patterns``: string literals that spell the device/fleet id character class
   ``[A-Za-z0-9_-]``.
 - ``topic_builder_modules``: modules with a string or f-string literal that starts with
-  the fleet contract's topic root ``edgefl/``.
+  the fleet contract's topic root ``edgefl/`` (or ``{ROOT}/``, the root held in a name).
 
 Usage: ``python scripts/copies.py [--json] [--root DIR]``.
 """
@@ -115,6 +118,22 @@ def _binds_port_zero(fn: ast.AST) -> bool:
     return False
 
 
+def _topic_fstring(node: ast.JoinedStr) -> bool:
+    """``f"edgefl/..."``, or ``f"{ROOT}/..."`` with the root held in a ``*ROOT*`` name."""
+    first = node.values[0]
+    if isinstance(first, ast.Constant) and isinstance(first.value, str):
+        return first.value.startswith("edgefl/")
+    if (
+        isinstance(first, ast.FormattedValue)
+        and isinstance(first.value, ast.Name)
+        and "ROOT" in first.value.id
+        and len(node.values) > 1
+    ):
+        second = node.values[1]
+        return isinstance(second, ast.Constant) and str(second.value).startswith("/")
+    return False
+
+
 def _functions(tree: ast.AST) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]:
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
@@ -129,6 +148,7 @@ def measure(root: Path) -> dict[str, object]:
         "free_port_helpers": [],
         "log_line_pickers": [],
         "supervisors": [],
+        "restart_delay_sites": [],
         "id_patterns": [],
         "topic_builder_modules": [],
     }
@@ -148,8 +168,11 @@ def measure(root: Path) -> dict[str, object]:
                 found["backoff_curves"].append(where)
             if _binds_port_zero(fn) and not any(_binds_port_zero(n) for n in inner):
                 found["free_port_helpers"].append(where)
-            if _PICKER.search(fn.name):
+            called = {_call_name(n) for n in ast.walk(fn) if isinstance(n, ast.Call)}
+            if _PICKER.search(fn.name) and not any(_PICKER.search(c) for c in called):
                 found["log_line_pickers"].append(where)
+            if "backoff_delay" in called:
+                found["restart_delay_sites"].append(where)
             if fn.name.endswith("check_children"):
                 found["supervisors"].append(where)
         for node in ast.walk(tree):
@@ -166,12 +189,7 @@ def measure(root: Path) -> dict[str, object]:
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 topic = topic or node.value.startswith("edgefl/")
             elif isinstance(node, ast.JoinedStr) and node.values:
-                first = node.values[0]
-                topic = topic or (
-                    isinstance(first, ast.Constant)
-                    and isinstance(first.value, str)
-                    and first.value.startswith("edgefl/")
-                )
+                topic = topic or _topic_fstring(node)
         if topic:
             found["topic_builder_modules"].append(rel)
     figures: dict[str, object] = {}

@@ -18,6 +18,7 @@ Every figure is read from the code:
 * ``tls_key_spellings``: distinct names of fields that hold TLS material (a ``Path`` field
   whose name mentions cert, key or ca, directories excluded) in pydantic config models,
   i.e. classes deriving from ``StrictModel`` directly or through other config models.
+  Key files that are not TLS material are named in ``NOT_TLS`` with the reason.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ HERE = Path(__file__).resolve().parent.parent
 ROLES = ("edgefl.server", "edgefl.edge_agent", "edgefl.quantize", "edgefl.simulations")
 COMPOSITION_ROOTS = frozenset({"edgefl.cli", "edgefl.server.fl.simulation"})
 _TLS_NAME = re.compile(r"cert|key|(^|_)ca(_|$)")
+NOT_TLS: dict[str, str] = {
+    "auth_key_file": "Flower's node-authentication key (the SuperNode signs its requests "
+    "with it; the SuperLink checks them against the admitted public keys): not a TLS key",
+}
 
 
 def _package_dirs(root: Path) -> dict[str, Path]:
@@ -151,6 +156,7 @@ def tls_spellings(root: Path) -> dict[str, list[str]]:
             and "Path" in ast.unparse(s.annotation)
             and _TLS_NAME.search(s.target.id)
             and not s.target.id.endswith("_dir")
+            and s.target.id not in NOT_TLS
         ]
         if fields:
             out[f"{module}.{cls}"] = fields

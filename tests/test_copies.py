@@ -30,10 +30,20 @@ def free() -> int:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 """
-_PICKER = "def last_log_line(path: str) -> str:\n    return ''\n"
+_PICKER = """
+def last_log_line(path: str) -> str:
+    return open(path).read().splitlines()[-1]
+def last_line_of_child(path: str) -> str:
+    return last_log_line(path)
+"""
+_RESTART = "def restart(n: int) -> float:\n    return backoff_delay(n, 1.0, 30.0)\n"
 _SUPERVISOR = "class ChildSupervisor:\n    pass\n"
 _ID = 'ID = "[A-Za-z0-9_-]{1,64}"\n'
-_TOPIC = 'def topic(fleet: str) -> str:\n    return f"edgefl/{fleet}/x"\n'
+_TOPIC = """
+ROOT = "edgefl"
+def topic(fleet: str) -> str:
+    return f"{ROOT}/{fleet}/x"
+"""
 _NOT_COPIES = """
 import subprocess
 def only_start() -> None:
@@ -44,7 +54,7 @@ def fixed() -> int:
 
 
 def _tree(tmp: Path) -> Path:
-    body = "\n".join([_PROCESS, _BACKOFF, _PORT, _PICKER, _SUPERVISOR, _ID, _TOPIC])
+    body = "\n".join([_PROCESS, _BACKOFF, _PORT, _PICKER, _RESTART, _SUPERVISOR, _ID, _TOPIC])
     for rel, text in {
         "server/all.py": body,
         "tests/test_all.py": body,
@@ -64,6 +74,7 @@ def test_each_figure_is_counted_in_product_code_and_tests(tmp_path: Path) -> Non
         "free_port_helpers",
         "log_line_pickers",
         "supervisors",
+        "restart_delay_sites",
         "id_patterns",
         "topic_builder_modules",
     ]
