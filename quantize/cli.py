@@ -39,9 +39,9 @@ def _split(text: str | None) -> list[str] | None:
 @exits_on_error
 def list_cmd(as_json: Annotated[bool, JSON_OPTION] = False) -> None:
     """List zoo models, recipes and the device runtimes available here."""
-    from edgefl.edge_agent.runtimes import available_runtimes, runtime_keys
     from edgefl.quantize.recipes import get_recipe, recipe_keys
     from edgefl.quantize.verify import resolve_targets
+    from edgefl.runtimes import available_runtimes, runtime_keys
     from edgefl.zoo import MODELS
 
     try:

@@ -19,13 +19,6 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from edgefl.edge_agent.runtimes import (
-    TensorSpec,
-    available_runtimes,
-    create_runtime,
-    runtime_keys,
-)
-from edgefl.edge_agent.runtimes.remote import RemoteRuntime, find_tflite_python
 from edgefl.errors import BadInputError, ManifestMismatchError, RuntimeUnavailableError
 from edgefl.quantize.manifest import (
     Manifest,
@@ -34,6 +27,13 @@ from edgefl.quantize.manifest import (
     check_file_against_manifest,
 )
 from edgefl.quantize.recipes import Thresholds
+from edgefl.runtimes import (
+    TensorSpec,
+    available_runtimes,
+    create_runtime,
+    runtime_keys,
+)
+from edgefl.runtimes.remote import RemoteRuntime, find_tflite_python
 
 __all__ = [
     "RunOutcome",

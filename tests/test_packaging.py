@@ -148,7 +148,8 @@ ROLES = {
     ),
     "device": Role(
         ("device",),
-        ("edgefl.edge_agent",),
+        # The runtimes' backends are imported by key (importlib), so they are named here.
+        ("edgefl.edge_agent", "edgefl.runtimes"),
         # Training (the ClientApp, DP-SGD) is the training role.
         leave_out=("edgefl.edge_agent.fl",),
         features=(
@@ -162,7 +163,9 @@ ROLES = {
         ),
     ),
     "training device": Role(
-        ("device", "training"), ("edgefl.edge_agent",), features=(("tflite_runtime", "tflite"),)
+        ("device", "training"),
+        ("edgefl.edge_agent", "edgefl.runtimes"),
+        features=(("tflite_runtime", "tflite"),),
     ),
     "toolkit": Role(("quantize",), ("edgefl.quantize",)),
     "simulation": Role(("sim",), ("edgefl.simulations", "edgefl.server.fl.simulation")),
@@ -350,8 +353,8 @@ def test_the_cli_root_imports_only_base_dependencies_at_start() -> None:
 def test_the_import_walk_sees_lazy_relative_and_guarded_imports() -> None:
     imports = {i.name: i for i in _imports("edgefl.privacy")}
     assert imports["opacus.accountants.analysis"].lazy
-    runtimes = {i.name for i in _imports("edgefl.edge_agent.runtimes")}
-    assert "edgefl.edge_agent.runtimes.base" in runtimes
+    runtimes = {i.name for i in _imports("edgefl.runtimes")}
+    assert "edgefl.runtimes.base" in runtimes
     # The server's privacy check reaches Opacus through the shared layer.
     assert "edgefl.privacy" in _role_imports(ROLES["server"])["opacus"]
 

@@ -12,8 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefl.edge_agent import runtimes
-from edgefl.edge_agent.runtimes import (
+from edgefl import runtimes
+from edgefl.errors import (
+    ArtifactError,
+    BadInputError,
+    EdgeflError,
+    RuntimeUnavailableError,
+)
+from edgefl.runtimes import (
     RemoteRuntime,
     TensorSpec,
     _registry,
@@ -25,16 +31,10 @@ from edgefl.edge_agent.runtimes import (
     runtime_keys,
     worker,
 )
-from edgefl.edge_agent.runtimes.edgetpu import EdgeTpuRuntime
-from edgefl.edge_agent.runtimes.litert import LiteRtRuntime
-from edgefl.errors import (
-    ArtifactError,
-    BadInputError,
-    EdgeflError,
-    RuntimeUnavailableError,
-)
+from edgefl.runtimes.edgetpu import EdgeTpuRuntime
+from edgefl.runtimes.litert import LiteRtRuntime
 
-REGISTRY_LOGGER = "edgefl.edge_agent.runtimes._registry"
+REGISTRY_LOGGER = "edgefl.runtimes._registry"
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,14 @@ def test_public_names_are_pinned() -> None:
         "register_runtime",
         "runtime_keys",
     }
+
+
+def test_the_agent_package_reexports_every_public_name() -> None:
+    from edgefl.edge_agent import runtimes as agent_runtimes
+
+    assert agent_runtimes.__all__ == runtimes.__all__
+    for name in runtimes.__all__:
+        assert getattr(agent_runtimes, name) is getattr(runtimes, name)
 
 
 def test_litert_is_available_and_preferred() -> None:

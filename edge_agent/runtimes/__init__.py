@@ -1,23 +1,27 @@
-"""Device runtimes: run ``.tflite`` models on whichever interpreter this device has.
+"""The device runtimes, as the agent has always imported them.
 
-Backends, in preference order: ``ai-edge-litert``, ``tflite-runtime`` and ``edgetpu``
-(the Coral delegate). Each lives in its own module; one that cannot be imported here is
-logged and skipped. :func:`create_runtime` loads a model on a runtime by key, and
-:class:`RemoteRuntime` reaches a runtime installed in another Python environment.
+The runtimes live in the shared layer (:mod:`edgefl.runtimes`) because the model toolkit
+and the server's release verification run artifacts on them too, and the server never
+imports the agent. This module re-exports every public name, so
+``from edgefl.edge_agent.runtimes import create_runtime`` keeps working.
 """
 
 from __future__ import annotations
 
-from ._registry import (
+from edgefl.runtimes import (
+    RemoteResult,
+    RemoteRuntime,
+    Runtime,
+    TensorSpec,
     available_runtimes,
     create_runtime,
     default_runtime_key,
+    dequantize,
+    find_tflite_python,
+    quantize,
     register_runtime,
     runtime_keys,
 )
-from .base import Runtime, TensorSpec
-from .quant import dequantize, quantize
-from .remote import RemoteResult, RemoteRuntime, find_tflite_python
 
 __all__ = [
     "RemoteResult",

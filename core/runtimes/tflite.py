@@ -1,7 +1,7 @@
 """The ``tflite-runtime`` runtime: the legacy TFLite interpreter package (last: 2.14).
 
 ``tflite-runtime`` 2.14 needs numpy<2, so on a workstation it lives in its own
-environment and is reached through :class:`edgefl.edge_agent.runtimes.RemoteRuntime`.
+environment and is reached through :class:`edgefl.runtimes.RemoteRuntime`.
 Importing this module fails where it is not installed; the registry takes that as
 "unavailable".
 """

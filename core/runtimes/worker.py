@@ -3,7 +3,7 @@
 ``tflite-runtime`` 2.14 needs numpy<2 and cannot share an environment with torch, so the
 workstation runs it in its own venv through this module::
 
-    python -m edgefl.edge_agent.runtimes.worker REQUEST.json
+    python -m edgefl.runtimes.worker REQUEST.json
 
 The request is a JSON object::
 

@@ -30,9 +30,9 @@ logger = logging.getLogger(__name__)
 
 # Preference order: the first available one is the default.
 _BACKEND_MODULES: dict[str, str] = {
-    "ai-edge-litert": "edgefl.edge_agent.runtimes.litert",
-    "tflite-runtime": "edgefl.edge_agent.runtimes.tflite",
-    "edgetpu": "edgefl.edge_agent.runtimes.edgetpu",
+    "ai-edge-litert": "edgefl.runtimes.litert",
+    "tflite-runtime": "edgefl.runtimes.tflite",
+    "edgetpu": "edgefl.runtimes.edgetpu",
 }
 
 _INSTALL_HINTS: dict[str, str] = {

@@ -127,7 +127,7 @@ class Runtime(ABC):
 
     Subclasses set :attr:`key`, implement :meth:`version`, :meth:`_load_delegate` and
     :meth:`_new_interpreter`, and register with
-    :func:`edgefl.edge_agent.runtimes.register_runtime`.
+    :func:`edgefl.runtimes.register_runtime`.
 
     Args:
         model_path: The ``.tflite`` file.

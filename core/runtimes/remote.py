@@ -1,4 +1,4 @@
-"""Client side of :mod:`edgefl.edge_agent.runtimes.worker`: run a model in another venv.
+"""Client side of :mod:`edgefl.runtimes.worker`: run a model in another venv.
 
 Used on a workstation to verify artifacts on ``tflite-runtime``, whose numpy<2 pin keeps
 it out of the main environment. Arrays travel as ``.npy`` files in a temporary directory;
@@ -29,7 +29,7 @@ __all__ = ["TFLITE_PYTHON_ENV", "RemoteResult", "RemoteRuntime", "find_tflite_py
 #: Environment variable naming the Python interpreter of the tflite-runtime environment.
 TFLITE_PYTHON_ENV = "EDGEFL_TFLITE_PYTHON"
 
-_WORKER_MODULE = "edgefl.edge_agent.runtimes.worker"
+_WORKER_MODULE = "edgefl.runtimes.worker"
 _STDERR_TAIL = 2000
 
 
