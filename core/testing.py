@@ -1,4 +1,4 @@
-"""A private mosquitto for tests and benchmarks, and the polling helper tests use.
+"""Test kit: a private mosquitto, the ``edgefl`` processes tests run, a polling helper.
 
 Each broker gets its own config file and a free loopback port, and runs as a
 :class:`~edgefl.process.ManagedProcess` (its own process group, killed by that group).
@@ -18,13 +18,22 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from edgefl.netutil import free_port as _free
 from edgefl.process import ManagedProcess, ProcessNotReadyError, wait_until
 
-__all__ = ["Mosquitto", "free_port", "mosquitto_executable", "wait_for"]
+__all__ = [
+    "EdgeflProcesses",
+    "Mosquitto",
+    "edgefl_executable",
+    "free_port",
+    "mosquitto_executable",
+    "start_edgefl",
+    "wait_for",
+]
 
 
 def mosquitto_executable() -> str | None:
@@ -155,3 +164,78 @@ class Mosquitto:
 
     def __exit__(self, *exc_info: object) -> None:
         self.kill()
+
+
+def edgefl_executable() -> str:
+    """The ``edgefl`` command of the environment the running interpreter belongs to."""
+    return str(Path(sys.executable).parent / "edgefl")
+
+
+def start_edgefl(
+    args: Sequence[str],
+    log_path: Path,
+    *,
+    stdout_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ManagedProcess:
+    """Start ``edgefl ARGS`` as a managed process, its output appended to ``log_path``.
+
+    With ``stdout_path``, its stdout is appended to that file and only its stderr to
+    ``log_path``, for a caller that reads what a command prints on stdout alone (the
+    ``--json`` line). A shell then opens that file and replaces itself with ``edgefl``
+    (``exec``), so the PID and the signals it gets are edgefl's own.
+
+    The caller stops it (:meth:`~edgefl.process.ManagedProcess.stop`), or lets an
+    :class:`EdgeflProcesses` do it.
+    """
+    argv = [edgefl_executable(), *args]
+    if stdout_path is not None:
+        argv = ["/bin/sh", "-c", 'out=$1; shift; exec "$@" >>"$out"', "sh", str(stdout_path), *argv]
+    name = " ".join(["edgefl", *args[:2]])
+    proc = ManagedProcess(argv, log_path, name=name, env=env)
+    proc.start()
+    return proc
+
+
+class EdgeflProcesses:
+    """The ``edgefl`` processes one test or benchmark runs; all stopped when it ends.
+
+    Used as a context manager (tests get one from a fixture): on exit every process it
+    started that still runs gets SIGTERM at once, then each is stopped in turn (SIGKILL to
+    its group after ``grace`` seconds).
+
+    Args:
+        folder: Where the log files go.
+        grace: Seconds a process has to exit after SIGTERM.
+    """
+
+    def __init__(self, folder: Path, *, grace: float = 30.0) -> None:
+        self.folder = folder
+        self.grace = grace
+        self.started: list[ManagedProcess] = []
+
+    def start(
+        self,
+        *args: str,
+        log: str = "edgefl.log",
+        stdout: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> ManagedProcess:
+        """:func:`start_edgefl` with the log ``folder/log``."""
+        proc = start_edgefl(args, self.folder / log, stdout_path=stdout, env=env)
+        self.started.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        """SIGTERM every running one, then stop each (idempotent)."""
+        for proc in self.started:
+            if proc.running():
+                proc.signal_group(signal.SIGTERM)
+        for proc in self.started:
+            proc.stop(self.grace)
+
+    def __enter__(self) -> EdgeflProcesses:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop_all()

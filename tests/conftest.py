@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from edgefl.process import read_tail
 from edgefl.server import fleet_ca
-from edgefl.testing import Mosquitto
+from edgefl.testing import EdgeflProcesses, Mosquitto
 
 PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
@@ -33,6 +34,20 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mosquitto
         lines += ["persistence true", f"persistence_location {store}/", "autosave_interval 1"]
     with Mosquitto(tmp_path, extra_lines=lines) as running:
         yield running
+
+
+@pytest.fixture
+def edgefl_procs(tmp_path: Path) -> Iterator[EdgeflProcesses]:
+    """Start ``edgefl`` commands as processes (``edgefl_procs.start(*args, log=...)``).
+
+    Each runs in its own process group with its output in ``tmp_path``; every one is
+    stopped after the test, and the end of each log is printed (pytest shows it when the
+    test fails).
+    """
+    with EdgeflProcesses(tmp_path) as procs:
+        yield procs
+    for log in dict.fromkeys(proc.log_path for proc in procs.started):
+        print(f"--- end of {log}:\n{read_tail(log, 4000)}")
 
 
 @pytest.fixture

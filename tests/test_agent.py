@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,10 +20,9 @@ from edgefl.config import RenamedKeyWarning, load_config
 from edgefl.edge_agent.daemon import AgentConfig
 from edgefl.edge_agent.outbox import Outbox
 from edgefl.errors import ExitCode
+from edgefl.process import ManagedProcess
 from edgefl.proto.serde import decode_envelope
-from edgefl.testing import Mosquitto, wait_for
-
-EDGEFL = Path(sys.executable).parent / "edgefl"
+from edgefl.testing import EdgeflProcesses, Mosquitto, wait_for
 
 
 class Collector:
@@ -73,8 +70,8 @@ def _write_config(tmp_path: Path, port: int, *, rate_hz: float, limit: int) -> P
     return path
 
 
-def _start_agent(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([str(EDGEFL), "agent", "run", "--config", str(config)])
+def _start_agent(procs: EdgeflProcesses, config: Path) -> ManagedProcess:
+    return procs.start("agent", "run", "--config", str(config), log="agent.log")
 
 
 def _committed(config: Path) -> int:
@@ -137,11 +134,13 @@ def test_an_agent_yaml_with_old_key_names_still_loads_and_validate_config_says_s
 
 
 @pytest.mark.slow
-def test_agent_delivers_everything_and_reports_status(tmp_path: Path, broker: Mosquitto) -> None:
+def test_agent_delivers_everything_and_reports_status(
+    tmp_path: Path, broker: Mosquitto, edgefl_procs: EdgeflProcesses
+) -> None:
     config = _write_config(tmp_path, broker.port, rate_hz=400, limit=300)
     cfg = load_config(AgentConfig, config)
     collector = Collector(broker.port, f"edgefl/{cfg.fleet}/dev-a/#")
-    agent = _start_agent(config)
+    agent = _start_agent(edgefl_procs, config)
     try:
         wait_for(lambda: collector.distinct() == set(range(1, 301)), 60, "300 records")
         runner = CliRunner()
@@ -174,19 +173,18 @@ def test_agent_delivers_everything_and_reports_status(tmp_path: Path, broker: Mo
 
 @pytest.mark.slow
 def test_agent_killed_mid_stream_loses_nothing_it_committed(
-    tmp_path: Path, broker: Mosquitto
+    tmp_path: Path, broker: Mosquitto, edgefl_procs: EdgeflProcesses
 ) -> None:
     config = _write_config(tmp_path, broker.port, rate_hz=300, limit=400)
     cfg = load_config(AgentConfig, config)
     collector = Collector(broker.port, f"edgefl/{cfg.fleet}/dev-a/+/+")
-    agent = _start_agent(config)
+    agent = _start_agent(edgefl_procs, config)
     try:
         wait_for(lambda: len(collector.distinct()) >= 100, 60, "first 100 records")
-        agent.kill()
-        agent.wait(timeout=10)
+        agent.kill()  # SIGKILL, reaped
         first_run = _committed(config)
         assert first_run >= 100
-        agent = _start_agent(config)
+        agent = _start_agent(edgefl_procs, config)
         expected = set(range(1, first_run + 400 + 1))
         wait_for(lambda: collector.distinct() == expected, 60, "every committed record")
     finally:
@@ -199,11 +197,13 @@ def test_agent_killed_mid_stream_loses_nothing_it_committed(
 
 
 @pytest.mark.slow
-def test_agent_boots_without_a_broker_and_delivers_later(tmp_path: Path) -> None:
+def test_agent_boots_without_a_broker_and_delivers_later(
+    tmp_path: Path, edgefl_procs: EdgeflProcesses
+) -> None:
     broker = Mosquitto(tmp_path)
     config = _write_config(tmp_path, broker.port, rate_hz=100, limit=50)
     cfg = load_config(AgentConfig, config)
-    agent = _start_agent(config)
+    agent = _start_agent(edgefl_procs, config)
     try:
         wait_for(
             lambda: _committed(config) == 50 if cfg.state_dir.exists() else False, 30, "50 buffered"
