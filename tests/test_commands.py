@@ -11,8 +11,6 @@ import json
 import logging
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -38,6 +36,7 @@ from edgefl.edge_agent.commands import (
 from edgefl.edge_agent.daemon import Agent, AgentConfig
 from edgefl.edge_agent.mqtt_link import InboundMessage
 from edgefl.edge_agent.outbox import Outbox, OutboxPolicy
+from edgefl.process import ManagedProcess
 from edgefl.proto.serde import (
     MAX_ENVELOPE_BYTES,
     Envelope,
@@ -45,9 +44,8 @@ from edgefl.proto.serde import (
     decode_envelope,
     encode_envelope,
 )
-from edgefl.testing import Mosquitto, wait_for
+from edgefl.testing import EdgeflProcesses, Mosquitto, wait_for
 
-EDGEFL = Path(sys.executable).parent / "edgefl"
 DEVICE = "dev-c"
 
 
@@ -578,13 +576,12 @@ def _write_config(tmp_path: Path, port: int, fleet: str) -> Path:
     return path
 
 
-def _start_agent(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([str(EDGEFL), "agent", "run", "--config", str(config)])
+def _start_agent(procs: EdgeflProcesses, config: Path) -> ManagedProcess:
+    return procs.start("agent", "run", "--config", str(config), log="agent.log")
 
 
-def _stop_agent(agent: subprocess.Popen[bytes]) -> None:
-    if agent.poll() is None:
-        agent.send_signal(signal.SIGTERM)
+def _stop_agent(agent: ManagedProcess) -> None:
+    agent.send_signal(signal.SIGTERM)  # the agent alone, as systemd stops it
     agent.wait(timeout=30)
 
 
@@ -608,10 +605,10 @@ def _wait_subscribed(config: Path) -> None:
 
 @pytest.mark.slow
 def test_command_sent_while_the_agent_is_down_is_answered_after_restart(
-    tmp_path: Path, broker: Mosquitto, fleet: str, admin: Client
+    tmp_path: Path, broker: Mosquitto, fleet: str, admin: Client, edgefl_procs: EdgeflProcesses
 ) -> None:
     config = _write_config(tmp_path, broker.port, fleet)
-    agent = _start_agent(config)
+    agent = _start_agent(edgefl_procs, config)
     try:
         _wait_subscribed(config)
         # Answered once: the persistent session and its subscription exist.
@@ -623,7 +620,7 @@ def test_command_sent_while_the_agent_is_down_is_answered_after_restart(
         _, stale = admin.send("ping", {}, "stale", ttl_s=0.2)
         expires_at = json.loads(decode_envelope(stale).body)["expires_at_ms"]
         wait_for(lambda: time.time() * 1000 > expires_at, 5, "the stale command to expire")
-        agent = _start_agent(config)
+        agent = _start_agent(edgefl_procs, config)
         answer = admin.wait_answer("while-down")
         assert answer["ok"] is True
         assert answer["result"] == {"queued": True}
@@ -637,20 +634,19 @@ def test_command_sent_while_the_agent_is_down_is_answered_after_restart(
 
 @pytest.mark.slow
 def test_agent_killed_after_answering_does_not_answer_again(
-    tmp_path: Path, broker: Mosquitto, fleet: str, admin: Client
+    tmp_path: Path, broker: Mosquitto, fleet: str, admin: Client, edgefl_procs: EdgeflProcesses
 ) -> None:
     config = _write_config(tmp_path, broker.port, fleet)
-    agent = _start_agent(config)
+    agent = _start_agent(edgefl_procs, config)
     try:
         _wait_subscribed(config)
         topic, payload = admin.send("ping", {"n": 1}, "once")
         admin.wait_answer("once")
-        agent.kill()
-        agent.wait(timeout=10)
+        agent.kill()  # SIGKILL, reaped
         # The same command again (a resend by an impatient server) while it is down, and
         # once more after the restart.
         admin.publish(topic, payload)
-        agent = _start_agent(config)
+        agent = _start_agent(edgefl_procs, config)
         admin.publish(topic, payload)
         admin.send("ping", {}, "marker")
         admin.wait_answer("marker")

@@ -13,8 +13,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,13 +24,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefl.config import load_config
 from edgefl.edge_agent.daemon import AgentConfig
+from edgefl.process import ManagedProcess
 from edgefl.proto import envelope_pb2, topics
 from edgefl.proto.ids import ID_REGEX, InvalidIdError, check_id, is_id
 from edgefl.proto.serde import Envelope, EnvelopeError, decode_envelope, encode_envelope
-from edgefl.testing import Mosquitto, wait_for
+from edgefl.testing import EdgeflProcesses, Mosquitto, wait_for
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "fleet-contract.md"
-EDGEFL = Path(sys.executable).parent / "edgefl"
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 _PLACEHOLDERS = re.compile(r"HOST=\S+ PORT=\S+ FLEET=\S+ DEVICE=\S+")
 
@@ -181,35 +179,21 @@ def _with_values(block: str, port: int, fleet: str, device: str) -> str:
 
 
 class _Watcher:
-    """The doc's ``mosquitto_sub`` block, run by bash; collects its ``-v`` lines."""
+    """The doc's ``mosquitto_sub`` block, run by bash; reads its ``-v`` lines from its log."""
 
-    def __init__(self, script: str) -> None:
-        self.lines: list[str] = []
-        self._lock = threading.Lock()
-        self.proc = subprocess.Popen(
-            ["bash", "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._lock:
-                self.lines.append(line.rstrip("\n"))
+    def __init__(self, script: str, log: Path) -> None:
+        self.proc = ManagedProcess(["bash", "-c", script], log, name="mosquitto_sub")
+        self.proc.start()
 
     def payload_on(self, topic: str) -> bytes | None:
-        with self._lock:
-            for line in self.lines:
-                line_topic, _, payload = line.partition(" ")
-                if line_topic == topic:
-                    return payload.encode()
+        for line in self.proc.output().splitlines():
+            line_topic, _, payload = line.partition(" ")
+            if line_topic == topic:
+                return payload.encode()
         return None
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=10)
+        self.proc.stop(grace=10)
 
 
 def _wait_until_watching(watcher: _Watcher, port: int, prefix: str) -> None:
@@ -257,7 +241,7 @@ def _agent_subscribed(config: Path) -> bool:
     reason="mosquitto-clients not installed",
 )
 def test_the_mosquitto_pub_example_is_answered_by_a_real_agent(
-    tmp_path: Path, broker: Mosquitto, fleet: str
+    tmp_path: Path, broker: Mosquitto, fleet: str, edgefl_procs: EdgeflProcesses
 ) -> None:
     device = "pi-01"
     config = tmp_path / "agent.yaml"
@@ -275,8 +259,8 @@ def test_the_mosquitto_pub_example_is_answered_by_a_real_agent(
     publish = _with_values(_shell_block("mosquitto_pub"), broker.port, fleet, device)
     watch = _with_values(_shell_block("mosquitto_sub"), broker.port, fleet, device)
     prefix = f"edgefl/{fleet}/{device}"
-    agent = subprocess.Popen([str(EDGEFL), "agent", "run", "--config", str(config)])
-    watcher = _Watcher(watch)
+    agent = edgefl_procs.start("agent", "run", "--config", str(config), log="agent.log")
+    watcher = _Watcher(watch, tmp_path / "mosquitto_sub.log")
     try:
         wait_for(lambda: _agent_subscribed(config), 30, "agent subscribed")
         _wait_until_watching(watcher, broker.port, prefix)
@@ -298,7 +282,6 @@ def test_the_mosquitto_pub_example_is_answered_by_a_real_agent(
         assert refused["error"].startswith(re.sub(r"\s+", " ", match.group(1)))
     finally:
         watcher.close()
-        if agent.poll() is None:
-            agent.send_signal(signal.SIGTERM)
+        agent.send_signal(signal.SIGTERM)  # the agent alone, as systemd stops it
         agent.wait(timeout=30)
     assert agent.returncode == 0
