@@ -4,26 +4,40 @@ One JSON file sits beside each artifact (``NAME.tflite`` → ``NAME.manifest.jso
 records the file's sha256 and size, its tensor specs with quantization parameters, how
 it was made (recipe, pruning, source model hash), golden input vectors with the torch
 reference's outputs, the tolerances the artifact was held to, and each runtime it was
-verified on. ``signature`` is reserved for the signing step (Ed25519 over the manifest
-without the signature field) and is ``null`` until then.
+verified on.
+
+Schema 2 (a release) adds :class:`ReleaseInfo` in ``release``: the model name and its
+ever-growing version, the device class and runtime the variant is for, when it was signed
+and when the signature stops being valid, the run and round it came from and the privacy
+guarantee the model carries (:class:`PrivacyGuarantee`). ``signature`` then holds a
+:class:`Signature`: Ed25519 by a release-signing key over the canonical manifest without
+the signature field (:mod:`edgefl.releasesign`). The toolkit's own builds stay unsigned
+(``release`` and ``signature`` are ``null``). Schema 1 files, where ``signature`` was a
+reserved string slot, still load; a device refuses them as unsigned.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgefl.errors import ArtifactError, ManifestMismatchError
 
 __all__ = [
     "MANIFEST_SCHEMA_VERSION",
+    "SUPPORTED_SCHEMA_VERSIONS",
     "GoldenSet",
     "Manifest",
+    "PrivacyGuarantee",
+    "ReleaseInfo",
     "RuntimeVerification",
+    "Signature",
     "SourceModel",
     "TensorSpecModel",
     "check_file_against_manifest",
@@ -32,7 +46,11 @@ __all__ = [
     "sha256_file",
 ]
 
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
+"""Schema versions :func:`read_manifest` loads (1: before releases and signatures)."""
+_SAFE_SEGMENT = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # edgefl.files.SAFE_NAME_PATTERN
+_SHA256_HEX = r"^[0-9a-f]{64}$"
 
 
 class _Strict(BaseModel):
@@ -84,6 +102,56 @@ class RuntimeVerification(_Strict):
     reasons: list[str] = Field(default_factory=list)
 
 
+class PrivacyGuarantee(_Strict):
+    """The differential-privacy guarantee a released model carries from its training run."""
+
+    epsilon_max: float | None = Field(
+        description="the largest per-device epsilon the run spent (None: no DP accounting)"
+    )
+    delta: float | None = Field(description="the delta the epsilon holds at")
+    mode: Literal["local", "central", "none"] = Field(
+        description="local: each device clips and adds noise; central: the server does"
+    )
+
+
+class ReleaseInfo(_Strict):
+    """What a release says about one variant; signed with the rest of the manifest.
+
+    ``model``, ``variant``, ``device_class`` and ``runtime`` become folder names on the
+    server and the device, so each is one safe path segment.
+    """
+
+    model: str = Field(pattern=_SAFE_SEGMENT)
+    version: int = Field(ge=1, description="grows with every release of the model")
+    variant: str = Field(pattern=_SAFE_SEGMENT)
+    device_class: str = Field(pattern=_SAFE_SEGMENT)
+    runtime: str = Field(pattern=_SAFE_SEGMENT)
+    created_at: int = Field(ge=0, description="signing time, unix seconds (the server's clock)")
+    expires_at: int = Field(ge=0, description="the signature is refused from then on")
+    run_id: str | None = None
+    round: int | None = None
+    privacy: PrivacyGuarantee
+
+
+class Signature(_Strict):
+    """An Ed25519 signature by a release-signing key (:mod:`edgefl.releasesign`)."""
+
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$", description="edgefl.releasesign.key_id")
+    alg: Literal["ed25519"] = "ed25519"
+    value: str = Field(description="standard base64 of the 64 signature bytes")
+
+    @field_validator("value")
+    @classmethod
+    def _sixty_four_bytes(cls, value: str) -> str:
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (ValueError, binascii.Error) as exc:
+            raise ValueError(f"not base64: {exc}") from exc
+        if len(raw) != 64:
+            raise ValueError(f"an Ed25519 signature is 64 bytes, not {len(raw)}")
+        return value
+
+
 class Manifest(_Strict):
     """The manifest of one artifact (see the module docstring)."""
 
@@ -101,7 +169,20 @@ class Manifest(_Strict):
     thresholds: dict[str, float]
     golden: GoldenSet
     verified_on: dict[str, RuntimeVerification]
-    signature: str | None = None
+    release: ReleaseInfo | None = None
+    signature: Signature | str | None = Field(
+        None, description="a Signature once signed; a string only in schema 1 files"
+    )
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, value: int) -> int:
+        if value not in SUPPORTED_SCHEMA_VERSIONS:
+            raise ValueError(
+                f"schema version {value} is not one of {SUPPORTED_SCHEMA_VERSIONS}: "
+                "a newer edgefl wrote it"
+            )
+        return value
 
     def to_json(self) -> str:
         """Stable, human-diffable JSON."""
