@@ -36,6 +36,7 @@ from edgefl.server.registry.db import DEFAULT_DB_FILENAME
 __all__ = [
     "BrokerConfig",
     "InferenceServerConfig",
+    "ModelServiceConfig",
     "ServerConfig",
     "ServerIngestConfig",
     "read_ingest_file",
@@ -150,6 +151,48 @@ class InferenceServerConfig(StrictModel):
         return self
 
 
+class ModelServiceConfig(StrictModel):
+    """The model delivery service (``models:`` section; gRPC ``edgefl.models.v1.Models``).
+
+    Devices download signed release artifacts from ``releases_dir`` over mutual TLS; see
+    :mod:`edgefl.server.models_service`. ``tls``, ``crl``, ``registry_url`` and
+    ``releases_dir`` default to the server's certificate, the fleet CA and its CRL, the
+    registry and ``<state_dir>/releases``.
+    """
+
+    enabled: bool = Field(True, description="Run the service in `edgefl server start`.")
+    host: str = Field("127.0.0.1", description="Address to listen on (devices dial it).")
+    port: int = Field(0, ge=0, le=65535, description="Port; 0 picks a free one.")
+    chunk_bytes: int = Field(
+        64 * 1024, ge=1024, le=1024 * 1024, description="Artifact bytes per streamed chunk."
+    )
+    max_downloads: int = Field(
+        32, ge=1, le=1024, description="Calls served at once; more get RESOURCE_EXHAUSTED."
+    )
+    max_manifest_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest manifest file the service sends."
+    )
+    releases_dir: Path | None = Field(
+        None, description="Published releases (default <state_dir>/releases)."
+    )
+    tls: TlsFiles = Field(
+        default_factory=lambda: TlsFiles(),
+        description="cert_file/key_file: the server certificate; ca_file: the fleet CA "
+        "client certificates must come from (default: the server's own, mutual TLS).",
+    )
+    crl: Path | None = Field(None, description="CRL of tls.ca_file (default: the CA's).")
+    registry_url: str | None = Field(
+        None, description="Registry whose admitted enrollments may download (default: db_url)."
+    )
+    registry_ttl_s: float = Field(
+        5.0, ge=0, description="How long the list of admitted devices is reused."
+    )
+    grace_s: float = Field(2.0, ge=0, description="Time in-flight downloads get when stopping.")
+    public_host: str | None = Field(
+        None, description="Host devices dial, when not host (a wildcard or behind NAT)."
+    )
+
+
 class ServerConfig(StrictModel):
     """``edgefl server start`` settings (YAML, TOML or JSON; unknown keys are errors)."""
 
@@ -183,6 +226,10 @@ class ServerConfig(StrictModel):
         default_factory=lambda: InferenceServerConfig(),
         description="The gRPC inference service `edgefl server inference` runs (not "
         "started by `edgefl server start`); its flags override this section.",
+    )
+    models: ModelServiceConfig = Field(
+        default_factory=lambda: ModelServiceConfig(),
+        description="The gRPC model delivery service devices download releases from.",
     )
     restart_min_s: float = Field(1.0, gt=0, description="First restart delay of a child.")
     restart_max_s: float = Field(30.0, gt=0, description="Cap on the restart delay.")

@@ -1,0 +1,273 @@
+"""The device's download client for the server's ``Models`` service (``proto/models.proto``).
+
+:func:`download_artifact` appends to a partial file and asks the server for the rest from
+that file's size, so a transfer cut by the network costs only what was in flight: call it
+again and it resumes. It checks the stream as it comes (every chunk starts where the file
+ends, the total size never changes, nothing past it) and fsyncs the file before it returns
+or raises, so what it reports as written is on disk. :func:`fetch_manifest` gets the
+signed manifest. Neither trusts what it fetched: the model manager checks the signature,
+the sha256 and size and the rest before anything is installed.
+
+Both dial with the agent's enrolled identity (mutual TLS: ``tls.ca_file`` the fleet CA,
+``cert_file``/``key_file`` the device certificate); every failure is a
+:class:`DownloadError` carrying the gRPC status name and the machine reason
+``download_failed``, so callers never touch ``grpc.RpcError``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import grpc
+
+from edgefl.config import Address, TlsFiles
+from edgefl.errors import BadInputError, EdgeflError, ExitCode
+from edgefl.manifest import Manifest
+from edgefl.proto import models_pb2
+
+__all__ = ["DOWNLOAD_FAILED", "DownloadError", "download_artifact", "fetch_manifest"]
+
+DOWNLOAD_FAILED: Final = "download_failed"
+"""The machine reason of every download failure (``ReleaseTrustError`` reasons)."""
+
+_GET_MANIFEST: Final = "/edgefl.models.v1.Models/GetManifest"
+_DOWNLOAD: Final = "/edgefl.models.v1.Models/Download"
+_MAX_MESSAGE: Final = 8 * 1024 * 1024
+
+Progress = Callable[[int, int], None]
+"""``progress(bytes_in_file, total_size)``, after each chunk written."""
+
+
+class DownloadError(EdgeflError):
+    """A manifest or artifact could not be fetched (network cut, refused, bad stream).
+
+    Attributes:
+        code: gRPC status name (``"UNAVAILABLE"``, ``"PERMISSION_DENIED"`` ...), or
+            ``"BAD_RESPONSE"`` when the server's stream breaks the contract, ``"IO"`` when
+            the partial file cannot be written.
+        reason: Always :data:`DOWNLOAD_FAILED`.
+        moved: Artifact bytes written by the failed call before it failed.
+    """
+
+    exit_code = ExitCode.SERVICE_UNAVAILABLE
+    reason = DOWNLOAD_FAILED
+
+    def __init__(self, code: str, message: str, *, moved: int = 0) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.moved = moved
+
+
+def _read(path: Path | None, what: str) -> bytes:
+    if path is None:
+        raise BadInputError(f"the model download needs the device's {what} (tls)")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
+
+
+def _channel(target: Address, tls: TlsFiles) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca_file, "fleet CA certificate"),
+        private_key=_read(tls.key_file, "key"),
+        certificate_chain=_read(tls.cert_file, "certificate"),
+    )
+    options: list[tuple[str, int | str]] = [
+        ("grpc.max_receive_message_length", _MAX_MESSAGE),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.enable_retries", 0),
+        # A pulled cable shows as silence: find it in ~15 s, not at the deadline.
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+    ]
+    return grpc.secure_channel(str(target), creds, options=options)
+
+
+def _translate(exc: grpc.RpcError, what: str, moved: int = 0) -> DownloadError:
+    if isinstance(exc, grpc.Call):
+        code = exc.code()
+        name = code.name if code is not None else "UNKNOWN"
+        details = exc.details() or "no details"
+    else:  # pragma: no cover - every RpcError gRPC raises is a Call
+        name, details = "UNKNOWN", str(exc)
+    return DownloadError(name, f"{what}: {details}", moved=moved)
+
+
+def fetch_manifest_text(
+    target: Address,
+    tls: TlsFiles,
+    model: str,
+    version: int,
+    variant: str,
+    *,
+    timeout_s: float = 30.0,
+) -> str:
+    """The signed manifest file of one release variant, exactly as published.
+
+    Raises:
+        DownloadError: The call failed (``code`` says how).
+        BadInputError: A TLS file cannot be read.
+    """
+    with _channel(target, tls) as channel:
+        call = channel.unary_unary(
+            _GET_MANIFEST,
+            request_serializer=models_pb2.ManifestRequest.SerializeToString,
+            response_deserializer=models_pb2.ManifestReply.FromString,
+        )
+        request = models_pb2.ManifestRequest(model=model, version=version, variant=variant)
+        try:
+            reply: models_pb2.ManifestReply = call(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise _translate(exc, f"manifest of {model} {version} {variant}") from exc
+    return reply.manifest_json
+
+
+def fetch_manifest(
+    target: Address,
+    tls: TlsFiles,
+    model: str,
+    version: int,
+    variant: str,
+    *,
+    timeout_s: float = 30.0,
+) -> Manifest:
+    """The signed manifest of one release variant, parsed (not yet verified).
+
+    Raises:
+        DownloadError: The call failed, or the answer is not a manifest (``BAD_RESPONSE``).
+        BadInputError: A TLS file cannot be read.
+    """
+    from pydantic import ValidationError
+
+    text = fetch_manifest_text(target, tls, model, version, variant, timeout_s=timeout_s)
+    try:
+        return Manifest.model_validate_json(text)
+    except ValidationError as exc:
+        raise DownloadError(
+            "BAD_RESPONSE", f"the manifest of {model} {version} {variant} is invalid: {exc}"
+        ) from exc
+
+
+def download_artifact(
+    target: Address,
+    tls: TlsFiles,
+    model: str,
+    version: int,
+    variant: str,
+    dest: Path,
+    *,
+    timeout_s: float = 300.0,
+    progress: Progress | None = None,
+    expected_size: int | None = None,
+) -> int:
+    """Download an artifact into ``dest``, resuming from the size ``dest`` already has.
+
+    Args:
+        target: The server's ``Models`` service.
+        tls: The device's enrolled identity (mutual TLS).
+        model: Model name.
+        version: Release version.
+        variant: Variant name.
+        dest: The partial (or absent) file; appended to, fsynced before returning.
+        timeout_s: Deadline of the whole call.
+        progress: Called after each chunk written.
+        expected_size: The size the signed desired state names, if known: a ``dest``
+            already that long costs no call, and a longer one is discarded (it cannot
+            be this artifact) and downloaded again.
+
+    Returns:
+        Artifact bytes written by this call (0 when ``dest`` was already complete).
+
+    Raises:
+        DownloadError: The transfer failed or was cut; ``dest`` keeps what arrived (call
+            again to resume), ``moved`` says how much this call wrote.
+        BadInputError: A TLS file cannot be read.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        have = dest.stat().st_size
+    except FileNotFoundError:
+        have = 0
+    if expected_size is not None:
+        if have == expected_size:
+            return 0
+        if have > expected_size:
+            dest.unlink()
+            have = 0
+    moved = 0
+    with _channel(target, tls) as channel:
+        call = channel.unary_stream(
+            _DOWNLOAD,
+            request_serializer=models_pb2.DownloadRequest.SerializeToString,
+            response_deserializer=models_pb2.Chunk.FromString,
+        )
+        request = models_pb2.DownloadRequest(
+            model=model, version=version, variant=variant, offset=have
+        )
+        what = f"download of {model} {version} {variant} from byte {have}"
+        try:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as exc:
+            raise DownloadError("IO", f"cannot write {dest}: {exc.strerror}") from exc
+        try:
+            stream = call(request, timeout=timeout_s)
+            total: int | None = None
+            position = have
+            try:
+                for chunk in stream:
+                    if total is None:
+                        total = chunk.total_size
+                    if chunk.total_size != total or chunk.offset != position:
+                        stream.cancel()
+                        raise DownloadError(
+                            "BAD_RESPONSE",
+                            f"{what}: chunk at {chunk.offset} of {chunk.total_size} bytes, "
+                            f"expected {position} of {total}",
+                            moved=moved,
+                        )
+                    if position + len(chunk.data) > total:
+                        stream.cancel()
+                        raise DownloadError(
+                            "BAD_RESPONSE", f"{what}: data past the end ({total})", moved=moved
+                        )
+                    _write_all(fd, chunk.data, dest)
+                    position += len(chunk.data)
+                    moved += len(chunk.data)
+                    if progress is not None:
+                        progress(position, total)
+            except grpc.RpcError as exc:
+                raise _translate(exc, what, moved) from exc
+            if total is not None and position != total:
+                raise DownloadError(
+                    "BAD_RESPONSE",
+                    f"{what}: the stream ended at {position} of {total}",
+                    moved=moved,
+                )
+            if expected_size is not None and position != expected_size:
+                raise DownloadError(
+                    "BAD_RESPONSE",
+                    f"{what}: the file is {position} bytes, the desired state says {expected_size}",
+                    moved=moved,
+                )
+        finally:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    return moved
+
+
+def _write_all(fd: int, data: bytes, dest: Path) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except OSError as exc:
+            raise DownloadError("IO", f"cannot write {dest}: {exc.strerror}") from exc
+        view = view[n:]

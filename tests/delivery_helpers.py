@@ -1,0 +1,264 @@
+"""Helpers for the model delivery tests: a fleet CA, a registry, a release and a cutting relay.
+
+Not a test module. :func:`make_delivery` builds, in a temporary folder, a real fleet CA
+(server certificate for 127.0.0.1, device certificates), a SQLite registry whose
+``enrollments`` admit the given devices, and a releases folder holding one artifact of
+random bytes with a manifest; :func:`start_service` runs the real ``Models`` service on
+port 0 with mutual TLS. :class:`CuttingRelay` is a loopback TCP relay that counts the
+bytes it carries towards the client and resets the connection once a set number of them
+has passed: a network cut in the middle of a stream, placed exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from edgefl.config import Address, TlsFiles
+from edgefl.server.config import ModelServiceConfig
+from edgefl.server.fleet_ca import FleetCA, IssuedCert
+from edgefl.server.models_service import ModelService, release_paths
+from edgefl.server.registry import Enrollment, make_engine, session_factory, upgrade
+
+__all__ = ["CuttingRelay", "Delivery", "make_delivery", "start_service", "tls_of"]
+
+MODEL = "digits-mlp"
+VERSION = 3
+VARIANT = "int8"
+
+
+@dataclass
+class Delivery:
+    """Everything a delivery test needs, in ``root``."""
+
+    root: Path
+    ca: FleetCA
+    server: IssuedCert
+    devices: dict[str, IssuedCert]
+    db_url: str
+    releases: Path
+    artifact: bytes
+    manifest_text: str
+    extra: dict[str, IssuedCert] = field(default_factory=dict)
+
+    @property
+    def artifact_path(self) -> Path:
+        return release_paths(self.releases, MODEL, VERSION, VARIANT)[0]
+
+    def settings(self, **update: object) -> ModelServiceConfig:
+        assert self.server.key_path is not None
+        config = ModelServiceConfig(
+            host="127.0.0.1",
+            port=0,
+            tls=TlsFiles(
+                ca_file=self.ca.cert_path,
+                cert_file=self.server.cert_path,
+                key_file=self.server.key_path,
+            ),
+            crl=self.ca.crl_path,
+            registry_url=self.db_url,
+            registry_ttl_s=0.0,
+            releases_dir=self.releases,
+        )
+        return config.model_copy(update=update)
+
+    def set_enrollment(self, device: str, status: str) -> None:
+        engine = make_engine(self.db_url)
+        try:
+            with session_factory(engine)() as session:
+                row = session.get(Enrollment, device)
+                assert row is not None
+                row.status = status
+                session.commit()
+        finally:
+            engine.dispose()
+
+
+def _admit(db_url: str, admitted: dict[str, IssuedCert]) -> None:
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    now = datetime.now(UTC)
+    try:
+        with session_factory(engine)() as session:
+            for n, (device, cert) in enumerate(sorted(admitted.items())):
+                session.add(
+                    Enrollment(
+                        device_id=device,
+                        fleet="f1",
+                        status="admitted",
+                        cert_serial=f"{cert.serial:x}",
+                        cert_pem=cert.cert_pem.decode(),
+                        node_public_key="",
+                        node_id=str(n + 1),
+                        admitted_at=now,
+                        revoked_at=None,
+                    )
+                )
+            session.commit()
+    finally:
+        engine.dispose()
+
+
+def manifest_for(artifact: bytes, variant: str = VARIANT) -> str:
+    """A valid (unsigned) manifest JSON for ``artifact``."""
+    from edgefl.manifest import GoldenSet, Manifest, SourceModel
+
+    manifest = Manifest(
+        artifact=f"{variant}.tflite",
+        variant=variant,
+        recipe=variant,
+        prune_ratio=None,
+        sha256=hashlib.sha256(artifact).hexdigest(),
+        size_bytes=len(artifact),
+        created_at="2026-12-06T00:00:00Z",
+        inputs=[],
+        outputs=[],
+        source_model=SourceModel(
+            name=MODEL, dataset="digits", sha256="0" * 64, base_sha256="0" * 64, parameters=1
+        ),
+        thresholds={},
+        golden=GoldenSet(inputs=[], input_shape=[], reference_outputs=[], labels=[]),
+        verified_on={},
+    )
+    return manifest.to_json()
+
+
+def make_delivery(root: Path, *, size: int = 2 * 1024 * 1024, admitted: int = 2) -> Delivery:
+    """A CA, registry and release in ``root``; devices ``pi-01``.. the first ``admitted``."""
+    ca = FleetCA.create(root / "ca")
+    server = ca.issue_server_cert(["localhost"], ["127.0.0.1"])
+    devices = {d: ca.issue_device_cert(d) for d in ("pi-01", "pi-02", "pi-03")}
+    db_url = f"sqlite:///{root / 'registry.db'}"
+    _admit(db_url, dict(sorted(devices.items())[:admitted]))
+    releases = root / "releases"
+    artifact = os.urandom(size)
+    art_path, man_path = release_paths(releases, MODEL, VERSION, VARIANT)
+    art_path.parent.mkdir(parents=True)
+    art_path.write_bytes(artifact)
+    text = manifest_for(artifact)
+    man_path.write_text(text, encoding="utf-8")
+    return Delivery(root, ca, server, devices, db_url, releases, artifact, text)
+
+
+@contextlib.contextmanager
+def start_service(delivery: Delivery, **update: object) -> Iterator[ModelService]:
+    """The real service on port 0 (mutual TLS), stopped on exit."""
+    service = ModelService(delivery.settings(**update))
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+def tls_of(delivery: Delivery, cert: IssuedCert, ca: FleetCA | None = None) -> TlsFiles:
+    """A device's enrolled identity as the agent holds it."""
+    return TlsFiles(
+        ca_file=(ca or delivery.ca).cert_path, cert_file=cert.cert_path, key_file=cert.key_path
+    )
+
+
+def address(port: int) -> Address:
+    return Address(host="127.0.0.1", port=port)
+
+
+class CuttingRelay:
+    """A loopback TCP relay to ``upstream_port`` that resets the first connection mid-stream.
+
+    Args:
+        upstream_port: Where to relay to.
+        cut_after: Bytes towards the client after which the first connection is reset
+            (RST both ways); ``None`` never cuts. Later connections pass untouched.
+
+    Attributes:
+        downstream: Bytes relayed towards the client, over every connection.
+        cuts: How many connections were cut.
+    """
+
+    def __init__(self, upstream_port: int, cut_after: int | None) -> None:
+        self.upstream_port = upstream_port
+        self.cut_after = cut_after
+        self.downstream = 0
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> CuttingRelay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._listener.close()
+        for s in self._sockets:
+            with contextlib.suppress(OSError):
+                s.close()
+        self._thread.join(5)
+
+    def _accept(self) -> None:
+        first = True
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self._sockets += [client, upstream]
+            limit = self.cut_after if first else None
+            first = False
+            conn = (client, upstream)
+            threading.Thread(
+                target=self._pump, args=(client, upstream, None, conn), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(upstream, client, limit, conn), daemon=True
+            ).start()
+
+    def _pump(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        limit: int | None,
+        conn: tuple[socket.socket, socket.socket],
+    ) -> None:
+        counted = src is conn[1]  # towards the client
+        passed = 0
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            if limit is not None and passed + len(data) >= limit:
+                data = data[: max(0, limit - passed)]
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+            passed += len(data)
+            if counted:
+                with self._lock:
+                    self.downstream += len(data)
+            if limit is not None and passed >= limit:
+                self.cuts += 1
+                for s in conn:  # a reset, both ways: the peers see it at once
+                    with contextlib.suppress(OSError):
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        s.close()
+                return
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)

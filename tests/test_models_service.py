@@ -1,0 +1,166 @@
+"""The model delivery service and the device's download client, for real.
+
+A real fleet CA in a temporary folder, a SQLite registry that admits the devices, the
+``Models`` gRPC service on port 0 with mutual TLS, and the device client with a device's
+certificate. The cut is placed exactly by a relay that resets the connection after a set
+number of bytes (:class:`tests.delivery_helpers.CuttingRelay`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from edgefl.config import validate_config
+from edgefl.edge_agent.models.download import (
+    DownloadError,
+    download_artifact,
+    fetch_manifest,
+    fetch_manifest_text,
+)
+from edgefl.server.config import ServerConfig
+from edgefl.server.models_service import resolve_settings
+
+try:
+    from tests.delivery_helpers import (
+        MODEL,
+        VARIANT,
+        VERSION,
+        CuttingRelay,
+        Delivery,
+        address,
+        make_delivery,
+        start_service,
+        tls_of,
+    )
+except ImportError:  # run from inside tests/
+    from delivery_helpers import (  # type: ignore[import-not-found,no-redef]
+        MODEL,
+        VARIANT,
+        VERSION,
+        CuttingRelay,
+        Delivery,
+        address,
+        make_delivery,
+        start_service,
+        tls_of,
+    )
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def delivery(tmp_path: Path) -> Delivery:
+    return make_delivery(tmp_path)
+
+
+def test_download_whole_artifact_and_manifest(delivery: Delivery, tmp_path: Path) -> None:
+    tls = tls_of(delivery, delivery.devices["pi-01"])
+    dest = tmp_path / "staging" / "int8.tflite.part"
+    seen: list[tuple[int, int]] = []
+    with start_service(delivery) as service:
+        target = address(service.port)
+        text = fetch_manifest_text(target, tls, MODEL, VERSION, VARIANT)
+        assert text == delivery.manifest_text
+        manifest = fetch_manifest(target, tls, MODEL, VERSION, VARIANT)
+        assert manifest.size_bytes == len(delivery.artifact)
+        moved = download_artifact(
+            target,
+            tls,
+            MODEL,
+            VERSION,
+            VARIANT,
+            dest,
+            timeout_s=60,
+            progress=lambda done, total: seen.append((done, total)),
+        )
+        # Complete already: no call, nothing moved.
+        again = download_artifact(
+            target, tls, MODEL, VERSION, VARIANT, dest, expected_size=len(delivery.artifact)
+        )
+    assert moved == len(delivery.artifact)
+    assert again == 0
+    assert dest.read_bytes() == delivery.artifact
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == manifest.sha256
+    assert seen[-1] == (len(delivery.artifact), len(delivery.artifact))
+    # ~64 KiB chunks, each with the total size.
+    assert len(seen) == -(-len(delivery.artifact) // (64 * 1024))
+    assert service.downloads == 1
+    assert service.bytes_sent == len(delivery.artifact)
+
+
+def test_resume_after_a_cut_moves_the_artifact_about_once(
+    delivery: Delivery, tmp_path: Path
+) -> None:
+    size = len(delivery.artifact)
+    tls = tls_of(delivery, delivery.devices["pi-01"])
+    dest = tmp_path / "staging" / "int8.tflite.part"
+    with (
+        start_service(delivery) as service,
+        CuttingRelay(service.port, cut_after=size // 2) as relay,
+    ):
+        target = address(relay.port)
+        with pytest.raises(DownloadError) as cut:
+            download_artifact(target, tls, MODEL, VERSION, VARIANT, dest, timeout_s=60)
+        assert cut.value.code == "UNAVAILABLE"
+        assert cut.value.reason == "download_failed"
+        first = cut.value.moved
+        assert 0 < first < size
+        assert dest.stat().st_size == first  # everything that arrived was kept
+        second = download_artifact(target, tls, MODEL, VERSION, VARIANT, dest, timeout_s=60)
+    assert relay.cuts == 1
+    assert dest.read_bytes() == delivery.artifact
+    assert first + second == size
+    # What crossed the link to the device, TLS and HTTP/2 included, over both connections.
+    print(f"resume: artifact {size} bytes, link carried {relay.downstream} bytes")
+    assert relay.downstream <= 1.1 * size
+
+
+def test_a_partial_file_longer_than_the_artifact_is_started_again(
+    delivery: Delivery, tmp_path: Path
+) -> None:
+    tls = tls_of(delivery, delivery.devices["pi-02"])
+    dest = tmp_path / "part"
+    dest.write_bytes(b"x" * (len(delivery.artifact) + 5))
+    with start_service(delivery) as service:
+        target = address(service.port)
+        with pytest.raises(DownloadError) as exc:
+            download_artifact(target, tls, MODEL, VERSION, VARIANT, dest)
+        assert exc.value.code == "INVALID_ARGUMENT"
+        assert "past the end" in str(exc.value)
+        moved = download_artifact(
+            target, tls, MODEL, VERSION, VARIANT, dest, expected_size=len(delivery.artifact)
+        )
+    assert moved == len(delivery.artifact)
+    assert dest.read_bytes() == delivery.artifact
+
+
+def test_unknown_release_is_not_found(delivery: Delivery, tmp_path: Path) -> None:
+    tls = tls_of(delivery, delivery.devices["pi-01"])
+    with start_service(delivery) as service:
+        target = address(service.port)
+        for model, version, variant in ((MODEL, VERSION + 1, VARIANT), (MODEL, VERSION, "fp16")):
+            with pytest.raises(DownloadError) as exc:
+                download_artifact(target, tls, model, version, variant, tmp_path / "x")
+            assert exc.value.code == "NOT_FOUND"
+            with pytest.raises(DownloadError) as exc:
+                fetch_manifest_text(target, tls, model, version, variant)
+            assert exc.value.code == "NOT_FOUND"
+
+
+def test_models_section_defaults_to_the_servers_ca_registry_and_releases(tmp_path: Path) -> None:
+    cfg = validate_config(
+        ServerConfig,
+        {"state_dir": str(tmp_path / "s"), "models": {"port": 0, "chunk_bytes": 32768}},
+    )
+    settings = resolve_settings(cfg)
+    ca = cfg.resolved_ca_dir
+    assert settings.tls.ca_file == ca / "ca.pem"
+    assert settings.tls.cert_file == ca / "server" / "cert.pem"
+    assert settings.crl == ca / "crl.pem"
+    assert settings.registry_url == cfg.resolved_db_url
+    assert settings.releases_dir == cfg.resolved_state_dir / "releases"
+    assert settings.chunk_bytes == 32768
+    assert settings.enabled
