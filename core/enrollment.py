@@ -12,7 +12,8 @@ Enrollment joins a device's three identities under one device id:
    writes an :class:`EnrollmentBundle`.
 3. ``edgefl agent enroll --install BUNDLE`` checks the bundle against the device's own
    keys and installs the certificate, the CA certificate and the fleet's app-signing
-   public keys (pinned: the device's app gate trusts them whatever its config says).
+   and release-signing public keys (pinned: the device's app gate and model manager
+   trust them whatever its config says).
 
 On the device everything lives in ``<state_dir>/identity/`` (:class:`IdentityPaths`).
 
@@ -37,6 +38,7 @@ from edgefl.errors import BadInputError
 from edgefl.files import write_text_atomic
 from edgefl.proto.ids import ID_REGEX
 from edgefl.proto.topics import cert_request_topic
+from edgefl.releasesign import PINNED_KEYS_FILE as RELEASE_KEYS_FILE
 
 __all__ = [
     "IDENTITY_DIR",
@@ -129,6 +131,14 @@ class EnrollmentBundle(StrictModel):
         "the device pins them and runs app bundles they signed (edgefl.appsign).",
     )
 
+    release_signing_keys: list[str] = Field(
+        default_factory=list,
+        max_length=8,
+        description="The fleet's release-signing public keys (PEM), if it has any: the "
+        "device pins them and runs only models and desired states they signed "
+        "(edgefl.releasesign).",
+    )
+
     @field_validator("app_signing_keys")
     @classmethod
     def _signing_keys(cls, value: list[str]) -> list[str]:
@@ -139,6 +149,17 @@ class EnrollmentBundle(StrictModel):
             load_public_key(line)  # ValueError: not an Ed25519 key
             lines.append(line.strip())
         return lines
+
+    @field_validator("release_signing_keys")
+    @classmethod
+    def _release_keys(cls, value: list[str]) -> list[str]:
+        pems = []
+        for pem in value:
+            if len(pem) > 1024 or not pem.strip().startswith("-----BEGIN PUBLIC KEY-----"):
+                raise ValueError("each release-signing key is one PEM public key")
+            load_public_key(pem)  # ValueError: not an Ed25519 key
+            pems.append(pem.strip() + "\n")
+        return pems
 
 
 class RenewalRequest(StrictModel):
@@ -169,6 +190,8 @@ class IdentityPaths:
         """The installed bundle (node id, serial)."""
         self.app_signing_keys = self.directory / PINNED_KEYS_FILE
         """The fleet's app-signing public keys from the bundle (absent: it had none)."""
+        self.release_signing_keys = self.directory / RELEASE_KEYS_FILE
+        """The fleet's release-signing public keys from the bundle, PEM blocks (absent: none)."""
 
 
 def _read_document(model: type[_DocT], path: Path, what: str) -> _DocT:

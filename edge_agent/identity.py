@@ -227,7 +227,8 @@ def install_bundle(bundle_path: Path, device_id: str, fleet: str, state_dir: Pat
     """Check a bundle against this device's keys and install its certificates.
 
     Writes ``device.pem``, ``ca.pem``, the fleet's app-signing keys (``app-signing.pub``,
-    when the bundle has any) and ``enrollment.json`` (the bundle) atomically, only once
+    when the bundle has any), its release-signing keys (``release-signing.pub``, likewise)
+    and ``enrollment.json`` (the bundle) atomically, only once
     every check passed.
 
     Args:
@@ -305,6 +306,13 @@ def install_bundle(bundle_path: Path, device_id: str, fleet: str, state_dir: Pat
     else:
         # The installed bundle is the truth: one without keys leaves none pinned.
         paths.app_signing_keys.unlink(missing_ok=True)
+    if bundle.release_signing_keys:
+        # Pinned the same way: the model manager's trust store reads them besides
+        # models.release_signing_keys (edgefl.releasesign.TrustStore).
+        pems = "".join(bundle.release_signing_keys)
+        write_bytes_atomic(paths.release_signing_keys, pems.encode("ascii"), mode=0o644)
+    else:
+        paths.release_signing_keys.unlink(missing_ok=True)
     write_json_document(paths.bundle, bundle)
     not_after = cert.not_valid_after_utc.astimezone(dt.UTC).isoformat()
     return InstallResult(bundle, f"{cert.serial_number:x}", not_after, paths)

@@ -1,6 +1,6 @@
 """The enrollment commands of ``edgefl server``: admit, revoke, operator-cert and the rest.
 
-``admit``, ``revoke``, ``operator-cert``, ``enrollments`` and ``app-key``.
+``admit``, ``revoke``, ``operator-cert``, ``enrollments``, ``app-key`` and ``release-key``.
 
 They act on a deployment's fleet CA, registry and SuperLink through the typed
 :class:`~edgefl.server.admin.AdminContext`; this module only parses options and prints.
@@ -46,6 +46,7 @@ def admit(
     from edgefl.server.admin import connect
     from edgefl.server.enrollment import admit as admit_device
     from edgefl.server.fl.app_signing import app_signing_public_keys
+    from edgefl.server.release_keys import trusted_public_keys
 
     req = read_request(request)
     ctx = connect(config)
@@ -59,6 +60,7 @@ def admit(
             readmit=readmit,
             # Read before admitting: an unreadable key fails with nothing admitted.
             app_signing_keys=app_signing_public_keys(ctx.config.resolved_state_dir),
+            release_signing_keys=trusted_public_keys(ctx.config.resolved_ca_dir),
         )
     finally:
         ctx.close()
@@ -71,6 +73,7 @@ def admit(
         "cert_serial": bundle.cert_serial,
         "superlink": bundle.superlink,
         "app_signing_keys": len(bundle.app_signing_keys),
+        "release_signing_keys": len(bundle.release_signing_keys),
         "bundle": str(target),
     }
     if as_json:
@@ -80,6 +83,7 @@ def admit(
         f"admitted {bundle.device_id} (fleet {bundle.fleet}): node {bundle.node_id}, "
         f"certificate serial {bundle.cert_serial}; bundle written to {target}"
         + (" with the fleet's app-signing key" if bundle.app_signing_keys else "")
+        + (" and release-signing keys" if bundle.release_signing_keys else "")
         + "\n"
         f"on the device: edgefl agent enroll --install {target.name}"
     )
@@ -297,3 +301,75 @@ def app_key(
         emit_json(doc)
         return
     typer.echo(doc["public_key"])
+
+
+@app.command("release-key")
+@exits_on_error
+def release_key(
+    create: Annotated[
+        bool, typer.Option("--create", help="Create the first key when the server has none.")
+    ] = False,
+    rotate: Annotated[
+        bool,
+        typer.Option("--rotate", help="Sign with a new key; the old one stays trusted."),
+    ] = False,
+    revoke: Annotated[
+        str | None,
+        typer.Option("--revoke", metavar="KEY_ID", help="Revoke a key that no longer signs."),
+    ] = None,
+    config: ServerConfigOption = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """List the fleet's release-signing keys; create, rotate or revoke one.
+
+    The keys (Ed25519, in <ca_dir>/release-signing/, apart from the CA key) sign every
+    release manifest and desired state; `server admit` puts the trusted ones in the
+    bundles it writes and devices pin them. Rotate, let devices learn the new key
+    (enrollment bundles, or their models.release_signing_keys), then revoke the old
+    one: signed desired states tell devices never to trust it again.
+    """
+    from edgefl.errors import BadInputError
+    from edgefl.server.release_keys import (
+        create_release_key,
+        list_release_keys,
+        release_key_dir,
+        revoke_release_key,
+        rotate_release_key,
+    )
+
+    if sum([create, rotate, revoke is not None]) > 1:
+        raise BadInputError("give at most one of --create, --rotate and --revoke")
+    ca_dir = server_config(config).resolved_ca_dir
+    done: dict[str, Any] = {}
+    if create:
+        done = {"created": create_release_key(ca_dir)}
+    elif rotate:
+        new, old = rotate_release_key(ca_dir)
+        done = {"created": new, "retired": old}
+    elif revoke is not None:
+        revoke_release_key(ca_dir, revoke)
+        done = {"revoked": revoke}
+    keys = list_release_keys(ca_dir)
+    doc = {
+        **done,
+        "folder": str(release_key_dir(ca_dir)),
+        "current": next((k.key_id for k in keys if k.current), None),
+        "keys": [k.to_dict() for k in keys],
+    }
+    if as_json:
+        emit_json(doc)
+        return
+    if not keys:
+        typer.echo(
+            f"no release-signing key in {doc['folder']}; "
+            "create one with `edgefl server release-key --create`"
+        )
+        return
+    for k in keys:
+        status = "current" if k.current else "revoked" if k.revoked else "trusted"
+        typer.echo(f"{k.key_id}  {status}")
+    if rotate:
+        typer.echo(
+            f"now signing with {done['created']}; once devices have it, "
+            f"`edgefl server release-key --revoke {done['retired']}`"
+        )

@@ -224,6 +224,7 @@ def admit(
     readmit: bool = False,
     cert_days: int = 365,
     app_signing_keys: Sequence[str] = (),
+    release_signing_keys: Sequence[str] = (),
 ) -> EnrollmentBundle:
     """Admit a device: sign its CSR, register its node key, record both (see module doc).
 
@@ -239,6 +240,8 @@ def admit(
         app_signing_keys: The fleet's app-signing public keys (OpenSSH lines,
             :func:`edgefl.server.fl.app_signing.app_signing_public_keys`), written into
             the bundle for the device to pin.
+        release_signing_keys: The fleet's trusted release-signing public keys (PEM,
+            :func:`edgefl.server.release_keys.trusted_public_keys`), pinned likewise.
 
     Returns:
         The bundle to hand back to the device.
@@ -326,6 +329,7 @@ def admit(
         node_id=node_id_text,
         superlink=superlink_address,
         app_signing_keys=list(app_signing_keys),
+        release_signing_keys=list(release_signing_keys),
     )
 
 

@@ -570,6 +570,9 @@ def test_cli_refuses_bad_input_with_clear_errors(tmp_path: Path, sqlite_server: 
     res = runner.invoke(cli_app, ["server", "app-key", "--create", *args])
     assert res.exit_code == 0, res.output
     fleet_key = json.loads(res.stdout)["public_key"]
+    res = runner.invoke(cli_app, ["server", "release-key", "--create", *args])
+    assert res.exit_code == 0, res.output
+    release_key = json.loads(res.stdout)["keys"][0]["public_key"]
     res = runner.invoke(
         cli_app, ["server", "admit", str(enrolled.request_path), "--out", str(out), *args]
     )
@@ -580,6 +583,8 @@ def test_cli_refuses_bad_input_with_clear_errors(tmp_path: Path, sqlite_server: 
     assert summary["superlink"] == server.superlink_address
     assert summary["app_signing_keys"] == 1
     assert json.loads(out.read_text())["app_signing_keys"] == [fleet_key]
+    assert summary["release_signing_keys"] == 1
+    assert json.loads(out.read_text())["release_signing_keys"] == [release_key]
 
     res = runner.invoke(cli_app, ["server", "admit", str(enrolled.request_path), *args])
     assert res.exit_code == ExitCode.BAD_INPUT
