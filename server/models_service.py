@@ -27,7 +27,8 @@ Who may call (checked on every call, before the request is looked at):
 - the certificate's CN must be a device whose enrollment is ``admitted`` in the registry,
   else ``PERMISSION_DENIED``. Only enrolled devices download: service and operator
   identities (``edgefl-...``) are refused too, since nothing but a device needs an
-  artifact. The list of admitted devices is reused for ``registry_ttl_s``.
+  artifact. The list of admitted devices is reused for ``registry_ttl_s`` (a name not on
+  it re-reads it, at most once a second, so a device just admitted is not kept waiting).
 
 The request is then checked as an attacker holding a device certificate would probe it:
 model and variant must be ids of the fleet contract (:mod:`edgefl.proto.ids`: no ``/``,
@@ -91,6 +92,7 @@ ARTIFACT_SUFFIX: Final = ".tflite"
 MANIFEST_SUFFIX: Final = ".manifest.json"
 _MAX_VERSION: Final = 2**62
 _CACHE_LIMIT: Final = 4096
+_MISS_REREAD_S: Final = 1.0
 
 _Context = grpc.ServicerContext
 
@@ -249,7 +251,10 @@ class _AdmittedDevices:
 
     def fleet_of(self, device: str) -> str | None:
         with self._lock:
-            if time.monotonic() - self._read_at >= self._ttl_s:
+            age = time.monotonic() - self._read_at
+            # A device admitted a moment ago is not kept waiting for the TTL: an unknown
+            # name re-reads the list, at most once a second however often it is asked.
+            if age >= self._ttl_s or (device not in self._devices and age >= _MISS_REREAD_S):
                 self._read()
             return self._devices.get(device)
 

@@ -15,7 +15,10 @@
   ``superlink.host``/``superlink.port``, the address devices dial: it terminates TLS and
   passes on only the Fleet API routes, so the SuperLink's unauthenticated Control and
   Runtime APIs cannot be reached from the network (``fleet_proxy.enabled``);
-- the **MQTT ingest**, in this process, authenticated with the service certificate.
+- the **MQTT ingest**, in this process, authenticated with the service certificate;
+- the **model delivery service** (:mod:`edgefl.server.models_service`), in this process:
+  admitted devices download release artifacts from ``<state_dir>/releases`` over mutual
+  TLS (``models.enabled``; its address is ``models`` in server.json).
 
 A child process that dies is restarted after an exponential backoff with jitter
 (:class:`edgefl.supervise.Supervisor`, on :func:`edgefl.backoff.backoff_delay`, the one
@@ -61,6 +64,7 @@ from edgefl.server.fl.superlink import CONNECTION as FLOWER_CONNECTION
 from edgefl.server.fl.superlink import FlowerAdmin, SuperLink, SuperLinkConfig
 from edgefl.server.fleet_ca import CERTS_IDENTITY, OPERATOR_PREFIX, SERVER_IDENTITY, FleetCA
 from edgefl.server.ingest import Ingest, IngestConfig
+from edgefl.server.models_service import ModelService, resolve_settings
 from edgefl.server.registry.db import display_url, upgrade
 from edgefl.server.runtime import RUNTIME_FILE, end_leftovers, read_runtime
 from edgefl.server.upkeep import LOOPBACK_NAME, CAUpkeep
@@ -108,6 +112,7 @@ class Server:
         self.broker: MosquittoBroker | None = None
         self.ingest: Ingest | None = None
         self.cert_service: CertRenewalService | None = None
+        self.models: ModelService | None = None
         self._cert_engine: Any = None
         self._certs_due_at = 0.0  # monotonic time of the next own-certificate check
         self.cert_renewals: list[str] = []  # what _renew_own_certs re-issued, in order
@@ -164,6 +169,18 @@ class Server:
         if self.superlink is None:
             raise RuntimeError("Server.start() has not run")
         return f"{dial_host(self.superlink.config.host)}:{self.superlink.port}"
+
+    @property
+    def models_address(self) -> str | None:
+        """``host:port`` devices dial for the model delivery service, or ``None`` (off)."""
+        if self.models is None:
+            return None
+        cfg = self.config.models
+        host = cfg.public_host or cfg.host
+        if host in ("0.0.0.0", "::", ""):
+            names = self.config.hostnames or self.config.ips
+            host = names[0]
+        return f"[{host}]:{self.models.port}" if ":" in host else f"{host}:{self.models.port}"
 
     @property
     def broker_port(self) -> int:
@@ -255,6 +272,7 @@ class Server:
                 "managed": self.broker is not None,
             },
             "ingest": self.ingest is not None,
+            "models": self.models_address,
             "ingest_restarts": self.ingest_restarts,
             "pids": self.pids(),
             "operator": self.operator_identity(),
@@ -354,6 +372,10 @@ class Server:
             self._progress("[5/5] ingest disabled")
         if cfg.cert_service:
             self._start_cert_service()
+        if cfg.models.enabled:
+            self.models = ModelService(resolve_settings(cfg))
+            self.models.start()
+            self._progress(f"model delivery service on {self.models_address}")
         self._certs_due_at = time.monotonic() + cfg.cert_check_s
         self.admin()  # writes admin-flwr-home/config.toml: server.json's flwr example works
         self._write_runtime()
@@ -423,6 +445,13 @@ class Server:
                         sup.child.start()
                     except EdgeflError as exc:  # the supervisor retries a dead child
                         log.error("restarting %s with the renewed certificate: %s", sup.name, exc)
+            if "server" in renewed and self.models is not None:
+                # It read the server certificate at start: serve the renewed one, same port.
+                port = self.models.port
+                self.models.stop()
+                settings = resolve_settings(self.config).model_copy(update={"port": port})
+                self.models = ModelService(settings)
+                self.models.start()
             if SERVER_IDENTITY in renewed and self.ingest is not None:
                 self.ingest.stop()
                 self.ingest = Ingest(self._ingest_config())
@@ -488,6 +517,12 @@ class Server:
         if self.cert_service is not None:
             self.cert_service.stop()
             self.cert_service = None
+        if self.models is not None:
+            try:
+                self.models.stop()
+            except Exception:  # stopping the rest matters more
+                log.exception("stopping the model delivery service failed")
+            self.models = None
         if self._cert_engine is not None:
             self._cert_engine.dispose()
             self._cert_engine = None

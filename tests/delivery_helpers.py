@@ -28,7 +28,15 @@ from edgefl.server.fleet_ca import FleetCA, IssuedCert
 from edgefl.server.models_service import ModelService, release_paths
 from edgefl.server.registry import Enrollment, make_engine, session_factory, upgrade
 
-__all__ = ["CuttingRelay", "Delivery", "make_delivery", "start_service", "tls_of"]
+__all__ = [
+    "CuttingRelay",
+    "Delivery",
+    "admit",
+    "make_delivery",
+    "start_service",
+    "tls_of",
+    "write_release",
+]
 
 MODEL = "digits-mlp"
 VERSION = 3
@@ -82,7 +90,7 @@ class Delivery:
             engine.dispose()
 
 
-def _admit(db_url: str, admitted: dict[str, IssuedCert]) -> None:
+def admit(db_url: str, admitted: dict[str, IssuedCert]) -> None:
     upgrade(db_url)
     engine = make_engine(db_url)
     now = datetime.now(UTC)
@@ -137,15 +145,21 @@ def make_delivery(root: Path, *, size: int = 2 * 1024 * 1024, admitted: int = 2)
     server = ca.issue_server_cert(["localhost"], ["127.0.0.1"])
     devices = {d: ca.issue_device_cert(d) for d in ("pi-01", "pi-02", "pi-03")}
     db_url = f"sqlite:///{root / 'registry.db'}"
-    _admit(db_url, dict(sorted(devices.items())[:admitted]))
+    admit(db_url, dict(sorted(devices.items())[:admitted]))
     releases = root / "releases"
-    artifact = os.urandom(size)
-    art_path, man_path = release_paths(releases, MODEL, VERSION, VARIANT)
-    art_path.parent.mkdir(parents=True)
-    art_path.write_bytes(artifact)
-    text = manifest_for(artifact)
-    man_path.write_text(text, encoding="utf-8")
+    artifact = write_release(releases, size=size)
+    text = release_paths(releases, MODEL, VERSION, VARIANT)[1].read_text(encoding="utf-8")
     return Delivery(root, ca, server, devices, db_url, releases, artifact, text)
+
+
+def write_release(releases: Path, *, size: int, version: int = VERSION) -> bytes:
+    """Publish a random artifact and its manifest as MODEL ``version`` VARIANT; its bytes."""
+    artifact = os.urandom(size)
+    art_path, man_path = release_paths(releases, MODEL, version, VARIANT)
+    art_path.parent.mkdir(parents=True, exist_ok=True)
+    art_path.write_bytes(artifact)
+    man_path.write_text(manifest_for(artifact), encoding="utf-8")
+    return artifact
 
 
 @contextlib.contextmanager

@@ -9,11 +9,12 @@ number of bytes (:class:`tests.delivery_helpers.CuttingRelay`).
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
 
-from edgefl.config import validate_config
+from edgefl.config import Address, TlsFiles, validate_config
 from edgefl.edge_agent.models.download import (
     DownloadError,
     download_artifact,
@@ -31,9 +32,11 @@ try:
         CuttingRelay,
         Delivery,
         address,
+        admit,
         make_delivery,
         start_service,
         tls_of,
+        write_release,
     )
 except ImportError:  # run from inside tests/
     from delivery_helpers import (  # type: ignore[import-not-found,no-redef]
@@ -43,9 +46,11 @@ except ImportError:  # run from inside tests/
         CuttingRelay,
         Delivery,
         address,
+        admit,
         make_delivery,
         start_service,
         tls_of,
+        write_release,
     )
 
 pytestmark = pytest.mark.slow
@@ -164,3 +169,49 @@ def test_models_section_defaults_to_the_servers_ca_registry_and_releases(tmp_pat
     assert settings.releases_dir == cfg.resolved_state_dir / "releases"
     assert settings.chunk_bytes == 32768
     assert settings.enabled
+
+
+def test_server_start_runs_the_service_and_names_it_in_server_json(tmp_path: Path) -> None:
+    import json
+
+    from edgefl.server.serve import RUNTIME_FILE, Server
+
+    config = ServerConfig.model_validate(
+        {
+            "state_dir": str(tmp_path / "server"),
+            "superlink": {"port": 0},
+            "broker": {"enabled": False, "port": 1},
+            "ingest": {"enabled": False},
+            "cert_service": False,
+            "models": {"port": 0},
+        }
+    )
+    server = Server(config)
+    server.start()
+    try:
+        info = json.loads((server.state_dir / RUNTIME_FILE).read_text(encoding="utf-8"))
+        assert info["models"] == server.models_address
+        assert server.models is not None
+        host, port = info["models"].rsplit(":", 1)
+        device = server.ca.issue_device_cert("pi-07")
+        admit(server.db_url, {"pi-07": device})
+        artifact = write_release(server.state_dir / "releases", size=100_000)
+        tls = TlsFiles(
+            ca_file=server.ca_dir / "ca.pem", cert_file=device.cert_path, key_file=device.key_path
+        )
+        dest = tmp_path / "dl"
+        target = Address(host=host, port=int(port))
+        # Admitted after the service read the registry: known within about a second.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                download_artifact(target, tls, MODEL, VERSION, VARIANT, dest)
+                break
+            except DownloadError as exc:
+                if exc.code != "PERMISSION_DENIED" or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert dest.read_bytes() == artifact
+    finally:
+        server.stop()
+    assert server.models is None
