@@ -66,6 +66,12 @@ class BuildOptions:
     epochs: int | None = None
     finetune_epochs: int | None = None
     bench_iters: int = 200
+    # A trained model to build from (a federated run's checkpoint) instead of ``weights``
+    # or training; it is not modified.
+    base_model: nn.Sequential | None = None
+    # The data to calibrate on, fine-tune pruned models on (train part) and verify against
+    # (test part); default: the zoo model's dataset split with ``seed``.
+    data: Dataset | None = None
 
 
 @dataclass
@@ -223,14 +229,17 @@ def build_artifacts(opts: BuildOptions, progress: Progress | None = None) -> Bui
     spec = get_spec(opts.model)
     recipes = {v.recipe: get_recipe(v.recipe) for v in opts.variants}
     targets = resolve_targets(opts.runtimes)
-    data = load_dataset(spec.dataset, seed=opts.seed)
+    data = opts.data if opts.data is not None else load_dataset(spec.dataset, seed=opts.seed)
     calibration = (
         _calibration(opts, spec, data)
         if any(r.needs_calibration for r in recipes.values())
         else None
     )
     base = build_model(spec.name, seed=opts.seed)
-    if opts.weights is not None:
+    if opts.base_model is not None:
+        base.load_state_dict(opts.base_model.state_dict())
+        step(f"loaded the given {spec.name} weights")
+    elif opts.weights is not None:
         _load_weights(base, opts.weights)
         step(f"loaded weights {opts.weights.name}")
     else:

@@ -2,7 +2,9 @@
 
 Fleet: ``devices``, ``records``, ``dead_letters``. Federated training: ``fl_runs``,
 ``fl_rounds``, ``privacy_ledger`` and ``fl_checkpoints``. Enrollment: ``enrollments``
-(one device's certificate and Flower node registration under its device id).
+(one device's certificate and Flower node registration under its device id). Releases:
+``releases`` and ``release_variants`` (a run's model made into signed, verified
+``.tflite`` variants; :mod:`edgefl.server.releases`).
 
 Timestamps are timezone-aware UTC on PostgreSQL. SQLite has no time zone type, so
 values read back there are naive and mean UTC.
@@ -34,6 +36,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 __all__ = [
     "DEAD_LETTER_PAYLOAD_CAP",
     "ENROLLMENT_STATUSES",
+    "RELEASE_STATUSES",
     "Base",
     "DeadLetter",
     "Device",
@@ -43,6 +46,8 @@ __all__ = [
     "FlRun",
     "PrivacyLedgerEntry",
     "Record",
+    "Release",
+    "ReleaseVariant",
 ]
 
 DEAD_LETTER_PAYLOAD_CAP: Final = 64 * 1024
@@ -51,6 +56,9 @@ original length)."""
 
 ENROLLMENT_STATUSES: Final = ("admitted", "revoked")
 """Values of ``enrollments.status``."""
+
+RELEASE_STATUSES: Final = ("published", "failed")
+"""Values of ``releases.status``."""
 
 # Explicit constraint names so alembic migrations are stable across databases.
 _NAMING = {
@@ -335,3 +343,103 @@ class Enrollment(Base):
     admitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoke_reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class Release(Base):
+    """One release of a model: a run's checkpoint made into verified, signed variants.
+
+    Every attempt that got as far as verification is a row, and takes the model's next
+    version: ``published`` (its files are in ``<releases dir>/<model>/<version>/``) or
+    ``failed`` (a variant failed verification, or the files could not be written; no
+    files, ``reasons_json`` says why). So a version is never reused, and only grows.
+
+    Attributes:
+        id: Surrogate key.
+        model: The zoo model name.
+        version: 1, 2, ... per model (unique with ``model``).
+        run_id: The federated run the weights come from.
+        round: The round whose checkpoint was released.
+        plan_hash: The run's plan fingerprint (``fl_runs.plan_key``).
+        epsilon_max: The largest per-device ε of the run up to that round (local DP), or
+            the central ε (central DP); None without DP.
+        delta: δ of that guarantee (None without DP).
+        dp_mode: ``local``, ``central`` or ``none``.
+        calibration: Where calibration and verification data came from: ``held-out``,
+            ``synthetic`` or ``none``.
+        float_accuracy: The checkpoint's torch accuracy on the evaluation data (None
+            without labelled data).
+        device_class: The device class the variants are for.
+        key_id: The release-signing key (None for a failed release).
+        created_by: Who made it (the OS user, and the operator's name when given).
+        created_at: When it was made.
+        expires_at: When its signatures stop being accepted.
+        status: ``published`` or ``failed`` (:data:`RELEASE_STATUSES`).
+        reasons_json: Why it failed, a JSON list of strings (``[]`` when published).
+    """
+
+    __tablename__ = "releases"
+    __table_args__ = (UniqueConstraint("model", "version"),)
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    run_id: Mapped[str] = mapped_column(String(64), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    plan_hash: Mapped[str] = mapped_column(String(64))
+    epsilon_max: Mapped[float | None] = mapped_column(Float)
+    delta: Mapped[float | None] = mapped_column(Float)
+    dp_mode: Mapped[str] = mapped_column(String(16))
+    calibration: Mapped[str] = mapped_column(String(16))
+    float_accuracy: Mapped[float | None] = mapped_column(Float)
+    device_class: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str | None] = mapped_column(String(16))
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reasons_json: Mapped[str] = mapped_column(Text, default="[]")
+
+
+class ReleaseVariant(Base):
+    """One variant of a release: its artifact, how it measured, and where it is.
+
+    Attributes:
+        id: Surrogate key.
+        release_id: The release.
+        variant: The variant name (``int8``, ``pruned50-int8``, ...).
+        recipe: The quantization recipe.
+        prune_ratio: Share of channels pruned before the recipe (None: not pruned).
+        sha256: The artifact's sha256 (hex).
+        size_bytes: The artifact's size.
+        accuracy: Its lowest accuracy over the runtimes it was verified on (None without
+            labelled data).
+        float_accuracy: Its torch reference's accuracy (the pruned and fine-tuned model
+            for a pruned variant).
+        latency_json: Median single-sample latency per runtime in µs, a JSON object.
+        device_class: The device class it is for.
+        runtime: The runtime it is for (its manifest's ``release.runtime``).
+        path: The artifact, relative to the releases folder (None: not written).
+        passed: Whether it passed verification on every runtime.
+        reasons_json: Why it failed verification, a JSON list of strings.
+    """
+
+    __tablename__ = "release_variants"
+    __table_args__ = (UniqueConstraint("release_id", "variant"),)
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
+    release_id: Mapped[int] = mapped_column(
+        _ID, ForeignKey("releases.id", ondelete="CASCADE"), index=True
+    )
+    variant: Mapped[str] = mapped_column(String(64))
+    recipe: Mapped[str] = mapped_column(String(32))
+    prune_ratio: Mapped[float | None] = mapped_column(Float)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    accuracy: Mapped[float | None] = mapped_column(Float)
+    float_accuracy: Mapped[float | None] = mapped_column(Float)
+    latency_json: Mapped[str] = mapped_column(Text)
+    device_class: Mapped[str] = mapped_column(String(64))
+    runtime: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str | None] = mapped_column(Text)
+    passed: Mapped[bool] = mapped_column(Boolean(create_constraint=False), default=False)
+    reasons_json: Mapped[str] = mapped_column(Text, default="[]")

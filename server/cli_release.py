@@ -1,0 +1,247 @@
+"""``edgefl server release`` and ``edgefl server releases``: a run's model, signed and verified.
+
+The work is in :mod:`edgefl.server.releases`; this module only parses options and prints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error
+from edgefl.server.cli_common import ServerConfigOption
+
+if TYPE_CHECKING:
+    from edgefl.server.config import ServerConfig
+    from edgefl.server.releases import ReleaseOutcome
+
+__all__ = ["app"]
+
+app = typer.Typer()
+
+DbUrlOption = Annotated[
+    str | None, typer.Option("--db-url", help="Override db_url (SQLAlchemy URL).")
+]
+
+
+def _releases_folder(cfg: ServerConfig) -> Path:
+    configured = cfg.models.releases_dir
+    return (configured or cfg.resolved_state_dir / "releases").expanduser().resolve()
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "-" if value is None else format(value, pattern)
+
+
+def _print_release(outcome: ReleaseOutcome) -> None:
+    from edgefl.clikit import print_table
+
+    privacy = outcome.privacy
+    eps = _fmt(privacy["epsilon_max"], ".3g")
+    typer.echo(
+        f"{outcome.model} version {outcome.version}: {outcome.status.upper()} "
+        f"(run {outcome.run_id} round {outcome.round}, plan {outcome.plan_hash}; "
+        f"{privacy['mode']} DP, ε max {eps}, δ {_fmt(privacy['delta'], '.0e')}; "
+        f"float accuracy {_fmt(outcome.float_accuracy, '.1%')}; "
+        f"calibration {outcome.calibration})"
+    )
+    print_table(
+        [
+            ("variant", "left"),
+            ("size", "right"),
+            ("accuracy", "right"),
+            ("latency p50 (µs)", "left"),
+            ("sha256", "left"),
+            ("result", "left"),
+        ],
+        [
+            (
+                name,
+                v["size_bytes"],
+                _fmt(v["accuracy"], ".1%"),
+                ", ".join(f"{k} {_fmt(us, '.0f')}" for k, us in v["latency_us"].items()),
+                v["sha256"][:12] or None,
+                "ok" if v["passed"] else "FAILED",
+            )
+            for name, v in outcome.variants.items()
+        ],
+        title=f"for device class {outcome.device_class}",
+    )
+    for name, v in outcome.variants.items():
+        for reason in v["reasons"]:
+            typer.echo(f"{name} failed: {reason}")
+    for note in outcome.notes:
+        typer.echo(f"note: {note}")
+    if outcome.path:
+        typer.echo(f"signed with key {outcome.key_id}; files in {outcome.path}")
+
+
+@app.command()
+@exits_on_error
+def release(
+    run: Annotated[str, typer.Option("--run", help="The federated run to release.")],
+    round_: Annotated[
+        int | None,
+        typer.Option("--round", min=1, help="Release this round's checkpoint (default: last)."),
+    ] = None,
+    recipes: Annotated[
+        str | None,
+        typer.Option(
+            "--recipes",
+            help="Comma-separated variants, e.g. int8,pruned50-int8 (default: fp32,int8,"
+            "pruned50-int8, narrowed to what --calibration allows).",
+        ),
+    ] = None,
+    calibration: Annotated[
+        str,
+        typer.Option(
+            "--calibration",
+            help="Calibration and verification data: held-out (the plan's held-out split), "
+            "synthetic (generated inputs) or none (only fp32, fp16, int8-wo).",
+        ),
+    ] = "held-out",
+    device_class: Annotated[
+        str, typer.Option("--device-class", help="The device class the variants are for.")
+    ] = "generic",
+    runtime: Annotated[
+        str | None,
+        typer.Option(
+            "--runtime",
+            help="The runtime the variants are for (default: the preferred one verified on).",
+        ),
+    ] = None,
+    expires_days: Annotated[
+        float, typer.Option("--expires-days", help="Days the signatures stay valid.")
+    ] = 90.0,
+    by: Annotated[
+        str | None, typer.Option("--by", help="Operator name recorded with the OS user.")
+    ] = None,
+    bench_iters: Annotated[
+        int, typer.Option(help="Single-sample runs timed per runtime and variant.", min=0)
+    ] = 100,
+    config: ServerConfigOption = None,
+    db_url: DbUrlOption = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Build, verify, sign and publish a run's model as a new release version.
+
+    Exits 6 when a variant fails verification: the release is then recorded as failed,
+    with the reasons, and nothing is published.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgefl.errors import VerificationError
+    from edgefl.quantize.build import count_steps
+    from edgefl.server.cli_common import server_config
+    from edgefl.server.releases import (
+        CALIBRATION_SOURCES,
+        ReleaseRequest,
+        create_release,
+        select_variants,
+    )
+
+    if calibration not in CALIBRATION_SOURCES:
+        raise typer.BadParameter(
+            f"one of: {', '.join(CALIBRATION_SOURCES)}", param_hint="--calibration"
+        )
+    cfg = server_config(config)
+    names = [n.strip() for n in recipes.split(",") if n.strip()] if recipes is not None else None
+    request = ReleaseRequest(
+        run_id=run,
+        round=round_,
+        recipes=names,
+        calibration=calibration,  # type: ignore[arg-type]  # checked above
+        device_class=device_class,
+        runtime=runtime,
+        expires_days=expires_days,
+        by=by,
+        bench_iters=bench_iters,
+    )
+    variants, _ = select_variants(names, request.calibration)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=as_json,
+    ) as bar:
+        task = bar.add_task(f"releasing run {run}", total=count_steps(variants) + 2)
+        outcome = create_release(
+            db_url or cfg.resolved_db_url,
+            _releases_folder(cfg),
+            cfg.resolved_ca_dir,
+            request,
+            progress=lambda what, done: bar.update(task, completed=done, description=what),
+        )
+    if as_json:
+        emit_json(outcome.to_dict())
+    else:
+        _print_release(outcome)
+    if outcome.status != "published":
+        raise VerificationError(
+            f"{outcome.model} version {outcome.version} is not published: "
+            + "; ".join(outcome.reasons),
+            hint="no file was written; release other --recipes, or a round whose model "
+            "verifies (--round)",
+        )
+
+
+@app.command()
+@exits_on_error
+def releases(
+    config: ServerConfigOption = None,
+    db_url: DbUrlOption = None,
+    model: Annotated[str | None, typer.Option("--model", help="Only this model.")] = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """List releases (published and failed) with their privacy guarantee and variants."""
+    from edgefl.clikit import print_table
+    from edgefl.server.cli_common import server_config
+    from edgefl.server.releases import list_releases
+
+    cfg = server_config(config)
+    rows = list_releases(db_url or cfg.resolved_db_url, model=model)
+    if as_json:
+        emit_json({"releases": [r.to_dict() for r in rows]})
+        return
+    if not rows:
+        typer.echo("no releases yet (make one with `edgefl server release --run RUN_ID`)")
+        return
+    print_table(
+        [
+            ("model", "left"),
+            ("version", "right"),
+            ("status", "left"),
+            ("run", "left"),
+            ("round", "right"),
+            ("DP", "left"),
+            ("ε max", "right"),
+            ("δ", "right"),
+            ("variants (bytes, accuracy)", "left"),
+            ("by", "left"),
+            ("created (UTC)", "left"),
+        ],
+        [
+            (
+                r.model,
+                r.version,
+                r.status,
+                r.run_id,
+                r.round,
+                r.privacy["mode"],
+                _fmt(r.privacy["epsilon_max"], ".3g"),
+                _fmt(r.privacy["delta"], ".0e"),
+                ", ".join(
+                    f"{name} ({v['size_bytes']}, {_fmt(v['accuracy'], '.1%')})"
+                    for name, v in r.variants.items()
+                ),
+                r.created_by,
+                r.created_at[:19],
+            )
+            for r in rows
+        ],
+    )
