@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgefl.errors import ArtifactError, ManifestMismatchError
+from edgefl.files import SAFE_NAME_PATTERN
 
 __all__ = [
     "MANIFEST_SCHEMA_VERSION",
@@ -49,8 +50,7 @@ __all__ = [
 MANIFEST_SCHEMA_VERSION = 2
 SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 """Schema versions :func:`read_manifest` loads (1: before releases and signatures)."""
-_SAFE_SEGMENT = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # edgefl.files.SAFE_NAME_PATTERN
-_SHA256_HEX = r"^[0-9a-f]{64}$"
+_SAFE_SEGMENT = SAFE_NAME_PATTERN
 
 
 class _Strict(BaseModel):

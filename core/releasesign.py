@@ -68,7 +68,7 @@ from pydantic import BaseModel
 
 from edgefl.appsign import key_id as _appsign_key_id
 from edgefl.appsign import load_public_key
-from edgefl.errors import EdgeflError, ExitCode
+from edgefl.errors import ArtifactError
 from edgefl.files import write_bytes_atomic
 from edgefl.manifest import Signature
 
@@ -115,14 +115,12 @@ REASONS: Final = (
 """The machine reasons a release or desired state is refused (``ReleaseTrustError.reason``)."""
 
 
-class ReleaseTrustError(EdgeflError):
-    """A release or desired state the device must not act on.
+class ReleaseTrustError(ArtifactError):
+    """A release or desired state the device must not act on (exit code 5, ARTIFACT).
 
     Attributes:
         reason: One of :data:`REASONS`, for machines (reported state, benchmarks, tests).
     """
-
-    exit_code = ExitCode.ARTIFACT
 
     def __init__(self, reason: str, message: str, *, hint: str = "") -> None:
         if reason not in REASONS:

@@ -26,6 +26,7 @@ from typing import Annotated, Final, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from edgefl.errors import BadInputError
+from edgefl.files import SAFE_NAME_PATTERN
 from edgefl.manifest import Signature
 from edgefl.proto.ids import ID_PATTERN, ID_REGEX
 
@@ -41,7 +42,7 @@ __all__ = [
 
 MAX_STATE_BYTES: Final = 64 * 1024
 """Largest desired or reported state payload accepted."""
-_SAFE_SEGMENT = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # edgefl.files.SAFE_NAME_PATTERN
+_SAFE_SEGMENT = SAFE_NAME_PATTERN
 _SHA256_HEX = r"^[0-9a-f]{64}$"
 _KEY_ID = r"^[0-9a-f]{16}$"
 
