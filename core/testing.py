@@ -29,6 +29,7 @@ __all__ = [
     "EdgeflProcesses",
     "Mosquitto",
     "edgefl_executable",
+    "first_line",
     "free_port",
     "mosquitto_executable",
     "start_edgefl",
@@ -195,6 +196,27 @@ def start_edgefl(
     proc = ManagedProcess(argv, log_path, name=name, env=env)
     proc.start()
     return proc
+
+
+def first_line(proc: ManagedProcess, path: Path, timeout: float) -> str:
+    """The first line ``proc`` writes to ``path`` (its ``stdout_path``), with its newline.
+
+    Raises:
+        AssertionError: The process exited without writing one (the message quotes its
+            log's last meaningful line).
+        TimeoutError: No line within ``timeout`` seconds.
+    """
+
+    def written() -> bool:
+        exited = proc.poll() is not None
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        assert "\n" in text or not exited, (
+            f"{proc.name} exited with code {proc.returncode} and no line: {proc.last_line()}"
+        )
+        return "\n" in text
+
+    wait_for(written, timeout, f"a line from {proc.name}")
+    return path.read_text(encoding="utf-8").partition("\n")[0] + "\n"
 
 
 class EdgeflProcesses:

@@ -7,8 +7,6 @@ import json
 import os
 import queue
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +39,7 @@ from edgefl.server.inference import (
 )
 from edgefl.server.inference.models import ComputeCancelledError
 from edgefl.server.registry import Device, Enrollment, make_engine, session_factory, upgrade
-from edgefl.testing import wait_for
+from edgefl.testing import EdgeflProcesses, first_line, wait_for
 from edgefl.training import predict_logits
 from edgefl.zoo import state_dict_sha256
 
@@ -633,36 +631,29 @@ def test_config_accepts_the_old_tls_keys_with_a_warning(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cli_prints_its_address_and_stops_on_sigterm(weights_dir: Path) -> None:
-    exe = Path(sys.executable).with_name("edgefl")
-    proc = subprocess.Popen(
-        [
-            *(str(exe), "server", "inference", "--model", "digits"),
-            *("--weights", str(weights_dir), "--port", "0", "--json"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+def test_cli_prints_its_address_and_stops_on_sigterm(
+    weights_dir: Path, tmp_path: Path, edgefl_procs: EdgeflProcesses
+) -> None:
+    stdout = tmp_path / "inference.out"
+    proc = edgefl_procs.start(
+        *("server", "inference", "--model", "digits"),
+        *("--weights", str(weights_dir), "--port", "0", "--json"),
+        log="inference.log",
+        stdout=stdout,
         env={**os.environ, "EDGEFL_LOG_LEVEL": "WARNING"},
     )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        info = json.loads(line)
-        assert info["model"] == "digits"
-        assert info["port"] > 0
-        assert info["address"] == f"127.0.0.1:{info['port']}"
-        with grpc.insecure_channel(info["address"]) as ch:
-            c = Client(ch)
-            assert c.status(SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
-            assert c.ask(np.zeros((1, 1, 8, 8), np.float32)).version == info["version"]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        assert proc.stdout.read() == ""  # nothing but the one JSON line on stdout
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    line = first_line(proc, stdout, 120)
+    info = json.loads(line)
+    assert info["model"] == "digits"
+    assert info["port"] > 0
+    assert info["address"] == f"127.0.0.1:{info['port']}"
+    with grpc.insecure_channel(info["address"]) as ch:
+        c = Client(ch)
+        assert c.status(SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
+        assert c.ask(np.zeros((1, 1, 8, 8), np.float32)).version == info["version"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert stdout.read_text() == line  # nothing but the one JSON line on stdout
 
 
 # -- TLS and mutual TLS with the fleet CA --------------------------------------------
@@ -936,30 +927,20 @@ def test_start_up_errors_are_clear(
 
 
 @pytest.mark.slow
-def test_cli_sigterm_while_training_stops_without_caching(tmp_path: Path) -> None:
-    exe = Path(sys.executable).with_name("edgefl")
+def test_cli_sigterm_while_training_stops_without_caching(
+    tmp_path: Path, edgefl_procs: EdgeflProcesses
+) -> None:
     weights = tmp_path / "empty-cache"
-    proc = subprocess.Popen(
-        [
-            *(str(exe), "server", "inference", "--model", "digits"),
-            *("--weights", str(weights), "--train-epochs", "50", "--json"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    stdout = tmp_path / "inference.out"
+    proc = edgefl_procs.start(
+        *("server", "inference", "--model", "digits"),
+        *("--weights", str(weights), "--train-epochs", "50", "--json"),
+        log="inference.log",  # stderr
+        stdout=stdout,
     )
-    try:
-        assert proc.stderr is not None
-        lines: list[str] = []
-        while not any("training digits" in line for line in lines):  # before epoch 1 ends
-            lines.append(proc.stderr.readline())
-            assert lines[-1], f"exited before training: {lines}"
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=300)  # at most one epoch later
-        assert proc.returncode == 0
-        assert out == ""  # never announced an address
-        assert not (weights / "digits.pt").exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    # Fails at once if it exits before training.
+    proc.wait_for_log("training digits", 300)  # before epoch 1 ends
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(300) == 0  # at most one epoch later
+    assert stdout.read_text() == ""  # never announced an address
+    assert not (weights / "digits.pt").exists()

@@ -27,11 +27,12 @@ from typer.testing import CliRunner
 
 from edgefl.cli import app as cli_app
 from edgefl.errors import ExitCode
+from edgefl.process import ManagedProcess
 from edgefl.procs import pid_alive
 from edgefl.server.fleet_ca import FleetCA
 from edgefl.server.registry import make_engine
 from edgefl.server.serve import RUNTIME_FILE, Server, ServerConfig, read_runtime
-from edgefl.testing import wait_for
+from edgefl.testing import EdgeflProcesses, first_line, wait_for
 
 TIMEOUT = 90.0
 
@@ -221,25 +222,18 @@ def _cli_config(tmp_path: Path) -> Path:
     return config
 
 
-def _start_cli(config: Path, stderr: Path) -> subprocess.Popen[bytes]:
-    """``edgefl server start --config CONFIG --json`` (stderr to a file)."""
-    with stderr.open("wb") as err:
-        return subprocess.Popen(
-            [
-                *(str(Path(sys.executable).parent / "edgefl"), "server", "start"),
-                *("--config", str(config), "--json"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=err,
-        )
+def _start_cli(procs: EdgeflProcesses, config: Path, name: str) -> ManagedProcess:
+    """``edgefl server start --config CONFIG --json``: stderr to NAME.err, stdout to NAME.out."""
+    return procs.start(
+        *("server", "start", "--config", str(config), "--json"),
+        log=f"{name}.err",
+        stdout=procs.folder / f"{name}.out",
+    )
 
 
-def _ready(proc: subprocess.Popen[bytes], stderr: Path) -> dict[str, Any]:
-    """The JSON line the server prints when ready."""
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line, stderr.read_text()
-    info: dict[str, Any] = json.loads(line)
+def _ready(proc: ManagedProcess, procs: EdgeflProcesses, name: str) -> dict[str, Any]:
+    """The JSON line the server prints on stdout when ready."""
+    info: dict[str, Any] = json.loads(first_line(proc, procs.folder / f"{name}.out", 2 * TIMEOUT))
     return info
 
 
@@ -255,54 +249,48 @@ def _gone(pids: list[int], timeout: float = 10.0) -> bool:
 
 
 @pytest.mark.slow
-def test_sigterm_on_the_cli_stops_every_child(tmp_path: Path) -> None:
+def test_sigterm_on_the_cli_stops_every_child(
+    tmp_path: Path, edgefl_procs: EdgeflProcesses
+) -> None:
     stderr = tmp_path / "start.err"
-    proc = _start_cli(_cli_config(tmp_path), stderr)
-    try:
-        info = _ready(proc, stderr)
-        assert "[4/5] flower-superlink" in stderr.read_text()  # progress on stderr
-        children = _children(info)
-        assert info["pids"]["server"] == proc.pid
-        assert all(pid_alive(pid) for pid in children)
-        assert (tmp_path / "srv" / RUNTIME_FILE).exists()
+    proc = _start_cli(edgefl_procs, _cli_config(tmp_path), "start")
+    info = _ready(proc, edgefl_procs, "start")
+    assert "[4/5] flower-superlink" in stderr.read_text()  # progress on stderr
+    children = _children(info)
+    assert info["pids"]["server"] == proc.pid
+    assert all(pid_alive(pid) for pid in children)
+    assert (tmp_path / "srv" / RUNTIME_FILE).exists()
 
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(TIMEOUT) == 0, stderr.read_text()
-        assert _gone(children)
-        assert not (tmp_path / "srv" / RUNTIME_FILE).exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc.send_signal(signal.SIGTERM)  # the server alone: it stops its children itself
+    assert proc.wait(TIMEOUT) == 0, stderr.read_text()
+    assert _gone(children)
+    assert not (tmp_path / "srv" / RUNTIME_FILE).exists()
 
 
 @pytest.mark.slow
 def test_a_server_killed_with_sigkill_leaves_nothing_its_successor_trips_on(
-    tmp_path: Path,
+    tmp_path: Path, edgefl_procs: EdgeflProcesses
 ) -> None:
     # kill -9 leaves the broker and SuperLink running (orphans holding the ports and
     # files); the next start on the same state_dir ends them first. A second server
     # while the first still runs is refused and touches nothing.
     config = _cli_config(tmp_path)
-    first = _start_cli(config, tmp_path / "first.err")
-    procs = [first]
+    first = _start_cli(edgefl_procs, config, "first")
     old: list[int] = []
     try:
-        old = _children(_ready(first, tmp_path / "first.err"))
-        second = _start_cli(config, tmp_path / "second.err")
-        procs.append(second)
+        old = _children(_ready(first, edgefl_procs, "first"))
+        second = _start_cli(edgefl_procs, config, "second")
         assert second.wait(TIMEOUT) == ExitCode.CONFIG
         assert "already runs" in (tmp_path / "second.err").read_text()
         assert all(pid_alive(pid) for pid in old)
 
-        os.kill(first.pid, signal.SIGKILL)
+        first.send_signal(signal.SIGKILL)  # the server alone: its children live on
         first.wait(TIMEOUT)
         time.sleep(0.5)
         assert all(pid_alive(pid) for pid in old)  # orphans
 
-        third = _start_cli(config, tmp_path / "third.err")
-        procs.append(third)
-        info = _ready(third, tmp_path / "third.err")
+        third = _start_cli(edgefl_procs, config, "third")
+        info = _ready(third, edgefl_procs, "third")
         assert _gone(old)
         assert "left running by a server" in (tmp_path / "third.err").read_text()
         new = _children(info)
@@ -311,10 +299,7 @@ def test_a_server_killed_with_sigkill_leaves_nothing_its_successor_trips_on(
         assert third.wait(TIMEOUT) == 0, (tmp_path / "third.err").read_text()
         assert _gone(new)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        edgefl_procs.stop_all()
         for pid in old:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
@@ -334,7 +319,7 @@ def test_train_runs_a_plan_on_admitted_devices_and_reports_rounds_and_epsilon(
     config = tmp_path / "server.json"
     config.write_text(json.dumps({"state_dir": str(server.state_dir)}), encoding="utf-8")
     engine = make_engine(server.db_url)
-    nodes: list[subprocess.Popen[bytes]] = []
+    nodes: list[ManagedProcess] = []
     try:
         for i, device in enumerate(("trainer-0", "trainer-1")):
             enrolled = prepare_enrollment(device, "lab", tmp_path / device)
@@ -343,27 +328,25 @@ def test_train_runs_a_plan_on_admitted_devices_and_reports_rounds_and_epsilon(
                 f'partition-id={i} num-partitions=2 device-id="{device}" '
                 f'state-dir="{tmp_path / device / "fl"}"'
             )
-            with (tmp_path / f"{device}.log").open("wb") as log:
-                nodes.append(
-                    subprocess.Popen(
-                        [
-                            str(Path(sys.executable).parent / "flower-supernode"),
-                            "--superlink",
-                            server.superlink_address,
-                            "--root-certificates",
-                            str(server.ca.cert_path),
-                            "--auth-supernode-private-key",
-                            str(enrolled.paths.node_key),
-                            "--port",
-                            str(free_port()),
-                            "--node-config",
-                            node_config,
-                        ],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=flower_env(tmp_path / device / "flwr-home"),
-                    )
-                )
+            node = ManagedProcess(
+                [
+                    str(Path(sys.executable).parent / "flower-supernode"),
+                    "--superlink",
+                    server.superlink_address,
+                    "--root-certificates",
+                    str(server.ca.cert_path),
+                    "--auth-supernode-private-key",
+                    str(enrolled.paths.node_key),
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    node_config,
+                ],
+                tmp_path / f"{device}.log",
+                env=flower_env(tmp_path / device / "flwr-home"),
+            )
+            nodes.append(node)
+            node.start()
         plan = tmp_path / "plan.json"
         plan.write_text(
             json.dumps(
@@ -408,11 +391,7 @@ def test_train_runs_a_plan_on_admitted_devices_and_reports_rounds_and_epsilon(
         assert all(eps > 0 for eps in result["epsilon_per_device"].values())
     finally:
         engine.dispose()
-        for proc in nodes:
-            proc.terminate()
-        for proc in nodes:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for node in nodes:
+            node.signal_group(signal.SIGTERM)
+        for node in nodes:
+            node.stop(grace=15)
