@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -25,6 +23,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edgefl.edge_agent import mqtt_link
 from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender, status_topic
 from edgefl.edge_agent.outbox import Outbox, OutboxPolicy
+from edgefl.process import ManagedProcess
 from edgefl.server.fleet_ca import FleetCA
 from edgefl.testing import Mosquitto, free_port, wait_for
 
@@ -477,31 +476,31 @@ threading.Event().wait()
 """
 
 
-def test_will_marks_device_offline_when_agent_is_killed(broker: Mosquitto, prefix: str) -> None:
+def test_will_marks_device_offline_when_agent_is_killed(
+    tmp_path: Path, broker: Mosquitto, prefix: str
+) -> None:
     fleet, device = prefix.rsplit("/", 1)[1], "dev-kill"
     topic = status_topic(fleet, device)
-    child = subprocess.Popen(
+    child = ManagedProcess(
         [sys.executable, "-c", _CHILD, str(broker.port), f"c-{uuid.uuid4().hex[:8]}", topic],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        tmp_path / "link-child.log",
+        name="link child",
     )
+    child.start()
     try:
         wait_for(
             lambda: retained_status(broker, topic)[-1] == (b"online", True),
             TIMEOUT,
             "the child agent to come online",
         )
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=10)
+        child.kill()  # SIGKILL, reaped: no DISCONNECT, so the broker sends the will
         wait_for(
             lambda: retained_status(broker, topic)[-1] == (b"offline", True),
             TIMEOUT,
             "the will to mark it offline",
         )
     finally:
-        if child.poll() is None:
-            os.kill(child.pid, signal.SIGKILL)
-            child.wait(timeout=10)
+        child.kill()
 
 
 class _V5RefusingBroker:
