@@ -33,6 +33,7 @@ from edgefl.runtimes import (
     create_runtime,
     runtime_keys,
 )
+from edgefl.runtimes.golden import compare_outputs, golden_arrays
 from edgefl.runtimes.remote import RemoteRuntime, find_tflite_python
 
 __all__ = [
@@ -132,59 +133,6 @@ def run_on_target(
     )
 
 
-def _softmax(logits: FloatArray) -> npt.NDArray[np.float64]:
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
-
-
-def compare_outputs(
-    outputs: FloatArray,
-    reference: FloatArray,
-    labels: npt.NDArray[np.int64],
-    thresholds: Thresholds,
-) -> tuple[float, float, float, float, list[str]]:
-    """Compare artifact outputs with the torch reference.
-
-    Returns:
-        (max abs error between the softmax probabilities of artifact and reference,
-        top-1 agreement,
-        accuracy, reference accuracy, reasons for refusal — empty when it passes).
-    """
-    if outputs.shape != reference.shape:
-        return (
-            float("inf"),
-            0.0,
-            0.0,
-            float((reference.argmax(1) == labels).mean()),
-            [f"output shape {outputs.shape} differs from the reference {reference.shape}"],
-        )
-    max_abs = float(np.max(np.abs(_softmax(outputs) - _softmax(reference))))
-    if not np.isfinite(max_abs):
-        max_abs = float("inf")
-    pred, ref_pred = outputs.argmax(1), reference.argmax(1)
-    agreement = float((pred == ref_pred).mean())
-    accuracy = float((pred == labels).mean())
-    ref_accuracy = float((ref_pred == labels).mean())
-    reasons: list[str] = []
-    if max_abs > thresholds.max_abs_error:
-        reasons.append(
-            f"max abs probability error {max_abs:.4g} exceeds {thresholds.max_abs_error:g}"
-        )
-    if agreement < thresholds.min_top1_agreement:
-        reasons.append(
-            f"top-1 agreement {agreement:.1%} is below {thresholds.min_top1_agreement:.1%}"
-        )
-    drop = (ref_accuracy - accuracy) * 100
-    if drop > thresholds.max_accuracy_drop:
-        reasons.append(
-            f"accuracy {accuracy:.1%} is {drop:.1f} points below the reference "
-            f"{ref_accuracy:.1%} (allowed {thresholds.max_accuracy_drop:g})"
-        )
-    return max_abs, agreement, accuracy, ref_accuracy, reasons
-
-
 def verify_on_targets(
     artifact: Path,
     x: FloatArray,
@@ -239,10 +187,7 @@ def reverify(
         ArtifactError: A runtime cannot load the file.
     """
     check_file_against_manifest(artifact, manifest)
-    golden = manifest.golden
-    x = np.asarray(golden.inputs, dtype=np.float32).reshape(-1, *golden.input_shape)
-    reference = np.asarray(golden.reference_outputs, dtype=np.float32)
-    labels = np.asarray(golden.labels, dtype=np.int64)
+    x, reference, labels = golden_arrays(manifest.golden)
     thresholds = Thresholds(**manifest.thresholds)
     results, outcome = verify_on_targets(artifact, x, labels, reference, thresholds, targets)
     for recorded, actual in (

@@ -1,0 +1,300 @@
+"""The device model manager on a real tiny model, real Ed25519 keys and signed releases.
+
+Releases are read from a folder laid out as the server publishes them (the download is
+one step behind the ReleaseSource interface); the gRPC path has its own test at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgefl.edge_agent.models.manager import (
+    MODEL_STATUS_FILE,
+    FolderSource,
+    ModelsConfig,
+    read_model_status,
+)
+from edgefl.releasesign import key_id
+
+try:
+    from tests.model_release_helpers import MODEL, Built, Fleet, build_tiny_models
+except ImportError:  # pragma: no cover - run from inside tests/
+    from model_release_helpers import (  # type: ignore[import-not-found,no-redef]
+        MODEL,
+        Built,
+        Fleet,
+        build_tiny_models,
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_tiny_models(tmp_path_factory)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, built: Built) -> Fleet:
+    return Fleet(tmp_path, built)
+
+
+class CountingSource(FolderSource):
+    """The folder source, counting calls and bytes (to see what is retried)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.manifests = 0
+        self.moved = 0
+
+    def fetch_manifest(self, model: str, version: int, variant: str) -> bytes:
+        self.manifests += 1
+        return super().fetch_manifest(model, version, variant)
+
+    def download(
+        self, model: str, version: int, variant: str, dest: Path, *, expected_size: int
+    ) -> int:
+        moved = super().download(model, version, variant, dest, expected_size=expected_size)
+        self.moved += moved
+        return moved
+
+
+def _version(fleet: Fleet, manager: object) -> int | None:
+    current = manager.current()  # type: ignore[attr-defined]
+    return None if current is None else int(current.installed.version)
+
+
+def test_a_signed_release_is_installed_and_reported(fleet: Fleet) -> None:
+    manager = fleet.manager()
+    assert manager.current() is None
+    v1 = fleet.publish(1, "fp32")
+    manager.handle(fleet.desired(v1))
+    current = manager.current()
+    assert current is not None
+    assert (current.installed.version, current.manifest.release.version) == (1, 1)  # type: ignore[union-attr]
+    assert current.path.read_bytes() == fleet.built.variants["fp32"][0].read_bytes()
+    report = fleet.reports[-1]
+    assert (report.state, report.model, report.version, report.sha256) == (
+        "running",
+        MODEL,
+        1,
+        v1.artifact_sha256,
+    )
+    assert report.last_failure is None
+    status = read_model_status(fleet.state_dir)
+    assert status["reported"]["version"] == 1
+    assert status["last_swap"]["to_version"] == 1
+    # Staging is emptied once installed.
+    assert list((fleet.state_dir / "models" / "staging").iterdir()) == []
+
+
+def test_an_upgrade_swaps_and_keeps_the_previous_version(fleet: Fleet) -> None:
+    manager = fleet.manager()
+    manager.handle(fleet.desired(fleet.publish(1, "fp32")))
+    fleet.tick()
+    v2 = fleet.publish(2, "fp16")
+    manager.handle(fleet.desired(v2))
+    assert _version(fleet, manager) == 2
+    previous = manager.store.previous()
+    assert previous is not None
+    assert previous.version == 1
+    status = read_model_status(fleet.state_dir)
+    assert status["last_swap"] == {
+        "at": fleet.now(),
+        "from_version": 1,
+        "to_version": 2,
+        "rollback": False,
+    }
+    # The same desired state again (the broker re-delivers it retained): nothing changes.
+    manager.handle(fleet.desired(v2, issued_at=fleet.now()))
+    assert _version(fleet, manager) == 2
+
+
+def test_a_signed_rollback_reinstalls_the_older_version(fleet: Fleet) -> None:
+    manager = fleet.manager()
+    v1 = fleet.publish(1, "fp32")
+    manager.handle(fleet.desired(v1))
+    fleet.tick()
+    manager.handle(fleet.desired(fleet.publish(2, "fp16")))
+    fleet.tick()
+    manager.handle(fleet.desired(v1.model_copy(update={"rollback": True})))
+    assert _version(fleet, manager) == 1
+    assert fleet.reports[-1].last_failure is None
+    assert read_model_status(fleet.state_dir)["last_swap"]["rollback"] is True
+
+
+def test_a_refused_version_is_not_retried_until_a_new_desired_state(fleet: Fleet) -> None:
+    manager = fleet.manager()
+    manager.handle(fleet.desired(fleet.publish(1, "fp32")))
+    source = CountingSource(fleet.releases)
+    manager.source = source
+    fleet.tick()
+    # v2's artifact is damaged on the server.
+    good = fleet.built.variants["fp16"][0].read_bytes()
+    bad = bytes([good[0] ^ 1]) + good[1:]
+    v2 = fleet.publish(2, "fp16", artifact=bad)
+    desired = fleet.desired(v2)
+    manager.handle(desired)
+    assert fleet.reports[-1].last_failure is not None
+    assert fleet.reports[-1].last_failure.reason == "sha256_mismatch"
+    assert _version(fleet, manager) == 1
+    assert source.manifests == 1
+    manager.handle(desired)  # re-delivered: not tried again
+    assert source.manifests == 1
+    # ... nor after a restart.
+    restarted = fleet.manager()
+    restarted.source = source
+    restarted.step()  # it re-reads the desired state it had
+    assert source.manifests == 1
+    assert _version(fleet, restarted) == 1
+    # A new desired state (the server fixed the file) is tried.
+    fleet.publish(2, "fp16")
+    fleet.tick()
+    restarted.handle(fleet.desired(v2))
+    assert source.manifests == 2
+    assert _version(fleet, restarted) == 2
+    assert fleet.reports[-1].state == "running"
+
+
+def test_unsigned_and_stale_desired_states_are_not_acted_on(fleet: Fleet) -> None:
+    manager = fleet.manager()
+    v1 = fleet.publish(1, "fp32")
+    manager.handle(fleet.desired(v1, signed=False))
+    assert manager.current() is None
+    assert fleet.reports[-1].last_failure.reason == "unsigned"  # type: ignore[union-attr]
+    old = fleet.desired(v1)
+    fleet.tick(10)
+    manager.handle(fleet.desired(v1))
+    assert _version(fleet, manager) == 1
+    fleet.tick()
+    manager.handle(fleet.desired(fleet.publish(2, "fp16")))
+    manager.handle(old)  # a replay of an older signed state
+    assert fleet.reports[-1].last_failure.reason == "stale_desired_state"  # type: ignore[union-attr]
+    assert _version(fleet, manager) == 2
+
+
+def test_revoked_keys_apply_from_a_verified_desired_state(fleet: Fleet) -> None:
+    second = Ed25519PrivateKey.generate()
+    fleet.pin(fleet.key, second)
+    manager = fleet.manager()
+    manager.handle(fleet.desired(fleet.publish(1, "fp32", key=second)))
+    assert _version(fleet, manager) == 1
+    fleet.tick()
+    revoking = fleet.desired(None, revoked_keys=[key_id(second.public_key())])
+    manager.handle(revoking)
+    assert key_id(second.public_key()) in manager.trust.revoked
+    fleet.tick()
+    manager.handle(fleet.desired(fleet.publish(2, "fp16", key=second)))
+    assert fleet.reports[-1].last_failure.reason == "revoked_key"  # type: ignore[union-attr]
+    assert _version(fleet, manager) == 1
+    # A desired state signed by the revoked key itself is refused (and revokes nothing).
+    fleet.tick()
+    manager.handle(fleet.desired(None, key=second, revoked_keys=[key_id(fleet.key.public_key())]))
+    assert fleet.reports[-1].last_failure.reason == "revoked_key"  # type: ignore[union-attr]
+    assert key_id(fleet.key.public_key()) not in manager.trust.revoked
+
+
+def test_a_cut_download_resumes_from_the_staged_bytes(fleet: Fleet) -> None:
+    manager = fleet.manager()
+    source = CountingSource(fleet.releases)
+    manager.source = source
+    v1 = fleet.publish(1, "fp32")
+    data = fleet.built.variants["fp32"][0].read_bytes()
+    staged = manager.store.staging_file(MODEL, 1, "fp32", ".tflite")
+    staged.write_bytes(data[: len(data) // 2])
+    manager.handle(fleet.desired(v1))
+    assert _version(fleet, manager) == 1
+    assert source.moved == len(data) - len(data) // 2
+
+
+def test_a_failing_download_is_retried_with_backoff(fleet: Fleet) -> None:
+    manager = fleet.manager()
+    v1 = fleet.publish(1, "fp32")
+    (fleet.releases / MODEL / "1" / "fp32.tflite").rename(fleet.root / "away")
+    manager.handle(fleet.desired(v1))
+    assert fleet.reports[-1].last_failure.reason == "download_failed"  # type: ignore[union-attr]
+    assert manager.current() is None
+    (fleet.root / "away").rename(fleet.releases / MODEL / "1" / "fp32.tflite")
+    deadline = time.monotonic() + 5
+    while manager.current() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        manager.step()
+    assert _version(fleet, manager) == 1
+
+
+def _window(manager: object, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while manager._window is not None and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        manager.step()  # type: ignore[attr-defined]
+        time.sleep(0.02)
+
+
+def test_a_model_that_fails_its_health_window_is_rolled_back(fleet: Fleet) -> None:
+    manager = fleet.manager(health_window_s=30, health_check_interval_s=0.05)
+    manager.handle(fleet.desired(fleet.publish(1, "fp32")))
+    _window(manager)
+    fleet.tick()
+    v2 = fleet.publish(2, "fp16")
+    desired = fleet.desired(v2)
+    manager.handle(desired)
+    assert _version(fleet, manager) == 2
+    assert manager._window is not None  # on probation
+    manager.record_inference(error="interpreter raised: tensor allocation failed")
+    manager.step()
+    assert _version(fleet, manager) == 1
+    report = fleet.reports[-1]
+    assert report.state == "rolled_back"
+    assert report.rollbacks == 1
+    assert report.last_failure is not None
+    assert (report.last_failure.version, report.last_failure.reason) == (2, "inference_error")
+    status = read_model_status(fleet.state_dir)
+    assert status["last_swap"]["rollback"] is True
+    # Not retried on the same desired state.
+    manager.handle(desired)
+    assert _version(fleet, manager) == 1
+
+
+def test_a_healthy_model_leaves_probation(fleet: Fleet) -> None:
+    manager = fleet.manager(health_window_s=0.3, health_check_interval_s=0.1)
+    manager.handle(fleet.desired(fleet.publish(1, "fp32")))
+    assert manager._window is not None
+    _window(manager)
+    assert manager._window is None
+    assert _version(fleet, manager) == 1
+    assert fleet.reports[-1].state == "running"
+
+
+def test_the_worker_thread_installs_from_a_payload(fleet: Fleet) -> None:
+    manager = fleet.manager()
+    manager.start()
+    try:
+        manager.submit(fleet.desired(fleet.publish(1, "fp32")).to_json())
+        deadline = time.monotonic() + 20
+        while manager.current() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _version(fleet, manager) == 1
+        manager.submit(b"{not json")
+        deadline = time.monotonic() + 5
+        while fleet.reports[-1].last_failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _version(fleet, manager) == 1
+    finally:
+        manager.stop()
+
+
+def test_config_defaults_keep_models_off() -> None:
+    config = ModelsConfig()
+    assert config.enabled is False
+    assert (config.health_window_s, config.max_latency_ratio) == (60.0, 3.0)
+    with pytest.raises(ValueError, match=r"models\.server"):
+        ModelsConfig(enabled=True)
+
+
+def test_status_file_is_json(fleet: Fleet) -> None:
+    manager = fleet.manager()
+    manager.handle(fleet.desired(fleet.publish(1, "fp32")))
+    doc = json.loads((fleet.state_dir / MODEL_STATUS_FILE).read_text())
+    assert doc["reported"]["state"] == "running"
