@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from edgefl.config import Address, TlsFiles
+from edgefl.process import ManagedProcess
 from edgefl.server.config import ModelServiceConfig
 from edgefl.server.fleet_ca import FleetCA, IssuedCert
 from edgefl.server.models_service import ModelService, release_paths
@@ -31,8 +32,10 @@ from edgefl.server.registry import Enrollment, make_engine, session_factory, upg
 __all__ = [
     "CuttingRelay",
     "Delivery",
+    "TlsBroker",
     "admit",
     "make_delivery",
+    "retained_on",
     "start_service",
     "tls_of",
     "write_release",
@@ -276,3 +279,82 @@ class CuttingRelay:
         for s in (src, dst):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
+
+
+class TlsBroker:
+    """mosquitto with the shipped config and ACL (mutual TLS), the given devices admitted."""
+
+    def __init__(self, workdir: Path, delivery: Delivery, devices: dict[str, str]) -> None:
+        import getpass
+        import shutil
+
+        from edgefl.netutil import free_port
+        from edgefl.server.broker_config import render_acl, render_mosquitto_config
+
+        self.port = free_port()
+        data = workdir / "broker-data"
+        data.mkdir(parents=True)
+        acl = workdir / "acl"
+        acl.write_text(render_acl(devices=devices), encoding="utf-8")
+        assert delivery.server.key_path is not None
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            render_mosquitto_config(
+                port=self.port,
+                cafile=delivery.ca.cert_path,
+                certfile=delivery.server.cert_path,
+                keyfile=delivery.server.key_path,
+                crlfile=delivery.ca.crl_path,
+                data_dir=data,
+                acl_file=acl,
+                bind_address="127.0.0.1",
+                run_as_user=getpass.getuser(),
+            ),
+            encoding="utf-8",
+        )
+        self.exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.log = workdir / "mosquitto.log"
+        self.proc: ManagedProcess | None = None
+
+    def __enter__(self) -> TlsBroker:
+        self.proc = ManagedProcess([self.exe, "-c", str(self.conf)], self.log)
+        self.proc.start()
+        self.proc.wait_for_port("127.0.0.1", self.port, 10.0, interval=0.02)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.proc is not None:
+            self.proc.stop(10.0)
+            self.proc = None
+
+
+def retained_on(
+    broker: TlsBroker, tls: TlsFiles, topic: str, timeout: float = 10.0
+) -> tuple[bytes, bool] | None:
+    """Subscribe as ``tls``'s identity; the first message on ``topic`` and its retain flag."""
+    import queue
+    from typing import Any
+
+    from edgefl.mqtt_client import build_client
+
+    got: queue.Queue[tuple[bytes, bool]] = queue.Queue()
+    client = build_client(f"t-{os.getpid()}-{threading.get_ident()}", tls=tls)
+
+    def on_connect(c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if not rc.is_failure:
+            c.subscribe(topic, qos=1)
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        got.put((bytes(msg.payload), bool(msg.retain)))
+
+    client.on_connect = on_connect
+    client.on_message = on_message
+    client.connect("127.0.0.1", broker.port, keepalive=30)
+    client.loop_start()
+    try:
+        return got.get(timeout=timeout)
+    except queue.Empty:
+        return None
+    finally:
+        client.disconnect()
+        client.loop_stop()
