@@ -32,10 +32,8 @@ from edgefl.federation import ClientInstructions, FederationPlan
 from edgefl.proto.serde import decode_envelope
 from edgefl.server.fl.superlink import SuperLink, SuperLinkConfig
 from edgefl.server.fleet_ca import FleetCA
-from edgefl.testing import free_port, wait_for
+from edgefl.testing import EdgeflProcesses, free_port, wait_for
 from edgefl.zoo import build_model
-
-EDGEFL = Path(sys.executable).parent / "edgefl"
 
 
 @pytest.fixture
@@ -245,7 +243,7 @@ def test_a_put_once_committed_before_a_crash_is_not_stored_again(tmp_path: Path)
 
 @pytest.mark.slow
 def test_agent_buffers_while_the_superlink_is_unreachable_and_joins_when_it_is_up(
-    tmp_path: Path,
+    tmp_path: Path, edgefl_procs: EdgeflProcesses
 ) -> None:
     ca = FleetCA.create(tmp_path / "ca")
     server = ca.issue_server_cert(["localhost"], ["127.0.0.1"])
@@ -277,44 +275,36 @@ def test_agent_buffers_while_the_superlink_is_unreachable_and_joins_when_it_is_u
             }
         )
     )
-    agent = subprocess.Popen([str(EDGEFL), "agent", "run", "--config", str(config_path)])
+    agent = edgefl_procs.start("agent", "run", "--config", str(config_path), log="agent.log")
     cfg = load_config(AgentConfig, config_path)
 
     def training() -> dict[str, Any]:
         return dict(read_status(cfg).get("training") or {})
 
-    try:
+    wait_for(
+        lambda: "cannot reach" in training().get("supernode", {}).get("reason", ""),
+        90,
+        "the SuperNode to report an unreachable SuperLink",
+    )
+    pid = training()["supernode"]["pid"]
+    depth = read_status(cfg)["outbox"]["depth"]
+    wait_for(lambda: read_status(cfg)["outbox"]["depth"] > depth + 20, 30, "buffering")
+    assert training()["samples"] > 5
+    with SuperLink(link_config, tmp_path / "superlink"):  # same port and database
         wait_for(
-            lambda: "cannot reach" in training().get("supernode", {}).get("reason", ""),
-            90,
-            "the SuperNode to report an unreachable SuperLink",
+            lambda: training().get("supernode", {}).get("node_id") is not None,
+            120,
+            "the SuperNode to join the SuperLink once it is up",
         )
-        pid = training()["supernode"]["pid"]
-        depth = read_status(cfg)["outbox"]["depth"]
-        wait_for(lambda: read_status(cfg)["outbox"]["depth"] > depth + 20, 30, "buffering")
-        assert training()["samples"] > 5
-        with SuperLink(link_config, tmp_path / "superlink"):  # same port and database
-            wait_for(
-                lambda: training().get("supernode", {}).get("node_id") is not None,
-                120,
-                "the SuperNode to join the SuperLink once it is up",
-            )
-            assert training()["supernode"]["pid"] == pid  # it retried by itself
-            agent.send_signal(signal.SIGTERM)
-            assert agent.wait(timeout=60) == 0
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
+        assert training()["supernode"]["pid"] == pid  # it retried by itself
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=60) == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
 
 
 @pytest.mark.slow
 def test_replay_source_never_imports_scikit_learn_in_the_agent(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     import numpy as np
 
     from edgefl.edge_agent.sources import DatasetReplayConfig, replay_arrays
