@@ -219,3 +219,39 @@ def test_server_deploy_command(delivery: Delivery, tmp_path: Path) -> None:
         res = runner.invoke(app, ["server", "deploy", MODEL, "3", "-c", str(config)])
         assert res.exit_code == ExitCode.BAD_INPUT
         assert "exactly one of --device D and --fleet" in res.output
+
+
+def test_the_fleet_contract_examples_are_valid_state_documents() -> None:
+    import re
+
+    from edgefl.proto.desired import parse_reported
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "fleet-contract.md").read_text(
+        encoding="utf-8"
+    )
+    blocks = [json.loads(b) for b in re.findall(r"^```json\n(.*?)^```", doc, re.M | re.S)]
+    desired = [b for b in blocks if "issued_at" in b]
+    reported = [b for b in blocks if "state" in b and "device" in b and "issued_at" not in b]
+    assert len(desired) == 1
+    assert len(reported) == 1
+    state = parse_desired(json.dumps(desired[0]))
+    assert state.signature is not None
+    assert state.model is not None
+    assert state.model.artifact_sha256 == reported[0]["sha256"]
+    assert parse_reported(json.dumps(reported[0])).state == "running"
+
+
+def test_the_delivery_doc_models_section_is_a_valid_server_config() -> None:
+    import re
+
+    import yaml
+
+    from edgefl.config import validate_config
+    from edgefl.server.config import ModelServiceConfig, ServerConfig
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "delivery.md").read_text(
+        encoding="utf-8"
+    )
+    (block,) = re.findall(r"^```yaml\n(.*?)^```", doc, re.M | re.S)
+    models = validate_config(ServerConfig, yaml.safe_load(block), source="docs/delivery.md").models
+    assert models == ModelServiceConfig()  # the doc shows the defaults
