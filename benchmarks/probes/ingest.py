@@ -51,12 +51,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
-import shutil
-import signal
+import re
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -75,12 +72,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefl.config import TlsFiles
+from edgefl.process import ManagedProcess, ProcessNotReadyError
 from edgefl.proto.serde import ENVELOPE_VERSION, Envelope, encode_envelope, new_incarnation
 from edgefl.proto.topics import ROOT, device_prefix
 from edgefl.server.fleet_ca import SERVER_IDENTITY, FleetCA, IssuedCert
 from edgefl.server.ingest import BrokerAddress, IngestConfig
 from edgefl.server.registry import DeadLetter, Device, Enrollment, Record, make_engine, upgrade
 from edgefl.server.serve import BrokerConfig, MosquittoBroker
+from edgefl.testing import start_edgefl
 
 __all__ = [
     "FLOOD_MESSAGES",
@@ -268,7 +267,7 @@ class IngestRig:
         )
         self.fleet = f"f{uuid.uuid4().hex[:8]}"
         self.log = workdir / "ingest.log"
-        self._ingest: subprocess.Popen[bytes] | None = None
+        self._ingest: ManagedProcess | None = None
         self._clients: list[MqttDevice] = []
 
     # -- processes ---------------------------------------------------------------------
@@ -294,35 +293,26 @@ class IngestRig:
 
     def start_ingest(self) -> None:
         """Start the ingest child and wait until its subscriptions are confirmed."""
-        offset = self.log.stat().st_size if self.log.exists() else 0
-        with self.log.open("ab") as out:
-            self._ingest = subprocess.Popen(
-                [sys.executable, "-c", _INGEST_MAIN, self.ingest_config().model_dump_json()],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        proc = self._ingest
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the ingest exited: {self.log_tail()}")
-            with self.log.open("rb") as f:
-                f.seek(offset)
-                return _READY_LINE.encode() in f.read()
-
-        wait(ready, TIMEOUT, "the ingest's subscriptions")
+        self._ingest = ManagedProcess(
+            [sys.executable, "-c", _INGEST_MAIN, self.ingest_config().model_dump_json()],
+            self.log,
+            name="ingest",
+        )
+        self._ingest.start()
+        try:
+            self._ingest.wait_for_log(re.escape(_READY_LINE), TIMEOUT)
+        except ProcessNotReadyError as exc:
+            if exc.exit_code is None:  # killed by the wait
+                raise TimeoutError(
+                    f"timed out after {TIMEOUT:.0f} s waiting for the ingest's subscriptions"
+                ) from None
+            raise RuntimeError(f"the ingest exited: {self.log_tail()}") from None
 
     def stop_ingest(self) -> None:
-        """SIGTERM the ingest child (it acknowledges what it stored) and reap it."""
+        """SIGTERM the ingest child (it acknowledges what it stored), SIGKILL after 20 s."""
         proc, self._ingest = self._ingest, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        if proc is not None:
+            proc.stop(grace=20)
 
     def restart_ingest(self) -> None:
         """Stop and start the ingest (same client id: its persistent session resumes)."""
@@ -331,7 +321,7 @@ class IngestRig:
 
     def ingest_alive(self) -> bool:
         """Whether the ingest child runs."""
-        return self._ingest is not None and self._ingest.poll() is None
+        return self._ingest is not None and self._ingest.running()
 
     def log_tail(self, chars: int = 3000) -> str:
         """The end of the ingest's log."""
@@ -858,23 +848,14 @@ def probe_outbox_reset(rig: IngestRig, records: int = 150) -> ProbeResult:
     }
     path = rig.workdir / f"{device.name}.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    edgefl = shutil.which("edgefl", path=str(Path(sys.executable).parent)) or "edgefl"
     log = rig.workdir / f"{device.name}.log"
 
     def life(total: int) -> bool:
-        with log.open("ab") as out:
-            agent = subprocess.Popen(
-                [edgefl, "agent", "run", "--config", str(path)], stdout=out, stderr=out
-            )
+        agent = start_edgefl(["agent", "run", "--config", str(path)], log)
         try:
             return _settle(lambda: len(rig.records(device.name)) >= total, 90.0)
         finally:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait(timeout=10)
+            agent.stop(grace=30)
 
     first = life(records)
     for suffix in ("", "-wal", "-shm"):  # the outbox is deleted while the agent is down
