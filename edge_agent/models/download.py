@@ -10,8 +10,9 @@ the sha256 and size and the rest before anything is installed.
 
 Both dial with the agent's enrolled identity (mutual TLS: ``tls.ca_file`` the fleet CA,
 ``cert_file``/``key_file`` the device certificate); every failure is a
-:class:`DownloadError` carrying the gRPC status name and the machine reason
-``download_failed``, so callers never touch ``grpc.RpcError``.
+:class:`DownloadError` (a ``ReleaseTrustError`` with the machine reason
+``download_failed``) carrying the gRPC status name, so callers never touch
+``grpc.RpcError``.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from typing import Final
 import grpc
 
 from edgefl.config import Address, TlsFiles
-from edgefl.errors import BadInputError, EdgeflError, ExitCode
+from edgefl.errors import BadInputError, ExitCode
 from edgefl.manifest import Manifest
 from edgefl.proto import models_pb2
+from edgefl.releasesign import ReleaseTrustError
 
 __all__ = ["DOWNLOAD_FAILED", "DownloadError", "download_artifact", "fetch_manifest"]
 
@@ -41,22 +43,23 @@ Progress = Callable[[int, int], None]
 """``progress(bytes_in_file, total_size)``, after each chunk written."""
 
 
-class DownloadError(EdgeflError):
+class DownloadError(ReleaseTrustError):
     """A manifest or artifact could not be fetched (network cut, refused, bad stream).
+
+    A :class:`~edgefl.releasesign.ReleaseTrustError` whose ``reason`` is always
+    :data:`DOWNLOAD_FAILED`, so the model manager reports it like any other refusal.
 
     Attributes:
         code: gRPC status name (``"UNAVAILABLE"``, ``"PERMISSION_DENIED"`` ...), or
             ``"BAD_RESPONSE"`` when the server's stream breaks the contract, ``"IO"`` when
             the partial file cannot be written.
-        reason: Always :data:`DOWNLOAD_FAILED`.
         moved: Artifact bytes written by the failed call before it failed.
     """
 
     exit_code = ExitCode.SERVICE_UNAVAILABLE
-    reason = DOWNLOAD_FAILED
 
     def __init__(self, code: str, message: str, *, moved: int = 0) -> None:
-        super().__init__(f"{code}: {message}")
+        super().__init__(DOWNLOAD_FAILED, f"{code}: {message}")
         self.code = code
         self.moved = moved
 
