@@ -113,6 +113,43 @@ def status(config: ConfigOption, as_json: Annotated[bool, JSON_OPTION] = False) 
             f"{training['samples']} samples, restarts {node['restarts']}"
             + (f", last error: {node['last_error']}" if node.get("last_error") else "")
         )
+    models = report.get("models")
+    if models is not None:
+        typer.echo(_models_line(models))
+
+
+def _when(stamp: Any) -> str:
+    import datetime as dt
+
+    if not isinstance(stamp, int | float):
+        return "-"
+    return dt.datetime.fromtimestamp(stamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _models_line(models: dict[str, Any]) -> str:
+    """``model: NAME vN (VARIANT) since ..., STATE; last swap ...; rollbacks N; last failure``."""
+    reported = models.get("reported") or {}
+    if reported.get("version") is None:
+        line = f"model: none ({reported.get('state', 'none')})"
+    else:
+        line = (
+            f"model: {reported['model']} v{reported['version']} ({reported['variant']}) "
+            f"since {_when(reported.get('since'))}, {reported.get('state')}"
+        )
+    swap = models.get("last_swap")
+    if swap:
+        line += (
+            f"; last swap v{swap.get('from_version') or '-'} -> v{swap.get('to_version')} at "
+            f"{_when(swap.get('at'))}{' (rollback)' if swap.get('rollback') else ''}"
+        )
+    line += f"; rollbacks {reported.get('rollbacks', 0)}"
+    failure = reported.get("last_failure")
+    if failure:
+        line += (
+            f"\nlast model failure: v{failure['version']} {failure['reason']} at "
+            f"{_when(failure.get('at'))}: {failure['detail']}"
+        )
+    return line
 
 
 @app.command()

@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import logging
 import os
+import queue
 import sqlite3
 import threading
 import time
@@ -47,7 +48,8 @@ from edgefl.edge_agent.commands import (
 from edgefl.edge_agent.datastore import SAMPLES_FILE, LocalDataStore, Sample
 from edgefl.edge_agent.fl.supernode import TELEMETRY_DIR, SuperNodeSupervisor, TrainingConfig
 from edgefl.edge_agent.identity import CertRenewer
-from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender
+from edgefl.edge_agent.models.config import ModelsConfig
+from edgefl.edge_agent.mqtt_link import InboundMessage, MqttLink, MqttLinkConfig, OutboxSender
 from edgefl.edge_agent.offload.config import OffloadConfig
 from edgefl.edge_agent.outbox import (
     Outbox,
@@ -70,7 +72,13 @@ from edgefl.errors import BadInputError
 from edgefl.files import write_text_atomic
 from edgefl.procs import pid_alive
 from edgefl.proto.ids import ID_REGEX
-from edgefl.proto.topics import command_filter, record_topic, status_topic
+from edgefl.proto.topics import (
+    command_filter,
+    record_topic,
+    state_desired_topic,
+    state_reported_topic,
+    status_topic,
+)
 
 __all__ = ["STATUS_FILE", "Agent", "AgentConfig", "read_status"]
 
@@ -107,6 +115,11 @@ class AgentConfig(StrictModel):
     )
     cert_renew_retry_s: float = Field(
         600.0, gt=0, description="Ask again after this long while no certificate came."
+    )
+    models: ModelsConfig = Field(
+        default_factory=lambda: ModelsConfig(),
+        description="Signed model updates: follow state/desired, download, verify, swap "
+        "(off by default).",
     )
 
     @model_validator(mode="before")
@@ -163,6 +176,12 @@ class Agent:
             )
             self.commands.register(INSTALL_CERT_COMMAND, self.renewer.install)
         self.link.subscribe(command_filter(config.fleet, config.device_id), qos=1)
+        self.models: Any = None  # a ModelManager when models.enabled
+        self._desired_topic = state_desired_topic(config.fleet, config.device_id)
+        self._inbound: queue.SimpleQueue[InboundMessage] = queue.SimpleQueue()
+        if config.models.enabled:
+            self.models = self._model_manager()
+            self.link.subscribe(self._desired_topic, qos=1)
         self.datastore: LocalDataStore | None = None
         self.supervisor: SuperNodeSupervisor | None = None
         self.telemetry_imported = 0
@@ -181,6 +200,48 @@ class Agent:
                 state_dir=config.state_dir,
                 data_store=self.datastore.path,
             )
+
+    def _model_manager(self) -> Any:
+        """The model manager, with the device's pinned release keys and its mTLS identity."""
+        from edgefl.edge_agent.models.manager import GrpcSource, ModelManager
+        from edgefl.releasesign import TrustStore
+
+        models = self.config.models
+        assert models.server is not None  # ModelsConfig requires it when enabled
+        trust = TrustStore.load(
+            self.config.state_dir / "identity", extra_keys=models.release_signing_keys
+        )
+        return ModelManager(
+            models,
+            state_dir=self.config.state_dir,
+            trust=trust,
+            source=GrpcSource(
+                models.server,
+                models.tls or self.config.mqtt.tls,
+                timeout_s=models.download_timeout_s,
+            ),
+            device_id=self.config.device_id,
+            fleet=self.config.fleet,
+            publish=self._publish_reported,
+        )
+
+    def _publish_reported(self, reported: Any) -> None:
+        """Publish the model manager's reported state, retained, on ``state/reported``."""
+        topic = state_reported_topic(self.config.fleet, self.config.device_id)
+        self.link.publish(topic, reported.to_json(), qos=1, retain=True)
+
+    def _route_inbound(self, stop: threading.Event) -> None:
+        """Hand ``state/desired`` to the model manager, everything else to the commands."""
+        while not stop.is_set():
+            try:
+                message = self.link.messages.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if message.topic == self._desired_topic and self.models is not None:
+                self.models.submit(message.payload)  # only queues: the manager's thread works
+                self.link.ack(message)
+            else:
+                self._inbound.put(message)
 
     def set_source_rate(self, name: str | None, rate_hz: float) -> tuple[str, float]:
         """Change a dataset-replay source's rate (the ``set-rate`` command).
@@ -395,7 +456,18 @@ class Agent:
     def run(self, stop: threading.Event) -> None:
         """Block until ``stop`` is set; always closes cleanly (retained ``offline``)."""
         self.commands.recover()
-        self.commands.start(self.link.messages)
+        router_stop = threading.Event()
+        router: threading.Thread | None = None
+        if self.models is not None:
+            # The desired state shares the link's inbound queue with the commands.
+            router = threading.Thread(
+                target=self._route_inbound, args=(router_stop,), name="inbound-router", daemon=True
+            )
+            router.start()
+            self.commands.start(self._inbound)
+            self.models.start()
+        else:
+            self.commands.start(self.link.messages)
         self.link.start()
         self.sender.start()
         next_status = 0.0
@@ -416,6 +488,11 @@ class Agent:
         finally:
             if self.supervisor is not None:
                 self.supervisor.close()
+            if self.models is not None:
+                self.models.stop()
+            router_stop.set()
+            if router is not None:
+                router.join(5.0)
             self.commands.stop()
             self.sender.stop()
             self.link.close()
@@ -503,4 +580,15 @@ def read_status(config: AgentConfig) -> dict[str, Any]:
         "sender": report.get("sender", {}),
         "commands": report.get("commands", {}),
         "training": report.get("training"),
+        "models": _models_status(config),
     }
+
+
+def _models_status(config: AgentConfig) -> dict[str, Any] | None:
+    """The model manager's last status file (read-only); ``None`` when models are off."""
+    from edgefl.edge_agent.models.manager import read_model_status
+
+    doc = read_model_status(config.state_dir)
+    if not doc and not config.models.enabled:
+        return None
+    return doc

@@ -7,11 +7,15 @@ one step behind the ReleaseSource interface); the gRPC path has its own test at 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefl.edge_agent.models.manager import (
     MODEL_STATUS_FILE,
@@ -19,13 +23,35 @@ from edgefl.edge_agent.models.manager import (
     ModelsConfig,
     read_model_status,
 )
-from edgefl.releasesign import key_id
+from edgefl.proto.desired import ReportedState, parse_reported
+from edgefl.proto.topics import state_desired_topic, state_reported_topic
+from edgefl.releasesign import key_id, public_key_pem
+from edgefl.testing import EdgeflProcesses, Mosquitto, edgefl_executable, wait_for
 
 try:
-    from tests.model_release_helpers import MODEL, Built, Fleet, build_tiny_models
-except ImportError:  # pragma: no cover - run from inside tests/
-    from model_release_helpers import (  # type: ignore[import-not-found,no-redef]
+    from tests.delivery_helpers import make_delivery, start_service, tls_of
+    from tests.model_release_helpers import (
+        DEVICE,
+        DEVICE_CLASS,
+        FLEET,
         MODEL,
+        RUNTIME,
+        Built,
+        Fleet,
+        build_tiny_models,
+    )
+except ImportError:  # pragma: no cover - run from inside tests/
+    from delivery_helpers import (  # type: ignore[import-not-found,no-redef]
+        make_delivery,
+        start_service,
+        tls_of,
+    )
+    from model_release_helpers import (  # type: ignore[import-not-found,no-redef]
+        DEVICE,
+        DEVICE_CLASS,
+        FLEET,
+        MODEL,
+        RUNTIME,
         Built,
         Fleet,
         build_tiny_models,
@@ -298,3 +324,96 @@ def test_status_file_is_json(fleet: Fleet) -> None:
     manager.handle(fleet.desired(fleet.publish(1, "fp32")))
     doc = json.loads((fleet.state_dir / MODEL_STATUS_FILE).read_text())
     assert doc["reported"]["state"] == "running"
+
+
+# --- end to end: broker, the gRPC Models service, `edgefl agent run` ------------------------
+
+
+@pytest.mark.slow
+def test_agent_follows_the_desired_state_over_mqtt_and_grpc(
+    tmp_path: Path, built: Built, broker: Mosquitto, edgefl_procs: EdgeflProcesses
+) -> None:
+    delivery = make_delivery(tmp_path, size=4096)
+    fleet = Fleet(tmp_path, built)  # publishes into delivery.releases (tmp_path/releases)
+    v1 = fleet.publish(1, "fp32")
+    state_dir = tmp_path / "device"
+    tls = tls_of(delivery, delivery.devices[DEVICE])
+    reported: list[ReportedState] = []
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="watcher", protocol=mqtt.MQTTv5)
+    watcher.on_message = lambda c, u, msg: reported.append(parse_reported(bytes(msg.payload)))
+    watcher.connect("127.0.0.1", broker.port)
+    watcher.subscribe(state_reported_topic(FLEET, DEVICE), qos=1)
+    watcher.loop_start()
+    with start_service(delivery) as service:
+        config = {
+            "device_id": DEVICE,
+            "fleet": FLEET,
+            "state_dir": str(state_dir),
+            "mqtt": {"port": broker.port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+            "status_interval_s": 0.2,
+            "models": {
+                "enabled": True,
+                "server": {"host": "127.0.0.1", "port": service.port},
+                "tls": {k: str(v) for k, v in tls.model_dump().items()},
+                "device_class": DEVICE_CLASS,
+                "runtime": RUNTIME,
+                "release_signing_keys": [public_key_pem(fleet.key.public_key())],
+                "health_window_s": 2,
+                "health_check_interval_s": 0.5,
+            },
+        }
+        path = tmp_path / "agent.yaml"
+        path.write_text(yaml.safe_dump(config))
+        edgefl_procs.start("agent", "run", "--config", str(path), log="agent.log")
+        # The server's rollout identity publishes the signed desired state, retained.
+        publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="rollout")
+        publisher.connect("127.0.0.1", broker.port)
+        publisher.loop_start()
+        fleet.clock = time.time()
+        publisher.publish(
+            state_desired_topic(FLEET, DEVICE), fleet.desired(v1).to_json(), qos=1, retain=True
+        ).wait_for_publish(5)
+
+        def running(version: int) -> bool:
+            return any(r.state == "running" and r.version == version for r in reported)
+
+        wait_for(lambda: running(1), 60, "the agent to report v1 running")
+        pointer = json.loads((state_dir / "models" / "current").read_text())
+        assert (pointer["version"], pointer["sha256"]) == (1, v1.artifact_sha256)
+        # A tampered v2 (one flipped bit) is refused; v1 keeps serving.
+        good = built.variants["fp16"][0].read_bytes()
+        v2 = fleet.publish(2, "fp16", artifact=bytes([good[0] ^ 1]) + good[1:])
+        fleet.clock = time.time() + 1
+        publisher.publish(
+            state_desired_topic(FLEET, DEVICE), fleet.desired(v2).to_json(), qos=1, retain=True
+        ).wait_for_publish(5)
+        wait_for(
+            lambda: any(r.last_failure and r.last_failure.version == 2 for r in reported),
+            60,
+            "the refusal of the tampered v2",
+        )
+        failure = reported[-1].last_failure
+        assert failure is not None
+        assert failure.reason == "sha256_mismatch"
+        assert reported[-1].version == 1
+        publisher.loop_stop()
+        publisher.disconnect()
+    watcher.loop_stop()
+    watcher.disconnect()
+    status = subprocess.run(
+        [edgefl_executable(), "agent", "status", "--config", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    models = json.loads(status.stdout)["models"]
+    assert models["reported"]["version"] == 1
+    assert models["reported"]["last_failure"]["reason"] == "sha256_mismatch"
+    text = subprocess.run(
+        [edgefl_executable(), "agent", "status", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "model: digits-mlp v1 (fp32)" in text
+    assert "sha256_mismatch" in text

@@ -32,6 +32,8 @@ from edgefl.manifest import Manifest
 from edgefl.runtimes import Runtime, create_runtime
 from edgefl.runtimes.golden import GoldenCheck, GoldenThresholds, check_golden
 
+from .config import HealthPolicy
+
 __all__ = [
     "HEALTH_REASONS",
     "HealthFailure",
@@ -44,24 +46,6 @@ __all__ = [
 
 HEALTH_REASONS: Final = ("load_failed", "inference_error", "golden_mismatch", "latency_regression")
 """Why a model on probation is rolled back."""
-
-
-@dataclass(frozen=True)
-class HealthPolicy:
-    """The health window's settings (``models:`` in the agent config).
-
-    Attributes:
-        window_s: How long a new model stays on probation.
-        check_interval_s: Time between golden-vector probes during the window.
-        max_latency_ratio: Roll back when the new model's median latency is over this
-            multiple of the previous model's.
-        golden_repeats: Golden-set runs per probe (the latency is their median).
-    """
-
-    window_s: float = 60.0
-    check_interval_s: float = 10.0
-    max_latency_ratio: float = 3.0
-    golden_repeats: int = 5
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from edgefl.backoff import backoff_delay
-from edgefl.config import Address, StrictModel, TlsFiles
+from edgefl.config import Address, TlsFiles
 from edgefl.errors import ArtifactError, BadInputError, EdgeflError
 from edgefl.files import write_text_atomic
 from edgefl.manifest import Manifest, sha256_file
@@ -57,6 +57,7 @@ from edgefl.proto.desired import DesiredModel, DesiredState, LastFailure, Report
 from edgefl.proto.desired import parse_desired as _parse_desired
 from edgefl.releasesign import ReleaseTrustError, TrustStore, verify
 
+from .config import ModelsConfig, ModelsServer
 from .health import HealthFailure, HealthPolicy, HealthWindow, ProbeError, golden_probe
 from .health import load_runtime as _load_runtime
 from .store import InstalledModel, ModelStore
@@ -78,72 +79,6 @@ logger = logging.getLogger(__name__)
 MODEL_STATUS_FILE: Final = "model-status.json"
 """In ``<state_dir>``: the manager's state, for ``edgefl agent status`` and restarts."""
 MODELS_DIR: Final = "models"
-
-
-class ModelsServer(Address):
-    """The server's ``Models`` gRPC service (``edgefl server start`` prints its port)."""
-
-    port: int = Field(ge=1, le=65535, description="Models service TCP port.")
-
-
-class ModelsConfig(StrictModel):
-    """``models:`` in the agent config: signed model updates (off unless enabled)."""
-
-    enabled: bool = Field(
-        False, description="Follow the signed desired state and install the models it names."
-    )
-    server: ModelsServer | None = Field(
-        None, description="The server's Models service (required when enabled)."
-    )
-    tls: TlsFiles | None = Field(
-        None,
-        description="Mutual TLS to the Models service; defaults to mqtt.tls (the device's "
-        "enrolled identity).",
-    )
-    device_class: str = Field(
-        "generic",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-        description="The device class releases must be made for (manifest release.device_class).",
-    )
-    runtime: str = Field(
-        "ai-edge-litert",
-        description="The device runtime: releases must name it (release.runtime) and their "
-        "golden vectors run on it before a swap.",
-    )
-    release_signing_keys: list[str] = Field(
-        default_factory=list,
-        description="Release-signing public keys (PEM text or file paths) trusted besides "
-        "those pinned at enrollment (never instead of them).",
-    )
-    health_window_s: float = Field(
-        60.0, ge=0, description="Probation after a swap; a failure in it rolls back."
-    )
-    health_check_interval_s: float = Field(
-        10.0, gt=0, description="Golden-vector probe period during the health window."
-    )
-    max_latency_ratio: float = Field(
-        3.0,
-        gt=1,
-        description="Roll back when the new model's median latency exceeds this multiple "
-        "of the previous model's.",
-    )
-    download_timeout_s: float = Field(300.0, gt=0, description="Deadline of one download call.")
-    retry_min_s: float = Field(2.0, gt=0, description="First retry delay of a failed download.")
-    retry_max_s: float = Field(300.0, gt=0, description="Longest retry delay of a download.")
-
-    @model_validator(mode="after")
-    def _server_when_enabled(self) -> ModelsConfig:
-        if self.enabled and self.server is None:
-            raise ValueError("models.enabled needs models.server: {host, port}")
-        return self
-
-    def health_policy(self) -> HealthPolicy:
-        """The health window's settings."""
-        return HealthPolicy(
-            window_s=self.health_window_s,
-            check_interval_s=self.health_check_interval_s,
-            max_latency_ratio=self.max_latency_ratio,
-        )
 
 
 class ReleaseSource(Protocol):

@@ -186,13 +186,16 @@ class MqttLink:
             rc = self._client.ack(message.mid, message.qos)
         return rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1) -> tuple[int, MQTTErrorCode]:
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, *, retain: bool = False
+    ) -> tuple[int, MQTTErrorCode]:
         """Hand a message to paho; return its mid and paho's return code.
 
         ``MQTT_ERR_NO_CONN`` with QoS 1 still means queued: paho sends it after reconnect.
+        ``retain`` keeps it on the broker as the topic's last value (``state/reported``).
         """
         with self._client_lock:
-            info = self._client.publish(topic, payload, qos=qos)
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
         return info.mid, info.rc
 
     def close(self, timeout: float = 5.0) -> None:
