@@ -17,6 +17,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgefl.edge_agent.daemon import AgentConfig
 from edgefl.edge_agent.models.manager import (
     MODEL_STATUS_FILE,
     FolderSource,
@@ -417,3 +418,20 @@ def test_agent_follows_the_desired_state_over_mqtt_and_grpc(
     ).stdout
     assert "model: digits-mlp v1 (fp32)" in text
     assert "sha256_mismatch" in text
+
+
+def test_readme_models_example_is_a_valid_agent_config(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Model updates on the device", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    data = {
+        "device_id": DEVICE,
+        "state_dir": str(tmp_path),
+        "mqtt": {"port": 1883},
+        **yaml.safe_load(example),
+    }
+    config = AgentConfig.model_validate(data)
+    assert config.models.enabled
+    assert config.models.server is not None
+    assert (config.models.health_window_s, config.models.max_latency_ratio) == (60, 3.0)
+    assert AgentConfig.model_validate({**data, "models": {}}).models.enabled is False
