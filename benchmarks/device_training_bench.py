@@ -65,12 +65,13 @@ from edgefl.edge_agent.fl.warmstart import BIN_DIR
 from edgefl.edge_agent.identity import install_bundle, prepare_enrollment
 from edgefl.enrollment import IdentityPaths, write_json_document
 from edgefl.federation import FederationPlan
+from edgefl.process import ManagedProcess
 from edgefl.server.enrollment import admit
 from edgefl.server.fl.ledger import FlStore
 from edgefl.server.fl.superlink import write_run_app
 from edgefl.server.registry import make_engine
 from edgefl.server.serve import Server, ServerConfig
-from edgefl.testing import free_port, wait_for
+from edgefl.testing import EdgeflProcesses, free_port, wait_for
 
 _CLK = os.sysconf("SC_CLK_TCK")
 _ZYGOTE = "edgefl.edge_agent.fl.warmstart serve"
@@ -249,8 +250,10 @@ def run(
     server = Server(config)
     progress("starting the server (broker, SuperLink, ingest)")
     server.start()
-    agents: list[subprocess.Popen[bytes]] = []
+    agents: list[ManagedProcess] = []
     engine = make_engine(server.db_url)
+    # Every agent gets SIGTERM at once when the run ends, then 60 s to exit.
+    agent_procs = EdgeflProcesses(work, grace=60.0)
     try:
         admin = server.admin()
         yamls = []
@@ -268,16 +271,9 @@ def run(
             install_bundle(work / f"bundle{i}.json", f"bench-{i}", "bench", state)
             yamls.append(_agent_yaml(work, i, server, devices, warm_start))
         progress(f"{devices} devices admitted; starting their agents")
-        edgefl = str(Path(sys.executable).parent / "edgefl")
         for i, path in enumerate(yamls):
-            log = (work / f"agent{i}.log").open("wb")
             agents.append(
-                subprocess.Popen(
-                    [edgefl, "agent", "run", "--config", str(path)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+                agent_procs.start("agent", "run", "--config", str(path), log=f"agent{i}.log")
             )
 
         def ready() -> bool:
@@ -290,7 +286,7 @@ def run(
         wait_for(ready, 300, "every agent's SuperNode connected")
         statuses = [_status(work / f"agent{i}") for i in range(devices)]
         sampler = Sampler(
-            {f"bench-{i}": agents[i].pid for i in range(devices)},
+            {f"bench-{i}": int(agents[i].pid or 0) for i in range(devices)},
             {
                 f"bench-{i}": int(statuses[i]["training"]["supernode"]["pid"])
                 for i in range(devices)
@@ -341,15 +337,7 @@ def run(
         finally:
             store.close()
     finally:
-        for proc in agents:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 15)
-        for proc in agents:
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()
+        agent_procs.stop_all()
         engine.dispose()
         server.stop()
 
