@@ -207,3 +207,33 @@ class Fleet:
     def tick(self, seconds: float = 1.0) -> None:
         """Let the device clock move on (desired states must be newer)."""
         self.clock += seconds
+
+
+def child_apply(state_dir: Path, releases: Path, desired_file: Path) -> None:
+    """Apply one desired state in this process (killed with -9 by the test)."""
+    manager = ModelManager(
+        ModelsConfig.model_validate(
+            {
+                "enabled": True,
+                "server": {"host": "127.0.0.1", "port": 1},
+                "device_class": DEVICE_CLASS,
+                "runtime": RUNTIME,
+                "health_window_s": 0,
+            }
+        ),
+        state_dir=state_dir,
+        trust=TrustStore.load(state_dir / "identity"),
+        source=FolderSource(releases),
+        device_id=DEVICE,
+        fleet=FLEET,
+    )
+    print("start", flush=True)
+    manager.handle(desired_file.read_bytes())
+    print("done", flush=True)
+    time.sleep(60)
+
+
+if __name__ == "__main__":
+    import sys
+
+    child_apply(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))

@@ -7,7 +7,10 @@ one step behind the ReleaseSource interface); the gRPC path has its own test at 
 from __future__ import annotations
 
 import json
+import random
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +27,8 @@ from edgefl.edge_agent.models.manager import (
     ModelsConfig,
     read_model_status,
 )
+from edgefl.manifest import sha256_file
+from edgefl.process import ManagedProcess
 from edgefl.proto.desired import ReportedState, parse_reported
 from edgefl.proto.topics import state_desired_topic, state_reported_topic
 from edgefl.releasesign import key_id, public_key_pem
@@ -57,6 +62,9 @@ except ImportError:  # pragma: no cover - run from inside tests/
         Fleet,
         build_tiny_models,
     )
+
+
+KILL_TRIALS = 6
 
 
 @pytest.fixture(scope="module")
@@ -435,3 +443,48 @@ def test_readme_models_example_is_a_valid_agent_config(tmp_path: Path) -> None:
     assert config.models.server is not None
     assert (config.models.health_window_s, config.models.max_latency_ratio) == (60, 3.0)
     assert AgentConfig.model_validate({**data, "models": {}}).models.enabled is False
+
+
+@pytest.mark.slow
+def test_kill_9_mid_update_then_restart_runs_one_whole_model_then_the_desired(
+    fleet: Fleet,
+) -> None:
+    """The manager killed at random instants of an update (download, checks, swap)."""
+    manager = fleet.manager()
+    manager.handle(fleet.desired(fleet.publish(1, "fp32")))
+    fleet.tick()
+    v2 = fleet.publish(2, "fp16")
+    desired = fleet.root / "desired.json"
+    desired.write_bytes(fleet.desired(v2).to_json())
+    pristine = fleet.root / "pristine"
+    shutil.copytree(fleet.state_dir, pristine)
+    helper = Path(__file__).with_name("model_release_helpers.py")
+    rng = random.Random(7)
+    outcomes = {1: 0, 2: 0}
+    for trial in range(KILL_TRIALS):
+        shutil.rmtree(fleet.state_dir)
+        shutil.copytree(pristine, fleet.state_dir)
+        log = fleet.root / f"child-{trial}.log"
+        child = ManagedProcess(
+            [sys.executable, str(helper), str(fleet.state_dir), str(fleet.releases), str(desired)],
+            log,
+        )
+        child.start()
+        wait_for(lambda: "start" in log.read_text(), 30, "the child to start")  # noqa: B023
+        time.sleep(rng.uniform(0.0, 0.4))
+        child.kill()
+        restarted = fleet.manager()
+        current = restarted.current()
+        assert current is not None, trial
+        assert current.installed.version in (1, 2)
+        assert sha256_file(current.path) == current.installed.sha256
+        outcomes[current.installed.version] += 1
+        restarted.step()  # resumes the desired state it had accepted, if it had
+        restarted.handle(fleet.desired(v2, issued_at=fleet.now()))
+        final = restarted.current()
+        assert final is not None
+        assert final.installed.version == 2
+        assert sha256_file(final.path) == v2.artifact_sha256
+    print("kill -9 outcomes (version serving after restart):", outcomes)
+    # Kills landed before the swap at least once.
+    assert outcomes[1] > 0, outcomes
