@@ -68,7 +68,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import sqlalchemy as sa
@@ -77,6 +77,7 @@ from sqlalchemy.orm import Session
 
 from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig, OutboxSender
 from edgefl.edge_agent.outbox import Outbox, OutboxItem, OutboxPolicy
+from edgefl.process import ManagedProcess, ProcessNotReadyError
 from edgefl.proto.serde import ENVELOPE_VERSION, Envelope, encode_envelope
 from edgefl.proto.topics import record_topic, status_topic
 from edgefl.server.ingest import BrokerAddress, Ingest, IngestConfig
@@ -302,41 +303,39 @@ def start_ingest(port: int, db_url: str, fleet: str) -> Ingest:
     return ingest
 
 
-def bench_ingest(port: int, db_url: str, n: int, devices: int = 20) -> float:
+def bench_ingest(port: int, db_url: str, n: int, log: Path, devices: int = 20) -> float:
     """Rows stored per second by an :class:`Ingest` in this process, fed by a child process.
 
-    The publisher is a child process (``--child publish``), as devices are in production:
-    a paho client in this interpreter would take the GIL the ingest's own threads need.
-    The clock starts when the child, connected and holding its payloads, is told to go.
+    The publisher is a child process (``--child publish``, its output in ``log``), as
+    devices are in production: a paho client in this interpreter would take the GIL the
+    ingest's own threads need. The clock starts when the child, connected and holding its
+    payloads, is told to go (SIGUSR1).
     """
     fleet = f"ing{uid()}"
     ingest = start_ingest(port, db_url, fleet)
-    publisher = subprocess.Popen(
+    publisher = ManagedProcess(
         [
             *(sys.executable, str(THIS), "--child", "publish", "--port", str(port)),
             *("--fleet", fleet, "--devices", str(devices), "--n", str(n)),
         ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
+        log,
+        name="ingest publisher",
     )
-    assert publisher.stdin is not None
-    assert publisher.stdout is not None
     try:
-        if publisher.stdout.readline().strip() != "READY":
-            raise RuntimeError("ingest publisher child did not get ready")
+        publisher.start()
+        try:
+            publisher.wait_for_log(r"(?m)^READY$", 120)
+        except ProcessNotReadyError as exc:
+            raise RuntimeError(f"ingest publisher child did not get ready: {exc}") from None
         t0 = time.perf_counter()
-        publisher.stdin.write("GO\n")
-        publisher.stdin.flush()
+        publisher.send_signal(signal.SIGUSR1)  # go
         if not wait_until(lambda: ingest.metrics()["stored"] >= n, 120, poll=0.01):
             raise TimeoutError(f"ingest stored {ingest.metrics()['stored']} of {n}")
         elapsed = time.perf_counter() - t0
-        publisher.stdin.close()
+        publisher.send_signal(signal.SIGUSR1)  # done: it disconnects and exits
         publisher.wait(30)
     finally:
-        if publisher.poll() is None:
-            os.kill(publisher.pid, signal.SIGKILL)
-            publisher.wait(10)
+        publisher.kill()  # if it still runs
         ingest.stop()
     return n / elapsed
 
@@ -345,41 +344,36 @@ def bench_ingest(port: int, db_url: str, n: int, devices: int = 20) -> float:
 
 
 class Child:
-    """A child agent process of this file whose stdout lists the seqs it generated."""
+    """A child agent process of this file; its log lists the seqs it generated."""
 
-    def __init__(self, args: list[str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(THIS), "--child", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        self.seqs: set[int] = set()
-        self.ready = threading.Event()
-        assert self.proc.stdout is not None
-        self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
-        self._reader.start()
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.proc = ManagedProcess([sys.executable, str(THIS), "--child", *args], log)
+        self.proc.start()
 
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            if line.strip().isdigit():
-                self.seqs.add(int(line))
-            elif line.strip() == "READY":
-                self.ready.set()
+    def wait_ready(self, timeout: float) -> bool:
+        """Whether it printed READY within ``timeout`` seconds (if not, it is gone)."""
+        try:
+            self.proc.wait_for_log(r"(?m)^READY$", timeout)
+        except ProcessNotReadyError:
+            self.proc.kill()
+            return False
+        return True
+
+    @property
+    def seqs(self) -> set[int]:
+        """The seqs it printed so far (one a line)."""
+        lines = self.proc.output(max_bytes=1 << 30).splitlines()
+        return {int(line) for line in lines if line.strip().isdigit()}
 
     def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self._reader.join(5)
+        self.proc.kill()
 
     def wait(self, timeout: float) -> None:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             log(f"child {self.proc.pid} did not finish in {timeout:.0f} s; killing it")
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self._reader.join(5)
+            self.proc.kill()
 
 
 def count_rows(db_url: str, device: str) -> tuple[set[int], int]:
@@ -414,12 +408,15 @@ def chaos_run(workdir: Path, mode: str, rate: float, duration: float) -> dict[st
         else:
             extra = ["--qos", "0" if mode == "naive_qos0" else "1", "--start-seq", str(start_seq)]
         kind = "outbox" if mode == "outbox" else "naive"
-        return Child([kind, *common, *extra, "--duration", f"{seconds:.2f}"])
+        return Child(
+            [kind, *common, *extra, "--duration", f"{seconds:.2f}"],
+            root / f"agent-from-{start_seq}.log",
+        )
 
     sent: set[int] = set()
     child = spawn(duration, 1)
     # The schedule starts when the agent is connected and producing (imports take a while).
-    if not child.ready.wait(20):
+    if not child.wait_ready(20):
         raise TimeoutError(f"chaos {mode}: agent did not connect")
     t0 = time.monotonic()
     try:
@@ -583,7 +580,9 @@ def child_outbox(args: argparse.Namespace) -> None:
 
 
 def child_publish(args: argparse.Namespace) -> None:
-    """Publish ``--n`` envelopes of ``--devices`` devices (QoS 1) once stdin says GO."""
+    """Publish ``--n`` envelopes of ``--devices`` devices (QoS 1) once SIGUSR1 says go."""
+    # Blocked before paho's thread starts (it inherits the mask), so sigwait() takes it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     names = [f"d{i:02d}" for i in range(args.devices)]
     payloads = [
         (
@@ -595,12 +594,11 @@ def child_publish(args: argparse.Namespace) -> None:
     publisher = PahoCounter(args.port, f"pub-{uid()}", max_inflight=200)
     publisher.start()
     print("READY", flush=True)
-    if sys.stdin.readline().strip() != "GO":
-        return
+    signal.sigwait({signal.SIGUSR1})
     for topic, payload in payloads:
         publisher.client.publish(topic, payload, qos=1)
     wait_until(lambda: publisher.acked >= len(payloads), 120, poll=0.01)
-    sys.stdin.readline()  # the parent closes stdin once the ingest stored everything
+    signal.sigwait({signal.SIGUSR1})  # the parent's word that the ingest stored everything
     publisher.stop()
 
 
@@ -763,12 +761,19 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         result["backlog_flush_msgs_per_s"] = bench_backlog(port, work, args.backlog)
         log("ingest into SQLite")
         ingest_rates: dict[str, float] = {
-            "sqlite": bench_ingest(port, f"sqlite:///{work / 'ingest-registry.db'}", args.ingest_n)
+            "sqlite": bench_ingest(
+                port,
+                f"sqlite:///{work / 'ingest-registry.db'}",
+                args.ingest_n,
+                work / "publisher-sqlite.log",
+            )
         }
         log("ingest into PostgreSQL")
         try:
             with pg_schema_url() as url:
-                ingest_rates["postgresql"] = bench_ingest(port, url, args.ingest_n)
+                ingest_rates["postgresql"] = bench_ingest(
+                    port, url, args.ingest_n, work / "publisher-postgresql.log"
+                )
         except sa.exc.OperationalError as exc:
             log(f"PostgreSQL unavailable: {str(exc).splitlines()[0]}")
             ingest_rates["postgresql"] = 0.0
