@@ -1,19 +1,17 @@
 """The on-device model store: A/B slots, an atomic pointer, repair, and real ``kill -9``s.
 
-The kill test runs this file as a child process that installs versions in a loop and is
-SIGKILLed at random instants; after each kill the store must hold exactly one whole
-model, the old one or the new one.
+The kill test runs ``benchmarks/model_store_bench.py`` with 20 trials: a child process
+installing versions in a loop is SIGKILLed at random instants, and after each kill the
+store must hold exactly one whole model, the old one or the new one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import re
+import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,6 @@ from edgefl.edge_agent.models.store import (
     ModelStore,
 )
 from edgefl.errors import ArtifactError
-from edgefl.process import ManagedProcess
 
 KILL_TRIALS = 20
 
@@ -166,73 +163,18 @@ def test_staging_leftovers_are_kept_for_resume(tmp_path: Path) -> None:
 # --- kill -9 at random instants --------------------------------------------------------
 
 
-def _child(root: Path, releases: Path) -> None:
-    """Install v2, v3, ... alternating two artifacts, announcing each on stdout."""
-    store = ModelStore(root)
-    blobs = [(releases / f"r{i}.tflite", (releases / f"r{i}.json").read_bytes()) for i in (0, 1)]
-    version = (store.current().version if store.current() else 0) + 1  # type: ignore[union-attr]
-    while True:
-        artifact, manifest = blobs[version % 2]
-        print(f"installing {version}", flush=True)
-        _install(store, artifact, manifest, version)
-        print(f"installed {version}", flush=True)
-        version += 1
-
-
-def run_kill_trials(tmp_path: Path, trials: int, *, seed: int = 0) -> dict[str, int]:
-    """``trials`` children killed at random instants; counts whole and half-installed states."""
-    rng = random.Random(seed)
-    releases = tmp_path / "releases"
-    releases.mkdir()
-    shas = {}
-    for i in (0, 1):
-        _artifact, manifest, sha = _release(releases, f"r{i}", (1 << 20) * (2 + i), seed + i)
-        (releases / f"r{i}.json").write_bytes(manifest)
-        shas[i] = sha
-    root = tmp_path / "models"
-    store = ModelStore(root)
-    _install(store, releases / "r1.tflite", (releases / "r1.json").read_bytes(), 1)
-    half = 0
-    mid_install = 0
-    for trial in range(trials):
-        log = tmp_path / f"child-{trial}.log"
-        child = ManagedProcess(
-            [sys.executable, __file__, str(root), str(releases)],
-            log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        child.start()
-        deadline = time.monotonic() + 10
-        while "installing" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.25))
-        child.kill()
-        text = log.read_text()
-        started = [int(v) for v in re.findall(r"^installing (\d+)$", text, re.M)]
-        done = [int(v) for v in re.findall(r"^installed (\d+)$", text, re.M)]
-        last_started = max(started)
-        acceptable = {last_started, max(done, default=last_started - 1)}
-        current = ModelStore(root).current()
-        if current is None or current.version not in acceptable:
-            half += 1
-            continue
-        data = current.path.read_bytes()
-        if (
-            hashlib.sha256(data).hexdigest() != current.sha256
-            or current.sha256 != shas[current.version % 2]
-        ):
-            half += 1
-        if not done or done[-1] != last_started:
-            mid_install += 1
-    return {"trials": trials, "half_installed": half, "killed_mid_install": mid_install}
-
-
-def test_kill_9_at_random_instants_leaves_one_whole_model(tmp_path: Path) -> None:
-    result = run_kill_trials(tmp_path, KILL_TRIALS)
+def test_kill_9_at_random_instants_leaves_one_whole_model() -> None:
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "model_store_bench.py"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--trials", str(KILL_TRIALS), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])["kill9"]
+    assert result["trials"] == KILL_TRIALS
     assert result["half_installed"] == 0, result
     # The kills must land inside installs, or the test proves nothing.
     assert result["killed_mid_install"] >= KILL_TRIALS // 2, result
-
-
-if __name__ == "__main__":
-    _child(Path(sys.argv[1]), Path(sys.argv[2]))
