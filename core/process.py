@@ -97,6 +97,10 @@ def read_tail(path: Path, max_bytes: int = 64 * 1024) -> str:
         return ""
 
 
+_BOX = "".join(chr(c) for c in range(0x2500, 0x2580))
+"""Box-drawing characters: the frame rich draws around an error."""
+
+
 def last_meaningful_line(
     text: str,
     *,
@@ -107,7 +111,9 @@ def last_meaningful_line(
 ) -> str:
     """The line of a process's output that best says what went wrong (``""`` if none).
 
-    ANSI colours and blank lines are dropped. In order of preference:
+    ANSI colours, blank lines and the frame of a boxed message (rich draws errors in a box
+    of U+2500-U+257F characters) are dropped, so a boxed error yields its text, not its
+    border. In order of preference:
 
     1. the last *useful* line (one that neither starts with a ``noise`` prefix nor
        contains a ``skip`` text) naming a cause (matching ``causes``, a pattern or texts
@@ -117,7 +123,7 @@ def last_meaningful_line(
 
     With no arguments this is the last non-blank line.
     """
-    lines = [_ANSI.sub("", ln).strip() for ln in text.splitlines()]
+    lines = [_ANSI.sub("", ln).strip().strip(_BOX).strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln]
     useful = [
         ln for ln in lines if not ln.startswith(tuple(noise)) and not any(s in ln for s in skip)

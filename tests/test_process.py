@@ -25,6 +25,16 @@ def _py(code: str) -> list[str]:
     return [sys.executable, "-u", "-c", code]
 
 
+def test_a_boxed_error_yields_its_text_not_its_frame() -> None:
+    boxed = (
+        "Usage: edgefl [OPTIONS] COMMAND [ARGS]...\n"
+        "╭─ Error ─────────────────────────────╮\n"
+        "│ No such command 'no-such-command'. │\n"
+        "╰─────────────────────────────────────╯\n"
+    )
+    assert last_meaningful_line(boxed) == "No such command 'no-such-command'."
+
+
 def test_last_meaningful_line_prefers_causes_then_levels_then_last() -> None:
     text = "\x1b[31mINFO start\x1b[0m\nERROR: bad thing\n\nWARNING later\nbye\n"
     assert last_meaningful_line(text) == "bye"
