@@ -15,7 +15,8 @@ This service only moves bytes: the device trusts nothing it downloads until the 
 signature, the sha256 and size, and everything else the manifest says have been checked
 (``edgefl.edge_agent.models``).
 
-Who may call (checked on every call, before the request is looked at):
+Who may call (checked on every call, before the request is looked at, and again every 16
+chunks of a download, so a device revoked while it downloads is stopped there):
 
 - the TLS handshake requires a client certificate from the fleet CA (``tls.ca_file``), so a
   certificate from any other CA, or none, never reaches a handler (``UNAVAILABLE`` on the
@@ -93,6 +94,7 @@ MANIFEST_SUFFIX: Final = ".manifest.json"
 _MAX_VERSION: Final = 2**62
 _CACHE_LIMIT: Final = 4096
 _MISS_REREAD_S: Final = 1.0
+_RECHECK_CHUNKS: Final = 16
 
 _Context = grpc.ServicerContext
 
@@ -509,7 +511,10 @@ class ModelService:
             )
             fh.seek(offset)
             chunk = self.config.chunk_bytes
+            sent = 0
             while offset < total and context.is_active():
+                if sent and sent % _RECHECK_CHUNKS == 0:
+                    self._check_peer(context)  # revoked while downloading: stop there
                 data = fh.read(min(chunk, total - offset))
                 if not data:  # the file shrank under us: a release is never rewritten
                     self._refuse(
@@ -519,6 +524,7 @@ class ModelService:
                     self.bytes_sent += len(data)
                 yield models_pb2.Chunk(offset=offset, data=data, total_size=total)
                 offset += len(data)
+                sent += 1
         if offset >= total:
             with self._stats_lock:
                 self.downloads += 1

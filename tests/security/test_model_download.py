@@ -212,3 +212,43 @@ def test_a_symlink_out_of_the_releases_folder_is_not_served(delivery: Delivery) 
             )
         assert exc.value.code == "NOT_FOUND"
         assert service.bytes_sent == 0
+
+
+def test_a_device_revoked_while_downloading_is_stopped(tmp_path: Path) -> None:
+    big = make_delivery(tmp_path / "big", size=8 * 1024 * 1024)
+    pi01 = big.devices["pi-01"]
+    assert pi01.key_pem is not None
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=big.ca.cert_pem, private_key=pi01.key_pem, certificate_chain=pi01.cert_pem
+    )
+    got = 0
+    code = grpc.StatusCode.OK
+
+    def on_chunk(size: int) -> None:
+        nonlocal got
+        got += size
+        if got == 64 * 1024:
+            big.ca.revoke(pi01.serial)  # what `edgefl server revoke` does to the CA
+
+    # No BDP probing: the stream's window stays small, so the server is never far ahead.
+    options = [("grpc.http2.bdp_probe", 0)]
+    with (
+        start_service(big) as service,
+        grpc.secure_channel(f"127.0.0.1:{service.port}", creds, options=options) as channel,
+    ):
+        call = channel.unary_stream(
+            "/edgefl.models.v1.Models/Download",
+            request_serializer=models_pb2.DownloadRequest.SerializeToString,
+            response_deserializer=models_pb2.Chunk.FromString,
+        )
+        request = models_pb2.DownloadRequest(model=MODEL, version=VERSION, variant=VARIANT)
+        try:
+            for chunk in call(request, timeout=30):
+                on_chunk(len(chunk.data))
+        except grpc.RpcError as exc:
+            if not isinstance(exc, grpc.Call):
+                raise
+            code = exc.code()
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert got < len(big.artifact) // 2
+    print(f"revoked mid-download: {got} of {len(big.artifact)} bytes received")
