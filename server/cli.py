@@ -159,8 +159,9 @@ def validate_config(
         for section in (shown, shown["ingest"]):
             if section.get("db_url"):
                 section["db_url"] = display_url(section["db_url"])
-        if shown["inference"].get("registry_url"):
-            shown["inference"]["registry_url"] = display_url(shown["inference"]["registry_url"])
+        for section in (shown["inference"], shown["models"]):
+            if section.get("registry_url"):
+                section["registry_url"] = display_url(section["registry_url"])
         emit_json(
             {
                 "valid": True,

@@ -215,3 +215,23 @@ def test_server_start_runs_the_service_and_names_it_in_server_json(tmp_path: Pat
     finally:
         server.stop()
     assert server.models is None
+
+
+def test_validate_config_masks_the_models_registry_password(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgefl.cli import app
+
+    config = tmp_path / "server.yaml"
+    config.write_text(
+        "models:\n  registry_url: postgresql://edgefl:hunter2@db/edgefl\n  port: 7443\n",
+        encoding="utf-8",
+    )
+    res = CliRunner().invoke(app, ["server", "validate-config", "-c", str(config), "--json"])
+    assert res.exit_code == 0, res.output
+    assert "hunter2" not in res.stdout
+    models = json.loads(res.stdout)["config"]["models"]
+    assert models["port"] == 7443
+    assert models["registry_url"] == "postgresql://edgefl:***@db/edgefl"
