@@ -211,6 +211,11 @@ class Agent:
         trust = TrustStore.load(
             self.config.state_dir / "identity", extra_keys=models.release_signing_keys
         )
+        if not trust.trusted_ids:
+            logger.warning(
+                "models: no release-signing key is trusted (none pinned at enrollment or in "
+                "models.release_signing_keys): every release will be refused"
+            )
         return ModelManager(
             models,
             state_dir=self.config.state_dir,

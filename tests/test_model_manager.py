@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefl.edge_agent.daemon import AgentConfig
+from edgefl.edge_agent.models.health import HealthFailure, HealthPolicy, HealthWindow
 from edgefl.edge_agent.models.manager import (
     MODEL_STATUS_FILE,
     FolderSource,
@@ -488,3 +489,43 @@ def test_kill_9_mid_update_then_restart_runs_one_whole_model_then_the_desired(
     print("kill -9 outcomes (version serving after restart):", outcomes)
     # Kills landed before the swap at least once.
     assert outcomes[1] > 0, outcomes
+
+
+# --- the health window's probes -------------------------------------------------------
+
+
+def test_health_probe_reasons(built: Built, tmp_path: Path) -> None:
+    artifact, manifest = built.variants["fp32"]
+    policy = HealthPolicy(window_s=10, check_interval_s=0, golden_repeats=2)
+    healthy = HealthWindow(artifact, manifest, RUNTIME, None, policy)
+    assert healthy.probe() is None
+    assert healthy.last_p50_us is not None
+    # Slower than allowed against the previous model's median.
+    slow = HealthWindow(artifact, manifest, RUNTIME, healthy.last_p50_us / 100, policy)
+    failure = slow.poll()
+    assert isinstance(failure, HealthFailure)
+    assert failure.reason == "latency_regression"
+    # A file the runtime cannot load.
+    broken = tmp_path / "broken.tflite"
+    broken.write_bytes(artifact.read_bytes()[:100])
+    failure = HealthWindow(broken, manifest, RUNTIME, None, policy).poll()
+    assert isinstance(failure, HealthFailure)
+    assert failure.reason == "load_failed"
+    # Outputs outside the manifest's tolerances.
+    golden = manifest.golden
+    rolled = [row[1:] + row[:1] for row in golden.reference_outputs]
+    shifted = manifest.model_copy(
+        update={"golden": golden.model_copy(update={"reference_outputs": rolled})}
+    )
+    failure = HealthWindow(artifact, shifted, RUNTIME, None, policy).poll()
+    assert isinstance(failure, HealthFailure)
+    assert failure.reason == "golden_mismatch"
+    # An error the serving loop reports.
+    reported = HealthWindow(artifact, manifest, RUNTIME, None, policy)
+    reported.record(error="invoke failed")
+    failure = reported.poll()
+    assert isinstance(failure, HealthFailure)
+    assert failure.reason == "inference_error"
+    # A window that ends without failure.
+    short = HealthWindow(artifact, manifest, RUNTIME, None, HealthPolicy(window_s=0))
+    assert short.poll() is True
