@@ -271,7 +271,6 @@ def _window(manager: object, seconds: float = 10.0) -> None:
 def test_a_model_that_fails_its_health_window_is_rolled_back(fleet: Fleet) -> None:
     manager = fleet.manager(health_window_s=30, health_check_interval_s=0.05)
     manager.handle(fleet.desired(fleet.publish(1, "fp32")))
-    _window(manager)
     fleet.tick()
     v2 = fleet.publish(2, "fp16")
     desired = fleet.desired(v2)
