@@ -48,7 +48,6 @@ from typing import Any, Final, Protocol
 
 from pydantic import ValidationError
 
-from edgefl.backoff import backoff_delay
 from edgefl.config import Address, TlsFiles
 from edgefl.errors import ArtifactError, BadInputError, EdgeflError
 from edgefl.files import write_text_atomic
@@ -56,6 +55,7 @@ from edgefl.manifest import Manifest, sha256_file
 from edgefl.proto.desired import DesiredModel, DesiredState, LastFailure, ReportedState
 from edgefl.proto.desired import parse_desired as _parse_desired
 from edgefl.releasesign import ReleaseTrustError, TrustStore, verify
+from edgefl.supervise import RestartBackoff
 
 from .config import ModelsConfig, ModelsServer
 from .health import HealthFailure, HealthPolicy, HealthWindow, ProbeError, golden_probe
@@ -241,8 +241,8 @@ class ModelManager:
         self._last_failure: LastFailure | None = None
         self._last_swap: dict[str, Any] | None = None
         self._rollbacks = 0
-        self._attempts = 0
-        self._retry_at: float | None = None
+        # A failed download is started again on the project's one backoff curve.
+        self._retry = RestartBackoff(config.retry_min_s, config.retry_max_s, float("inf"))
         self._probation: dict[str, Any] | None = None
         self._load_status()
         self._resume_probation()
@@ -309,8 +309,8 @@ class ModelManager:
             waits.append(
                 max(0.05, min(self._window.ends_at, time.monotonic() + 1) - time.monotonic())
             )
-        if self._retry_at is not None:
-            waits.append(max(0.05, self._retry_at - time.monotonic()))
+        if self._retry.next_at is not None:
+            waits.append(max(0.05, self._retry.next_at - time.monotonic()))
         return min(waits)
 
     def step(self) -> None:
@@ -326,8 +326,8 @@ class ModelManager:
         window = self._window
         if window is not None and window.due():
             self._poll_window(window)
-        if self._retry_at is not None and time.monotonic() >= self._retry_at:
-            self._retry_at = None
+        if self._retry.next_at is not None and self._retry.due(time.monotonic()):
+            self._retry.started(time.monotonic())
             with self._lock:
                 desired = self._desired
             if desired is not None and desired.model is not None:
@@ -359,8 +359,9 @@ class ModelManager:
             ):
                 # A new desired state: what was refused may be tried again.
                 self._refused.clear()
-                self._attempts = 0
-                self._retry_at = None
+                self._retry = RestartBackoff(
+                    self.config.retry_min_s, self.config.retry_max_s, float("inf")
+                )
             self._desired = desired
         if desired.model is None:
             self._set_state("running" if self.store.current() else "none")
@@ -458,9 +459,7 @@ class ModelManager:
                 )
             write_text_atomic(manifest_file, raw.decode("utf-8", errors="replace"))
         except (EdgeflError, OSError) as exc:
-            delay = backoff_delay(self._attempts, self.config.retry_min_s, self.config.retry_max_s)
-            self._attempts += 1
-            self._retry_at = time.monotonic() + delay
+            delay = self._retry.schedule(time.monotonic())
             logger.warning(
                 "download of %s v%d failed (retry in %.0f s): %s",
                 target.model,
@@ -470,7 +469,7 @@ class ModelManager:
             )
             self._fail(target.version, ReleaseTrustError("download_failed", str(exc)))
             return None
-        self._attempts = 0
+        self._retry.attempt = 0
         return artifact, raw
 
     # -- the checks -------------------------------------------------------------------------
