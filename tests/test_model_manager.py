@@ -20,6 +20,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgefl.config import TlsFiles
 from edgefl.edge_agent.daemon import AgentConfig
 from edgefl.edge_agent.models.health import HealthFailure, HealthPolicy, HealthWindow
 from edgefl.edge_agent.models.manager import (
@@ -528,3 +529,75 @@ def test_health_probe_reasons(built: Built, tmp_path: Path) -> None:
     # A window that ends without failure.
     short = HealthWindow(artifact, manifest, RUNTIME, None, HealthPolicy(window_s=0))
     assert short.poll() is True
+
+
+def _agent_config(tmp_path: Path, fleet: Fleet, tls: TlsFiles, broker_port: int, port: int) -> Path:
+    config = {
+        "device_id": DEVICE,
+        "fleet": FLEET,
+        "state_dir": str(fleet.state_dir),
+        "mqtt": {"port": broker_port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+        "status_interval_s": 0.2,
+        "models": {
+            "enabled": True,
+            "server": {"host": "127.0.0.1", "port": port},
+            "tls": {k: str(v) for k, v in tls.model_dump().items()},
+            "device_class": DEVICE_CLASS,
+            "runtime": RUNTIME,
+            "release_signing_keys": [public_key_pem(fleet.key.public_key())],
+            "health_window_s": 0,
+        },
+    }
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _runs(state_dir: Path, version: int) -> bool:
+    reported = read_model_status(state_dir).get("reported") or {}
+    return bool(reported.get("state") == "running" and reported.get("version") == version)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay_s", [0.0, 0.15, 0.3])
+def test_agent_killed_mid_update_restarts_on_one_model_then_the_desired(
+    tmp_path: Path,
+    built: Built,
+    broker: Mosquitto,
+    edgefl_procs: EdgeflProcesses,
+    delay_s: float,
+) -> None:
+    delivery = make_delivery(tmp_path, size=4096)
+    fleet = Fleet(tmp_path, built)
+    v1 = fleet.publish(1, "fp32")
+    v2 = fleet.publish(2, "fp16")
+    topic = state_desired_topic(FLEET, DEVICE)
+    publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="rollout")
+    publisher.connect("127.0.0.1", broker.port)
+    publisher.loop_start()
+    try:
+        with start_service(delivery) as service:
+            tls = tls_of(delivery, delivery.devices[DEVICE])
+            path = _agent_config(tmp_path, fleet, tls, broker.port, service.port)
+            agent = edgefl_procs.start("agent", "run", "--config", str(path), log="agent.log")
+            fleet.clock = time.time()
+            publisher.publish(topic, fleet.desired(v1).to_json(), qos=1, retain=True)
+            wait_for(lambda: _runs(fleet.state_dir, 1), 60, "v1 running")
+            fleet.clock = time.time() + 1
+            publisher.publish(
+                topic, fleet.desired(v2).to_json(), qos=1, retain=True
+            ).wait_for_publish(5)
+            time.sleep(delay_s)
+            agent.kill()
+            pointer = json.loads((fleet.state_dir / "models" / "current").read_text())
+            assert pointer["version"] in (1, 2)
+            slot = fleet.state_dir / "models" / pointer["slot"]
+            assert sha256_file(slot / "model.tflite") == pointer["sha256"]
+            assert pointer["sha256"] == (v1 if pointer["version"] == 1 else v2).artifact_sha256
+            edgefl_procs.start("agent", "run", "--config", str(path), log="agent-2.log")
+            wait_for(lambda: _runs(fleet.state_dir, 2), 60, "v2 running after the restart")
+            pointer = json.loads((fleet.state_dir / "models" / "current").read_text())
+            assert (pointer["version"], pointer["sha256"]) == (2, v2.artifact_sha256)
+    finally:
+        publisher.loop_stop()
+        publisher.disconnect()
