@@ -63,7 +63,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from edgefl.errors import BadInputError, ConfigError, EdgeflError
+from edgefl.errors import BadInputError, ConfigError, EdgeflError, RuntimeUnavailableError
 from edgefl.files import check_safe_name
 from edgefl.manifest import PrivacyGuarantee, ReleaseInfo
 from edgefl.server.registry.db import display_url, make_engine, session_factory, upgrade
@@ -559,8 +559,14 @@ def create_release(
         RuntimeUnavailableError: No device runtime to verify on, or not ``runtime``.
         EdgeflError: The build itself failed (conversion); nothing is recorded then.
     """
-    from edgefl.quantize.build import BuildOptions, build_artifacts
-    from edgefl.quantize.verify import resolve_targets
+    try:
+        from edgefl.quantize.build import BuildOptions, build_artifacts
+        from edgefl.quantize.verify import resolve_targets
+    except ImportError as exc:
+        raise RuntimeUnavailableError(
+            f"the model toolkit cannot be imported here: {exc}",
+            hint="a server that makes releases needs pip install 'edgefl[server,quantize]'",
+        ) from exc
     from edgefl.server.release_keys import current_signing_key
     from edgefl.zoo import get_spec
 

@@ -145,6 +145,12 @@ ROLES = {
         ("edgefl.server",),
         # The in-process simulation is the sim role's composition root.
         leave_out=("edgefl.server.fl.simulation",),
+        features=(
+            # `server release` builds variants with the model toolkit: `edgefl[server,quantize]`.
+            ("ai_edge_quantizer", "quantize"),
+            ("litert_torch", "quantize"),
+            ("matplotlib", "quantize"),
+        ),
     ),
     "device": Role(
         ("device",),
