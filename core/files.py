@@ -10,7 +10,13 @@ from typing import Final
 
 from edgefl.errors import BadInputError
 
-__all__ = ["SAFE_NAME_PATTERN", "check_safe_name", "write_bytes_atomic", "write_text_atomic"]
+__all__ = [
+    "SAFE_NAME_PATTERN",
+    "check_safe_name",
+    "fsync_dir",
+    "write_bytes_atomic",
+    "write_text_atomic",
+]
 
 SAFE_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 """A name that is also one safe path segment (run ids, scenario names).
@@ -65,8 +71,13 @@ def _replace_atomically(path: Path, data: bytes, *, mode: int | None, sync_dir: 
         Path(tmp).unlink(missing_ok=True)
         raise
     if sync_dir:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder to disk, so the renames and new names in it survive a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -64,7 +64,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgefl.errors import BadInputError, ConfigError, EdgeflError, RuntimeUnavailableError
-from edgefl.files import check_safe_name
+from edgefl.files import check_safe_name, fsync_dir, write_bytes_atomic
 from edgefl.manifest import PrivacyGuarantee, ReleaseInfo
 from edgefl.server.registry.db import display_url, make_engine, session_factory, upgrade
 from edgefl.server.registry.models import (
@@ -380,21 +380,6 @@ def _source(session: Session, run_id: str, rnd: int | None) -> _Source:
 # --- files ---------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with path.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def _created_by(by: str | None) -> str:
     try:
         user = getpass.getuser()
@@ -499,6 +484,7 @@ def _publish_files(
         )
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{release.version}.staging-", dir=final.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700: releases are public, the delivery service reads them
     _, key = signing
     out: dict[str, tuple[str, str]] = {}
     try:
@@ -520,13 +506,16 @@ def _publish_files(
             )
             name = f"{v.variant}.tflite"
             signed = sign(manifest.model_copy(update={"artifact": name, "release": info}), key)
-            _write_synced(staging / name, source.read_bytes())
-            _write_synced(staging / f"{v.variant}.manifest.json", signed.to_json().encode("utf-8"))
+            write_bytes_atomic(staging / name, source.read_bytes(), mode=0o644)
+            write_bytes_atomic(
+                staging / f"{v.variant}.manifest.json",
+                signed.to_json().encode("utf-8"),
+                mode=0o644,
+            )
             rel = Path(release.model) / str(release.version)
             out[v.variant] = (str(rel / name), str(rel / f"{v.variant}.manifest.json"))
-        _fsync_dir(staging)
         os.replace(staging, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
