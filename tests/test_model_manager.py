@@ -601,3 +601,19 @@ def test_agent_killed_mid_update_restarts_on_one_model_then_the_desired(
     finally:
         publisher.loop_stop()
         publisher.disconnect()
+
+
+def test_the_retained_state_redelivered_after_it_expired_is_no_failure(fleet: Fleet) -> None:
+    manager = fleet.manager()
+    desired = fleet.desired(fleet.publish(1, "fp32"))
+    manager.handle(desired)
+    fleet.tick(2 * 86_400)  # the desired state expired meanwhile
+    manager.handle(desired)  # a reconnect re-delivers it
+    restarted = fleet.manager()
+    restarted.step()  # a restart re-reads it
+    assert fleet.reports[-1].last_failure is None
+    assert fleet.reports[-1].state == "running"
+    # A different desired state that has expired is refused.
+    restarted.handle(fleet.desired(None, issued_at=fleet.now() - 2 * 86_400))
+    assert fleet.reports[-1].last_failure is not None
+    assert fleet.reports[-1].last_failure.reason in ("expired", "stale_desired_state")

@@ -343,6 +343,12 @@ class ModelManager:
             logger.error("ignored a malformed desired state: %s", exc)
             self._fail(0, ReleaseTrustError("unsigned", str(exc)))
             return
+        with self._lock:
+            again = self._desired is not None and desired == self._desired
+        if again and (desired.model is None or self._settled(desired.model)):
+            # The retained state again (every reconnect and restart), already acted on: not
+            # verified again, so one that has expired since is not reported as a failure.
+            return
         version = desired.model.version if desired.model is not None else 0
         try:
             self.trust.accept_desired(desired, fleet=self.fleet, device=self.device_id)
@@ -368,14 +374,23 @@ class ModelManager:
             return
         self._apply(desired.model)
 
-    def _apply(self, target: DesiredModel) -> None:
+    def _installed(self, target: DesiredModel) -> bool:
         current = self.store.current()
-        if (
+        return (
             current is not None
             and current.sha256 == target.artifact_sha256
             and (current.model, current.version, current.variant)
             == (target.model, target.version, target.variant)
-        ):
+        )
+
+    def _settled(self, target: DesiredModel) -> bool:
+        """Whether ``target`` runs already, or was refused under this desired state."""
+        with self._lock:
+            refused = (target.version, target.artifact_sha256) in self._refused
+        return refused or self._installed(target)
+
+    def _apply(self, target: DesiredModel) -> None:
+        if self._installed(target):
             self._set_state("running")
             return
         with self._lock:
