@@ -27,8 +27,12 @@ DbUrlOption = Annotated[
 
 
 def _releases_folder(cfg: ServerConfig) -> Path:
-    configured = cfg.models.releases_dir
-    return (configured or cfg.resolved_state_dir / "releases").expanduser().resolve()
+    """The folder the delivery service serves (``models.releases_dir``), made absolute."""
+    from edgefl.server.models_service import resolve_settings
+
+    folder = resolve_settings(cfg).releases_dir
+    assert folder is not None  # resolve_settings fills it in
+    return folder.expanduser().resolve()
 
 
 def _fmt(value: float | None, pattern: str) -> str:

@@ -10,9 +10,10 @@
 3. records a release in the registry under the model's next version, with the privacy
    guarantee the weights carry (from the run's privacy ledger and plan);
 4. writes each variant as ``<releases dir>/<model>/<version>/<variant>.tflite`` with its
-   manifest ``<variant>.manifest.json``, whose ``release`` block (model, version, variant,
-   device class, runtime, created and expiry times, run, round, privacy) is signed with the
-   server's current release-signing key (:func:`edgefl.releasesign.sign`).
+   manifest ``<variant>.manifest.json`` (the layout the delivery service serves,
+   :func:`edgefl.server.models_service.release_paths`), whose ``release`` block (model,
+   version, variant, device class, runtime, created and expiry times, run, round, privacy)
+   is signed with the server's current release-signing key (:func:`edgefl.releasesign.sign`).
 
 Data (``--calibration``): ``held-out`` is the plan's held-out split (the one the server
 evaluated each round on, never trained on), split in two halves with the plan's seed: one
@@ -94,7 +95,6 @@ __all__ = [
     "ReleaseRequest",
     "create_release",
     "list_releases",
-    "release_dir",
     "select_variants",
 ]
 
@@ -186,11 +186,6 @@ class ReleaseOutcome:
             "path": self.path,
             "notes": self.notes,
         }
-
-
-def release_dir(releases: Path, model: str, version: int) -> Path:
-    """Where a published release's files are: ``<releases>/<model>/<version>``."""
-    return releases / model / str(version)
 
 
 # --- what to build, from which data ------------------------------------------------------
@@ -473,8 +468,14 @@ def _publish_files(
     """Sign every manifest and move the version folder into place; returns variant -> paths."""
     from edgefl.manifest import read_manifest
     from edgefl.releasesign import sign
+    from edgefl.server.models_service import release_paths
 
-    final = release_dir(releases, release.model, release.version)
+    # The layout the delivery service serves: <releases>/<model>/<version>/<variant>.*
+    paths = {
+        v.variant: release_paths(releases, release.model, release.version, v.variant)
+        for v in result.variants
+    }
+    final = next(iter(paths.values()))[0].parent
     if final.exists():
         raise ConfigError(
             f"{final} already exists, but the registry has no release {release.model} "
@@ -504,16 +505,18 @@ def _publish_files(
                 round=release.round,
                 privacy=privacy,
             )
-            name = f"{v.variant}.tflite"
-            signed = sign(manifest.model_copy(update={"artifact": name, "release": info}), key)
-            write_bytes_atomic(staging / name, source.read_bytes(), mode=0o644)
-            write_bytes_atomic(
-                staging / f"{v.variant}.manifest.json",
-                signed.to_json().encode("utf-8"),
-                mode=0o644,
+            artifact, manifest_path = paths[v.variant]
+            signed = sign(
+                manifest.model_copy(update={"artifact": artifact.name, "release": info}), key
             )
-            rel = Path(release.model) / str(release.version)
-            out[v.variant] = (str(rel / name), str(rel / f"{v.variant}.manifest.json"))
+            write_bytes_atomic(staging / artifact.name, source.read_bytes(), mode=0o644)
+            write_bytes_atomic(
+                staging / manifest_path.name, signed.to_json().encode("utf-8"), mode=0o644
+            )
+            out[v.variant] = (
+                str(artifact.relative_to(releases)),
+                str(manifest_path.relative_to(releases)),
+            )
         os.replace(staging, final)
         fsync_dir(final.parent)
     except BaseException:
@@ -691,9 +694,8 @@ def create_release(
                 session.flush()
                 release = row
                 step(f"published {spec.name} version {row.version}")
-                return _outcome(
-                    row, rows, str(release_dir(releases, row.model, row.version)), notes
-                )
+                folder = releases / paths[rows[0].variant][0]
+                return _outcome(row, rows, str(folder.parent), notes)
     finally:
         engine.dispose()
 
