@@ -24,9 +24,12 @@ The agent hands every payload of its ``state/desired`` topic to :meth:`ModelMana
    new model on probation (:mod:`edgefl.edge_agent.models.health`), rolling back to the
    previous slot if it fails.
 
-A refused or rolled-back version is not tried again until a new desired state arrives (a
-later ``issued_at``): the retained desired state the broker re-delivers on every
-reconnect changes nothing. Throughout, the current model keeps serving
+A desired state with ``model: null`` installs nothing: the device keeps serving what it
+has (removing a model is left to the serving loop's issue). A download that fails is
+retried with backoff; a check that fails is a refusal. A refused or rolled-back version
+is not tried again until a new desired state arrives (a later ``issued_at``): the
+retained desired state the broker re-delivers on every reconnect changes nothing.
+Throughout, the current model keeps serving
 (:meth:`ModelManager.current`). What the device runs, and its last failure, is published
 as a :class:`~edgefl.proto.desired.ReportedState` and written to
 ``<state_dir>/model-status.json`` for ``edgefl agent status``.
