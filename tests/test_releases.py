@@ -274,3 +274,73 @@ def test_bad_calibration_is_a_usage_error() -> None:
     result = _invoke("release", "--run", "r", "--calibration", "public")
     assert result.exit_code == 2
     assert "held-out" in result.output
+
+
+def _round_row(run_id: str, rnd: int, central: float | None) -> Any:
+    from datetime import UTC, datetime
+
+    from edgefl.server.registry.models import FlRound
+
+    return FlRound(
+        run_id=run_id,
+        round=rnd,
+        accuracy=0.5,
+        loss=1.0,
+        federated_accuracy=None,
+        federated_loss=None,
+        train_loss=None,
+        num_selected=2,
+        num_replies=2,
+        num_failures=0,
+        num_rejected=0,
+        num_refused=0,
+        num_flagged=0,
+        epsilon_max=0.0,
+        central_epsilon=central,
+        wall_s=1.0,
+        detail_json="{}",
+        at=datetime.now(UTC),
+    )
+
+
+def test_the_guarantee_follows_the_plan_local_central_or_none(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from edgefl.federation import load_plan
+    from edgefl.server.registry import make_engine, session_factory, upgrade
+    from edgefl.server.registry.models import FlRun
+    from edgefl.server.releases import _privacy
+
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    base = {"dataset": "digits", "model": "digits-mlp", "num_devices": 10}
+    central = load_plan(
+        {**base, "dp": {"enabled": False}, "central_dp": {"enabled": True, "delta": 1e-6}}
+    )
+    plain = load_plan({**base, "dp": {"enabled": False}})
+    try:
+        with session_factory(engine)() as session:
+            now = datetime.now(UTC)
+            session.add(
+                FlRun(
+                    run_id="r",
+                    plan_json=central.model_dump_json(),
+                    plan_key=central.plan_key(),
+                    status="completed",
+                    stop_reason="",
+                    rounds_done=2,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            session.flush()
+            session.add_all([_round_row("r", 1, 0.7), _round_row("r", 2, 1.1)])
+            session.flush()
+            got = _privacy(session, "r", 1, central)
+            assert (got.mode, got.epsilon_max, got.delta) == ("central", 0.7, 1e-6)
+            got = _privacy(session, "r", 2, plain)
+            assert (got.mode, got.epsilon_max, got.delta) == ("none", None, None)
+            session.rollback()
+    finally:
+        engine.dispose()
