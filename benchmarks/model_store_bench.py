@@ -113,6 +113,9 @@ def run_kill_trials(workdir: Path, trials: int, *, seed: int = 0) -> dict[str, i
             half += 1
         if not done or done[-1] != in_progress:
             mid_install += 1
+    leftovers = [p.name for p in root.rglob(".*.tmp")]
+    if leftovers:
+        raise RuntimeError(f"the store left temporary files behind: {leftovers}")
     return {"trials": trials, "half_installed": half, "killed_mid_install": mid_install}
 
 

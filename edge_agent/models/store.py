@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from edgefl.errors import ArtifactError
+from edgefl.files import fsync_dir, write_bytes_atomic, write_text_atomic
 
 __all__ = [
     "ARTIFACT_FILE",
@@ -128,31 +129,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``.
-
-    The caller fsyncs the folder (once for several files).
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _copy_synced(source: Path, dest: Path) -> None:
@@ -298,22 +274,29 @@ class ModelStore:
                     break
                 else:
                     pointer_path.unlink(missing_ok=True)
-                    _fsync_dir(self.root)
+                    fsync_dir(self.root)
                 logger.warning(
                     "model store repaired: %s; now serving %s",
                     reason,
                     "nothing" if current is None else f"{current.model} v{current.version}",
                 )
             self._current = current
+            # Temporary files of writes a crash cut short: never named by a seal or pointer.
+            for folder in (self.root, *(self.root / slot for slot in SLOTS)):
+                for leftover in folder.glob(".*.tmp"):
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
             staged = tuple(sorted(p.name for p in self.staging.iterdir()))
             return RepairReport(current, bool(reason), reason, staged)
 
     # -- writing ------------------------------------------------------------------------
 
     def _write_pointer(self, model: InstalledModel) -> None:
-        data = (json.dumps(model.pointer(), sort_keys=True) + "\n").encode()
-        _write_synced(self.root / POINTER_FILE, data)
-        _fsync_dir(self.root)
+        # fsync of the new file, rename over the old, fsync of the folder.
+        write_text_atomic(
+            self.root / POINTER_FILE, json.dumps(model.pointer(), sort_keys=True) + "\n"
+        )
+        fsync_dir(self.root)
 
     def install(
         self,
@@ -340,10 +323,10 @@ class ModelStore:
             folder = self.root / slot
             # Unseal first: from here until the new seal the slot is not a rollback target.
             (folder / SEAL_FILE).unlink(missing_ok=True)
-            _fsync_dir(folder)
+            fsync_dir(folder)
             _copy_synced(artifact, folder / ARTIFACT_FILE)
-            _write_synced(folder / MANIFEST_FILE, manifest)
-            _fsync_dir(folder)
+            write_bytes_atomic(folder / MANIFEST_FILE, manifest, mode=0o644)
+            fsync_dir(folder)
             seal = {
                 "model": model,
                 "version": version,
@@ -351,8 +334,8 @@ class ModelStore:
                 "sha256": sha256,
                 "size_bytes": size_bytes,
             }
-            _write_synced(folder / SEAL_FILE, (json.dumps(seal, sort_keys=True) + "\n").encode())
-            _fsync_dir(folder)
+            write_text_atomic(folder / SEAL_FILE, json.dumps(seal, sort_keys=True) + "\n")
+            fsync_dir(folder)
             installed = self._whole(slot, since=int(self._clock()))
             self._write_pointer(installed)
             self._current = installed
