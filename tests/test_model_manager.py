@@ -462,7 +462,8 @@ def test_kill_9_mid_update_then_restart_runs_one_whole_model_then_the_desired(
     helper = Path(__file__).with_name("model_release_helpers.py")
     rng = random.Random(7)
     outcomes = {1: 0, 2: 0}
-    for trial in range(KILL_TRIALS):
+    update_s = 0.0  # how long one whole update takes here (the first trial runs it all)
+    for trial in range(KILL_TRIALS + 1):
         shutil.rmtree(fleet.state_dir)
         shutil.copytree(pristine, fleet.state_dir)
         log = fleet.root / f"child-{trial}.log"
@@ -472,14 +473,21 @@ def test_kill_9_mid_update_then_restart_runs_one_whole_model_then_the_desired(
         )
         child.start()
         wait_for(lambda: "start" in log.read_text(), 30, "the child to start")  # noqa: B023
-        time.sleep(rng.uniform(0.0, 0.4))
+        if trial == 0:
+            began = time.monotonic()
+            wait_for(lambda: "done" in log.read_text(), 30, "the update to finish")  # noqa: B023
+            update_s = time.monotonic() - began
+        else:
+            # Anywhere in the update: download, checks, swap.
+            time.sleep(rng.uniform(0.0, update_s))
         child.kill()
         restarted = fleet.manager()
         current = restarted.current()
         assert current is not None, trial
         assert current.installed.version in (1, 2)
         assert sha256_file(current.path) == current.installed.sha256
-        outcomes[current.installed.version] += 1
+        if trial:
+            outcomes[current.installed.version] += 1
         restarted.step()  # resumes the desired state it had accepted, if it had
         restarted.handle(fleet.desired(v2, issued_at=fleet.now()))
         final = restarted.current()
