@@ -19,12 +19,15 @@ Run from the repository root::
 2. **Delivery.** A real ``edgefl server start`` (broker, SuperLink, ``Models`` service) on
    free loopback ports; ``--agents`` ``edgefl agent run`` processes, each enrolled through
    the real path (``agent enroll`` → ``server admit`` → ``agent enroll --install``, which
-   pins the release-signing key) with ``models.enabled: true``. ``edgefl server deploy
-   digits-mlp VERSION --fleet`` publishes the signed desired state; each agent's time is
-   from the start of that command (so it includes the command's own start-up: an upper
-   bound) until its model status file reports the version running. The agents reach the
-   ``Models`` service through a counting TCP relay: ``bytes_per_agent`` is the bytes
-   the service sent on the wire (TLS, gRPC framing, manifest and artifact) over agents.
+   pins the release-signing key) with ``models.enabled: true`` and the default health
+   window. The fleet first runs an older release (the mlp run's mid-way checkpoint, fp32,
+   released first so its version is lower); then ``edgefl server deploy digits-mlp
+   VERSION --variant SMALLEST --fleet`` publishes the signed desired state of the final
+   release's smallest variant, and each agent's time is from the start of that command (so
+   it includes the command's own start-up: an upper bound) until its model status file
+   reports the version running. The agents reach the ``Models`` service through a counting
+   TCP relay: ``bytes_per_agent`` is what the service sent on the wire during the update
+   (TLS handshake, gRPC framing, manifest with its golden vectors, artifact) over agents.
 3. **Tamper.** Each tampered case of the security test
    (``tests/security/test_tampered_release.py``, whose attack functions this reuses) is
    applied to the real mlp release's fp32 and fp16 files through the real
@@ -53,6 +56,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -141,16 +145,9 @@ def _plan(model: str, rounds: int) -> Any:
     )
 
 
-def make_release(
-    db_url: str,
-    state: Path,
-    model: str,
-    rounds: int,
-    recipes: Sequence[str],
-) -> dict[str, Any]:
-    """A federated run of ``model`` and a published release of it (the outcome's dict)."""
+def train(db_url: str, model: str, rounds: int) -> str:
+    """A federated run of ``model`` in simulation, recorded in the registry; its run id."""
     from edgefl.server.fl import run_simulation
-    from edgefl.server.releases import ReleaseRequest, create_release
 
     run_id = f"bench-{model}"
     began = time.monotonic()
@@ -160,6 +157,20 @@ def make_release(
         f"{model}: {result.rounds_trained} rounds on {plan.num_devices} simulated devices "
         f"({'DP-SGD' if plan.dp.enabled else 'no DP'}) in {time.monotonic() - began:.0f}s"
     )
+    return run_id
+
+
+def make_release(
+    db_url: str,
+    state: Path,
+    run_id: str,
+    recipes: Sequence[str],
+    *,
+    round_: int | None = None,
+) -> dict[str, Any]:
+    """A published release of the run (the outcome's dict), without the refused variants."""
+    from edgefl.server.releases import ReleaseRequest, create_release
+
     wanted = list(recipes)
     refused: dict[str, list[str]] = {}
     while True:
@@ -168,12 +179,14 @@ def make_release(
             db_url,
             state / "releases",
             state / "ca",
-            ReleaseRequest(run_id=run_id, recipes=wanted, by="release-bench", bench_iters=10),
+            ReleaseRequest(
+                run_id=run_id, round=round_, recipes=wanted, by="release-bench", bench_iters=10
+            ),
         ).to_dict()
         variants: dict[str, dict[str, Any]] = outcome["variants"]
         log(
-            f"{model} release v{outcome['version']}: {outcome['status']} in "
-            f"{time.monotonic() - began:.0f}s; "
+            f"{outcome['model']} release v{outcome['version']} (round {outcome['round']}): "
+            f"{outcome['status']} in {time.monotonic() - began:.0f}s; "
             + ", ".join(
                 f"{n} {v['size_bytes']} B acc {v['accuracy']}{'' if v['passed'] else ' REFUSED'}"
                 for n, v in variants.items()
@@ -185,9 +198,9 @@ def make_release(
         refused.update({n: variants[n]["reasons"] for n in failed})
         wanted = [n for n in wanted if n not in failed]
         if not failed or not wanted:
-            raise RuntimeError(f"{model}: no release could be published: {outcome['reasons']}")
+            raise RuntimeError(f"{run_id}: no release could be published: {outcome['reasons']}")
     for name, reasons in refused.items():
-        log(f"{model}: variant {name} refused by verification: {'; '.join(reasons)}")
+        log(f"{outcome['model']}: variant {name} refused by verification: {'; '.join(reasons)}")
     outcome["refused"] = refused
     return outcome
 
@@ -293,11 +306,62 @@ def _agent_status(state: Path) -> dict[str, Any]:
     return doc
 
 
-def _runs(state: Path, version: int) -> bool:
+def _outcome(state: Path, version: int) -> str | None:
+    """``running`` once the agent runs ``version``; the reason when it refused or rolled it back."""
     from edgefl.edge_agent.models.manager import read_model_status
 
     reported = read_model_status(state).get("reported") or {}
-    return bool(reported.get("state") == "running" and reported.get("version") == version)
+    if reported.get("state") == "running" and reported.get("version") == version:
+        return "running"
+    failure = reported.get("last_failure") or {}
+    if failure.get("version") == version:
+        return f"{reported.get('state')}: {failure.get('reason')} ({failure.get('detail')})"
+    return None
+
+
+def _times(times: dict[int, float]) -> str:
+    return ", ".join(f"{t:.2f}" for t in sorted(times.values())) + " s after deploy started"
+
+
+def deploy_and_wait(
+    server_config: Path, states: list[Path], version: int, variant: str, timeout_s: float
+) -> tuple[dict[int, float], dict[str, Any]]:
+    """``edgefl server deploy digits-mlp VERSION --fleet``; seconds until each agent runs it.
+
+    Timed from the start of the command (its own start-up included) while it runs.
+    """
+    where = ["--fleet", "--config", str(server_config), "--json"]
+    argv = ["server", "deploy", MLP, str(version), "--variant", variant, *where]
+    published = time.monotonic()
+    deploy = subprocess.Popen(
+        [edgefl_executable(), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    times: dict[int, float] = {}
+    failed: dict[int, str] = {}
+    deadline = published + timeout_s
+    while len(times) + len(failed) < len(states) and time.monotonic() < deadline:
+        for i, state in enumerate(states):
+            if i in times or i in failed:
+                continue
+            outcome = _outcome(state, version)
+            if outcome == "running":
+                times[i] = time.monotonic() - published
+            elif outcome is not None:
+                failed[i] = outcome
+        if deploy.poll() is not None and deploy.returncode != 0:
+            break
+        time.sleep(0.05)
+    out, err = deploy.communicate(timeout=60)
+    if deploy.returncode != 0:
+        raise RuntimeError(f"server deploy failed: {err[-2000:]!r}")
+    deployed: dict[str, Any] = json.loads(out)
+    log(
+        f"deployed {MLP} v{version} ({variant}) to {len(deployed['topics'])} devices, "
+        f"{deployed['size_bytes']} B, key {deployed['key_id']}"
+    )
+    for i, why in sorted(failed.items()):
+        log(f"agent {i} does not run v{version}: {why}")
+    return times, deployed
 
 
 def measure_delivery(
@@ -308,8 +372,10 @@ def measure_delivery(
     version: int,
     variant: str,
     timeout_s: float,
+    previous: int | None = None,
 ) -> dict[str, Any]:
-    """Enroll and run ``agents`` agents, deploy ``digits-mlp`` ``version`` fleet-wide, time it."""
+    """Enroll and run ``agents`` agents; deploy ``previous`` fleet-wide and wait for it, then
+    deploy ``version`` (both ``variant``) and time the update."""
     from tests.delivery_helpers import CuttingRelay
 
     broker_port = int(info["broker"]["port"]) if isinstance(info["broker"], dict) else 0
@@ -340,37 +406,18 @@ def measure_delivery(
                 if time.monotonic() > deadline:
                     raise RuntimeError("the agents did not all connect in 180 s")
                 time.sleep(0.5)
-            log(f"{agents} agents connected; deploying {MLP} v{version} ({variant}) fleet-wide")
+            log(f"{agents} agents connected")
+            if previous is not None:
+                first, _ = deploy_and_wait(server_config, states, previous, variant, timeout_s)
+                log(f"v{previous} ({variant}) first installed in " + _times(first))
             before = relay.downstream
-            where = ["--fleet", "--config", str(server_config), "--json"]
-            argv = ["server", "deploy", MLP, str(version), "--variant", variant, *where]
-            published = time.monotonic()
-            deploy = subprocess.Popen(
-                [edgefl_executable(), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-            )
-            times: dict[int, float] = {}
-            deadline = published + timeout_s
-            while len(times) < agents and time.monotonic() < deadline:
-                for i, state in enumerate(states):
-                    if i not in times and _runs(state, version):
-                        times[i] = time.monotonic() - published
-                if deploy.poll() is not None and deploy.returncode != 0:
-                    raise RuntimeError(f"server deploy failed: {deploy.communicate()[1][-2000:]!r}")
-                time.sleep(0.05)
-            out, err = deploy.communicate(timeout=60)
-            if deploy.returncode != 0:
-                raise RuntimeError(f"server deploy failed: {err[-2000:]!r}")
-            log(f"deployed: {json.loads(out)}")
+            times, _ = deploy_and_wait(server_config, states, version, variant, timeout_s)
             moved = relay.downstream - before
         finally:
             for proc in procs:
                 proc.stop(grace=30.0)
     converged = sorted(times.values())
-    log(
-        f"{len(converged)}/{agents} agents run v{version}: "
-        + ", ".join(f"{t:.1f}" for t in converged)
-        + " s"
-    )
+    log(f"{len(converged)}/{agents} agents run v{version} ({variant}) " + _times(times))
     return {
         "agents": agents,
         "converged": len(converged),
@@ -479,8 +526,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     state = work / "server"
     db_url = json.loads(server_config.read_text())["db_url"]
     create_release_key(state / "ca")
-    mlp = make_release(db_url, state, MLP, args.rounds, MLP_RECIPES)
-    cnn = make_release(db_url, state, CNN, args.cnn_rounds, CNN_RECIPES)
+    mlp_run = train(db_url, MLP, args.rounds)
+    # The model the fleet runs before the update: the run's mid-way checkpoint.
+    old = make_release(db_url, state, mlp_run, MLP_RECIPES, round_=max(1, args.rounds // 2))
+    mlp = make_release(db_url, state, mlp_run, MLP_RECIPES)
+    cnn = make_release(db_url, state, train(db_url, CNN, args.cnn_rounds), CNN_RECIPES)
     releases = {MLP: release_figures(mlp), CNN: release_figures(cnn)}
     report: dict[str, Any] = {"releases": releases}
 
@@ -493,12 +543,22 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     log(f"kill -9: {kill9}")
     report["kill9"] = {"trials": kill9["trials"], "half_installed": kill9["half_installed"]}
 
-    smallest = min(mlp["variants"].items(), key=lambda kv: kv[1]["size_bytes"])[0]
+    # The update is like for like: the same variant of both releases (the final release's
+    # smallest that the mid-way one also has), so the health window compares like models.
+    common = [kv for kv in mlp["variants"].items() if kv[0] in old["variants"]]
+    smallest = min(common, key=lambda kv: kv[1]["size_bytes"])[0]
     server, info = start_server(work, server_config)
     try:
         log(f"server up: {info}")
         report["delivery"] = measure_delivery(
-            work, server_config, info, args.agents, int(mlp["version"]), smallest, args.timeout
+            work,
+            server_config,
+            info,
+            args.agents,
+            int(mlp["version"]),
+            smallest,
+            args.timeout,
+            previous=int(old["version"]),
         )
         models_port = int(json.loads(server_config.read_text())["models"]["port"])
         report["resume"] = measure_resume(work, state, work / "agent0", models_port)
@@ -570,6 +630,8 @@ def main() -> int:
     )
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C: the agents and the server are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
         args.rounds, args.cnn_rounds = min(args.rounds, 4), 1
         args.agents = min(args.agents, 3)
