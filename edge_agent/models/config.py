@@ -25,13 +25,16 @@ class HealthPolicy:
         window_s: How long a new model stays on probation.
         check_interval_s: Time between golden-vector probes during the window.
         max_latency_ratio: Roll back when the new model's median latency is over this
-            multiple of the previous model's.
+            multiple of the previous model's...
+        latency_slack_us: ...and more than this much over it: a model of a few thousand
+            parameters answers in microseconds, where timing noise alone exceeds the ratio.
         golden_repeats: Golden-set runs per probe (the latency is their median).
     """
 
     window_s: float = 60.0
     check_interval_s: float = 10.0
     max_latency_ratio: float = 3.0
+    latency_slack_us: float = 1000.0
     golden_repeats: int = 5
 
 
@@ -82,6 +85,13 @@ class ModelsConfig(StrictModel):
         description="Roll back when the new model's median latency exceeds this multiple "
         "of the previous model's.",
     )
+    latency_slack_ms: float = Field(
+        1.0,
+        ge=0,
+        description="A latency regression also needs the new median this much over the "
+        "previous model's: microsecond models vary by more than max_latency_ratio from "
+        "timing noise alone, which no latency budget notices.",
+    )
     download_timeout_s: float = Field(300.0, gt=0, description="Deadline of one download call.")
     retry_min_s: float = Field(2.0, gt=0, description="First retry delay of a failed download.")
     retry_max_s: float = Field(300.0, gt=0, description="Longest retry delay of a download.")
@@ -98,4 +108,5 @@ class ModelsConfig(StrictModel):
             window_s=self.health_window_s,
             check_interval_s=self.health_check_interval_s,
             max_latency_ratio=self.max_latency_ratio,
+            latency_slack_us=self.latency_slack_ms * 1000.0,
         )

@@ -11,7 +11,10 @@ of:
 - ``golden_mismatch``: its outputs left the manifest's tolerances;
 - ``latency_regression``: its median latency per sample is over ``max_latency_ratio``
   (default 3.0) times the previous model's, measured the same way on the same runtime
-  just before the swap.
+  just before the swap, *and* over it by more than ``latency_slack_ms`` (default 1 ms).
+  The slack keeps timing noise on microsecond models (a 1.2k-parameter MLP answers in
+  2-11 us, and its int8 variant can cost more per sample than fp32) from undoing the
+  update to a smaller variant that the release exists for.
 
 A model that passes every check until the window ends is healthy; the window closes.
 These reasons add to :data:`edgefl.releasesign.REASONS` (they are failures after the
@@ -175,10 +178,16 @@ class HealthWindow:
         if not result.passed:
             return HealthFailure("golden_mismatch", "; ".join(result.reasons))
         base = self.baseline_p50_us
-        if base is not None and base > 0 and result.p50_us > self.policy.max_latency_ratio * base:
+        if (
+            base is not None
+            and base > 0
+            and result.p50_us > self.policy.max_latency_ratio * base
+            and result.p50_us - base > self.policy.latency_slack_us
+        ):
             return HealthFailure(
                 "latency_regression",
                 f"median {result.p50_us:.0f} us per sample is {result.p50_us / base:.1f}x the "
-                f"previous model's {base:.0f} us (allowed {self.policy.max_latency_ratio:g}x)",
+                f"previous model's {base:.0f} us (allowed {self.policy.max_latency_ratio:g}x, "
+                f"or {self.policy.latency_slack_us:.0f} us more)",
             )
         return None
