@@ -61,6 +61,31 @@ def test_device_writes_own_desired_state(lab: BrokerLab) -> None:
     assert "state/desired: 0x87" in str(result["detail"])
 
 
+def test_device_cannot_forge_another_devices_reported_model_state(lab: BrokerLab) -> None:
+    """dev-a's certificate writes dev-b's retained ``state/reported``: 0x87, never stored.
+
+    The reported state is what an operator (and a rollout) reads to learn which model a
+    device runs; a forged one would hide a failed or rolled-back update. The control: dev-b
+    itself writes its own report, and a watcher receives that one only.
+    """
+    lab.close_clients()
+    reported = lab.topic("dev-b", "state/reported")
+    watcher = lab.client("op").connect()
+    watcher.subscribe(reported)
+    forged = lab.client("dev-a").connect().publish(reported, b'{"forged": true}', retain=True)
+    assert forged.value == 0x87, forged
+    own = lab.client("dev-b").connect().publish(reported, b'{"own": true}', retain=True)
+    assert not own.is_failure, own
+    received = [p for t, p, _ in watcher.drain(reported) if t == reported]
+    assert received == [b'{"own": true}'], received
+    # A subscriber that comes later gets the retained report: the device's own.
+    later = lab.client("op", client_id="op-later").connect()
+    later.subscribe(reported)
+    assert [p for _, p, _ in later.drain(reported)] == [b'{"own": true}']
+    # Clear the retained report so the lab's other probes start clean.
+    lab.client("dev-b").connect().publish(reported, b"", retain=True)
+
+
 def test_oversized_payload(lab: BrokerLab) -> None:
     """One byte over message_size_limit never reaches a subscriber; the limit itself does."""
     result = probe_oversized_payload(lab)
