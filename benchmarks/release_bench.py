@@ -28,11 +28,13 @@ Run from the repository root::
    reports the version running. The agents reach the ``Models`` service through a counting
    TCP relay: ``bytes_per_agent`` is what the service sent on the wire during the update
    (TLS handshake, gRPC framing, manifest with its golden vectors, artifact) over agents.
-3. **Tamper.** Each tampered case of the security test
-   (``tests/security/test_tampered_release.py``, whose attack functions this reuses) is
-   applied to the real mlp release's fp32 and fp16 files through the real
-   :class:`~edgefl.edge_agent.models.manager.ModelManager`: ``refused`` when the manager
-   reports a failure with a reason while the installed v1 keeps serving, byte for byte.
+3. **Tamper.** Each tampered case of :data:`edgefl.release_tamper.ATTACKS` (the cases
+   ``tests/security/test_tampered_release.py`` runs too) is applied to the real mlp
+   release's fp32 and fp16 files through the real
+   :class:`~edgefl.edge_agent.models.manager.ModelManager`
+   (:func:`edgefl.release_tamper.run_tamper_case`): ``refused`` when the manager reports
+   a failure with a reason while the installed v1 keeps serving, byte for byte, also
+   after a restart. The bench needs no test framework: nothing here imports ``tests/``.
 4. **kill -9.** :func:`model_store_bench.run_kill_trials` (``--kill-trials``, ≥ 20).
 5. **Resume.** An enrolled device's identity downloads the cnn fp32 artifact over mutual
    TLS through a relay that resets the connection half-way; the download resumes from the
@@ -75,7 +77,7 @@ from model_store_bench import run_kill_trials  # noqa: E402
 
 from edgefl.config import Address  # noqa: E402
 from edgefl.process import ManagedProcess  # noqa: E402
-from edgefl.testing import edgefl_executable, free_port  # noqa: E402
+from edgefl.testing import CuttingRelay, edgefl_executable, free_port  # noqa: E402
 
 MLP = "digits-mlp"
 CNN = "digits-cnn"
@@ -376,8 +378,6 @@ def measure_delivery(
 ) -> dict[str, Any]:
     """Enroll and run ``agents`` agents; deploy ``previous`` fleet-wide and wait for it, then
     deploy ``version`` (both ``variant``) and time the update."""
-    from tests.delivery_helpers import CuttingRelay
-
     broker_port = int(info["broker"]["port"]) if isinstance(info["broker"], dict) else 0
     if not broker_port:
         broker_port = int(str(info["broker"]).rpartition(":")[2])
@@ -430,13 +430,31 @@ def measure_delivery(
 # --- 3. tamper -----------------------------------------------------------------------------
 
 
+def _tamper_fleet(root: Path, built: Any) -> Any:
+    """The tamper cases' fleet, with the device's real model manager (as the test's)."""
+    from edgefl.edge_agent.models.manager import FolderSource, ModelManager, ModelsConfig
+    from edgefl.release_tamper import DEVICE, FLEET, ReleaseFleet
+
+    class Fleet(ReleaseFleet):
+        def manager(self, **config: object) -> ModelManager:
+            return ModelManager(
+                ModelsConfig.model_validate(self.manager_settings(**config)),
+                state_dir=self.state_dir,
+                trust=self.trust_store(),
+                source=FolderSource(self.releases),
+                device_id=DEVICE,
+                fleet=FLEET,
+                publish=self.reports.append,
+                clock=lambda: self.clock,
+            )
+
+    return Fleet(root, built)
+
+
 def measure_tamper(work: Path, release_dir: Path) -> dict[str, str]:
     """Every tampered case through the real manager, on the real release's files."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     from edgefl.manifest import read_manifest
-    from tests.model_release_helpers import Built, Fleet
-    from tests.security.test_tampered_release import ATTACKS
+    from edgefl.release_tamper import ATTACKS, Built, run_tamper_case
 
     built = Built(
         {
@@ -448,36 +466,15 @@ def measure_tamper(work: Path, release_dir: Path) -> dict[str, str]:
         }
     )
     results: dict[str, str] = {}
-    for case, (attack, expected) in sorted(ATTACKS.items()):
-        fleet = Fleet(work / case, built)
-        fleet.extra_key = Ed25519PrivateKey.generate()
-        fleet.pin(fleet.key, fleet.extra_key)
-        manager = fleet.manager()
-        v1 = fleet.publish(1, "fp32")
-        fleet.replayable = fleet.desired(v1)
-        fleet.tick()
-        manager.handle(fleet.desired(v1))
-        before = manager.current()
-        if before is None:
-            raise RuntimeError(f"{case}: the genuine v1 was not installed: {fleet.reports[-1:]}")
-        serving = before.path.read_bytes()
-        fleet.tick()
-        manager.handle(attack(fleet, manager))
-        report = fleet.reports[-1]
-        after = fleet.manager().current()  # as a restarted device sees it
-        reason = report.last_failure.reason if report.last_failure else None
-        kept = (
-            after is not None
-            and after.installed.version == 1
-            and after.path.read_bytes() == serving
-            and report.version == 1
-        )
-        results[case] = "refused" if reason and kept else "accepted"
-        if reason != expected:
-            log(f"tamper {case}: refused for {reason}, not the expected {expected}")
+    for case in sorted(ATTACKS):
+        trial = run_tamper_case(_tamper_fleet(work / case, built), case)
+        results[case] = "refused" if trial.refused else "accepted"
+        if trial.reason != trial.expected:
+            log(f"tamper {case}: refused for {trial.reason}, not the expected {trial.expected}")
+        kept = "kept" if trial.kept_installed and trial.kept_bytes else "NOT kept"
         log(
-            f"tamper {case}: {results[case]} (reason {reason}, expected {expected}; "
-            f"v1 {'kept' if kept else 'NOT kept'})"
+            f"tamper {case}: {results[case]} (reason {trial.reason}, expected "
+            f"{trial.expected}; v1 {kept}, v{trial.restarted_version} after a restart)"
         )
     return results
 
@@ -491,7 +488,6 @@ def measure_resume(work: Path, state: Path, device_state: Path, models_port: int
     from edgefl.edge_agent.models.download import DownloadError, download_artifact
     from edgefl.enrollment import IdentityPaths
     from edgefl.manifest import read_manifest
-    from tests.delivery_helpers import CuttingRelay
 
     folder = max((state / "releases" / CNN).iterdir(), key=lambda p: int(p.name))
     version = int(folder.name)

@@ -1,4 +1,7 @@
-"""Test kit: a private mosquitto, the ``edgefl`` processes tests run, a polling helper.
+"""Test kit: a private mosquitto, the ``edgefl`` processes tests run, a relay that cuts.
+
+:class:`CuttingRelay` is a loopback TCP relay that resets a stream at a set byte (tests
+and benchmarks inject network cuts with it).
 
 Each broker gets its own config file and a free loopback port, and runs as a
 :class:`~edgefl.process.ManagedProcess` (its own process group, killed by that group).
@@ -14,11 +17,15 @@ Tests use it through a fixture such as::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -26,6 +33,7 @@ from edgefl.netutil import free_port as _free
 from edgefl.process import ManagedProcess, ProcessNotReadyError, wait_until
 
 __all__ = [
+    "CuttingRelay",
     "EdgeflProcesses",
     "Mosquitto",
     "edgefl_executable",
@@ -261,3 +269,97 @@ class EdgeflProcesses:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop_all()
+
+
+class CuttingRelay:
+    """A loopback TCP relay to ``upstream_port`` that resets the first connection mid-stream.
+
+    Args:
+        upstream_port: Where to relay to.
+        cut_after: Bytes towards the client after which the first connection is reset
+            (RST both ways); ``None`` never cuts. Later connections pass untouched.
+
+    Attributes:
+        downstream: Bytes relayed towards the client, over every connection.
+        cuts: How many connections were cut.
+    """
+
+    def __init__(self, upstream_port: int, cut_after: int | None) -> None:
+        self.upstream_port = upstream_port
+        self.cut_after = cut_after
+        self.downstream = 0
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> CuttingRelay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._listener.close()
+        for s in self._sockets:
+            with contextlib.suppress(OSError):
+                s.close()
+        self._thread.join(5)
+
+    def _accept(self) -> None:
+        first = True
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self._sockets += [client, upstream]
+            limit = self.cut_after if first else None
+            first = False
+            conn = (client, upstream)
+            threading.Thread(
+                target=self._pump, args=(client, upstream, None, conn), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(upstream, client, limit, conn), daemon=True
+            ).start()
+
+    def _pump(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        limit: int | None,
+        conn: tuple[socket.socket, socket.socket],
+    ) -> None:
+        counted = src is conn[1]  # towards the client
+        passed = 0
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            if limit is not None and passed + len(data) >= limit:
+                data = data[: max(0, limit - passed)]
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+            passed += len(data)
+            if counted:
+                with self._lock:
+                    self.downstream += len(data)
+            if limit is not None and passed >= limit:
+                self.cuts += 1
+                for s in conn:  # a reset, both ways: the peers see it at once
+                    with contextlib.suppress(OSError):
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        s.close()
+                return
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)

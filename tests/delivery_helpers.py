@@ -2,11 +2,13 @@
 
 Not a test module. :func:`make_delivery` builds, in a temporary folder, a real fleet CA
 (server certificate for 127.0.0.1, device certificates), a SQLite registry whose
-``enrollments`` admit the given devices, and a releases folder holding one artifact of
-random bytes with a manifest; :func:`start_service` runs the real ``Models`` service on
-port 0 with mutual TLS. :class:`CuttingRelay` is a loopback TCP relay that counts the
-bytes it carries towards the client and resets the connection once a set number of them
-has passed: a network cut in the middle of a stream, placed exactly.
+``enrollments`` admit the given devices and whose ``releases`` record the release as
+published, and a releases folder holding one artifact of random bytes with a manifest;
+:func:`start_service` runs the real ``Models`` service on port 0 with mutual TLS.
+:class:`CuttingRelay` (from :mod:`edgefl.testing`, which the benchmarks use too) is a
+loopback TCP relay that counts the bytes it carries towards the client and resets the
+connection once a set number of them has passed: a network cut in the middle of a
+stream, placed exactly.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import socket
-import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +28,7 @@ from edgefl.server.config import ModelServiceConfig
 from edgefl.server.fleet_ca import FleetCA, IssuedCert
 from edgefl.server.models_service import ModelService, release_paths
 from edgefl.server.registry import Enrollment, make_engine, session_factory, upgrade
+from edgefl.testing import CuttingRelay
 
 __all__ = [
     "CuttingRelay",
@@ -35,6 +36,7 @@ __all__ = [
     "TlsBroker",
     "admit",
     "make_delivery",
+    "record_release",
     "retained_on",
     "start_service",
     "tls_of",
@@ -150,19 +152,99 @@ def make_delivery(root: Path, *, size: int = 2 * 1024 * 1024, admitted: int = 2)
     db_url = f"sqlite:///{root / 'registry.db'}"
     admit(db_url, dict(sorted(devices.items())[:admitted]))
     releases = root / "releases"
-    artifact = write_release(releases, size=size)
+    artifact = write_release(releases, size=size, db_url=db_url)
     text = release_paths(releases, MODEL, VERSION, VARIANT)[1].read_text(encoding="utf-8")
     return Delivery(root, ca, server, devices, db_url, releases, artifact, text)
 
 
-def write_release(releases: Path, *, size: int, version: int = VERSION) -> bytes:
-    """Publish a random artifact and its manifest as MODEL ``version`` VARIANT; its bytes."""
+def write_release(
+    releases: Path, *, size: int, version: int = VERSION, db_url: str | None = None
+) -> bytes:
+    """Publish a random artifact and its manifest as MODEL ``version`` VARIANT; its bytes.
+
+    With ``db_url``, the release is also recorded there as published (what deploying it
+    needs), as ``edgefl server release`` records it.
+    """
     artifact = os.urandom(size)
     art_path, man_path = release_paths(releases, MODEL, version, VARIANT)
     art_path.parent.mkdir(parents=True, exist_ok=True)
     art_path.write_bytes(artifact)
     man_path.write_text(manifest_for(artifact), encoding="utf-8")
+    if db_url is not None:
+        record_release(db_url, version, {VARIANT: (hashlib.sha256(artifact).hexdigest(), size)})
     return artifact
+
+
+def record_release(
+    db_url: str,
+    version: int,
+    variants: dict[str, tuple[str, int]],
+    *,
+    status: str = "published",
+    reasons: list[str] | None = None,
+    left_out: dict[str, str] | None = None,
+) -> None:
+    """Record release MODEL ``version`` in the registry, as ``edgefl server release`` does.
+
+    ``variants``: variant -> (sha256, size), with their path when ``status`` is
+    ``published``; ``left_out``: variant -> reason, recorded without a path.
+    """
+    import json
+
+    from edgefl.server.registry.models import Release, ReleaseVariant
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    now = datetime.now(UTC)
+    try:
+        with session_factory(engine).begin() as session:
+            release = Release(
+                model=MODEL,
+                version=version,
+                run_id="run-1",
+                round=1,
+                plan_hash="0" * 16,
+                epsilon_max=None,
+                delta=None,
+                dp_mode="none",
+                calibration="held-out",
+                float_accuracy=0.9,
+                device_class="generic",
+                key_id=None,
+                created_by="tests",
+                created_at=now,
+                expires_at=now,
+                status=status,
+                reasons_json=json.dumps(reasons or []),
+            )
+            session.add(release)
+            session.flush()
+            rows: dict[str, tuple[str, int, str | None]] = {
+                name: (sha, size, None) for name, (sha, size) in variants.items()
+            }
+            rows.update({name: ("", 0, why) for name, why in (left_out or {}).items()})
+            for name, (sha, size, why) in rows.items():
+                published = status == "published" and why is None
+                session.add(
+                    ReleaseVariant(
+                        release_id=release.id,
+                        variant=name,
+                        recipe=name,
+                        prune_ratio=None,
+                        sha256=sha,
+                        size_bytes=size,
+                        accuracy=0.9,
+                        float_accuracy=0.9,
+                        latency_json="{}",
+                        device_class="generic",
+                        runtime="ai-edge-litert",
+                        path=f"{MODEL}/{version}/{name}.tflite" if published else None,
+                        passed=True,
+                        reasons_json=json.dumps([why] if why else []),
+                    )
+                )
+    finally:
+        engine.dispose()
 
 
 @contextlib.contextmanager
@@ -185,100 +267,6 @@ def tls_of(delivery: Delivery, cert: IssuedCert, ca: FleetCA | None = None) -> T
 
 def address(port: int) -> Address:
     return Address(host="127.0.0.1", port=port)
-
-
-class CuttingRelay:
-    """A loopback TCP relay to ``upstream_port`` that resets the first connection mid-stream.
-
-    Args:
-        upstream_port: Where to relay to.
-        cut_after: Bytes towards the client after which the first connection is reset
-            (RST both ways); ``None`` never cuts. Later connections pass untouched.
-
-    Attributes:
-        downstream: Bytes relayed towards the client, over every connection.
-        cuts: How many connections were cut.
-    """
-
-    def __init__(self, upstream_port: int, cut_after: int | None) -> None:
-        self.upstream_port = upstream_port
-        self.cut_after = cut_after
-        self.downstream = 0
-        self.cuts = 0
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._stop = threading.Event()
-        self._sockets: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-
-    def __enter__(self) -> CuttingRelay:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._listener.close()
-        for s in self._sockets:
-            with contextlib.suppress(OSError):
-                s.close()
-        self._thread.join(5)
-
-    def _accept(self) -> None:
-        first = True
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            self._sockets += [client, upstream]
-            limit = self.cut_after if first else None
-            first = False
-            conn = (client, upstream)
-            threading.Thread(
-                target=self._pump, args=(client, upstream, None, conn), daemon=True
-            ).start()
-            threading.Thread(
-                target=self._pump, args=(upstream, client, limit, conn), daemon=True
-            ).start()
-
-    def _pump(
-        self,
-        src: socket.socket,
-        dst: socket.socket,
-        limit: int | None,
-        conn: tuple[socket.socket, socket.socket],
-    ) -> None:
-        counted = src is conn[1]  # towards the client
-        passed = 0
-        while True:
-            try:
-                data = src.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            if limit is not None and passed + len(data) >= limit:
-                data = data[: max(0, limit - passed)]
-            try:
-                dst.sendall(data)
-            except OSError:
-                break
-            passed += len(data)
-            if counted:
-                with self._lock:
-                    self.downstream += len(data)
-            if limit is not None and passed >= limit:
-                self.cuts += 1
-                for s in conn:  # a reset, both ways: the peers see it at once
-                    with contextlib.suppress(OSError):
-                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                        s.close()
-                return
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
 
 
 class TlsBroker:
