@@ -12,6 +12,13 @@ and publishes it, QoS 1 and **retained**, on ``edgefl/{fleet}/{device}/state/des
   once and published on *each* admitted device's own topic, since the broker's ACL is per
   device and a device reads only its own subtree.
 
+Only a **published** release is deployed (:func:`published_variants`): its registry row
+must say ``published``, and the named variant must be one of its published variants
+with the sha256 the registry recorded. Files in the releases folder are not enough: an
+interrupted ``server release`` (a crash after its folder's rename, before its row says
+``published``) leaves files behind a ``failed`` row, and a variant the accuracy gate left
+out has a row but no file.
+
 Retained, so a device that is offline gets it when it reconnects, and a newer state
 replaces the older one on the topic. A rollback is the same with ``rollback=True`` naming
 the older version: the device runs an older version only when a signed state says so.
@@ -30,6 +37,7 @@ PUBACK with a failure reason code (the ACL refusing) is an error, not a silent l
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import threading
 import time
@@ -39,6 +47,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from cryptography import x509
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from edgefl.config import TlsFiles
 from edgefl.errors import BadInputError, ConfigError, ServiceUnavailableError
@@ -56,6 +67,7 @@ __all__ = [
     "deploy",
     "desired_state",
     "publish_desired",
+    "published_variants",
     "release_variants",
     "rollout_identity",
 ]
@@ -176,6 +188,103 @@ def desired_state(
         ),
         revoked_keys=list(revoked_keys),
     )
+
+
+@dataclass(frozen=True)
+class PublishedRelease:
+    """A published release's variants, as the registry recorded them.
+
+    Attributes:
+        variants: Variant -> sha256 of each published variant.
+        left_out: Variant -> why, of each recorded variant that was not published (the
+            accuracy gate's ``accuracy_drop``).
+    """
+
+    variants: dict[str, str]
+    left_out: dict[str, str]
+
+    def check(self, model: str, version: int, variant: str, sha256: str) -> None:
+        """Refuse a variant that is not one of the published ones, or not their bytes.
+
+        Raises:
+            BadInputError: It was left out, is not recorded, or its manifest's sha256 is
+                not the one the registry recorded.
+        """
+        have = ", ".join(sorted(self.variants)) or "none"
+        if variant in self.left_out:
+            raise BadInputError(
+                f"variant {variant!r} of release {model} {version} was not published: "
+                f"{self.left_out[variant]}",
+                hint=f"published variants: {have}",
+            )
+        recorded = self.variants.get(variant)
+        if recorded is None:
+            raise BadInputError(
+                f"the registry records no published variant {variant!r} of release "
+                f"{model} {version}",
+                hint=f"published variants: {have}",
+            )
+        if recorded != sha256:
+            raise BadInputError(
+                f"variant {variant!r} of release {model} {version} on disk (sha256 "
+                f"{sha256[:12]}…) is not the one the registry recorded ({recorded[:12]}…): "
+                "not deploying it",
+                hint="the releases folder was changed after publishing; make a new release",
+            )
+
+
+def published_variants(engine: Engine, model: str, version: int) -> PublishedRelease:
+    """The published variants of ``model`` ``version``, by the registry.
+
+    Raises:
+        BadInputError: The registry has no such release, or it is not ``published``
+            (``failed``: a variant failed verification, or the release was interrupted).
+        ConfigError: The registry cannot be read.
+    """
+    from edgefl.server.registry.db import display_url, session_factory
+    from edgefl.server.registry.models import Release, ReleaseVariant
+
+    try:
+        with session_factory(engine)() as session:
+            release = session.scalar(
+                select(Release).where(Release.model == model, Release.version == version)
+            )
+            if release is None:
+                raise BadInputError(
+                    f"the registry has no release {model} {version}: only a published "
+                    "release is deployed",
+                    hint="see `edgefl server releases`; files in the releases folder with no "
+                    "release recorded are not a release (was the registry reset?): make one "
+                    "with `edgefl server release`",
+                )
+            if release.status != "published":
+                why = "; ".join(str(r) for r in json.loads(release.reasons_json or "[]"))
+                raise BadInputError(
+                    f"release {model} {version} is {release.status!r}, not published"
+                    + (f" ({why})" if why else "")
+                    + ": it is not deployed",
+                    hint="deploy a published version (`edgefl server releases`) or make a new "
+                    f"release (`edgefl server release --run {release.run_id}`); files an "
+                    f"interrupted release left in <releases>/{model}/{version}/ are not "
+                    "served as a release and can be removed",
+                )
+            rows = session.scalars(
+                select(ReleaseVariant).where(ReleaseVariant.release_id == release.id)
+            )
+            variants: dict[str, str] = {}
+            left_out: dict[str, str] = {}
+            for row in rows:
+                if row.path:
+                    variants[row.variant] = row.sha256
+                else:
+                    reasons = json.loads(row.reasons_json or "[]")
+                    left_out[row.variant] = "; ".join(map(str, reasons)) or "not published"
+    except SQLAlchemyError as exc:
+        raise ConfigError(
+            f"cannot read the releases in the registry {display_url(str(engine.url))}: {exc}",
+            hint="`edgefl server start` (or `edgefl server release`) migrates the registry",
+        ) from exc
+    return PublishedRelease(variants=variants, left_out=left_out)
 
 
 def rollout_identity(ca_dir: Path) -> TlsFiles:
@@ -300,8 +409,9 @@ def publish_desired(
         What was published.
 
     Raises:
-        BadInputError: Bad names, an unknown release or variant, an unknown or not
-            admitted device, or no admitted device at all.
+        BadInputError: Bad names, an unknown release or variant, a release the registry
+            does not record as ``published`` (or a variant it left out), an unknown or
+            not admitted device, or no admitted device at all.
         ConfigError: No release-signing key, an unreadable CA or registry.
         ServiceUnavailableError: The broker is unreachable or refused the states.
     """
@@ -325,6 +435,7 @@ def publish_desired(
     engine = make_engine(db_url)
     try:
         admitted = admitted_fleets(engine)
+        published = published_variants(engine, model, version)
     finally:
         engine.dispose()
     if device is not None:
@@ -360,6 +471,8 @@ def publish_desired(
             rollback=rollback,
             revoked_keys=revoked,
         )
+        assert state.model is not None
+        published.check(model, version, state.model.variant, state.model.artifact_sha256)
         signed = sign(state, key)
         states.append(signed)
         payload = signed.to_json()

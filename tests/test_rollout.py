@@ -28,6 +28,7 @@ try:
         Delivery,
         TlsBroker,
         make_delivery,
+        record_release,
         retained_on,
         tls_of,
         write_release,
@@ -40,6 +41,7 @@ except ImportError:  # run from inside tests/
         Delivery,
         TlsBroker,
         make_delivery,
+        record_release,
         retained_on,
         tls_of,
         write_release,
@@ -113,7 +115,7 @@ def test_fleet_wide_rollback_goes_to_every_admitted_device(
     delivery: Delivery, tmp_path: Path
 ) -> None:
     create_release_key(delivery.ca.directory)
-    write_release(delivery.releases, size=40_000, version=VERSION - 1)
+    write_release(delivery.releases, size=40_000, version=VERSION - 1, db_url=delivery.db_url)
     trusted = trusted_public_keys(delivery.ca.directory)
     with TlsBroker(tmp_path / "broker", delivery, {"pi-01": "f1", "pi-02": "f1"}) as broker:
         _publish(delivery, broker, version=VERSION, device="pi-01")
@@ -170,6 +172,113 @@ def test_unknown_device_release_or_variant_is_refused_before_publishing(
     delivery.artifact_path.write_bytes(b"tampered")
     with pytest.raises(BadInputError, match="does not match its manifest"):
         publish_desired(**common, version=VERSION, device="pi-01")  # type: ignore[arg-type]
+
+
+def test_only_a_published_release_is_deployed(delivery: Delivery, tmp_path: Path) -> None:
+    """Files on disk are not a release: the registry's row must say published."""
+    import hashlib
+
+    from edgefl.server.models_service import release_paths
+
+    create_release_key(delivery.ca.directory)
+    common = {
+        "ca_dir": delivery.ca.directory,
+        "db_url": delivery.db_url,
+        "releases_dir": delivery.releases,
+        "broker_host": "127.0.0.1",
+        "broker_port": 1,  # never dialled: every case fails before publishing
+        "model": MODEL,
+        "device": "pi-01",
+    }
+    # A crash after the release folder's rename, before its row said published: the files
+    # are all there and match their manifest, but the row still says failed.
+    version = VERSION + 1
+    artifact = write_release(delivery.releases, size=20_000, version=version)
+    sha = hashlib.sha256(artifact).hexdigest()
+    record_release(
+        delivery.db_url,
+        version,
+        {VARIANT: (sha, len(artifact))},
+        status="failed",
+        reasons=["interrupted before its files were published"],
+    )
+    with pytest.raises(BadInputError) as caught:
+        publish_desired(**common, version=version)  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert f"release {MODEL} {version} is 'failed', not published" in message
+    assert "interrupted before its files were published" in message
+    assert "server release" in (caught.value.hint or "")
+
+    # Files with no release recorded at all (a registry reset, or copied in by hand).
+    stray = VERSION + 2
+    write_release(delivery.releases, size=20_000, version=stray)
+    with pytest.raises(BadInputError, match=f"the registry has no release {MODEL} {stray}"):
+        publish_desired(**common, version=stray)  # type: ignore[arg-type]
+
+    # A variant the accuracy gate left out is named with its reason, even if a file of that
+    # name is put beside the published ones afterwards.
+    gated = VERSION + 3
+    good = write_release(delivery.releases, size=20_000, version=gated)
+    why = "accuracy_drop: 3.10 points below the float model (85.0% against 88.1%)"
+    record_release(
+        delivery.db_url,
+        gated,
+        {VARIANT: (hashlib.sha256(good).hexdigest(), len(good))},
+        left_out={"fp16": why},
+    )
+    art, man = release_paths(delivery.releases, MODEL, gated, "fp16")
+    art.write_bytes(good)
+    man.write_text(release_paths(delivery.releases, MODEL, gated, VARIANT)[1].read_text())
+    with pytest.raises(BadInputError, match=r"variant 'fp16' .* was not published: accuracy_drop"):
+        publish_desired(**common, version=gated, variant="fp16")  # type: ignore[arg-type]
+
+    # A published variant whose files were replaced after publishing (a new artifact with a
+    # manifest to match) is not the one the registry recorded.
+    other = write_release(delivery.releases, size=20_000, version=gated)
+    assert other != good
+    with pytest.raises(BadInputError, match="is not the one the registry recorded"):
+        publish_desired(**common, version=gated, variant=VARIANT)  # type: ignore[arg-type]
+
+
+def test_server_deploy_refuses_a_failed_release_with_its_status(
+    delivery: Delivery, tmp_path: Path
+) -> None:
+    import hashlib
+
+    from typer.testing import CliRunner
+
+    from edgefl.cli import app
+    from edgefl.errors import ExitCode
+
+    create_release_key(delivery.ca.directory)
+    version = VERSION + 1
+    artifact = write_release(delivery.releases, size=10_000, version=version)
+    record_release(
+        delivery.db_url,
+        version,
+        {VARIANT: (hashlib.sha256(artifact).hexdigest(), len(artifact))},
+        status="failed",
+        reasons=["interrupted before its files were published"],
+    )
+    config = tmp_path / "server.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "state_dir": str(tmp_path / "state"),
+                "ca_dir": str(delivery.ca.directory),
+                "db_url": delivery.db_url,
+                "broker": {"port": 1},
+                "models": {"releases_dir": str(delivery.releases)},
+            }
+        ),
+        encoding="utf-8",
+    )
+    res = CliRunner().invoke(
+        app, ["server", "deploy", MODEL, str(version), "--device", "pi-01", "-c", str(config)]
+    )
+    assert res.exit_code == ExitCode.BAD_INPUT, res.output
+    assert "is 'failed', not published" in res.stderr
+    assert "edgefl server release --run run-1" in res.stderr
 
 
 def test_server_deploy_command(delivery: Delivery, tmp_path: Path) -> None:
