@@ -27,9 +27,11 @@ chunks of a download, so a device revoked while it downloads is stopped there):
   ``edgefl server revoke`` takes effect on the next call;
 - the certificate's CN must be a device whose enrollment is ``admitted`` in the registry,
   else ``PERMISSION_DENIED``. Only enrolled devices download: service and operator
-  identities (``edgefl-...``) are refused too, since nothing but a device needs an
-  artifact. The list of admitted devices is reused for ``registry_ttl_s`` (a name not on
-  it re-reads it, at most once a second, so a device just admitted is not kept waiting).
+  identities (``edgefl-...``) and devices listed without an enrollment are refused too,
+  since nothing but an enrolled device needs an artifact (stricter than the inference
+  service, which also accepts a device the ``devices`` table lists). An answer is reused
+  for ``registry_ttl_s``; a name found not admitted is asked again after at most a
+  second, so a device just admitted is not kept waiting.
 
 The request is then checked as an attacker holding a device certificate would probe it:
 model and variant must be ids of the fleet contract (:mod:`edgefl.proto.ids`: no ``/``,
@@ -38,9 +40,9 @@ offset within ``[0, size]``; and the resolved file must lie inside ``releases_di
 symlink that leads out is ``NOT_FOUND``). Each mistake is ``INVALID_ARGUMENT`` with a
 message naming it.
 
-The revocation check reads the CRL itself rather than through
-:class:`edgefl.server.inference.auth.PeerVerifier`: that package imports torch, which the
-``server`` extra does not install.
+Both checks are :mod:`edgefl.server.peer_auth`'s (:class:`PeerVerifier` and
+:class:`DeviceDirectory` with ``admitted_only``), which the inference service uses too;
+importing this module does not import torch, which the ``server`` extra does not install.
 
 Python API::
 
@@ -52,11 +54,9 @@ Python API::
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -64,14 +64,12 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import NameOID
 
 from edgefl.errors import BadInputError, ConfigError
 from edgefl.proto import models_pb2
 from edgefl.proto.ids import ID_SYNTAX, is_id
 from edgefl.server.config import ModelServiceConfig, ServerConfig
+from edgefl.server.peer_auth import DeviceDirectory, PeerRefusedError, PeerVerifier
 
 __all__ = [
     "ARTIFACT_SUFFIX",
@@ -92,23 +90,11 @@ SERVICE_NAME: Final = models_pb2.DESCRIPTOR.services_by_name["Models"].full_name
 ARTIFACT_SUFFIX: Final = ".tflite"
 MANIFEST_SUFFIX: Final = ".manifest.json"
 _MAX_VERSION: Final = 2**62
-_CACHE_LIMIT: Final = 4096
 _MISS_REREAD_S: Final = 1.0
 _RECHECK_CHUNKS: Final = 16
+"""A download re-checks its caller every this many chunks (1 MiB at the default size)."""
 
 _Context = grpc.ServicerContext
-
-
-class PeerRefusedError(Exception):
-    """The caller may not use the service.
-
-    Attributes:
-        code: The gRPC status to answer with.
-    """
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def resolve_settings(server: ServerConfig) -> ModelServiceConfig:
@@ -153,117 +139,6 @@ def release_paths(releases_dir: Path, model: str, version: int, variant: str) ->
     return folder / f"{variant}{ARTIFACT_SUFFIX}", folder / f"{variant}{MANIFEST_SUFFIX}"
 
 
-class _Revocations:
-    """The fleet CA's CRL as last read (re-read when its size or mtime changes)."""
-
-    def __init__(self, ca_file: Path, crl: Path) -> None:
-        try:
-            self._ca = x509.load_pem_x509_certificate(ca_file.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"models: cannot load the CA certificate {ca_file}: {exc}") from exc
-        self._path = crl
-        self._stamp: tuple[int, int] | None = None
-        self._serials: frozenset[int] = frozenset()
-        self._next_update: dt.datetime | None = None
-        self._problem: str | None = None
-        self._lock = threading.Lock()
-        self.refresh()
-        if self._problem is not None:
-            raise ConfigError(f"models: {self._problem}", hint="models.crl must be the CA's CRL")
-
-    def refresh(self) -> None:
-        try:
-            st = os.stat(self._path)
-        except OSError as exc:
-            self._fail(f"cannot read CRL {self._path}: {exc.strerror}")
-            return
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
-            return
-        with self._lock:
-            if stamp == self._stamp:
-                return
-            try:
-                crl = x509.load_pem_x509_crl(self._path.read_bytes())
-            except (OSError, ValueError) as exc:
-                self._fail(f"cannot load CRL {self._path}: {exc}")
-                return
-            key = self._ca.public_key()
-            if not isinstance(
-                key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
-            ) or (crl.issuer != self._ca.subject or not crl.is_signature_valid(key)):
-                self._fail(f"CRL {self._path} was not signed by the fleet CA")
-                return
-            self._serials = frozenset(r.serial_number for r in crl)
-            self._next_update = crl.next_update_utc
-            self._problem = None
-            self._stamp = stamp
-
-    def _fail(self, problem: str) -> None:
-        if problem != self._problem:
-            log.error("%s; refusing every download until it is fixed", problem)
-        self._problem = problem
-        self._stamp = None
-
-    def check(self, serial: int, cn: str) -> None:
-        self.refresh()
-        if self._problem is not None:
-            raise PeerRefusedError(
-                grpc.StatusCode.UNAVAILABLE, f"the server cannot check revocation: {self._problem}"
-            )
-        if self._next_update is not None and self._next_update < dt.datetime.now(dt.UTC):
-            raise PeerRefusedError(
-                grpc.StatusCode.UNAVAILABLE,
-                "the server's CRL has expired; the operator must publish a fresh one",
-            )
-        if serial in self._serials:
-            raise PeerRefusedError(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"the certificate of {cn!r} (serial {serial:x}) has been revoked",
-            )
-
-
-class _AdmittedDevices:
-    """Device id -> fleet of every admitted enrollment, re-read after ``ttl_s``."""
-
-    def __init__(self, db_url: str, ttl_s: float) -> None:
-        from edgefl.server.registry import make_engine
-
-        self._engine = make_engine(db_url)
-        self._ttl_s = ttl_s
-        self._devices: dict[str, str] = {}
-        self._read_at = -float("inf")
-        self._lock = threading.Lock()
-        try:
-            self._read()
-        except PeerRefusedError as exc:
-            self._engine.dispose()
-            raise ConfigError(f"models: {exc}", hint="check models.registry_url") from exc
-
-    def _read(self) -> None:
-        from edgefl.server.enrollment import admitted_fleets
-
-        try:
-            self._devices = admitted_fleets(self._engine)
-        except ConfigError as exc:
-            raise PeerRefusedError(
-                grpc.StatusCode.UNAVAILABLE, f"the server cannot read the registry: {exc}"
-            ) from exc
-        self._read_at = time.monotonic()
-
-    def fleet_of(self, device: str) -> str | None:
-        with self._lock:
-            age = time.monotonic() - self._read_at
-            # A device admitted a moment ago is not kept waiting for the TTL: an unknown
-            # name re-reads the list, at most once a second however often it is asked.
-            if age >= self._ttl_s or (device not in self._devices and age >= _MISS_REREAD_S):
-                self._read()
-            return self._devices.get(device)
-
-    def close(self) -> None:
-        self._engine.dispose()
-
-
 class ModelService:
     """The ``Models`` gRPC service on its own thread pool (see the module docstring).
 
@@ -288,10 +163,9 @@ class ModelService:
         self.releases_dir = config.releases_dir.expanduser().resolve()
         self._tls = (tls.ca_file, tls.cert_file, tls.key_file)
         self._crl = config.crl
-        self._revocations: _Revocations | None = None
-        self._admitted: _AdmittedDevices | None = None
+        self._verifier: PeerVerifier | None = None
+        self._admitted: DeviceDirectory | None = None
         self._server: grpc.Server | None = None
-        self._peers: dict[bytes, tuple[int, str]] = {}
         self._stats_lock = threading.Lock()
         self.port = 0
         self.bytes_sent = 0
@@ -323,10 +197,23 @@ class ModelService:
             root_certificates=_read(ca_file, "fleet CA certificate"),
             require_client_auth=True,
         )
-        self._revocations = _Revocations(ca_file, self._crl)
-        assert self.config.registry_url is not None
-        self._admitted = _AdmittedDevices(self.config.registry_url, self.config.registry_ttl_s)
         cfg = self.config
+        assert cfg.registry_url is not None
+        try:
+            self._verifier = PeerVerifier(ca_file, self._crl)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"models: {exc.message}", hint="models.crl must be the CA's CRL"
+            ) from exc
+        try:
+            self._admitted = DeviceDirectory(
+                cfg.registry_url,
+                ttl_s=cfg.registry_ttl_s,
+                miss_ttl_s=_MISS_REREAD_S,
+                admitted_only=True,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"models: {exc.message}", hint="check models.registry_url") from exc
         server = grpc.server(
             ThreadPoolExecutor(max_workers=cfg.max_downloads, thread_name_prefix="edgefl-models"),
             maximum_concurrent_rpcs=cfg.max_downloads,
@@ -389,38 +276,15 @@ class ModelService:
         context.abort(code, details)
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
-    def _identify(self, pem: bytes) -> tuple[int, str]:
-        known = self._peers.get(pem)
-        if known is not None:
-            return known
-        try:
-            cert = x509.load_pem_x509_certificate(pem)
-        except ValueError as exc:
-            raise PeerRefusedError(
-                grpc.StatusCode.UNAUTHENTICATED, f"unreadable client certificate: {exc}"
-            ) from exc
-        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        cn = str(cns[0].value) if cns else ""
-        if len(self._peers) >= _CACHE_LIMIT:
-            self._peers.clear()
-        self._peers[pem] = (cert.serial_number, cn)
-        return cert.serial_number, cn
-
     def _check_peer(self, context: _Context) -> str:
         """The caller's device id, or the call is refused."""
         try:
             # The stubs say bytes; gRPC gives a list of PEMs per key.
             auth: Mapping[str, Iterable[bytes]] = context.auth_context()  # type: ignore[assignment]
-            pems = list(auth.get("x509_pem_cert", ()))
-            if not pems:
-                raise PeerRefusedError(
-                    grpc.StatusCode.UNAUTHENTICATED, "no client certificate was presented"
-                )
-            serial, cn = self._identify(pems[0])
-            assert self._revocations is not None
+            assert self._verifier is not None
             assert self._admitted is not None
-            self._revocations.check(serial, cn)
-            if self._admitted.fleet_of(cn) is None:
+            cn = self._verifier.check(auth)
+            if not self._admitted.is_known(cn):
                 raise PeerRefusedError(
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"{cn!r} is not an admitted device of the fleet registry: only enrolled "

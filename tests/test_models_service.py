@@ -9,6 +9,8 @@ number of bytes (:class:`tests.delivery_helpers.CuttingRelay`).
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -235,3 +237,12 @@ def test_validate_config_masks_the_models_registry_password(tmp_path: Path) -> N
     models = json.loads(res.stdout)["config"]["models"]
     assert models["port"] == 7443
     assert models["registry_url"] == "postgresql://edgefl:***@db/edgefl"
+
+
+def test_importing_the_service_does_not_import_torch() -> None:
+    """The service runs in a ``.[server]`` install, which has no torch."""
+    code = "import edgefl.server.models_service, sys; assert 'torch' not in sys.modules"
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert res.returncode == 0, res.stderr

@@ -63,9 +63,9 @@ from edgefl.errors import BadInputError, ConfigError, EdgeflError, ExitCode
 from edgefl.proto import inference_pb2
 from edgefl.proto.tensors import TensorError, decode_tensor, encode_tensor
 from edgefl.server.config import InferenceServerConfig
-from edgefl.server.inference.auth import DeviceDirectory, PeerRefusedError, PeerVerifier
 from edgefl.server.inference.batcher import BatcherStats, ComputeAbandonedError, MicroBatcher
 from edgefl.server.inference.models import ServedModel, get_recipe, load_or_train
+from edgefl.server.peer_auth import DeviceDirectory, PeerRefusedError, PeerVerifier
 
 __all__ = [
     "SERVICE_NAME",

@@ -109,6 +109,42 @@ def test_fleet_certificate_of_a_device_not_admitted_is_refused(
         assert service.bytes_sent == 0
 
 
+def test_a_device_listed_in_the_devices_table_but_never_admitted_is_refused(
+    delivery: Delivery, tmp_path: Path
+) -> None:
+    # pi-03 holds a fleet certificate and has published telemetry, so ingest listed it in
+    # the devices table; it has no enrollment. The inference service accepts such a
+    # device, the delivery service must not: only an admitted enrollment downloads.
+    from datetime import UTC, datetime
+
+    from edgefl.server.registry import Device, make_engine, session_factory
+
+    engine = make_engine(delivery.db_url)
+    now = datetime.now(UTC)
+    try:
+        with session_factory(engine)() as session:
+            session.add(Device(device_id="pi-03", fleet="f1", first_seen=now, last_seen=now))
+            session.commit()
+    finally:
+        engine.dispose()
+    with start_service(delivery) as service:
+        outcome = _download(delivery, service.port, delivery.devices["pi-03"], tmp_path / "a")
+        assert outcome.startswith("PERMISSION_DENIED"), outcome
+        assert "not an admitted device" in outcome
+        with pytest.raises(DownloadError) as exc:
+            fetch_manifest_text(
+                address(service.port),
+                tls_of(delivery, delivery.devices["pi-03"]),
+                MODEL,
+                VERSION,
+                VARIANT,
+            )
+        assert exc.value.code == "PERMISSION_DENIED"
+        assert service.bytes_sent == 0
+        # An admitted device of the same registry still downloads.
+        assert _download(delivery, service.port, delivery.devices["pi-01"], tmp_path / "b") == "OK"
+
+
 def test_certificate_from_an_attackers_ca_is_refused_in_the_handshake(
     delivery: Delivery, tmp_path: Path
 ) -> None:

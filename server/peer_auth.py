@@ -1,9 +1,14 @@
-"""Per-call checks of the client certificate under mutual TLS: revocation and identity.
+"""Per-call checks of the client certificate under mutual TLS: revocation and admission.
+
+Shared by the gRPC services devices call with their fleet certificate: the inference
+service (:mod:`edgefl.server.inference.service`) and the model delivery service
+(:mod:`edgefl.server.models_service`). It needs grpc and cryptography only (SQLAlchemy
+when a registry is asked), so a service that must not import torch can use it.
 
 The TLS handshake (``require_client_auth`` with the fleet CA as root) already refuses a
 certificate from another CA. gRPC's Python API cannot load a CRL into the handshake, so
 each call's peer certificate (``context.auth_context()["x509_pem_cert"]``) is checked here
-against the fleet CA's CRL (``FleetCA.crl_path``):
+against the fleet CA's CRL (``FleetCA.crl_path``) by :class:`PeerVerifier`:
 
 - the CRL's signature must verify with the CA and its nextUpdate must not have passed,
   otherwise every call is refused (fail closed, as OpenSSL and mosquitto do) with a
@@ -13,12 +18,19 @@ against the fleet CA's CRL (``FleetCA.crl_path``):
 - a revoked serial gets ``UNAUTHENTICATED``; a call without a client certificate (cannot
   happen with ``require_client_auth``, but checked anyway) too.
 
-With a registry (:class:`DeviceDirectory`), a device must also be known to it, or it
-gets ``PERMISSION_DENIED``: a certificate alone is not enough once a device has been
-removed from the fleet. A device enrolled with ``edgefl server admit`` is known while its
-enrollment is ``admitted`` (a revoked one is refused even before the CRL reaches this
-server); a device without an enrollment row must be listed in the ``devices`` table.
-Answers are cached for ``ttl_s``.
+With a registry (:class:`DeviceDirectory`), a device must also be known to it, or the
+service answers ``PERMISSION_DENIED``: a certificate alone is not enough once a device has
+been removed from the fleet. A device enrolled with ``edgefl server admit`` is known while
+its enrollment is ``admitted`` (a revoked one is refused even before the CRL reaches this
+server). A device without an enrollment row is known if the ``devices`` table lists it,
+unless the directory was made with ``admitted_only=True``: then only an admitted
+enrollment counts, so service and operator identities and devices that were never
+enrolled are refused. Answers are cached for ``ttl_s`` (a "not known" answer for
+``miss_ttl_s``, so a device admitted a moment ago need not wait out ``ttl_s``).
+
+Both classes may be called from many threads at once (the model service's pool) or from
+an event loop (the inference service; :meth:`DeviceDirectory.is_known` blocks, so it runs
+off the loop when :meth:`DeviceDirectory.cached` has no answer).
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -57,6 +70,15 @@ class PeerRefusedError(Exception):
         self.code = code
 
 
+@dataclass(frozen=True)
+class _CrlState:
+    """The CRL as last read, replaced as a whole so a check never mixes two readings."""
+
+    revoked: frozenset[int] = frozenset()
+    next_update: dt.datetime | None = None
+    problem: str | None = None
+
+
 class PeerVerifier:
     """Checks the peer certificate of each call against the CA's CRL.
 
@@ -76,9 +98,7 @@ class PeerVerifier:
             raise ConfigError(f"cannot load client CA certificate {ca_cert}: {exc}") from exc
         self._crl_path = Path(crl) if crl is not None else None
         self._crl_stamp: tuple[int, int] | None = None
-        self._revoked: frozenset[int] = frozenset()
-        self._crl_problem: str | None = None
-        self._crl_next_update: dt.datetime | None = None
+        self._state = _CrlState()
         self._peers: dict[bytes, tuple[int, str]] = {}
         self._lock = threading.Lock()
         if self._crl_path is not None:
@@ -87,7 +107,7 @@ class PeerVerifier:
     @property
     def revoked_serials(self) -> frozenset[int]:
         """Serials listed in the CRL as last read."""
-        return self._revoked
+        return self._state.revoked
 
     def check(self, auth_context: Mapping[str, Iterable[bytes]]) -> str:
         """Accept or refuse one call.
@@ -111,18 +131,19 @@ class PeerVerifier:
         if self._crl_path is None:
             return cn
         self._refresh(strict=False)
-        if self._crl_problem is not None:
+        state = self._state
+        if state.problem is not None:
             raise PeerRefusedError(
                 grpc.StatusCode.UNAVAILABLE,
-                f"the server cannot check revocation: {self._crl_problem}",
+                f"the server cannot check revocation: {state.problem}",
             )
-        if self._crl_next_update is not None and self._crl_next_update < dt.datetime.now(dt.UTC):
+        if state.next_update is not None and state.next_update < dt.datetime.now(dt.UTC):
             raise PeerRefusedError(
                 grpc.StatusCode.UNAVAILABLE,
                 "the server's CRL has expired; the operator must publish a fresh one "
                 "(FleetCA.crl_pem)",
             )
-        if serial in self._revoked:
+        if serial in state.revoked:
             raise PeerRefusedError(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"the certificate of device {cn!r} (serial {serial:x}) has been revoked",
@@ -153,7 +174,8 @@ class PeerVerifier:
         try:
             st = os.stat(self._crl_path)
         except OSError as exc:
-            self._fail(f"cannot read CRL {self._crl_path}: {exc.strerror}", strict)
+            with self._lock:  # never interleaved with a load: the last writer's stamp holds
+                self._fail(f"cannot read CRL {self._crl_path}: {exc.strerror}", strict)
             return
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp == self._crl_stamp:
@@ -172,18 +194,19 @@ class PeerVerifier:
             ) or (crl.issuer != self._ca.subject or not crl.is_signature_valid(public_key)):
                 self._fail(f"CRL {self._crl_path} was not signed by the client CA", strict)
                 return
-            self._revoked = frozenset(r.serial_number for r in crl)
-            self._crl_next_update = crl.next_update_utc
-            self._crl_problem = None
+            revoked = frozenset(r.serial_number for r in crl)
+            self._state = _CrlState(revoked, crl.next_update_utc)
             self._crl_stamp = stamp
-            logger.info("loaded CRL %s: %d revoked serial(s)", self._crl_path, len(self._revoked))
+            logger.info("loaded CRL %s: %d revoked serial(s)", self._crl_path, len(revoked))
 
     def _fail(self, problem: str, strict: bool) -> None:
+        """Record why the CRL is unusable (called with ``_lock`` held)."""
         if strict:
-            raise ConfigError(problem, hint="pass the CRL of the same CA as --client-ca")
-        if problem != self._crl_problem:
+            raise ConfigError(problem, hint="pass the CRL of the CA in tls.ca_file")
+        state = self._state
+        if problem != state.problem:
             logger.error("%s; refusing every call until it is fixed", problem)
-        self._crl_problem = problem
+        self._state = _CrlState(state.revoked, state.next_update, problem)
         self._crl_stamp = None
 
 
@@ -193,12 +216,25 @@ class DeviceDirectory:
     Args:
         db_url: SQLAlchemy URL of the registry (``edgefl.server.registry``).
         ttl_s: How long an answer is reused before the registry is asked again.
+        miss_ttl_s: How long a "not known" answer is reused (default: ``ttl_s``). A short
+            one lets a device admitted a moment ago in, at one lookup per name per
+            ``miss_ttl_s`` for a name that stays unknown.
+        admitted_only: Only an enrollment whose status is ``admitted`` makes a device
+            known; without it a device that has no enrollment row is known when the
+            ``devices`` table lists it.
 
     Raises:
-        ConfigError: The registry cannot be reached or has no ``devices`` table.
+        ConfigError: The registry cannot be reached or lacks the tables it needs.
     """
 
-    def __init__(self, db_url: str, *, ttl_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        db_url: str,
+        *,
+        ttl_s: float = 30.0,
+        miss_ttl_s: float | None = None,
+        admitted_only: bool = False,
+    ) -> None:
         from sqlalchemy import select
         from sqlalchemy.exc import SQLAlchemyError
 
@@ -207,6 +243,8 @@ class DeviceDirectory:
 
         self._engine = make_engine(db_url)
         self._ttl_s = ttl_s
+        self._miss_ttl_s = ttl_s if miss_ttl_s is None else min(miss_ttl_s, ttl_s)
+        self._admitted_only = admitted_only
         self._cache: dict[str, tuple[bool, float]] = {}
         self._select = select(Device.device_id)
         self._device = Device
@@ -215,14 +253,15 @@ class DeviceDirectory:
         self._errors = SQLAlchemyError
         try:
             with self._engine.connect() as conn:
-                conn.execute(self._select.limit(1)).all()
                 conn.execute(self._enrollment.limit(1)).all()
+                if not admitted_only:
+                    conn.execute(self._select.limit(1)).all()
         except SQLAlchemyError as exc:
             self._engine.dispose()
             raise ConfigError(
                 f"cannot read the device registry at {display_url(db_url)}: "
                 f"{str(exc).splitlines()[0]}",
-                hint="start `edgefl server ingest` once to create it, or fix --registry-url",
+                hint="start `edgefl server ingest` once to create it, or fix registry_url",
             ) from exc
 
     def cached(self, device_id: str) -> bool | None:
@@ -233,9 +272,10 @@ class DeviceDirectory:
         return hit[0]
 
     def is_known(self, device_id: str) -> bool:
-        """Whether the registry knows ``device_id`` (blocking; cached for ``ttl_s``).
+        """Whether the registry knows ``device_id`` (blocking; cached, see the class).
 
-        An enrollment row decides (``admitted``); without one, the ``devices`` table does.
+        An enrollment row decides (``admitted``); without one, the ``devices`` table does,
+        unless ``admitted_only``.
 
         Raises:
             PeerRefusedError: The registry cannot be read (``UNAVAILABLE``: fail closed).
@@ -250,6 +290,8 @@ class DeviceDirectory:
                 ).first()
                 if enrolled is not None:
                     known = enrolled[0] == "admitted"
+                elif self._admitted_only:
+                    known = False
                 else:
                     row = conn.execute(
                         self._select.where(self._device.device_id == device_id)
@@ -262,7 +304,8 @@ class DeviceDirectory:
             ) from exc
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
-        self._cache[device_id] = (known, time.monotonic() + self._ttl_s)
+        ttl = self._ttl_s if known else self._miss_ttl_s
+        self._cache[device_id] = (known, time.monotonic() + ttl)
         return known
 
     def close(self) -> None:
