@@ -37,6 +37,20 @@ __all__ = [
     "registry_url",
 ]
 
+# The reported-state keys of a device row, None for a device that never reported
+# (ReportedModelState.to_json has the same keys).
+_NO_REPORT = (
+    "model",
+    "version",
+    "variant",
+    "sha256",
+    "state",
+    "since",
+    "rollbacks",
+    "last_failure",
+    "reported_at",
+)
+
 
 @dataclass
 class AdminContext:
@@ -219,7 +233,11 @@ def device_rows(db_url: str) -> list[dict[str, Any]]:
     """The registry's devices for ``edgefl server devices``, oldest id first.
 
     Each row: ``device_id``, ``fleet``, ``online``, ``last_seen`` (ISO 8601 with its UTC
-    offset, or ``None``) and ``records`` (how many it stored).
+    offset, or ``None``), ``records`` (how many it stored), and what the device last
+    reported on ``state/reported`` (:func:`~edgefl.server.device_states.read_model_states`):
+    ``model``, ``version``, ``variant``, ``sha256``, ``state``, ``since``, ``rollbacks``,
+    ``last_failure`` (``{version, reason, detail, at}`` or ``None``) and ``reported_at``,
+    all ``None`` for a device that never reported.
 
     Raises:
         BadInputError: The registry cannot be read (its URL shown without a password).
@@ -230,6 +248,7 @@ def device_rows(db_url: str) -> list[dict[str, Any]]:
     from sqlalchemy.exc import SQLAlchemyError
 
     from edgefl.errors import BadInputError
+    from edgefl.server.device_states import read_model_states
     from edgefl.server.registry import Device, Record, make_engine, session_factory
     from edgefl.server.registry.db import display_url
 
@@ -241,6 +260,7 @@ def device_rows(db_url: str) -> list[dict[str, Any]]:
                     select(Record.device_id, func.count()).group_by(Record.device_id)
                 ).all()
             )
+            states = read_model_states(session)
             return [
                 {
                     "device_id": d.device_id,
@@ -255,6 +275,11 @@ def device_rows(db_url: str) -> list[dict[str, Any]]:
                         else None
                     ),
                     "records": int(counts.get(d.device_id, 0)),
+                    **(
+                        states[d.device_id].to_json()
+                        if d.device_id in states
+                        else dict.fromkeys(_NO_REPORT)
+                    ),
                 }
                 for d in session.scalars(select(Device).order_by(Device.device_id))
             ]

@@ -27,7 +27,7 @@ Imports of heavy modules happen inside the commands, so ``edgefl --help`` stays 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -69,7 +69,11 @@ def devices(
     db_url: Annotated[str | None, typer.Option(help="Override db_url (SQLAlchemy URL).")] = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
-    """List devices with presence, last seen (UTC) and stored record counts."""
+    """List devices: presence, last seen (UTC), stored records and the model each reports.
+
+    The model columns come from the device's retained state/reported (model, version,
+    state, rollbacks, last failure); `-` for a device that has not reported one.
+    """
     from edgefl.clikit import print_table
     from edgefl.server.admin import device_rows, registry_url
 
@@ -84,9 +88,14 @@ def devices(
         [
             ("device", "left"),
             ("fleet", "left"),
-            ("state", "left"),
+            ("presence", "left"),
             ("last seen", "left"),
             ("records", "right"),
+            ("model", "left"),
+            ("version", "right"),
+            ("state", "left"),
+            ("rollbacks", "right"),
+            ("last failure", "left"),
         ],
         [
             (
@@ -95,10 +104,24 @@ def devices(
                 "online" if row["online"] else "offline",
                 row["last_seen"],
                 row["records"],
+                row["model"],
+                row["version"],
+                row["state"],
+                row["rollbacks"],
+                _last_failure_cell(row["last_failure"]),
             )
             for row in rows
         ],
     )
+
+
+def _last_failure_cell(failure: dict[str, Any] | None) -> str | None:
+    """``v4 golden_mismatch at 2026-12-06T08:00:00+00:00`` (the detail is in --json)."""
+    if failure is None:
+        return None
+    version = f"v{failure['version']} " if failure["version"] is not None else ""
+    at = f" at {failure['at']}" if failure["at"] else ""
+    return f"{version}{failure['reason']}{at}"
 
 
 @app.command()

@@ -17,13 +17,20 @@ not a redelivery: it is dead-lettered as ``conflicting_duplicate`` with a warnin
 Messages published while the ingest is down are kept by the broker for the persistent
 session (up to mosquitto's ``max_queued_messages``).
 
+Reported model state: a device's retained ``state/reported`` document (JSON
+:class:`~edgefl.proto.desired.ReportedState`, not an envelope) replaces the device's row of
+``device_states`` when it differs from the stored one; the newest message wins (MQTT keeps
+one publisher's order on a topic, and a retained copy sent again on a re-subscription is
+the newest one). An empty retained payload (the device's report cleared) changes nothing.
+
 Per-message isolation: what one message holds can cost that message only. Anything
-wrong with it (bad topic, oversized payload, malformed envelope, a device id that differs
-from the topic, a topic fleet other than the device's enrolled fleet, a retained message
-on a stream topic, a status payload that is neither ``online`` nor ``offline``) sends it
-to the ``dead_letters`` table with a reason code and a detail, and it is acknowledged
-with its batch. A batch whose transaction fails for another reason is split in halves
-until the failing message is alone, and that one is dead-lettered as ``store_failed``.
+wrong with it (bad topic, oversized payload, malformed envelope or reported state, a device
+id that differs from the topic, a topic fleet other than the device's enrolled fleet, a
+retained message on a stream topic, a status payload that is neither ``online`` nor
+``offline``) sends it to the ``dead_letters`` table with a reason code and a detail, and
+it is acknowledged with its batch. A batch whose transaction fails for another reason is
+split in halves until the failing message is alone, and that one is dead-lettered as
+``store_failed``.
 Only a database outage (an error that says "try again": connection lost, locked, I/O)
 holds a batch back unacknowledged, retrying with backoff, because then nothing could be
 stored anyway. :meth:`Ingest.progress` tells a supervisor whether acknowledgements still
@@ -58,8 +65,9 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from edgefl.config import Address, RenameMap, StrictModel, TlsFiles
-from edgefl.errors import ConfigError
+from edgefl.errors import BadInputError, ConfigError
 from edgefl.mqtt_client import build_client
+from edgefl.proto.desired import MAX_STATE_BYTES, ReportedState, parse_reported
 from edgefl.proto.ids import ID_PATTERN, ID_REGEX, is_id
 from edgefl.proto.serde import (
     JSON_CONTENT_TYPE,
@@ -75,6 +83,7 @@ from edgefl.server.registry.models import (
     DEAD_LETTER_PAYLOAD_CAP,
     DeadLetter,
     Device,
+    DeviceState,
     Enrollment,
     Record,
 )
@@ -99,6 +108,9 @@ _DEVICES: Final = cast(Table, Device.__table__)
 _RECORDS: Final = cast(Table, Record.__table__)
 _DEAD_LETTERS: Final = cast(Table, DeadLetter.__table__)
 _ENROLLMENTS: Final = cast(Table, Enrollment.__table__)
+_DEVICE_STATES: Final = cast(Table, DeviceState.__table__)
+# The widest name the registry keeps of a reported state (model, variant, sha256, reason).
+_STATE_NAME_MAX: Final = 64
 # Keys per "(device_id, incarnation, seq) IN (...)" lookup: 3 bound parameters each.
 _KEYS_PER_LOOKUP: Final = 300
 _DETAIL_MAX: Final = 2000
@@ -122,6 +134,7 @@ DEAD_LETTER_REASONS: Final = (
     "fleet_mismatch",
     "ingest_error",
     "malformed_envelope",
+    "malformed_state",
     "oversized",
     "retained",
     "seq_out_of_range",
@@ -130,12 +143,18 @@ DEAD_LETTER_REASONS: Final = (
 """Every reason code the ingest writes to ``dead_letters.reason``.
 
 * ``bad_topic``: not a topic of the fleet contract;
-* ``oversized``: payload above ``max_payload_bytes``;
+* ``oversized``: payload above ``max_payload_bytes`` (a reported state: above
+  :data:`~edgefl.proto.desired.MAX_STATE_BYTES`);
 * ``retained``: a retained message on a telemetry, data or result topic (records are a
   stream: a retained one would come back on every new subscription);
 * ``bad_status``: a status payload other than ``online``/``offline``;
 * ``malformed_envelope``: the envelope does not decode (the detail says why);
-* ``device_mismatch``: the envelope's device id is not the topic's;
+* ``malformed_state``: a ``state/reported`` payload that is not a
+  :class:`~edgefl.proto.desired.ReportedState` (:func:`~edgefl.proto.desired.parse_reported`),
+  or holds a value the registry cannot keep (a name over 64 characters, an integer beyond
+  64 bits, a time outside years 1 to 9999, a NUL character);
+* ``device_mismatch``: the envelope's device id (or the reported state's ``device``) is
+  not the topic's;
 * ``fleet_mismatch``: the topic's fleet is not the device's enrolled fleet (or, for a
   device without enrollment, the fleet it was first seen in);
 * ``seq_out_of_range``: a seq above the stored range ``2**63-1``;
@@ -285,8 +304,9 @@ class _Plan:
     """What one message turns into before it is written.
 
     A dead letter has a ``reason``; a record has ``record`` (a row of ``records`` without
-    ``received_at``); a status message has ``online``. A message with none of them (an
-    empty retained status, which clears it) needs nothing written.
+    ``received_at``); a status message has ``online``; a reported state has ``state`` (a
+    row of ``device_states`` without ``reported_at``). A message with none of them (an
+    empty retained status or reported state, which clears it) needs nothing written.
     """
 
     item: _Incoming
@@ -294,8 +314,14 @@ class _Plan:
     device: str = ""
     record: dict[str, Any] | None = None
     online: bool | None = None
+    state: dict[str, Any] | None = None
     reason: str = ""
     detail: str = ""
+
+    @property
+    def writes(self) -> bool:
+        """Whether the message has something to write besides a dead letter."""
+        return self.record is not None or self.online is not None or self.state is not None
 
 
 @dataclass(slots=True)
@@ -305,6 +331,8 @@ class _Written:
     stored: int = 0
     duplicates: int = 0
     status_updates: int = 0
+    state_updates: int = 0
+    state_unchanged: int = 0
     dead: Counter[str] = field(default_factory=Counter)
     # reason -> (topic, detail) of its first dead letter in the transaction, for the log
     first_dead: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -313,6 +341,26 @@ class _Written:
         rows.append(row)
         self.dead[row["reason"]] += 1
         self.first_dead.setdefault(row["reason"], (row["topic"], row["detail"]))
+
+
+@dataclass(slots=True)
+class _Seen:
+    """What a batch says of one device: its topic fleet, presence, and whether it was live.
+
+    ``live`` is false when everything came from the broker's retained store (a reported
+    state sent again because the ingest subscribed): the device's row is created if it is
+    new, but its ``last_seen`` is not moved, since the device said nothing just now.
+    """
+
+    fleet: str
+    online: bool | None = None
+    live: bool = True
+
+    def merge(self, fleet: str, online: bool | None, *, live: bool) -> None:
+        self.fleet = fleet
+        if online is not None:
+            self.online = online
+        self.live = self.live or live
 
 
 class _RejectedError(Exception):
@@ -489,7 +537,10 @@ class Ingest:
 
         Keys: ``received``, ``stored``, ``duplicates``, ``dead_lettered``,
         ``dead_lettered.<reason>`` for each reason in :data:`DEAD_LETTER_REASONS`,
-        ``status_updates``, ``acked``, ``db_retries``, ``batch_splits`` (transactions
+        ``status_updates``, ``state_updates`` (reported states stored: new or changed),
+        ``state_unchanged`` (reported states equal to the one already stored: a redelivery,
+        or the retained copy sent again on a re-subscription), ``acked``, ``db_retries``,
+        ``batch_splits`` (transactions
         split to isolate a message the database refused), ``dead_letter_failed``
         (messages that could not even be dead-lettered: acknowledged and logged),
         ``queued`` (current queue depth) and ``pending`` (received, not acknowledged).
@@ -502,6 +553,8 @@ class Ingest:
             "duplicates": 0,
             "dead_lettered": 0,
             "status_updates": 0,
+            "state_updates": 0,
+            "state_unchanged": 0,
             "acked": 0,
             "db_retries": 0,
             "batch_splits": 0,
@@ -767,6 +820,10 @@ class Ingest:
                 if online is None:
                     return _Plan(item)  # an empty retained message clears the status
                 return _Plan(item, fleet, device, online=online)
+            if rest == ["state", "reported"]:
+                if not item.payload.strip():
+                    return _Plan(item)  # the device cleared its retained report
+                return _Plan(item, fleet, device, state=_reported_row(item.payload, fleet, device))
             envelope = _decode(item.payload)
             if envelope.device_id != device:
                 raise _RejectedError(
@@ -796,7 +853,10 @@ class Ingest:
         return _Plan(item, fleet, device, record=record)
 
     def _write(self, plans: Sequence[_Plan]) -> None:
-        """One transaction: check fleets, upsert devices, insert records and dead letters.
+        """One transaction: fleets, devices, reported states, records, dead letters.
+
+        It checks fleets, upserts devices and reported states, and inserts records and
+        dead letters.
 
         Duplicates are told apart from conflicting duplicates by comparing the envelope
         (kind, ts_ms, content_type, body) with the stored one. The counters change only
@@ -809,19 +869,19 @@ class Ingest:
         dialect = engine.dialect.name
         written = _Written()
         dead: list[dict[str, Any]] = []
-        devices: dict[str, tuple[str, bool | None]] = {}
+        devices: dict[str, _Seen] = {}
         # Every record plan by key, in arrival order; the first of each is inserted.
         by_key: dict[tuple[str, str, int], list[_Plan]] = {}
+        # Every reported state by device, in arrival order; the last one is kept.
+        states: dict[str, list[dict[str, Any]]] = {}
         factory = session_factory(engine)
         with factory() as session, session.begin():
-            fleets = _expected_fleets(
-                session, {p.device for p in plans if p.record is not None or p.online is not None}
-            )
+            fleets = _expected_fleets(session, {p.device for p in plans if p.writes})
             for plan in plans:
                 if plan.reason:
                     written.dead_letter(dead, _dead_row(plan.item, plan.reason, plan.detail, now))
                     continue
-                if plan.record is None and plan.online is None:
+                if not plan.writes:
                     continue
                 # A device without enrollment is pinned to the fleet it was first seen in.
                 expected = fleets.setdefault(plan.device, plan.fleet)
@@ -832,14 +892,22 @@ class Ingest:
                     )
                     written.dead_letter(dead, _dead_row(plan.item, "fleet_mismatch", detail, now))
                     continue
+                if plan.state is not None:
+                    # A retained copy from the broker's store is not the device speaking.
+                    _seen(devices, plan, live=not plan.item.retain)
+                    states.setdefault(plan.device, []).append(plan.state)
+                    continue
+                _seen(devices, plan, live=True)
                 if plan.record is None:
-                    devices[plan.device] = (plan.fleet, plan.online)
                     written.status_updates += 1
                     continue
-                devices.setdefault(plan.device, (plan.fleet, None))
                 by_key.setdefault(_record_key(plan.record), []).append(plan)
             for statement, device_rows in _upsert_devices(dialect, devices, now):
                 session.execute(statement, device_rows)
+            if states:
+                written.state_updates, written.state_unchanged = _write_states(
+                    session, dialect, states, now
+                )
             rows = [_record_of(plans[0]) | {"received_at": now} for plans in by_key.values()]
             inserted = _insert_records(session, dialect, rows) if rows else set()
             written.stored = len(inserted)
@@ -863,6 +931,8 @@ class Ingest:
             self._counters["stored"] += written.stored
             self._counters["duplicates"] += written.duplicates
             self._counters["status_updates"] += written.status_updates
+            self._counters["state_updates"] += written.state_updates
+            self._counters["state_unchanged"] += written.state_unchanged
             for reason, count in written.dead.items():
                 self._counters["dead_lettered"] += count
                 self._counters[f"dead_lettered.{reason}"] += count
@@ -925,6 +995,143 @@ def _parse_status(payload: bytes) -> bool | None:
     raise _RejectedError(
         "bad_status", f"status payload must be 'online' or 'offline', got {text[:40]!r}"
     )
+
+
+def _reported_row(payload: bytes, fleet: str, device: str) -> dict[str, Any]:
+    """The ``device_states`` row (without ``reported_at``) of a ``state/reported`` payload.
+
+    Raises:
+        _RejectedError: ``oversized``, ``malformed_state`` or ``device_mismatch``.
+    """
+    if len(payload) > MAX_STATE_BYTES:
+        raise _RejectedError(
+            "oversized",
+            f"reported state of {len(payload)} bytes exceeds the limit of {MAX_STATE_BYTES}",
+        )
+    try:
+        reported = parse_reported(payload)
+    except BadInputError as exc:
+        raise _RejectedError("malformed_state", exc.message) from exc
+    if reported.device != device:
+        raise _RejectedError(
+            "device_mismatch",
+            f"reported state names device {reported.device!r}, not the topic's device {device!r}",
+        )
+    return {
+        "device_id": device,
+        "fleet": fleet,
+        **_state_columns(reported),
+        # parse_reported read it as UTF-8 JSON, which never holds a raw NUL.
+        "document": payload.decode("utf-8"),
+    }
+
+
+def _state_columns(reported: ReportedState) -> dict[str, Any]:
+    """The columns of a reported state, refusing what the registry cannot hold."""
+    failure = reported.last_failure
+    return {
+        "model": _state_name(reported.model, "model"),
+        "version": _state_int(reported.version, "version"),
+        "variant": _state_name(reported.variant, "variant"),
+        "sha256": _state_name(reported.sha256, "sha256"),
+        "state": reported.state,
+        "since": _state_time(reported.since, "since"),
+        "rollbacks": _state_int(reported.rollbacks, "rollbacks"),
+        "last_failure_version": _state_int(
+            failure.version if failure else None, "last_failure.version"
+        ),
+        "last_failure_reason": _state_name(
+            failure.reason if failure else None, "last_failure.reason"
+        ),
+        "last_failure_detail": _state_text(
+            failure.detail if failure else None, "last_failure.detail"
+        ),
+        "last_failure_at": _state_time(failure.at if failure else None, "last_failure.at"),
+    }
+
+
+def _state_text(value: str | None, name: str) -> str | None:
+    if value is not None and "\x00" in value:
+        raise _RejectedError("malformed_state", f"reported state's {name} holds a NUL character")
+    return value
+
+
+def _state_name(value: str | None, name: str) -> str | None:
+    if value is not None and len(value) > _STATE_NAME_MAX:
+        raise _RejectedError(
+            "malformed_state",
+            f"reported state's {name} has {len(value)} characters, more than {_STATE_NAME_MAX}",
+        )
+    return _state_text(value, name)
+
+
+def _state_int(value: int | None, name: str) -> int | None:
+    if value is not None and not -_INT64_MAX - 1 <= value <= _INT64_MAX:
+        raise _RejectedError(
+            "malformed_state", f"reported state's {name} is outside the stored range of 64 bits"
+        )
+    return value
+
+
+def _state_time(value: int | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromtimestamp(value, UTC)
+    except (OverflowError, OSError, ValueError):
+        raise _RejectedError(
+            "malformed_state",
+            f"reported state's {name} ({str(value)[:30]}) is no time between the years 1 "
+            "and 9999 (Unix seconds)",
+        ) from None
+
+
+def _write_states(
+    session: Session, dialect: str, states: dict[str, list[dict[str, Any]]], now: datetime
+) -> tuple[int, int]:
+    """Upsert each device's newest reported state; returns (updates, unchanged).
+
+    A document equal to the one before it (the stored one, or the previous one in the
+    batch) changes nothing and is counted as unchanged; a device whose documents end where
+    they started is not written at all, so a redelivery leaves ``reported_at`` as it was.
+    """
+    stored = _stored_documents(session, sorted(states))
+    updates = unchanged = 0
+    rows: list[dict[str, Any]] = []
+    for device, documents in states.items():
+        before = current = stored.get(device)
+        for document in documents:
+            if document["document"] == current:
+                unchanged += 1
+            else:
+                updates += 1
+                current = document["document"]
+        if current != before:
+            rows.append(documents[-1] | {"reported_at": now})
+    if rows:
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        statement = insert(_DEVICE_STATES)
+        columns = [name for name in rows[0] if name != "device_id"]
+        upsert = statement.on_conflict_do_update(
+            index_elements=["device_id"],
+            set_={name: statement.excluded[name] for name in columns},
+        )
+        session.execute(upsert, rows)
+    return updates, unchanged
+
+
+def _stored_documents(session: Session, device_ids: list[str]) -> dict[str, str]:
+    """The stored reported-state document of each of ``device_ids`` that has one."""
+    found: dict[str, str] = {}
+    for start in range(0, len(device_ids), _KEYS_PER_LOOKUP):
+        chunk = device_ids[start : start + _KEYS_PER_LOOKUP]
+        rows = session.execute(
+            select(_DEVICE_STATES.c.device_id, _DEVICE_STATES.c.document).where(
+                _DEVICE_STATES.c.device_id.in_(chunk)
+            )
+        )
+        found.update({str(device): str(document) for device, document in rows})
+    return found
 
 
 def _dead_row(item: _Incoming, reason: str, detail: str, now: datetime) -> dict[str, Any]:
@@ -1014,37 +1221,46 @@ def _expected_fleets(session: Session, device_ids: set[str]) -> dict[str, str]:
     return fleets
 
 
-def _upsert_devices(
-    dialect: str, devices: dict[str, tuple[str, bool | None]], now: datetime
-) -> list[tuple[Any, list[dict[str, Any]]]]:
-    """The device upserts of a batch: at most two statements, each run once for many rows.
+def _seen(devices: dict[str, _Seen], plan: _Plan, *, live: bool) -> None:
+    """Note what ``plan`` says of its device in the batch's ``devices``."""
+    seen = devices.get(plan.device)
+    if seen is None:
+        devices[plan.device] = _Seen(plan.fleet, plan.online, live)
+    else:
+        seen.merge(plan.fleet, plan.online, live=live)
 
-    Devices seen only through records get ``last_seen``; those with a status message in the
-    batch also get ``online`` and ``status_changed_at``. A new device is inserted with both
-    timestamps ``now`` (``online`` false until its status says otherwise).
+
+def _upsert_devices(
+    dialect: str, devices: dict[str, _Seen], now: datetime
+) -> list[tuple[Any, list[dict[str, Any]]]]:
+    """The device upserts of a batch: at most three statements, each run once for many rows.
+
+    Devices seen only through records (or live reported states) get ``last_seen``; those
+    with a status message in the batch also get ``online`` and ``status_changed_at``;
+    those known from a retained reported state alone keep their ``last_seen``. A new
+    device is inserted with both timestamps ``now`` (``online`` false until its status
+    says otherwise).
     """
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    groups: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
-    for device_id, (fleet, online) in devices.items():
-        groups[online is not None].append(
+    # (with a status, live) -> rows
+    groups: dict[tuple[bool, bool], list[dict[str, Any]]] = {}
+    for device_id, seen in devices.items():
+        groups.setdefault((seen.online is not None, seen.live), []).append(
             {
                 "device_id": device_id,
-                "fleet": fleet,
+                "fleet": seen.fleet,
                 "first_seen": now,
                 "last_seen": now,
-                "online": bool(online),
-                "status_changed_at": now if online is not None else None,
+                "online": bool(seen.online),
+                "status_changed_at": now if seen.online is not None else None,
             }
         )
     planned: list[tuple[Any, list[dict[str, Any]]]] = []
-    for with_status, rows in groups.items():
-        if not rows:
-            continue
+    for (with_status, live), rows in sorted(groups.items()):
         statement = insert(_DEVICES)
-        update: dict[str, Any] = {
-            "fleet": statement.excluded.fleet,
-            "last_seen": statement.excluded.last_seen,
-        }
+        update: dict[str, Any] = {"fleet": statement.excluded.fleet}
+        if live:
+            update["last_seen"] = statement.excluded.last_seen
         if with_status:
             update["online"] = statement.excluded.online
             update["status_changed_at"] = statement.excluded.status_changed_at

@@ -214,8 +214,7 @@ def test_valid_envelopes_are_stored_once_and_duplicates_counted(
         f"{base}/data/samples",
         f"{base}/result/classifier",
         f"{base}/cmd-resp/corr-1",
-        f"{base}/state/reported",
-    ]
+    ]  # state/reported carries a JSON ReportedState, not envelopes (test_reported_state.py)
     for seq in range(1, 21):
         encoding: Literal["json", "protobuf"] = "json" if seq % 2 else "protobuf"
         publisher.publish(topics[seq % len(topics)], envelope(device, seq, encoding))

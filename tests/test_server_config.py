@@ -198,8 +198,9 @@ def test_devices_reads_the_registry_of_server_yaml_and_prints_utc_times(
     text = CliRunner().invoke(app, ["server", "devices", "-c", str(config)])
     assert text.exit_code == 0, text.output
     header, _, line = text.stdout.splitlines()[:3]
-    assert header.split() == ["device", "fleet", "state", "last", "seen", "records"]
-    assert line.split() == ["pi-1", "lab", "online", "2026-01-02T03:04:05+00:00", "0"]
+    assert header.split()[:7] == ["device", "fleet", "presence", "last", "seen", "records", "model"]
+    # No reported state yet: the model columns show "-".
+    assert line.split() == ["pi-1", "lab", "online", "2026-01-02T03:04:05+00:00", "0"] + ["-"] * 5
 
 
 def test_devices_refuses_an_invalid_server_yaml_naming_the_key(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The cloud registry: devices, enrollments, records and dead letters (SQLAlchemy + alembic)."""
+"""The cloud registry: devices and their model state, enrollments, records, dead letters."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from edgefl.server.registry.models import (
     Base,
     DeadLetter,
     Device,
+    DeviceState,
     Enrollment,
     Record,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "Base",
     "DeadLetter",
     "Device",
+    "DeviceState",
     "Enrollment",
     "Record",
     "default_database_url",

@@ -1,6 +1,7 @@
 """Registry tables: fleet data plus federated training.
 
-Fleet: ``devices``, ``records``, ``dead_letters``. Federated training: ``fl_runs``,
+Fleet: ``devices``, ``records``, ``dead_letters``, ``device_states`` (the model each device
+reports it runs). Federated training: ``fl_runs``,
 ``fl_rounds``, ``privacy_ledger`` and ``fl_checkpoints``. Enrollment: ``enrollments``
 (one device's certificate and Flower node registration under its device id). Releases:
 ``releases`` and ``release_variants`` (a run's model made into signed, verified
@@ -40,6 +41,7 @@ __all__ = [
     "Base",
     "DeadLetter",
     "Device",
+    "DeviceState",
     "Enrollment",
     "FlCheckpoint",
     "FlRound",
@@ -158,6 +160,53 @@ class DeadLetter(Base):
     reason: Mapped[str] = mapped_column(String(64), index=True)
     detail: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class DeviceState(Base):
+    """The model a device reports it runs: its newest retained ``state/reported`` document.
+
+    One row per device, written by the ingest from a valid
+    :class:`~edgefl.proto.desired.ReportedState` (newest wins; the same document again
+    leaves the row as it is). Columns mirror the document; ``document`` keeps it whole.
+
+    Attributes:
+        device_id: The device (the topic's ``{device}``, which the document must name).
+        fleet: The fleet of the topic it arrived on.
+        model: The model it runs (None: none).
+        version: Its release version.
+        variant: Its variant (``int8``, ``pruned50-int8``, ...).
+        sha256: The artifact's sha256 (hex).
+        state: ``running``, ``downloading``, ``verifying``, ``rolled_back``, ``failed`` or
+            ``none``.
+        since: When the running model was swapped in (the device's clock), or None.
+        rollbacks: How many times the device rolled an update back.
+        last_failure_version: The version of its last refused or rolled-back update.
+        last_failure_reason: Its machine reason (``edgefl.releasesign.REASONS``).
+        last_failure_detail: Its human-readable detail.
+        last_failure_at: When it failed (the device's clock).
+        reported_at: When the ingest stored this document.
+        document: The JSON document as the device published it.
+    """
+
+    __tablename__ = "device_states"
+
+    device_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("devices.device_id"), primary_key=True
+    )
+    fleet: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str | None] = mapped_column(String(64))
+    version: Mapped[int | None] = mapped_column(BigInteger)
+    variant: Mapped[str | None] = mapped_column(String(64))
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    rollbacks: Mapped[int] = mapped_column(BigInteger)
+    last_failure_version: Mapped[int | None] = mapped_column(BigInteger)
+    last_failure_reason: Mapped[str | None] = mapped_column(String(64))
+    last_failure_detail: Mapped[str | None] = mapped_column(Text)
+    last_failure_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    reported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    document: Mapped[str] = mapped_column(Text)
 
 
 class FlRun(Base):
