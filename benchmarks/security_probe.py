@@ -55,6 +55,7 @@ AREAS: dict[str, tuple[str, ...]] = {
         "outbox_reset",
         "fleet_spoof",
     ),
+    "reported_state": ("reported_state_forgery", "reported_state_flood"),
     "small": ("inference_huge_shape", "inference_oversized_batch", "run_id_dot"),
 }
 """Probe module under ``benchmarks/probes/`` -> the attack names it must report."""
