@@ -1,73 +1,35 @@
-"""Data sources: where the samples an agent collects come from.
+"""The dataset-replay source: a bundled dataset played back at a rate, as a sensor would.
 
-A source yields records at its own pace; the agent daemon commits every record to the
-outbox before it is published. :class:`DatasetReplaySource` plays a bundled dataset back
-at a configurable rate, standing in for a real sensor so the agent produces real traffic;
-an agent with a ``training:`` section also keeps its labelled samples in the local data
-store (:mod:`edgefl.edge_agent.datastore`) that on-device training reads.
+It stands in for a real sensor so the agent produces real traffic, and with ``evaluation:
+true`` (on the held-out ``test`` split) it feeds the on-device accuracy figure with samples
+that are never stored for training.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import Field, model_validator
 
 from edgefl.config import StrictModel
+from edgefl.edge_agent.sources._base import DataSource, SourceRecord
+from edgefl.edge_agent.sources._samples import SampleError, conform
 from edgefl.proto.ids import ID_REGEX
 
-__all__ = [
-    "DataSource",
-    "DatasetReplayConfig",
-    "DatasetReplaySource",
-    "SourceConfig",
-    "SourceRecord",
-    "build_source",
-    "replay_arrays",
-]
+__all__ = ["DatasetReplayConfig", "DatasetReplaySource", "replay_arrays"]
 
-
-@dataclass(frozen=True)
-class SourceRecord:
-    """One sample a source produced, ready to be enveloped.
-
-    Attributes:
-        stream: Stream name (last topic level).
-        kind: Envelope kind (``data``, ``telemetry``).
-        content_type: MIME type of ``body``.
-        body: The payload.
-        sample: The labelled sample behind ``body`` as ``(flat features, label)``, when the
-            source has one; the agent stores it for local training without parsing
-            ``body`` again.
-    """
-
-    stream: str
-    kind: str
-    content_type: str
-    body: bytes
-    sample: tuple[list[float], int] | None = None
-
-
-class DataSource(ABC):
-    """A producer of records; :meth:`due` is polled by the agent's source loop."""
-
-    name: str
-
-    @abstractmethod
-    def due(self, now: float) -> list[SourceRecord]:
-        """Records that are due at monotonic time ``now`` (possibly none)."""
+logger = logging.getLogger("edgefl.edge_agent.sources")
 
 
 class DatasetReplayConfig(StrictModel):
@@ -87,6 +49,11 @@ class DatasetReplayConfig(StrictModel):
     alpha: float = Field(0.5, gt=0)
     seed: int = 0
     limit: int | None = Field(None, ge=1, description="Stop after this many samples.")
+    evaluation: bool = Field(
+        False,
+        description="Held-out labelled samples: scored for on-device accuracy, never stored "
+        "for training (needs split: test).",
+    )
 
     @model_validator(mode="after")
     def _partition_in_range(self) -> DatasetReplayConfig:
@@ -94,14 +61,21 @@ class DatasetReplayConfig(StrictModel):
             raise ValueError(
                 f"partition {self.partition} must be < num_partitions {self.num_partitions}"
             )
+        if self.evaluation and self.split != "test":
+            raise ValueError(
+                "an evaluation replay plays the held-out split: set split: test (accuracy "
+                "measured on the training split says nothing about the model)"
+            )
         return self
 
 
-SourceConfig = Annotated[DatasetReplayConfig, Field(discriminator="type")]
-
-
 class DatasetReplaySource(DataSource):
-    """Emits one JSON sample ``{"i", "x", "y"}`` every ``1/rate_hz`` seconds, cycling."""
+    """Emits one JSON sample ``{"i", "x", "y"}`` every ``1/rate_hz`` seconds, cycling.
+
+    ``i`` is the sample's row in the dataset; the record's :attr:`~SourceRecord.index`
+    counts what this source emitted. With a model spec (:meth:`expect`) a sample that does
+    not fit it is not emitted: it is counted (``bad_shape`` ...) and logged once.
+    """
 
     def __init__(
         self,
@@ -118,10 +92,12 @@ class DatasetReplaySource(DataSource):
         self._period = 1.0 / config.rate_hz
         self._next = clock()
         self._emitted = 0
+        self._index = 0
+        self._warned: set[str] = set()
 
     @property
     def emitted(self) -> int:
-        """How many samples this source has produced."""
+        """How many samples this source has played (emitted or refused by the model spec)."""
         return self._emitted
 
     @property
@@ -149,28 +125,49 @@ class DatasetReplaySource(DataSource):
             if limit is not None and self._emitted >= limit:
                 break
             i = self._emitted % len(self._y)
-            x = np.round(self._x[i], 5).tolist()
-            body = {"i": int(i), "x": x, "y": int(self._y[i]), "source": self.name}
-            out.append(
-                SourceRecord(
-                    stream=self._config.stream,
-                    kind=self._config.kind,
-                    content_type="application/json",
-                    body=json.dumps(body, separators=(",", ":")).encode(),
-                    sample=(x, int(self._y[i])),
-                )
-            )
-            self._emitted += 1
             self._next += self._period
+            record = self._record(i)
+            if record is not None:
+                out.append(record)
+                self._index += 1
+            self._emitted += 1
         if now - self._next > 1.0:
             # Fell behind (process paused): skip ahead instead of bursting forever.
             self._next = now
         return out
 
-
-def build_source(config: SourceConfig, *, cache_dir: Path | None = None) -> DataSource:
-    """Instantiate the source a config describes (``cache_dir``: see :func:`replay_arrays`)."""
-    return DatasetReplaySource(config, cache_dir=cache_dir)
+    def _record(self, i: int) -> SourceRecord | None:
+        config = self._config
+        label = int(self._y[i])
+        spec = self.expected
+        try:
+            inputs = conform(
+                self._x[i],
+                [] if spec is None else [spec.shape],
+                [] if spec is None else [spec.dtype],
+                typed=True,
+                what=f"{config.dataset} row {i}",
+            )
+        except SampleError as exc:
+            self.reject(exc.reason)
+            if exc.reason not in self._warned:
+                self._warned.add(exc.reason)
+                logger.warning("source %s skips samples the model cannot take: %s", self.name, exc)
+            return None
+        x = np.round(self._x[i], 5).tolist()
+        body = {"i": int(i), "x": x, "y": label, "source": self.name}
+        return SourceRecord(
+            stream=config.stream,
+            kind=config.kind,
+            content_type="application/json",
+            body=json.dumps(body, separators=(",", ":")).encode(),
+            sample=None if config.evaluation else (x, label),
+            source=self.name,
+            index=self._index,
+            inputs=inputs,
+            label=label,
+            evaluation=config.evaluation,
+        )
 
 
 def _compute_replay_arrays(
@@ -235,7 +232,7 @@ def replay_arrays(
         return np.asarray(data["x"], dtype=np.float32), np.asarray(data["y"], dtype=np.int64)
 
 
-def _export(config_json: str, target: str) -> None:
+def export_replay_arrays(config_json: str, target: str) -> None:
     """Child-process side of :func:`replay_arrays`: compute and write the ``.npz``."""
     x, y = _compute_replay_arrays(DatasetReplayConfig.model_validate_json(config_json))
     path = Path(target)
@@ -245,7 +242,3 @@ def _export(config_json: str, target: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-if __name__ == "__main__":
-    _export(sys.argv[1], sys.argv[2])
