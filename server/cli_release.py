@@ -6,7 +6,7 @@ The work is in :mod:`edgefl.server.releases`; this module only parses options an
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -39,6 +39,18 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "-" if value is None else format(value, pattern)
 
 
+def _result(variant: dict[str, Any]) -> str:
+    """A variant's result column: ok, FAILED (verification) or why it was left out."""
+    status = variant.get("status")
+    if status == "published":
+        return "ok"
+    if status == "failed":
+        return "FAILED"
+    if status == "accuracy_drop":
+        return f"left out: accuracy_drop ({_fmt(variant.get('accuracy_drop'), '+.2f')} pts)"
+    return "verified, not published"
+
+
 def _print_release(outcome: ReleaseOutcome) -> None:
     from edgefl.clikit import print_table
 
@@ -56,6 +68,7 @@ def _print_release(outcome: ReleaseOutcome) -> None:
             ("variant", "left"),
             ("size", "right"),
             ("accuracy", "right"),
+            ("drop (pts)", "right"),
             ("latency p50 (µs)", "left"),
             ("sha256", "left"),
             ("result", "left"),
@@ -65,9 +78,10 @@ def _print_release(outcome: ReleaseOutcome) -> None:
                 name,
                 v["size_bytes"],
                 _fmt(v["accuracy"], ".1%"),
+                _fmt(v["accuracy_drop"], "+.2f"),
                 ", ".join(f"{k} {_fmt(us, '.0f')}" for k, us in v["latency_us"].items()),
                 v["sha256"][:12] or None,
-                "ok" if v["passed"] else "FAILED",
+                _result(v),
             )
             for name, v in outcome.variants.items()
         ],
@@ -75,7 +89,8 @@ def _print_release(outcome: ReleaseOutcome) -> None:
     )
     for name, v in outcome.variants.items():
         for reason in v["reasons"]:
-            typer.echo(f"{name} failed: {reason}")
+            verdict = "left out" if v["status"] == "accuracy_drop" else "failed"
+            typer.echo(f"{name} {verdict}: {reason}")
     for note in outcome.notes:
         typer.echo(f"note: {note}")
     if outcome.path:
@@ -125,13 +140,26 @@ def release(
     bench_iters: Annotated[
         int, typer.Option(help="Single-sample runs timed per runtime and variant.", min=0)
     ] = 100,
+    max_accuracy_drop: Annotated[
+        float | None,
+        typer.Option(
+            "--max-accuracy-drop",
+            min=0.0,
+            metavar="POINTS",
+            help="Leave out a variant whose accuracy is more than POINTS below the float "
+            "model's on the evaluation set (held-out only; fp32 is always kept). Default: "
+            "models.max_accuracy_drop of the config, 1.5.",
+        ),
+    ] = None,
     config: ServerConfigOption = None,
     db_url: DbUrlOption = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Build, verify, sign and publish a run's model as a new release version.
 
-    Exits 6 when a variant fails verification: the release is then recorded as failed,
+    A variant more than --max-accuracy-drop points below the float model is left out
+    (reason accuracy_drop) and the others are published. Exits 6 when a variant fails
+    verification, or every variant is left out: the release is then recorded as failed,
     with the reasons, and nothing is published.
     """
     from rich.console import Console
@@ -163,6 +191,9 @@ def release(
         expires_days=expires_days,
         by=by,
         bench_iters=bench_iters,
+        max_accuracy_drop=(
+            max_accuracy_drop if max_accuracy_drop is not None else cfg.models.max_accuracy_drop
+        ),
     )
     variants, _ = select_variants(names, request.calibration)
     with Progress(
@@ -189,8 +220,9 @@ def release(
         raise VerificationError(
             f"{outcome.model} version {outcome.version} is not published: "
             + "; ".join(outcome.reasons),
-            hint="no file was written; release other --recipes, or a round whose model "
-            "verifies (--round)",
+            hint="no file was written; release other --recipes (fp32 is never left out "
+            "for accuracy), a round whose model verifies (--round), or allow a larger "
+            "--max-accuracy-drop",
         )
 
 
@@ -240,7 +272,9 @@ def releases(
                 _fmt(r.privacy["epsilon_max"], ".3g"),
                 _fmt(r.privacy["delta"], ".0e"),
                 ", ".join(
-                    f"{name} ({v['size_bytes']}, {_fmt(v['accuracy'], '.1%')})"
+                    f"{name} ({v['size_bytes']}, {_fmt(v['accuracy'], '.1%')}"
+                    + (", left out: accuracy_drop" if v["status"] == "accuracy_drop" else "")
+                    + ")"
                     for name, v in r.variants.items()
                 ),
                 r.created_by,

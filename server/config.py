@@ -175,6 +175,12 @@ class ModelServiceConfig(StrictModel):
     releases_dir: Path | None = Field(
         None, description="Published releases (default <state_dir>/releases)."
     )
+    max_accuracy_drop: float = Field(
+        1.5,
+        ge=0,
+        description="`server release` leaves out a variant more than this many accuracy "
+        "points below the float model (--max-accuracy-drop overrides it).",
+    )
     tls: TlsFiles = Field(
         default_factory=lambda: TlsFiles(),
         description="cert_file/key_file: the server certificate; ca_file: the fleet CA "

@@ -27,6 +27,19 @@ Pruned variants need labelled data to be fine-tuned, so they come only with ``he
 A default recipe list is narrowed to what the data allows and the output says so; a
 recipe named explicitly that the data does not allow is an error.
 
+Accuracy gate (``--max-accuracy-drop``, default :data:`DEFAULT_MAX_ACCURACY_DROP` points,
+also ``models.max_accuracy_drop`` in server.yaml): verification holds each variant to its
+own torch reference (a pruned variant: the pruned, fine-tuned model), which says nothing
+of what pruning itself cost. So, with labelled data, each verified variant's accuracy
+(its lowest over the runtimes) is also measured against the float model's on the same
+evaluation set; a variant more than the limit below it is left out of the release with
+reason ``accuracy_drop``: no file, and its ``release_variants`` row (measurements kept,
+``path`` empty) says why, while the others are published. The unpruned ``fp32`` variant
+is the float model converted and is always kept when it verifies. When every variant is
+left out, nothing is published and the release is ``failed`` with those reasons. Without
+labelled data (``synthetic``, ``none``) there is no accuracy to compare: the gate is not
+applied, and the output says so.
+
 Failure: a release is all or nothing. When any variant fails verification nothing is
 published (no files) and the release is recorded as ``failed`` with the reasons. Recording
 it (rather than nothing) keeps the audit trail of who tried to release what and why it
@@ -37,7 +50,9 @@ The version is taken (in one transaction, under the unique ``(model, version)`` 
 after the build, and the release row says ``failed`` ("interrupted") until its files are
 in place: the version folder is written beside its final name and moved there with one
 rename, so a reader never sees half a release, and a crash leaves no ``published`` row
-without its files.
+without its files. The reverse, files with no ``published`` row (a crash between the
+rename and the row's update), is not a release: ``edgefl server deploy`` refuses it
+(:mod:`edgefl.server.rollout`).
 
 Runtime: each variant's manifest names one ``runtime``, the key a device's configured
 runtime must equal; the variants are verified on every runtime available here, and the
@@ -82,17 +97,20 @@ if TYPE_CHECKING:
 
     from edgefl.datasets import Dataset
     from edgefl.federation import FederationPlan
-    from edgefl.quantize.build import BuildResult
+    from edgefl.quantize.build import BuildResult, VariantResult
     from edgefl.quantize.recipes import Variant
 
 __all__ = [
+    "ACCURACY_DROP",
     "CALIBRATION_SOURCES",
     "DEFAULT_DEVICE_CLASS",
     "DEFAULT_EXPIRES_DAYS",
+    "DEFAULT_MAX_ACCURACY_DROP",
     "DEFAULT_RECIPES",
     "Calibration",
     "ReleaseOutcome",
     "ReleaseRequest",
+    "accuracy_gate",
     "create_release",
     "list_releases",
     "select_variants",
@@ -106,6 +124,12 @@ DEFAULT_RECIPES: Final = ("fp32", "int8", "pruned50-int8")
 """Variants built when ``--recipes`` is not given (narrowed to what the data allows)."""
 DEFAULT_DEVICE_CLASS: Final = "generic"
 DEFAULT_EXPIRES_DAYS: Final = 90.0
+DEFAULT_MAX_ACCURACY_DROP: Final = 1.5
+"""Accuracy points a variant may lose against the float model and still be published."""
+ACCURACY_DROP: Final = "accuracy_drop"
+"""The reason a variant the accuracy gate left out carries (first word of its reason)."""
+FLOAT_VARIANT: Final = "fp32"
+"""The float model converted: never left out by the accuracy gate."""
 SYNTHETIC_SAMPLES: Final = 512
 """Generated inputs for ``synthetic`` and ``none``: half calibrate, half verify."""
 
@@ -126,6 +150,8 @@ class ReleaseRequest:
         expires_days: How long the signatures stay valid.
         by: The operator's name, recorded beside the OS user.
         bench_iters: Single-sample runs timed per runtime and variant.
+        max_accuracy_drop: Accuracy points a variant may lose against the float model
+            (labelled data only); one that loses more is left out of the release.
     """
 
     run_id: str
@@ -137,6 +163,7 @@ class ReleaseRequest:
     expires_days: float = DEFAULT_EXPIRES_DAYS
     by: str | None = None
     bench_iters: int = 100
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
 
 
 @dataclass
@@ -162,6 +189,7 @@ class ReleaseOutcome:
     variants: dict[str, dict[str, Any]]
     path: str | None = None
     notes: list[str] = field(default_factory=list)
+    max_accuracy_drop: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -185,6 +213,7 @@ class ReleaseOutcome:
             "variants": self.variants,
             "path": self.path,
             "notes": self.notes,
+            "max_accuracy_drop": self.max_accuracy_drop,
         }
 
 
@@ -388,11 +417,58 @@ def _iso(moment: datetime) -> str:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
 
 
+# --- the accuracy gate ---------------------------------------------------------------------
+
+
+def accuracy_gate(
+    variants: Sequence[VariantResult], float_accuracy: float, limit: float
+) -> dict[str, str]:
+    """The verified variants the accuracy gate leaves out: variant -> reason.
+
+    A variant's accuracy is its lowest over the runtimes it was verified on; one more than
+    ``limit`` points below ``float_accuracy`` (the float model's, on the same evaluation
+    set) is left out, with a reason starting :data:`ACCURACY_DROP`. The unpruned ``fp32``
+    variant (the float model converted) never is; refused variants are not looked at.
+    """
+    gated: dict[str, str] = {}
+    for v in variants:
+        if not v.accepted or not v.verified_on or v.variant == FLOAT_VARIANT:
+            continue
+        accuracy = min(c.accuracy for c in v.verified_on.values())
+        drop = (float_accuracy - accuracy) * 100.0
+        if drop > limit + 1e-6:  # a drop that prints as the limit is within it
+            gated[v.variant] = (
+                f"{ACCURACY_DROP}: {drop:.2f} points below the float model "
+                f"({accuracy:.1%} against {float_accuracy:.1%}; the limit is {limit:g})"
+            )
+    return gated
+
+
+def _variant_status(row: ReleaseVariant) -> str:
+    """A variant row's status: ``published``, ``failed``, ``accuracy_drop`` or ``verified``.
+
+    ``failed``: verification refused it; ``accuracy_drop``: the accuracy gate left it out;
+    ``verified``: it passed, but its release was not published.
+    """
+    if row.path:
+        return "published"
+    if not row.passed:
+        return "failed"
+    if any(str(r).startswith(ACCURACY_DROP) for r in json.loads(row.reasons_json)):
+        return ACCURACY_DROP
+    return "verified"
+
+
 # --- the release -----------------------------------------------------------------------------
 
 
 def _variant_rows(
-    result: BuildResult, built: Path, labelled: bool, device_class: str, runtime: str
+    result: BuildResult,
+    built: Path,
+    labelled: bool,
+    device_class: str,
+    runtime: str,
+    gated: dict[str, str],
 ) -> list[ReleaseVariant]:
     from edgefl.manifest import read_manifest
 
@@ -416,7 +492,7 @@ def _variant_rows(
                 runtime=runtime,
                 path=None,
                 passed=v.accepted,
-                reasons_json=json.dumps(v.reasons),
+                reasons_json=json.dumps([gated[v.variant]] if v.variant in gated else v.reasons),
             )
         )
     return rows
@@ -455,7 +531,7 @@ def _allocate(
 
 
 def _publish_files(
-    result: BuildResult,
+    variants: Sequence[VariantResult],
     built: Path,
     releases: Path,
     release: Release,
@@ -473,7 +549,7 @@ def _publish_files(
     # The layout the delivery service serves: <releases>/<model>/<version>/<variant>.*
     paths = {
         v.variant: release_paths(releases, release.model, release.version, v.variant)
-        for v in result.variants
+        for v in variants
     }
     final = next(iter(paths.values()))[0].parent
     if final.exists():
@@ -489,7 +565,7 @@ def _publish_files(
     _, key = signing
     out: dict[str, tuple[str, str]] = {}
     try:
-        for v in result.variants:
+        for v in variants:
             assert v.artifact is not None  # a published release has only accepted variants
             source = built / v.artifact
             manifest = read_manifest(source.with_suffix(".manifest.json"))
@@ -543,7 +619,8 @@ def create_release(
 
     Returns:
         The recorded release; ``status`` is ``failed`` (nothing published, ``reasons``
-        says why) when a variant failed verification.
+        says why) when a variant failed verification or the accuracy gate left every
+        variant out. Variants the gate left out have the status ``accuracy_drop``.
 
     Raises:
         BadInputError: No such run or round, or variants the data cannot build.
@@ -569,6 +646,10 @@ def create_release(
         )
     if request.expires_days <= 0:
         raise BadInputError("--expires-days must be > 0")
+    if not request.max_accuracy_drop >= 0:
+        raise BadInputError(
+            f"--max-accuracy-drop must be >= 0 accuracy points, got {request.max_accuracy_drop}"
+        )
     check_safe_name(request.device_class, "device class")
     variants, notes = select_variants(request.recipes, request.calibration)
     targets = resolve_targets(None)
@@ -627,6 +708,29 @@ def create_release(
             created = int(now.timestamp())
             expires = created + int(request.expires_days * 86400)
             reasons = [f"{v.variant}: {r}" for v in result.refused for r in v.reasons]
+            gated = (
+                accuracy_gate(result.variants, result.torch_accuracy, request.max_accuracy_drop)
+                if labelled
+                else {}
+            )
+            publish = [v for v in result.variants if v.accepted and v.variant not in gated]
+            if not reasons and not publish:
+                reasons = [f"{name}: {why}" for name, why in gated.items()]
+            if labelled:
+                rule = (
+                    f"accuracy gate (--max-accuracy-drop {request.max_accuracy_drop:g} points "
+                    "below the float model; fp32 is always kept)"
+                )
+                notes.append(
+                    f"{rule}: left out {', '.join(gated)}"
+                    if gated
+                    else f"{rule}: every verified variant is within it"
+                )
+            else:
+                notes.append(
+                    "accuracy gate not applied: without labelled data (--calibration "
+                    "held-out) no variant's accuracy is measured"
+                )
             by = _created_by(request.by)
             failure = reasons or ["interrupted before its files were published"]
 
@@ -656,16 +760,17 @@ def create_release(
                 # published one gets its rows with their paths once the files are there.
                 if not reasons:
                     return []
-                return _variant_rows(result, built, labelled, request.device_class, runtime)
+                return _variant_rows(result, built, labelled, request.device_class, runtime, gated)
 
             release = _allocate(sessions, make_release, make_rows)
-            rows = _variant_rows(result, built, labelled, request.device_class, runtime)
+            rows = _variant_rows(result, built, labelled, request.device_class, runtime, gated)
+            limit = request.max_accuracy_drop if labelled else None
             if reasons:
                 step(f"refused: {spec.name} version {release.version} is not published")
-                return _outcome(release, rows, None, notes)
+                return _outcome(release, rows, None, notes, limit)
             try:
                 paths = _publish_files(
-                    result,
+                    publish,
                     built,
                     releases,
                     release,
@@ -689,20 +794,27 @@ def create_release(
                 row.reasons_json = "[]"
                 for variant_row in rows:
                     variant_row.release_id = row.id
-                    variant_row.path = paths[variant_row.variant][0]
+                    # A variant the gate left out keeps its row, without a path.
+                    published = paths.get(variant_row.variant)
+                    variant_row.path = published[0] if published else None
                     session.add(variant_row)
                 session.flush()
                 release = row
                 step(f"published {spec.name} version {row.version}")
-                folder = releases / paths[rows[0].variant][0]
-                return _outcome(row, rows, str(folder.parent), notes)
+                folder = releases / next(iter(paths.values()))[0]
+                return _outcome(row, rows, str(folder.parent), notes, limit)
     finally:
         engine.dispose()
 
 
 def _outcome(
-    release: Release, rows: Sequence[ReleaseVariant], path: str | None, notes: list[str]
+    release: Release,
+    rows: Sequence[ReleaseVariant],
+    path: str | None,
+    notes: list[str],
+    max_accuracy_drop: float | None = None,
 ) -> ReleaseOutcome:
+    float_accuracy = release.float_accuracy
     return ReleaseOutcome(
         id=release.id,
         model=release.model,
@@ -737,12 +849,20 @@ def _outcome(
                 "runtime": r.runtime,
                 "path": r.path,
                 "passed": r.passed,
+                "status": _variant_status(r),
+                # Points below the float model (the accuracy gate's measure).
+                "accuracy_drop": (
+                    None
+                    if r.accuracy is None or float_accuracy is None
+                    else round((float_accuracy - r.accuracy) * 100.0, 4)
+                ),
                 "reasons": json.loads(r.reasons_json),
             }
             for r in rows
         },
         path=path,
         notes=notes,
+        max_accuracy_drop=max_accuracy_drop,
     )
 
 

@@ -227,6 +227,120 @@ def test_versions_grow_and_a_failed_verification_publishes_nothing(
     assert "failed" in table.stdout
 
 
+@pytest.mark.slow
+def test_the_accuracy_gate_leaves_out_a_variant_that_loses_too_much(
+    server: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import edgefl.quantize.build as build
+
+    # The fault: pruning whose fine-tuning does nothing. The pruned variant still verifies
+    # against its own (pruned) torch reference, but it is far below the float model.
+    monkeypatch.setattr(build, "train", lambda *args, **kwargs: None)
+    result = _release(server, "--recipes", "fp32,pruned90-fp32")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["status"] == "published"
+    assert out["max_accuracy_drop"] == 1.5  # the default
+    gated = out["variants"]["pruned90-fp32"]
+    assert gated["passed"], gated["reasons"]  # verification alone would have published it
+    assert gated["status"] == "accuracy_drop"
+    assert gated["path"] is None
+    assert gated["accuracy_drop"] > 1.5
+    drop = (out["float_accuracy"] - gated["accuracy"]) * 100
+    assert gated["accuracy_drop"] == pytest.approx(drop, abs=1e-3)
+    assert gated["reasons"][0].startswith("accuracy_drop: ")
+    assert any(
+        n.startswith("accuracy gate (--max-accuracy-drop 1.5 points") and "left out pruned90" in n
+        for n in out["notes"]
+    )
+    fp32 = out["variants"]["fp32"]
+    assert fp32["status"] == "published"
+    assert abs(fp32["accuracy_drop"]) <= 1.5
+    folder = Path(out["path"])
+    assert sorted(p.name for p in folder.iterdir()) == ["fp32.manifest.json", "fp32.tflite"]
+
+    # The registry keeps the left-out variant, with its reason; the table shows it.
+    listed = _invoke("releases", "-c", str(server["config"]), "--db-url", server["url"], "--json")
+    (row,) = [r for r in json.loads(listed.stdout)["releases"] if r["version"] == out["version"]]
+    assert row["status"] == "published"
+    assert row["variants"]["pruned90-fp32"]["status"] == "accuracy_drop"
+    assert row["variants"]["pruned90-fp32"]["reasons"] == gated["reasons"]
+    assert row["variants"]["fp32"]["status"] == "published"
+    table = _invoke("releases", "-c", str(server["config"]), "--db-url", server["url"])
+    assert "left out: accuracy_drop" in table.stdout
+
+    # Every variant left out: nothing is published, exit 6 with the reasons.
+    alone = _release(server, "--recipes", "pruned90-fp32")
+    assert alone.exit_code == 6, alone.output
+    refused = json.loads(alone.stdout)
+    assert refused["status"] == "failed"
+    assert refused["reasons"][0].startswith("pruned90-fp32: accuracy_drop: ")
+    assert refused["variants"]["pruned90-fp32"]["status"] == "accuracy_drop"
+    assert "accuracy_drop" in alone.stderr
+    assert not (folder.parent / str(refused["version"])).exists()
+
+    # A larger limit in server.yaml (models.max_accuracy_drop) publishes it; the flag wins.
+    relaxed_config = tmp_path / "server.yaml"
+    relaxed_config.write_text(f"state_dir: {server['state']}\nmodels:\n  max_accuracy_drop: 100\n")
+    args = ["--db-url", server["url"], "--run", RUN_ID, "--bench-iters", "5", "--json"]
+    relaxed = _invoke("release", "-c", str(relaxed_config), *args, "--recipes", "pruned90-fp32")
+    assert relaxed.exit_code == 0, relaxed.output
+    published = json.loads(relaxed.stdout)
+    assert published["max_accuracy_drop"] == 100
+    assert published["variants"]["pruned90-fp32"]["status"] == "published"
+    flag = _invoke(
+        "release",
+        "-c",
+        str(relaxed_config),
+        *args,
+        "--recipes",
+        "pruned90-fp32",
+        "--max-accuracy-drop",
+        "1.5",
+    )
+    assert flag.exit_code == 6, flag.output
+
+
+def test_the_gate_measures_against_the_float_model_and_keeps_fp32() -> None:
+    from edgefl.manifest import RuntimeVerification
+    from edgefl.quantize.build import VariantResult
+    from edgefl.server.releases import accuracy_gate
+
+    def variant(
+        name: str, *accuracies: float, accepted: bool = True, prune: float | None = None
+    ) -> VariantResult:
+        checks = {
+            f"rt{i}": RuntimeVerification(
+                runtime=f"rt{i}",
+                version="1",
+                samples=200,
+                max_abs_error=0.0,
+                top1_agreement=1.0,
+                accuracy=acc,
+                reference_accuracy=acc,  # its own reference: verification sees no loss
+                passed=accepted,
+            )
+            for i, acc in enumerate(accuracies)
+        }
+        return VariantResult(name, name, prune, accepted, 100, f"{name}.tflite", checks)
+
+    gated = accuracy_gate(
+        [
+            variant("fp32", 0.70),  # the float model converted: always kept
+            variant("int8", 0.885),  # 1.5 points below: within the limit
+            variant("fp16", 0.9, 0.884),  # its lowest runtime is 1.6 below
+            variant("pruned50-int8", 0.86, prune=0.5),
+            variant("int8-wo", 0.10, accepted=False),  # refused already: not the gate's
+        ],
+        float_accuracy=0.9,
+        limit=1.5,
+    )
+    assert sorted(gated) == ["fp16", "pruned50-int8"]
+    assert gated["pruned50-int8"].startswith("accuracy_drop: 4.00 points below")
+    assert "the limit is 1.5" in gated["fp16"]
+    assert accuracy_gate([variant("int8", 0.5)], float_accuracy=0.9, limit=100) == {}
+
+
 def test_an_unknown_run_is_bad_input(tmp_path: Path) -> None:
     from edgefl.server.release_keys import create_release_key
 
