@@ -277,9 +277,7 @@ class FolderSource(PushSource):
         """Rename ``name`` into the folder ``into`` under a free name; ``None`` if it failed."""
         target = name
         for attempt in range(1, 1000):
-            try:
-                os.stat(target, dir_fd=into, follow_symlinks=False)
-            except FileNotFoundError:
+            if not any(_exists(n, into) for n in (target, f"{target}.reason.json")):
                 break
             stem, dot, suffix = name.rpartition(".")
             target = f"{stem}.{attempt}{dot}{suffix}"
@@ -307,6 +305,14 @@ class FolderSource(PushSource):
     def status(self) -> dict[str, Any]:
         """Adds the folder and how many files were done."""
         return {**super().status(), "path": str(self.path), "done": self.done}
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _read_at_most(fd: int, limit: int) -> bytes:
