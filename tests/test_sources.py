@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -22,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 import yaml
+from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
 from edgefl.config import validate_config
@@ -47,6 +50,8 @@ from edgefl.edge_agent.sources import (
 )
 from edgefl.edge_agent.sources._samples import conform, read_json, read_npy, split_batch
 from edgefl.errors import ConfigError
+from edgefl.proto.serde import decode_envelope
+from edgefl.testing import EdgeflProcesses, Mosquitto, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_DIR = ROOT / "examples" / "source_plugin"
@@ -944,3 +949,67 @@ def test_threads_pushing_into_one_source_get_distinct_indices() -> None:
     assert sorted(firsts) == list(range(0, 1600, 2))
     # A group's samples stay together, in order.
     assert all(json.loads(records[i].body)["x"] == [1.0] for i in range(0, 1600, 2))
+
+
+# ---- a real agent process fed by a sensor ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_agent_process_takes_a_sensors_samples_without_scikit_learn(
+    tmp_path: Path, broker: Mosquitto, edgefl_procs: EdgeflProcesses
+) -> None:
+    """`edgefl agent run` with an endpoint (Unix socket) and a folder: what a sensor sends
+    reaches the broker, with each source's name and index; the agent maps no scikit-learn,
+    SciPy or torch."""
+    sock, inbox = tmp_path / "samples.sock", tmp_path / "inbox"
+    fleet = f"s{os.getpid()}"
+    config = {
+        "device_id": "dev-s",
+        "fleet": fleet,
+        "state_dir": str(tmp_path / "state"),
+        "mqtt": {"port": broker.port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+        "sources": [
+            {"type": "endpoint", "name": "sensor", "unix_socket": {"path": str(sock)}},
+            {"type": "folder", "name": "drop", "path": str(inbox), "poll_interval_s": 0.1},
+        ],
+        "status_interval_s": 0.2,
+    }
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    bodies: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with lock:
+            bodies.append(json.loads(decode_envelope(bytes(msg.payload)).body))
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"c-{fleet}")
+    client.on_message = on_message
+    client.connect("127.0.0.1", broker.port)
+    client.subscribe(f"edgefl/{fleet}/dev-s/data/#", qos=1)
+    client.loop_start()
+    agent = edgefl_procs.start("agent", "run", "--config", str(path), log="agent.log")
+    try:
+        wait_for(sock.exists, 30, "the endpoint's socket")
+        conn = UnixHTTPConnection(sock)
+        assert post_json(conn, {"samples": [{"x": [1, 2], "y": 1}, {"x": [3, 4]}]})[0] == 202
+        assert post_json(conn, {"x": [1, "two"]})[0] == 400
+        assert post_json(conn, {"x": [5, 6], "y": 0})[0] == 202
+        write_atomically(inbox / "a.npy", npy(np.ones((2, 2))))
+        write_atomically(inbox / "b.json", b'{"x": [7, 8]}')
+
+        wait_for(lambda: len(bodies) == 6, 30, "all 6 samples at the broker")
+        with lock:
+            got = sorted((b["source"], b["i"]) for b in bodies)
+        assert got == [(name, i) for name in ("drop", "sensor") for i in range(3)]
+        pid = agent.pid
+        assert pid is not None
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert not [m for m in ("sklearn", "scipy", "torch") if f"/{m}/" in maps]
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0
+        client.loop_stop()
+        client.disconnect()
+    assert not sock.exists()  # the agent removed its socket
+    assert sorted(p.name for p in (inbox / "done").iterdir()) == ["a.npy", "b.json"]
