@@ -881,6 +881,17 @@ def test_docs_config_examples_are_valid_agent_configs(tmp_path: Path) -> None:
         validate_config(AgentConfig, data, source="docs/sources.md")
 
 
+def test_readme_sources_example_is_a_valid_agent_config(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Data sources: the device's own samples", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    data = {"device_id": "d", "state_dir": str(tmp_path), "mqtt": {"port": 1883}}
+    config = validate_config(AgentConfig, {**data, **yaml.safe_load(example)}, source="README")
+    assert [s.type for s in config.sources] == ["endpoint", "folder", "plugin", "dataset-replay"]
+    curl = section.split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    assert curl in (ROOT / "docs" / "sources.md").read_text(encoding="utf-8")  # run there
+
+
 @pytest.mark.slow
 def test_docs_endpoint_examples_run_against_a_live_endpoint(tmp_path: Path) -> None:
     """Every ``curl`` line and the Python sensor of docs/sources.md, against an endpoint."""
