@@ -473,6 +473,10 @@ class _LimitedServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
             self._slots.release()
             raise
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A connection that failed mid-way is the sender's problem: logged, never printed.
+        logger.warning("source %s: a request failed", self.source.name, exc_info=True)
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
@@ -611,7 +615,10 @@ class _Handler(BaseHTTPRequestHandler):
         except _RefusedError as refusal:
             self._refuse(refusal)
             return
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except OSError:  # the sender stalled past request_timeout_s, or went away
+            body = b""
         if len(body) != length:
             self.source.reject("incomplete")
             self.close_connection = True

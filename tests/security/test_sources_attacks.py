@@ -455,3 +455,24 @@ def test_folder_pickled_npy_is_refused_and_never_unpickled(tmp_path: Path) -> No
     assert not marker.exists()
     assert source.rejected == {"pickled": 1}
     assert stat.S_ISREG(os.lstat(inbox / "rejected" / "evil.npy").st_mode)
+
+
+def test_a_body_that_stalls_is_dropped_after_the_timeout(capfd: pytest.CaptureFixture[str]) -> None:
+    source = EndpointSource(EndpointConfig(http=EndpointHttp(port=0), request_timeout_s=0.3))
+    try:
+        head = (
+            b"POST /samples HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", _port(source)), timeout=5) as sock:
+            sock.sendall(head + b'{"x": [')  # and then nothing more
+            assert sock.recv(1024) == b""  # closed, no answer to half a request
+        deadline = time.monotonic() + 5
+        while source.rejected != {"incomplete": 1} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert source.rejected == {"incomplete": 1}
+        assert source.queued == 0
+        assert _post(_port(source), b'{"x": [1]}')[0] == 202
+    finally:
+        source.close()
+    assert "Traceback" not in capfd.readouterr().err
