@@ -1,6 +1,7 @@
 """A real simulation through the CLI: Flower's engine (Ray), our ServerApp and ClientApp.
 
-One Ray run for the whole file (about a minute here, most of it Ray's start-up).
+One Ray run of the README's main command (quick.toml as shipped) for the whole file: 30-80 s
+here depending on the load, most of it Ray's and the workers' start-up.
 """
 
 from __future__ import annotations
@@ -73,6 +74,27 @@ def test_report_follows_the_output_contract(quick_run: tuple[Path, dict[str, Any
     assert rounds[-1]["epsilon_max"] == pytest.approx(max(eps.values()))
     # ε only grows, round after round.
     assert rounds[0]["epsilon_max"] <= rounds[-1]["epsilon_max"]
+
+
+MAIN_MIN_ACCURACY = 0.75
+"""The main command must visibly learn: chance on digits is 10%; over seeds 0-4 it ends at
+89-93% (benchmarks/utility_bench.py --only main), so a regression towards chance fails."""
+
+
+@pytest.mark.slow
+def test_the_main_command_learns_under_dp(quick_run: tuple[Path, dict[str, Any], str]) -> None:
+    _, report, _ = quick_run
+    scenario = load_scenario(QUICK)
+    assert scenario.dp.enabled
+    assert scenario.dp.target_epsilon == 8.0
+    assert report["complete"], report["shortfall"]
+    accuracies = [r["accuracy"] for r in report["rounds"]]
+    assert report["final_accuracy"] >= MAIN_MIN_ACCURACY, accuracies
+    # A learning curve, not a lucky last round: it starts far below where it ends.
+    assert accuracies[0] < report["final_accuracy"] - 0.2, accuracies
+    # Every device spent its budget (DP was on all the way), none past it.
+    eps = report["epsilon_per_device"].values()
+    assert all(0.9 * scenario.dp.cap < e <= scenario.dp.cap * (1 + 1e-6) for e in eps)
 
 
 @pytest.mark.slow
