@@ -1,7 +1,7 @@
 """A real simulation through the CLI: Flower's engine (Ray), our ServerApp and ClientApp.
 
-One Ray run of the README's main command (quick.toml as shipped) for the whole file: 30-80 s
-here depending on the load, most of it Ray's and the workers' start-up.
+One Ray run of the README's main command (quick.toml as shipped) for the whole file: about a
+minute here, more on a loaded machine, most of it Ray's and the workers' start-up.
 """
 
 from __future__ import annotations
