@@ -224,6 +224,7 @@ class Agent:
                 models.server,
                 models.tls or self.config.mqtt.tls,
                 timeout_s=models.download_timeout_s,
+                stall_timeout_s=models.stall_timeout_s,
             ),
             device_id=self.config.device_id,
             fleet=self.config.fleet,

@@ -3,7 +3,8 @@
 Kept apart from the manager so that loading a config never imports the runtimes.
 Defaults (stated here and in the README): off (``enabled: false``); a health window of
 60 s after a swap, probed every 10 s, rolling back on a load failure, an inference error,
-a golden mismatch, or a median latency over 3x the previous model's.
+a golden mismatch, or a median latency over 3x the previous model's; a download that
+receives nothing for 30 s (``stall_timeout_s``) is abandoned and resumed on a retry.
 """
 
 from __future__ import annotations
@@ -93,6 +94,13 @@ class ModelsConfig(StrictModel):
         "timing noise alone, which no latency budget notices.",
     )
     download_timeout_s: float = Field(300.0, gt=0, description="Deadline of one download call.")
+    stall_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A download that receives nothing for this long is abandoned (a silent "
+        "network drop) and retried, resuming from the staged bytes. 30 s: one 64 KiB chunk "
+        "takes 16 s at 32 kbit/s, and gRPC keepalive alone can take 60 s to notice.",
+    )
     retry_min_s: float = Field(2.0, gt=0, description="First retry delay of a failed download.")
     retry_max_s: float = Field(300.0, gt=0, description="Longest retry delay of a download.")
 

@@ -143,10 +143,18 @@ class FolderSource:
 class GrpcSource:
     """The server's ``Models`` service over mutual TLS (:mod:`.download`)."""
 
-    def __init__(self, target: Address, tls: TlsFiles, *, timeout_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        target: Address,
+        tls: TlsFiles,
+        *,
+        timeout_s: float = 300.0,
+        stall_timeout_s: float = 30.0,
+    ) -> None:
         self.target = target
         self.tls = tls
         self.timeout_s = timeout_s
+        self.stall_timeout_s = stall_timeout_s
 
     def fetch_manifest(self, model: str, version: int, variant: str) -> bytes:
         """The signed manifest as published."""
@@ -169,6 +177,7 @@ class GrpcSource:
             variant,
             dest,
             timeout_s=self.timeout_s,
+            stall_timeout_s=self.stall_timeout_s,
             expected_size=expected_size,
         )
 
