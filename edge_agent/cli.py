@@ -116,6 +116,9 @@ def status(config: ConfigOption, as_json: Annotated[bool, JSON_OPTION] = False) 
     models = report.get("models")
     if models is not None:
         typer.echo(_models_line(models))
+    inference = report.get("inference")
+    if inference is not None:
+        typer.echo(_inference_lines(inference))
 
 
 def _when(stamp: Any) -> str:
@@ -150,6 +153,44 @@ def _models_line(models: dict[str, Any]) -> str:
             f"{_when(failure.get('at'))}: {failure['detail']}"
         )
     return line
+
+
+def _ms(value: Any) -> str:
+    return "-" if not isinstance(value, int | float) else f"{value:.2f} ms"
+
+
+def _inference_lines(doc: dict[str, Any]) -> str:
+    """The loop's model and figures, then one line per model version that answered."""
+    model = doc.get("model")
+    serving = "no model yet" if not model else f"{model['model']} v{model['version']} "
+    if model:
+        serving += f"({model['variant']})"
+    rate = doc.get("samples_per_s")
+    queue = doc.get("queue") or {}
+    lines = [
+        f"inference: {serving}, {'-' if rate is None else f'{rate:.1f}'} samples/s, "
+        f"{doc.get('answered', 0)} answered, dropped {doc.get('dropped', 0)}, rejected "
+        f"{sum((doc.get('rejected') or {}).values())}, queue {queue.get('depth', 0)}/"
+        f"{queue.get('size', '-')}, mode {doc.get('mode')} budget {doc.get('budget_ms')} ms"
+    ]
+    for v in doc.get("versions") or []:
+        accuracy = v.get("accuracy")
+        per_s = v.get("samples_per_s")
+        lines.append(
+            f"  v{v['version']} ({v['variant']}): {v['answered']} answered"
+            f"{'' if per_s is None else f' at {per_s:.1f}/s'}, "
+            f"local p50 {_ms(v.get('local_p50_ms'))} p99 {_ms(v.get('local_p99_ms'))}, offload "
+            f"{100 * float(v.get('offload_fraction') or 0):.1f}%, deadline misses "
+            f"{v.get('deadline_misses', 0)}, dropped {v.get('dropped', 0)}, accuracy "
+            + ("-" if accuracy is None else f"{100 * accuracy:.1f}% of {v['evaluated']}")
+        )
+    swaps = doc.get("swaps") or {}
+    if swaps.get("count"):
+        lines.append(
+            f"  swaps {swaps['count']}, pause p50 {_ms(swaps.get('pause_p50_ms'))} p99 "
+            f"{_ms(swaps.get('pause_p99_ms'))}"
+        )
+    return "\n".join(lines)
 
 
 @app.command()

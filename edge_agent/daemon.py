@@ -17,6 +17,14 @@ the agent also keeps every labelled sample in its local data store
 and sends the ClientApp's per-round training reports (spooled as JSON files in
 ``<state_dir>/fl-telemetry/``) as ``telemetry/training`` envelopes through the outbox,
 exactly once: a file is committed under its name as import key, then deleted.
+
+With an ``inference:`` section (:class:`~edgefl.edge_agent.inference.InferenceConfig`)
+every sample of the chosen sources is also offered to the inference loop
+(:mod:`edgefl.edge_agent.inference.loop`), which answers it with the model manager's
+current model (moving to a new one between two samples when the manager swaps), commits
+a ``result`` envelope, and reports its figures per model version as ``telemetry/inference``
+and in the status file. A record marked ``evaluation`` (a held-out split) is answered and
+scored but never kept in the training data store.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from edgefl.edge_agent.commands import (
 from edgefl.edge_agent.datastore import SAMPLES_FILE, LocalDataStore, Sample
 from edgefl.edge_agent.fl.supernode import TELEMETRY_DIR, SuperNodeSupervisor, TrainingConfig
 from edgefl.edge_agent.identity import CertRenewer
+from edgefl.edge_agent.inference.config import InferenceConfig
 from edgefl.edge_agent.models.config import ModelsConfig
 from edgefl.edge_agent.mqtt_link import InboundMessage, MqttLink, MqttLinkConfig, OutboxSender
 from edgefl.edge_agent.offload.config import OffloadConfig
@@ -104,6 +113,11 @@ class AgentConfig(StrictModel):
     offload: OffloadConfig | None = Field(
         None, description="Device model and cloud offload for `edgefl agent predict`."
     )
+    inference: InferenceConfig = Field(
+        default_factory=lambda: InferenceConfig(),
+        description="The inference loop: answer every sample of the sources with the model "
+        "manager's current model, offloading as offload: does (off by default).",
+    )
     training: TrainingConfig | None = Field(
         None, description="Federated training on this device (a supervised Flower SuperNode)."
     )
@@ -121,6 +135,24 @@ class AgentConfig(StrictModel):
         description="Signed model updates: follow state/desired, download, verify, swap "
         "(off by default).",
     )
+
+    @model_validator(mode="after")
+    def _inference_has_a_model_and_its_sources(self) -> AgentConfig:
+        if not self.inference.enabled:
+            return self
+        if not self.models.enabled:
+            raise ValueError(
+                "inference.enabled needs models.enabled: the loop serves the model the model "
+                "manager installs (add a models: section with enabled: true and its server)"
+            )
+        names = [s.name for s in self.sources]
+        unknown = sorted(set(self.inference.sources or []) - set(names))
+        if unknown:
+            raise ValueError(
+                f"inference.sources names {unknown}, which are not sources of this agent "
+                f"(it has {sorted(names)})"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -199,6 +231,20 @@ class Agent:
                 device_id=config.device_id,
                 state_dir=config.state_dir,
                 data_store=self.datastore.path,
+            )
+        self.inference: Any = None  # an InferenceLoop when inference.enabled
+        if config.inference.enabled:
+            # Imported only when used: the loop loads numpy, grpc and the runtimes.
+            from edgefl.edge_agent.inference.loop import InferenceLoop
+
+            self.inference = InferenceLoop(
+                config.inference,
+                models=self.models,
+                runtime_key=config.models.runtime,
+                commit=self.submit,
+                sources=self.sources,
+                device_id=config.device_id,
+                fleet=config.fleet,
             )
 
     def _model_manager(self) -> Any:
@@ -351,10 +397,11 @@ class Agent:
 
     def _keep_samples(self, records: Sequence[SourceRecord]) -> None:
         assert self.datastore is not None
+        # An evaluation record (a held-out split) is scored, never trained on.
         samples = [
             Sample(x=r.sample[0], y=r.sample[1], stream=r.stream)
             for r in records
-            if r.sample is not None
+            if r.sample is not None and not getattr(r, "evaluation", False)
         ]
         if not samples:
             return
@@ -476,13 +523,23 @@ class Agent:
             self.commands.start(self.link.messages)
         self.link.start()
         self.sender.start()
+        loop = self.inference
+        if loop is not None:
+            loop.start()  # loads the current model before the first sample is due
         next_status = 0.0
         next_training = 0.0
+        next_report = time.monotonic() + self.config.inference.report_interval_s
         try:
             while not stop.is_set():
                 now = time.monotonic()
                 for source in self.sources:
-                    self.submit(source.due(now))
+                    records = source.due(now)
+                    self.submit(records)
+                    if loop is not None and records and loop.serves(source.name):
+                        loop.offer(source.name, records)
+                if loop is not None and now >= next_report:
+                    self.submit([loop.report()])
+                    next_report = now + self.config.inference.report_interval_s
                 if now >= next_training:
                     self._training_tick()
                     self._renewal_tick(now)
@@ -492,6 +549,16 @@ class Agent:
                     next_status = now + self.config.status_interval_s
                 stop.wait(0.01)
         finally:
+            if loop is not None:
+                loop.stop()  # answers what is queued; the results are committed
+                self.submit([loop.report()])
+            for source in self.sources:
+                close = getattr(source, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception:  # one source's problem must not stop the shutdown
+                        logger.exception("closing source %s failed", source.name)
             if self.supervisor is not None:
                 self.supervisor.close()
             if self.models is not None:
@@ -528,7 +595,18 @@ class Agent:
             },
             "commands": self.commands.stats.as_dict(),
             "training": self.training_status(),
+            "sources": [self._source_status(s) for s in self.sources],
+            "inference": None if self.inference is None else self.inference.status(),
         }
+
+    @staticmethod
+    def _source_status(source: DataSource) -> dict[str, Any]:
+        status = getattr(source, "status", None)
+        if callable(status):
+            doc = status()
+            if isinstance(doc, dict):
+                return doc
+        return {"name": source.name, "type": type(source).__name__}
 
     def training_status(self) -> dict[str, Any] | None:
         """The SuperNode supervisor's state, the data store and the telemetry import."""
@@ -586,6 +664,8 @@ def read_status(config: AgentConfig) -> dict[str, Any]:
         "sender": report.get("sender", {}),
         "commands": report.get("commands", {}),
         "training": report.get("training"),
+        "sources": report.get("sources", []),
+        "inference": report.get("inference"),
         "models": _models_status(config),
     }
 

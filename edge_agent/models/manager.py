@@ -256,6 +256,9 @@ class ModelManager:
         # A failed download is started again on the project's one backoff curve.
         self._retry = RestartBackoff(config.retry_min_s, config.retry_max_s, float("inf"))
         self._probation: dict[str, Any] | None = None
+        # Whoever serves the model (the inference loop) hears of every change of it.
+        self._listeners: list[Callable[[], None]] = []
+        self.generation = 0
         self._load_status()
         self._resume_probation()
 
@@ -276,6 +279,26 @@ class ModelManager:
                     return None
                 self._manifests[installed.sha256] = manifest
         return CurrentModel(installed.path, manifest, installed)
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every change of the serving model (swap or rollback).
+
+        It runs on the manager's thread right after the pointer moved, so it must only
+        take note (set an event); :meth:`current` then names the new model and
+        :attr:`generation` has grown by one.
+        """
+        with self._lock:
+            self._listeners.append(callback)
+
+    def _serving_changed(self) -> None:
+        with self._lock:
+            self.generation += 1
+            listeners = list(self._listeners)
+        for callback in listeners:
+            try:
+                callback()
+            except Exception:  # a listener must never stop an update
+                logger.exception("a serving-model listener failed")
 
     def record_inference(self, *, error: str | None = None) -> None:
         """The serving loop reports an inference; an error during probation rolls back."""
@@ -456,6 +479,7 @@ class ModelManager:
             installed.slot,
             probe_p50,
         )
+        self._serving_changed()
         self._open_window(installed, manifest, baseline)
         self._set_state("running")
 
@@ -674,6 +698,7 @@ class ModelManager:
                 "to_version": back.version,
                 "rollback": True,
             }
+        self._serving_changed()
         logger.warning(
             "rolled back %s v%d to v%d: %s (%s)",
             bad.model,

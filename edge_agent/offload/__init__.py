@@ -17,6 +17,7 @@ from .breaker import BreakerState, CircuitBreaker
 from .config import (
     BreakerConfig,
     CloudConfig,
+    CloudOffloadConfig,
     CloudTarget,
     Mode,
     OffloadConfig,
@@ -37,6 +38,7 @@ __all__ = [
     "CloudAnswer",
     "CloudConfig",
     "CloudError",
+    "CloudOffloadConfig",
     "CloudTarget",
     "Decision",
     "InferenceClient",

@@ -27,6 +27,7 @@ from .estimators import Statistic
 __all__ = [
     "BreakerConfig",
     "CloudConfig",
+    "CloudOffloadConfig",
     "CloudTarget",
     "Mode",
     "OffloadConfig",
@@ -132,13 +133,14 @@ class PolicyConfig(StrictModel):
     )
 
 
-class OffloadConfig(PolicyConfig):
-    """Everything the predictor needs: the device model, the policy and the cloud."""
+class CloudOffloadConfig(PolicyConfig):
+    """The policy, the cloud and the breaker: what a predictor needs besides its model.
 
-    model: Path | None = Field(
-        None, description="Device model: a .tflite file or a folder of built artifacts."
-    )
-    runtime: str | None = Field(None, description="Device runtime key; default: the best here.")
+    ``offload:`` (:class:`OffloadConfig`, for ``edgefl agent predict``) and ``inference:``
+    (the daemon's loop, :mod:`edgefl.edge_agent.inference.config`) both build on it, so
+    the two sections speak the same keys.
+    """
+
     threads: int = Field(1, ge=1, le=64, description="Interpreter CPU threads.")
     cloud: CloudConfig | None = Field(None, description="The inference service; None = local only.")
     breaker: BreakerConfig = Field(default_factory=lambda: BreakerConfig())
@@ -147,3 +149,12 @@ class OffloadConfig(PolicyConfig):
         pattern=ID_REGEX,
         description="Stream name in the result topic edgefl/{fleet}/{device}/result/{stream}.",
     )
+
+
+class OffloadConfig(CloudOffloadConfig):
+    """Everything ``edgefl agent predict`` needs: the device model, the policy and the cloud."""
+
+    model: Path | None = Field(
+        None, description="Device model: a .tflite file or a folder of built artifacts."
+    )
+    runtime: str | None = Field(None, description="Device runtime key; default: the best here.")

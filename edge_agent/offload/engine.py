@@ -45,8 +45,8 @@ from edgefl.proto.topics import record_topic
 
 from .breaker import CircuitBreaker
 from .client import CloudError, InferenceClient
-from .config import OffloadConfig
-from .estimators import OffloadEstimates
+from .config import CloudOffloadConfig, OffloadConfig
+from .estimators import OffloadEstimates, RollingEstimate
 from .policy import OffloadPolicy
 
 __all__ = [
@@ -173,9 +173,14 @@ def load_runtime(config: OffloadConfig) -> Runtime:
 class Predictor:
     """Local-first inference with latency-budgeted offload.
 
+    The runtime can be replaced between two predictions (:meth:`swap_runtime`): the
+    inference loop moves to a newly installed model without losing the cloud channel, the
+    estimates of the network or the breaker's state.
+
     Args:
         runtime: The device model, loaded.
-        config: Policy, cloud endpoint and breaker settings.
+        config: Policy, cloud endpoint and breaker settings (``offload:`` or
+            ``inference:``).
         client: Client to use instead of building one from ``config.cloud`` (tests, or
             sharing a channel); the predictor closes only a client it built itself.
         outbox: Where results are committed; ``None`` keeps them in memory only.
@@ -190,7 +195,7 @@ class Predictor:
     def __init__(
         self,
         runtime: Runtime,
-        config: OffloadConfig,
+        config: CloudOffloadConfig,
         *,
         client: InferenceClient | None = None,
         outbox: Outbox | None = None,
@@ -262,6 +267,29 @@ class Predictor:
             self._health_thread = None
         if self._owns_client and self.client is not None:
             self.client.close()
+
+    def swap_runtime(self, runtime: Runtime) -> Runtime:
+        """Serve the following samples with ``runtime``; returns the one it replaces.
+
+        Call it between two predictions (the inference loop does, on its own thread): a
+        prediction reads the runtime once, so none is answered by half of each. The local
+        latency estimate starts again (it described the old model); the network estimates
+        and the breaker stay. When the input shape changed, the cloud model is checked
+        again in the background.
+        """
+        shape = runtime.inputs[0].shape[1:]
+        with self._lock:
+            old, self.runtime = self.runtime, runtime
+            changed = shape != self.input_shape
+            self.input_shape = shape
+            self.estimates.local = RollingEstimate(
+                alpha=self.config.ewma_alpha, window=self.config.window
+            )
+        if changed and self.client is not None and self.config.cloud is not None:
+            threading.Thread(
+                target=self._check_cloud_model, name="offload-model-check", daemon=True
+            ).start()
+        return old
 
     def __enter__(self) -> Predictor:
         self.start()
@@ -384,7 +412,8 @@ class Predictor:
             raise BadInputError(f"the budget must be > 0 ms, got {budget}")
         arrived = time.perf_counter()
         request_id = f"{self._prefix}-{next(self._ids)}"
-        local_probs = softmax(self.runtime.run(sample[None])[0])
+        runtime = self.runtime  # read once: a swap between two samples never splits one
+        local_probs = softmax(runtime.run(sample[None])[0])
         local_ms = (time.perf_counter() - arrived) * 1000.0
         local_label = int(local_probs.argmax())
         local_conf = float(local_probs[local_label])

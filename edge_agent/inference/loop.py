@@ -1,0 +1,548 @@
+"""The inference loop: each sample a source produces, answered by the current model.
+
+The daemon polls its sources on its main thread and :meth:`InferenceLoop.offer` s every
+record of a served source to a bounded queue. It never waits: a sample that finds the
+queue full is dropped and counted (``dropped``, the shortfall when the model cannot keep
+up with the sources). The loop's own thread takes the samples in order and, for each:
+
+1. turns it into one model input (``SourceRecord.inputs``, or a replay record's flat
+   features reshaped to the model's input) and refuses, with a counted reason, what does
+   not fit: ``bad_shape``, ``bad_dtype``, ``not_finite``, ``out_of_range`` (beyond
+   float32), ``no_inputs``;
+2. runs the model manager's current model through the
+   :class:`~edgefl.edge_agent.offload.engine.Predictor`: the local answer first, then the
+   offload policy (budget, estimates, circuit breaker) and the local fallback;
+3. commits a ``result`` envelope (``edgefl/{fleet}/{device}/result/{result_stream}``) to
+   the outbox with the source, the sample's index, the model, version and variant that
+   answered and where it was computed, the label when known and the latency.
+
+**Hot swap.** The loop always serves the model manager's current model. The manager calls
+the loop's listener when it installs or rolls back a model; a loader thread then builds
+the new interpreter (and runs it once, so the first real sample does not pay for a cold
+start) while the loop keeps answering on the old one, and leaves it in a pending slot.
+Between two samples the loop takes it and swaps one reference, so every sample is
+answered exactly once, by one model, and none waits in the queue for the build. The
+pause is measured (:class:`~edgefl.edge_agent.inference.stats.SwapRecord`).
+
+Samples whose record says ``evaluation`` are answered and scored (on-device accuracy per
+model version); the daemon never keeps them in the training data store.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from edgefl.edge_agent.offload.engine import PredictionResult, Predictor
+from edgefl.edge_agent.runtimes import Runtime, create_runtime
+from edgefl.edge_agent.sources import DataSource, SourceRecord
+from edgefl.errors import BadInputError, EdgeflError
+from edgefl.proto.serde import JSON_CONTENT_TYPE, canonical_json_body
+
+from .config import TELEMETRY_STREAM, InferenceConfig
+from .stats import InferenceStats, ModelKey, SwapRecord
+
+__all__ = ["InferenceLoop", "SampleRefusedError", "ServingModels", "model_input"]
+
+logger = logging.getLogger(__name__)
+
+_FLOAT32_MAX: Final = float(np.finfo(np.float32).max)
+_BATCH: Final = 32  # results committed per outbox transaction at most
+_SERVICE_WINDOW: Final = 64  # recent per-sample times behind the swap pause's baseline
+
+
+class ServingModels(Protocol):
+    """What the loop needs of the model manager.
+
+    :class:`~edgefl.edge_agent.models.manager.ModelManager` is the one implementation.
+    """
+
+    @property
+    def generation(self) -> int:
+        """How many times the serving model changed."""
+
+    def current(self) -> Any:
+        """The serving model (``path``, ``installed``: model, version, variant, sha256)."""
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Have ``callback`` called after every change of the serving model."""
+
+    def record_inference(self, *, error: str | None = None) -> None:
+        """Report an inference error (it rolls back a model on probation)."""
+
+
+class SampleRefusedError(Exception):
+    """A sample that does not fit the model; ``reason`` is the counted reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def model_input(record: SourceRecord, shape: tuple[int, ...]) -> npt.NDArray[np.float32]:
+    """One float32 model input of ``shape`` (no batch dimension) from a record.
+
+    ``record.inputs`` (an array) is used when the source gives one; a flat vector of the
+    right size is reshaped. Otherwise a labelled sample's flat features are reshaped
+    (dataset replay). Sizes are compared before anything is converted, so a huge sample
+    costs nothing.
+
+    Raises:
+        SampleRefusedError: ``no_inputs``, ``bad_shape``, ``bad_dtype``, ``not_finite`` or
+            ``out_of_range`` (a value beyond float32).
+    """
+    size = math.prod(shape)
+    inputs = getattr(record, "inputs", None)
+    if inputs is None:
+        if record.sample is None:
+            raise SampleRefusedError(
+                "no_inputs", f"a {record.kind} record of {record.stream} has no inputs"
+            )
+        values = record.sample[0]
+        if not isinstance(values, list | tuple):
+            kind = type(values).__name__
+            raise SampleRefusedError("bad_dtype", f"features are a {kind}, not a list")
+        if len(values) != size:
+            raise SampleRefusedError(
+                "bad_shape", f"{len(values)} features; the model takes {size} {shape}"
+            )
+        try:
+            array = np.asarray(values)
+        except (TypeError, ValueError) as exc:  # ragged nesting
+            raise SampleRefusedError("bad_shape", f"features are not a flat list: {exc}") from exc
+        if array.dtype.kind not in "fiu":
+            raise SampleRefusedError(
+                "bad_dtype", f"features must be numbers, got {array.dtype} values"
+            )
+        if array.ndim != 1:
+            raise SampleRefusedError("bad_shape", f"features must be flat, got shape {array.shape}")
+        array = array.astype(np.float64)
+        array = array.reshape(shape)
+    else:
+        if not isinstance(inputs, np.ndarray):
+            kind = type(inputs).__name__
+            raise SampleRefusedError("bad_dtype", f"inputs are a {kind}, not an array")
+        if inputs.dtype.kind not in "fiu":
+            raise SampleRefusedError(
+                "bad_dtype", f"inputs have dtype {inputs.dtype}; the model needs numbers"
+            )
+        if inputs.shape != shape:
+            if inputs.ndim == 1 and inputs.size == size:
+                inputs = inputs.reshape(shape)
+            else:
+                raise SampleRefusedError(
+                    "bad_shape", f"inputs of shape {inputs.shape}; the model takes {shape}"
+                )
+        array = np.asarray(inputs, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise SampleRefusedError("not_finite", "inputs hold NaN or infinite values")
+    if array.size and float(np.abs(array).max()) > _FLOAT32_MAX:
+        raise SampleRefusedError("out_of_range", "inputs hold values beyond float32")
+    return array.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Sample:
+    record: SourceRecord
+    source: str
+    index: int
+    arrived: float  # perf_counter at offer
+
+
+@dataclass(frozen=True)
+class _Built:
+    """A model loaded off the loop thread, waiting to be swapped in."""
+
+    key: ModelKey
+    sha256: str
+    runtime: Runtime
+
+
+class InferenceLoop:
+    """Answers every sample of the served sources with the manager's current model.
+
+    Args:
+        config: The ``inference:`` section.
+        models: The model manager (the one source of truth for what runs).
+        runtime_key: The device runtime (``models.runtime``).
+        commit: Commits records to the outbox (the agent's ``submit``); called from the
+            loop's thread.
+        sources: The agent's sources (told the model's input spec on every swap when
+            they can take it: ``expect(spec)``).
+        device_id: For the predictor's request ids and logs.
+        fleet: Likewise.
+    """
+
+    def __init__(
+        self,
+        config: InferenceConfig,
+        *,
+        models: ServingModels,
+        runtime_key: str,
+        commit: Callable[[Sequence[SourceRecord]], object],
+        sources: Sequence[DataSource] = (),
+        device_id: str = "device",
+        fleet: str = "default",
+    ) -> None:
+        self.config = config
+        self.models = models
+        self.runtime_key = runtime_key
+        self._commit = commit
+        self._sources = list(sources)
+        self._served = None if config.sources is None else set(config.sources)
+        self.device_id = device_id
+        self.fleet = fleet
+        self.stats = InferenceStats()
+        self._queue: queue.Queue[_Sample] = queue.Queue(maxsize=config.queue_size)
+        self._produced: dict[str, int] = {}
+        self._predictor: Predictor | None = None  # the loop's (None until the first model)
+        self._made: Predictor | None = None  # the loader's, handed over with the first model
+        self._serving: _Built | None = None
+        self._pending: _Built | None = None
+        self._pending_lock = threading.Lock()
+        self._changed = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._retired: list[Runtime] = []
+        # For the swap pause: the old model's last answer and recent per-sample times.
+        self._last_done = 0.0
+        self._service: deque[float] = deque(maxlen=_SERVICE_WINDOW)
+        self._open_swap: SwapRecord | None = None
+        self._swap_baseline: tuple[float, float] = (0.0, 0.0)
+        self._logged: set[str] = set()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def serves(self, source: str) -> bool:
+        """Whether samples of ``source`` are answered."""
+        return self._served is None or source in self._served
+
+    @property
+    def serving(self) -> ModelKey | None:
+        """The model answering now."""
+        built = self._serving
+        return None if built is None else built.key
+
+    @property
+    def queue_depth(self) -> int:
+        """Samples waiting."""
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        """Load the current model (here, so the first samples find it), start the threads."""
+        self.models.add_listener(self._changed.set)
+        self._load()
+        self._take_pending()
+        for name, target in (("inference-loop", self._run), ("inference-loader", self._loader)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Answer what is queued, then stop the threads and the predictor."""
+        self._stop.set()
+        self._changed.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads = []
+        if self._made is not None:
+            self._made.close()
+
+    # -- the sources' side --------------------------------------------------------------
+
+    def offer(self, source: str, records: Sequence[SourceRecord]) -> int:
+        """Queue the records of ``source`` in order, never waiting; returns how many fit.
+
+        Each record gets its index: its own ``index`` when the source sets one, else a
+        running count of that source's records.
+        """
+        accepted = 0
+        for record in records:
+            index = int(getattr(record, "index", -1))
+            if index < 0:
+                index = self._produced.get(source, 0)
+            self._produced[source] = index + 1
+            sample = _Sample(
+                record, str(getattr(record, "source", "") or source), index, time.perf_counter()
+            )
+            try:
+                self._queue.put_nowait(sample)
+            except queue.Full:
+                self.stats.drop(source, self.serving)
+                continue
+            accepted += 1
+        return accepted
+
+    # -- the loader (off the loop thread) -----------------------------------------------
+
+    def _loader(self) -> None:
+        while not self._stop.is_set():
+            self._changed.wait(1.0)  # also polls: a change is never missed for long
+            self._changed.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._load()
+            except Exception:  # the loader must outlive any one model
+                logger.exception("loading the serving model failed")
+            self._retired.clear()  # old interpreters are freed here, not on the loop
+
+    def _load(self) -> None:
+        """Build the manager's current model if it is not the one served (or pending)."""
+        while True:
+            generation = self.models.generation
+            current = self.models.current()
+            if current is None:
+                return
+            installed = current.installed
+            serving = self._serving
+            with self._pending_lock:
+                if serving is not None and serving.sha256 == installed.sha256:
+                    self._pending = None  # back to what serves before the swap happened
+                    return
+                if self._pending is not None and self._pending.sha256 == installed.sha256:
+                    return
+            key = ModelKey(installed.model, int(installed.version), installed.variant)
+            try:
+                runtime = create_runtime(
+                    self.runtime_key, current.path, threads=self.config.threads
+                )
+                # One run now, so that the first real sample does not pay for a cold start.
+                runtime.run(np.zeros(runtime.inputs[0].shape, dtype=np.float32))
+            except (EdgeflError, OSError) as exc:
+                logger.error(
+                    "the loop cannot load %s: %s; the previous model keeps serving",
+                    key.label(),
+                    exc,
+                )
+                self.models.record_inference(error=f"load_failed: {exc}")
+                return
+            if self.models.generation != generation:
+                continue  # it changed while we built: build what serves now
+            if self._made is None:
+                # The first model: the predictor (cloud channel, estimates, breaker) is
+                # made once, here, and then only ever gets new runtimes.
+                self._made = Predictor(
+                    runtime, self.config, device_id=self.device_id, fleet=self.fleet
+                )
+                self._made.start()
+            with self._pending_lock:
+                self._pending = _Built(key, installed.sha256, runtime)
+            logger.info("built %s for the loop (sha256 %s...)", key.label(), installed.sha256[:12])
+            return
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def _take_pending(self) -> None:
+        """Between two samples: move to the model the loader built, if there is one."""
+        if self._pending is None:
+            return
+        started = time.perf_counter()
+        with self._pending_lock:
+            built, self._pending = self._pending, None
+        if built is None:
+            return
+        old = self._serving
+        if self._predictor is None:
+            self._predictor = self._made
+        assert self._predictor is not None  # made with the first model built
+        if self._predictor.runtime is not built.runtime:
+            self._retired.append(self._predictor.swap_runtime(built.runtime))
+        self._serving = built
+        self._expect(built.runtime)
+        blocked = (time.perf_counter() - started) * 1000.0
+        record = SwapRecord(
+            at=time.time(),
+            from_version=None if old is None else old.key.label(),
+            to_version=built.key.label(),
+            blocked_ms=round(blocked, 4),
+        )
+        self.stats.serving(built.key, None if old is None else record)
+        if old is not None:
+            self._open_swap = record
+            baseline = statistics.median(self._service) if self._service else 0.0
+            self._swap_baseline = (self._last_done, baseline)
+        logger.info(
+            "the loop serves %s%s (swap step %.2f ms)",
+            built.key.label(),
+            "" if old is None else f" instead of {old.key.label()}",
+            blocked,
+        )
+
+    def _expect(self, runtime: Runtime) -> None:
+        """Tell the sources that can take it the input the model needs."""
+        try:
+            from edgefl.edge_agent import sources as sources_module
+
+            spec_type = getattr(sources_module, "InputSpec", None)
+        except ImportError:  # pragma: no cover - the module is always there
+            spec_type = None
+        if spec_type is None:
+            return
+        spec = spec_type(shape=tuple(runtime.inputs[0].shape[1:]), dtype="float32")
+        for source in self._sources:
+            expect = getattr(source, "expect", None)
+            if expect is not None and self.serves(source.name):
+                try:
+                    expect(spec)
+                except Exception:  # a source's problem is not the loop's
+                    logger.exception("source %s refused the input spec", source.name)
+
+    def _run(self) -> None:
+        while True:
+            self._take_pending()
+            try:
+                first = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            batch = [first]
+            while len(batch) < _BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            results: list[SourceRecord] = []
+            for n, sample in enumerate(batch):
+                if n:
+                    self._take_pending()  # between two samples
+                result = self._answer(sample)
+                if result is not None:
+                    results.append(result)
+            if results:
+                try:
+                    self._commit(results)
+                except Exception:  # the outbox logs and counts its own refusals
+                    logger.exception("committing %d results failed", len(results))
+
+    def _answer(self, sample: _Sample) -> SourceRecord | None:
+        started = time.perf_counter()
+        built, predictor = self._serving, self._predictor
+        if built is None or predictor is None:
+            self.stats.unanswered()
+            return None
+        shape = tuple(built.runtime.inputs[0].shape[1:])
+        try:
+            x = model_input(sample.record, shape)
+        except SampleRefusedError as exc:
+            self.stats.reject(exc.reason, built.key)
+            self._log_once(exc.reason, f"refused a sample of {sample.source}: {exc}")
+            return None
+        try:
+            answer = predictor.predict_one(x)
+        except BadInputError as exc:
+            self.stats.reject("bad_shape", built.key)
+            self._log_once("bad_input", f"refused a sample of {sample.source}: {exc}")
+            return None
+        except Exception as exc:  # the model failed on a valid input
+            self.stats.error(built.key)
+            self._log_once("error", f"{built.key.label()} failed on a sample: {exc}")
+            self.models.record_inference(error=f"{type(exc).__name__}: {exc}")
+            return None
+        done = time.perf_counter()
+        self._timed(sample, started, done)
+        return self._result(sample, built.key, answer, (done - started) * 1000.0)
+
+    def _timed(self, sample: _Sample, started: float, done: float) -> None:
+        """Keep the per-sample time, and close the pause of a swap just made."""
+        swap = self._open_swap
+        if swap is not None:
+            last_old, baseline = self._swap_baseline
+            could_start = max(sample.arrived, last_old)
+            swap.pause_ms = round(max(0.0, (done - could_start) * 1000.0 - baseline * 1000.0), 4)
+            self._open_swap = None
+        self._service.append(done - started)
+        self._last_done = done
+
+    def _result(
+        self, sample: _Sample, key: ModelKey, answer: PredictionResult, latency_ms: float
+    ) -> SourceRecord:
+        record = sample.record
+        label = getattr(record, "label", None)
+        if label is None and record.sample is not None:
+            label = record.sample[1]
+        evaluation = bool(getattr(record, "evaluation", False))
+        correct = None if label is None or not evaluation else answer.label == int(label)
+        self.stats.answered(
+            key,
+            source=sample.source,
+            where=answer.source,
+            local_ms=answer.local_ms,
+            latency_ms=latency_ms,
+            deadline_met=answer.deadline_met,
+            correct=correct,
+        )
+        body: dict[str, Any] = {
+            "source": sample.source,
+            "index": sample.index,
+            "stream": record.stream,
+            "model": key.model,
+            "version": key.version,
+            "variant": key.variant,
+            "where": answer.source,
+            "prediction": answer.label,
+            "confidence": round(answer.confidence, 6),
+            "latency_ms": round(answer.latency_ms, 4),
+            "local_ms": round(answer.local_ms, 4),
+            "cloud_ms": None if answer.cloud_ms is None else round(answer.cloud_ms, 4),
+            "budget_ms": answer.budget_ms,
+            "deadline_met": answer.deadline_met,
+            "reason": answer.reason,
+            "request_id": answer.request_id,
+            "evaluation": evaluation,
+        }
+        if label is not None:
+            body["label"] = int(label)
+        return SourceRecord(
+            stream=self.config.result_stream,
+            kind="result",
+            content_type=JSON_CONTENT_TYPE,
+            body=canonical_json_body(body),
+        )
+
+    def _log_once(self, key: str, message: str) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            logger.warning("%s (further ones are only counted)", message)
+
+    # -- reports ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The loop's figures with the model it serves and its queue."""
+        serving = self.serving
+        doc = self.stats.snapshot()
+        predictor = self._predictor
+        return {
+            "model": None
+            if serving is None
+            else {"model": serving.model, "version": serving.version, "variant": serving.variant},
+            "queue": {"depth": self.queue_depth, "size": self.config.queue_size},
+            "mode": self.config.mode,
+            "budget_ms": self.config.budget_ms,
+            "breaker": None
+            if predictor is None or predictor.client is None
+            else predictor.breaker.state,
+            **doc,
+        }
+
+    def report(self) -> SourceRecord:
+        """The ``telemetry/inference`` record of the figures now."""
+        doc = {"at": round(time.time(), 3), **self.status()}
+        return SourceRecord(
+            stream=TELEMETRY_STREAM,
+            kind="telemetry",
+            content_type=JSON_CONTENT_TYPE,
+            body=canonical_json_body(doc),
+        )
