@@ -147,7 +147,7 @@ class InferenceStats:
         self._clock = clock
         self._lock = threading.Lock()
         self._versions: dict[ModelKey, _VersionStats] = {}
-        self._recent: deque[float] = deque(maxlen=100_000)
+        self._recent: deque[float] = deque()  # answer times of the last RATE_WINDOW_S
         self._first_answer: float | None = None
         self.dropped: Counter[str] = Counter()  # by source
         self.rejected: Counter[str] = Counter()  # by reason
@@ -190,6 +190,8 @@ class InferenceStats:
                 stats.evaluated += 1
                 stats.correct += int(correct)
             self._recent.append(now)
+            while self._recent[0] < now - RATE_WINDOW_S:
+                self._recent.popleft()
             if self._first_answer is None:
                 self._first_answer = now
             self.answered_by_source[source] += 1

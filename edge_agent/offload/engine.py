@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -44,10 +44,14 @@ from edgefl.proto.serde import (
 from edgefl.proto.topics import record_topic
 
 from .breaker import CircuitBreaker
-from .client import CloudError, InferenceClient
 from .config import CloudOffloadConfig, OffloadConfig
 from .estimators import OffloadEstimates, RollingEstimate
 from .policy import OffloadPolicy
+
+if TYPE_CHECKING:
+    # grpc is loaded only by a predictor that has a cloud to call (.client imports it):
+    # a device that answers locally keeps its memory for the model.
+    from .client import InferenceClient
 
 __all__ = [
     "PredictionResult",
@@ -212,6 +216,8 @@ class Predictor:
         self._owns_client = client is None and config.cloud is not None
         self.client = client
         if self.client is None and config.cloud is not None and config.mode != "local":
+            from .client import InferenceClient
+
             self.client = InferenceClient(config.cloud)
         self.estimates = OffloadEstimates(
             statistic=config.statistic,
@@ -302,6 +308,8 @@ class Predictor:
         """Run one health check now; feeds the breaker and (unless told not to) the RTT."""
         if self.client is None or self.config.cloud is None:
             return False
+        from .client import CloudError  # loaded with the client
+
         start = time.perf_counter()
         try:
             serving = self.client.health(timeout_s=self.config.cloud.health_timeout_s)
@@ -322,6 +330,8 @@ class Predictor:
         """Stop offloading if the served model cannot take this device's samples."""
         assert self.client is not None
         assert self.config.cloud is not None
+        from .client import CloudError  # loaded with the client
+
         try:
             info = self.client.model_info(timeout_s=self.config.cloud.health_timeout_s)
         except CloudError as exc:
@@ -431,6 +441,8 @@ class Predictor:
         reason = decision.reason
         cloud_ms: float | None = None
         if decision.offload and self.client is not None and decision.deadline_ms is not None:
+            from .client import CloudError  # loaded with the client
+
             deadline_ms = decision.deadline_ms
             call_start = time.perf_counter()
             try:
