@@ -253,6 +253,7 @@ def test_swap_under_load_at_50_hz_answers_every_sample_once(
         assert {(a["model"], a["where"]) for a in answers} == {(MODEL, "local")}
         assert all(a["deadline_met"] and 0 <= a["prediction"] < 10 for a in answers)
         assert all("label" in a and a["evaluation"] is False for a in answers)
+        assert set(answers[0]) == set(_contract_example()), "docs/fleet-contract.md drifted"
 
         def settled() -> bool:
             inference = read_status(AgentConfig.model_validate(yaml.safe_load(path.read_text())))
@@ -291,6 +292,14 @@ def test_swap_under_load_at_50_hz_answers_every_sample_once(
         wait_for(lambda: bool(results.reports), 10, "a telemetry/inference report")
         assert any(r["versions"] for r in results.reports)
     publisher.close()
+
+
+def _contract_example() -> dict[str, Any]:
+    """The result body docs/fleet-contract.md shows."""
+    doc = (ROOT / "docs" / "fleet-contract.md").read_text(encoding="utf-8")
+    section = doc.split("## Inference results", 1)[1]
+    example: dict[str, Any] = json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])
+    return example
 
 
 def _offline_accuracy(built: Built, variant: str, x: np.ndarray, y: np.ndarray) -> float:
