@@ -165,6 +165,12 @@ def train(db_url: str, model: str, rounds: int) -> str:
         f"{model}: {result.rounds_trained} rounds on {plan.num_devices} simulated devices "
         f"({'DP-SGD' if plan.dp.enabled else 'no DP'}) in {time.monotonic() - began:.0f}s"
     )
+    if result.rounds_trained < rounds:
+        # Releasing an untrained model would measure nothing (its accuracy is chance).
+        raise RuntimeError(
+            f"{model}: trained {result.rounds_trained} of {rounds} rounds; see the "
+            "simulation's errors above"
+        )
     return run_id
 
 
