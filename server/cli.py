@@ -16,7 +16,9 @@ The commands themselves are grouped by job too: the processes and the registry (
 ``ingest``, ``devices``) here, ``inference`` in :mod:`edgefl.server.cli_inference`, the
 enrollment commands in :mod:`edgefl.server.cli_enroll`, ``train`` in
 :mod:`edgefl.server.cli_train`, ``release`` and ``releases`` in
-:mod:`edgefl.server.cli_release`, ``deploy`` in :mod:`edgefl.server.cli_deploy`; each
+:mod:`edgefl.server.cli_release`, ``deploy`` in :mod:`edgefl.server.cli_deploy`, the staged
+``rollout``, ``rollouts``, ``rollout-status`` and ``results`` in
+:mod:`edgefl.server.cli_rollout`; each
 is a typer app whose commands join this one at the
 top level (``add_typer`` without a name), and the shared ``-c`` options are in
 :mod:`edgefl.server.cli_common`.
@@ -32,7 +34,14 @@ from typing import Annotated, Any
 import typer
 
 from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error
-from edgefl.server import cli_deploy, cli_enroll, cli_inference, cli_release, cli_train
+from edgefl.server import (
+    cli_deploy,
+    cli_enroll,
+    cli_inference,
+    cli_release,
+    cli_rollout,
+    cli_train,
+)
 from edgefl.server.cli_common import RegistryConfigOption, ServerConfigOption, server_config
 
 __all__ = ["app"]
@@ -204,3 +213,4 @@ app.add_typer(cli_train.app)
 app.add_typer(cli_inference.app)
 app.add_typer(cli_deploy.app)
 app.add_typer(cli_release.app)
+app.add_typer(cli_rollout.app)

@@ -17,6 +17,11 @@ not a redelivery: it is dead-lettered as ``conflicting_duplicate`` with a warnin
 Messages published while the ingest is down are kept by the broker for the persistent
 session (up to mosquitto's ``max_queued_messages``).
 
+A ``result`` record also gets the model that computed it (``records.model``,
+``model_version``, ``model_variant``, from its JSON body's ``model``, ``version`` and
+``variant``), so the registry knows which model version produced each stored result;
+a body that does not name one leaves them NULL and is stored all the same.
+
 Reported model state: a device's retained ``state/reported`` document (JSON
 :class:`~edgefl.proto.desired.ReportedState`, not an envelope) replaces the device's row of
 ``device_states`` when it differs from the stored one; the newest message wins (MQTT keeps
@@ -849,6 +854,7 @@ class Ingest:
             "ts_ms": envelope.ts_ms,
             "content_type": envelope.content_type,
             "body": envelope.body,
+            **_answered_by(envelope),
         }
         return _Plan(item, fleet, device, record=record)
 
@@ -1178,6 +1184,33 @@ def _is_transient(exc: Exception) -> bool:
 
 def _is_json_content(content_type: str) -> bool:
     return content_type.split(";", 1)[0].strip().lower() == JSON_CONTENT_TYPE
+
+
+def _answered_by(envelope: Envelope) -> dict[str, Any]:
+    """The ``records.model*`` columns: the model a ``result`` record says computed it.
+
+    A result's JSON body names ``model``, ``version`` and ``variant`` (the device's
+    inference loop writes them). Anything else, or a body that does not hold them in
+    the registry's types, leaves the columns NULL: the record itself is stored either way,
+    since its body is the device's data, not the fleet contract.
+    """
+    columns: dict[str, Any] = {"model": None, "model_version": None, "model_variant": None}
+    if envelope.kind != "result" or not _is_json_content(envelope.content_type):
+        return columns
+    try:
+        body = json.loads(envelope.body)
+    except (ValueError, RecursionError):
+        return columns
+    if not isinstance(body, dict):
+        return columns
+    model, version, variant = body.get("model"), body.get("version"), body.get("variant")
+    if not is_id(model) or type(version) is not int or not 0 <= version <= _INT64_MAX:
+        return columns
+    columns["model"] = model
+    columns["model_version"] = version
+    if isinstance(variant, str) and 0 < len(variant) <= _STATE_NAME_MAX:
+        columns["model_variant"] = variant
+    return columns
 
 
 def _record_of(plan: _Plan) -> dict[str, Any]:

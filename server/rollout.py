@@ -64,11 +64,14 @@ from edgefl.server.models_service import ARTIFACT_SUFFIX, MANIFEST_SUFFIX, relea
 __all__ = [
     "DEFAULT_EXPIRES_DAYS",
     "Deployment",
+    "broker_address",
     "deploy",
     "desired_state",
     "publish_desired",
+    "publish_retained",
     "published_variants",
     "release_variants",
+    "releases_folder",
     "rollout_identity",
 ]
 
@@ -305,7 +308,7 @@ def rollout_identity(ca_dir: Path) -> TlsFiles:
     return TlsFiles(ca_file=ca_dir / "ca.pem", cert_file=cert_file, key_file=key_file)
 
 
-def _publish_retained(
+def publish_retained(
     messages: Mapping[str, bytes], *, host: str, port: int, tls: TlsFiles, timeout_s: float
 ) -> dict[str, str]:
     """Publish each (topic, payload) QoS 1 retained; topic -> failure reason of refused ones.
@@ -478,7 +481,7 @@ def publish_desired(
         payload = signed.to_json()
         for dev in devices:
             messages[state_desired_topic(fleet, dev)] = payload
-    refused = _publish_retained(
+    refused = publish_retained(
         messages,
         host=broker_host,
         port=broker_port,
@@ -503,6 +506,36 @@ def publish_desired(
     return Deployment(states=states, topics=sorted(messages), key_id=kid)
 
 
+def broker_address(config: ServerConfig) -> tuple[str, int]:
+    """The broker to publish on: the running server's (``server.json``), else the config's.
+
+    Raises:
+        ConfigError: ``broker.port`` is 0 (chosen at start) and no server is running.
+    """
+    from edgefl.netutil import dial_host
+    from edgefl.server.runtime import read_runtime
+
+    runtime = read_runtime(config.resolved_state_dir) or {}
+    broker = runtime.get("broker") if isinstance(runtime.get("broker"), dict) else None
+    host = str(broker["host"]) if broker else dial_host(config.broker.host)
+    port = int(broker["port"]) if broker else config.broker.port
+    if port == 0:
+        raise ConfigError(
+            "the broker's port is chosen at start (broker.port 0) and no server is running",
+            hint="start the server (`edgefl server start`) or set broker.port",
+        )
+    return host, port
+
+
+def releases_folder(config: ServerConfig) -> Path:
+    """The folder of published releases the delivery service serves."""
+    from edgefl.server.models_service import resolve_settings
+
+    releases = resolve_settings(config).releases_dir
+    assert releases is not None  # resolve_settings fills it in
+    return releases
+
+
 def deploy(
     config: ServerConfig,
     model: str,
@@ -521,25 +554,11 @@ def deploy(
     Raises:
         See :func:`publish_desired`.
     """
-    from edgefl.netutil import dial_host
-    from edgefl.server.models_service import resolve_settings
-    from edgefl.server.runtime import read_runtime
-
-    runtime = read_runtime(config.resolved_state_dir) or {}
-    broker = runtime.get("broker") if isinstance(runtime.get("broker"), dict) else None
-    host = str(broker["host"]) if broker else dial_host(config.broker.host)
-    port = int(broker["port"]) if broker else config.broker.port
-    if port == 0:
-        raise ConfigError(
-            "the broker's port is chosen at start (broker.port 0) and no server is running",
-            hint="start the server (`edgefl server start`) or set broker.port",
-        )
-    releases = resolve_settings(config).releases_dir
-    assert releases is not None
+    host, port = broker_address(config)
     return publish_desired(
         ca_dir=config.resolved_ca_dir,
         db_url=config.resolved_db_url,
-        releases_dir=releases,
+        releases_dir=releases_folder(config),
         broker_host=host,
         broker_port=port,
         model=model,

@@ -1,11 +1,14 @@
 """Registry tables: fleet data plus federated training.
 
-Fleet: ``devices``, ``records``, ``dead_letters``, ``device_states`` (the model each device
-reports it runs). Federated training: ``fl_runs``,
+Fleet: ``devices``, ``records`` (a result's model version in ``model``, ``model_version``,
+``model_variant``), ``dead_letters``, ``device_states`` (the model each device reports it
+runs). Federated training: ``fl_runs``,
 ``fl_rounds``, ``privacy_ledger`` and ``fl_checkpoints``. Enrollment: ``enrollments``
 (one device's certificate and Flower node registration under its device id). Releases:
 ``releases`` and ``release_variants`` (a run's model made into signed, verified
-``.tflite`` variants; :mod:`edgefl.server.releases`).
+``.tflite`` variants; :mod:`edgefl.server.releases`). Staged rollouts: ``rollouts`` and
+``rollout_devices`` (a release published to a canary cohort first, then to the rest, each
+device's state with its reason; :mod:`edgefl.server.staged_rollout`).
 
 Timestamps are timezone-aware UTC on PostgreSQL. SQLite has no time zone type, so
 values read back there are naive and mean UTC.
@@ -25,6 +28,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -38,6 +42,8 @@ __all__ = [
     "DEAD_LETTER_PAYLOAD_CAP",
     "ENROLLMENT_STATUSES",
     "RELEASE_STATUSES",
+    "ROLLOUT_DEVICE_STATES",
+    "ROLLOUT_STATES",
     "Base",
     "DeadLetter",
     "Device",
@@ -50,6 +56,8 @@ __all__ = [
     "Record",
     "Release",
     "ReleaseVariant",
+    "Rollout",
+    "RolloutDevice",
 ]
 
 DEAD_LETTER_PAYLOAD_CAP: Final = 64 * 1024
@@ -61,6 +69,20 @@ ENROLLMENT_STATUSES: Final = ("admitted", "revoked")
 
 RELEASE_STATUSES: Final = ("published", "failed")
 """Values of ``releases.status``."""
+
+ROLLOUT_STATES: Final = ("running", "completed", "halted", "failed", "interrupted")
+"""Values of ``rollouts.state``."""
+
+ROLLOUT_DEVICE_STATES: Final = (
+    "pending",
+    "published",
+    "installed",
+    "rolled_back",
+    "failed",
+    "offline",
+    "restored",
+)
+"""Values of ``rollout_devices.state``."""
 
 # Explicit constraint names so alembic migrations are stable across databases.
 _NAMING = {
@@ -119,10 +141,17 @@ class Record(Base):
         content_type: MIME type of ``body``.
         body: The envelope body.
         received_at: When the ingest stored it.
+        model: For a ``result`` record, the model that computed it (its JSON body's
+            ``model``); None for other records or a body that does not name one.
+        model_version: That model's release version (the body's ``version``).
+        model_variant: Its variant (the body's ``variant``).
     """
 
     __tablename__ = "records"
-    __table_args__ = (UniqueConstraint("device_id", "incarnation", "seq"),)
+    __table_args__ = (
+        UniqueConstraint("device_id", "incarnation", "seq"),
+        Index(None, "model", "model_version"),
+    )
 
     id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.device_id"))
@@ -134,6 +163,9 @@ class Record(Base):
     content_type: Mapped[str] = mapped_column(String(255))
     body: Mapped[bytes] = mapped_column(LargeBinary)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    model: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[int | None] = mapped_column(BigInteger)
+    model_variant: Mapped[str | None] = mapped_column(String(64))
 
 
 class DeadLetter(Base):
@@ -492,3 +524,114 @@ class ReleaseVariant(Base):
     path: Mapped[str | None] = mapped_column(Text)
     passed: Mapped[bool] = mapped_column(Boolean(create_constraint=False), default=False)
     reasons_json: Mapped[str] = mapped_column(Text, default="[]")
+
+
+class Rollout(Base):
+    """A staged rollout of one release variant: canaries first, then the rest.
+
+    :mod:`edgefl.server.staged_rollout` writes it as it goes; the devices are in
+    ``rollout_devices``.
+
+    Attributes:
+        id: The rollout id (``r-`` and 10 hex digits).
+        model: The released model.
+        version: The release version rolled out.
+        variant: Its variant.
+        sha256: The variant's artifact sha256 (hex).
+        fleet: The fleet it targets, or None for admitted devices of every fleet.
+        canary_fraction: Share of the online targets in the canary cohort (``--canary``).
+        canaries: Size of the canary cohort.
+        soak_s: Seconds the canaries run the release after installing it, before the rest.
+        max_failures: Share of a cohort that may fail (roll back, refuse, not report, miss
+            an accuracy threshold) without halting the rollout (``--max-failures``).
+        min_accuracy: Floor of each canary's on-device accuracy on evaluation samples
+            (0 to 1), or None.
+        max_accuracy_drop: Most points a canary's accuracy may fall below the previous
+            version's on the same device, or None.
+        min_evaluated: Evaluation samples a canary must have answered with the release
+            before its accuracy is judged.
+        install_timeout_s: How long a device may take to report the release running.
+        state: ``running``, ``completed``, ``halted``, ``failed`` or ``interrupted``
+            (:data:`ROLLOUT_STATES`).
+        phase: Where it is or stopped: ``canary``, ``soak``, ``rest``, ``rollback`` or
+            ``done``.
+        reason: Why it halted, failed or was interrupted; a summary when completed.
+        evidence_json: What the decision rested on (cohort accuracy, failures), JSON.
+        created_by: Who started it (the OS user, and the operator's name when given).
+        created_at: When it started.
+        updated_at: The controller's last heartbeat or change.
+        finished_at: When it ended (None while running).
+    """
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    variant: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64))
+    fleet: Mapped[str | None] = mapped_column(String(64))
+    canary_fraction: Mapped[float] = mapped_column(Float)
+    canaries: Mapped[int] = mapped_column(Integer)
+    soak_s: Mapped[float] = mapped_column(Float)
+    max_failures: Mapped[float] = mapped_column(Float)
+    min_accuracy: Mapped[float | None] = mapped_column(Float)
+    max_accuracy_drop: Mapped[float | None] = mapped_column(Float)
+    min_evaluated: Mapped[int] = mapped_column(Integer)
+    install_timeout_s: Mapped[float] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    phase: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    evidence_json: Mapped[str] = mapped_column(Text, default="{}")
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RolloutDevice(Base):
+    """One device of a staged rollout: its cohort, state and the model it ran before.
+
+    Attributes:
+        rollout_id: The rollout.
+        device_id: The device.
+        fleet: Its enrolled fleet.
+        cohort: ``canary`` or ``rest``.
+        state: ``pending``, ``published``, ``installed``, ``rolled_back``, ``failed``,
+            ``offline`` or ``restored`` (:data:`ROLLOUT_DEVICE_STATES`).
+        reason: Why it is in that state (the device's failure reason and detail, a
+            timeout, an accuracy below the threshold, ...).
+        online_at_start: Its presence when the rollout started.
+        previous_model: The model it reported running before the rollout (None: none).
+        previous_version: Its version.
+        previous_variant: Its variant.
+        previous_sha256: Its artifact sha256.
+        published_at: When the release's desired state was published to it.
+        evaluated: Evaluation samples it answered with the release (its newest report).
+        accuracy: Its on-device accuracy with the release on those samples.
+        previous_evaluated: Evaluation samples the previous version answered on it.
+        previous_accuracy: The previous version's accuracy on it.
+        updated_at: When the row last changed.
+    """
+
+    __tablename__ = "rollout_devices"
+
+    rollout_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fleet: Mapped[str] = mapped_column(String(64))
+    cohort: Mapped[str] = mapped_column(String(8))
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    online_at_start: Mapped[bool] = mapped_column(Boolean(create_constraint=False))
+    previous_model: Mapped[str | None] = mapped_column(String(64))
+    previous_version: Mapped[int | None] = mapped_column(BigInteger)
+    previous_variant: Mapped[str | None] = mapped_column(String(64))
+    previous_sha256: Mapped[str | None] = mapped_column(String(64))
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    evaluated: Mapped[int | None] = mapped_column(Integer)
+    accuracy: Mapped[float | None] = mapped_column(Float)
+    previous_evaluated: Mapped[int | None] = mapped_column(Integer)
+    previous_accuracy: Mapped[float | None] = mapped_column(Float)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
