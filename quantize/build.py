@@ -1,4 +1,9 @@
-"""The build pipeline: trained torch model → verified ``.tflite`` variants with manifests.
+"""The build pipeline: trained torch model → verified ``.tflite`` and ``.onnx`` variants.
+
+Each (pruned or unpruned) torch model is converted once per format its variants need:
+``.tflite`` with litert-torch, ``.onnx`` with torch's ONNX exporter; a recipe then makes
+its variant from that float file, and the variant is verified on every runtime of its
+format (:data:`edgefl.quantize.verify.TARGETS_BY_FORMAT`).
 
 Everything is written into a staging folder beside ``out`` and moved in only at the end,
 so a failed or interrupted build leaves ``out`` as it was. A variant that fails
@@ -26,7 +31,7 @@ from torch import nn
 
 from edgefl.datasets import Dataset, load_dataset
 from edgefl.errors import BadInputError, CalibrationDataError
-from edgefl.quantize.convert import convert_to_tflite
+from edgefl.quantize.convert import convert_to_onnx, convert_to_tflite
 from edgefl.quantize.manifest import (
     GoldenSet,
     Manifest,
@@ -37,7 +42,7 @@ from edgefl.quantize.manifest import (
 )
 from edgefl.quantize.prune import count_parameters, prune_channels
 from edgefl.quantize.recipes import Variant, get_recipe
-from edgefl.quantize.verify import resolve_targets, verify_on_targets
+from edgefl.quantize.verify import resolve_format_targets, verify_on_targets
 from edgefl.training import evaluate, predict_logits, train
 from edgefl.zoo import ModelSpec, build_model, get_spec, state_dict_sha256
 
@@ -228,7 +233,9 @@ def build_artifacts(opts: BuildOptions, progress: Progress | None = None) -> Bui
 
     spec = get_spec(opts.model)
     recipes = {v.recipe: get_recipe(v.recipe) for v in opts.variants}
-    targets = resolve_targets(opts.runtimes)
+    formats = list(dict.fromkeys(recipes[v.recipe].artifact_format for v in opts.variants))
+    targets_by_format = resolve_format_targets(opts.runtimes, formats)
+    targets = list(dict.fromkeys(k for keys in targets_by_format.values() for k in keys))
     data = opts.data if opts.data is not None else load_dataset(spec.dataset, seed=opts.seed)
     calibration = (
         _calibration(opts, spec, data)
@@ -276,12 +283,15 @@ def build_artifacts(opts: BuildOptions, progress: Progress | None = None) -> Bui
             references[prune_ratio] = pruned
             step(f"pruned {prune_ratio:.0%} of channels and fine-tuned")
 
-        fp32_files: dict[float | None, Path] = {}
-        for ratio in {v.prune_ratio for v in opts.variants}:
-            path = staging / f".fp32-{ratio}.tflite"
-            convert_to_tflite(references[ratio], spec.input_shape, path)
-            fp32_files[ratio] = path
-            step("converted to .tflite" + (f" (pruned {ratio:.0%})" if ratio else ""))
+        fp32_files: dict[tuple[float | None, str], Path] = {}
+        for ratio, fmt in _conversions(opts.variants):
+            path = staging / f".fp32-{ratio}.{fmt}"
+            if fmt == "onnx":
+                convert_to_onnx(references[ratio], spec.input_shape, path)
+            else:
+                convert_to_tflite(references[ratio], spec.input_shape, path)
+            fp32_files[ratio, fmt] = path
+            step(f"converted to .{fmt}" + (f" (pruned {ratio:.0%})" if ratio else ""))
 
         # Variants made from the same (pruned or unpruned) model share its reference outputs.
         reference_logits = {
@@ -292,16 +302,17 @@ def build_artifacts(opts: BuildOptions, progress: Progress | None = None) -> Bui
             recipe = recipes[variant.recipe]
             reference_model = references[variant.prune_ratio]
             reference = reference_logits[variant.prune_ratio]
-            name = f"{spec.name}.{variant.name}.tflite"
+            fmt = recipe.artifact_format
+            name = f"{spec.name}.{variant.name}.{fmt}"
             artifact = staging / name
-            recipe.apply(fp32_files[variant.prune_ratio], artifact, calibration)
+            recipe.apply(fp32_files[variant.prune_ratio, fmt], artifact, calibration)
             verified, outcome = verify_on_targets(
                 artifact,
                 data.x_test,
                 data.y_test,
                 reference,
                 recipe.thresholds,
-                targets,
+                targets_by_format[fmt],
                 bench_iters=opts.bench_iters,
             )
             reasons = [f"{k}: {r}" for k, v in verified.items() for r in v.reasons]
@@ -391,7 +402,15 @@ def _publish(staging: Path, out: Path) -> None:
         os.replace(path, out / path.name)
 
 
+def _conversions(variants: Sequence[Variant]) -> list[tuple[float | None, str]]:
+    """Each (pruning ratio, format) whose float model the variants are made from."""
+    return list(
+        dict.fromkeys((v.prune_ratio, get_recipe(v.recipe).artifact_format) for v in variants)
+    )
+
+
 def count_steps(variants: Sequence[Variant]) -> int:
     """How many progress steps a build of ``variants`` reports."""
     ratios = {v.prune_ratio for v in variants}
-    return 1 + len([r for r in ratios if r is not None]) + len(ratios) + len(variants) + 1
+    pruned = len([r for r in ratios if r is not None])
+    return 1 + pruned + len(_conversions(variants)) + len(variants) + 1

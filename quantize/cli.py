@@ -6,6 +6,7 @@ commands so ``edgefl --help`` stays instant.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,8 +26,8 @@ RuntimesOption = Annotated[
     str | None,
     typer.Option(
         "--runtimes",
-        help="Comma-separated runtimes to verify on (default: every one available: "
-        "ai-edge-litert, tflite-runtime).",
+        help="Comma-separated runtimes to verify on (default: every one available for the "
+        "artifact's format: ai-edge-litert, tflite-runtime for .tflite; onnxruntime for .onnx).",
     ),
 ]
 
@@ -44,10 +45,16 @@ def list_cmd(as_json: Annotated[bool, JSON_OPTION] = False) -> None:
     from edgefl.runtimes import available_runtimes, runtime_keys
     from edgefl.zoo import MODELS
 
-    try:
-        targets = resolve_targets(None)
-    except Exception:  # listing must work on a machine without any runtime
-        targets = []
+    targets = []
+    for fmt in ("tflite", "onnx"):
+        # Listing must work on a machine without any runtime.
+        with contextlib.suppress(Exception):
+            targets += resolve_targets(None, artifact_format=fmt)
+    providers: list[str] = []
+    if "onnxruntime" in available_runtimes():
+        from edgefl.runtimes.onnx import usable_providers
+
+        providers = usable_providers()
     payload: dict[str, Any] = {
         "models": {
             n: {"dataset": s.dataset, "description": s.description} for n, s in MODELS.items()
@@ -56,6 +63,8 @@ def list_cmd(as_json: Annotated[bool, JSON_OPTION] = False) -> None:
         "default_variants": list(DEFAULT_VARIANTS),
         "runtimes": {k: k in available_runtimes() for k in runtime_keys()},
         "verification_targets": targets,
+        # What an onnxruntime session here would ask for, in order (TensorRT, CUDA, CPU).
+        "onnxruntime_providers": providers,
     }
     if as_json:
         emit_json(payload)
@@ -80,6 +89,8 @@ def list_cmd(as_json: Annotated[bool, JSON_OPTION] = False) -> None:
         ],
         title="device runtimes here",
     )
+    if providers:
+        typer.echo(f"onnxruntime execution providers, in order: {', '.join(providers)}")
 
 
 @app.command()
@@ -162,7 +173,7 @@ def build(
 @app.command()
 @exits_on_error
 def verify(
-    artifact: Annotated[Path, typer.Argument(help="The .tflite file to re-check.")],
+    artifact: Annotated[Path, typer.Argument(help="The .tflite or .onnx file to re-check.")],
     manifest: Annotated[
         Path | None,
         typer.Option("--manifest", help="Its manifest (default: NAME.manifest.json beside it)."),
@@ -172,10 +183,11 @@ def verify(
 ) -> None:
     """Re-check one artifact: hash and size, tensor specs, golden vectors on each runtime."""
     from edgefl.quantize.manifest import manifest_path_for, read_manifest
-    from edgefl.quantize.verify import resolve_targets, reverify
+    from edgefl.quantize.verify import artifact_format_of, resolve_targets, reverify
 
     m = read_manifest(manifest or manifest_path_for(artifact))
-    results = reverify(artifact, m, resolve_targets(_split(runtimes)))
+    fmt = artifact_format_of(m)
+    results = reverify(artifact, m, resolve_targets(_split(runtimes), artifact_format=fmt))
     failed = {k: v for k, v in results.items() if not v.passed}
     if as_json:
         emit_json(

@@ -1,6 +1,7 @@
 """Verification: run an artifact on every device runtime and compare with torch.
 
-A device may run ai-edge-litert or the older tflite-runtime 2.14. The latter needs
+A device may run ai-edge-litert or the older tflite-runtime 2.14 (``.tflite`` artifacts),
+or onnxruntime (``.onnx`` artifacts, a Jetson-class device). The latter needs
 numpy<2, so it cannot live beside torch; when it is not importable here it runs in its
 own environment through the out-of-process worker (``find_tflite_python``).
 
@@ -19,14 +20,19 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from edgefl.errors import BadInputError, ManifestMismatchError, RuntimeUnavailableError
+from edgefl.errors import (
+    BadInputError,
+    ManifestMismatchError,
+    RuntimeUnavailableError,
+    UnknownRecipeError,
+)
 from edgefl.quantize.manifest import (
     Manifest,
     RuntimeVerification,
     TensorSpecModel,
     check_file_against_manifest,
 )
-from edgefl.quantize.recipes import Thresholds
+from edgefl.quantize.recipes import Thresholds, get_recipe
 from edgefl.runtimes import (
     TensorSpec,
     available_runtimes,
@@ -37,8 +43,13 @@ from edgefl.runtimes.golden import compare_outputs, golden_arrays
 from edgefl.runtimes.remote import RemoteRuntime, find_tflite_python
 
 __all__ = [
+    "ONNX_TARGETS",
+    "TARGETS_BY_FORMAT",
+    "VERIFY_TARGETS",
     "RunOutcome",
+    "artifact_format_of",
     "compare_outputs",
+    "resolve_format_targets",
     "resolve_targets",
     "reverify",
     "run_on_target",
@@ -49,8 +60,11 @@ logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 
-# Runtimes an artifact is verified on; the Edge TPU needs a compiled model and a device.
+# Runtimes an artifact is verified on, by its format; the Edge TPU needs a compiled model
+# and a device.
 VERIFY_TARGETS = ("ai-edge-litert", "tflite-runtime")
+ONNX_TARGETS = ("onnxruntime",)
+TARGETS_BY_FORMAT: dict[str, tuple[str, ...]] = {"tflite": VERIFY_TARGETS, "onnx": ONNX_TARGETS}
 
 
 @dataclass(frozen=True)
@@ -69,17 +83,41 @@ def _in_process(key: str) -> bool:
     return key in available_runtimes()
 
 
-def resolve_targets(requested: Sequence[str] | None = None) -> list[str]:
+def _install_hint(artifact_format: str) -> str:
+    if artifact_format == "onnx":
+        return "pip install 'edgefl[quantize]' (it brings onnxruntime)"
+    return (
+        "for tflite-runtime run scripts/setup (it creates .venv-tflite) or set EDGEFL_TFLITE_PYTHON"
+    )
+
+
+def _other_format_keys(artifact_format: str) -> set[str]:
+    return {k for f, keys in TARGETS_BY_FORMAT.items() if f != artifact_format for k in keys}
+
+
+def resolve_targets(
+    requested: Sequence[str] | None = None, *, artifact_format: str = "tflite"
+) -> list[str]:
     """The verification runtimes to use: the requested ones, or every one available.
 
+    Args:
+        requested: Runtime keys; None: every available runtime of the format.
+        artifact_format: ``"tflite"`` (default) or ``"onnx"``: which runtimes qualify.
+
     Raises:
-        BadInputError: A requested key is unknown.
+        BadInputError: A requested key is unknown, or does not run this format.
         RuntimeUnavailableError: A requested runtime cannot run here, or none can.
     """
     known = set(runtime_keys())
+    candidates = TARGETS_BY_FORMAT.get(artifact_format)
+    if candidates is None:
+        raise BadInputError(
+            f"unknown artifact format {artifact_format!r}",
+            hint=f"formats: {', '.join(TARGETS_BY_FORMAT)}",
+        )
     usable = [
         key
-        for key in VERIFY_TARGETS
+        for key in candidates
         if _in_process(key) or (key == "tflite-runtime" and find_tflite_python() is not None)
     ]
     if requested:
@@ -88,21 +126,72 @@ def resolve_targets(requested: Sequence[str] | None = None) -> list[str]:
                 raise BadInputError(
                     f"unknown runtime {key!r}", hint=f"runtimes: {', '.join(sorted(known))}"
                 )
+            if key not in candidates and key in _other_format_keys(artifact_format):
+                raise BadInputError(
+                    f"runtime {key!r} does not run {artifact_format} artifacts",
+                    hint=f"{artifact_format} runtimes: {', '.join(candidates)}",
+                )
             if key not in usable:
                 raise RuntimeUnavailableError(
-                    f"runtime {key!r} is not available here",
-                    hint="for tflite-runtime run scripts/setup (it creates .venv-tflite) "
-                    "or set EDGEFL_TFLITE_PYTHON",
+                    f"runtime {key!r} is not available here", hint=_install_hint(artifact_format)
                 )
         return list(dict.fromkeys(requested))
     if not usable:
         raise RuntimeUnavailableError(
-            "no device runtime is available", hint="pip install 'edgefl[device]'"
+            f"no device runtime for {artifact_format} artifacts is available here "
+            f"({', '.join(candidates)})",
+            hint="pip install 'edgefl[device]'"
+            if artifact_format == "tflite"
+            else _install_hint(artifact_format),
         )
-    for key in VERIFY_TARGETS:
+    for key in candidates:
         if key not in usable:
             logger.warning("runtime %s unavailable: artifacts are not verified on it", key)
     return usable
+
+
+def artifact_format_of(manifest: Manifest) -> str:
+    """The format of a manifest's artifact: its recipe's, else its file name's suffix."""
+    try:
+        return get_recipe(manifest.recipe).artifact_format
+    except UnknownRecipeError:
+        return "onnx" if manifest.artifact.endswith(".onnx") else "tflite"
+
+
+def _format_of(key: str) -> str:
+    """The artifact format a runtime key verifies (``tflite`` for any other key)."""
+    return next((f for f, keys in TARGETS_BY_FORMAT.items() if key in keys), "tflite")
+
+
+def resolve_format_targets(
+    requested: Sequence[str] | None, formats: Sequence[str]
+) -> dict[str, list[str]]:
+    """The verification runtimes of each artifact format a build makes.
+
+    The requested keys are shared out by the format each runs; a format none of them
+    runs is verified on every runtime of it available here.
+
+    Raises:
+        BadInputError: A requested key is unknown or runs none of ``formats``.
+        RuntimeUnavailableError: A format has no runtime available here.
+    """
+    wanted = list(requested or [])
+    known = set(runtime_keys())
+    for key in wanted:
+        if key not in known:
+            raise BadInputError(
+                f"unknown runtime {key!r}", hint=f"runtimes: {', '.join(sorted(known))}"
+            )
+        if _format_of(key) not in formats:
+            raise BadInputError(
+                f"runtime {key!r} runs none of the artifacts being built ({', '.join(formats)})",
+                hint="runtimes for them: "
+                + ", ".join(k for f in formats for k in TARGETS_BY_FORMAT.get(f, ())),
+            )
+    return {
+        f: resolve_targets([k for k in wanted if _format_of(k) == f] or None, artifact_format=f)
+        for f in formats
+    }
 
 
 def run_on_target(

@@ -70,6 +70,7 @@ def _print_release(outcome: ReleaseOutcome) -> None:
             ("accuracy", "right"),
             ("drop (pts)", "right"),
             ("latency p50 (µs)", "left"),
+            ("for (device class / runtime)", "left"),
             ("sha256", "left"),
             ("result", "left"),
         ],
@@ -80,6 +81,7 @@ def _print_release(outcome: ReleaseOutcome) -> None:
                 _fmt(v["accuracy"], ".1%"),
                 _fmt(v["accuracy_drop"], "+.2f"),
                 ", ".join(f"{k} {_fmt(us, '.0f')}" for k, us in v["latency_us"].items()),
+                f"{v['device_class']} / {v['runtime']}",
                 v["sha256"][:12] or None,
                 _result(v),
             )
@@ -109,8 +111,9 @@ def release(
         str | None,
         typer.Option(
             "--recipes",
-            help="Comma-separated variants, e.g. int8,pruned50-int8 (default: fp32,int8,"
-            "pruned50-int8, narrowed to what --calibration allows).",
+            help="Comma-separated variants, e.g. int8,pruned50-int8,onnx (default: fp32,int8,"
+            "pruned50-int8,onnx, narrowed to what --calibration and the installed toolkit "
+            "allow).",
         ),
     ] = None,
     calibration: Annotated[
@@ -118,17 +121,27 @@ def release(
         typer.Option(
             "--calibration",
             help="Calibration and verification data: held-out (the plan's held-out split), "
-            "synthetic (generated inputs) or none (only fp32, fp16, int8-wo).",
+            "synthetic (generated inputs) or none (only fp32, fp16, int8-wo, onnx, onnx-int8).",
         ),
     ] = "held-out",
     device_class: Annotated[
-        str, typer.Option("--device-class", help="The device class the variants are for.")
+        str,
+        typer.Option("--device-class", help="The device class the .tflite variants are for."),
     ] = "generic",
+    onnx_device_class: Annotated[
+        str,
+        typer.Option(
+            "--onnx-device-class",
+            help="The device class the ONNX variants (onnx, onnx-int8) are for; their "
+            "runtime is onnxruntime.",
+        ),
+    ] = "jetson",
     runtime: Annotated[
         str | None,
         typer.Option(
             "--runtime",
-            help="The runtime the variants are for (default: the preferred one verified on).",
+            help="The runtime the .tflite variants are for (default: the preferred one "
+            "verified on).",
         ),
     ] = None,
     expires_days: Annotated[
@@ -187,6 +200,7 @@ def release(
         recipes=names,
         calibration=calibration,  # type: ignore[arg-type]  # checked above
         device_class=device_class,
+        onnx_device_class=onnx_device_class,
         runtime=runtime,
         expires_days=expires_days,
         by=by,
@@ -273,6 +287,11 @@ def releases(
                 _fmt(r.privacy["delta"], ".0e"),
                 ", ".join(
                     f"{name} ({v['size_bytes']}, {_fmt(v['accuracy'], '.1%')}"
+                    + (
+                        f", for {v['device_class']}/{v['runtime']}"
+                        if v["device_class"] != r.device_class
+                        else ""
+                    )
                     + (", left out: accuracy_drop" if v["status"] == "accuracy_drop" else "")
                     + ")"
                     for name, v in r.variants.items()

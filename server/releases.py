@@ -23,7 +23,8 @@ inputs (uniform in [0, 1], the range of the bundled image datasets) and ``none``
 on nothing; both verify on generated inputs labelled with the float model's own answers, so
 they measure agreement with the float model, not accuracy (``accuracy`` is then None).
 Pruned variants need labelled data to be fine-tuned, so they come only with ``held-out``;
-``none`` offers only the recipes that need no calibration (fp32, fp16, weight-only int8).
+``none`` offers only the recipes that need no calibration (fp32, fp16, weight-only int8,
+onnx, onnx-int8).
 A default recipe list is narrowed to what the data allows and the output says so; a
 recipe named explicitly that the data does not allow is an error.
 
@@ -35,10 +36,10 @@ of what pruning itself cost. So, with labelled data, each verified variant's acc
 evaluation set; a variant more than the limit below it is left out of the release with
 reason ``accuracy_drop``: no file, and its ``release_variants`` row (measurements kept,
 ``path`` empty) says why, while the others are published. The unpruned ``fp32`` variant
-is the float model converted and is always kept when it verifies. When every variant is
-left out, nothing is published and the release is ``failed`` with those reasons. Without
-labelled data (``synthetic``, ``none``) there is no accuracy to compare: the gate is not
-applied, and the output says so.
+is the float model converted and is always kept when it verifies (and so is ``onnx``, the
+float model exported to ONNX). When every variant is left out, nothing is published and
+the release is ``failed`` with those reasons. Without labelled data (``synthetic``,
+``none``) there is no accuracy to compare: the gate is not applied, and the output says so.
 
 Failure: a release is all or nothing. When any variant fails verification nothing is
 published (no files) and the release is recorded as ``failed`` with the reasons. Recording
@@ -57,6 +58,14 @@ rename and the row's update), is not a release: ``edgefl server deploy`` refuses
 Runtime: each variant's manifest names one ``runtime``, the key a device's configured
 runtime must equal; the variants are verified on every runtime available here, and the
 release is for ``--runtime`` (default: the most preferred of those, ``ai-edge-litert``).
+
+Jetson: the ``onnx`` variant (in the default list whenever the ONNX exporter and
+onnxruntime are installed; ``onnx-int8`` and ``prunedNN-onnx`` on request) is the float
+model exported to ONNX and verified on ``onnxruntime`` with the same golden vectors. Its
+manifest names device class ``--onnx-device-class`` (default ``jetson``) and runtime
+``onnxruntime``, so only a device configured that way installs it. It is kept, like every
+artifact, in the delivery layout's ``<variant>.tflite`` file name: the bytes are ONNX, and a
+runtime checks what it loads, not the name.
 """
 
 from __future__ import annotations
@@ -120,9 +129,13 @@ logger = logging.getLogger(__name__)
 
 Calibration = Literal["held-out", "synthetic", "none"]
 CALIBRATION_SOURCES: Final = get_args(Calibration)
-DEFAULT_RECIPES: Final = ("fp32", "int8", "pruned50-int8")
-"""Variants built when ``--recipes`` is not given (narrowed to what the data allows)."""
+DEFAULT_RECIPES: Final = ("fp32", "int8", "pruned50-int8", "onnx")
+"""Variants built when ``--recipes`` is not given (narrowed to what the data and the
+installed toolkit allow)."""
 DEFAULT_DEVICE_CLASS: Final = "generic"
+ONNX_DEVICE_CLASS: Final = "jetson"
+"""The device class of the ONNX variants unless ``--onnx-device-class`` says otherwise."""
+ONNX_RUNTIME: Final = "onnxruntime"
 DEFAULT_EXPIRES_DAYS: Final = 90.0
 DEFAULT_MAX_ACCURACY_DROP: Final = 1.5
 """Accuracy points a variant may lose against the float model and still be published."""
@@ -130,6 +143,8 @@ ACCURACY_DROP: Final = "accuracy_drop"
 """The reason a variant the accuracy gate left out carries (first word of its reason)."""
 FLOAT_VARIANT: Final = "fp32"
 """The float model converted: never left out by the accuracy gate."""
+FLOAT_VARIANTS: Final = (FLOAT_VARIANT, "onnx")
+"""The float model converted to each format (``.tflite``, ``.onnx``): never gated."""
 SYNTHETIC_SAMPLES: Final = 512
 """Generated inputs for ``synthetic`` and ``none``: half calibrate, half verify."""
 
@@ -152,6 +167,7 @@ class ReleaseRequest:
         bench_iters: Single-sample runs timed per runtime and variant.
         max_accuracy_drop: Accuracy points a variant may lose against the float model
             (labelled data only); one that loses more is left out of the release.
+        onnx_device_class: The device class the ONNX variants are for.
     """
 
     run_id: str
@@ -164,6 +180,7 @@ class ReleaseRequest:
     by: str | None = None
     bench_iters: int = 100
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
+    onnx_device_class: str = ONNX_DEVICE_CLASS
 
 
 @dataclass
@@ -235,9 +252,18 @@ def select_variants(
     variants = parse_variants(",".join(names if names is not None else DEFAULT_RECIPES))
     keep: list[Variant] = []
     notes: list[str] = []
+    onnx_missing = _onnx_missing() if any(_is_onnx(v.recipe) for v in variants) else None
     for variant in variants:
         why = None
-        if variant.prune_ratio is not None and calibration != "held-out":
+        if onnx_missing is not None and _is_onnx(variant.recipe):
+            if explicit:
+                raise RuntimeUnavailableError(
+                    f"variant {variant.name} cannot be built here: {onnx_missing}",
+                    hint="a server that makes ONNX variants needs pip install "
+                    "'edgefl[server,quantize]'",
+                )
+            why = onnx_missing
+        elif variant.prune_ratio is not None and calibration != "held-out":
             why = "pruning is fine-tuned on labelled data, which only --calibration held-out gives"
         elif calibration == "none" and get_recipe(variant.recipe).needs_calibration:
             why = "its recipe needs calibration data and --calibration is none"
@@ -246,7 +272,7 @@ def select_variants(
         elif explicit:
             raise BadInputError(
                 f"variant {variant.name} cannot be built: {why}",
-                hint="with --calibration none use fp32, fp16 or int8-wo; with synthetic, "
+                hint="with --calibration none use fp32, fp16, int8-wo or onnx; with synthetic, "
                 "unpruned variants; or use --calibration held-out",
             )
         else:
@@ -256,7 +282,8 @@ def select_variants(
     if calibration == "none":
         notes.append(
             "no calibration data: only recipes that need none are offered "
-            "(fp32, fp16, int8-wo); verified on generated inputs against the float model"
+            "(fp32, fp16, int8-wo, onnx, onnx-int8); verified on generated inputs against "
+            "the float model"
         )
     elif calibration == "synthetic":
         notes.append(
@@ -264,6 +291,25 @@ def select_variants(
             "agreement with the float model is checked, accuracy is not measured"
         )
     return keep, notes
+
+
+def _is_onnx(recipe: str) -> bool:
+    from edgefl.quantize.recipes import get_recipe
+
+    return get_recipe(recipe).artifact_format == "onnx"
+
+
+def _onnx_missing() -> str | None:
+    """Why ONNX variants cannot be built and verified here, or None when they can."""
+    import importlib.util
+
+    from edgefl.runtimes import available_runtimes
+
+    if importlib.util.find_spec("onnxscript") is None or importlib.util.find_spec("onnx") is None:
+        return "torch's ONNX exporter needs the onnx and onnxscript packages"
+    if ONNX_RUNTIME not in available_runtimes():
+        return "onnxruntime, which verifies ONNX variants, is not installed"
+    return None
 
 
 def _held_out(plan: FederationPlan) -> Dataset:
@@ -432,7 +478,7 @@ def accuracy_gate(
     """
     gated: dict[str, str] = {}
     for v in variants:
-        if not v.accepted or not v.verified_on or v.variant == FLOAT_VARIANT:
+        if not v.accepted or not v.verified_on or v.variant in FLOAT_VARIANTS:
             continue
         accuracy = min(c.accuracy for c in v.verified_on.values())
         drop = (float_accuracy - accuracy) * 100.0
@@ -466,8 +512,7 @@ def _variant_rows(
     result: BuildResult,
     built: Path,
     labelled: bool,
-    device_class: str,
-    runtime: str,
+    targets: dict[str, tuple[str, str]],
     gated: dict[str, str],
 ) -> list[ReleaseVariant]:
     from edgefl.manifest import read_manifest
@@ -488,8 +533,8 @@ def _variant_rows(
                 accuracy=min(c.accuracy for c in checks) if labelled and checks else None,
                 float_accuracy=checks[0].reference_accuracy if labelled and checks else None,
                 latency_json=json.dumps({c.runtime: c.p50_us for c in checks}, sort_keys=True),
-                device_class=device_class,
-                runtime=runtime,
+                device_class=targets[v.variant][0],
+                runtime=targets[v.variant][1],
                 path=None,
                 passed=v.accepted,
                 reasons_json=json.dumps([gated[v.variant]] if v.variant in gated else v.reasons),
@@ -535,7 +580,7 @@ def _publish_files(
     built: Path,
     releases: Path,
     release: Release,
-    runtime: str,
+    targets: dict[str, tuple[str, str]],
     privacy: PrivacyGuarantee,
     signing: tuple[str, Any],
     created: int,
@@ -573,8 +618,8 @@ def _publish_files(
                 model=release.model,
                 version=release.version,
                 variant=v.variant,
-                device_class=release.device_class,
-                runtime=runtime,
+                device_class=targets[v.variant][0],
+                runtime=targets[v.variant][1],
                 created_at=created,
                 expires_at=expires,
                 run_id=release.run_id,
@@ -651,10 +696,12 @@ def create_release(
             f"--max-accuracy-drop must be >= 0 accuracy points, got {request.max_accuracy_drop}"
         )
     check_safe_name(request.device_class, "device class")
+    check_safe_name(request.onnx_device_class, "ONNX device class")
     variants, notes = select_variants(request.recipes, request.calibration)
-    targets = resolve_targets(None)
-    runtime = request.runtime or targets[0]
-    if runtime not in targets:
+    tflite = [v for v in variants if not _is_onnx(v.recipe)]
+    targets = resolve_targets(None) if tflite else []
+    runtime = request.runtime or (targets[0] if targets else ONNX_RUNTIME)
+    if tflite and runtime not in targets:
         raise BadInputError(
             f"runtime {runtime!r} is not one the variants are verified on here",
             hint=f"verified on: {', '.join(targets)}",
@@ -732,6 +779,13 @@ def create_release(
                     "held-out) no variant's accuracy is measured"
                 )
             by = _created_by(request.by)
+            # Each variant's device class and runtime (the ONNX ones are for Jetsons).
+            variant_targets = {
+                v.variant: (request.onnx_device_class, ONNX_RUNTIME)
+                if _is_onnx(v.recipe)
+                else (request.device_class, runtime)
+                for v in result.variants
+            }
             failure = reasons or ["interrupted before its files were published"]
 
             def make_release() -> Release:
@@ -760,10 +814,10 @@ def create_release(
                 # published one gets its rows with their paths once the files are there.
                 if not reasons:
                     return []
-                return _variant_rows(result, built, labelled, request.device_class, runtime, gated)
+                return _variant_rows(result, built, labelled, variant_targets, gated)
 
             release = _allocate(sessions, make_release, make_rows)
-            rows = _variant_rows(result, built, labelled, request.device_class, runtime, gated)
+            rows = _variant_rows(result, built, labelled, variant_targets, gated)
             limit = request.max_accuracy_drop if labelled else None
             if reasons:
                 step(f"refused: {spec.name} version {release.version} is not published")
@@ -774,7 +828,7 @@ def create_release(
                     built,
                     releases,
                     release,
-                    runtime,
+                    variant_targets,
                     src.privacy,
                     signing,
                     created,

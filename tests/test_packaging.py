@@ -67,6 +67,18 @@ def test_torch_and_flwr_are_pinned_wherever_they_appear() -> None:
 def test_all_extra_covers_every_role() -> None:
     names = {_name(r) for r in _closure("all")}
     assert {"torch", "opacus", "flwr", "litert-torch", "ai-edge-quantizer", "sqlalchemy"} <= names
+    assert {"onnxruntime", "onnx", "onnxscript"} <= names
+
+
+def test_the_jetson_extra_adds_onnxruntime_to_the_device_stack_and_the_pi_stays_small() -> None:
+    device = {_name(r) for r in _closure("device")}
+    jetson = {_name(r) for r in _closure("jetson")}
+    assert device < jetson
+    assert jetson - device == {"onnxruntime"}
+    assert "onnxruntime" not in device
+    # One pin for onnxruntime wherever it appears (the toolkit verifies on the same one).
+    pins = {r for extra in ("jetson", "quantize") for r in _closure(extra)}
+    assert {r for r in pins if _name(r) == "onnxruntime"} == {"onnxruntime==1.32.0"}
 
 
 @pytest.mark.parametrize(
@@ -150,6 +162,9 @@ ROLES = {
             ("ai_edge_quantizer", "quantize"),
             ("litert_torch", "quantize"),
             ("matplotlib", "quantize"),
+            # ... and the ONNX variant, verified on onnxruntime (the exporter's onnxscript
+            # is imported under a guard that names the extra).
+            ("onnxruntime", "quantize"),
         ),
     ),
     "device": Role(
@@ -166,12 +181,26 @@ ROLES = {
             ("mlxtend", "datasets"),
             # The legacy runtime lives in its own numpy<2 venv.
             ("tflite_runtime", "tflite"),
+            # ONNX Runtime (a release's onnx variant) is the Jetson's: `edgefl[jetson]`.
+            ("onnxruntime", "jetson"),
+        ),
+    ),
+    # A Jetson-class device: the device stack and ONNX Runtime.
+    "jetson device": Role(
+        ("jetson",),
+        ("edgefl.edge_agent", "edgefl.runtimes"),
+        leave_out=("edgefl.edge_agent.fl",),
+        features=(
+            ("flwr", "training"),
+            ("sklearn", "datasets"),
+            ("mlxtend", "datasets"),
+            ("tflite_runtime", "tflite"),
         ),
     ),
     "training device": Role(
         ("device", "training"),
         ("edgefl.edge_agent", "edgefl.runtimes"),
-        features=(("tflite_runtime", "tflite"),),
+        features=(("tflite_runtime", "tflite"), ("onnxruntime", "jetson")),
     ),
     "toolkit": Role(("quantize",), ("edgefl.quantize",)),
     "simulation": Role(("sim",), ("edgefl.simulations", "edgefl.server.fl.simulation")),

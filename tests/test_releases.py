@@ -369,14 +369,14 @@ def test_the_data_decides_which_variants_are_offered() -> None:
         return [v.name for v in variants]
 
     held, notes = select_variants(None, "held-out")
-    assert names(held) == ["fp32", "int8", "pruned50-int8"]
+    assert names(held) == ["fp32", "int8", "pruned50-int8", "onnx"]
     assert notes == []
     none, notes = select_variants(None, "none")
-    assert names(none) == ["fp32"]
+    assert names(none) == ["fp32", "onnx"]
     assert any("int8 left out" in n for n in notes)
     assert any("only recipes that need none" in n for n in notes)
     synthetic, _ = select_variants(None, "synthetic")
-    assert names(synthetic) == ["fp32", "int8"]
+    assert names(synthetic) == ["fp32", "int8", "onnx"]
     assert names(select_variants(["fp16", "int8-wo"], "none")[0]) == ["fp16", "int8-wo"]
     with pytest.raises(BadInputError, match="needs calibration data"):
         select_variants(["int8"], "none")

@@ -1,9 +1,11 @@
-"""Device runtimes: run ``.tflite`` models on whichever interpreter this device has.
+"""Device runtimes: run models on whichever interpreter this device has.
 
 Backends, in preference order: ``ai-edge-litert``, ``tflite-runtime`` and ``edgetpu``
-(the Coral delegate). Each lives in its own module; one that cannot be imported here is
-logged and skipped. :func:`create_runtime` loads a model on a runtime by key, and
-:class:`RemoteRuntime` reaches a runtime installed in another Python environment.
+(the Coral delegate) for ``.tflite`` models, and ``onnxruntime`` for ``.onnx`` models (a
+Jetson-class device; its execution providers are probed). Each lives in its own module;
+one that cannot be imported here is logged and skipped. :func:`create_runtime` loads a
+model on a runtime by key, and :class:`RemoteRuntime` reaches a runtime installed in
+another Python environment.
 
 This package is in the shared layer: the device agent runs models on it, the model toolkit
 and the server's release verification check artifacts on it. It imports no interpreter

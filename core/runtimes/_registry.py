@@ -4,6 +4,9 @@ Each backend module imports its interpreter package at module top and registers 
 class with :func:`register_runtime`. A module that fails to import (package missing,
 shared library missing, numpy ABI mismatch) makes that runtime unavailable; it is logged
 and skipped, never fatal, so a device with only one runtime still works.
+:func:`create_runtime` imports only the backend it is asked for (and
+:func:`default_runtime_key` only up to the first usable one), so an agent running a
+``.tflite`` never loads onnxruntime; :func:`available_runtimes` imports them all.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ _BACKEND_MODULES: dict[str, str] = {
     "ai-edge-litert": "edgefl.runtimes.litert",
     "tflite-runtime": "edgefl.runtimes.tflite",
     "edgetpu": "edgefl.runtimes.edgetpu",
+    # ONNX models (a release's onnx variant, device class jetson); never the default for
+    # a .tflite, which every backend above runs.
+    "onnxruntime": "edgefl.runtimes.onnx",
 }
 
 _INSTALL_HINTS: dict[str, str] = {
@@ -42,6 +48,7 @@ _INSTALL_HINTS: dict[str, str] = {
         "and reach it with RemoteRuntime"
     ),
     "edgetpu": "install libedgetpu from https://coral.ai/software/ and attach the device",
+    "onnxruntime": "pip install 'edgefl[jetson]'",
 }
 
 _DEFAULT_HINT = "pip install 'edgefl[device]'"
@@ -80,6 +87,26 @@ def _report(key: str, reason: str) -> None:
     logger.log(level, "runtime %s unavailable: %s", key, reason)
 
 
+def _load(key: str) -> tuple[type[Runtime] | None, str]:
+    """Import one backend's module (only that one); its class, or None and why not."""
+    module = _BACKEND_MODULES.get(key)
+    if module is None:
+        cls = _REGISTRY.get(key)
+        return cls, "" if cls is not None else "not registered"
+    try:
+        importlib.import_module(module)
+    except (ImportError, OSError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        _report(key, reason)
+        return None, reason
+    cls = _REGISTRY.get(key)
+    if cls is None:
+        reason = f"module {module} imported but did not register {key!r}"
+        _report(key, reason)
+        return None, reason
+    return cls, ""
+
+
 def _discover() -> tuple[dict[str, type[Runtime]], dict[str, str]]:
     """Import every backend module; return (classes by key, failure reasons by key).
 
@@ -87,21 +114,11 @@ def _discover() -> tuple[dict[str, type[Runtime]], dict[str, str]]:
     """
     found: dict[str, type[Runtime]] = {}
     failed: dict[str, str] = {}
-    for key, module in _BACKEND_MODULES.items():
-        try:
-            importlib.import_module(module)
-        except (ImportError, OSError) as exc:
-            failed[key] = f"{type(exc).__name__}: {exc}"
-            _report(key, failed[key])
-            continue
-        cls = _REGISTRY.get(key)
+    for key in runtime_keys():
+        cls, reason = _load(key)
         if cls is None:
-            failed[key] = f"module {module} imported but did not register {key!r}"
-            _report(key, failed[key])
+            failed[key] = reason
         else:
-            found[key] = cls
-    for key, cls in _REGISTRY.items():
-        if key not in found and key not in _BACKEND_MODULES:
             found[key] = cls
     return found, failed
 
@@ -131,9 +148,16 @@ def default_runtime_key() -> str:
     Raises:
         RuntimeUnavailableError: If no runtime is available.
     """
-    available = available_runtimes()
-    if available:
-        return available[0]
+    # One backend at a time, stopping at the first usable one: a device never imports
+    # (and maps the memory of) an interpreter package it does not run.
+    for key in runtime_keys():
+        cls, _ = _load(key)
+        if cls is None:
+            continue
+        reason = cls.unavailable_reason()
+        if reason is None:
+            return key
+        _report(key, reason)
     raise RuntimeUnavailableError("no device runtime is available", hint=_DEFAULT_HINT)
 
 
@@ -148,7 +172,7 @@ def create_runtime(
 
     Args:
         key: A runtime key from :func:`runtime_keys`, or ``None`` for the default.
-        model_path: The ``.tflite`` file.
+        model_path: The model file (``.tflite``; ``.onnx`` for ``onnxruntime``).
         threads: CPU threads for the interpreter.
         delegates: Extra delegate libraries to load.
 
@@ -165,11 +189,10 @@ def create_runtime(
     known = runtime_keys()
     if key not in known:
         raise BadInputError(f"unknown runtime {key!r}; known runtimes: {', '.join(known)}")
-    found, failed = _discover()
-    cls = found.get(key)
+    cls, reason = _load(key)  # only this backend: see default_runtime_key
     if cls is None:
         raise RuntimeUnavailableError(
-            f"runtime {key!r} is not available: {failed.get(key, 'not registered')}",
+            f"runtime {key!r} is not available: {reason}",
             hint=_INSTALL_HINTS.get(key, _DEFAULT_HINT),
         )
     return cls(Path(model_path), threads=threads, delegates=delegates)

@@ -1,9 +1,11 @@
 """The device runtime interface: :class:`TensorSpec` and the abstract :class:`Runtime`.
 
-Every backend wraps a TFLite-style interpreter (``ai_edge_litert``, ``tflite_runtime``);
-they differ only in where the interpreter comes from and which delegates it loads, so the
-tensor bookkeeping, int8 conversion and error translation live here once and a backend
-implements three small hooks.
+Every backend wraps a TFLite-style interpreter (``ai_edge_litert``, ``tflite_runtime``;
+the ONNX Runtime backend adapts its session to the same small interface); they differ
+only in where the interpreter comes from and which delegates it loads, so the tensor
+bookkeeping, int8 conversion and error translation live here once and a backend
+implements three small hooks (and :meth:`Runtime._check_file` when its files are not
+TFLite).
 """
 
 from __future__ import annotations
@@ -178,6 +180,38 @@ class Runtime(ABC):
         """Delegate libraries to load; a backend may add its own."""
         return list(requested)
 
+    @classmethod
+    def _check_file(cls, path: Path) -> None:
+        """Refuse a file this backend plainly cannot load, before the interpreter sees it.
+
+        The default is for ``.tflite`` models: missing, unreadable, or without the TFLite
+        file identifier.
+
+        Raises:
+            ArtifactError: With a message naming the file.
+        """
+        _check_model_file(path)
+
+    def details(self) -> dict[str, Any]:
+        """Backend-specific facts for :meth:`describe` (an execution provider, say)."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """What runs the model, for status output and reports (JSON-able).
+
+        Keys: ``runtime``, ``version``, ``model``, ``threads``, ``inputs``, ``outputs``
+        and whatever :meth:`details` adds.
+        """
+        return {
+            "runtime": self.key,
+            "version": self.version(),
+            "model": str(self._model_path),
+            "threads": self._threads,
+            "inputs": [spec.to_dict() for spec in self._inputs],
+            "outputs": [spec.to_dict() for spec in self._outputs],
+            **self.details(),
+        }
+
     def __init__(
         self, model_path: Path, *, threads: int = 1, delegates: Sequence[str] = ()
     ) -> None:
@@ -190,7 +224,7 @@ class Runtime(ABC):
             raise BadInputError(f"threads must be at least 1, got {threads}")
         self._model_path = Path(model_path)
         self._threads = threads
-        _check_model_file(self._model_path)
+        self._check_file(self._model_path)
         loaded = [self._checked_delegate(lib) for lib in self._delegate_libraries(delegates)]
         try:
             interpreter = self._new_interpreter(str(self._model_path), threads, loaded)

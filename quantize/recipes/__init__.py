@@ -2,7 +2,8 @@
 
 A *variant* names a recipe, optionally after structured pruning: ``int8``,
 ``pruned50-int8`` (remove 50% of the channels of every hidden layer, fine-tune, then
-apply ``int8``).
+apply ``int8``). The ``onnx`` recipes make ``.onnx`` files for ONNX Runtime instead of
+``.tflite`` (``onnx``, ``onnx-int8``, ``pruned50-onnx``...).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from edgefl.quantize.recipes.fp32 import Fp32Recipe
 from edgefl.quantize.recipes.int8 import Int8StaticRecipe
 from edgefl.quantize.recipes.int8_dynamic import Int8DynamicRecipe
 from edgefl.quantize.recipes.int8_wo import Int8WeightOnlyRecipe
+from edgefl.quantize.recipes.onnx import OnnxInt8DynamicRecipe, OnnxRecipe
 
 __all__ = [
     "DEFAULT_VARIANTS",
@@ -40,7 +42,15 @@ def register_recipe(cls: type[Recipe]) -> type[Recipe]:
     return cls
 
 
-for _cls in (Fp32Recipe, Fp16Recipe, Int8WeightOnlyRecipe, Int8StaticRecipe, Int8DynamicRecipe):
+for _cls in (
+    Fp32Recipe,
+    Fp16Recipe,
+    Int8WeightOnlyRecipe,
+    Int8StaticRecipe,
+    Int8DynamicRecipe,
+    OnnxRecipe,
+    OnnxInt8DynamicRecipe,
+):
     register_recipe(_cls)
 
 DEFAULT_VARIANTS = ("fp32", "fp16", "int8-wo", "int8", "pruned50-fp32", "pruned50-int8")

@@ -1,4 +1,8 @@
-"""The recipe interface: how one fp32 ``.tflite`` becomes one quantized variant."""
+"""The recipe interface: how one converted float model becomes one variant.
+
+Most recipes transform the float ``.tflite``; an ``onnx`` recipe (``artifact_format``
+``"onnx"``) transforms the float ``.onnx`` exported from the same torch model instead.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +47,9 @@ class Recipe(ABC):
     needs_calibration: ClassVar[bool] = False
     # True when every model input and output must be int8 (integer-only accelerators).
     integer_io: ClassVar[bool] = False
+    # The file format the recipe reads and writes: "tflite" or "onnx" (which also names
+    # the artifact's suffix and the runtimes it is verified on).
+    artifact_format: ClassVar[str] = "tflite"
     thresholds: ClassVar[Thresholds]
 
     @abstractmethod
@@ -55,7 +62,7 @@ class Recipe(ABC):
         """Write the variant of ``fp32_model`` to ``out``.
 
         Args:
-            fp32_model: The converted float model.
+            fp32_model: The converted float model (in ``artifact_format``).
             out: Where to write the variant.
             calibration: Representative inputs, batch first; required when
                 ``needs_calibration`` is true.
