@@ -71,6 +71,21 @@ reading the ledger) can recompute ε independently.
 A device refuses to train (reply status ``budget_exhausted``, no exception) when the
 next round would take its ε past ``dp.epsilon_cap`` (default: ``dp.target_epsilon``).
 
+**The plan holds while the data grows.** With its σ, the device fixes the sample rate
+``q = 1 / ceil(n0 / batch_size)`` and the steps per round from the data it holds then
+(``n0``); every later round takes exactly those steps at that rate on whatever data it
+holds by then (Poisson sampling over all of it), so the planned rounds end at ε <= target
+exactly, however a device's store grows during the run
+(:mod:`edgefl.edge_agent.fl.privacy` says why this and not a fixed sample count).
+
+**Lifetime budget.** A device also composes its privacy loss across runs (RDP composition
+of every run's history it keeps) and refuses, with status ``lifetime_budget_exhausted``,
+a run whose plan, or a round that, would pass its lifetime cap (its agent config's
+``training.privacy.lifetime_epsilon``). Every reply's ``"edgefl"`` record carries
+``lifetime-epsilon``, ``lifetime-delta`` and ``lifetime-cap``; the server keeps them with
+the round and shows each device's lifetime ε, recomputed from its ledger rows of every
+run (:attr:`FederationResult.lifetime`).
+
 The *ledger floor*: the server sends the accountant history the registry holds for each
 device (``ledger`` in :class:`ClientInstructions`). A device whose own state is shorter
 (lost state dir, or a simulation restarted after the server was killed) adopts it, so a
@@ -966,7 +981,7 @@ class ClientInstructions:
 # What a run reports.
 # ---------------------------------------------------------------------------------------
 
-ReplyStatus = Literal["ok", "budget_exhausted"]
+ReplyStatus = Literal["ok", "budget_exhausted", "lifetime_budget_exhausted"]
 """The ``status`` a device puts in its reply's ``"edgefl"`` ConfigRecord."""
 
 
@@ -985,7 +1000,8 @@ class RoundReport:
         num_replies: Replies aggregated.
         num_failures: Messages that failed (error reply, timeout, dropout).
         num_rejected: Replies refused by validation (wrong shapes, NaN/Inf, ε going down).
-        num_refused: Devices that refused to train (``budget_exhausted``).
+        num_refused: Devices that refused to train (``budget_exhausted``, or
+            ``lifetime_budget_exhausted``: past the device's cap over all its runs).
         num_flagged: Devices flagged this round (reported ε went down).
         epsilon_max: Largest running ε of any device after this round.
         wall_s: Wall time of the round.
@@ -1043,6 +1059,11 @@ class FederationResult:
         epsilon_per_device: The latest running ε of every device in the ledger.
         central_epsilon: ε of central DP (None when not enabled).
         planned_rounds: The plan's rounds (0: unknown).
+        lifetime: Each device of the run (trained or refused) -> its lifetime privacy over
+            every run in the registry: ``epsilon`` (RDP composition of its ledger
+            histories), ``delta``, ``runs`` (run id -> that run's ε), and what the device
+            itself last reported, ``reported_epsilon`` and ``cap`` (None: unknown or no
+            cap). Empty when read without the registry.
     """
 
     run_id: str
@@ -1052,6 +1073,7 @@ class FederationResult:
     epsilon_per_device: dict[str, float] = field(default_factory=dict)
     central_epsilon: float | None = None
     planned_rounds: int = 0
+    lifetime: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def final_accuracy(self) -> float:

@@ -1,4 +1,7 @@
-"""``edgefl server train``: start a federated run of a plan, and follow it with --wait.
+"""``edgefl server train`` and ``edgefl server privacy``: runs and what devices spent.
+
+``train`` starts a federated run of a plan and follows it with --wait; ``privacy`` shows
+each device's ε in a run beside its lifetime ε over every run.
 
 The work (the run's app, the polling with its deadline, the report and its exit code) is
 in :mod:`edgefl.server.runs`; this module only parses options and prints.
@@ -12,7 +15,7 @@ from typing import Annotated
 import typer
 
 from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error
-from edgefl.server.cli_common import ServerConfigOption
+from edgefl.server.cli_common import RegistryConfigOption, ServerConfigOption
 
 __all__ = ["app"]
 
@@ -100,3 +103,56 @@ def train(
         )
         db_url = ctx.config.resolved_db_url
     report_run(submitted, status, as_json, db_url=db_url)
+
+
+@app.command()
+@exits_on_error
+def privacy(
+    config: RegistryConfigOption = None,
+    db_url: Annotated[str | None, typer.Option(help="Override db_url (SQLAlchemy URL).")] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            "--run-id", help="Show this run's ledger ε beside (its devices only); default: all."
+        ),
+    ] = None,
+    device: Annotated[
+        list[str] | None, typer.Option("--device", help="Only this device (repeatable).")
+    ] = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Each device's lifetime ε over every run in the registry, beside a run's ledger.
+
+    The lifetime ε is recomputed from the privacy ledger: every run's accountant history
+    of the device, composed (RDP) and converted at the δ the device reports for its
+    lifetime. Also shown: the runs composed, and the lifetime cap the device reports
+    (training.privacy.lifetime_epsilon in its agent config); a device refuses a run that
+    would pass it (lifetime_budget_exhausted).
+    """
+    from edgefl.server.admin import registry_url
+    from edgefl.server.fl.ledger import FlStore
+    from edgefl.server.runs import print_device_privacy
+
+    store = FlStore(registry_url(config, db_url))
+    try:
+        run_epsilon: dict[str, float] | None = None
+        if run_id is not None:
+            result = store.result(run_id)
+            run_epsilon = dict(result.epsilon_per_device)
+            lifetime = dict(result.lifetime)
+        else:
+            lifetime = {d: r.to_dict() for d, r in store.lifetime(device or None).items()}
+    finally:
+        store.close()
+    if device:
+        wanted = set(device)
+        lifetime = {d: v for d, v in lifetime.items() if d in wanted}
+        if run_epsilon is not None:
+            run_epsilon = {d: v for d, v in run_epsilon.items() if d in wanted}
+    if as_json:
+        emit_json({"run_id": run_id, "run_epsilon": run_epsilon, "lifetime": lifetime})
+        return
+    if not lifetime and not run_epsilon:
+        typer.echo("no device has privacy ledger rows" + (f" in run {run_id}" if run_id else ""))
+        return
+    print_device_privacy(run_epsilon, lifetime)

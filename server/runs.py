@@ -196,11 +196,8 @@ def report_run(
                     for r in result.rounds
                 ],
             )
-            if result.epsilon_per_device:
-                print_table(
-                    [("device", "left"), ("ε", "right")],
-                    [(device, f"{eps:.4f}") for device, eps in result.epsilon_per_device.items()],
-                )
+            if result.epsilon_per_device or result.lifetime:
+                print_device_privacy(result.epsilon_per_device, result.lifetime)
             if result.central_epsilon is not None:
                 typer.echo(f"central ε {result.central_epsilon:.4f}")
     if status != "finished:completed":
@@ -214,6 +211,50 @@ def report_run(
     shortfall = result.shortfall() if result is not None else "the registry has no such run"
     if shortfall is not None:
         raise RunFailedError(f"run {run_id} did not complete: {shortfall}")
+
+
+def print_device_privacy(
+    run_epsilon: dict[str, float] | None, lifetime: dict[str, dict[str, Any]]
+) -> None:
+    """The per-run ledger's ε of each device beside its lifetime ε over every run.
+
+    ``lifetime`` is :attr:`~edgefl.federation.FederationResult.lifetime` (or
+    :meth:`~edgefl.server.fl.ledger.FlStore.lifetime` as dicts); ``-`` where a device has
+    no ε in this run (it refused) or no lifetime figure. ``run_epsilon`` None: no run
+    column (every device of the registry).
+    """
+    from edgefl.clikit import Column, print_table
+
+    def cap(info: dict[str, Any] | None) -> str:
+        if info is None or info.get("cap") is None:
+            return "-"
+        return f"{float(info['cap']):g}"
+
+    run_eps = run_epsilon or {}
+    devices = sorted(set(run_eps) | set(lifetime))
+    rows: list[tuple[object, ...]] = [
+        (
+            device,
+            f"{run_eps[device]:.4f}" if device in run_eps else "-",
+            f"{lifetime[device]['epsilon']:.4f}" if device in lifetime else "-",
+            f"{lifetime[device]['delta']:g}" if device in lifetime else "-",
+            len(lifetime[device]["runs"]) if device in lifetime else "-",
+            cap(lifetime.get(device)),
+        )
+        for device in devices
+    ]
+    columns: list[Column] = [
+        ("device", "left"),
+        ("ε this run", "right"),
+        ("lifetime ε", "right"),
+        ("lifetime δ", "right"),
+        ("runs", "right"),
+        ("lifetime cap", "right"),
+    ]
+    if run_epsilon is None:
+        columns.pop(1)
+        rows = [(row[0], *row[2:]) for row in rows]
+    print_table(columns, rows)
 
 
 def load_plan_file(plan: Path) -> FederationPlan:

@@ -17,8 +17,15 @@ Node config, a real device (what the agent's SuperNode supervisor passes):
 - ``eval-fraction`` (optional, default 0.2): the store's held-out share;
 - ``telemetry-dir`` (optional): after each train message, once the privacy state is saved,
   one JSON document ``train-<run_id>-r<round>.json`` is written there atomically (run id,
-  round, device id, status, ε, δ, σ, sample rate, steps, examples, loss, time) for the
-  agent to send as fleet telemetry.
+  round, device id, status, ε, δ, σ, sample rate, steps, examples, loss, lifetime ε, δ
+  and cap, time) for the agent to send as fleet telemetry;
+- ``lifetime-epsilon`` / ``lifetime-delta`` (optional; the agent passes its config's
+  ``training.privacy``): the device's lifetime cap across runs and its δ (see
+  :mod:`edgefl.edge_agent.fl.privacy`). Without ``lifetime-epsilon`` there is no cap.
+
+Every node (simulated or not) keeps the run's privacy plan: σ, the sample rate and the
+steps per round are fixed the first time it trains in the run and hold for every round,
+however its data grows (:mod:`edgefl.edge_agent.fl.privacy`).
 
 Train reply (``RecordDict``):
 
@@ -27,8 +34,12 @@ Train reply (``RecordDict``):
   ``epsilon`` (running total), ``delta``, ``sigma``, ``sample-rate``, ``steps`` (this
   round), ``train-time-s``, ``compute-speed``, ``cpu-count``, ``unit-weight`` (1.0, for
   central DP's equal weights) and ``refused`` (1.0 when the budget is exhausted);
-- ``"edgefl"`` (ConfigRecord): ``device-id``, ``status`` (``ok`` or ``budget_exhausted``),
-  ``history`` (the accountant history as JSON) and ``reason``.
+- ``"edgefl"`` (ConfigRecord): ``device-id``, ``status`` (``ok``, ``budget_exhausted``
+  when the next round would pass the run's ε cap, or ``lifetime_budget_exhausted`` when
+  the run's plan or the next round would pass the device's lifetime cap), ``history``
+  (the run's accountant history as JSON), ``reason`` (a refusal's numbers, in words),
+  ``lifetime-epsilon`` (the device's ε over all its runs, this one included, after the
+  round), ``lifetime-delta`` and ``lifetime-cap`` (0.0: none).
 
 A device whose ``dropout`` draw fails raises :class:`DeviceDropoutError`: Flower turns it
 into an error reply, which the server counts as a failure.
@@ -45,13 +56,18 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from edgefl.errors import EdgeflError
 from edgefl.federation import ClientInstructions, DeviceProfile, device_id_for, profile_for
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from edgefl.edge_agent.fl.privacy import LifetimeBudget, PrivacyState
 
 __all__ = ["DeviceDropoutError", "app", "telemetry_file_name"]
 
@@ -171,6 +187,7 @@ def _write_telemetry(
     inst: ClientInstructions,
     status: str,
     metrics: dict[str, int | float | list[int] | list[float]],
+    lifetime: dict[str, float],
 ) -> None:
     if node.telemetry_dir is None:
         return
@@ -194,6 +211,9 @@ def _write_telemetry(
         "num_examples": int(num("num-examples") or 0),
         "train_loss": num("train-loss"),
         "train_time_s": num("train-time-s"),
+        "lifetime_epsilon": lifetime["lifetime-epsilon"],
+        "lifetime_delta": lifetime["lifetime-delta"],
+        "lifetime_cap": lifetime["lifetime-cap"] or None,
         "ts": time.time(),
     }
     try:
@@ -206,6 +226,34 @@ def _write_telemetry(
 
 def _round_seed(inst: ClientInstructions, partition_id: int) -> int:
     return (inst.seed * 1_000_003 + partition_id * 10_007 + inst.server_round) % (2**31)
+
+
+def _refusal(
+    msg: Message,
+    device_id: str,
+    status: str,
+    reason: str,
+    metrics: dict[str, int | float | list[int] | list[float]],
+    history: list[list[float]],
+    lifetime: dict[str, float],
+) -> Message:
+    return Message(
+        RecordDict(
+            {
+                "metrics": MetricRecord(metrics),
+                "edgefl": ConfigRecord(
+                    {
+                        "device-id": device_id,
+                        "status": status,
+                        "history": json.dumps(history),
+                        "reason": reason,
+                        **lifetime,
+                    }
+                ),
+            }
+        ),
+        reply_to=msg,
+    )
 
 
 @app.train()
@@ -222,25 +270,47 @@ def train(msg: Message, context: Context) -> Message:
     from edgefl.edge_agent.fl import privacy as pv
     from edgefl.edge_agent.fl.trainer import train_local
 
+    budget = pv.LifetimeBudget.from_node_config(dict(context.node_config))
     x, y = _data(inst, node).train_arrays()
     store = _store(context)
-    state = store.load(inst.run_id)
-    q, steps = pv.steps_per_round(len(x), inst.batch_size, inst.local_epochs)
-    if state is None or state.plan_key != inst.plan_key:
-        sigma = (
-            pv.choose_sigma(inst.target_epsilon, inst.delta, q, steps * inst.rounds)
-            if inst.dp_enabled
-            else 0.0
-        )
-        history = state.history if state is not None else []
-        state = pv.PrivacyState(inst.run_id, inst.plan_key, sigma, q, steps, history)
+    runs = store.runs()  # every run's state: the lifetime accountant's input
+    state = runs.get(inst.run_id)
     # The ledger floor: never account less than the server has recorded for this device.
+    spent = state.history if state is not None else []
     floor = inst.ledger_floor().get(device_id)
-    if floor and pv.history_steps(floor) > pv.history_steps(state.history):
-        state.history = [list(map(float, h)) for h in floor]
-        for h in state.history:
-            h[2] = int(h[2])
+    if floor and pv.history_steps(floor) > pv.history_steps(spent):
+        spent = [[float(h[0]), float(h[1]), int(h[2])] for h in floor]
+    planned_now = state is None or state.plan_key != inst.plan_key
+    if planned_now:
+        # The run's privacy plan, fixed for every round it plans (module docstring of
+        # edgefl.edge_agent.fl.privacy); with budget already spent (lost state, new plan),
+        # for the rounds left from the budget left.
+        rounds = inst.rounds if not spent else max(1, inst.rounds - inst.server_round + 1)
+        state = pv.plan_run(
+            run_id=inst.run_id,
+            plan_key=inst.plan_key,
+            num_examples=len(x),
+            batch_size=inst.batch_size,
+            local_epochs=inst.local_epochs,
+            rounds=rounds,
+            target_epsilon=inst.target_epsilon,
+            delta=inst.delta,
+            dp=inst.dp_enabled,
+            spent=spent,
+        )
+    else:
+        assert state is not None
+        state.history = spent
+    runs[inst.run_id] = state
 
+    def lifetime_of(history: list[list[float]]) -> float:
+        return pv.epsilon_of(pv.lifetime_history(runs, inst.run_id, history), budget.delta)
+
+    lifetime = {
+        "lifetime-epsilon": lifetime_of(state.history),
+        "lifetime-delta": budget.delta,
+        "lifetime-cap": budget.epsilon if budget.epsilon is not None else 0.0,
+    }
     metrics: dict[str, int | float | list[int] | list[float]] = {
         "num-examples": float(len(x)),
         "train-loss": float("nan"),
@@ -256,33 +326,33 @@ def train(msg: Message, context: Context) -> Message:
         "refused": 0.0,
     }
     if inst.dp_enabled:
-        after = pv.epsilon_of(
-            pv.merge_history(state.history, state.sigma, state.sample_rate, steps), inst.delta
+        after_history = pv.merge_history(
+            state.history, state.sigma, state.sample_rate, state.steps_per_round
         )
+        after = pv.epsilon_of(after_history, inst.delta)
+        status, reason = "", ""
         if after > inst.epsilon_cap * (1 + 1e-9):
-            store.save(state)
-            metrics["refused"] = 1.0
-            _write_telemetry(node, inst, "budget_exhausted", metrics)
+            status = "budget_exhausted"
             reason = (
                 f"{device_id}: the next round would take ε from {metrics['epsilon']:.4f} to "
                 f"{after:.4f}, past its cap {inst.epsilon_cap}"
             )
-            return Message(
-                RecordDict(
-                    {
-                        "metrics": MetricRecord(metrics),
-                        "edgefl": ConfigRecord(
-                            {
-                                "device-id": device_id,
-                                "status": "budget_exhausted",
-                                "history": json.dumps(state.history),
-                                "reason": reason,
-                            }
-                        ),
-                    }
-                ),
-                reply_to=msg,
-            )
+        elif budget.epsilon is not None:
+            status, reason = _lifetime_check(state, budget, planned_now, lifetime_of, device_id)
+            if not status:
+                life_after = lifetime_of(after_history)
+                if life_after > budget.epsilon * (1 + 1e-9):
+                    status = "lifetime_budget_exhausted"
+                    reason = (
+                        f"{device_id}: the next round would take its lifetime ε (all runs, "
+                        f"δ={budget.delta:g}) from {lifetime['lifetime-epsilon']:.4f} to "
+                        f"{life_after:.4f}, past its lifetime cap {budget.epsilon:g}"
+                    )
+        if status:
+            store.save(state)
+            metrics["refused"] = 1.0
+            _write_telemetry(node, inst, status, metrics, lifetime)
+            return _refusal(msg, device_id, status, reason, metrics, state.history, lifetime)
 
     result = train_local(
         inst.model,
@@ -301,9 +371,11 @@ def train(msg: Message, context: Context) -> Message:
         history=state.history,
         proximal_mu=inst.proximal_mu,  # FedProx's own "proximal-mu" key
         clipping_norm=inst.clipping_norm,
+        batches_per_epoch=state.batches,
     )
     if inst.dp_enabled:
         state.history = result.history
+        lifetime["lifetime-epsilon"] = lifetime_of(state.history)
     store.save(state)
     if profile.compute_speed < 1.0:  # emulate a slower device
         time.sleep(result.train_time_s * (1.0 / profile.compute_speed - 1.0))
@@ -315,7 +387,7 @@ def train(msg: Message, context: Context) -> Message:
             "train-time-s": result.train_time_s / profile.compute_speed,
         }
     )
-    _write_telemetry(node, inst, "ok", metrics)
+    _write_telemetry(node, inst, "ok", metrics, lifetime)
     from flwr.app import Array, ArrayRecord
 
     return Message(
@@ -329,11 +401,47 @@ def train(msg: Message, context: Context) -> Message:
                         "status": "ok",
                         "history": json.dumps(state.history),
                         "reason": "",
+                        **lifetime,
                     }
                 ),
             }
         ),
         reply_to=msg,
+    )
+
+
+def _lifetime_check(
+    state: PrivacyState,
+    budget: LifetimeBudget,
+    planned_now: bool,
+    lifetime_of: Callable[[list[list[float]]], float],
+    device_id: str,
+) -> tuple[str, str]:
+    """Whether the run's plan fits the lifetime cap: ``("", "")`` or the refusal.
+
+    Checked when the device plans the run (the whole plan must fit: it never starts a run
+    it cannot finish); the refusal is kept in the state for the rest of the run, unless
+    the cap has been raised since.
+    """
+    from edgefl.edge_agent.fl import privacy as pv
+
+    assert budget.epsilon is not None
+    cap = budget.epsilon
+    if not planned_now and not (state.lifetime_refused_cap and cap <= state.lifetime_refused_cap):
+        return "", ""
+    # Nothing was trained since the plan was made (or since the refusal): the plan's
+    # rounds are all ahead.
+    rest = state.planned_rounds * state.steps_per_round
+    planned = pv.merge_history(state.history, state.sigma, state.sample_rate, rest)
+    whole = lifetime_of(planned)
+    if whole <= cap * (1 + 1e-9):
+        state.lifetime_refused_cap = 0.0
+        return "", ""
+    state.lifetime_refused_cap = cap
+    return "lifetime_budget_exhausted", (
+        f"{device_id}: this run's plan ({state.planned_rounds} rounds to its target ε) "
+        f"would take its lifetime ε (all runs, δ={budget.delta:g}) from "
+        f"{lifetime_of(state.history):.4f} to {whole:.4f}, past its lifetime cap {cap:g}"
     )
 
 

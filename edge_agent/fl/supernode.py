@@ -235,6 +235,10 @@ class SuperNodeSupervisor:
             "eval-fraction": self.config.eval_fraction,
             "telemetry-dir": str(self.telemetry_dir),
             **self.config.node_config,
+            # The lifetime budget (0.0: no cap); after the extra entries, which cannot
+            # change it.
+            "lifetime-epsilon": self.config.privacy.lifetime_epsilon or 0.0,
+            "lifetime-delta": self.config.privacy.lifetime_delta,
         }
 
     def poll(self, *, connected: bool, samples: int) -> None:

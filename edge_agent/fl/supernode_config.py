@@ -2,8 +2,9 @@
 
 Node config passed to the ClientApp (``--node-config``, parsed by Flower as TOML, so
 strings are double-quoted): ``device-id``, ``state-dir`` (the privacy accountant),
-``data-store``, ``eval-fraction``, ``telemetry-dir`` and the config's extra
-``node_config`` entries.
+``data-store``, ``eval-fraction``, ``telemetry-dir``, the config's extra ``node_config``
+entries, and ``lifetime-epsilon`` / ``lifetime-delta`` from ``training.privacy`` (last,
+so an extra entry cannot change them).
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ from pydantic import Field, field_validator, model_validator
 
 from edgefl.config import Address, RenamedKeyWarning, RenameMap, StrictModel, TlsFiles
 from edgefl.edge_agent.fl.apptrust import CLIENTAPP_REF, DEFAULT_CLIENTAPP
+from edgefl.edge_agent.fl.privacy import DEFAULT_LIFETIME_DELTA, DEFAULT_LIFETIME_EPSILON
 from edgefl.errors import ConfigError
 
-__all__ = ["NodeConfigValue", "SuperLinkAddress", "TrainingConfig", "node_config_arg"]
+__all__ = [
+    "NodeConfigValue",
+    "SuperLinkAddress",
+    "TrainingConfig",
+    "TrainingPrivacyConfig",
+    "node_config_arg",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,30 @@ class SuperLinkAddress(Address):
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+class TrainingPrivacyConfig(StrictModel):
+    """``training.privacy``: the device's privacy budget across all the runs it joins.
+
+    A run's plan caps what one run spends (``dp.epsilon_cap``); this caps the device's
+    lifetime: the RDP composition of every run it trained in (kept in
+    ``<state_dir>/fl_privacy.json``). The device refuses a run whose plan would pass it,
+    and any round that would, with status ``lifetime_budget_exhausted``.
+    """
+
+    lifetime_epsilon: float | None = Field(
+        DEFAULT_LIFETIME_EPSILON,
+        gt=0,
+        description="Lifetime ε cap over all runs (RDP composition). The default, twice the "
+        "shipped per-run target ε=8, fits about five such runs. null: no lifetime cap (ε "
+        "then grows with every run).",
+    )
+    lifetime_delta: float = Field(
+        DEFAULT_LIFETIME_DELTA,
+        gt=0,
+        lt=1,
+        description="δ at which the lifetime ε is computed and capped.",
+    )
 
 
 class TrainingConfig(StrictModel):
@@ -97,6 +129,11 @@ class TrainingConfig(StrictModel):
         default_factory=dict, description="Extra --node-config entries for the ClientApp."
     )
     max_samples: int = Field(10_000, ge=1, description="Bound of the local data store.")
+    privacy: TrainingPrivacyConfig = Field(
+        default_factory=lambda: TrainingPrivacyConfig(),
+        description="The device's lifetime privacy budget across runs: lifetime_epsilon "
+        "(default 16; null: none) and lifetime_delta (default 1e-5).",
+    )
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="Held-out share of the store.")
     clientappio_port: int | None = Field(
         None, ge=1, le=65535, description="SuperNode's ClientApp API port (default: a free one)."

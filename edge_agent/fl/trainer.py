@@ -66,11 +66,16 @@ def train_local(
     history: list[list[float]],
     proximal_mu: float = 0.0,
     clipping_norm: float = 0.0,
+    batches_per_epoch: int = 0,
 ) -> LocalResult:
     """Train a fresh copy of the global model on (x, y) for one round.
 
     With ``dp``, a fresh ``PrivacyEngine`` whose RDP accountant starts from ``history``
     wraps a fresh module (Poisson sampling, per-sample clip ``max_grad_norm``, noise σ).
+    Each epoch takes exactly ``batches_per_epoch`` steps, each sampling every sample of
+    (x, y) with probability ``1 / batches_per_epoch`` (the run's privacy plan, fixed
+    whatever the data size now; 0: ``ceil(len(x) / batch_size)``), so the accountant
+    records ``(σ, 1 / batches_per_epoch, batches_per_epoch × epochs)``.
     Empty Poisson batches still take a (noise-only) step, as the accounting assumes.
 
     Args:
@@ -90,6 +95,7 @@ def train_local(
         history: Accountant history before this round.
         proximal_mu: FedProx μ; adds ``μ/2 ||w - w_global||²`` to the loss when > 0.
         clipping_norm: Central-DP clip of the whole update ``w - w_global`` when > 0.
+        batches_per_epoch: DP-SGD steps per epoch of the privacy plan (0: from the data).
 
     Returns:
         The new weights, mean loss, accountant history, steps and training time.
@@ -101,12 +107,13 @@ def train_local(
     _load(model, global_state)
     global_params = [p.detach().clone() for p in model.parameters()]
     generator = torch.Generator().manual_seed(seed)
-    loader: DataLoader[tuple[torch.Tensor, ...]] = DataLoader(
-        TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
-        batch_size=batch_size,
-        shuffle=True,
-        generator=generator,
-    )
+    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    loader: DataLoader[tuple[torch.Tensor, ...]]
+    if dp:
+        batches = batches_per_epoch or max(1, -(-len(x) // batch_size))
+        loader = _poisson_loader(dataset, batches, generator)
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     params = model.parameters()
     opt: torch.optim.Optimizer = (
         torch.optim.Adam(params, lr=lr)
@@ -128,6 +135,8 @@ def train_local(
             )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # The loader already samples as planned: Opacus' sample rate is
+            # 1 / len(loader) = 1 / batches, exactly the plan's q.
             train_module, opt, loader = engine.make_private(
                 module=model,
                 optimizer=opt,
@@ -135,7 +144,10 @@ def train_local(
                 noise_multiplier=sigma,
                 max_grad_norm=max_grad_norm,
                 noise_generator=torch.Generator().manual_seed(seed + 1),
+                poisson_sampling=False,
             )
+        # What make_private does with its own Poisson sampling: one backward per step.
+        train_module.forbid_grad_accumulation()  # type: ignore[operator]
     loss_fn = nn.CrossEntropyLoss()
     train_module.train()
     started = time.perf_counter()
@@ -177,6 +189,48 @@ def train_local(
         history=new_history,
         steps=steps,
         train_time_s=train_time,
+    )
+
+
+def _poisson_loader(
+    dataset: torch.utils.data.TensorDataset, batches: int, generator: torch.Generator
+) -> torch.utils.data.DataLoader[tuple[torch.Tensor, ...]]:
+    """Poisson sampling at rate ``1 / batches`` over the whole dataset, ``batches`` steps.
+
+    What Opacus' ``DPDataLoader`` does, except that the number of steps is the plan's
+    (``DPDataLoader`` takes ``int(1 / q)``, one less than ``batches`` for some values)
+    and the rate does not follow the dataset's size.
+
+    Raises:
+        EdgeflError: The data holds fewer samples than the plan has batches (Opacus'
+            expected batch size would be 0).
+    """
+    from opacus.data_loader import wrap_collate_with_empty
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+    from torch.utils.data import DataLoader
+    from torch.utils.data._utils.collate import default_collate
+
+    if int(len(dataset) * (1.0 / batches)) < 1:  # how Opacus computes it
+        from edgefl.errors import EdgeflError
+
+        raise EdgeflError(
+            f"the local data holds {len(dataset)} samples, fewer than the {batches} batches "
+            "per epoch of this run's privacy plan",
+            hint="the data store shrank during the run (training.max_samples lowered?); "
+            "the device can train again in the next run",
+        )
+    first = dataset[0]
+    return DataLoader(
+        dataset,
+        batch_sampler=UniformWithReplacementSampler(
+            num_samples=len(dataset), sample_rate=1.0 / batches, generator=generator, steps=batches
+        ),
+        collate_fn=wrap_collate_with_empty(
+            collate_fn=default_collate,
+            sample_empty_shapes=[(0, *t.shape) for t in first],
+            dtypes=[t.dtype for t in first],
+        ),
+        generator=generator,
     )
 
 

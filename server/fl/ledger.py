@@ -5,12 +5,23 @@ committed in **one transaction** at the end of the round. A server killed mid-ro
 therefore leaves the registry exactly at the previous round: a resume redoes that round,
 and the ledger never holds a row without its checkpoint (nor a duplicate: one row per
 ``(run, device, round)`` is enforced by a unique key).
+
+**Lifetime privacy** (:meth:`FlStore.lifetime`). The ledger is per run; a device's privacy
+over its whole life is the composition of every run it trained in. The server recomputes
+it from the ledger alone: for each run, the device's accountant history from its ledger
+row with the most steps (the running history, whose last row is the run's total), all
+runs' histories composed (RDP, :func:`edgefl.privacy.compose`) and converted at the δ the
+device last reported for its lifetime (without a report, the largest δ of its runs). What
+the device reports of itself (its lifetime ε, δ and cap, in every train reply, refusals
+included) is kept in the round's ``detail_json`` under ``lifetime``, beside the ledger: no
+new table or column was needed.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +39,7 @@ __all__ = [
     "DeviceRecord",
     "FlStore",
     "LedgerRow",
+    "LifetimeRecord",
     "load_result",
     "new_run_id",
 ]
@@ -70,6 +82,38 @@ class DeviceRecord:
     compute_speed: float
     train_time_s: float
     rounds: int
+
+
+@dataclass(frozen=True)
+class LifetimeRecord:
+    """A device's privacy over every run in the registry (see the module docstring).
+
+    Attributes:
+        device_id: The device.
+        epsilon: RDP composition of its ledger histories of every run, at ``delta``.
+        delta: δ of ``epsilon``: the lifetime δ the device reported (else the largest δ
+            of its runs).
+        runs: Run id -> the device's ε in that run (its ledger total).
+        reported_epsilon: The lifetime ε the device last reported (None: never).
+        cap: The lifetime cap the device last reported (None: none or unknown).
+    """
+
+    device_id: str
+    epsilon: float
+    delta: float
+    runs: dict[str, float]
+    reported_epsilon: float | None = None
+    cap: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "runs": dict(self.runs),
+            "reported_epsilon": self.reported_epsilon,
+            "cap": self.cap,
+        }
 
 
 @dataclass(frozen=True)
@@ -203,8 +247,12 @@ class FlStore:
         checkpoint: Checkpoint,
         *,
         central_epsilon: float | None = None,
+        lifetime: dict[str, dict[str, float]] | None = None,
     ) -> None:
         """Commit a round's ledger rows, metrics and checkpoint in one transaction.
+
+        ``lifetime`` is what the round's replies reported of each device's lifetime
+        privacy (``{device: {"epsilon", "delta", "cap"}}``), kept with the round.
 
         Raises:
             EdgeflError: The registry refused the write (e.g. a duplicate ledger row).
@@ -256,6 +304,7 @@ class FlStore:
                                 "rejections": report.rejections,
                                 "refusals": report.refusals,
                                 "failure_reasons": report.failure_reasons,
+                                "lifetime": lifetime or {},
                             }
                         ),
                         at=now,
@@ -329,6 +378,14 @@ class FlStore:
             )
             central = r.central_epsilon
         eps = {d: rec.epsilon_total for d, rec in sorted(self.devices(run_id).items())}
+        # The run's devices: those in its ledger, and those that only refused (a device
+        # past its lifetime cap never trains in the run).
+        members = set(eps)
+        for r in rounds:
+            detail = json.loads(r.detail_json)
+            members.update(detail.get("lifetime", {}))
+            members.update(detail.get("refusals", {}))
+        lifetime = self.lifetime(members) if members else {}
         return FederationResult(
             run_id=run_id,
             status=run.status,
@@ -337,7 +394,66 @@ class FlStore:
             epsilon_per_device=eps,
             central_epsilon=central,
             planned_rounds=int(json.loads(run.plan_json).get("rounds", 0)),
+            lifetime={d: rec.to_dict() for d, rec in sorted(lifetime.items())},
         )
+
+    def lifetime(self, device_ids: Iterable[str] | None = None) -> dict[str, LifetimeRecord]:
+        """Each device's privacy over every run in the registry (module docstring).
+
+        Args:
+            device_ids: Only these devices (None: every device in the ledger). A device
+                with no ledger row but a lifetime report (it refused every run) is listed
+                with ε 0 from the ledger and its report.
+        """
+        from edgefl.privacy import compose, epsilon_of, history_steps
+
+        wanted = set(device_ids) if device_ids is not None else None
+        best: dict[tuple[str, str], tuple[int, int, list[list[float]], float, float]] = {}
+        with self._sessions() as session:
+            query = select(
+                PrivacyLedgerEntry.run_id,
+                PrivacyLedgerEntry.device_id,
+                PrivacyLedgerEntry.round,
+                PrivacyLedgerEntry.history_json,
+                PrivacyLedgerEntry.epsilon_total,
+                PrivacyLedgerEntry.delta,
+            )
+            if wanted is not None:
+                query = query.where(PrivacyLedgerEntry.device_id.in_(sorted(wanted)))
+            for run_id, device, rnd, history_json, total, delta in session.execute(query):
+                history = json.loads(history_json)
+                key = (device, run_id)
+                rank = (history_steps(history), rnd)
+                if key not in best or rank > best[key][:2]:
+                    best[key] = (*rank, history, total, delta)
+            reports: dict[str, dict[str, float]] = {}
+            for (detail_json,) in session.execute(
+                select(FlRound.detail_json).order_by(FlRound.at, FlRound.round)
+            ):
+                for device, report in json.loads(detail_json).get("lifetime", {}).items():
+                    if wanted is None or device in wanted:
+                        reports[device] = report
+        devices = {device for device, _ in best} | set(reports)
+        out: dict[str, LifetimeRecord] = {}
+        for device in sorted(devices):
+            runs = {run: v for (d, run), v in best.items() if d == device}
+            report = reports.get(device)
+            delta = (
+                float(report["delta"])
+                if report is not None
+                else max((v[4] for v in runs.values()), default=1e-5)
+            )
+            histories = [v[2] for _, v in sorted(runs.items())]
+            cap = float(report["cap"]) if report is not None else 0.0
+            out[device] = LifetimeRecord(
+                device_id=device,
+                epsilon=epsilon_of(compose(histories), delta),
+                delta=delta,
+                runs={run: v[3] for run, v in sorted(runs.items())},
+                reported_epsilon=float(report["epsilon"]) if report is not None else None,
+                cap=cap if cap > 0 else None,
+            )
+        return out
 
     def plan(self, run_id: str) -> FederationPlan:
         """The plan a run was started with."""

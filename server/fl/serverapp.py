@@ -304,6 +304,7 @@ class _Run:
                     accountants={"strategy": meta, "devices": device_histories},
                 ),
                 central_epsilon=central_eps,
+                lifetime=screen.lifetime,
             )
             log.info(
                 "round %d: acc=%.4f loss=%.4f replies=%d failures=%d rejected=%d refused=%d",

@@ -9,11 +9,13 @@
   ``sample_nodes`` then never waits (the bounded wait happened before) and the strategy's
   own configure/aggregate code runs unchanged.
 - :func:`select_nodes` picks devices by remaining ε budget and capability, seeded.
-- :func:`screen_train_replies` drops error replies, budget refusals and invalid updates
-  (wrong keys/shapes/dtypes, NaN/Inf, ε going down) before Flower aggregates the rest,
-  and turns every reply that spent privacy into a ledger row. In a deployment it first
-  refuses every reply from a node that is not an admitted enrollment, and accounts each
-  reply to the device its node id is enrolled as, never to the one the reply names.
+- :func:`screen_train_replies` drops error replies, budget refusals (the run's cap or the
+  device's lifetime cap) and invalid updates (wrong keys/shapes/dtypes, NaN/Inf, ε going
+  down) before Flower aggregates the rest, turns every reply that spent privacy into a
+  ledger row, and keeps each device's lifetime report (ε, δ, cap over all its runs). In
+  a deployment it first refuses every reply from a node that is not an admitted
+  enrollment, and accounts each reply to the device its node id is enrolled as, never to
+  the one the reply names.
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ from edgefl.privacy import epsilon_of, merge_history
 from edgefl.server.fl.ledger import DeviceRecord, LedgerRow
 
 __all__ = [
+    "REFUSAL_STATUSES",
     "REQUIRED_METRICS",
     "ScreenResult",
     "SelectedGrid",
     "build_strategy",
+    "lifetime_report",
     "load_strategy_state",
     "next_round_epsilon",
     "screen_train_replies",
@@ -233,6 +237,40 @@ class ScreenResult:
     refused: list[str] = field(default_factory=list)
     refusals: dict[str, str] = field(default_factory=dict)  # device -> its reply's reason
     flagged: list[str] = field(default_factory=list)
+    # device -> {"epsilon", "delta", "cap"}: its lifetime privacy as it reported it
+    lifetime: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+REFUSAL_STATUSES: dict[str, str] = {
+    "budget_exhausted": "",
+    "lifetime_budget_exhausted": "lifetime budget exhausted: ",
+}
+"""Reply statuses of a device that refused to train, and how its reason is prefixed."""
+
+
+def lifetime_report(info: Any) -> dict[str, float] | None:
+    """A reply's lifetime report ``{"epsilon", "delta", "cap"}``, or None.
+
+    None when the reply has none (an older ClientApp) or when a value is not a finite
+    number, ε or the cap is negative, or δ is outside (0, 1): a device's claim about
+    itself, kept for display beside the server's own recomputation, never trusted for
+    accounting.
+    """
+    values: dict[str, float] = {}
+    for key, name in (
+        ("lifetime-epsilon", "epsilon"),
+        ("lifetime-delta", "delta"),
+        ("lifetime-cap", "cap"),
+    ):
+        value = info.get(key) if key in info else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if not math.isfinite(value) or value < 0:
+            return None
+        values[name] = float(value)
+    if not 0.0 < values["delta"] < 1.0:
+        return None
+    return values
 
 
 def _finite_metric(metrics: Any, key: str) -> float:
@@ -353,9 +391,14 @@ def screen_train_replies(
             log.warning("round %d: rejected node %d: %s", server_round, node, out.rejected[known])
             continue
         node_device[node] = device
-        if str(info.get("status", "")) == "budget_exhausted":
+        report = lifetime_report(info)
+        if report is not None:
+            out.lifetime[device] = report
+        status = str(info.get("status", ""))
+        if status in REFUSAL_STATUSES:
             out.refused.append(device)
-            out.refusals[device] = str(info.get("reason", "budget_exhausted"))[:300]
+            reason = str(info.get("reason", "") or status)
+            out.refusals[device] = (REFUSAL_STATUSES[status] + reason)[:300]
             exhausted.add(device)
             continue
         metrics = content.metric_records.get("metrics")
