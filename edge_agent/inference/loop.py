@@ -208,6 +208,7 @@ class InferenceLoop:
         self._produced: dict[str, int] = {}
         self._predictor: Predictor | None = None  # the loop's (None until the first model)
         self._made: Predictor | None = None  # the loader's, handed over with the first model
+        self._connected = False  # the predictor's cloud side started (on the loader)
         self._serving: _Built | None = None
         self._pending: _Built | None = None
         self._pending_lock = threading.Lock()
@@ -288,15 +289,25 @@ class InferenceLoop:
 
     def _loader(self) -> None:
         while not self._stop.is_set():
-            self._changed.wait(1.0)  # also polls: a change is never missed for long
-            self._changed.clear()
-            if self._stop.is_set():
-                return
             try:
                 self._load()
+                self._connect()
             except Exception:  # the loader must outlive any one model
                 logger.exception("loading the serving model failed")
             self._retired.clear()  # old interpreters are freed here, not on the loop
+            self._changed.wait(1.0)  # also polls: a change is never missed for long
+            self._changed.clear()
+
+    def _connect(self) -> None:
+        """Start the predictor's cloud side here, so that no sample waits for a network.
+
+        Until its first health check the policy offloads within the deadline or not at
+        all, so the samples in between are answered within the budget all the same.
+        """
+        made = self._made
+        if made is not None and not self._connected:
+            self._connected = True
+            made.start()
 
     def _load(self) -> None:
         """Build the manager's current model if it is not the one served (or pending)."""
@@ -336,7 +347,6 @@ class InferenceLoop:
                 self._made = Predictor(
                     runtime, self.config, device_id=self.device_id, fleet=self.fleet
                 )
-                self._made.start()
             with self._pending_lock:
                 self._pending = _Built(key, installed.sha256, runtime)
             logger.info("built %s for the loop (sha256 %s...)", key.label(), installed.sha256[:12])
