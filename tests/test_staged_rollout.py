@@ -15,6 +15,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,7 +40,7 @@ from edgefl.server.staged_rollout import (
     read_rollout,
     results_by_version,
 )
-from edgefl.testing import edgefl_executable, mosquitto_executable
+from edgefl.testing import Mosquitto, edgefl_executable, mosquitto_executable
 
 _BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 if str(_BENCHMARKS) not in sys.path:
@@ -143,6 +144,79 @@ def test_a_devices_report_is_a_verdict_only_about_this_publish() -> None:
     assert classify(release, failed("download_failed", "failed", published), published) is None
     old = published - timedelta(seconds=5)
     assert classify(release, failed("golden_mismatch", "failed", old), published) is None
+
+
+# --- which model version computed each stored result --------------------------------------
+
+
+@pytest.mark.slow
+def test_the_ingest_records_the_model_version_of_each_result(
+    broker: Mosquitto, db_url: str
+) -> None:
+    """A result's body names its model: stored beside it; anything else leaves NULL."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    from edgefl.proto.topics import record_topic
+    from edgefl.server.ingest import Ingest
+    from edgefl.server.registry import Record, upgrade
+
+    try:
+        from tests.test_ingest import Publisher, _config, envelope
+    except ImportError:  # pragma: no cover - run from inside tests/
+        from test_ingest import Publisher, _config, envelope  # type: ignore[no-redef]
+
+    upgrade(db_url)
+    fleet_name = f"f{uuid.uuid4().hex[:8]}"
+    answer = {"model": MODEL, "version": 7, "variant": "int8", "prediction": 3}
+    cases: list[tuple[str, dict[str, Any] | list[int], str]] = [
+        ("result", answer, "int8"),
+        ("result", {**answer, "variant": "x" * 65}, "long variant"),
+        ("result", {**answer, "version": "7"}, "version as text"),
+        ("result", {**answer, "version": 2**63}, "version beyond int64"),
+        ("result", {**answer, "model": "a/b"}, "model not an id"),
+        ("result", [1, 2], "not an object"),
+        ("telemetry", answer, "not a result"),
+    ]
+    ingest = Ingest(_config(broker, db_url, fleet_name))
+    ingest.start()
+    publisher = Publisher(broker)
+    engine = make_engine(db_url)
+    try:
+        assert ingest.wait_ready(30), "ingest did not subscribe"
+        for seq, (kind, body, _) in enumerate(cases, start=1):
+            topic = record_topic(fleet_name, "dev-r", kind, "inference")
+            publisher.publish(topic, envelope("dev-r", seq, body=body, kind=kind))
+
+        def stored() -> list[Any]:
+            with engine.connect() as conn:
+                return list(
+                    conn.execute(
+                        sa.select(
+                            Record.seq, Record.model, Record.model_version, Record.model_variant
+                        ).order_by(Record.seq)
+                    )
+                )
+
+        deadline = time.monotonic() + 30
+        while len(stored()) < len(cases) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rows = {seq: (m, v, var) for seq, m, v, var in stored()}
+        assert len(rows) == len(cases)  # every record is stored, whatever its body says
+        assert rows[1] == (MODEL, 7, "int8")
+        assert rows[2] == (MODEL, 7, None)
+        for seq in range(3, len(cases) + 1):
+            assert rows[seq] == (None, None, None), cases[seq - 1][2]
+        by_version = results_by_version(engine, model=MODEL)
+        assert {(r["device_id"], r["version"], r["variant"], r["results"]) for r in by_version} == {
+            ("dev-r", 7, "int8", 1),
+            ("dev-r", 7, None, 1),
+        }
+    finally:
+        engine.dispose()
+        publisher.close()
+        ingest.stop()
 
 
 # --- the fleet -----------------------------------------------------------------------------
