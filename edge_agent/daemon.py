@@ -401,7 +401,7 @@ class Agent:
         samples = [
             Sample(x=r.sample[0], y=r.sample[1], stream=r.stream)
             for r in records
-            if r.sample is not None and not getattr(r, "evaluation", False)
+            if r.sample is not None and not r.evaluation
         ]
         if not samples:
             return
@@ -553,12 +553,10 @@ class Agent:
                 loop.stop()  # answers what is queued; the results are committed
                 self.submit([loop.report()])
             for source in self.sources:
-                close = getattr(source, "close", None)
-                if close is not None:
-                    try:
-                        close()
-                    except Exception:  # one source's problem must not stop the shutdown
-                        logger.exception("closing source %s failed", source.name)
+                try:
+                    source.close()
+                except Exception:  # one source's problem must not stop the shutdown
+                    logger.exception("closing source %s failed", source.name)
             if self.supervisor is not None:
                 self.supervisor.close()
             if self.models is not None:
@@ -601,12 +599,11 @@ class Agent:
 
     @staticmethod
     def _source_status(source: DataSource) -> dict[str, Any]:
-        status = getattr(source, "status", None)
-        if callable(status):
-            doc = status()
-            if isinstance(doc, dict):
-                return doc
-        return {"name": source.name, "type": type(source).__name__}
+        try:
+            return source.status()
+        except Exception:  # a plugin's status must not break the agent's
+            logger.exception("source %s could not report its status", source.name)
+            return {"name": source.name, "type": type(source).__name__}
 
     def training_status(self) -> dict[str, Any] | None:
         """The SuperNode supervisor's state, the data store and the telemetry import."""

@@ -46,7 +46,7 @@ import numpy.typing as npt
 
 from edgefl.edge_agent.offload.engine import PredictionResult, Predictor
 from edgefl.edge_agent.runtimes import Runtime, create_runtime
-from edgefl.edge_agent.sources import DataSource, SourceRecord
+from edgefl.edge_agent.sources import DataSource, InputSpec, SourceRecord
 from edgefl.errors import BadInputError, EdgeflError
 from edgefl.proto.serde import JSON_CONTENT_TYPE, canonical_json_body
 
@@ -103,7 +103,7 @@ def model_input(record: SourceRecord, shape: tuple[int, ...]) -> npt.NDArray[np.
             ``out_of_range`` (a value beyond float32).
     """
     size = math.prod(shape)
-    inputs = getattr(record, "inputs", None)
+    inputs: object = record.inputs
     if inputs is None:
         if record.sample is None:
             raise SampleRefusedError(
@@ -270,13 +270,11 @@ class InferenceLoop:
         """
         accepted = 0
         for record in records:
-            index = int(getattr(record, "index", -1))
+            index = record.index
             if index < 0:
                 index = self._produced.get(source, 0)
             self._produced[source] = index + 1
-            sample = _Sample(
-                record, str(getattr(record, "source", "") or source), index, time.perf_counter()
-            )
+            sample = _Sample(record, record.source or source, index, time.perf_counter())
             try:
                 self._queue.put_nowait(sample)
             except queue.Full:
@@ -391,21 +389,16 @@ class InferenceLoop:
         )
 
     def _expect(self, runtime: Runtime) -> None:
-        """Tell the sources that can take it the input the model needs."""
-        try:
-            from edgefl.edge_agent import sources as sources_module
+        """Tell the served sources the input the loop takes now.
 
-            spec_type = getattr(sources_module, "InputSpec", None)
-        except ImportError:  # pragma: no cover - the module is always there
-            spec_type = None
-        if spec_type is None:
-            return
-        spec = spec_type(shape=tuple(runtime.inputs[0].shape[1:]), dtype="float32")
+        The dtype is float32 whatever the tensor's: the runtime quantizes float input for
+        an integer model itself, so a source must not refuse float samples for it.
+        """
+        spec = InputSpec(shape=tuple(runtime.inputs[0].shape[1:]), dtype="float32")
         for source in self._sources:
-            expect = getattr(source, "expect", None)
-            if expect is not None and self.serves(source.name):
+            if self.serves(source.name):
                 try:
-                    expect(spec)
+                    source.expect(spec)
                 except Exception:  # a source's problem is not the loop's
                     logger.exception("source %s refused the input spec", source.name)
 
@@ -480,10 +473,10 @@ class InferenceLoop:
         self, sample: _Sample, key: ModelKey, answer: PredictionResult, latency_ms: float
     ) -> SourceRecord:
         record = sample.record
-        label = getattr(record, "label", None)
+        label = record.label
         if label is None and record.sample is not None:
             label = record.sample[1]
-        evaluation = bool(getattr(record, "evaluation", False))
+        evaluation = record.evaluation
         correct = None if label is None or not evaluation else answer.label == int(label)
         self.stats.answered(
             key,
