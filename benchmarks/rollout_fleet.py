@@ -357,7 +357,6 @@ class RolloutFleet:
                             "split": "test",
                             "evaluation": True,
                             "rate_hz": self.rate_hz,
-                            "seed": int(name.rsplit("-", 1)[1]),
                         }
                     ],
                     "models": {

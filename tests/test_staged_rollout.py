@@ -146,6 +146,30 @@ def test_a_devices_report_is_a_verdict_only_about_this_publish() -> None:
     assert classify(release, failed("golden_mismatch", "failed", old), published) is None
 
 
+def test_the_delivery_docs_rollout_example_parses() -> None:
+    """The example in docs/delivery.md uses the command's real options and values."""
+    import re
+    import shlex
+
+    import click
+    import typer
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "delivery.md").read_text("utf-8")
+    blocks = re.findall(r"^ *```sh\n(.*?)^ *```", doc, re.M | re.S)
+    (example,) = [b for b in blocks if "server rollout" in b]
+    args = shlex.split(example.replace("\\\n", " "))
+    assert args[:3] == ["edgefl", "server", "rollout"]
+    server = typer.main.get_command(app).commands["server"]  # type: ignore[attr-defined]
+    command = server.commands["rollout"]
+    with click.Context(command) as ctx:
+        params = command.make_context("rollout", args[3:], parent=ctx).params
+    assert params["model"] == "digits-mlp"
+    assert parse_share(params["canary"], "--canary") == pytest.approx(0.1)
+    assert parse_duration(params["soak"], "--soak") == 120
+    assert parse_share(params["min_accuracy"], "--min-accuracy") == 0.85
+    assert params["max_accuracy_drop"] == 2
+
+
 # --- which model version computed each stored result --------------------------------------
 
 
@@ -165,7 +189,11 @@ def test_the_ingest_records_the_model_version_of_each_result(
     try:
         from tests.test_ingest import Publisher, _config, envelope
     except ImportError:  # pragma: no cover - run from inside tests/
-        from test_ingest import Publisher, _config, envelope  # type: ignore[no-redef]
+        from test_ingest import (  # type: ignore[import-not-found,no-redef]
+            Publisher,
+            _config,
+            envelope,
+        )
 
     upgrade(db_url)
     fleet_name = f"f{uuid.uuid4().hex[:8]}"
