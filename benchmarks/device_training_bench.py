@@ -43,6 +43,20 @@ What is measured:
   (``flwr.clientapp``, edgefl's ClientApp, torch, Opacus), median of three.
 * ``round_time_s``: median wall time of the rounds (``fl_rounds.wall_s``: send, train on
   every device, aggregate, server-side evaluation, commit); ``rounds`` lists each.
+
+``growing_data`` (a second deployment, ``--growing-devices`` agents, default 3): each
+agent's replay source runs at ``--growing-rate-hz`` (default 5 Hz, no limit) for the
+whole run, so every device's data store grows between rounds while a DP run of
+``--growing-rounds`` (default 5) planned rounds trains at ε=8. Reported:
+``rounds_planned``; ``rounds_fully_trained`` (rounds in which every device trained: one
+ledger row each); ``epsilon_max`` (the largest final ε, recomputed from the ledger
+history); ``target_epsilon``; ``ledger_recomputed_max_rel_error`` (ledger total against
+its recomputation); ``refusals`` (device: reason) and, per device, the training samples,
+steps and sample rate of every round (``devices``): the samples grow, the steps and rate
+stay as planned. ``previous_rule_last_round_check``: the ε the rule devices followed
+before (q and steps recomputed from the store each round, the next round checked as its
+steps at the first round's q) computes for the last round from the same sample counts,
+and the devices it would have refused. ``--only growing_data`` runs this section alone.
 """
 
 from __future__ import annotations
@@ -187,7 +201,17 @@ def _import_time() -> float:
     return statistics.median(runs)
 
 
-def _agent_yaml(work: Path, i: int, server: Server, devices: int, warm_start: bool) -> Path:
+def _agent_yaml(
+    work: Path,
+    i: int,
+    server: Server,
+    devices: int,
+    warm_start: bool,
+    *,
+    rate_hz: float = 200.0,
+    limit: int | None = 400,
+    min_samples: int = 200,
+) -> Path:
     state = work / f"agent{i}"
     ident = IdentityPaths(state)
     path = work / f"agent{i}.yaml"
@@ -210,15 +234,15 @@ def _agent_yaml(work: Path, i: int, server: Server, devices: int, warm_start: bo
                     {
                         "type": "dataset-replay",
                         "dataset": "digits",
-                        "rate_hz": 200,
+                        "rate_hz": rate_hz,
                         "partition": i,
                         "num_partitions": devices,
-                        "limit": 400,
+                        **({"limit": limit} if limit is not None else {}),
                     }
                 ],
                 "training": {
                     "superlink": server.superlink_address,
-                    "min_samples": 200,
+                    "min_samples": min_samples,
                     "warm_start": warm_start,
                 },
             }
@@ -429,6 +453,146 @@ def run(
     }
 
 
+def run_growing_data(devices: int, rounds: int, rate_hz: float, work: Path) -> dict[str, Any]:
+    """The ``growing_data`` section (module docstring): a DP run while the stores grow."""
+    from edgefl.privacy import epsilon_of, steps_per_round
+
+    config = ServerConfig.model_validate(
+        {
+            "state_dir": str(work / "server"),
+            "superlink": {"port": free_port()},
+            "broker": {"port": free_port()},
+        }
+    )
+    server = Server(config)
+    progress(f"growing data: starting the server; {devices} agents replay at {rate_hz:g} Hz")
+    server.start()
+    engine = make_engine(server.db_url)
+    agent_procs = EdgeflProcesses(work, grace=60.0)
+    target = 8.0
+    run_id = "growing-run"
+    try:
+        admin = server.admin()
+        for i in range(devices):
+            state = work / f"agent{i}"
+            ident = prepare_enrollment(f"bench-{i}", "bench", state)
+            bundle = admit(
+                ident.request,
+                ca=server.ca,
+                admin=admin,
+                engine=engine,
+                superlink_address=server.superlink_address,
+            )
+            write_json_document(work / f"bundle{i}.json", bundle)
+            install_bundle(work / f"bundle{i}.json", f"bench-{i}", "bench", state)
+            path = _agent_yaml(
+                work, i, server, devices, True, rate_hz=rate_hz, limit=None, min_samples=200
+            )
+            agent_procs.start("agent", "run", "--config", str(path), log=f"agent{i}.log")
+
+        def ready() -> bool:
+            for i in range(devices):
+                sn = (_status(work / f"agent{i}").get("training") or {}).get("supernode") or {}
+                if sn.get("state") != "running" or not sn.get("node_id"):
+                    return False
+            return True
+
+        wait_for(ready, 600, "every agent collected its first samples and connected")
+        plan = FederationPlan.model_validate(
+            {
+                "dataset": "digits",
+                "model": "digits-mlp",
+                "num_devices": devices,
+                "rounds": rounds,
+                "lr": 0.3,
+                "min_train_nodes": devices,
+                "min_available_nodes": devices,
+                "node_wait_s": 120,
+                "round_timeout_s": 300,
+                "dp": {"enabled": True, "target_epsilon": target},
+            }
+        )
+        app = write_run_app(work / "app", plan, registry_url=server.db_url, run_id=run_id)
+        progress(f"growing data: submitting {rounds} DP rounds")
+        flower_run = admin.submit_run(app)
+        t0 = time.monotonic()
+        while True:
+            status = str(admin.run_info(flower_run).get("status", ""))
+            if status.startswith("finished"):
+                break
+            if time.monotonic() - t0 > 1800:
+                raise TimeoutError("the run did not finish in 30 minutes")
+            time.sleep(2.0)
+        progress(f"growing data: run {status} in {time.monotonic() - t0:.1f} s")
+        store = FlStore(server.db_url)
+        try:
+            result = store.result(run_id)
+            ledger = store.ledger(run_id)
+        finally:
+            store.close()
+    finally:
+        agent_procs.stop_all()
+        engine.dispose()
+        server.stop()
+    devs = [f"bench-{i}" for i in range(devices)]
+    per_round = {
+        r.round: {row.device_id for row in ledger if row.round == r.round} for r in result.rounds
+    }
+    final = {
+        d: max((r for r in ledger if r.device_id == d), key=lambda r: r.round)
+        for d in devs
+        if any(r.device_id == d for r in ledger)
+    }
+    recomputed = {d: epsilon_of(row.history, row.delta) for d, row in final.items()}
+    errors = [
+        abs(row.epsilon_total - epsilon_of(row.history, row.delta)) / max(row.epsilon_total, 1e-12)
+        for row in ledger
+    ]
+    # The rule devices followed before the plan was kept: q and the steps recomputed from
+    # the store every round, the last round checked as its steps at the first round's q.
+    previous: dict[str, float] = {}
+    for d in devs:
+        rows = sorted((r for r in ledger if r.device_id == d), key=lambda r: r.round)
+        if len(rows) < 2:
+            continue
+        sigma, q0 = rows[0].sigma, rows[0].sample_rate
+        before = [[sigma, *steps_per_round(r.num_examples, plan.batch_size, 1)] for r in rows]
+        previous[d] = epsilon_of([*before[:-1], [sigma, q0, before[-1][2]]], plan.dp.delta)
+    return {
+        "rounds_planned": rounds,
+        "rounds_fully_trained": sum(1 for trained in per_round.values() if trained >= set(devs)),
+        "epsilon_max": max(recomputed.values(), default=0.0),
+        "target_epsilon": target,
+        "run_status": result.status,
+        "rate_hz": rate_hz,
+        "ledger_recomputed_max_rel_error": max(errors, default=0.0),
+        "epsilon_per_device": recomputed,
+        "previous_rule_last_round_check": {
+            "epsilon_per_device": previous,
+            "would_refuse": sorted(d for d, e in previous.items() if e > target * (1 + 1e-9)),
+        },
+        "refusals": {f"round {r.round}": r.refusals for r in result.rounds if r.refusals},
+        "devices": {
+            d: [
+                {
+                    "round": row.round,
+                    "num_examples": row.num_examples,
+                    "steps": row.steps,
+                    "sample_rate": row.sample_rate,
+                    "sigma": row.sigma,
+                    "epsilon_total": row.epsilon_total,
+                }
+                for row in sorted((r for r in ledger if r.device_id == d), key=lambda r: r.round)
+            ]
+            for d in devs
+        },
+        "rounds": [
+            {"round": r.round, "accuracy": r.accuracy, "replies": r.num_replies, "wall_s": r.wall_s}
+            for r in result.rounds
+        ],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
@@ -439,14 +603,36 @@ def main() -> None:
     parser.add_argument(
         "--no-warm-start", action="store_true", help="Plain flwr-clientapp for every message."
     )
+    parser.add_argument("--growing-devices", type=int, default=3)
+    parser.add_argument("--growing-rounds", type=int, default=5)
+    parser.add_argument("--growing-rate-hz", type=float, default=5.0)
+    parser.add_argument(
+        "--only",
+        choices=["main", "growing_data"],
+        default=None,
+        help="Run one section (default: all).",
+    )
     args = parser.parse_args()
     warm = not args.no_warm_start
+
+    def sections(work: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if args.only in (None, "main"):
+            (work / "main").mkdir(parents=True, exist_ok=True)
+            out.update(run(args.devices, args.rounds, args.idle_s, work / "main", warm))
+        if args.only in (None, "growing_data"):
+            (work / "growing").mkdir(parents=True, exist_ok=True)
+            out["growing_data"] = run_growing_data(
+                args.growing_devices, args.growing_rounds, args.growing_rate_hz, work / "growing"
+            )
+        return out
+
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        out = run(args.devices, args.rounds, args.idle_s, args.workdir, warm)
+        out = sections(args.workdir)
     else:
         with tempfile.TemporaryDirectory(prefix="edgefl-devbench-") as tmp:
-            out = run(args.devices, args.rounds, args.idle_s, Path(tmp), warm)
+            out = sections(Path(tmp))
     if args.json:
         print(json.dumps(out, indent=2))
     else:

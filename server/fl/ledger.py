@@ -11,7 +11,8 @@ over its whole life is the composition of every run it trained in. The server re
 it from the ledger alone: for each run, the device's accountant history from its ledger
 row with the most steps (the running history, whose last row is the run's total), all
 runs' histories composed (RDP, :func:`edgefl.privacy.compose`) and converted at the δ the
-device last reported for its lifetime (without a report, the largest δ of its runs). What
+device last reported for its lifetime, never above the largest δ of its runs (without a
+report, that largest δ). What
 the device reports of itself (its lifetime ε, δ and cap, in every train reply, refusals
 included) is kept in the round's ``detail_json`` under ``lifetime``, beside the ledger: no
 new table or column was needed.
@@ -91,8 +92,8 @@ class LifetimeRecord:
     Attributes:
         device_id: The device.
         epsilon: RDP composition of its ledger histories of every run, at ``delta``.
-        delta: δ of ``epsilon``: the lifetime δ the device reported (else the largest δ
-            of its runs).
+        delta: δ of ``epsilon``: the lifetime δ the device reported, at most the largest
+            δ of its runs (which it is without a report).
         runs: Run id -> the device's ε in that run (its ledger total).
         reported_epsilon: The lifetime ε the device last reported (None: never).
         cap: The lifetime cap the device last reported (None: none or unknown).
@@ -438,11 +439,10 @@ class FlStore:
         for device in sorted(devices):
             runs = {run: v for (d, run), v in best.items() if d == device}
             report = reports.get(device)
-            delta = (
-                float(report["delta"])
-                if report is not None
-                else max((v[4] for v in runs.values()), default=1e-5)
-            )
+            # Never above the largest δ of its runs: a device cannot make its lifetime ε
+            # look smaller by reporting a large δ.
+            runs_delta = max((v[4] for v in runs.values()), default=1e-5)
+            delta = min(float(report["delta"]), runs_delta) if report is not None else runs_delta
             histories = [v[2] for _, v in sorted(runs.items())]
             cap = float(report["cap"]) if report is not None else 0.0
             out[device] = LifetimeRecord(
