@@ -257,6 +257,10 @@ def accuracy_match(fleet: RolloutFleet, built: Built) -> float:
     return round(max(gaps), 2) if gaps else -1.0
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=10, help="agent processes")
@@ -314,7 +318,7 @@ def main() -> int:
         if swap is None
         else {
             "rate_hz": swap["rate_hz"],
-            "pause_p99_ms": swap["pause_p99_ms"],
+            "pause_p99_ms": _rounded(swap["pause_p99_ms"]),
             "dropped": swap["dropped"],
             "duplicated": swap["duplicated"],
         },
