@@ -90,7 +90,7 @@ def _lifetime_on_disk(state_dir: Path) -> float:
 def test_no_instruction_takes_a_device_past_its_lifetime_cap(tmp_path: Path) -> None:
     cap = 3.0
     state_dir = tmp_path / "state"
-    node = {
+    node: dict[str, str | float | int] = {
         "partition-id": 0,
         "num-partitions": 1,
         "device-id": "victim",
@@ -100,7 +100,10 @@ def test_no_instruction_takes_a_device_past_its_lifetime_cap(tmp_path: Path) -> 
     }
     # 1. One declared round at ε=2 with a per-run cap of 1,000, then more rounds of it:
     #    the per-run cap never stops them, the per-round lifetime check does.
-    one_round = {"rounds": 1, "dp": {"target_epsilon": 2.0, "epsilon_cap": 1000.0}}
+    one_round: dict[str, Any] = {
+        "rounds": 1,
+        "dp": {"target_epsilon": 2.0, "epsilon_cap": 1000.0},
+    }
     statuses, reported = [], []
     for server_round in range(1, 7):
         status, info = _train(node, _message("r1", server_round, **one_round))
