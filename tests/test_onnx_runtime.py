@@ -74,6 +74,7 @@ def test_onnxruntime_is_registered_available_and_never_the_default() -> None:
     assert available[0] == "ai-edge-litert"
 
 
+@pytest.mark.slow
 def test_a_device_running_a_tflite_never_imports_onnxruntime(exported: Exported) -> None:
     """Only the asked-for backend is imported: a Pi's agent does not map onnxruntime."""
     import subprocess
@@ -90,6 +91,7 @@ def test_a_device_running_a_tflite_never_imports_onnxruntime(exported: Exported)
     assert proc.stdout.strip() == "[]", proc.stderr
 
 
+@pytest.mark.slow
 def test_an_exported_model_runs_like_torch_on_the_cpu_provider(exported: Exported) -> None:
     from edgefl.edge_agent.runtimes import create_runtime as agent_create_runtime
 
@@ -120,6 +122,7 @@ def test_an_exported_model_runs_like_torch_on_the_cpu_provider(exported: Exporte
     json.dumps(described)
 
 
+@pytest.mark.slow
 def test_inputs_threads_and_delegates_are_checked(exported: Exported) -> None:
     runtime = create_runtime("onnxruntime", exported.onnx)
     with pytest.raises(BadInputError, match="does not match"):
@@ -161,12 +164,13 @@ def _external_data_model(exported: Exported, folder: Path) -> Path:
     model = onnx.load(exported.onnx)
     path = folder / "external.onnx"
     onnx.save_model(
-        model, path, save_as_external_data=True, location="external.data", size_threshold=0
+        model, path, save_as_external_data=True, location="external.data", size_threshold=1024
     )
     assert (folder / "external.data").is_file()
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
@@ -201,6 +205,21 @@ def test_a_file_it_cannot_run_is_an_artifact_error_naming_it(
     assert path.name in str(caught.value)
 
 
+@pytest.mark.slow
+def test_external_data_is_found_neither_beside_the_model_nor_in_the_working_directory(
+    exported: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX Runtime reads a bytes-loaded model's external data from the working directory."""
+    import onnxruntime as ort
+
+    path = _external_data_model(exported, tmp_path)  # external.data lies beside it
+    monkeypatch.chdir(tmp_path)  # ... and in the working directory
+    ort.InferenceSession(path.read_bytes())  # the trap: raw onnxruntime reads it
+    with pytest.raises(ArtifactError, match="External data path"):
+        create_runtime("onnxruntime", path)
+
+
+@pytest.mark.slow
 def test_an_onnx_file_on_a_tflite_runtime_is_an_artifact_error(exported: Exported) -> None:
     with pytest.raises(ArtifactError, match="not a TFLite model"):
         create_runtime("ai-edge-litert", exported.onnx)
@@ -234,6 +253,7 @@ def test_providers_are_probed_in_order_and_never_required() -> None:
         choose_providers(["AzureExecutionProvider"])
 
 
+@pytest.mark.slow
 def test_the_provider_setting_narrows_or_makes_the_runtime_unavailable(
     exported: Exported, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -250,6 +270,7 @@ def test_the_provider_setting_narrows_or_makes_the_runtime_unavailable(
     assert "(available: CPUExecutionProvider)" in caught.value.message
 
 
+@pytest.mark.slow
 def test_golden_vectors_and_the_worker_protocol(exported: Exported) -> None:
     from edgefl.manifest import GoldenSet
     from edgefl.quantize.recipes import get_recipe

@@ -15,9 +15,12 @@ What was run where: on x86-64 with the CPU provider only. The TensorRT and CUDA 
 have never been exercised by edgefl's tests (there is no Jetson or NVIDIA GPU on the
 machines they run on); their order and the fallback are the code above, not a measurement.
 
-The model file is read whole and handed to ONNX Runtime as bytes, so a model that
-points at external data files (``location`` outside the file) cannot be loaded: an edgefl
-artifact is one self-contained file whose sha256 covers everything that runs. Like the
+A model is loaded from a private copy alone in a fresh folder (mode 0700, removed once the
+session is built), so a model that points at external data files cannot be loaded: ONNX
+Runtime confines external data to the model's folder, which holds nothing else. An edgefl
+artifact is one self-contained file whose sha256 covers everything that runs, and a model
+must not read files beside it or, as ONNX Runtime does for a model given as bytes, in the
+process's working directory (an agent's state folder holds its key). Like the
 TFLite backends, a session runs one sample at a time (batch 1; the exported batch axis is
 dynamic and reported as 1), serialised by a lock, with ``threads`` intra-op threads that do
 not spin between samples.
@@ -29,6 +32,8 @@ that as "unavailable".
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -140,7 +145,7 @@ class _SessionInterpreter:
     after the inputs.
     """
 
-    def __init__(self, model: bytes, threads: int, providers: Sequence[str]) -> None:
+    def __init__(self, model: str, threads: int, providers: Sequence[str]) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -277,11 +282,14 @@ class OnnxRuntime(Runtime):
         self, model_path: str, threads: int, delegates: Sequence[object]
     ) -> InterpreterLike:
         providers = choose_providers(ort.get_available_providers(), _requested_providers())
-        try:
-            model = Path(model_path).read_bytes()
-        except OSError as exc:
-            raise ValueError(f"cannot read the model: {exc.strerror or exc}") from exc
-        self._session = _SessionInterpreter(model, threads, providers)
+        # Alone in an empty private folder: external data has nothing to point at.
+        with tempfile.TemporaryDirectory(prefix="edgefl-onnx-") as folder:
+            private = Path(folder) / "model.onnx"
+            try:
+                shutil.copyfile(model_path, private)
+            except OSError as exc:
+                raise ValueError(f"cannot copy the model: {exc.strerror or exc}") from exc
+            self._session = _SessionInterpreter(str(private), threads, providers)
         self._requested = providers
         return self._session
 
