@@ -30,6 +30,7 @@ from edgefl.edge_agent.datastore import LocalDataStore, Sample
 from edgefl.edge_agent.fl import clientapp
 from edgefl.edge_agent.fl.privacy import (
     FilePrivacyStore,
+    LifetimeBudget,
     choose_sigma,
     epsilon_of,
     steps_per_round,
@@ -298,3 +299,42 @@ def test_a_device_refuses_the_run_that_would_pass_its_lifetime_cap(tmp_path: Pat
     assert "lifetime ε" in table.output
     line = next(row for row in table.output.splitlines() if row.startswith(LIFE_DEVICE))
     assert line.split()[1:4] == [f"{after[1]:.4f}", f"{after[2]:.4f}", f"{DELTA:g}"]
+
+
+def test_readme_training_example_sets_the_lifetime_budget(tmp_path: Path) -> None:
+    import yaml
+
+    from edgefl.config import validate_config
+    from edgefl.edge_agent.daemon import AgentConfig
+    from edgefl.edge_agent.fl.supernode import SuperNodeSupervisor
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Training on the device", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    data = {"device_id": "d", "state_dir": str(tmp_path), "mqtt": {"port": 1883}}
+    config = validate_config(AgentConfig, {**data, **yaml.safe_load(example)}, source="README")
+    assert config.training is not None
+    assert config.training.privacy.lifetime_epsilon == 16.0
+    # The supervisor hands the budget to the ClientApp, past any extra node_config entry.
+    training = config.training.model_copy(update={"node_config": {"lifetime-epsilon": 1e9}})
+    node = SuperNodeSupervisor(
+        training, device_id="d", state_dir=tmp_path, data_store=tmp_path / "samples.db"
+    ).node_config()
+    assert (node["lifetime-epsilon"], node["lifetime-delta"]) == (16.0, 1e-5)
+    # lifetime_epsilon: null turns the cap off (0.0 on the node: no cap).
+    off = validate_config(
+        AgentConfig,
+        {
+            **data,
+            "training": {
+                **yaml.safe_load(example)["training"],
+                "privacy": {"lifetime_epsilon": None},
+            },
+        },
+        source="test",
+    )
+    assert off.training is not None
+    node = SuperNodeSupervisor(
+        off.training, device_id="d", state_dir=tmp_path, data_store=tmp_path / "samples.db"
+    ).node_config()
+    assert LifetimeBudget.from_node_config(node).epsilon is None
