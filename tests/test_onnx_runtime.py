@@ -120,6 +120,11 @@ def test_an_exported_model_runs_like_torch_on_the_cpu_provider(exported: Exporte
     assert described["available_providers"] == onnxruntime.get_available_providers()
     assert described["inputs"][0]["shape"] == [1, 1, 8, 8]
     json.dumps(described)
+    # `edgefl agent predict` reports it too.
+    from edgefl.edge_agent.offload.engine import describe_model
+
+    assert describe_model(runtime)["execution_provider"] == "CPUExecutionProvider"
+    assert "execution_provider" not in describe_model(create_runtime(None, exported.tflite))
 
 
 @pytest.mark.slow

@@ -537,11 +537,15 @@ class Predictor:
 
 
 def describe_model(runtime: Runtime) -> dict[str, Any]:
-    """Model file, runtime and input spec, for reports."""
+    """Model file, runtime and input spec, for reports, and the runtime's own details.
+
+    onnxruntime adds the execution provider in use (:meth:`Runtime.details`).
+    """
     spec = runtime.inputs[0]
     return {
         "model": str(runtime.model_path),
         "runtime": runtime.key,
         "input_shape": list(spec.shape[1:]),
         "input_dtype": spec.dtype,
+        **runtime.details(),
     }
