@@ -163,6 +163,27 @@ def test_a_signed_rollback_reinstalls_the_older_version(fleet: Fleet) -> None:
     assert read_model_status(fleet.state_dir)["last_swap"]["rollback"] is True
 
 
+def test_the_previous_slots_file_re_released_under_a_newer_version_is_installed(
+    fleet: Fleet,
+) -> None:
+    # v1's file published again as v3 (a revert released forward): the same sha256 as the
+    # previous slot, but a newer release with its own manifest, so an upgrade, not a replay.
+    manager = fleet.manager()
+    v1 = fleet.publish(1, "fp32")
+    manager.handle(fleet.desired(v1))
+    fleet.tick()
+    manager.handle(fleet.desired(fleet.publish(2, "fp16")))
+    fleet.tick()
+    v3 = fleet.publish(3, "fp32")
+    assert v3.artifact_sha256 == v1.artifact_sha256
+    manager.handle(fleet.desired(v3))
+    assert _version(fleet, manager) == 3
+    assert fleet.reports[-1].last_failure is None
+    current = manager.current()
+    assert current is not None
+    assert current.manifest.release.version == 3  # type: ignore[union-attr]
+
+
 def test_a_refused_version_is_not_retried_until_a_new_desired_state(fleet: Fleet) -> None:
     manager = fleet.manager()
     manager.handle(fleet.desired(fleet.publish(1, "fp32")))

@@ -495,8 +495,15 @@ class ModelManager:
         previous = store.previous()
         self._set_state("downloading")
         try:
-            if previous is not None and previous.sha256 == target.artifact_sha256:
-                # A rollback to the version in the other slot: no download needed.
+            if (
+                previous is not None
+                and previous.sha256 == target.artifact_sha256
+                and (previous.model, previous.version, previous.variant)
+                == (target.model, target.version, target.variant)
+            ):
+                # A rollback to the version in the other slot: no download needed. The
+                # release must be the same one: the same file re-released under a newer
+                # version has its own manifest, fetched like any other.
                 raw = previous.manifest_bytes()
                 shutil.copyfile(previous.path, artifact)
             else:
