@@ -240,14 +240,16 @@ class RolloutFleet:
         )
         return self.publish(version, "fp32", manifest=manifest, artifact=artifact)
 
-    def publish_worse(self, version: int) -> DesiredModel:
-        """A release of the fp32 model with digits 0-4 answered wrong (golden vectors of
-        the worse model itself, so it installs)."""
+    def publish_worse(self, version: int, order: Sequence[int] = ROTATED) -> DesiredModel:
+        """A release of the fp32 model with its output rows reordered (``order``; by
+        default digits 0-4 answered wrong), its golden vectors made from that model, so it
+        installs. Each order gives other bytes: a release never shares an artifact with
+        another version (a device reuses the bytes it holds by sha256)."""
         from edgefl.edge_agent.runtimes import create_runtime
 
         assert self.releases is not None
         path, base = self.built.variants["fp32"]
-        artifact = rotated_classes(path.read_bytes())
+        artifact = rotated_classes(path.read_bytes(), order)
         scratch = self.workdir / f"worse-{version}.tflite"
         scratch.write_bytes(artifact)
         x, _, _ = golden_arrays(base.golden)

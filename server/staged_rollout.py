@@ -1032,16 +1032,7 @@ class StagedRollout:
                 if (new, old) != (target.new, target.old):
                     target.new, target.old, target.dirty = new, old, True
             if restoring:
-                # Back when it reports the previous version running: a refused or
-                # rolled-back canary ran it all along, but says "running" only once it
-                # has taken the signed rollback (which the retained topic now holds).
-                if (
-                    target.previous is not None
-                    and current == target.previous
-                    and state is not None
-                    and state.state == "running"
-                    and target.state != "restored"
-                ):
+                if target.state != "restored" and _back(target, state):
                     target.set("restored", _restored_reason(target))
                 continue
             if target.state in ("failed", "rolled_back", "pending", "restored"):
@@ -1273,7 +1264,31 @@ def _label(ref: ModelRef | None) -> str:
     return "no model" if ref is None else ref.label()
 
 
+def _back(target: _Target, state: ReportedModelState | None) -> bool:
+    """Whether a halted canary is back on its previous version.
+
+    It must report that version running. A canary that gave a verdict (installed,
+    refused, rolled back) changes its report when it takes the rollback, so that is
+    enough. One that had not reported on the release yet must also have reported since
+    the release was published (it may still be about to install it, and would then take
+    the rollback after); or be offline, when the retained state it gets on reconnecting
+    is the rollback.
+    """
+    if target.previous is None or state is None or ModelRef.of(state) != target.previous:
+        return False
+    if state.state != "running":
+        return False
+    if target.state not in ("published", "offline"):
+        return True
+    if not target.online:
+        return True
+    return target.published_at is not None and state.reported_at >= target.published_at
+
+
 def _restored_reason(target: _Target) -> str:
+    if target.state in ("published", "offline"):
+        where = "" if target.online else "; offline: the retained state is the rollback"
+        return f"on {_label(target.previous)}; it gave no verdict on the release{where}"
     before = f" (was {target.state}: {target.reason})" if target.reason else ""
     return f"back on {_label(target.previous)}{before}"
 
