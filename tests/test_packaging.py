@@ -176,6 +176,8 @@ ROLES = {
         features=(
             # A SuperNode's app trust check runs only for a device that trains.
             ("flwr", "training"),
+            # The device's privacy plan and lifetime accountant (the training: section).
+            ("opacus", "training"),
             # The dataset-replay source: `edgefl[device,datasets]`.
             ("sklearn", "datasets"),
             ("mlxtend", "datasets"),
@@ -192,6 +194,7 @@ ROLES = {
         leave_out=("edgefl.edge_agent.fl",),
         features=(
             ("flwr", "training"),
+            ("opacus", "training"),
             ("sklearn", "datasets"),
             ("mlxtend", "datasets"),
             ("tflite_runtime", "tflite"),
