@@ -184,6 +184,7 @@ def _inference_lines(doc: dict[str, Any]) -> str:
             f"{v.get('deadline_misses', 0)}, dropped {v.get('dropped', 0)}, accuracy "
             + ("-" if accuracy is None else f"{100 * accuracy:.1f}% of {v['evaluated']}")
         )
+    lines.extend(_shadow_lines(doc.get("shadow")))
     swaps = doc.get("swaps") or {}
     if swaps.get("count"):
         lines.append(
@@ -191,6 +192,37 @@ def _inference_lines(doc: dict[str, Any]) -> str:
             f"{_ms(swaps.get('pause_p99_ms'))}"
         )
     return "\n".join(lines)
+
+
+def _share(part: Any, whole: Any) -> str:
+    if not isinstance(part, int) or not isinstance(whole, int) or not whole:
+        return "-"
+    return f"{100 * part / whole:.1f}% of {whole}"
+
+
+def _shadow_lines(shadow: Any) -> list[str]:
+    """The shadow the loop runs beside the serving model, then its figures per version."""
+    if not isinstance(shadow, dict):
+        return []
+    model = shadow.get("model")
+    state = shadow.get("state", "none")
+    if not model and state == "none" and not shadow.get("versions"):
+        return []
+    name = "none" if not model else f"{model['model']} v{model['version']} ({model['variant']})"
+    lines = [f"  shadow: {name}, {state} (never serves its answers)"]
+    failure = shadow.get("last_failure")
+    if state == "failed" and isinstance(failure, dict):
+        lines[0] += f"; last failure v{failure.get('version')} {failure.get('reason')}"
+    for v in shadow.get("versions") or []:
+        lines.append(
+            f"  shadow v{v['version']} ({v['variant']}): {v['compared']} compared, agreement "
+            f"{_share(v.get('agreed'), v.get('compared'))}, accuracy "
+            f"{_share(v.get('correct'), v.get('evaluated'))} (served "
+            f"{_share(v.get('served_correct'), v.get('evaluated'))}), errors "
+            f"{v.get('errors', 0)}, skipped {v.get('skipped', 0)}, p99 "
+            f"{_ms(v.get('latency_p99_ms'))}"
+        )
+    return lines
 
 
 @app.command()

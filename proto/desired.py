@@ -10,6 +10,14 @@ verified with a key that is itself not revoked
 (:meth:`edgefl.releasesign.TrustStore.accept_desired`).
 A rollback is a signed desired state that names the older version with ``rollback=true``.
 
+A desired state may also name a **shadow** (:attr:`DesiredState.shadow`): a release the
+device downloads and checks like any other, keeps apart from its A/B slots, and runs
+beside the serving model on the same samples without ever serving its answers (shadow
+evaluation before a staged rollout changes anything). ``shadow`` is left out of the JSON
+when it is ``None``, so a state without one has the same bytes, and the same signature,
+as before the field existed. A device whose agent predates the field refuses a state that
+has one as malformed and keeps what it runs: the rollout then sees no shadow evidence.
+
 The device answers with a :class:`ReportedState`, retained on ``.../state/reported``: the
 model it runs, since when, and its last failure with the machine reason
 (:data:`edgefl.releasesign.REASONS`).
@@ -21,9 +29,18 @@ turn any malformed one into a :class:`~edgefl.errors.BadInputError`.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from edgefl.errors import BadInputError
 from edgefl.files import SAFE_NAME_PATTERN
@@ -82,7 +99,27 @@ class DesiredState(_Wire):
     revoked_keys: list[Annotated[str, StringConstraints(pattern=_KEY_ID)]] = Field(
         default_factory=list, max_length=64, description="release key ids never to trust again"
     )
+    shadow: DesiredModel | None = Field(
+        None,
+        description="a release to run beside the serving model without serving its answers "
+        "(shadow evaluation); None: no shadow, and one running is removed",
+    )
     signature: Signature | None = None
+
+    @model_validator(mode="after")
+    def _shadow_is_never_a_rollback(self) -> DesiredState:
+        if self.shadow is not None and self.shadow.rollback:
+            raise ValueError("a shadow is never installed, so it cannot be a rollback")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_absent_shadow(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # No "shadow": null in the payload or in the signed canonical bytes: a state without
+        # a shadow keeps the bytes and the signature it had before the field existed.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("shadow", 0) is None:
+            del data["shadow"]
+        return data
 
 
 class LastFailure(_Wire):

@@ -26,6 +26,20 @@ pause is measured (:class:`~edgefl.edge_agent.inference.stats.SwapRecord`).
 
 Samples whose record says ``evaluation`` are answered and scored (on-device accuracy per
 model version); the daemon never keeps them in the training data store.
+
+**Shadow.** When the model manager holds a shadow release (a desired state's ``shadow``),
+the loader builds its interpreter too, and the loop runs it on the same samples *after*
+answering them with the serving model: a batch's results are committed to the outbox
+first, then the shadow runs on the batch's samples. Its answers are only counted
+(:class:`~edgefl.edge_agent.inference.stats.ShadowStats`: agreement with the served
+answer, accuracy on evaluation samples beside the served answers' on the same samples,
+errors, latency); they never make a result envelope, and a shadow's error is never
+reported to the model manager (it would roll back the serving model on probation).
+The bound on what the shadow costs the served answers: before each shadow inference the
+loop looks at its queue, and a waiting sample ends the shadow's pass (the samples left
+are counted ``skipped``). So a sample waits at most for the one shadow inference in
+flight, whose time the shadow's ``latency_p99_ms`` reports; a loop that cannot keep up
+skips shadow inferences, never real ones.
 """
 
 from __future__ import annotations
@@ -51,7 +65,7 @@ from edgefl.errors import BadInputError, EdgeflError
 from edgefl.proto.serde import JSON_CONTENT_TYPE, canonical_json_body
 
 from .config import TELEMETRY_STREAM, InferenceConfig
-from .stats import InferenceStats, ModelKey, SwapRecord
+from .stats import InferenceStats, ModelKey, ShadowStats, SwapRecord
 
 __all__ = ["InferenceLoop", "SampleRefusedError", "ServingModels", "model_input"]
 
@@ -169,6 +183,24 @@ class _Built:
     runtime: Runtime
 
 
+@dataclass(frozen=True)
+class _ShadowChange:
+    """What the loop's shadow becomes at its next look: a built one, or none."""
+
+    built: _Built | None
+
+
+@dataclass(frozen=True)
+class _ShadowWork:
+    """An answered sample, for the shadow to answer after it."""
+
+    sample: _Sample
+    x: npt.NDArray[np.float32]
+    served: int
+    served_local: int
+    label: int | None
+
+
 class InferenceLoop:
     """Answers every sample of the served sources with the manager's current model.
 
@@ -222,6 +254,12 @@ class InferenceLoop:
         self._open_swap: SwapRecord | None = None
         self._swap_baseline: tuple[float, float] = (0.0, 0.0)
         self._logged: set[str] = set()
+        # The shadow (a release run beside the serving model, never serving).
+        self.shadow_stats = ShadowStats()
+        self._shadow: _Built | None = None
+        self._pending_shadow: _ShadowChange | None = None
+        self._shadow_work: list[_ShadowWork] = []
+        self._shadow_failed: tuple[int, str] | None = None  # generation, sha256 not loadable
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -244,6 +282,7 @@ class InferenceLoop:
         """Load the current model (here, so the first samples find it), start the threads."""
         self.models.add_listener(self._changed.set)
         self._load()
+        self._load_shadow()
         self._take_pending()
         for name, target in (("inference-loop", self._run), ("inference-loader", self._loader)):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -292,6 +331,10 @@ class InferenceLoop:
                 self._connect()
             except Exception:  # the loader must outlive any one model
                 logger.exception("loading the serving model failed")
+            try:
+                self._load_shadow()
+            except Exception:  # nor may a shadow stop it
+                logger.exception("loading the shadow model failed")
             self._retired.clear()  # old interpreters are freed here, not on the loop
             self._changed.wait(1.0)  # also polls: a change is never missed for long
             self._changed.clear()
@@ -350,10 +393,75 @@ class InferenceLoop:
             logger.info("built %s for the loop (sha256 %s...)", key.label(), installed.sha256[:12])
             return
 
+    def _shadow_generation(self) -> int:
+        return int(getattr(self.models, "shadow_generation", 0))
+
+    def _load_shadow(self) -> None:
+        """Build the manager's shadow if it is not the loop's (or pending); or drop it."""
+        shadow_of = getattr(self.models, "shadow", None)
+        if shadow_of is None:
+            return  # a model source without shadows
+        while True:
+            generation = self._shadow_generation()
+            wanted = shadow_of()
+            want = None if wanted is None else str(wanted.installed.sha256)
+            running = None if self._shadow is None else self._shadow.sha256
+            with self._pending_lock:
+                pending = self._pending_shadow
+                if (
+                    pending is not None
+                    and (None if pending.built is None else pending.built.sha256) == want
+                ):
+                    return
+                if running == want:
+                    self._pending_shadow = None  # back to what runs before the change
+                    return
+                if wanted is None:
+                    self._pending_shadow = _ShadowChange(None)
+                    return
+            assert want is not None
+            if self._shadow_failed == (generation, want):
+                return  # failed to load; tried again when the shadow changes
+            installed = wanted.installed
+            key = ModelKey(installed.model, int(installed.version), installed.variant)
+            try:
+                runtime = create_runtime(self.runtime_key, wanted.path, threads=self.config.threads)
+                runtime.run(np.zeros(runtime.inputs[0].shape, dtype=np.float32))
+            except (EdgeflError, OSError) as exc:
+                if self._shadow_generation() != generation:
+                    continue  # it changed while we built (its file may have gone)
+                self._shadow_failed = (generation, want)
+                self.shadow_stats.load_failed()
+                logger.error("the loop cannot load the shadow %s: %s", key.label(), exc)
+                return
+            if self._shadow_generation() != generation:
+                continue  # it changed while we built: what we read may be another file
+            with self._pending_lock:
+                self._pending_shadow = _ShadowChange(_Built(key, want, runtime))
+            logger.info("built the shadow %s for the loop (sha256 %s...)", key.label(), want[:12])
+            return
+
     # -- the loop -----------------------------------------------------------------------
+
+    def _take_pending_shadow(self) -> None:
+        """Move to the shadow the loader built, or drop it (on the loop's thread)."""
+        if self._pending_shadow is None:
+            return
+        with self._pending_lock:
+            change, self._pending_shadow = self._pending_shadow, None
+        if change is None:
+            return
+        old, self._shadow = self._shadow, change.built
+        if old is not None:
+            self._retired.append(old.runtime)
+        logger.info(
+            "the loop runs %s",
+            "no shadow" if change.built is None else f"the shadow {change.built.key.label()}",
+        )
 
     def _take_pending(self) -> None:
         """Between two samples: move to the model the loader built, if there is one."""
+        self._take_pending_shadow()
         if self._pending is None:
             return
         started = time.perf_counter()
@@ -429,6 +537,49 @@ class InferenceLoop:
                     self._commit(results)
                 except Exception:  # the outbox logs and counts its own refusals
                     logger.exception("committing %d results failed", len(results))
+            if self._shadow_work:
+                work, self._shadow_work = self._shadow_work, []
+                self._shadow_pass(work)
+
+    def _shadow_pass(self, work: list[_ShadowWork]) -> None:
+        """Run the shadow on answered samples while no real sample waits (see the docs)."""
+        self._take_pending_shadow()
+        built = self._shadow
+        if built is None:
+            return
+        for n, item in enumerate(work):
+            if not self._queue.empty():
+                self.shadow_stats.skip(built.key, len(work) - n)
+                break
+            self._shadow_one(built, item)
+        # The swap pause measures the swap: the loop was busy with the shadow until now.
+        self._last_done = time.perf_counter()
+
+    def _shadow_one(self, built: _Built, item: _ShadowWork) -> None:
+        started = time.perf_counter()
+        try:
+            shape = tuple(built.runtime.inputs[0].shape[1:])
+            x = item.x if item.x.shape == shape else model_input(item.sample.record, shape)
+        except SampleRefusedError:
+            self.shadow_stats.reject(built.key)
+            return
+        try:
+            logits = built.runtime.run(x[None])
+            answer = int(np.argmax(np.asarray(logits)[0]))
+        except Exception as exc:  # counted for the shadow; never the serving model's error
+            self.shadow_stats.error(built.key)
+            self._log_once("shadow", f"the shadow {built.key.label()} failed on a sample: {exc}")
+            return
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        label = item.label
+        self.shadow_stats.compared(
+            built.key,
+            agreed=answer == item.served,
+            agreed_local=answer == item.served_local,
+            correct=None if label is None else answer == label,
+            served_correct=None if label is None else item.served == label,
+            latency_ms=latency_ms,
+        )
 
     def _answer(self, sample: _Sample) -> SourceRecord | None:
         started = time.perf_counter()
@@ -456,7 +607,21 @@ class InferenceLoop:
             return None
         done = time.perf_counter()
         self._timed(sample, started, done)
-        return self._result(sample, built.key, answer, (done - started) * 1000.0)
+        result = self._result(sample, built.key, answer, (done - started) * 1000.0)
+        if self._shadow is not None or self._pending_shadow is not None:
+            label = sample.record.label
+            if label is None and sample.record.sample is not None:
+                label = sample.record.sample[1]
+            self._shadow_work.append(
+                _ShadowWork(
+                    sample,
+                    x,
+                    answer.label,
+                    answer.local_label,
+                    int(label) if label is not None and sample.record.evaluation else None,
+                )
+            )
+        return result
 
     def _timed(self, sample: _Sample, started: float, done: float) -> None:
         """Keep the per-sample time, and close the pause of a swap just made."""
@@ -528,6 +693,7 @@ class InferenceLoop:
         doc = self.stats.snapshot()
         predictor = self._predictor
         return {
+            "shadow": self._shadow_status(),
             "model": None
             if serving is None
             else {"model": serving.model, "version": serving.version, "variant": serving.variant},
@@ -538,6 +704,36 @@ class InferenceLoop:
             if predictor is None or predictor.client is None
             else predictor.breaker.state,
             **doc,
+        }
+
+    def _shadow_status(self) -> dict[str, Any]:
+        """The shadow: the one the loop runs, the manager's view of it, the figures.
+
+        Present even without a shadow (``state`` ``none``), so a reader can tell an agent
+        that evaluates shadows from one that predates them.
+        """
+        shadow = self._shadow
+        status_of = getattr(self.models, "shadow_status", None)
+        manager: dict[str, Any] = {}
+        if status_of is not None:
+            try:
+                manager = dict(status_of())
+            except Exception:  # the report must not fail for it
+                logger.exception("the model manager could not report its shadow")
+        return {
+            "model": None
+            if shadow is None
+            else {
+                "model": shadow.key.model,
+                "version": shadow.key.version,
+                "variant": shadow.key.variant,
+                "sha256": shadow.sha256,
+            },
+            "state": manager.get("state", "none"),
+            "desired": manager.get("desired"),
+            "last_failure": manager.get("last_failure"),
+            "load_failures": self.shadow_stats.load_failures,
+            "versions": self.shadow_stats.snapshot(),
         }
 
     def report(self) -> SourceRecord:

@@ -18,6 +18,15 @@ For each model version that answered (``model``, ``version``, ``variant``):
 Swaps are kept with two durations (see :class:`SwapRecord`): ``blocked_ms``, the time the
 loop's thread spends in the swap itself, and ``pause_ms``, how much later than usual the
 first sample on the new model was answered.
+
+A shadow release (run beside the serving model, never serving) has its own figures per
+version (:class:`ShadowStats`): ``compared`` samples, ``agreed`` with the served answer
+(``agreement``) and with the serving model's own local answer (``agreed_local``: they
+differ when the cloud answered), on evaluation samples ``accuracy`` and, on the very same
+samples, the served answers' ``served_accuracy`` (a paired comparison), ``errors``,
+``rejected`` (a sample that does not fit the shadow's input), ``skipped`` (samples the
+shadow did not run on because the loop had real samples waiting) and the shadow's own
+``latency_p50_ms`` / ``latency_p99_ms``.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-__all__ = ["InferenceStats", "ModelKey", "SwapRecord", "percentile_or_none"]
+__all__ = ["InferenceStats", "ModelKey", "ShadowStats", "SwapRecord", "percentile_or_none"]
 
 WHERE: Final = ("local", "cloud", "local_fallback")
 RATE_WINDOW_S: Final = 10.0
@@ -270,3 +279,111 @@ class InferenceStats:
                     "recent": swaps,
                 },
             }
+
+
+@dataclass
+class _ShadowVersion:
+    key: ModelKey
+    window: int
+    compared: int = 0
+    agreed: int = 0
+    agreed_local: int = 0
+    evaluated: int = 0
+    correct: int = 0
+    served_correct: int = 0
+    errors: int = 0
+    rejected: int = 0
+    skipped: int = 0
+    latency_ms: deque[float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.latency_ms = deque(maxlen=self.window)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.key.model,
+            "version": self.key.version,
+            "variant": self.key.variant,
+            "compared": self.compared,
+            "agreed": self.agreed,
+            "agreement": self.agreed / self.compared if self.compared else None,
+            "agreed_local": self.agreed_local,
+            "agreement_local": self.agreed_local / self.compared if self.compared else None,
+            "evaluated": self.evaluated,
+            "correct": self.correct,
+            "accuracy": self.correct / self.evaluated if self.evaluated else None,
+            "served_correct": self.served_correct,
+            "served_accuracy": self.served_correct / self.evaluated if self.evaluated else None,
+            "errors": self.errors,
+            "rejected": self.rejected,
+            "skipped": self.skipped,
+            "latency_p50_ms": _round(percentile_or_none(self.latency_ms, 50)),
+            "latency_p99_ms": _round(percentile_or_none(self.latency_ms, 99)),
+        }
+
+
+class ShadowStats:
+    """The shadow's figures per version (thread-safe: the loop writes, reports read).
+
+    Args:
+        window: Shadow latencies kept per version for the percentiles.
+    """
+
+    def __init__(self, *, window: int = 4096) -> None:
+        self._window = window
+        self._lock = threading.Lock()
+        self._versions: dict[ModelKey, _ShadowVersion] = {}
+        self.load_failures = 0
+
+    def _version(self, key: ModelKey) -> _ShadowVersion:
+        stats = self._versions.get(key)
+        if stats is None:
+            stats = self._versions[key] = _ShadowVersion(key, self._window)
+        return stats
+
+    def compared(
+        self,
+        key: ModelKey,
+        *,
+        agreed: bool,
+        agreed_local: bool,
+        correct: bool | None,
+        served_correct: bool | None,
+        latency_ms: float,
+    ) -> None:
+        """One shadow answer; ``correct`` is ``None`` unless it was an evaluation sample."""
+        with self._lock:
+            stats = self._version(key)
+            stats.compared += 1
+            stats.agreed += int(agreed)
+            stats.agreed_local += int(agreed_local)
+            stats.latency_ms.append(latency_ms)
+            if correct is not None:
+                stats.evaluated += 1
+                stats.correct += int(correct)
+                stats.served_correct += int(bool(served_correct))
+
+    def error(self, key: ModelKey) -> None:
+        """A shadow inference raised (the serving model is not told: it is not its fault)."""
+        with self._lock:
+            self._version(key).errors += 1
+
+    def reject(self, key: ModelKey) -> None:
+        """A sample the serving model took does not fit the shadow's input."""
+        with self._lock:
+            self._version(key).rejected += 1
+
+    def skip(self, key: ModelKey, count: int = 1) -> None:
+        """Samples the shadow did not run on: real samples were waiting."""
+        with self._lock:
+            self._version(key).skipped += count
+
+    def load_failed(self) -> None:
+        """The shadow's file could not be loaded on the device runtime."""
+        with self._lock:
+            self.load_failures += 1
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Each shadow version's figures (since the agent started), sorted."""
+        with self._lock:
+            return [v.as_dict() for _, v in sorted(self._versions.items())]

@@ -33,6 +33,19 @@ Throughout, the current model keeps serving
 (:meth:`ModelManager.current`). What the device runs, and its last failure, is published
 as a :class:`~edgefl.proto.desired.ReportedState` and written to
 ``<state_dir>/model-status.json`` for ``edgefl agent status``.
+
+**Shadow.** A desired state may name a ``shadow`` release besides its model. The manager
+fetches and checks it exactly as above (signature, sha256 and size, device class and
+runtime, expiry, the release named, the golden vectors on the device's runtime), except
+the version rule: a shadow never replaces anything, so it may be older or newer than
+what runs. It goes into the store's shadow folder, never into an A/B slot, so it never
+becomes the serving model by itself, and a crash cannot leave it serving either
+(:class:`~edgefl.edge_agent.models.store.ModelStore`). :meth:`ModelManager.shadow` names
+it to the inference loop, which runs it beside the serving model without serving its
+answers. A desired state without a shadow removes the one installed. The shadow's state
+and last failure (:meth:`ModelManager.shadow_status`) go into the status file and the
+loop's ``telemetry/inference`` report, not into ``state/reported``, whose schema a
+server that predates shadows would refuse.
 """
 
 from __future__ import annotations
@@ -259,6 +272,12 @@ class ModelManager:
         # Whoever serves the model (the inference loop) hears of every change of it.
         self._listeners: list[Callable[[], None]] = []
         self.generation = 0
+        # The shadow release: evaluated beside the serving model, never serving.
+        self.shadow_generation = 0
+        self._shadow_state = "none"
+        self._shadow_failure: LastFailure | None = None
+        self._shadow_refused: set[tuple[int, str]] = set()
+        self._shadow_retry = RestartBackoff(config.retry_min_s, config.retry_max_s, float("inf"))
         self._load_status()
         self._resume_probation()
 
@@ -280,12 +299,62 @@ class ModelManager:
                 self._manifests[installed.sha256] = manifest
         return CurrentModel(installed.path, manifest, installed)
 
-    def add_listener(self, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` after every change of the serving model (swap or rollback).
+    def shadow(self) -> CurrentModel | None:
+        """The shadow release (file and manifest), or ``None``. Thread-safe."""
+        installed = self.store.shadow()
+        if installed is None:
+            return None
+        with self._lock:
+            manifest = self._manifests.get(installed.sha256)
+            if manifest is None:
+                try:
+                    manifest = Manifest.model_validate_json(installed.manifest_bytes())
+                except (OSError, ValidationError) as exc:
+                    logger.error("the shadow's manifest cannot be read: %s", exc)
+                    return None
+                self._manifests[installed.sha256] = manifest
+        return CurrentModel(installed.path, manifest, installed)
 
-        It runs on the manager's thread right after the pointer moved, so it must only
-        take note (set an event); :meth:`current` then names the new model and
-        :attr:`generation` has grown by one.
+    def shadow_status(self) -> dict[str, Any]:
+        """The shadow: what the desired state names, what is installed, state, last failure.
+
+        ``state`` is ``none`` (no shadow desired), ``downloading``, ``verifying``,
+        ``running`` (installed: the loop runs it beside the serving model) or ``failed``
+        (refused, or a download that is retried).
+        """
+        installed = self.store.shadow()
+        with self._lock:
+            desired = self._desired.shadow if self._desired is not None else None
+            failure = self._shadow_failure
+            return {
+                "state": self._shadow_state,
+                "desired": None
+                if desired is None
+                else {
+                    "model": desired.model,
+                    "version": desired.version,
+                    "variant": desired.variant,
+                    "sha256": desired.artifact_sha256,
+                },
+                "installed": None
+                if installed is None
+                else {
+                    "model": installed.model,
+                    "version": installed.version,
+                    "variant": installed.variant,
+                    "sha256": installed.sha256,
+                    "since": installed.since,
+                },
+                "last_failure": None if failure is None else failure.model_dump(mode="json"),
+            }
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every change of the serving model or of the shadow.
+
+        It runs on the manager's thread right after the pointer moved (or the shadow
+        changed), so it must only take note (set an event); :meth:`current` then names
+        the new model and :attr:`generation` has grown by one (:meth:`shadow` and
+        :attr:`shadow_generation` for the shadow).
         """
         with self._lock:
             self._listeners.append(callback)
@@ -299,6 +368,16 @@ class ModelManager:
                 callback()
             except Exception:  # a listener must never stop an update
                 logger.exception("a serving-model listener failed")
+
+    def _shadow_changed(self) -> None:
+        with self._lock:
+            self.shadow_generation += 1
+            listeners = list(self._listeners)
+        for callback in listeners:
+            try:
+                callback()
+            except Exception:  # a listener must never stop an update
+                logger.exception("a shadow listener failed")
 
     def record_inference(self, *, error: str | None = None) -> None:
         """The serving loop reports an inference; an error during probation rolls back."""
@@ -367,6 +446,12 @@ class ModelManager:
                 desired = self._desired
             if desired is not None and desired.model is not None:
                 self._apply(desired.model)
+        if self._shadow_retry.next_at is not None and self._shadow_retry.due(time.monotonic()):
+            self._shadow_retry.started(time.monotonic())
+            with self._lock:
+                desired = self._desired
+            if desired is not None and desired.shadow is not None:
+                self._apply_shadow(desired.shadow)
 
     # -- desired state ----------------------------------------------------------------------
 
@@ -380,7 +465,11 @@ class ModelManager:
             return
         with self._lock:
             again = self._desired is not None and desired == self._desired
-        if again and (desired.model is None or self._settled(desired.model)):
+        if (
+            again
+            and (desired.model is None or self._settled(desired.model))
+            and self._shadow_settled(desired.shadow)
+        ):
             # The retained state again (every reconnect and restart), already acted on: not
             # verified again, so one that has expired since is not reported as a failure.
             return
@@ -403,11 +492,21 @@ class ModelManager:
                 self._retry = RestartBackoff(
                     self.config.retry_min_s, self.config.retry_max_s, float("inf")
                 )
+            if (
+                previous is None
+                or desired.issued_at != previous.issued_at
+                or desired.shadow != previous.shadow
+            ):
+                self._shadow_refused.clear()
+                self._shadow_retry = RestartBackoff(
+                    self.config.retry_min_s, self.config.retry_max_s, float("inf")
+                )
             self._desired = desired
         if desired.model is None:
             self._set_state("running" if self.store.current() else "none")
-            return
-        self._apply(desired.model)
+        else:
+            self._apply(desired.model)
+        self._apply_shadow(desired.shadow)
 
     def _installed(self, target: DesiredModel) -> bool:
         current = self.store.current()
@@ -423,6 +522,98 @@ class ModelManager:
         with self._lock:
             refused = (target.version, target.artifact_sha256) in self._refused
         return refused or self._installed(target)
+
+    def _shadow_installed(self, target: DesiredModel) -> bool:
+        shadow = self.store.shadow()
+        return (
+            shadow is not None
+            and shadow.sha256 == target.artifact_sha256
+            and (shadow.model, shadow.version, shadow.variant)
+            == (target.model, target.version, target.variant)
+        )
+
+    def _shadow_settled(self, target: DesiredModel | None) -> bool:
+        """Whether the shadow is as ``target`` says: installed, refused, or none."""
+        if target is None:
+            return self.store.shadow() is None
+        with self._lock:
+            refused = (target.version, target.artifact_sha256) in self._shadow_refused
+        return refused or self._shadow_installed(target)
+
+    def _apply_shadow(self, target: DesiredModel | None) -> None:
+        """Install the shadow the desired state names, or remove the one installed."""
+        if target is None:
+            self._shadow_retry = RestartBackoff(
+                self.config.retry_min_s, self.config.retry_max_s, float("inf")
+            )
+            shadow = self.store.shadow()
+            self.store.clear_staging(shadow=True)
+            if shadow is not None:
+                # The loop's interpreter keeps its copy: unlinked files stay readable.
+                self.store.clear_shadow()
+                self._shadow_changed()
+                logger.info("removed the shadow %s v%d", shadow.model, shadow.version)
+            with self._lock:
+                self._shadow_failure = None
+            self._set_shadow_state("none")
+            return
+        if self._shadow_installed(target):
+            self._set_shadow_state("running")
+            return
+        with self._lock:
+            if (target.version, target.artifact_sha256) in self._shadow_refused:
+                return
+        staged = self._download(target, shadow=True)
+        if staged is None:
+            return
+        artifact, raw_manifest = staged
+        self._set_shadow_state("verifying")
+        try:
+            manifest, _ = self.check(target, artifact, raw_manifest, shadow=True)
+        except ReleaseTrustError as exc:
+            logger.warning(
+                "refused the shadow %s v%d (%s): %s",
+                target.model,
+                target.version,
+                target.variant,
+                exc,
+            )
+            with self._lock:
+                self._shadow_refused.add((target.version, target.artifact_sha256))
+            self.store.clear_staging(shadow=True)
+            self._shadow_fail(target.version, exc)
+            return
+        # The old shadow goes first and the loop is told, so a loader that read its name
+        # before never takes the new file for it (it sees the generation move and looks
+        # again).
+        if self.store.clear_shadow():
+            self._shadow_changed()
+        try:
+            installed = self.store.install_shadow(
+                artifact,
+                raw_manifest,
+                model=target.model,
+                version=target.version,
+                variant=target.variant,
+                sha256=manifest.sha256,
+                size_bytes=manifest.size_bytes,
+            )
+        except (ArtifactError, OSError) as exc:
+            self._shadow_changed()
+            self._shadow_fail(target.version, ReleaseTrustError("sha256_mismatch", str(exc)))
+            return
+        self.store.clear_staging(shadow=True)
+        with self._lock:
+            self._manifests[installed.sha256] = manifest
+            self._shadow_failure = None
+        logger.info(
+            "shadow %s v%d (%s) installed beside the serving model",
+            installed.model,
+            installed.version,
+            installed.variant,
+        )
+        self._shadow_changed()
+        self._set_shadow_state("running")
 
     def _apply(self, target: DesiredModel) -> None:
         if self._installed(target):
@@ -483,20 +674,28 @@ class ModelManager:
         self._open_window(installed, manifest, baseline)
         self._set_state("running")
 
-    def _download(self, target: DesiredModel) -> tuple[Path, bytes] | None:
-        """Fetch the manifest and the artifact into staging; ``None`` after a failure."""
+    def _download(self, target: DesiredModel, *, shadow: bool = False) -> tuple[Path, bytes] | None:
+        """Fetch the manifest and the artifact into staging; ``None`` after a failure.
+
+        With ``shadow``, into the shadow's own staging folder (a model's partial
+        download there stays for its resume), retried on the shadow's backoff.
+        """
         store = self.store
-        artifact = store.staging_file(target.model, target.version, target.variant, ".tflite")
-        manifest_file = store.staging_file(
-            target.model, target.version, target.variant, ".manifest.json"
-        )
+        staging_file = store.shadow_staging_file if shadow else store.staging_file
+        artifact = staging_file(target.model, target.version, target.variant, ".tflite")
+        manifest_file = staging_file(target.model, target.version, target.variant, ".manifest.json")
         keep = (artifact.name, manifest_file.name)
-        store.clear_staging(keep=keep)
+        store.clear_staging(keep=keep, shadow=shadow)
         previous = store.previous()
-        self._set_state("downloading")
+        if shadow:
+            self._set_shadow_state("downloading")
+        else:
+            self._set_state("downloading")
+        retry = self._shadow_retry if shadow else self._retry
         try:
             if (
-                previous is not None
+                not shadow
+                and previous is not None
                 and previous.sha256 == target.artifact_sha256
                 and (previous.model, previous.version, previous.variant)
                 == (target.model, target.version, target.variant)
@@ -517,25 +716,33 @@ class ModelManager:
                 )
             write_text_atomic(manifest_file, raw.decode("utf-8", errors="replace"))
         except (EdgeflError, OSError) as exc:
-            delay = self._retry.schedule(time.monotonic())
+            delay = retry.schedule(time.monotonic())
             logger.warning(
-                "download of %s v%d failed (retry in %.0f s): %s",
+                "download of %s%s v%d failed (retry in %.0f s): %s",
+                "the shadow " if shadow else "",
                 target.model,
                 target.version,
                 delay,
                 exc,
             )
-            self._fail(target.version, ReleaseTrustError("download_failed", str(exc)))
+            failure = ReleaseTrustError("download_failed", str(exc))
+            if shadow:
+                self._shadow_fail(target.version, failure)
+            else:
+                self._fail(target.version, failure)
             return None
-        self._retry.attempt = 0
+        retry.attempt = 0
         return artifact, raw
 
     # -- the checks -------------------------------------------------------------------------
 
     def check(
-        self, target: DesiredModel, artifact: Path, raw_manifest: bytes
+        self, target: DesiredModel, artifact: Path, raw_manifest: bytes, *, shadow: bool = False
     ) -> tuple[Manifest, float]:
         """Every check before a swap, in the documented order; the manifest and golden p50.
+
+        With ``shadow`` (a release to run beside the serving model) every check but the
+        version rule: a shadow replaces nothing, so it may be older than what runs.
 
         Raises:
             ReleaseTrustError: The first check that failed, with its reason.
@@ -573,11 +780,14 @@ class ModelManager:
         self.trust.check_fresh(release.created_at, release.expires_at)
         # 5. version: newer than installed unless a signed rollback, and the one named
         current = self.store.current()
-        if release.version < target.version or (
-            current is not None
-            and current.model == release.model
-            and release.version <= current.version
-            and not target.rollback
+        if not shadow and (
+            release.version < target.version
+            or (
+                current is not None
+                and current.model == release.model
+                and release.version <= current.version
+                and not target.rollback
+            )
         ):
             raise ReleaseTrustError(
                 "downgrade",
@@ -721,6 +931,20 @@ class ModelManager:
     def _fail(self, version: int, exc: ReleaseTrustError) -> None:
         self._record_failure(version, exc.reason, str(exc), "failed")
 
+    def _shadow_fail(self, version: int, exc: ReleaseTrustError) -> None:
+        with self._lock:
+            self._shadow_failure = LastFailure(
+                version=version, reason=exc.reason, detail=str(exc)[:2000], at=int(self._clock())
+            )
+        self._set_shadow_state("failed")
+
+    def _set_shadow_state(self, state: str) -> None:
+        with self._lock:
+            changed = state != self._shadow_state
+            self._shadow_state = state
+        if changed or state == "failed":
+            self._write_status()
+
     def _record_failure(self, version: int, reason: str, detail: str, state: str) -> None:
         with self._lock:
             self._last_failure = LastFailure(
@@ -776,6 +1000,8 @@ class ModelManager:
                 ),
                 "desired": json.loads(desired.to_json()) if desired is not None else None,
                 "refused": sorted([v, sha] for v, sha in self._refused),
+                "shadow": self.shadow_status(),
+                "shadow_refused": sorted([v, sha] for v, sha in self._shadow_refused),
             }
 
     def _write_status(self) -> None:
@@ -801,11 +1027,22 @@ class ModelManager:
         self._rollbacks = int(reported.get("rollbacks", 0) or 0)
         self._last_swap = doc.get("last_swap")
         self._refused = {(int(v), str(sha)) for v, sha in doc.get("refused", [])}
+        with contextlib.suppress(ValueError, TypeError):
+            self._shadow_refused = {(int(v), str(sha)) for v, sha in doc.get("shadow_refused", [])}
+        shadow_doc = doc.get("shadow")
+        if not isinstance(shadow_doc, dict):
+            shadow_doc = {}
+        with contextlib.suppress(ValidationError, TypeError):
+            if shadow_doc.get("last_failure"):
+                self._shadow_failure = LastFailure.model_validate(shadow_doc["last_failure"])
+        self._shadow_state = "running" if self.store.shadow() is not None else "none"
         self._probation = doc.get("probation")
         state = str(reported.get("state", "none"))
         # A download or check cut by a restart is done again from the desired state.
         self._state = state if state in ("failed", "rolled_back") else "running"
-        if self._desired is not None and self._desired.model is not None:
+        if self._desired is not None and (
+            self._desired.model is not None or self._desired.shadow is not None
+        ):
             self._inbox.put(self._desired)
 
 

@@ -7,6 +7,9 @@ Layout under ``<state_dir>/models/``::
                   sha256, size)
     current       the pointer: JSON {slot, model, version, variant, sha256, since}
     staging/      downloads in progress; kept across restarts so a transfer resumes
+    shadow/       the shadow release (evaluated beside the serving model, never serving):
+                  the same three files as a slot
+    shadow-staging/  the shadow's downloads in progress
 
 Installing copies the verified files into the slot the pointer does *not* name, fsyncs
 them and the slot folder, writes the seal, and only then replaces ``current`` with
@@ -20,6 +23,11 @@ files do not match their seal and manifest (sha256 and size) falls back to the o
 slot if that one is whole, else to no model. A slot is *whole* when its seal, its
 manifest's ``sha256``/``size_bytes`` and the file on disk all agree. Leftovers in
 ``staging/`` are kept for resume.
+
+The shadow folder is not a slot: the pointer can never name it (a pointer naming anything
+but ``a`` or ``b`` is unusable and repaired), nothing is ever copied from it into a slot,
+and on open a shadow folder that is not whole (an install a crash cut short) is emptied.
+So a shadow never becomes the serving model by itself, whatever instant a crash hits.
 
 The standard library only: the store checks files, not signatures (the manager does).
 """
@@ -56,11 +64,14 @@ logger = logging.getLogger(__name__)
 
 Slot = Literal["a", "b"]
 SLOTS: Final[tuple[Slot, Slot]] = ("a", "b")
+SHADOW: Final = "shadow"
+"""The shadow release's folder (not a slot)."""
 ARTIFACT_FILE: Final = "model.tflite"
 MANIFEST_FILE: Final = "manifest.json"
 SEAL_FILE: Final = "slot.json"
 POINTER_FILE: Final = "current"
 STAGING_DIR: Final = "staging"
+SHADOW_STAGING_DIR: Final = "shadow-staging"
 
 
 @dataclass(frozen=True)
@@ -68,7 +79,7 @@ class InstalledModel:
     """One whole slot: what it holds and where.
 
     Attributes:
-        slot: ``"a"`` or ``"b"``.
+        slot: ``"a"`` or ``"b"``; ``"shadow"`` for the shadow release.
         model: Model name.
         version: Release version.
         variant: Variant name (``int8``, ``fp32``, ...).
@@ -80,7 +91,7 @@ class InstalledModel:
         manifest_path: The signed manifest beside it.
     """
 
-    slot: Slot
+    slot: Slot | Literal["shadow"]
     model: str
     version: int
     variant: str
@@ -159,10 +170,12 @@ class ModelStore:
         self.root = root
         self._clock = clock
         self._lock = threading.RLock()
-        for name in (*SLOTS, STAGING_DIR):
+        for name in (*SLOTS, STAGING_DIR, SHADOW, SHADOW_STAGING_DIR):
             (root / name).mkdir(parents=True, exist_ok=True)
         self._current: InstalledModel | None = None
+        self._shadow: InstalledModel | None = None
         self.last_repair = self.repair()
+        self._open_shadow()
 
     @property
     def staging(self) -> Path:
@@ -173,13 +186,23 @@ class ModelStore:
         """The staging path of one release's file (``suffix`` ``.tflite`` or ``.manifest.json``)."""
         return self.staging / f"{model}-{version}-{variant}{suffix}"
 
-    def clear_staging(self, keep: tuple[str, ...] = ()) -> None:
-        """Delete staged files except those named in ``keep``."""
+    def clear_staging(self, keep: tuple[str, ...] = (), *, shadow: bool = False) -> None:
+        """Delete staged files except those named in ``keep`` (the shadow's with ``shadow``)."""
         with self._lock:
-            for path in self.staging.iterdir():
+            folder = self.shadow_staging if shadow else self.staging
+            for path in folder.iterdir():
                 if path.name not in keep:
                     with contextlib.suppress(OSError):
                         path.unlink()
+
+    @property
+    def shadow_staging(self) -> Path:
+        """``models/shadow-staging/``: the shadow's downloads, apart from the slots' ones."""
+        return self.root / SHADOW_STAGING_DIR
+
+    def shadow_staging_file(self, model: str, version: int, variant: str, suffix: str) -> Path:
+        """The shadow staging path of one release's file."""
+        return self.shadow_staging / f"{model}-{version}-{variant}{suffix}"
 
     # -- reading ------------------------------------------------------------------------
 
@@ -199,7 +222,7 @@ class ModelStore:
             except ArtifactError:
                 return None
 
-    def _whole(self, slot: Slot, *, since: int) -> InstalledModel:
+    def _whole(self, slot: Slot | Literal["shadow"], *, since: int) -> InstalledModel:
         """The slot's model if its seal, manifest and file agree.
 
         Raises:
@@ -355,3 +378,88 @@ class ModelStore:
             self._write_pointer(target)
             self._current = target
             return target
+
+    # -- the shadow ---------------------------------------------------------------------
+
+    def _open_shadow(self) -> None:
+        """Keep a whole shadow; empty a shadow folder that an interrupted install left."""
+        with self._lock:
+            folder = self.root / SHADOW
+            try:
+                self._shadow = self._whole(SHADOW, since=0)
+            except ArtifactError as exc:
+                self._shadow = None
+                if any(folder.iterdir()):
+                    logger.warning("removed an incomplete shadow model: %s", exc)
+                    self._empty_shadow()
+
+    def _empty_shadow(self) -> None:
+        folder = self.root / SHADOW
+        (folder / SEAL_FILE).unlink(missing_ok=True)  # unsealed first: never half a shadow
+        fsync_dir(folder)
+        for path in folder.iterdir():
+            with contextlib.suppress(OSError):
+                path.unlink()
+        fsync_dir(folder)
+
+    def shadow(self) -> InstalledModel | None:
+        """The shadow release, or ``None``."""
+        with self._lock:
+            return self._shadow
+
+    def install_shadow(
+        self,
+        artifact: Path,
+        manifest: bytes,
+        *,
+        model: str,
+        version: int,
+        variant: str,
+        sha256: str,
+        size_bytes: int,
+    ) -> InstalledModel:
+        """Copy a checked artifact and its manifest into the shadow folder (not a slot).
+
+        The previous shadow is unsealed first, and :meth:`shadow` names no model until the
+        new seal is written (the manager clears the old one and tells the loop before it
+        calls this, so no reader takes the new file for the old release).
+
+        Raises:
+            ArtifactError: The copied file does not match ``sha256``/``size_bytes`` (the
+                shadow folder is emptied).
+        """
+        with self._lock:
+            folder = self.root / SHADOW
+            self._shadow = None
+            (folder / SEAL_FILE).unlink(missing_ok=True)
+            fsync_dir(folder)
+            _copy_synced(artifact, folder / ARTIFACT_FILE)
+            write_bytes_atomic(folder / MANIFEST_FILE, manifest, mode=0o644)
+            fsync_dir(folder)
+            seal = {
+                "model": model,
+                "version": version,
+                "variant": variant,
+                "sha256": sha256,
+                "size_bytes": size_bytes,
+            }
+            write_text_atomic(folder / SEAL_FILE, json.dumps(seal, sort_keys=True) + "\n")
+            fsync_dir(folder)
+            try:
+                installed = self._whole(SHADOW, since=int(self._clock()))
+            except ArtifactError:
+                self._empty_shadow()
+                raise
+            self._shadow = installed
+            return installed
+
+    def clear_shadow(self) -> bool:
+        """Remove the shadow release (not its staged downloads); whether there was one.
+
+        A runtime that loaded its file keeps working: the file is unlinked, not rewritten.
+        """
+        with self._lock:
+            had = self._shadow is not None
+            self._shadow = None
+            self._empty_shadow()
+            return had
