@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -74,6 +74,13 @@ def _next_steps(status: dict[str, Any]) -> list[str]:
     ]
     for device in status["devices"]:
         previous = device["previous"]
+        if device["state"] == "shadow" and previous is not None:
+            lines.append(
+                f"to remove the shadow from {device['device_id']}: edgefl server deploy "
+                f"{previous['model']} {previous['version']} --variant {previous['variant']} "
+                f"--device {device['device_id']}"
+            )
+            continue
         if not device["published_at"] or previous is None:
             continue
         if previous["version"] == status["version"] and previous["model"] == status["model"]:
@@ -94,6 +101,10 @@ def _print_status(status: dict[str, Any]) -> None:
         accuracy += f", min accuracy {status['min_accuracy']:.1%}"
     if status["max_accuracy_drop"] is not None:
         accuracy += f", max accuracy drop {status['max_accuracy_drop']:g} pts"
+    if status.get("shadow"):
+        accuracy += ", shadow first"
+        if status.get("min_agreement") is not None:
+            accuracy += f" (min agreement {status['min_agreement']:.1%})"
     typer.echo(
         f"rollout {status['id']}: {status['model']} v{status['version']} ({status['variant']}) "
         f"to {status['fleet'] or 'every fleet'}: {status['state'].upper()}"
@@ -115,6 +126,15 @@ def _print_status(status: dict[str, Any]) -> None:
         text = f"v{doc['version']} ({doc['variant']})"
         return f"{text} {doc['state']}" if state else text
 
+    def shadow_cell(device: dict[str, Any]) -> str | None:
+        shadow = device.get("shadow")
+        if not shadow or shadow.get("agreement") is None:
+            return None
+        text = f"{shadow['agreement']:.1%} agree/{shadow['compared']}"
+        if shadow.get("accuracy") is not None:
+            text += f", {shadow['accuracy']:.1%} (served {shadow['served_accuracy']:.1%})"
+        return text
+
     def accuracy_cell(device: dict[str, Any]) -> str | None:
         if device["accuracy"] is None:
             return None
@@ -123,33 +143,37 @@ def _print_status(status: dict[str, Any]) -> None:
             text += f" (prev {device['previous_accuracy']:.1%}/{device['previous_evaluated']})"
         return text
 
-    print_table(
-        [
-            ("device", "left"),
-            ("cohort", "left"),
-            ("state", "left"),
-            ("previous", "left"),
-            ("now", "left"),
-            ("presence", "left"),
-            ("accuracy/n", "left"),
-            ("results", "right"),
-            ("reason", "left"),
-        ],
-        [
-            (
-                d["device_id"],
-                d["cohort"],
-                d["state"],
-                model(d["previous"]),
-                model(d["now"], state=True),
-                "online" if d["online"] else "offline",
-                accuracy_cell(d),
-                d["results"],
-                d["reason"] or None,
-            )
-            for d in status["devices"]
-        ],
-    )
+    shadow = bool(status.get("shadow"))
+    columns: list[tuple[str, Literal["left", "right"]]] = [
+        ("device", "left"),
+        ("cohort", "left"),
+        ("state", "left"),
+        ("previous", "left"),
+        ("now", "left"),
+        ("presence", "left"),
+        ("accuracy/n", "left"),
+        ("results", "right"),
+        ("reason", "left"),
+    ]
+    if shadow:
+        columns.insert(7, ("shadow", "left"))
+    rows = []
+    for d in status["devices"]:
+        row: list[object] = [
+            d["device_id"],
+            d["cohort"],
+            d["state"],
+            model(d["previous"]),
+            model(d["now"], state=True),
+            "online" if d["online"] else "offline",
+            accuracy_cell(d),
+            d["results"],
+            d["reason"] or None,
+        ]
+        if shadow:
+            row.insert(7, shadow_cell(d))
+        rows.append(row)
+    print_table(columns, rows)
 
 
 @app.command()
@@ -223,10 +247,32 @@ def rollout(
     by: Annotated[
         str | None, typer.Option("--by", help="Operator name recorded with the OS user.")
     ] = None,
+    shadow: Annotated[
+        bool,
+        typer.Option(
+            "--shadow",
+            help="First run the release on the canaries beside their current model without "
+            "serving its answers; go on only if its agreement and accuracy pass (else halt "
+            "and remove it: no answer ever changed).",
+        ),
+    ] = False,
+    min_agreement: Annotated[
+        str | None,
+        typer.Option(
+            help="With --shadow: halt when a canary's shadow agrees with fewer of the served "
+            "answers than this: 0.9 or 90%."
+        ),
+    ] = None,
     config: ServerConfigOption = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Roll MODEL VERSION out in stages: a canary cohort first, then the rest or a rollback.
+
+    With --shadow the canaries first run the release beside their current model, its
+    answers never served, and report its agreement with the served answers and its
+    accuracy on evaluation samples; the thresholds (--min-agreement, --min-accuracy,
+    --max-accuracy-drop against the served answers on the same samples) decide before
+    any answer changes, and a halt only removes the shadow.
 
     The canaries (among the online targets) get the signed desired state first; after
     they all report it running and the soak passed without too many failures (and, with
@@ -265,6 +311,10 @@ def rollout(
         install_timeout_s=parse_duration(install_timeout, "--install-timeout"),
         expires_days=expires_days,
         by=by,
+        shadow=shadow,
+        min_agreement=None
+        if min_agreement is None
+        else parse_share(min_agreement, "--min-agreement"),
     )
     options.check()
     cfg = server_config(config)
@@ -352,7 +402,8 @@ def rollouts(
         [
             (
                 r["id"],
-                f"{r['model']} v{r['version']} ({r['variant']})",
+                f"{r['model']} v{r['version']} ({r['variant']})"
+                + (" shadow first" if r.get("shadow") else ""),
                 r["fleet"] or "*",
                 r["state"] + (" (stale)" if r["stale"] else ""),
                 ", ".join(f"{n} {s}" for s, n in sorted(r["device_states"].items())),

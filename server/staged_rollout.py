@@ -48,6 +48,26 @@ names another device. A device that lies about itself (reports the release runni
 perfect accuracy over a million samples) changes its own row only; it cannot hide
 another canary's failure, and accuracy is never pooled across devices for a decision.
 
+**Shadow** (``--shadow``). Before step 2, the canaries first run the release *beside*
+their current model without serving its answers: each gets a signed desired state naming
+the model it runs now and the release as its ``shadow``
+(:class:`~edgefl.proto.desired.DesiredState`); its agent checks the shadow like any
+release, keeps it outside its A/B slots, runs it on the same samples after answering them
+and reports, per shadow version, its agreement with the served answers and, on evaluation
+samples, its accuracy beside the served answers' accuracy on the very same samples
+(``telemetry/inference``, ``shadow``). A canary fails the shadow stage when its agent
+refuses the shadow (or the desired state: an agent that predates shadows refuses it as
+malformed, and its reports have no ``shadow`` section), reports shadow errors, does not
+run it within ``--install-timeout``, answers fewer than ``--min-evaluated`` samples with
+it by ``--install-timeout`` after the soak, or misses a threshold: ``--min-agreement``
+(agreement with the served answers), ``--min-accuracy`` (the shadow's own accuracy),
+``--max-accuracy-drop`` (points below the served answers on the same samples). Too many
+failures and the rollout **halts with no answer ever changed**: the canaries get a state
+without the shadow (it is removed) and the rest get nothing. Otherwise it goes on with
+step 2, which also removes the shadow (the release's state carries none). The canaries'
+rows say ``shadow`` during that stage; the evidence (per canary: compared, agreement,
+accuracy and served accuracy, errors, skipped) is kept in the rollout's evidence.
+
 SIGINT or SIGTERM (the ``stop`` event) stops the watching and leaves the devices as they
 are: the rollout is marked ``interrupted`` with what was published.
 """
@@ -197,6 +217,10 @@ class RolloutOptions:
             also how long past the soak the accuracy evidence is waited for.
         expires_days: Validity of the signed desired states.
         by: Operator name recorded beside the OS user.
+        shadow: Run the release beside the canaries' current model first, without
+            serving its answers, and go on only on that evidence.
+        min_agreement: With ``shadow``: floor of each canary's agreement between the
+            shadow's answers and the served ones (0 to 1), or ``None``.
     """
 
     model: str
@@ -213,6 +237,8 @@ class RolloutOptions:
     install_timeout_s: float = DEFAULT_INSTALL_TIMEOUT_S
     expires_days: float = DEFAULT_EXPIRES_DAYS
     by: str | None = None
+    shadow: bool = False
+    min_agreement: float | None = None
 
     def check(self) -> None:
         """Refuse names and numbers that cannot be used.
@@ -251,6 +277,14 @@ class RolloutOptions:
                 "--install-timeout must be positive",
             ),
             (self.expires_days > 0, "--expires-days must be positive"),
+            (
+                self.min_agreement is None or 0.0 <= self.min_agreement <= 1.0,
+                "--min-agreement must be between 0 and 1 (or 0% and 100%)",
+            ),
+            (
+                self.min_agreement is None or self.shadow,
+                "--min-agreement judges a shadow: add --shadow",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -407,6 +441,45 @@ class RolloutProgress:
     seconds_left: float | None
 
 
+@dataclass(frozen=True)
+class _ShadowFigures:
+    """One shadow version's figures in a device's inference report (``shadow.versions``)."""
+
+    compared: int
+    agreed: int
+    evaluated: int
+    correct: int
+    served_correct: int
+    errors: int
+    skipped: int
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreed / self.compared if self.compared else None
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.evaluated if self.evaluated else None
+
+    @property
+    def served_accuracy(self) -> float | None:
+        return self.served_correct / self.evaluated if self.evaluated else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "compared": self.compared,
+            "agreed": self.agreed,
+            "agreement": self.agreement,
+            "evaluated": self.evaluated,
+            "correct": self.correct,
+            "accuracy": self.accuracy,
+            "served_correct": self.served_correct,
+            "served_accuracy": self.served_accuracy,
+            "errors": self.errors,
+            "skipped": self.skipped,
+        }
+
+
 @dataclass
 class _Target:
     device: str
@@ -423,6 +496,10 @@ class _Target:
     online_at_start: bool = False
     ran_release: bool = False
     dirty: bool = True
+    shadow_at: datetime | None = None
+    shadow_running: bool = False
+    shadow: _ShadowFigures | None = None
+    shadow_verdict: str = ""
 
     def set(self, state: str, reason: str = "") -> bool:
         if (state, reason) == (self.state, self.reason):
@@ -442,6 +519,8 @@ class _Plan:
     key_id: str
     key: Ed25519PrivateKey
     notes: list[str] = field(default_factory=list)
+    shadows: dict[str, DesiredState] = field(default_factory=dict)
+    """Canary -> its unsigned shadow state (its current model, the release as shadow)."""
 
     @property
     def rest(self) -> list[str]:
@@ -615,6 +694,8 @@ class StagedRollout:
             key=key,
         )
         self._rollbacks(plan, issued, expires, revoked)
+        if options.shadow:
+            self._shadow_states(plan)
         rollout_identity(self.ca_dir)  # issued now if missing: a CA problem fails here
         self.plan = plan
         return plan
@@ -709,6 +790,35 @@ class StagedRollout:
                 ) from exc
             plan.rollbacks[previous] = state
 
+    def _shadow_states(self, plan: _Plan) -> None:
+        """Each canary's shadow state: the model it runs now, with the release beside it.
+
+        Raises:
+            BadInputError: A canary runs no model (a shadow is judged against the answers
+                of the model it serves).
+        """
+        for device in plan.canaries:
+            previous = plan.targets[device].previous
+            if previous is None:
+                raise BadInputError(
+                    f"canary {device} runs no model: a shadow is judged against the answers "
+                    "of the model a device serves",
+                    hint="deploy a published release to it first, or leave it out with --devices",
+                )
+            if previous == plan.release:
+                plan.notes.append(
+                    f"canary {device} runs {plan.release.label()} already: no shadow for it"
+                )
+                continue
+            current = plan.rollbacks[previous]
+            assert current.model is not None
+            plan.shadows[device] = current.model_copy(
+                update={
+                    "model": current.model.model_copy(update={"rollback": False}),
+                    "shadow": plan.template.model,
+                }
+            )
+
     # -- the run ----------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -760,6 +870,8 @@ class StagedRollout:
             f"rollout {plan.rollout_id}: {release.label()} to {len(plan.targets)} device(s); "
             f"canaries: {', '.join(plan.canaries)}"
         )
+        if options.shadow and not self._shadow_stage(plan):
+            return
         self._set_phase("canary")
         self._publish(plan, plan.canaries, plan.template)
         failures = self._settle(plan, plan.canaries, halt_early=True)
@@ -850,9 +962,11 @@ class StagedRollout:
                         "offline", "offline at publish: it gets the retained state on reconnect"
                     )
         self._write(plan)
+        shadow = template.shadow
         self._event(
-            f"published {kind} {template.model.version if template.model else '-'} "
-            f"(signed by {plan.key_id}) to {len(devices)} device(s): {', '.join(devices)}"
+            f"published {kind} {template.model.version if template.model else '-'}"
+            + (f" with shadow {shadow.version}" if shadow is not None else "")
+            + f" (signed by {plan.key_id}) to {len(devices)} device(s): {', '.join(devices)}"
         )
 
     def _settle(
@@ -986,6 +1100,212 @@ class StagedRollout:
             f"version; the {len(plan.rest)} other device(s) were never sent "
             f"{plan.release.label()}",
         )
+
+    # -- the shadow stage ---------------------------------------------------------------------
+
+    def _shadow_stage(self, plan: _Plan) -> bool:
+        """Run the release beside the canaries' current model; whether to go on.
+
+        On a halt the shadow is removed from the canaries and the rollout is finished
+        (``halted``) here.
+        """
+        options = self.options
+        release = plan.release
+        devices = sorted(plan.shadows)
+        if not devices:
+            self._event("no canary to run the shadow on: going on without the shadow stage")
+            return True
+        self._set_phase("shadow")
+        self._event(
+            f"shadow stage: {release.label()} beside the current model of "
+            f"{', '.join(devices)}; its answers are never served"
+        )
+        at = datetime.now(UTC)
+        for group in _by_previous(plan, devices).values():
+            self._publish(plan, group, plan.shadows[group[0]], kind="current model")
+        for device in devices:
+            target = plan.targets[device]
+            target.shadow_at = at
+            target.set(
+                "shadow",
+                f"runs {release.label()} as a shadow beside {_label(target.previous)}; its "
+                "answers are never served",
+            )
+        self._write(plan)
+        # Every canary runs the shadow (or has failed).
+        deadline = time.monotonic() + options.install_timeout_s
+        self._deadline = deadline
+        verdict: str | None = None
+        while True:
+            self._observe_shadow(plan, devices, since=at)
+            verdict = self._too_many(self._failures(plan, devices), len(devices))
+            waiting = [
+                d
+                for d in devices
+                if plan.targets[d].state == "shadow" and not plan.targets[d].shadow_running
+            ]
+            if verdict is not None or not waiting:
+                break
+            if time.monotonic() >= deadline:
+                for device in waiting:
+                    target = plan.targets[device]
+                    target.set(
+                        "failed",
+                        f"timeout: the shadow {release.label()} not reported running within "
+                        f"{options.install_timeout_s:g} s{'' if target.online else ' (offline)'}",
+                    )
+                self._write(plan)
+                verdict = self._too_many(self._failures(plan, devices), len(devices))
+                break
+            self._wait()
+        if verdict is None:
+            self._event(f"every canary runs the shadow; soaking {options.soak_s:g} s")
+            end = time.monotonic() + options.soak_s
+            self._deadline = end
+            while verdict is None and time.monotonic() < end:
+                self._wait(min(self.poll_s, max(0.0, end - time.monotonic())))
+                self._observe_shadow(plan, devices, since=at)
+                verdict = self._too_many(self._failures(plan, devices), len(devices))
+        if verdict is None:
+            self._judge_shadow(plan, devices, since=at)
+            verdict = self._too_many(self._failures(plan, devices), len(devices))
+        for device in devices:
+            target = plan.targets[device]
+            target.shadow_verdict = target.reason if target.state == "failed" else "passed"
+        if verdict is not None:
+            self._halt_shadow(plan, devices, verdict)
+            return False
+        summary = "; ".join(f"{d}: {_shadow_summary(plan.targets[d].shadow)}" for d in devices)
+        self._event(f"the shadow passed on the canaries ({summary})")
+        for device in devices:
+            target = plan.targets[device]
+            target.set("pending", f"shadow passed: {_shadow_summary(target.shadow)}")
+        self._write(plan)
+        return True
+
+    def _judge_shadow(self, plan: _Plan, devices: Sequence[str], *, since: datetime) -> None:
+        """Wait for each canary's shadow evidence (``--min-evaluated``), then judge it."""
+        options = self.options
+        deadline = time.monotonic() + options.install_timeout_s
+        self._deadline = deadline
+        while True:
+            self._observe_shadow(plan, devices, since=since)
+            live = [d for d in devices if plan.targets[d].state == "shadow"]
+            short = [d for d in live if not _shadow_enough(plan.targets[d].shadow, options)]
+            if not short or time.monotonic() >= deadline:
+                break
+            self._wait()
+        for device in live:
+            why = _shadow_failure(plan.targets[device], plan.release, options)
+            if why is not None:
+                plan.targets[device].set("failed", why)
+        self._write(plan)
+
+    def _halt_shadow(self, plan: _Plan, devices: Sequence[str], verdict: str) -> None:
+        """Remove the shadow from the canaries and end ``halted``: nothing else changed."""
+        release = plan.release
+        self._set_phase("remove-shadow")
+        self._event(
+            f"halting: {verdict}; removing the shadow from the canaries (it never served an answer)"
+        )
+        removed_at = datetime.now(UTC)
+        for group in _by_previous(plan, devices).values():
+            state = plan.shadows[group[0]].model_copy(update={"shadow": None})
+            self._publish(plan, group, state, kind="current model")
+        deadline = time.monotonic() + self.options.install_timeout_s
+        self._deadline = deadline
+        while True:
+            reports = self._observe_shadow(plan, devices, since=removed_at)
+            for device in devices:
+                target = plan.targets[device]
+                if target.state == "restored":
+                    continue
+                gone = (device in reports and not target.shadow_running) or not target.online
+                if gone:
+                    before = f" (was {target.state}: {target.reason})" if target.reason else ""
+                    away = "" if target.online else "; offline: its retained state has no shadow"
+                    target.set(
+                        "restored",
+                        f"shadow removed; {release.label()} never served an answer on it"
+                        f"{away}{before}",
+                    )
+            left = [d for d in devices if plan.targets[d].state != "restored"]
+            if not left:
+                break
+            if time.monotonic() >= deadline:
+                for device in left:
+                    target = plan.targets[device]
+                    target.set(
+                        "failed",
+                        f"{target.reason + '; ' if target.reason else ''}the shadow not "
+                        f"reported removed within {self.options.install_timeout_s:g} s",
+                    )
+                break
+            self._wait()
+        for device in plan.rest:
+            plan.targets[device].set("pending", _NOT_PUBLISHED)
+        self._write(plan)
+        removed = sum(plan.targets[d].state == "restored" for d in devices)
+        self._finish(
+            plan,
+            "halted",
+            f"{verdict}; in the shadow stage, before any answer changed: the shadow was "
+            f"removed from {removed} of {len(devices)} canaries; the {len(plan.rest)} other "
+            f"device(s) were never sent {release.label()}",
+        )
+
+    def _observe_shadow(
+        self, plan: _Plan, devices: Sequence[str], *, since: datetime
+    ) -> dict[str, dict[str, Any]]:
+        """One look at the shadow canaries; their inference reports stored since ``since``."""
+        engine = self._engine
+        assert engine is not None
+        release = plan.release
+        try:
+            with Session(engine) as session:
+                reported = read_model_states(session, devices)
+                presence = {
+                    str(d): bool(o)
+                    for d, o in session.execute(
+                        select(Device.device_id, Device.online).where(
+                            Device.device_id.in_(sorted(devices))
+                        )
+                    )
+                }
+                reports = _inference_reports(
+                    session, {d: plan.targets[d].fleet for d in devices}, since
+                )
+        except SQLAlchemyError as exc:
+            log.warning("cannot read the registry (will look again): %s", exc)
+            return {}
+        for device in devices:
+            target = plan.targets[device]
+            target.online = presence.get(device, False)
+            state = reported.get(device)
+            current = ModelRef.of(state)
+            if current != target.current:
+                target.current, target.dirty = current, True
+            if current == release:
+                target.ran_release = True
+            doc = reports.get(device)
+            section = doc.get("shadow") if doc is not None else None
+            if doc is not None:
+                target.shadow_running = isinstance(section, dict) and _names(
+                    section.get("model"), release
+                )
+                figures = _shadow_figures(section, release)
+                if figures is not None and figures != target.shadow:
+                    target.shadow, target.dirty = figures, True
+                    target.new = _Figures(figures.evaluated, figures.correct, figures.errors)
+                    target.old = _Figures(figures.evaluated, figures.served_correct, 0)
+            if target.state != "shadow":
+                continue
+            why = _shadow_refusal(target, release, state, doc, section)
+            if why is not None:
+                target.set("failed", why)
+        self._write(plan)
+        self._progress(plan)
+        return reports
 
     # -- watching ---------------------------------------------------------------------------
 
@@ -1143,7 +1463,13 @@ class StagedRollout:
                     state="running",
                     phase="canary",
                     reason="",
-                    evidence_json=json.dumps({"notes": plan.notes}),
+                    evidence_json=json.dumps(
+                        {
+                            "notes": plan.notes,
+                            "shadow": options.shadow,
+                            "min_agreement": options.min_agreement,
+                        }
+                    ),
                     created_by=_created_by(options.by),
                     created_at=now,
                     updated_at=now,
@@ -1220,6 +1546,16 @@ class StagedRollout:
         now = datetime.now(UTC)
         evidence = {
             "notes": plan.notes,
+            "shadow": self.options.shadow,
+            "min_agreement": self.options.min_agreement,
+            "shadow_canaries": {
+                d: {
+                    "verdict": t.shadow_verdict or None,
+                    **(t.shadow.as_dict() if t.shadow is not None else {}),
+                }
+                for d, t in plan.targets.items()
+                if t.shadow_at is not None
+            },
             "canaries": len(plan.canaries),
             "failures": self._failures(plan, plan.canaries),
             "rest_failures": self._failures(plan, plan.rest),
@@ -1252,10 +1588,16 @@ class StagedRollout:
 
     def _interrupted_reason(self, plan: _Plan) -> str:
         sent = [d for d, t in plan.targets.items() if t.published_at is not None]
+        shadowed = [
+            d
+            for d, t in plan.targets.items()
+            if t.shadow_at is not None and t.published_at is None and t.state != "restored"
+        ]
         return (
             f"interrupted in the {self._phase} phase; {plan.release.label()} was published to "
             f"{len(sent)} device(s)"
             + (f" ({', '.join(sent)})" if sent else "")
+            + (f", and as a shadow to {', '.join(shadowed)}" if shadowed else "")
             + "; the devices were left as they are"
         )
 
@@ -1327,6 +1669,174 @@ def _accuracy_failure(target: _Target, release: ModelRef, options: RolloutOption
     return None
 
 
+def _by_previous(plan: _Plan, devices: Sequence[str]) -> dict[ModelRef, list[str]]:
+    """The devices grouped by the model they ran before the rollout (sorted)."""
+    groups: dict[ModelRef, list[str]] = {}
+    for device in sorted(devices):
+        previous = plan.targets[device].previous
+        assert previous is not None
+        groups.setdefault(previous, []).append(device)
+    return dict(sorted(groups.items()))
+
+
+def _names(doc: Any, ref: ModelRef) -> bool:
+    """Whether a report's ``{model, version, variant, sha256}`` names ``ref``."""
+    return isinstance(doc, dict) and (
+        doc.get("model"),
+        doc.get("version"),
+        doc.get("variant"),
+        doc.get("sha256"),
+    ) == (ref.model, ref.version, ref.variant, ref.sha256)
+
+
+def _shadow_figures(section: Any, ref: ModelRef) -> _ShadowFigures | None:
+    """The entry of ``ref`` in a report's ``shadow.versions``; ``None`` if none or bad.
+
+    The report is the device's own data: anything not in the expected types is ignored.
+    """
+    if not isinstance(section, dict):
+        return None
+    versions = section.get("versions")
+    if not isinstance(versions, list):
+        return None
+    keys = ("compared", "agreed", "evaluated", "correct", "served_correct", "errors", "skipped")
+    for entry in versions:
+        if not isinstance(entry, dict) or (
+            entry.get("model"),
+            entry.get("version"),
+            entry.get("variant"),
+        ) != (ref.model, ref.version, ref.variant):
+            continue
+        values = [entry.get(k, 0) for k in keys]
+        if not all(type(v) is int and v >= 0 for v in values):
+            return None
+        figures = _ShadowFigures(*values)
+        if (
+            figures.agreed > figures.compared
+            or figures.evaluated > figures.compared
+            or max(figures.correct, figures.served_correct) > figures.evaluated
+        ):
+            return None
+        return figures
+    return None
+
+
+def _shadow_refusal(
+    target: _Target,
+    release: ModelRef,
+    state: ReportedModelState | None,
+    doc: Mapping[str, Any] | None,
+    section: Any,
+) -> str | None:
+    """Why a canary fails its shadow stage right away, or ``None``."""
+    if target.current == release:
+        return (
+            f"it reports {release.label()} serving during its shadow stage, which never installs it"
+        )
+    since = target.shadow_at
+    failure = state.last_failure if state is not None else None
+    if (
+        state is not None
+        and failure is not None
+        and state.state == "failed"
+        and since is not None
+        and state.reported_at >= since
+        and failure.version in (0, target.previous.version if target.previous else 0)
+        and failure.reason not in RETRIED_REASONS
+    ):
+        why = f"desired_state_refused: {failure.reason}: {failure.detail}"
+        if "shadow" in failure.detail:
+            why += " (an agent older than shadow evaluation refuses a state naming a shadow)"
+        return why
+    if doc is not None and not isinstance(section, dict):
+        return (
+            "no_shadow_support: its inference report has no shadow section (an agent older "
+            "than shadow evaluation: upgrade it, or leave it out with --devices)"
+        )
+    if isinstance(section, dict):
+        last = section.get("last_failure")
+        if (
+            section.get("state") == "failed"
+            and isinstance(last, dict)
+            and last.get("version") == release.version
+            and isinstance(last.get("reason"), str)
+            and last["reason"] not in RETRIED_REASONS
+        ):
+            detail = str(last.get("detail", ""))[:500]
+            return f"shadow_refused: {detail or last['reason']}"
+    if target.shadow is not None and target.shadow.errors > 0:
+        return (
+            f"inference_error: {target.shadow.errors} shadow inference error(s) with "
+            f"{release.label()}"
+        )
+    return None
+
+
+def _shadow_enough(figures: _ShadowFigures | None, options: RolloutOptions) -> bool:
+    """Whether a canary's shadow answered enough samples to be judged."""
+    if figures is None or figures.compared < options.min_evaluated:
+        return False
+    return not options.judges_accuracy or figures.evaluated >= options.min_evaluated
+
+
+def _shadow_failure(target: _Target, release: ModelRef, options: RolloutOptions) -> str | None:
+    """Why one canary's shadow evidence fails the thresholds, or ``None``."""
+    figures = target.shadow
+    if figures is None or figures.compared < options.min_evaluated:
+        n = 0 if figures is None else figures.compared
+        return (
+            f"no_shadow_evidence: {n} sample(s) answered by the shadow {release.label()}, "
+            f"fewer than --min-evaluated {options.min_evaluated} (does the agent run "
+            "inference.enabled on a source?)"
+        )
+    agreement = figures.agreement
+    assert agreement is not None
+    if options.min_agreement is not None and agreement < options.min_agreement:
+        return (
+            f"shadow_disagreement: the shadow {release.label()} agrees with {agreement:.1%} "
+            f"of {figures.compared} served answers, below --min-agreement "
+            f"{options.min_agreement:.1%}"
+        )
+    if not options.judges_accuracy:
+        return None
+    if figures.evaluated < options.min_evaluated:
+        return (
+            f"no_shadow_evidence: {figures.evaluated} evaluation sample(s) answered by the "
+            f"shadow {release.label()}, fewer than --min-evaluated {options.min_evaluated} "
+            "(does the agent have an evaluation source?)"
+        )
+    accuracy, served = figures.accuracy, figures.served_accuracy
+    assert accuracy is not None
+    assert served is not None
+    if options.min_accuracy is not None and accuracy < options.min_accuracy:
+        return (
+            f"accuracy_below_floor: the shadow {release.label()} scores {accuracy:.1%} on "
+            f"{figures.evaluated} evaluation samples, below --min-accuracy "
+            f"{options.min_accuracy:.1%} (the served answers: {served:.1%})"
+        )
+    drop = (served - accuracy) * 100.0
+    if options.max_accuracy_drop is not None and drop > options.max_accuracy_drop:
+        return (
+            f"accuracy_drop: the shadow {release.label()} scores {accuracy:.1%}, {drop:.1f} "
+            f"points below the served answers' {served:.1%} on the same "
+            f"{figures.evaluated} evaluation samples (--max-accuracy-drop "
+            f"{options.max_accuracy_drop:g})"
+        )
+    return None
+
+
+def _shadow_summary(figures: _ShadowFigures | None) -> str:
+    if figures is None:
+        return "no figures"
+    agreement = "-" if figures.agreement is None else f"{figures.agreement:.1%}"
+    accuracy = "-" if figures.accuracy is None else f"{figures.accuracy:.1%}"
+    served = "-" if figures.served_accuracy is None else f"{figures.served_accuracy:.1%}"
+    return (
+        f"agreement {agreement} of {figures.compared}, accuracy {accuracy} (served {served}) "
+        f"on {figures.evaluated}"
+    )
+
+
 def _inference_reports(
     session: Session, fleets: Mapping[str, str], since: datetime
 ) -> dict[str, dict[str, Any]]:
@@ -1378,8 +1888,19 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def _evidence(row: Rollout) -> dict[str, Any]:
+    try:
+        doc = json.loads(row.evidence_json or "{}")
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def _rollout_doc(row: Rollout) -> dict[str, Any]:
+    evidence = _evidence(row)
     return {
+        "shadow": bool(evidence.get("shadow")),
+        "min_agreement": evidence.get("min_agreement"),
         "id": row.id,
         "model": row.model,
         "version": row.version,
@@ -1488,7 +2009,7 @@ def read_rollout(engine: Engine, rollout_id: str) -> dict[str, Any]:
                 )
             }
             doc = _rollout_doc(row)
-            doc["evidence"] = json.loads(row.evidence_json or "{}")
+            doc["evidence"] = _evidence(row)
     except SQLAlchemyError as exc:
         raise ConfigError(
             f"cannot read rollout {rollout_id} from the registry: {exc}",
@@ -1525,6 +2046,7 @@ def read_rollout(engine: Engine, rollout_id: str) -> dict[str, Any]:
             "previous_evaluated": d.previous_evaluated,
             "previous_accuracy": d.previous_accuracy,
             "results": results.get(d.device_id, 0),
+            "shadow": (doc["evidence"].get("shadow_canaries") or {}).get(d.device_id),
             "updated_at": _iso(d.updated_at),
         }
         for d in devices

@@ -81,8 +81,10 @@ ROLLOUT_DEVICE_STATES: Final = (
     "failed",
     "offline",
     "restored",
+    "shadow",
 )
-"""Values of ``rollout_devices.state``."""
+"""Values of ``rollout_devices.state`` (``shadow``: a canary running the release beside its
+current model, in a ``--shadow`` rollout's first stage)."""
 
 # Explicit constraint names so alembic migrations are stable across databases.
 _NAMING = {
@@ -553,10 +555,12 @@ class Rollout(Base):
         install_timeout_s: How long a device may take to report the release running.
         state: ``running``, ``completed``, ``halted``, ``failed`` or ``interrupted``
             (:data:`ROLLOUT_STATES`).
-        phase: Where it is or stopped: ``canary``, ``soak``, ``rest``, ``rollback`` or
-            ``done``.
+        phase: Where it is or stopped: ``shadow`` or ``remove-shadow`` (``--shadow``),
+            ``canary``, ``soak``, ``accuracy``, ``rest``, ``rollback`` or ``done``.
         reason: Why it halted, failed or was interrupted; a summary when completed.
-        evidence_json: What the decision rested on (cohort accuracy, failures), JSON.
+        evidence_json: What the decision rested on (cohort accuracy, failures; with
+            ``--shadow``, ``shadow: true``, ``min_agreement`` and ``shadow_canaries``: each
+            canary's shadow figures and verdict), JSON.
         created_by: Who started it (the OS user, and the operator's name when given).
         created_at: When it started.
         updated_at: The controller's last heartbeat or change.
@@ -597,8 +601,8 @@ class RolloutDevice(Base):
         device_id: The device.
         fleet: Its enrolled fleet.
         cohort: ``canary`` or ``rest``.
-        state: ``pending``, ``published``, ``installed``, ``rolled_back``, ``failed``,
-            ``offline`` or ``restored`` (:data:`ROLLOUT_DEVICE_STATES`).
+        state: ``pending``, ``shadow``, ``published``, ``installed``, ``rolled_back``,
+            ``failed``, ``offline`` or ``restored`` (:data:`ROLLOUT_DEVICE_STATES`).
         reason: Why it is in that state (the device's failure reason and detail, a
             timeout, an accuracy below the threshold, ...).
         online_at_start: Its presence when the rollout started.
@@ -607,9 +611,11 @@ class RolloutDevice(Base):
         previous_variant: Its variant.
         previous_sha256: Its artifact sha256.
         published_at: When the release's desired state was published to it.
-        evaluated: Evaluation samples it answered with the release (its newest report).
+        evaluated: Evaluation samples it answered with the release (its newest report;
+            in the shadow stage, those the shadow answered).
         accuracy: Its on-device accuracy with the release on those samples.
-        previous_evaluated: Evaluation samples the previous version answered on it.
+        previous_evaluated: Evaluation samples the previous version answered on it (in
+            the shadow stage: the same samples as the shadow's).
         previous_accuracy: The previous version's accuracy on it.
         updated_at: When the row last changed.
     """
