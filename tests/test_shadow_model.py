@@ -198,6 +198,32 @@ def test_an_agent_before_shadows_refuses_a_state_with_one_and_takes_one_without(
     _DesiredBeforeShadows.model_validate_json(sign(_state(), key).to_json())
 
 
+def test_the_fleet_contracts_shadow_examples_are_the_wire() -> None:
+    """docs/fleet-contract.md: the shadow of a desired state and a shadow version's figures."""
+    import re
+
+    from edgefl.edge_agent.inference.stats import ModelKey, ShadowStats
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "fleet-contract.md").read_text("utf-8")
+    blocks = [json.loads(b) for b in re.findall(r"^ *```json\n(.*?)^ *```", doc, re.M | re.S)]
+    (shadow,) = [b for b in blocks if "artifact_sha256" in b and "issued_at" not in b]
+    assert DesiredModel.model_validate(shadow).rollback is False
+    sign(_state(shadow=DesiredModel.model_validate(shadow)), Ed25519PrivateKey.generate())
+    (figures,) = [b for b in blocks if "served_correct" in b]
+    stats = ShadowStats()
+    stats.compared(
+        ModelKey(MODEL, 4, "fp32"),
+        agreed=True,
+        agreed_local=True,
+        correct=True,
+        served_correct=True,
+        latency_ms=0.01,
+    )
+    (live,) = stats.snapshot()
+    assert set(figures) == set(live)
+    assert figures["agreement"] == pytest.approx(figures["agreed"] / figures["compared"], abs=1e-6)
+
+
 # --- the device's model manager -------------------------------------------------------------
 
 
