@@ -66,6 +66,48 @@ def test_min_agreement_needs_shadow_and_a_share() -> None:
     assert "--min-agreement 'x' is not a share" in res.stderr
 
 
+def test_an_agent_that_predates_shadows_fails_the_shadow_stage_with_a_reason() -> None:
+    """Version skew, as the controller sees it: the desired state refused as malformed
+    (its reported state), or inference reports without a shadow section."""
+    from edgefl.server.device_states import LastFailure, ReportedModelState
+    from edgefl.server.staged_rollout import ModelRef, _shadow_refusal, _Target
+
+    release = ModelRef(MODEL, 2, "fp32", "2" * 64)
+    previous = ModelRef(MODEL, 1, "fp32", "1" * 64)
+    at = datetime.now(UTC)
+    target = _Target(device="pi-01", fleet="lab", online=True, previous=previous)
+    target.current, target.shadow_at = previous, at
+    refused = ReportedModelState(
+        device_id="pi-01",
+        fleet="lab",
+        model=MODEL,
+        version=1,
+        variant="fp32",
+        sha256="1" * 64,
+        state="failed",
+        since=None,
+        rollbacks=0,
+        last_failure=LastFailure(
+            version=0,
+            reason="unsigned",
+            detail="malformed desired state at shadow: Extra inputs are not permitted",
+            at=None,
+        ),
+        reported_at=at,
+    )
+    why = _shadow_refusal(target, release, refused, None, None)
+    assert why is not None
+    assert why.startswith("desired_state_refused: unsigned")
+    assert "older than shadow evaluation" in why
+    old_report = {"versions": [], "answered": 10}
+    why = _shadow_refusal(target, release, None, old_report, None)
+    assert why is not None
+    assert why.startswith("no_shadow_support")
+    # A current agent that has not installed the shadow yet: no verdict.
+    section: dict[str, Any] = {"model": None, "state": "downloading", "versions": []}
+    assert _shadow_refusal(target, release, None, {"shadow": section}, section) is None
+
+
 # --- the fleet -----------------------------------------------------------------------------
 
 
