@@ -440,6 +440,7 @@ class ShapingProxy:
         self._directions: list[_Direction] = []
         # Open connections: client side -> (when accepted, its pumps once relaying).
         self._opened: dict[asyncio.StreamWriter, tuple[float, list[asyncio.Task[None]]]] = {}
+        self.connections = 0  # connections accepted
         self.resets = 0  # connections reset at the end of an outage
         self.syn_delayed = 0  # connections whose set-up waited out an outage
         self._closing: asyncio.Event | None = None
@@ -583,6 +584,7 @@ class ShapingProxy:
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        self.connections += 1
         accepted = time.monotonic()
         self._opened[writer] = (accepted, [])
         try:

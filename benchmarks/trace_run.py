@@ -115,7 +115,8 @@ class Answer:
         latency_ms: The predictor's time for it (what the budget bounds).
         deadline_met: ``latency_ms <= budget``.
         correct: Its answer matches the label (``None`` without one).
-        due_s: When the source produced it, seconds from the trace's start.
+        due_s: When the source was due to produce it (its rate from the moment it was
+            ready), seconds from the trace's start.
         reason: Why it was (not) offloaded, as the result records it.
     """
 
@@ -158,7 +159,9 @@ def run_through_trace(
     The loop starts first (its predictor connects and seeds its estimates on the
     conditions before the trace), then ``start_trace()`` starts the relay's trace and
     returns its origin (``time.monotonic()``), and the source is made at that moment, so
-    sample ``i`` is due ``i / rate_hz`` seconds into the trace.
+    sample ``i`` is due ``i / rate_hz`` seconds after it. One source is made and thrown
+    away before, so that loading its data (a replay's first dataset load imports
+    scikit-learn: seconds) does not eat into the trace.
 
     Args:
         config: The ``inference:`` section (mode, budget, cloud ...).
@@ -174,6 +177,7 @@ def run_through_trace(
     answers: list[Answer] = []
     lock = threading.Lock()
     origin_box: list[float] = []
+    first_due = [0.0]  # when the source was ready, seconds from the trace's start
 
     def commit(records: Sequence[SourceRecord]) -> None:
         now = time.monotonic()
@@ -192,11 +196,12 @@ def run_through_trace(
                         latency_ms=float(body["latency_ms"]),
                         deadline_met=bool(body["deadline_met"]),
                         correct=None if label is None else body["prediction"] == label,
-                        due_s=int(body["index"]) / rate_hz,
+                        due_s=first_due[0] + int(body["index"]) / rate_hz,
                         reason=str(body.get("reason", "")),
                     )
                 )
 
+    make_source().close()  # warm: imports and caches
     source = _StartsWithTheTrace(source_name)
     loop = InferenceLoop(
         config,
@@ -211,7 +216,8 @@ def run_through_trace(
     try:
         origin = start_trace()
         origin_box.append(origin)
-        source.begin(make_source())
+        source.begin(make_source())  # a replay loads its dataset first
+        first_due[0] = time.monotonic() - origin
         end = origin + duration_s
         next_progress = origin + 10.0
         while (now := time.monotonic()) < end:

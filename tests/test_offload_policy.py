@@ -138,7 +138,60 @@ def test_timeouts_push_the_rtt_tail_up() -> None:
     assert est.rtt.p90 > 50.0
 
 
+def test_restarting_the_network_estimates_forgets_a_congestion_that_is_over() -> None:
+    est = OffloadEstimates(statistic="p90", window=32, uplink_mbit_prior=8.0)
+    for _ in range(24):
+        est.observe_rtt(30.0)
+    for _ in range(6):
+        est.observe_rtt(300.0)  # 3 s of congestion at one health check per 0.5 s
+    est.observe_predict(total_ms=320.0, server_ms=2.0, request_bytes=4096)
+    for _ in range(6):
+        est.observe_rtt(30.0)  # over: the p90 still remembers it
+    assert est.rtt.p90 is not None
+    assert est.rtt.p90 > 250.0
+    upload = est.upload_ms(1024)
+    assert upload is not None
+    assert upload > 1.024  # the congested call measured a slow uplink
+    assert est.latest_path_ms(1024) == pytest.approx(30.0 + upload + 2.0)
+    est.restart_network(28.0)  # a probe that fitted
+    assert est.rtt.p90 == 28.0
+    assert est.rtt.count == 1
+    assert est.upload_ms(1024) == pytest.approx(1.024)  # back to the prior
+    assert est.cloud.p90 == 2.0  # the server did not change
+    assert est.cloud_path_ms(1024) == pytest.approx(28.0 + 1.024 + 2.0)
+
+
+def test_latest_path_is_unknown_before_any_rtt() -> None:
+    est = OffloadEstimates()
+    assert est.rtt.last is None
+    assert est.latest_path_ms(100) is None
+    est.observe_rtt(12.0)
+    est.observe_rtt(7.0)
+    assert est.rtt.last == 7.0
+
+
 # --- circuit breaker --------------------------------------------------------------------
+
+
+def test_breaker_counts_the_times_it_closed_again() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=2, open_s=2.0, clock=clock)
+    breaker.record_success()
+    breaker.record_failure()
+    breaker.record_success()  # never opened
+    assert breaker.recoveries == 0
+    breaker.record_failure()
+    breaker.record_failure()
+    breaker.record_success()  # a health check passed while open: an outage ended
+    assert breaker.recoveries == 1
+    breaker.record_failure()
+    breaker.record_failure()
+    clock.now += 2.0
+    assert breaker.allow()  # half-open probe
+    breaker.record_success()
+    assert breaker.recoveries == 2
+    breaker.record_success()
+    assert breaker.recoveries == 2
 
 
 def test_breaker_opens_after_consecutive_failures_only() -> None:
@@ -313,3 +366,50 @@ def test_exploration_probes_a_slow_path_once_per_interval() -> None:
     assert not _decide(policy).offload
     clock.now += 4.0
     assert _decide(policy).offload
+
+
+def test_a_probe_is_flagged_and_a_fitting_request_is_not() -> None:
+    assert not _decide(_policy(rtt_ms=10.0)).explore
+    probe = _decide(_policy(rtt_ms=100.0))
+    assert probe.offload
+    assert probe.explore
+    assert not _decide(_policy(rtt_ms=100.0, explore_interval_s=0)).offload
+
+
+def test_the_first_sample_after_an_outage_probes_at_once() -> None:
+    clock = FakeClock()
+    policy = _policy(clock, rtt_ms=100.0, explore_interval_s=5.0)
+    policy.estimates.observe_rtt(100.0)  # the latest check does not fit either
+    assert _decide(policy).explore  # the first probe
+    clock.now += 1.0
+    assert not _decide(policy).offload  # paced: 5 s between probes
+    policy.breaker.record_failure()  # threshold 1: open (an outage)
+    clock.now += 0.5
+    assert not _decide(policy).offload
+    policy.breaker.record_success()  # a health check passed: the outage is over
+    decision = _decide(policy)  # 1.5 s after the last probe
+    assert decision.offload
+    assert decision.explore
+    clock.now += 0.5
+    assert not _decide(policy).offload  # one probe per recovery, then the pace again
+
+
+def test_probes_come_sooner_when_the_latest_health_check_fits() -> None:
+    clock = FakeClock()
+    policy = _policy(clock, rtt_ms=200.0, explore_interval_s=5.0)
+    for _ in range(5):
+        policy.estimates.observe_rtt(200.0)  # a congestion: the p90 says no
+    assert _decide(policy).explore
+    clock.now += 2.0
+    assert not _decide(policy).offload  # the latest check is still slow: wait 5 s
+    policy.estimates.observe_rtt(10.0)  # the congestion is over
+    assert policy.estimates.rtt.p90 == pytest.approx(200.0)
+    decision = _decide(policy)
+    assert decision.offload
+    assert decision.explore
+    assert decision.reason.startswith("explore")
+    fast = offload.policy.FAST_EXPLORE_S
+    clock.now += fast / 2
+    assert not _decide(policy).offload  # not twice within FAST_EXPLORE_S
+    clock.now += fast / 2
+    assert _decide(policy).explore

@@ -26,6 +26,7 @@ _BENCHMARKS = str(ROOT / "benchmarks")
 if _BENCHMARKS not in sys.path:
     sys.path.insert(0, _BENCHMARKS)
 _netshape = importlib.import_module("netshape")
+_trace_run = importlib.import_module("trace_run")
 LinkShape = _netshape.LinkShape
 NetworkTrace = _netshape.NetworkTrace
 ShapingProxy = _netshape.ShapingProxy
@@ -215,3 +216,213 @@ def test_a_connection_opened_in_an_outage_waits_for_the_syn_retry(echo_port: int
         assert proxy.syn_delayed == 1
     # The SYN is retried one second after the first: the first retry after the outage.
     assert 0.95 <= through < 2.0
+
+
+# --- the offload client over a slow or silent link ---------------------------------------
+
+MODEL = "digits"
+INPUT_SHAPE = (1, 8, 8)
+
+
+def _net() -> Any:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+
+
+@pytest.fixture(scope="module")
+def tls_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any, Any]]:
+    """A real inference server with mutual TLS; yields (server, ca, device cert)."""
+    from edgefl.config import TlsFiles
+    from edgefl.server.fleet_ca import FleetCA
+    from edgefl.server.inference import InferenceServerConfig, TorchServedModel, start_in_thread
+
+    ca = FleetCA.create(tmp_path_factory.mktemp("ca"))
+    cert = ca.issue_server_cert(["localhost"], ips=["127.0.0.1"])
+    assert cert.key_path is not None
+    config = InferenceServerConfig(
+        model=MODEL,
+        tls=TlsFiles(cert_file=cert.cert_path, key_file=cert.key_path, ca_file=ca.cert_path),
+        crl=ca.crl_path,
+    )
+    served = TorchServedModel(MODEL, _net(), input_shape=INPUT_SHAPE)
+    with start_in_thread(config, models=[served]) as running:
+        yield running, ca, ca.issue_device_cert("pi-slow-link")
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[Any]:
+    """A real inference server, plaintext, serving the tiny net."""
+    from edgefl.server.inference import InferenceServerConfig, TorchServedModel, start_in_thread
+
+    served = TorchServedModel(MODEL, _net(), input_shape=INPUT_SHAPE)
+    with start_in_thread(InferenceServerConfig(model=MODEL), models=[served]) as running:
+        yield running
+
+
+def _client(port: int, tls: dict[str, Any] | None = None) -> Any:
+    from edgefl.edge_agent.offload import InferenceClient
+    from edgefl.edge_agent.offload.config import CloudConfig
+
+    return InferenceClient(
+        CloudConfig.model_validate(
+            {"target": {"host": "127.0.0.1", "port": port}, "model": MODEL, "tls": tls}
+        )
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rtt_ms", [300.0, 700.0])
+def test_the_offload_client_connects_with_tls_over_a_slow_link(
+    tls_cloud: tuple[Any, Any, Any], rtt_ms: float
+) -> None:
+    """A handshake of a few round trips fits in one attempt (it took 3 at 300 ms, and at
+    700 ms none ever completed, when the connect timeout was 200 ms)."""
+    running, ca, device = tls_cloud
+    tls = {"ca_file": ca.cert_path, "cert_file": device.cert_path, "key_file": device.key_path}
+    with ShapingProxy(running.port, LinkShape(rtt_ms=rtt_ms)) as proxy:
+        client = _client(proxy.port, tls)
+        try:
+            start = time.monotonic()
+            assert client.wait_connected(15.0)
+            took = time.monotonic() - start
+            assert client.health(timeout_s=5.0)
+            attempts = proxy.connections
+        finally:
+            client.close()
+    assert attempts == 1, f"{attempts} connection attempts"
+    assert took < 5 * rtt_ms / 1000.0
+
+
+@pytest.mark.slow
+def test_a_connection_silenced_by_an_outage_is_replaced_after_it(cloud: Any) -> None:
+    """After 13.5 s of silence TCP's next retransmission is about 12 s away; keepalive
+    drops the dead connection during the outage, so the health check passes within a
+    few seconds of the outage's end on a new one."""
+    trace = _trace(
+        {"duration_s": 0.5, "rtt_ms": 20},
+        {"duration_s": 13.5, "outage": True},
+        {"duration_s": 60, "rtt_ms": 20},
+        rto_ms=200.0,
+    )
+    from edgefl.edge_agent.offload import CloudError
+
+    with ShapingProxy(cloud.port, LinkShape(rtt_ms=20.0), trace=trace) as proxy:
+        client = _client(proxy.port)
+        try:
+            assert client.wait_connected(5.0)
+            assert client.health(timeout_s=1.0)
+            origin = proxy.start_trace()
+            end = origin + 14.0
+            back: float | None = None
+            while back is None and time.monotonic() < end + 20.0:
+                try:  # the predictor's health loop: every 0.5 s, 1 s deadline
+                    if client.health(timeout_s=1.0) and time.monotonic() > end:
+                        back = time.monotonic() - end
+                except CloudError:
+                    pass
+                time.sleep(0.5)
+        finally:
+            client.close()
+        connections = proxy.connections
+    assert back is not None
+    assert back < 5.0
+    assert connections >= 2  # a new connection, not the old one retransmitting
+
+
+# --- the agent's loop through a trace ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def device_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The tiny net as an ONNX file for ONNX Runtime; returns (path, runtime key).
+
+    Its answers are unsure, so the policy wants the cloud for every sample. ONNX rather
+    than .tflite only because converting to .tflite imports litert-torch (20 s here).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    linear = _net()[1]
+    weight = linear.weight.detach().numpy()
+    bias = linear.bias.detach().numpy()
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["x"], ["flat"], axis=1),
+            helper.make_node("Gemm", ["flat", "w", "b"], ["y"], transB=1),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *INPUT_SHAPE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
+        initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    path = tmp_path_factory.mktemp("device") / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path, "onnxruntime"
+
+
+@pytest.mark.slow
+def test_the_loop_keeps_the_budget_through_an_outage_and_offloads_again_after_it(
+    cloud: Any, device_model: tuple[Path, str]
+) -> None:
+    from edgefl.edge_agent.inference.config import InferenceConfig
+    from edgefl.edge_agent.sources import DatasetReplayConfig, DatasetReplaySource
+
+    budget_ms, rate_hz = 80.0, 20.0
+    trace = _trace(
+        {"label": "lte", "duration_s": 6, "rtt_ms": 20},
+        {"label": "tunnel", "duration_s": 5, "outage": True},
+        {"label": "reattach", "duration_s": 2, "rtt_ms": 150},
+        {"label": "lte", "duration_s": 10, "rtt_ms": 20},
+        rto_ms=200.0,
+    )
+    replay = DatasetReplayConfig(
+        name="eval", split="test", rate_hz=rate_hz, stream="eval", evaluation=True
+    )
+    with ShapingProxy(cloud.port, LinkShape(rtt_ms=20.0), trace=trace) as proxy:
+        config = InferenceConfig.model_validate(
+            {
+                "enabled": True,
+                "mode": "adaptive",
+                "budget_ms": budget_ms,
+                "cloud": {"target": {"host": "127.0.0.1", "port": proxy.port}, "model": MODEL},
+            }
+        )
+        run = _trace_run.run_through_trace(
+            config,
+            model=_trace_run.FixedModel(device_model[0], model="tiny"),
+            runtime_key=device_model[1],
+            make_source=lambda: DatasetReplaySource(replay),
+            source_name=replay.name,
+            start_trace=proxy.start_trace,
+            duration_s=trace.duration_s,
+            rate_hz=rate_hz,
+        )
+    answers = run.answers
+    expected = int(trace.duration_s * rate_hz)
+    assert run.status["dropped"] == 0
+    # The source starts once it is made, a few samples' time after the trace.
+    assert len(answers) >= expected - 5
+    assert not run.model_errors
+
+    # The budget holds whatever the network does: the deadline bounds every cloud call.
+    late = [a for a in answers if a.latency_ms > budget_ms + 15.0]
+    assert not late, f"{len(late)} answers later than the budget: {late[:3]}"
+
+    def offloaded(lo: float, hi: float) -> float:
+        inside = [a for a in answers if lo <= a.t_s < hi]
+        assert inside
+        return float(sum(a.where == "cloud" for a in inside) / len(inside))
+
+    assert offloaded(1.0, 6.0) >= 0.8  # every sample is unsure, and the cloud fits
+    assert offloaded(6.5, 11.0) == 0.0  # nothing gets through an outage
+    assert offloaded(11.0, 13.0) <= 0.2  # 150 ms round trips do not fit 80 ms
+    assert offloaded(18.0, 23.0) >= 0.8  # back, although the p90 remembers 150 ms
+    found = _trace_run.recovery(answers, trace, window_s=5.0)
+    assert len(found) == 1
+    assert found[0]["pre_level"] >= 0.8
+    assert found[0]["during"] <= 0.05
+    assert found[0]["recovered"]
+    assert found[0]["recovery_s"] <= 10.0

@@ -10,7 +10,9 @@ States (the classic three):
 
 Health checks report through the same :meth:`record_success` / :meth:`record_failure`,
 so a failed health check counts like a failed request and a passing one can close a
-half-open breaker. The clock is injectable for tests. Thread-safe.
+half-open breaker. :attr:`CircuitBreaker.recoveries` counts the times a success closed an
+open or half-open breaker (an outage ended), so the policy can probe the path at once.
+The clock is injectable for tests. Thread-safe.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._probe_out = False
         self.opened_count = 0
+        #: Times a success closed the breaker after it had opened.
+        self.recoveries = 0
 
     @property
     def state(self) -> BreakerState:
@@ -87,6 +91,8 @@ class CircuitBreaker:
     def record_success(self) -> None:
         """A request or health check succeeded: close the breaker, reset the backoff."""
         with self._lock:
+            if self._state != "closed":
+                self.recoveries += 1
             self._state = "closed"
             self._failures = 0
             self._open_s = self._base_open_s

@@ -10,6 +10,15 @@ is given; with a certificate and key the channel does mutual TLS with the fleet 
 device certificate. Requests never use ``wait_for_ready``: with the service down a call
 fails with ``UNAVAILABLE`` at once instead of waiting out its deadline, so the local
 answer is used immediately.
+
+The channel is tuned for a mobile link (see :data:`CHANNEL_OPTIONS`): a refused
+connection is retried within a second, but a connection attempt may take
+:data:`CONNECT_TIMEOUT_S` (gRPC takes ``min_reconnect_backoff_ms`` as the connect
+timeout too: at 200 ms a TLS handshake over a 300 ms round trip needed several attempts,
+and over 700 ms none ever completed); and keepalive pings notice a connection that went
+silent (an outage the connection survives leaves TCP retransmitting with a doubled
+timeout each time, up to 20 s after a 30 s outage), so gRPC opens a new one instead of
+waiting for the old one to come back.
 """
 
 from __future__ import annotations
@@ -30,12 +39,48 @@ from edgefl.proto.tensors import TensorError, decode_tensor, encode_tensor
 
 from .config import CloudConfig, TlsConfig
 
-__all__ = ["CloudAnswer", "CloudError", "InferenceClient", "ModelInfo"]
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "CONNECT_TIMEOUT_S",
+    "KEEPALIVE_S",
+    "CloudAnswer",
+    "CloudError",
+    "InferenceClient",
+    "ModelInfo",
+]
 
 _PREDICT: Final = "/edgefl.v1.Inference/Predict"
 _MODEL_INFO: Final = "/edgefl.v1.Inference/GetModelInfo"
 _HEALTH_CHECK: Final = "/grpc.health.v1.Health/Check"
 INFERENCE_SERVICE: Final = "edgefl.v1.Inference"
+
+CONNECT_TIMEOUT_S: Final = 5.0
+"""How long one connection attempt (TCP, TLS, HTTP/2 settings) may take."""
+KEEPALIVE_S: Final = 2.0
+"""Ping interval, and how long a ping may go unanswered before the connection is dropped."""
+CHANNEL_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
+    # Notice a recovered service within about a second, not gRPC's default minutes...
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # ... while letting a handshake over a slow link finish: gRPC uses the minimum
+    # backoff as the connect timeout as well.
+    ("grpc.min_reconnect_backoff_ms", int(CONNECT_TIMEOUT_S * 1000)),
+    # A connection that went silent while calls wait on it (the health checks keep one
+    # waiting most of the time in an outage) is dropped within about 2 x KEEPALIVE_S.
+    # gRPC times a ping out after grpc.http2.ping_timeout_ms (60 s by default), not after
+    # the keepalive timeout. Pings only with calls in flight: the server counts pings on
+    # an idle connection as abuse (GOAWAY too_many_pings after three); with calls, the
+    # health checks' answers reset its count.
+    ("grpc.keepalive_time_ms", int(KEEPALIVE_S * 1000)),
+    ("grpc.keepalive_timeout_ms", int(KEEPALIVE_S * 1000)),
+    ("grpc.http2.ping_timeout_ms", int(KEEPALIVE_S * 1000)),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+    # The BDP probe's ping would hold the keepalive ping back (one ping in flight at a
+    # time); requests here are a few KiB.
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.enable_retries", 0),
+)
 
 
 class CloudError(EdgeflError):
@@ -126,11 +171,7 @@ class InferenceClient:
         options: list[tuple[str, int | str]] = [
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
-            # Notice a recovered service within about a second, not gRPC's default minutes.
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.min_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-            ("grpc.enable_retries", 0),
+            *CHANNEL_OPTIONS,
         ]
         if config.tls is None:
             self._channel = grpc.insecure_channel(str(config.target), options=options)

@@ -474,6 +474,10 @@ class Predictor:
                         server_ms=answer.compute_ms + answer.queue_ms,
                         request_bytes=answer.request_bytes,
                     )
+                    if decision.explore:  # it fitted although the estimates said not
+                        self.estimates.restart_network(
+                            max(0.0, cloud_ms - answer.compute_ms - answer.queue_ms)
+                        )
                     self.breaker.record_success()
         latency = (time.perf_counter() - arrived) * 1000.0
         label = int(probs.argmax())

@@ -16,6 +16,12 @@ Where the samples come from (see :class:`OffloadEstimates`):
   every estimate; :meth:`OffloadEstimates.uplink_mbit_s` shows it as a bandwidth.
 * **Cloud** compute plus queueing time, as the server reports it.
 * **Local** latency of the device runtime.
+
+The windows remember the last ``window`` samples however old they are: with health
+checks every 0.5 s, a p90 over 32 of them still holds a congestion or an outage from 16 s
+ago. :meth:`OffloadEstimates.restart_network` forgets it when a request sent *against*
+the estimate (an exploration) came back in time: the network is better than the window
+says, and the next samples describe it.
 """
 
 from __future__ import annotations
@@ -98,6 +104,11 @@ class RollingEstimate:
             self.add(value)
 
     @property
+    def last(self) -> float | None:
+        """The most recent sample, ``None`` before any."""
+        return self._window[-1] if self._window else None
+
+    @property
     def ewma(self) -> float | None:
         """The moving average, the prior before any sample."""
         return self._prior if self._ewma is None else self._ewma
@@ -136,6 +147,9 @@ class OffloadEstimates:
         if uplink_mbit_prior <= 0:
             raise ValueError(f"uplink_mbit_prior must be > 0, got {uplink_mbit_prior}")
         self.statistic: Statistic = statistic
+        self._alpha = alpha
+        self._window_size = window
+        self._upload_prior = _ms_per_kib(uplink_mbit_prior)
         self.rtt = RollingEstimate(alpha=alpha, window=window)
         self.upload = RollingEstimate(
             alpha=alpha, window=window, prior=_ms_per_kib(uplink_mbit_prior)
@@ -172,6 +186,20 @@ class OffloadEstimates:
         if request_bytes > 0:
             self.upload.add(max(0.0, network_ms - rtt) / (request_bytes / _KIB))
 
+    def restart_network(self, rtt_ms: float) -> None:
+        """Start the network estimates again from one round trip that fitted.
+
+        Called when an exploration (a request the estimates said would not fit) answered
+        within its deadline: the RTT window restarts from its network time and the uplink
+        from its prior. The cloud and local estimates describe the machines, not the
+        network, and stay.
+        """
+        self.rtt = RollingEstimate(alpha=self._alpha, window=self._window_size)
+        self.rtt.add(rtt_ms)
+        self.upload = RollingEstimate(
+            alpha=self._alpha, window=self._window_size, prior=self._upload_prior
+        )
+
     def observe_timeout(self, waited_ms: float) -> None:
         """A call gave up after ``waited_ms`` without an answer (deadline exceeded).
 
@@ -206,6 +234,18 @@ class OffloadEstimates:
             return None
         cloud = self.cloud.value(self.statistic) or 0.0
         return upload + rtt + cloud
+
+    def latest_path_ms(self, request_bytes: int) -> float | None:
+        """Like :meth:`cloud_path_ms`, with the latest RTT sample instead of its summary.
+
+        What the network looks like right now: the policy probes sooner when this fits
+        and the summary (which remembers the last ``window`` samples) does not.
+        """
+        rtt = self.rtt.last
+        upload = self.upload_ms(request_bytes)
+        if rtt is None or upload is None:
+            return None
+        return upload + rtt + (self.cloud.value(self.statistic) or 0.0)
 
     def snapshot(self) -> dict[str, float | None]:
         """Current values (the configured statistic) for logs and results."""

@@ -16,7 +16,14 @@ whatever the cloud does, the local answer is ready in time.
 ``cloud`` mode skips 1-3 and always asks the cloud (the deadline still bounds the wait);
 ``local`` mode never does. When the estimates say the cloud does not fit, ``adaptive`` still
 sends one sample every ``explore_interval_s`` so that a recovered network is noticed; the
-deadline keeps that probe inside the budget too.
+deadline keeps that probe inside the budget too. Probes go sooner when there is evidence
+that the network is back: at once after the breaker closed again (an outage ended: what
+the estimates remember was measured before and during it), and after
+:data:`FAST_EXPLORE_S` when the latest health check alone says the cloud fits (the p90
+still remembers a congestion that is over). A probe answered in time restarts the network
+estimates from its round trip (see
+:meth:`~edgefl.edge_agent.offload.estimators.OffloadEstimates.restart_network`), so the
+offload comes back within a few seconds of the network, not when the window forgets.
 """
 
 from __future__ import annotations
@@ -24,12 +31,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from .breaker import CircuitBreaker
 from .config import PolicyConfig
 from .estimators import OffloadEstimates
 
-__all__ = ["Decision", "OffloadPolicy"]
+__all__ = ["FAST_EXPLORE_S", "Decision", "OffloadPolicy"]
+
+FAST_EXPLORE_S: Final = 1.0
+"""Shortest time between two probes, when the latest health check says the cloud fits."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,8 @@ class Decision:
         deadline_ms: The gRPC deadline from now when offloading, else ``None``.
         estimate_ms: Estimated cloud path (upload + RTT + cloud + margin), if known.
         available_ms: Time the cloud may take: budget - elapsed - fallback.
+        explore: The request goes against the estimate (a probe of a path they say
+            does not fit).
     """
 
     offload: bool
@@ -49,6 +62,7 @@ class Decision:
     deadline_ms: float | None = None
     estimate_ms: float | None = None
     available_ms: float | None = None
+    explore: bool = False
 
 
 class OffloadPolicy:
@@ -80,6 +94,7 @@ class OffloadPolicy:
         self.unavailable_reason = "no cloud configured"
         self._clock = clock
         self._last_attempt: float | None = None
+        self._recoveries_seen = breaker.recoveries
 
     def fallback_ms(self, *, local_done: bool) -> float:
         """Local fallback time: reserve plus the local latency still to come."""
@@ -130,13 +145,14 @@ class OffloadPolicy:
         path = self.estimates.cloud_path_ms(request_bytes)
         estimate = None if path is None else path + cfg.margin_ms
         if estimate is not None and estimate > available:
-            if self._explore_due():
+            if self._explore_due(request_bytes, available):
                 if not self.breaker.allow():
                     return Decision(False, "circuit breaker open", None, estimate, available)
                 return self._offload(
                     f"explore: estimate {estimate:.1f} ms > {available:.1f} ms available",
                     available,
                     estimate,
+                    explore=True,
                 )
             return Decision(
                 False,
@@ -155,12 +171,27 @@ class OffloadPolicy:
             estimate,
         )
 
-    def _offload(self, reason: str, available: float, estimate: float | None) -> Decision:
+    def _offload(
+        self, reason: str, available: float, estimate: float | None, *, explore: bool = False
+    ) -> Decision:
         self._last_attempt = self._clock()
-        return Decision(True, reason, available, estimate, available)
+        self._recoveries_seen = self.breaker.recoveries  # any request probes the path
+        return Decision(True, reason, available, estimate, available, explore)
 
-    def _explore_due(self) -> bool:
+    def _explore_due(self, request_bytes: int, available: float) -> bool:
         interval = self.config.explore_interval_s
         if interval <= 0:
             return False
-        return self._last_attempt is None or self._clock() - self._last_attempt >= interval
+        if self.breaker.recoveries != self._recoveries_seen:
+            return True  # the breaker closed again since the last probe: an outage ended
+        if self._last_attempt is None:
+            return True
+        since = self._clock() - self._last_attempt
+        if since >= interval:
+            return True
+        latest = self.estimates.latest_path_ms(request_bytes)
+        return (
+            since >= min(FAST_EXPLORE_S, interval)
+            and latest is not None
+            and latest + self.config.margin_ms <= available
+        )
