@@ -452,6 +452,7 @@ class _ShadowFigures:
     served_correct: int
     errors: int
     skipped: int
+    too_slow: int = 0
 
     @property
     def agreement(self) -> float | None:
@@ -477,6 +478,7 @@ class _ShadowFigures:
             "served_accuracy": self.served_accuracy,
             "errors": self.errors,
             "skipped": self.skipped,
+            "too_slow": self.too_slow,
         }
 
 
@@ -1026,14 +1028,22 @@ class StagedRollout:
         self._observe(plan, plan.canaries)
 
     def _judge_accuracy(self, plan: _Plan) -> None:
-        """Wait for ``min_evaluated`` samples on every installed canary, then judge each."""
+        """Wait for ``min_evaluated`` samples on every installed canary, then judge each.
+
+        A canary whose shadow passed is not judged again: its shadow stage compared the
+        release with the served answers on the very same samples, where this compares
+        figures of two versions on different samples, which only adds sampling noise.
+        """
         options = self.options
+        judged = [d for d in plan.canaries if plan.targets[d].shadow_verdict != "passed"]
+        if not judged:
+            return
         self._set_phase("accuracy")
         deadline = time.monotonic() + options.install_timeout_s
         self._deadline = deadline
         while True:
             self._observe(plan, plan.canaries)
-            installed = [d for d in plan.canaries if plan.targets[d].state == "installed"]
+            installed = [d for d in judged if plan.targets[d].state == "installed"]
             short = [
                 d
                 for d in installed
@@ -1699,7 +1709,16 @@ def _shadow_figures(section: Any, ref: ModelRef) -> _ShadowFigures | None:
     versions = section.get("versions")
     if not isinstance(versions, list):
         return None
-    keys = ("compared", "agreed", "evaluated", "correct", "served_correct", "errors", "skipped")
+    keys = (
+        "compared",
+        "agreed",
+        "evaluated",
+        "correct",
+        "served_correct",
+        "errors",
+        "skipped",
+        "too_slow",
+    )
     for entry in versions:
         if not isinstance(entry, dict) or (
             entry.get("model"),
@@ -1713,6 +1732,7 @@ def _shadow_figures(section: Any, ref: ModelRef) -> _ShadowFigures | None:
         figures = _ShadowFigures(*values)
         if (
             figures.agreed > figures.compared
+            or figures.too_slow > figures.skipped
             or figures.evaluated > figures.compared
             or max(figures.correct, figures.served_correct) > figures.evaluated
         ):
@@ -1784,10 +1804,15 @@ def _shadow_failure(target: _Target, release: ModelRef, options: RolloutOptions)
     figures = target.shadow
     if figures is None or figures.compared < options.min_evaluated:
         n = 0 if figures is None else figures.compared
+        why = (
+            f"the device skipped {figures.too_slow} as too slow: its median time per sample "
+            "is over the agent's inference.shadow_max_delay_ms"
+            if figures is not None and figures.too_slow
+            else "does the agent run inference.enabled on a source?"
+        )
         return (
             f"no_shadow_evidence: {n} sample(s) answered by the shadow {release.label()}, "
-            f"fewer than --min-evaluated {options.min_evaluated} (does the agent run "
-            "inference.enabled on a source?)"
+            f"fewer than --min-evaluated {options.min_evaluated} ({why})"
         )
     agreement = figures.agreement
     assert agreement is not None

@@ -443,9 +443,9 @@ def _records(x: np.ndarray, y: np.ndarray, start: int) -> list[SourceRecord]:
     ]
 
 
-def _loop(manager: Any, committed: list[SourceRecord], queue_size: int = 1000) -> InferenceLoop:
+def _loop(manager: Any, committed: list[SourceRecord], **config: Any) -> InferenceLoop:
     loop = InferenceLoop(
-        InferenceConfig(enabled=True, queue_size=queue_size),
+        InferenceConfig(enabled=True, queue_size=1000, **config),
         models=manager,
         runtime_key=RUNTIME,
         commit=committed.extend,
@@ -527,9 +527,12 @@ class _Slow:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("limit_ms", [None, 50.0])
 def test_a_shadow_that_cannot_keep_up_is_skipped_and_counted_never_waited_for(
-    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch, limit_ms: float | None
 ) -> None:
+    """A 20 ms shadow: over the default limit (a tenth of the 100 ms budget) it never runs;
+    under a 50 ms limit it runs only while no real sample waits."""
     manager = fleet.manager()
     v1 = fleet.publish(1, "fp32")
     manager.handle(fleet.desired(v1))
@@ -542,10 +545,11 @@ def test_a_shadow_that_cannot_keep_up_is_skipped_and_counted_never_waited_for(
 
     monkeypatch.setattr(loop_module, "create_runtime", slow_shadow)
     committed: list[SourceRecord] = []
-    loop = _loop(manager, committed)
+    loop = _loop(manager, committed, shadow_max_delay_ms=limit_ms)
     x, y = _digits()
     n = 600
     try:
+        assert loop.status()["shadow"]["model"]["version"] == 2
         # A burst: at 20 ms a sample the shadow could not keep up with it.
         assert loop.offer("eval", _records(x[:n], y[:n], 0)) == n
         started = time.monotonic()
@@ -557,8 +561,15 @@ def test_a_shadow_that_cannot_keep_up_is_skipped_and_counted_never_waited_for(
             "the shadow's last pass",
         )
         (figures,) = loop.shadow_stats.snapshot()
-        assert figures["skipped"] > 0
         assert figures["compared"] + figures["skipped"] == n  # counted exactly
+        if limit_ms is None:
+            # Never run: skipped while samples waited, and too slow when none did.
+            assert (figures["compared"], figures["skipped"]) == (0, n)
+            assert figures["too_slow"] > 0
+        else:
+            assert figures["too_slow"] == 0
+            assert 0 < figures["skipped"] < n
+            assert figures["compared"] > 0
         # Waiting for every shadow inference would have taken n x 20 ms = 12 s.
         assert elapsed < n * 0.02 / 2, elapsed
         status = loop.status()

@@ -108,6 +108,23 @@ def test_an_agent_that_predates_shadows_fails_the_shadow_stage_with_a_reason() -
     assert _shadow_refusal(target, release, None, {"shadow": section}, section) is None
 
 
+def test_a_shadow_the_device_found_too_slow_is_no_evidence_and_says_why() -> None:
+    from edgefl.server.staged_rollout import ModelRef, _shadow_failure, _shadow_figures, _Target
+
+    release = ModelRef(MODEL, 2, "fp32", "2" * 64)
+    entry = {"model": MODEL, "version": 2, "variant": "fp32", "compared": 0, "agreed": 0}
+    entry |= {"evaluated": 0, "correct": 0, "served_correct": 0, "errors": 0}
+    entry |= {"skipped": 400, "too_slow": 380}
+    target = _Target(device="pi-01", fleet="lab", online=True, previous=None)
+    target.shadow = _shadow_figures({"versions": [entry]}, release)
+    assert target.shadow is not None
+    why = _shadow_failure(target, release, RolloutOptions(MODEL, 2, shadow=True))
+    assert why is not None
+    assert why.startswith("no_shadow_evidence: 0 sample(s)")
+    assert "skipped 380 as too slow" in why
+    assert "inference.shadow_max_delay_ms" in why
+
+
 # --- the fleet -----------------------------------------------------------------------------
 
 

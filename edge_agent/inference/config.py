@@ -63,3 +63,18 @@ class InferenceConfig(CloudOffloadConfig):
         pattern=ID_REGEX,
         description="Stream name in the result topic edgefl/{fleet}/{device}/result/{stream}.",
     )
+    shadow_max_delay_ms: float | None = Field(
+        None,
+        gt=0,
+        description="A shadow release (run beside the model, never serving) is run only "
+        "while its median inference time stays at most this, and never while a sample "
+        "waits, so a served answer waits at most one such inference for it; a slower "
+        "shadow's samples are skipped and counted (too_slow). Default: a tenth of budget_ms.",
+    )
+
+    @property
+    def shadow_limit_ms(self) -> float:
+        """``shadow_max_delay_ms``, or a tenth of ``budget_ms``."""
+        if self.shadow_max_delay_ms is not None:
+            return self.shadow_max_delay_ms
+        return self.budget_ms / 10.0

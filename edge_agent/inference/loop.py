@@ -37,9 +37,13 @@ errors, latency); they never make a result envelope, and a shadow's error is nev
 reported to the model manager (it would roll back the serving model on probation).
 The bound on what the shadow costs the served answers: before each shadow inference the
 loop looks at its queue, and a waiting sample ends the shadow's pass (the samples left
-are counted ``skipped``). So a sample waits at most for the one shadow inference in
-flight, whose time the shadow's ``latency_p99_ms`` reports; a loop that cannot keep up
-skips shadow inferences, never real ones.
+are counted ``skipped``); and the shadow runs only while its median inference time (the
+loader times it when it builds it, then its last 32 inferences) is at most
+``inference.shadow_max_delay_ms`` (default: a tenth of ``budget_ms``), its samples
+skipped and counted ``too_slow`` otherwise. So a sample waits at most for the one shadow
+inference in flight, typically no longer than that limit (the shadow's
+``latency_p99_ms`` reports the tail); a loop that cannot keep up skips shadow
+inferences, never real ones.
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ logger = logging.getLogger(__name__)
 _FLOAT32_MAX: Final = float(np.finfo(np.float32).max)
 _BATCH: Final = 32  # results committed per outbox transaction at most
 _SERVICE_WINDOW: Final = 64  # recent per-sample times behind the swap pause's baseline
+_SHADOW_WINDOW: Final = 32  # recent shadow times behind its median, checked against the limit
+_SHADOW_PROBES: Final = 5  # timed runs of a shadow when it is built
 
 
 class ServingModels(Protocol):
@@ -181,6 +187,7 @@ class _Built:
     key: ModelKey
     sha256: str
     runtime: Runtime
+    probe_ms: float = 0.0  # a shadow's median time per sample, timed by the loader
 
 
 @dataclass(frozen=True)
@@ -260,6 +267,7 @@ class InferenceLoop:
         self._pending_shadow: _ShadowChange | None = None
         self._shadow_work: list[_ShadowWork] = []
         self._shadow_failed: tuple[int, str] | None = None  # generation, sha256 not loadable
+        self._shadow_recent: deque[float] = deque(maxlen=_SHADOW_WINDOW)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -426,7 +434,13 @@ class InferenceLoop:
             key = ModelKey(installed.model, int(installed.version), installed.variant)
             try:
                 runtime = create_runtime(self.runtime_key, wanted.path, threads=self.config.threads)
-                runtime.run(np.zeros(runtime.inputs[0].shape, dtype=np.float32))
+                probe = np.zeros(runtime.inputs[0].shape, dtype=np.float32)
+                runtime.run(probe)  # cold start, not timed
+                times = []
+                for _ in range(_SHADOW_PROBES):
+                    started = time.perf_counter()
+                    runtime.run(probe)
+                    times.append((time.perf_counter() - started) * 1000.0)
             except (EdgeflError, OSError) as exc:
                 if self._shadow_generation() != generation:
                     continue  # it changed while we built (its file may have gone)
@@ -437,7 +451,9 @@ class InferenceLoop:
             if self._shadow_generation() != generation:
                 continue  # it changed while we built: what we read may be another file
             with self._pending_lock:
-                self._pending_shadow = _ShadowChange(_Built(key, want, runtime))
+                self._pending_shadow = _ShadowChange(
+                    _Built(key, want, runtime, probe_ms=statistics.median(times))
+                )
             logger.info("built the shadow %s for the loop (sha256 %s...)", key.label(), want[:12])
             return
 
@@ -452,6 +468,7 @@ class InferenceLoop:
         if change is None:
             return
         old, self._shadow = self._shadow, change.built
+        self._shadow_recent.clear()
         if old is not None:
             self._retired.append(old.runtime)
         logger.info(
@@ -547,9 +564,20 @@ class InferenceLoop:
         built = self._shadow
         if built is None:
             return
+        limit = self.config.shadow_limit_ms
         for n, item in enumerate(work):
             if not self._queue.empty():
                 self.shadow_stats.skip(built.key, len(work) - n)
+                break
+            recent = self._shadow_recent
+            typical = statistics.median(recent) if recent else built.probe_ms
+            if typical > limit:
+                self.shadow_stats.skip(built.key, len(work) - n, too_slow=True)
+                self._log_once(
+                    "shadow_too_slow",
+                    f"the shadow {built.key.label()} takes {typical:.1f} ms a sample, over "
+                    f"inference.shadow_max_delay_ms {limit:g}: its samples are skipped",
+                )
                 break
             self._shadow_one(built, item)
         # The swap pause measures the swap: the loop was busy with the shadow until now.
@@ -571,6 +599,7 @@ class InferenceLoop:
             self._log_once("shadow", f"the shadow {built.key.label()} failed on a sample: {exc}")
             return
         latency_ms = (time.perf_counter() - started) * 1000.0
+        self._shadow_recent.append(latency_ms)
         label = item.label
         self.shadow_stats.compared(
             built.key,

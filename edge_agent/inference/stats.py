@@ -25,8 +25,9 @@ version (:class:`ShadowStats`): ``compared`` samples, ``agreed`` with the served
 differ when the cloud answered), on evaluation samples ``accuracy`` and, on the very same
 samples, the served answers' ``served_accuracy`` (a paired comparison), ``errors``,
 ``rejected`` (a sample that does not fit the shadow's input), ``skipped`` (samples the
-shadow did not run on because the loop had real samples waiting) and the shadow's own
-``latency_p50_ms`` / ``latency_p99_ms``.
+shadow did not run on: the loop had real samples waiting, or, counted in ``too_slow``
+too, the shadow's median time is over ``inference.shadow_max_delay_ms``) and the shadow's
+own ``latency_p50_ms`` / ``latency_p99_ms``.
 """
 
 from __future__ import annotations
@@ -294,6 +295,7 @@ class _ShadowVersion:
     errors: int = 0
     rejected: int = 0
     skipped: int = 0
+    too_slow: int = 0
     latency_ms: deque[float] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -317,6 +319,7 @@ class _ShadowVersion:
             "errors": self.errors,
             "rejected": self.rejected,
             "skipped": self.skipped,
+            "too_slow": self.too_slow,
             "latency_p50_ms": _round(percentile_or_none(self.latency_ms, 50)),
             "latency_p99_ms": _round(percentile_or_none(self.latency_ms, 99)),
         }
@@ -373,10 +376,13 @@ class ShadowStats:
         with self._lock:
             self._version(key).rejected += 1
 
-    def skip(self, key: ModelKey, count: int = 1) -> None:
-        """Samples the shadow did not run on: real samples were waiting."""
+    def skip(self, key: ModelKey, count: int = 1, *, too_slow: bool = False) -> None:
+        """Samples the shadow did not run on: real samples were waiting, or it is too slow."""
         with self._lock:
-            self._version(key).skipped += count
+            stats = self._version(key)
+            stats.skipped += count
+            if too_slow:
+                stats.too_slow += count
 
     def load_failed(self) -> None:
         """The shadow's file could not be loaded on the device runtime."""

@@ -155,6 +155,7 @@ def test_a_canary_claiming_impossible_shadow_figures_gets_no_pass() -> None:
         {"compared": 100, "agreed": 100, "evaluated": 100, "correct": 90, "served_correct": -1},
         {"compared": 1e9, "agreed": 1e9, "evaluated": 100, "correct": 90},
         {"compared": "100", "agreed": "100", "evaluated": 100, "correct": 90},
+        {"compared": 100, "agreed": 100, "evaluated": 100, "correct": 90, "too_slow": 5},
     ]
     for lie in lies:
         section = {"versions": [{**base, "served_correct": 90, **lie}]}
