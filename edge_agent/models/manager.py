@@ -60,7 +60,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeGuard
 
 from pydantic import ValidationError
 
@@ -204,6 +204,18 @@ class CurrentModel:
     installed: InstalledModel
 
 
+def _is_release(
+    installed: InstalledModel | None, target: DesiredModel
+) -> TypeGuard[InstalledModel]:
+    """Whether ``installed`` is the very release ``target`` names (its file too)."""
+    return (
+        installed is not None
+        and installed.sha256 == target.artifact_sha256
+        and (installed.model, installed.version, installed.variant)
+        == (target.model, target.version, target.variant)
+    )
+
+
 def _manifest_from(raw: bytes) -> Manifest:
     """Parse a manifest; one that is not a valid manifest cannot be verified either."""
     try:
@@ -285,23 +297,14 @@ class ModelManager:
 
     def current(self) -> CurrentModel | None:
         """The serving model (file and manifest), or ``None``. Thread-safe."""
-        installed = self.store.current()
-        if installed is None:
-            return None
-        with self._lock:
-            manifest = self._manifests.get(installed.sha256)
-            if manifest is None:
-                try:
-                    manifest = Manifest.model_validate_json(installed.manifest_bytes())
-                except (OSError, ValidationError) as exc:
-                    logger.error("the installed manifest cannot be read: %s", exc)
-                    return None
-                self._manifests[installed.sha256] = manifest
-        return CurrentModel(installed.path, manifest, installed)
+        return self._with_manifest(self.store.current(), "the installed manifest")
 
     def shadow(self) -> CurrentModel | None:
         """The shadow release (file and manifest), or ``None``. Thread-safe."""
-        installed = self.store.shadow()
+        return self._with_manifest(self.store.shadow(), "the shadow's manifest")
+
+    def _with_manifest(self, installed: InstalledModel | None, what: str) -> CurrentModel | None:
+        """``installed`` with its manifest (parsed once, then cached), or ``None``."""
         if installed is None:
             return None
         with self._lock:
@@ -310,7 +313,7 @@ class ModelManager:
                 try:
                     manifest = Manifest.model_validate_json(installed.manifest_bytes())
                 except (OSError, ValidationError) as exc:
-                    logger.error("the shadow's manifest cannot be read: %s", exc)
+                    logger.error("%s cannot be read: %s", what, exc)
                     return None
                 self._manifests[installed.sha256] = manifest
         return CurrentModel(installed.path, manifest, installed)
@@ -360,24 +363,23 @@ class ModelManager:
             self._listeners.append(callback)
 
     def _serving_changed(self) -> None:
-        with self._lock:
-            self.generation += 1
-            listeners = list(self._listeners)
-        for callback in listeners:
-            try:
-                callback()
-            except Exception:  # a listener must never stop an update
-                logger.exception("a serving-model listener failed")
+        self._changed(shadow=False)
 
     def _shadow_changed(self) -> None:
+        self._changed(shadow=True)
+
+    def _changed(self, *, shadow: bool) -> None:
         with self._lock:
-            self.shadow_generation += 1
+            if shadow:
+                self.shadow_generation += 1
+            else:
+                self.generation += 1
             listeners = list(self._listeners)
         for callback in listeners:
             try:
                 callback()
             except Exception:  # a listener must never stop an update
-                logger.exception("a shadow listener failed")
+                logger.exception("a %s listener failed", "shadow" if shadow else "serving-model")
 
     def record_inference(self, *, error: str | None = None) -> None:
         """The serving loop reports an inference; an error during probation rolls back."""
@@ -509,13 +511,7 @@ class ModelManager:
         self._apply_shadow(desired.shadow)
 
     def _installed(self, target: DesiredModel) -> bool:
-        current = self.store.current()
-        return (
-            current is not None
-            and current.sha256 == target.artifact_sha256
-            and (current.model, current.version, current.variant)
-            == (target.model, target.version, target.variant)
-        )
+        return _is_release(self.store.current(), target)
 
     def _settled(self, target: DesiredModel) -> bool:
         """Whether ``target`` runs already, or was refused under this desired state."""
@@ -524,13 +520,7 @@ class ModelManager:
         return refused or self._installed(target)
 
     def _shadow_installed(self, target: DesiredModel) -> bool:
-        shadow = self.store.shadow()
-        return (
-            shadow is not None
-            and shadow.sha256 == target.artifact_sha256
-            and (shadow.model, shadow.version, shadow.variant)
-            == (target.model, target.version, target.variant)
-        )
+        return _is_release(self.store.shadow(), target)
 
     def _shadow_settled(self, target: DesiredModel | None) -> bool:
         """Whether the shadow is as ``target`` says: installed, refused, or none."""
@@ -693,13 +683,7 @@ class ModelManager:
             self._set_state("downloading")
         retry = self._shadow_retry if shadow else self._retry
         try:
-            if (
-                not shadow
-                and previous is not None
-                and previous.sha256 == target.artifact_sha256
-                and (previous.model, previous.version, previous.variant)
-                == (target.model, target.version, target.variant)
-            ):
+            if not shadow and _is_release(previous, target):
                 # A rollback to the version in the other slot: no download needed. The
                 # release must be the same one: the same file re-released under a newer
                 # version has its own manifest, fetched like any other.

@@ -142,6 +142,34 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _write_sealed(
+    folder: Path,
+    artifact: Path,
+    manifest: bytes,
+    *,
+    model: str,
+    version: int,
+    variant: str,
+    sha256: str,
+    size_bytes: int,
+) -> None:
+    """Unseal ``folder``, copy the artifact and manifest in (synced), then seal it."""
+    (folder / SEAL_FILE).unlink(missing_ok=True)
+    fsync_dir(folder)
+    _copy_synced(artifact, folder / ARTIFACT_FILE)
+    write_bytes_atomic(folder / MANIFEST_FILE, manifest, mode=0o644)
+    fsync_dir(folder)
+    seal = {
+        "model": model,
+        "version": version,
+        "variant": variant,
+        "sha256": sha256,
+        "size_bytes": size_bytes,
+    }
+    write_text_atomic(folder / SEAL_FILE, json.dumps(seal, sort_keys=True) + "\n")
+    fsync_dir(folder)
+
+
 def _copy_synced(source: Path, dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     try:
@@ -345,20 +373,16 @@ class ModelStore:
             slot: Slot = "b" if self._current is not None and self._current.slot == "a" else "a"
             folder = self.root / slot
             # Unseal first: from here until the new seal the slot is not a rollback target.
-            (folder / SEAL_FILE).unlink(missing_ok=True)
-            fsync_dir(folder)
-            _copy_synced(artifact, folder / ARTIFACT_FILE)
-            write_bytes_atomic(folder / MANIFEST_FILE, manifest, mode=0o644)
-            fsync_dir(folder)
-            seal = {
-                "model": model,
-                "version": version,
-                "variant": variant,
-                "sha256": sha256,
-                "size_bytes": size_bytes,
-            }
-            write_text_atomic(folder / SEAL_FILE, json.dumps(seal, sort_keys=True) + "\n")
-            fsync_dir(folder)
+            _write_sealed(
+                folder,
+                artifact,
+                manifest,
+                model=model,
+                version=version,
+                variant=variant,
+                sha256=sha256,
+                size_bytes=size_bytes,
+            )
             installed = self._whole(slot, since=int(self._clock()))
             self._write_pointer(installed)
             self._current = installed
@@ -431,20 +455,16 @@ class ModelStore:
         with self._lock:
             folder = self.root / SHADOW
             self._shadow = None
-            (folder / SEAL_FILE).unlink(missing_ok=True)
-            fsync_dir(folder)
-            _copy_synced(artifact, folder / ARTIFACT_FILE)
-            write_bytes_atomic(folder / MANIFEST_FILE, manifest, mode=0o644)
-            fsync_dir(folder)
-            seal = {
-                "model": model,
-                "version": version,
-                "variant": variant,
-                "sha256": sha256,
-                "size_bytes": size_bytes,
-            }
-            write_text_atomic(folder / SEAL_FILE, json.dumps(seal, sort_keys=True) + "\n")
-            fsync_dir(folder)
+            _write_sealed(
+                folder,
+                artifact,
+                manifest,
+                model=model,
+                version=version,
+                variant=variant,
+                sha256=sha256,
+                size_bytes=size_bytes,
+            )
             try:
                 installed = self._whole(SHADOW, since=int(self._clock()))
             except ArtifactError:
