@@ -356,6 +356,7 @@ def segments(
             else seg.shape.uplink_bps / 1000.0,
             "loss": None if seg.outage else seg.shape.loss,
             "samples": len(inside),
+            "wanted": len(chosen),
             "offload_fraction": _fraction(sum(a.where == "cloud" for a in inside), len(inside)),
             "wanted_offload_fraction": _fraction(
                 sum(a.where == "cloud" for a in chosen), len(chosen)
