@@ -1,7 +1,8 @@
 """Options the ``edgefl server`` command modules share: the one server config file.
 
 Every command that takes ``-c/--config`` reads the same ``server.yaml``
-(:mod:`edgefl.server.config`), so its option is written once, here.
+(:mod:`edgefl.server.config`), so its option is written once, here; so are the release
+arguments (MODEL VERSION, --variant) of the commands that send a release to devices.
 """
 
 from __future__ import annotations
@@ -14,7 +15,22 @@ import typer
 if TYPE_CHECKING:
     from edgefl.server.config import ServerConfig
 
-__all__ = ["RegistryConfigOption", "ServerConfigOption", "server_config"]
+__all__ = [
+    "RegistryConfigOption",
+    "ReleaseVersionArgument",
+    "ReleasedModelArgument",
+    "ServerConfigOption",
+    "VariantOption",
+    "server_config",
+]
+
+# The release a command acts on (``deploy``, ``rollout``): MODEL VERSION [--variant V].
+ReleasedModelArgument = Annotated[str, typer.Argument(help="Released model name.")]
+ReleaseVersionArgument = Annotated[int, typer.Argument(help="Release version.", min=1)]
+VariantOption = Annotated[
+    str | None,
+    typer.Option(help="Variant to run (needed when the release has several)."),
+]
 
 ServerConfigOption = Annotated[
     Path | None,

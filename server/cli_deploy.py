@@ -11,7 +11,12 @@ from typing import Annotated
 import typer
 
 from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error
-from edgefl.server.cli_common import ServerConfigOption
+from edgefl.server.cli_common import (
+    ReleasedModelArgument,
+    ReleaseVersionArgument,
+    ServerConfigOption,
+    VariantOption,
+)
 
 __all__ = ["app"]
 
@@ -21,12 +26,9 @@ app = typer.Typer()
 @app.command()
 @exits_on_error
 def deploy(
-    model: Annotated[str, typer.Argument(help="Released model name.")],
-    version: Annotated[int, typer.Argument(help="Release version.", min=1)],
-    variant: Annotated[
-        str | None,
-        typer.Option(help="Variant to run (needed when the release has several)."),
-    ] = None,
+    model: ReleasedModelArgument,
+    version: ReleaseVersionArgument,
+    variant: VariantOption = None,
     device: Annotated[
         str | None, typer.Option(help="One admitted device (its fleet from the registry).")
     ] = None,

@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error
-from edgefl.server.cli_common import ServerConfigOption
+from edgefl.server.cli_common import (
+    ReleasedModelArgument,
+    ReleaseVersionArgument,
+    ServerConfigOption,
+    VariantOption,
+)
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -179,12 +184,9 @@ def _print_status(status: dict[str, Any]) -> None:
 @app.command()
 @exits_on_error
 def rollout(
-    model: Annotated[str, typer.Argument(help="Released model name.")],
-    version: Annotated[int, typer.Argument(help="Release version.", min=1)],
-    variant: Annotated[
-        str | None,
-        typer.Option(help="Variant to run (needed when the release has several)."),
-    ] = None,
+    model: ReleasedModelArgument,
+    version: ReleaseVersionArgument,
+    variant: VariantOption = None,
     fleet: Annotated[
         str | None, typer.Option(help="Only admitted devices of this fleet (default: all).")
     ] = None,
