@@ -550,29 +550,10 @@ class ModelManager:
         if self._shadow_installed(target):
             self._set_shadow_state("running")
             return
-        with self._lock:
-            if (target.version, target.artifact_sha256) in self._shadow_refused:
-                return
-        staged = self._download(target, shadow=True)
-        if staged is None:
+        fetched = self._fetch_checked(target, shadow=True)
+        if fetched is None:
             return
-        artifact, raw_manifest = staged
-        self._set_shadow_state("verifying")
-        try:
-            manifest, _ = self.check(target, artifact, raw_manifest, shadow=True)
-        except ReleaseTrustError as exc:
-            logger.warning(
-                "refused the shadow %s v%d (%s): %s",
-                target.model,
-                target.version,
-                target.variant,
-                exc,
-            )
-            with self._lock:
-                self._shadow_refused.add((target.version, target.artifact_sha256))
-            self.store.clear_staging(shadow=True)
-            self._shadow_fail(target.version, exc)
-            return
+        artifact, raw_manifest, manifest, _ = fetched
         # The old shadow goes first and the loop is told, so a loader that read its name
         # before never takes the new file for it (it sees the generation move and looks
         # again).
@@ -609,25 +590,10 @@ class ModelManager:
         if self._installed(target):
             self._set_state("running")
             return
-        with self._lock:
-            if (target.version, target.artifact_sha256) in self._refused:
-                return
-        staged = self._download(target)
-        if staged is None:
+        fetched = self._fetch_checked(target, shadow=False)
+        if fetched is None:
             return
-        artifact, raw_manifest = staged
-        self._set_state("verifying")
-        try:
-            manifest, probe_p50 = self.check(target, artifact, raw_manifest)
-        except ReleaseTrustError as exc:
-            logger.warning(
-                "refused %s v%d (%s): %s", target.model, target.version, target.variant, exc
-            )
-            with self._lock:
-                self._refused.add((target.version, target.artifact_sha256))
-            self.store.clear_staging()
-            self._fail(target.version, exc)
-            return
+        artifact, raw_manifest, manifest, probe_p50 = fetched
         baseline = self._baseline_p50()
         previous = self.store.current()
         try:
@@ -663,6 +629,49 @@ class ModelManager:
         self._serving_changed()
         self._open_window(installed, manifest, baseline)
         self._set_state("running")
+
+    def _fetch_checked(
+        self, target: DesiredModel, *, shadow: bool
+    ) -> tuple[Path, bytes, Manifest, float] | None:
+        """Download and check ``target`` (the serving path's or the shadow's).
+
+        ``None`` when it was refused before, the download failed, or the check refuses
+        it now (then it is remembered as refused, its staging emptied and the failure
+        reported). Otherwise the staged artifact, its manifest (raw and parsed) and the
+        golden probe's p50.
+        """
+        refused = self._shadow_refused if shadow else self._refused
+        with self._lock:
+            if (target.version, target.artifact_sha256) in refused:
+                return None
+        staged = self._download(target, shadow=shadow)
+        if staged is None:
+            return None
+        artifact, raw_manifest = staged
+        if shadow:
+            self._set_shadow_state("verifying")
+        else:
+            self._set_state("verifying")
+        try:
+            manifest, probe_p50 = self.check(target, artifact, raw_manifest, shadow=shadow)
+        except ReleaseTrustError as exc:
+            logger.warning(
+                "refused %s%s v%d (%s): %s",
+                "the shadow " if shadow else "",
+                target.model,
+                target.version,
+                target.variant,
+                exc,
+            )
+            with self._lock:
+                refused.add((target.version, target.artifact_sha256))
+            self.store.clear_staging(shadow=shadow)
+            if shadow:
+                self._shadow_fail(target.version, exc)
+            else:
+                self._fail(target.version, exc)
+            return None
+        return artifact, raw_manifest, manifest, probe_p50
 
     def _download(self, target: DesiredModel, *, shadow: bool = False) -> tuple[Path, bytes] | None:
         """Fetch the manifest and the artifact into staging; ``None`` after a failure.

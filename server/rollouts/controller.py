@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import threading
@@ -24,7 +23,7 @@ from edgefl.proto.desired import DesiredState
 from edgefl.proto.ids import InvalidIdError, check_id
 from edgefl.proto.topics import state_desired_topic
 from edgefl.server.device_states import read_model_states
-from edgefl.server.registry.models import Device, Rollout, RolloutDevice
+from edgefl.server.registry.models import Rollout, RolloutDevice
 from edgefl.server.rollout import (
     desired_state,
     publish_retained,
@@ -43,7 +42,7 @@ from edgefl.server.rollouts.plan import (
     _shadow_figures,
     _Target,
 )
-from edgefl.server.rollouts.records import _created_by, read_rollout
+from edgefl.server.rollouts.records import read_rollout, record_end, record_start, touch, write_rows
 from edgefl.server.rollouts.verdicts import (
     _accuracy_failure,
     _back,
@@ -55,7 +54,7 @@ from edgefl.server.rollouts.verdicts import (
     choose_canaries,
     classify,
 )
-from edgefl.server.rollouts.watch import _inference_reports
+from edgefl.server.rollouts.watch import look, presence
 
 __all__ = ["RolloutProgress", "StagedRollout"]
 
@@ -208,14 +207,7 @@ class StagedRollout:
         try:
             with Session(engine) as session:
                 reported = read_model_states(session, chosen)
-                online = {
-                    str(d): bool(o)
-                    for d, o in session.execute(
-                        select(Device.device_id, Device.online).where(
-                            Device.device_id.in_(sorted(chosen))
-                        )
-                    )
-                }
+                online = presence(session, chosen)
                 busy = self._held_elsewhere(session, set(chosen))
         except SQLAlchemyError as exc:
             raise ConfigError(f"cannot read the registry: {exc}") from exc
@@ -632,10 +624,8 @@ class StagedRollout:
             target = plan.targets[device]
             if target.previous is None:
                 if target.current == plan.release:
-                    target.set(
-                        "failed",
-                        f"{target.reason + '; ' if target.reason else ''}no previous model "
-                        f"to roll back to: it keeps {plan.release.label()}",
+                    target.fail_also(
+                        f"no previous model to roll back to: it keeps {plan.release.label()}"
                     )
                 continue
             if target.previous == plan.release:
@@ -655,10 +645,9 @@ class StagedRollout:
                 for device in left:
                     target = plan.targets[device]
                     assert target.previous is not None
-                    target.set(
-                        "failed",
-                        f"{target.reason + '; ' if target.reason else ''}not back on "
-                        f"{target.previous.label()} within {self.options.install_timeout_s:g} s",
+                    target.fail_also(
+                        f"not back on {target.previous.label()} within "
+                        f"{self.options.install_timeout_s:g} s"
                     )
                 self._write(plan)
                 break
@@ -809,10 +798,9 @@ class StagedRollout:
             if time.monotonic() >= deadline:
                 for device in left:
                     target = plan.targets[device]
-                    target.set(
-                        "failed",
-                        f"{target.reason + '; ' if target.reason else ''}the shadow not "
-                        f"reported removed within {self.options.install_timeout_s:g} s",
+                    target.fail_also(
+                        "the shadow not reported removed within "
+                        f"{self.options.install_timeout_s:g} s"
                     )
                 break
             self._wait()
@@ -835,33 +823,14 @@ class StagedRollout:
         engine = self._engine
         assert engine is not None
         release = plan.release
-        try:
-            with Session(engine) as session:
-                reported = read_model_states(session, devices)
-                presence = {
-                    str(d): bool(o)
-                    for d, o in session.execute(
-                        select(Device.device_id, Device.online).where(
-                            Device.device_id.in_(sorted(devices))
-                        )
-                    )
-                }
-                reports = _inference_reports(
-                    session, {d: plan.targets[d].fleet for d in devices}, since
-                )
-        except SQLAlchemyError as exc:
-            log.warning("cannot read the registry (will look again): %s", exc)
+        seen = look(engine, {d: plan.targets[d].fleet for d in devices}, since)
+        if seen is None:
             return {}
         for device in devices:
             target = plan.targets[device]
-            target.online = presence.get(device, False)
-            state = reported.get(device)
-            current = ModelRef.of(state)
-            if current != target.current:
-                target.current, target.dirty = current, True
-            if current == release:
-                target.ran_release = True
-            doc = reports.get(device)
+            state = seen.reported.get(device)
+            target.see(state, seen.online.get(device, False), release)
+            doc = seen.reports.get(device)
             section = doc.get("shadow") if doc is not None else None
             if doc is not None:
                 target.shadow_running = isinstance(section, dict) and _names(
@@ -879,7 +848,7 @@ class StagedRollout:
                 target.set("failed", why)
         self._write(plan)
         self._progress(plan)
-        return reports
+        return seen.reports
 
     # -- watching ---------------------------------------------------------------------------
 
@@ -888,38 +857,16 @@ class StagedRollout:
         engine = self._engine
         assert engine is not None
         release = plan.release
-        try:
-            with Session(engine) as session:
-                reported = read_model_states(session, devices)
-                presence = {
-                    str(d): bool(o)
-                    for d, o in session.execute(
-                        select(Device.device_id, Device.online).where(
-                            Device.device_id.in_(sorted(devices))
-                        )
-                    )
-                }
-                sent = [plan.targets[d].published_at for d in devices]
-                since = min((t for t in sent if t is not None), default=None)
-                reports = (
-                    _inference_reports(session, {d: plan.targets[d].fleet for d in devices}, since)
-                    if since is not None
-                    else {}
-                )
-        except SQLAlchemyError as exc:
-            log.warning("cannot read the registry (will look again): %s", exc)
+        sent = [plan.targets[d].published_at for d in devices]
+        since = min((t for t in sent if t is not None), default=None)
+        seen = look(engine, {d: plan.targets[d].fleet for d in devices}, since)
+        if seen is None:
             return
         for device in devices:
             target = plan.targets[device]
-            target.online = presence.get(device, False)
-            state = reported.get(device)
-            current = ModelRef.of(state)
-            if current != target.current:
-                target.current = current
-                target.dirty = True
-            if current == release:
-                target.ran_release = True
-            doc = reports.get(device)
+            state = seen.reported.get(device)
+            target.see(state, seen.online.get(device, False), release)
+            doc = seen.reports.get(device)
             if doc is not None:
                 new = _figures(doc, release)
                 old = _figures(doc, target.previous) if target.previous else None
@@ -1013,106 +960,24 @@ class StagedRollout:
     # -- the registry -----------------------------------------------------------------------
 
     def _record(self, plan: _Plan) -> None:
-        options = self.options
-        now = datetime.now(UTC)
         engine = self._engine
         assert engine is not None
-        with Session(engine) as session, session.begin():
-            session.add(
-                Rollout(
-                    id=plan.rollout_id,
-                    model=plan.release.model,
-                    version=plan.release.version,
-                    variant=plan.release.variant,
-                    sha256=plan.release.sha256,
-                    fleet=options.fleet,
-                    canary_fraction=options.canary,
-                    canaries=len(plan.canaries),
-                    soak_s=options.soak_s,
-                    max_failures=options.max_failures,
-                    min_accuracy=options.min_accuracy,
-                    max_accuracy_drop=options.max_accuracy_drop,
-                    min_evaluated=options.min_evaluated,
-                    install_timeout_s=options.install_timeout_s,
-                    state="running",
-                    phase="canary",
-                    reason="",
-                    evidence_json=json.dumps(
-                        {
-                            "notes": plan.notes,
-                            "shadow": options.shadow,
-                            "min_agreement": options.min_agreement,
-                        }
-                    ),
-                    created_by=_created_by(options.by),
-                    created_at=now,
-                    updated_at=now,
-                    finished_at=None,
-                )
-            )
-            session.flush()
-            for target in plan.targets.values():
-                previous = target.previous
-                session.add(
-                    RolloutDevice(
-                        rollout_id=plan.rollout_id,
-                        device_id=target.device,
-                        fleet=target.fleet,
-                        cohort=target.cohort,
-                        state=target.state,
-                        reason=target.reason,
-                        online_at_start=target.online_at_start,
-                        previous_model=previous.model if previous else None,
-                        previous_version=previous.version if previous else None,
-                        previous_variant=previous.variant if previous else None,
-                        previous_sha256=previous.sha256 if previous else None,
-                        published_at=None,
-                        updated_at=now,
-                    )
-                )
-                target.dirty = False
+        record_start(engine, plan, self.options)
         self._heartbeat = time.monotonic()
 
     def _write(self, plan: _Plan) -> None:
         """Store the devices whose row changed (and the heartbeat)."""
-        dirty = [t for t in plan.targets.values() if t.dirty]
-        if not dirty:
+        if not any(t.dirty for t in plan.targets.values()):
             return
         engine = self._engine
         assert engine is not None
-        now = datetime.now(UTC)
-        with Session(engine) as session, session.begin():
-            for target in dirty:
-                row = session.get(RolloutDevice, (plan.rollout_id, target.device))
-                if row is None:
-                    continue
-                row.state = target.state
-                row.reason = target.reason
-                row.published_at = target.published_at
-                if target.new is not None:
-                    row.evaluated, row.accuracy = target.new.evaluated, target.new.accuracy
-                if target.old is not None:
-                    row.previous_evaluated = target.old.evaluated
-                    row.previous_accuracy = target.old.accuracy
-                row.updated_at = now
-                target.dirty = False
-            rollout = session.get(Rollout, plan.rollout_id)
-            if rollout is not None:
-                rollout.phase = self._phase
-                rollout.updated_at = now
+        write_rows(engine, plan, self._phase)
 
     def _touch(self) -> None:
         engine = self._engine
         if engine is None or self.plan is None:
             return
-        try:
-            with Session(engine) as session, session.begin():
-                rollout = session.get(Rollout, self.plan.rollout_id)
-                if rollout is not None:
-                    rollout.phase = self._phase
-                    rollout.updated_at = datetime.now(UTC)
-        except SQLAlchemyError as exc:
-            log.warning("cannot record the rollout's heartbeat: %s", exc)
+        touch(engine, self.plan.rollout_id, self._phase)
 
     def _finish(self, plan: _Plan, state: str, reason: str) -> None:
         engine = self._engine
@@ -1147,15 +1012,15 @@ class StagedRollout:
         }
         try:
             self._write(plan)
-            with Session(engine) as session, session.begin():
-                rollout = session.get(Rollout, plan.rollout_id)
-                if rollout is not None:
-                    rollout.state = state
-                    rollout.phase = self._phase if state != "completed" else "done"
-                    rollout.reason = reason
-                    rollout.evidence_json = json.dumps(evidence, sort_keys=True)
-                    rollout.updated_at = now
-                    rollout.finished_at = now
+            record_end(
+                engine,
+                plan.rollout_id,
+                state=state,
+                phase=self._phase if state != "completed" else "done",
+                reason=reason,
+                evidence=evidence,
+                at=now,
+            )
         except SQLAlchemyError as exc:
             log.error("cannot record the end of rollout %s (%s): %s", plan.rollout_id, state, exc)
         self._event(f"rollout {plan.rollout_id} {state}: {reason}")

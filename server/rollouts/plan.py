@@ -64,25 +64,34 @@ def _figures(doc: Mapping[str, Any], ref: ModelRef) -> _Figures | None:
 
     The report is the device's own data: anything not in the expected types is ignored.
     """
-    versions = doc.get("versions")
+    values = _entry(doc.get("versions"), ref, ("evaluated", "correct", "errors"))
+    if values is None:
+        return None
+    evaluated, correct, errors = values
+    if correct > evaluated:
+        return None
+    return _Figures(evaluated, correct, errors)
+
+
+def _entry(versions: Any, ref: ModelRef, keys: Sequence[str]) -> list[int] | None:
+    """The ``keys`` (0 if left out) of ``ref``'s entry in a report's ``versions`` list.
+
+    ``None`` when there is no such entry, or one of its figures is not a whole number
+    of 0 or more.
+    """
     if not isinstance(versions, list):
         return None
     for entry in versions:
-        if not isinstance(entry, dict):
+        if not isinstance(entry, dict) or (
+            entry.get("model"),
+            entry.get("version"),
+            entry.get("variant"),
+        ) != (ref.model, ref.version, ref.variant):
             continue
-        if (entry.get("model"), entry.get("version"), entry.get("variant")) != (
-            ref.model,
-            ref.version,
-            ref.variant,
-        ):
-            continue
-        values = [entry.get(k, 0) for k in ("evaluated", "correct", "errors")]
+        values = [entry.get(k, 0) for k in keys]
         if not all(type(v) is int and v >= 0 for v in values):
             return None
-        evaluated, correct, errors = values
-        if correct > evaluated:
-            return None
-        return _Figures(evaluated, correct, errors)
+        return values
     return None
 
 
@@ -154,6 +163,19 @@ class _Target:
         self.state, self.reason, self.dirty = state, reason, True
         return True
 
+    def fail_also(self, why: str) -> None:
+        """Fail, keeping the reason it had (``reason; why``)."""
+        self.set("failed", f"{self.reason + '; ' if self.reason else ''}{why}")
+
+    def see(self, state: ReportedModelState | None, online: bool, release: ModelRef) -> None:
+        """Take one look's presence and reported model (and whether it ran ``release``)."""
+        self.online = online
+        current = ModelRef.of(state)
+        if current != self.current:
+            self.current, self.dirty = current, True
+        if current == release:
+            self.ran_release = True
+
 
 @dataclass
 class _Plan:
@@ -195,9 +217,6 @@ def _shadow_figures(section: Any, ref: ModelRef) -> _ShadowFigures | None:
     """
     if not isinstance(section, dict):
         return None
-    versions = section.get("versions")
-    if not isinstance(versions, list):
-        return None
     keys = (
         "compared",
         "agreed",
@@ -208,26 +227,18 @@ def _shadow_figures(section: Any, ref: ModelRef) -> _ShadowFigures | None:
         "skipped",
         "too_slow",
     )
-    for entry in versions:
-        if not isinstance(entry, dict) or (
-            entry.get("model"),
-            entry.get("version"),
-            entry.get("variant"),
-        ) != (ref.model, ref.version, ref.variant):
-            continue
-        values = [entry.get(k, 0) for k in keys]
-        if not all(type(v) is int and v >= 0 for v in values):
-            return None
-        figures = _ShadowFigures(*values)
-        if (
-            figures.agreed > figures.compared
-            or figures.too_slow > figures.skipped
-            or figures.evaluated > figures.compared
-            or max(figures.correct, figures.served_correct) > figures.evaluated
-        ):
-            return None
-        return figures
-    return None
+    values = _entry(section.get("versions"), ref, keys)
+    if values is None:
+        return None
+    figures = _ShadowFigures(*values)
+    if (
+        figures.agreed > figures.compared
+        or figures.too_slow > figures.skipped
+        or figures.evaluated > figures.compared
+        or max(figures.correct, figures.served_correct) > figures.evaluated
+    ):
+        return None
+    return figures
 
 
 def _by_previous(plan: _Plan, devices: Sequence[str]) -> dict[ModelRef, list[str]]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,10 +17,23 @@ from sqlalchemy.orm import Session
 
 from edgefl.errors import BadInputError, ConfigError
 from edgefl.server.device_states import read_model_states
-from edgefl.server.registry.models import Device, Record, Rollout, RolloutDevice
-from edgefl.server.rollouts.options import STALE_AFTER_S
+from edgefl.server.registry.models import Record, Rollout, RolloutDevice
+from edgefl.server.rollouts.options import STALE_AFTER_S, RolloutOptions
+from edgefl.server.rollouts.plan import _Plan
+from edgefl.server.rollouts.watch import presence
 
-__all__ = ["list_rollouts", "read_rollout", "results_by_version"]
+__all__ = [
+    "list_rollouts",
+    "read_rollout",
+    "record_end",
+    "record_start",
+    "results_by_version",
+    "touch",
+    "write_rows",
+]
+
+
+log = logging.getLogger("edgefl.server.staged_rollout")
 
 
 def _created_by(by: str | None) -> str:
@@ -146,12 +161,7 @@ def read_rollout(engine: Engine, rollout_id: str) -> dict[str, Any]:
             )
             ids = [d.device_id for d in devices]
             now = read_model_states(session, ids)
-            presence = {
-                str(d): bool(o)
-                for d, o in session.execute(
-                    select(Device.device_id, Device.online).where(Device.device_id.in_(ids))
-                )
-            }
+            online = presence(session, ids)
             results = {
                 str(d): int(n)
                 for d, n in session.execute(
@@ -178,7 +188,7 @@ def read_rollout(engine: Engine, rollout_id: str) -> dict[str, Any]:
             "cohort": d.cohort,
             "state": d.state,
             "reason": d.reason,
-            "online": presence.get(d.device_id, False),
+            "online": online.get(d.device_id, False),
             "online_at_start": d.online_at_start,
             "previous": None
             if d.previous_model is None
@@ -260,3 +270,127 @@ def results_by_version(
         }
         for d, m, v, var, n, first, last in rows
     ]
+
+
+def record_start(engine: Engine, plan: _Plan, options: RolloutOptions) -> None:
+    """Insert the rollout's row (``running``) and one row per target device."""
+    now = datetime.now(UTC)
+    with Session(engine) as session, session.begin():
+        session.add(
+            Rollout(
+                id=plan.rollout_id,
+                model=plan.release.model,
+                version=plan.release.version,
+                variant=plan.release.variant,
+                sha256=plan.release.sha256,
+                fleet=options.fleet,
+                canary_fraction=options.canary,
+                canaries=len(plan.canaries),
+                soak_s=options.soak_s,
+                max_failures=options.max_failures,
+                min_accuracy=options.min_accuracy,
+                max_accuracy_drop=options.max_accuracy_drop,
+                min_evaluated=options.min_evaluated,
+                install_timeout_s=options.install_timeout_s,
+                state="running",
+                phase="canary",
+                reason="",
+                evidence_json=json.dumps(
+                    {
+                        "notes": plan.notes,
+                        "shadow": options.shadow,
+                        "min_agreement": options.min_agreement,
+                    }
+                ),
+                created_by=_created_by(options.by),
+                created_at=now,
+                updated_at=now,
+                finished_at=None,
+            )
+        )
+        session.flush()
+        for target in plan.targets.values():
+            previous = target.previous
+            session.add(
+                RolloutDevice(
+                    rollout_id=plan.rollout_id,
+                    device_id=target.device,
+                    fleet=target.fleet,
+                    cohort=target.cohort,
+                    state=target.state,
+                    reason=target.reason,
+                    online_at_start=target.online_at_start,
+                    previous_model=previous.model if previous else None,
+                    previous_version=previous.version if previous else None,
+                    previous_variant=previous.variant if previous else None,
+                    previous_sha256=previous.sha256 if previous else None,
+                    published_at=None,
+                    updated_at=now,
+                )
+            )
+            target.dirty = False
+
+
+def write_rows(engine: Engine, plan: _Plan, phase: str) -> None:
+    """Store the devices whose row changed, and the rollout's phase and heartbeat."""
+    dirty = [t for t in plan.targets.values() if t.dirty]
+    if not dirty:
+        return
+    now = datetime.now(UTC)
+    with Session(engine) as session, session.begin():
+        for target in dirty:
+            row = session.get(RolloutDevice, (plan.rollout_id, target.device))
+            if row is None:
+                continue
+            row.state = target.state
+            row.reason = target.reason
+            row.published_at = target.published_at
+            if target.new is not None:
+                row.evaluated, row.accuracy = target.new.evaluated, target.new.accuracy
+            if target.old is not None:
+                row.previous_evaluated = target.old.evaluated
+                row.previous_accuracy = target.old.accuracy
+            row.updated_at = now
+            target.dirty = False
+        rollout = session.get(Rollout, plan.rollout_id)
+        if rollout is not None:
+            rollout.phase = phase
+            rollout.updated_at = now
+
+
+def touch(engine: Engine, rollout_id: str, phase: str) -> None:
+    """The rollout's phase and heartbeat; a registry error is logged, not raised."""
+    try:
+        with Session(engine) as session, session.begin():
+            rollout = session.get(Rollout, rollout_id)
+            if rollout is not None:
+                rollout.phase = phase
+                rollout.updated_at = datetime.now(UTC)
+    except SQLAlchemyError as exc:
+        log.warning("cannot record the rollout's heartbeat: %s", exc)
+
+
+def record_end(
+    engine: Engine,
+    rollout_id: str,
+    *,
+    state: str,
+    phase: str,
+    reason: str,
+    evidence: Mapping[str, Any],
+    at: datetime,
+) -> None:
+    """The rollout's end: its state, reason and evidence.
+
+    Raises:
+        SQLAlchemyError: The registry refused the write.
+    """
+    with Session(engine) as session, session.begin():
+        rollout = session.get(Rollout, rollout_id)
+        if rollout is not None:
+            rollout.state = state
+            rollout.phase = phase
+            rollout.reason = reason
+            rollout.evidence_json = json.dumps(evidence, sort_keys=True)
+            rollout.updated_at = at
+            rollout.finished_at = at
