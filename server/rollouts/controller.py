@@ -9,11 +9,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -23,14 +22,13 @@ from edgefl.proto.desired import DesiredState
 from edgefl.proto.ids import InvalidIdError, check_id
 from edgefl.proto.topics import state_desired_topic
 from edgefl.server.device_states import read_model_states
-from edgefl.server.registry.models import Rollout, RolloutDevice
 from edgefl.server.rollout import (
     desired_state,
     publish_retained,
     published_variants,
     rollout_identity,
 )
-from edgefl.server.rollouts.options import HEARTBEAT_S, STALE_AFTER_S, RolloutOptions
+from edgefl.server.rollouts.options import HEARTBEAT_S, RolloutOptions
 from edgefl.server.rollouts.plan import (
     ModelRef,
     _by_previous,
@@ -43,6 +41,12 @@ from edgefl.server.rollouts.plan import (
     _Target,
 )
 from edgefl.server.rollouts.records import read_rollout, record_end, record_start, touch, write_rows
+from edgefl.server.rollouts.targets import (
+    add_rollbacks,
+    add_shadow_states,
+    chosen_targets,
+    held_elsewhere,
+)
 from edgefl.server.rollouts.verdicts import (
     _accuracy_failure,
     _back,
@@ -183,7 +187,7 @@ class StagedRollout:
 
         options = self.options
         published = published_variants(engine, options.model, options.version)
-        chosen = self._targets(admitted)
+        chosen = chosen_targets(options, admitted)
         issued = int(time.time())
         expires = issued + int(options.expires_days * 86400)
         revoked = revoked_key_ids(self.ca_dir)
@@ -208,7 +212,7 @@ class StagedRollout:
             with Session(engine) as session:
                 reported = read_model_states(session, chosen)
                 online = presence(session, chosen)
-                busy = self._held_elsewhere(session, set(chosen))
+                busy = held_elsewhere(session, set(chosen))
         except SQLAlchemyError as exc:
             raise ConfigError(f"cannot read the registry: {exc}") from exc
         if busy:
@@ -251,131 +255,19 @@ class StagedRollout:
             key_id=kid,
             key=key,
         )
-        self._rollbacks(plan, issued, expires, revoked)
+        add_rollbacks(
+            plan,
+            releases_dir=self.releases_dir,
+            engine=engine,
+            issued=issued,
+            expires=expires,
+            revoked=revoked,
+        )
         if options.shadow:
-            self._shadow_states(plan)
+            add_shadow_states(plan)
         rollout_identity(self.ca_dir)  # issued now if missing: a CA problem fails here
         self.plan = plan
         return plan
-
-    def _targets(self, admitted: Mapping[str, str]) -> dict[str, str]:
-        """Device -> fleet of the admitted devices the options name."""
-        options = self.options
-        if options.devices is not None:
-            unknown = sorted(d for d in set(options.devices) if d not in admitted)
-            if unknown:
-                raise BadInputError(
-                    f"not admitted device(s) of the registry: {', '.join(unknown)}",
-                    hint="see `edgefl server devices`; admit with `edgefl server admit`",
-                )
-            chosen = {d: admitted[d] for d in sorted(set(options.devices))}
-            if options.fleet is not None:
-                other = sorted(d for d, f in chosen.items() if f != options.fleet)
-                if other:
-                    raise BadInputError(
-                        f"device(s) {', '.join(other)} are not in fleet {options.fleet!r}",
-                        hint="drop --fleet, or name devices of that fleet",
-                    )
-            return chosen
-        if options.fleet is not None:
-            chosen = {d: f for d, f in admitted.items() if f == options.fleet}
-            if not chosen:
-                fleets = sorted(set(admitted.values()))
-                raise BadInputError(
-                    f"no admitted device in fleet {options.fleet!r}",
-                    hint=f"fleets with admitted devices: {', '.join(fleets)}"
-                    if fleets
-                    else "admit devices with `edgefl server admit`",
-                )
-            return dict(sorted(chosen.items()))
-        if not admitted:
-            raise BadInputError("no admitted device in the registry: nothing to roll out to")
-        return dict(sorted(admitted.items()))
-
-    def _held_elsewhere(self, session: Session, devices: set[str]) -> dict[str, list[str]]:
-        """Running rollouts with a recent heartbeat that hold one of ``devices``."""
-        fresh = datetime.now(UTC) - timedelta(seconds=STALE_AFTER_S)
-        rows = session.execute(
-            select(RolloutDevice.rollout_id, RolloutDevice.device_id)
-            .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
-            .where(Rollout.state == "running", Rollout.updated_at >= fresh)
-            .where(RolloutDevice.device_id.in_(sorted(devices)))
-        )
-        busy: dict[str, list[str]] = {}
-        for rid, device in rows:
-            busy.setdefault(str(rid), []).append(str(device))
-        return busy
-
-    def _rollbacks(self, plan: _Plan, issued: int, expires: int, revoked: list[str]) -> None:
-        """The rollback state of each canary's previous version, checked now."""
-        for device in plan.canaries:
-            previous = plan.targets[device].previous
-            if previous is None:
-                plan.notes.append(
-                    f"canary {device} runs no model: a halt cannot roll it back to one"
-                )
-                continue
-            if previous == plan.release or previous in plan.rollbacks:
-                continue
-            try:
-                state = desired_state(
-                    self.releases_dir,
-                    previous.model,
-                    previous.version,
-                    previous.variant,
-                    fleet=plan.template.fleet,
-                    device="*",
-                    issued_at=issued,
-                    expires_at=expires,
-                    rollback=True,
-                    revoked_keys=revoked,
-                )
-                assert self._engine is not None
-                assert state.model is not None
-                published_variants(self._engine, previous.model, previous.version).check(
-                    previous.model, previous.version, previous.variant, state.model.artifact_sha256
-                )
-                if state.model.artifact_sha256 != previous.sha256:
-                    raise BadInputError(
-                        f"the release's sha256 {state.model.artifact_sha256[:12]}… is not "
-                        f"the {previous.sha256[:12]}… the device runs"
-                    )
-            except BadInputError as exc:
-                raise BadInputError(
-                    f"canary {device} runs {previous.label()}, which a halt could not roll it "
-                    f"back to: {exc.message}",
-                    hint="deploy a published release to it first, or leave it out with --devices",
-                ) from exc
-            plan.rollbacks[previous] = state
-
-    def _shadow_states(self, plan: _Plan) -> None:
-        """Each canary's shadow state: the model it runs now, with the release beside it.
-
-        Raises:
-            BadInputError: A canary runs no model (a shadow is judged against the answers
-                of the model it serves).
-        """
-        for device in plan.canaries:
-            previous = plan.targets[device].previous
-            if previous is None:
-                raise BadInputError(
-                    f"canary {device} runs no model: a shadow is judged against the answers "
-                    "of the model a device serves",
-                    hint="deploy a published release to it first, or leave it out with --devices",
-                )
-            if previous == plan.release:
-                plan.notes.append(
-                    f"canary {device} runs {plan.release.label()} already: no shadow for it"
-                )
-                continue
-            current = plan.rollbacks[previous]
-            assert current.model is not None
-            plan.shadows[device] = current.model_copy(
-                update={
-                    "model": current.model.model_copy(update={"rollback": False}),
-                    "shadow": plan.template.model,
-                }
-            )
 
     # -- the run ----------------------------------------------------------------------------
 
