@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from edgefl import __version__
+from edgefl.demo.cli import demo
 from edgefl.edge_agent.cli import app as agent_app
 from edgefl.logs import configure_logging
 from edgefl.quantize.cli import app as quantize_app
@@ -35,6 +36,7 @@ app.add_typer(quantize_app, name="quantize")
 app.add_typer(agent_app, name="agent")
 app.add_typer(server_app, name="server")
 app.command("simulate")(simulate)
+app.command("demo")(demo)
 
 
 def _version(value: bool) -> None:

@@ -32,8 +32,8 @@ IntArray = npt.NDArray[np.int64]
 
 MODELS_BY_DATASET: Final[dict[str, tuple[str, ...]]] = {
     "breast-cancer": ("cancer-mlp",),
-    "digits": ("digits-cnn", "digits-mlp"),
-    "mnist5k": ("mnist-cnn",),
+    "digits": ("digits-cnn", "digits-mlp", "digits-mlp-wide"),
+    "mnist5k": ("mnist-cnn", "mnist-mlp"),
 }
 """Every bundled dataset and the zoo models built for it, the dataset's default first.
 

@@ -174,6 +174,7 @@ STRATEGY_PARAMS: Final[dict[str, frozenset[str]]] = {
     "fedadam": frozenset({"eta", "eta_l", "beta_1", "beta_2", "tau"}),
     "fedmedian": frozenset(),
     "fedtrimmedavg": frozenset({"trim_beta"}),
+    "fedavgm": frozenset({"server_learning_rate", "server_momentum"}),
 }
 """The one list of strategy names, with the ``[strategy]`` parameters each takes. They
 wrap Flower's strategies of the same name (``edgefl.server.fl.strategy`` builds them)."""
@@ -203,6 +204,11 @@ class DPPlan(StrictModel):
         None,
         gt=0,
         description="A device refuses to train past this ε (default: target_epsilon).",
+    )
+    clip_per_layer: bool = Field(
+        False,
+        description="Clip each parameter tensor to max_grad_norm / sqrt(#tensors) instead "
+        "of the whole gradient to max_grad_norm (same sensitivity, same ε).",
     )
 
     @property
@@ -234,6 +240,8 @@ class StrategyPlan(StrictModel):
     beta_2: float = Field(0.99, ge=0, lt=1, description="FedAdam β2.")
     tau: float = Field(1e-3, gt=0, description="FedAdam τ.")
     trim_beta: float = Field(0.2, ge=0, lt=0.5, description="FedTrimmedAvg cut per tail.")
+    server_learning_rate: float = Field(1.0, gt=0, description="FedAvgM server learning rate.")
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="FedAvgM server momentum.")
 
     @field_validator("name")
     @classmethod
@@ -284,6 +292,12 @@ class DeviceProfile(StrictModel):
         0.1, gt=0, le=1, description="compute_speed of the group's stragglers."
     )
 
+
+_IMAGE_DATASETS: Final = frozenset({"digits", "mnist5k"})
+"""Bundled datasets of images (N, 1, H, W), which augmentation can shift."""
+
+_CENTRABLE_MODELS: Final = frozenset({"digits-mlp", "digits-mlp-wide", "mnist-mlp"})
+"""Zoo models on images whose first layer is Linear (``centre_inputs`` applies to them)."""
 
 _SCENARIO_SECTIONS = ("scenario", "data", "training")
 """Sections of the scenario format before the plan and the scenario became one file."""
@@ -396,6 +410,28 @@ class FederationPlan(StrictModel):
     batch_size: int = Field(16, ge=1, description="Expected batch size (Poisson under DP).")
     lr: float = Field(0.1, gt=0, description="Local learning rate.")
     momentum: float = Field(0.9, ge=0, lt=1, description="Local SGD momentum.")
+    lr_final: float | None = Field(
+        None,
+        gt=0,
+        description="Learning rate of the last planned round: `lr` falls to it along a "
+        "half cosine over the rounds (none: `lr` in every round).",
+    )
+    augment_multiplicity: int = Field(
+        1,
+        ge=1,
+        le=32,
+        description="Augmentation multiplicity K: each sampled image trains as K views "
+        "shifted by up to `augment_shift` pixels, its gradient the mean over them taken "
+        "before DP's per-sample clip, so ε is unchanged (1: off; image datasets only).",
+    )
+    augment_shift: int = Field(
+        1, ge=1, le=4, description="Largest shift of an augmented view, in pixels."
+    )
+    centre_inputs: bool = Field(
+        False,
+        description="Devices train on each image minus its own mean pixel value (no "
+        "statistic shared between samples, so no privacy cost); MLPs on images only.",
+    )
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="Local optimiser.")
     strategy: StrategyPlan = Field(
         default_factory=StrategyPlan, description="Aggregation strategy and its parameters."
@@ -485,6 +521,19 @@ class FederationPlan(StrictModel):
         names = [p.name for p in self.profiles if p.name is not None]
         if len(set(names)) != len(names):
             raise ValueError(f"profiles: names must be unique, got {names}")
+        if self.augment_multiplicity > 1 and self.dataset not in _IMAGE_DATASETS:
+            raise ValueError(
+                f"augment_multiplicity {self.augment_multiplicity}: shifted views need "
+                f"images, and dataset {self.dataset!r} is a table (image datasets: "
+                f"{', '.join(sorted(_IMAGE_DATASETS))})"
+            )
+        if self.centre_inputs and self.model_name not in _CENTRABLE_MODELS:
+            raise ValueError(
+                f"centre_inputs: model {self.model_name!r} does not start with a Linear "
+                f"layer on the image; choose one of: {', '.join(sorted(_CENTRABLE_MODELS))}"
+            )
+        if self.augment_shift != 1 and self.augment_multiplicity == 1:
+            raise ValueError("augment_shift applies only with augment_multiplicity > 1")
         if self.central_dp.enabled and self.strategy.name != "fedavg":
             raise ValueError("central_dp needs strategy.name = 'fedavg' (Flower's accountant)")
         self._central_budget = central_dp_budget(self)
@@ -503,6 +552,17 @@ class FederationPlan(StrictModel):
     def model_name(self) -> str:
         """The zoo model (the dataset's default when ``model`` is not set)."""
         return self.model or default_model(self.dataset)
+
+    def round_lr(self, server_round: int) -> float:
+        """The local learning rate of ``server_round`` (1-based).
+
+        ``lr`` in every round, or with ``lr_final`` the half cosine from ``lr`` (round 1)
+        to ``lr_final`` (round ``rounds``); rounds past the plan keep ``lr_final``.
+        """
+        if self.lr_final is None or self.rounds == 1:
+            return self.lr
+        progress = min(max(server_round - 1, 0) / (self.rounds - 1), 1.0)
+        return self.lr_final + (self.lr - self.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
         """A flat ``run_config``-style dict: nested keys dotted, lists as JSON strings.
@@ -557,6 +617,17 @@ class FederationPlan(StrictModel):
         import hashlib
 
         data = self.model_dump(mode="json", exclude={"name", "description"})
+        if data["lr_final"] is None:
+            del data["lr_final"]
+        if not data["centre_inputs"]:
+            del data["centre_inputs"]
+        if data["augment_multiplicity"] == 1 and data["augment_shift"] == 1:
+            del data["augment_multiplicity"], data["augment_shift"]
+        if not data["dp"]["clip_per_layer"]:
+            del data["dp"]["clip_per_layer"]
+        strategy = data["strategy"]
+        if strategy["server_learning_rate"] == 1.0 and strategy["server_momentum"] == 0:
+            del strategy["server_learning_rate"], strategy["server_momentum"]
         for profile in data["profiles"]:
             if profile["name"] is None:
                 del profile["name"]
@@ -836,6 +907,12 @@ def profile_for(
 
 ConfigValue = bool | int | float | str
 
+_AUGMENT_BOUNDS: Final[dict[str, tuple[int, int]]] = {
+    "augment_multiplicity": (1, 32),
+    "augment_shift": (1, 4),
+}
+"""What a device accepts for the augmentation keys (the plan's own bounds)."""
+
 
 @dataclass(frozen=True)
 class ClientInstructions:
@@ -871,6 +948,10 @@ class ClientInstructions:
         server_round: The round this message belongs to.
         proximal_mu: FedProx μ (0: no proximal term).
         clipping_norm: Central-DP update clip (0: none).
+        augment_multiplicity: Views per sampled image (1: no augmentation).
+        augment_shift: Largest shift of a view, in pixels.
+        clip_per_layer: Opacus' per-layer clipping (an equal split of max_grad_norm).
+        centre_inputs: Train on each sample minus its own mean value.
     """
 
     run_id: str
@@ -897,6 +978,10 @@ class ClientInstructions:
     server_round: int = 0
     proximal_mu: float = 0.0
     clipping_norm: float = 0.0
+    augment_multiplicity: int = 1
+    augment_shift: int = 1
+    clip_per_layer: bool = False
+    centre_inputs: bool = False
 
     @classmethod
     def from_plan(cls, plan: FederationPlan, run_id: str) -> ClientInstructions:
@@ -930,6 +1015,10 @@ class ClientInstructions:
                 ]
             ),
             proximal_mu=plan.strategy.proximal_mu if plan.strategy.name == "fedprox" else 0.0,
+            augment_multiplicity=plan.augment_multiplicity,
+            augment_shift=plan.augment_shift,
+            clip_per_layer=plan.dp.clip_per_layer,
+            centre_inputs=plan.centre_inputs,
         )
 
     def to_config(self) -> dict[str, ConfigValue]:
@@ -964,6 +1053,14 @@ class ClientInstructions:
                 raise ConfigError(
                     f"train config key {name.replace('_', '-')!r}: expected {f.type}, "
                     f"got {type(value).__name__}"
+                )
+        # The plan's own bounds: a device builds augment-multiplicity views of every batch.
+        for name, (low, high) in _AUGMENT_BOUNDS.items():
+            value = getattr(inst, name)
+            if isinstance(value, bool) or not low <= value <= high:
+                raise ConfigError(
+                    f"train config key {name.replace('_', '-')!r}: {value!r} is outside "
+                    f"[{low}, {high}]"
                 )
         return inst
 

@@ -26,8 +26,11 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from edgefl.netutil import free_port as _free
 from edgefl.process import ManagedProcess, ProcessNotReadyError, wait_until
@@ -40,6 +43,7 @@ __all__ = [
     "first_line",
     "free_port",
     "mosquitto_executable",
+    "prometheus_server",
     "start_edgefl",
     "wait_for",
 ]
@@ -60,6 +64,55 @@ def free_port() -> int:
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` seconds."""
     wait_until(condition, timeout, what, interval=0.02)
+
+
+@contextlib.contextmanager
+def prometheus_server(folder: Path, config: Mapping[str, Any]) -> Iterator[str]:
+    """Debian's Prometheus running ``config`` on a free loopback port, for the block.
+
+    ``config`` is written to ``folder/prometheus.yml`` (relative paths in it, such as
+    ``rule_files``, are relative to ``folder``); the data goes to ``folder/data``. Yields
+    the base URL (``http://127.0.0.1:PORT``) once ``/-/ready`` answers; stops it after.
+
+    Raises:
+        RuntimeError: ``prometheus`` is not installed (``scripts/setup`` installs it).
+    """
+    import yaml
+
+    exe = shutil.which("prometheus")
+    if exe is None:
+        raise RuntimeError("prometheus is not installed (scripts/setup installs it)")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(dict(config)), encoding="utf-8")
+    port = free_port()
+    proc = ManagedProcess(
+        [
+            exe,
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        folder / "prometheus.log",
+        name="prometheus",
+    )
+    proc.start()
+    try:
+        proc.wait_for_port("127.0.0.1", port, 30)
+        base = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited: {proc.last_line()}")
+            try:
+                with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as answer:
+                    return bool(answer.status == 200)
+            except (urllib.error.URLError, ConnectionError, OSError):  # 503 while it starts
+                return False
+
+        wait_for(ready, 30, "Prometheus ready")
+        yield base
+    finally:
+        proc.stop(10)
 
 
 class Mosquitto:

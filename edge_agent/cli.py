@@ -113,12 +113,33 @@ def status(config: ConfigOption, as_json: Annotated[bool, JSON_OPTION] = False) 
             f"{training['samples']} samples, restarts {node['restarts']}"
             + (f", last error: {node['last_error']}" if node.get("last_error") else "")
         )
+    privacy = report.get("privacy")
+    if privacy is not None:
+        typer.echo(_privacy_line(privacy))
     models = report.get("models")
     if models is not None:
         typer.echo(_models_line(models))
     inference = report.get("inference")
     if inference is not None:
         typer.echo(_inference_lines(inference))
+
+
+def _privacy_line(doc: dict[str, Any]) -> str:
+    """``privacy: lifetime ε 10.31 of cap 16 (5.69 left, δ=1e-05) over 2 runs``."""
+    if "error" in doc:
+        return f"privacy: lifetime ε UNREADABLE: {doc['error']}"
+    cap = doc.get("lifetime_cap")
+    delta = f"δ={doc['lifetime_delta']:g}"
+    budget = (
+        f"no cap ({delta})"
+        if cap is None
+        else f"cap {cap:g} ({doc.get('lifetime_remaining') or 0.0:.2f} left, {delta})"
+    )
+    return (
+        f"privacy: lifetime ε {doc['lifetime_epsilon']:.2f} of {budget} over "
+        f"{doc.get('runs', 0)} runs"
+        + (f", as of {_when(doc['updated_at'])}" if doc.get("updated_at") else "")
+    )
 
 
 def _when(stamp: Any) -> str:

@@ -115,6 +115,7 @@ __all__ = [
     "make_command",
     "parse_command",
     "ping_handler",
+    "prewarm_handler",
     "response_topic",
     "set_rate_handler",
     "status_handler",
@@ -677,6 +678,17 @@ def status_handler(status: Callable[[], dict[str, Any]]) -> CommandHandler:
 
     def handler(args: dict[str, Any]) -> dict[str, Any]:
         return status()
+
+    return handler
+
+
+def prewarm_handler(prewarm: Callable[[], dict[str, Any]]) -> CommandHandler:
+    """``prewarm-training``: start the ClientApp's warm zygote now (takes no arguments)."""
+
+    def handler(args: dict[str, Any]) -> dict[str, Any]:
+        if args:
+            raise CommandError(f"unknown argument(s) {sorted(args)}; prewarm-training takes none")
+        return prewarm()
 
     return handler
 

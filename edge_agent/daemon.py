@@ -50,6 +50,7 @@ from edgefl.edge_agent.commands import (
     CommandError,
     CommandProcessor,
     ping_handler,
+    prewarm_handler,
     set_rate_handler,
     status_handler,
 )
@@ -57,6 +58,7 @@ from edgefl.edge_agent.datastore import SAMPLES_FILE, LocalDataStore, Sample
 from edgefl.edge_agent.fl.supernode import TELEMETRY_DIR, SuperNodeSupervisor, TrainingConfig
 from edgefl.edge_agent.identity import CertRenewer
 from edgefl.edge_agent.inference.config import InferenceConfig
+from edgefl.edge_agent.metrics import AgentMetricsConfig
 from edgefl.edge_agent.models.config import ModelsConfig
 from edgefl.edge_agent.mqtt_link import InboundMessage, MqttLink, MqttLinkConfig, OutboxSender
 from edgefl.edge_agent.offload.config import OffloadConfig
@@ -80,6 +82,7 @@ from edgefl.enrollment import INSTALL_CERT_COMMAND
 from edgefl.errors import BadInputError
 from edgefl.files import write_text_atomic
 from edgefl.procs import pid_alive
+from edgefl.proto.commands import PREWARM_TRAINING_COMMAND
 from edgefl.proto.ids import ID_REGEX
 from edgefl.proto.topics import (
     command_filter,
@@ -110,6 +113,14 @@ class AgentConfig(StrictModel):
     outbox: OutboxPolicy = Field(default_factory=lambda: OutboxPolicy())
     sources: list[SourceConfig] = Field(default_factory=list)
     status_interval_s: float = Field(1.0, gt=0, le=3600)
+    agent_report_s: float = Field(
+        60.0,
+        ge=0,
+        description="Every this long while connected, report the outbox (records, bytes, "
+        "oldest age, dropped, expired) as telemetry/agent, so the server can show each "
+        "device's backlog; 0: never. Nothing is reported while disconnected: the backlog "
+        "then would be old news when it arrived.",
+    )
     offload: OffloadConfig | None = Field(
         None, description="Device model and cloud offload for `edgefl agent predict`."
     )
@@ -134,6 +145,10 @@ class AgentConfig(StrictModel):
         default_factory=lambda: ModelsConfig(),
         description="Signed model updates: follow state/desired, download, verify, swap "
         "(off by default).",
+    )
+    metrics: AgentMetricsConfig = Field(
+        default_factory=lambda: AgentMetricsConfig(),
+        description="A local Prometheus endpoint (off by default; loopback).",
     )
 
     @model_validator(mode="after")
@@ -176,7 +191,8 @@ class Agent:
         # Replay sources read their samples from a cache a child process prepares, so the
         # agent never imports scikit-learn (see sources.replay_arrays).
         self.sources: list[DataSource] = [
-            build_source(s, cache_dir=config.state_dir / "cache") for s in config.sources
+            build_source(s, cache_dir=config.state_dir / "cache", device_id=config.device_id)
+            for s in config.sources
         ]
         self.rejected = 0
         self.oversized = 0  # records refused as larger than the fleet carries
@@ -232,6 +248,9 @@ class Agent:
                 state_dir=config.state_dir,
                 data_store=self.datastore.path,
             )
+            self.commands.register(
+                PREWARM_TRAINING_COMMAND, prewarm_handler(self.supervisor.prewarm)
+            )
         self.inference: Any = None  # an InferenceLoop when inference.enabled
         if config.inference.enabled:
             # Imported only when used: the loop loads numpy, grpc and the runtimes.
@@ -246,6 +265,14 @@ class Agent:
                 device_id=config.device_id,
                 fleet=config.fleet,
             )
+        self.metrics: Any = None  # an AgentMetrics when metrics.enabled
+        if config.metrics.enabled:
+            # Imported only when used: prometheus_client and its HTTP server.
+            from edgefl.edge_agent.metrics import AgentMetrics
+
+            self.metrics = AgentMetrics(self, config.metrics)
+            if self.inference is not None:
+                self.inference.stats.on_answer = self.metrics.observe_answer
 
     def _model_manager(self) -> Any:
         """The model manager, with the device's pinned release keys and its mTLS identity."""
@@ -509,6 +536,8 @@ class Agent:
     def run(self, stop: threading.Event) -> None:
         """Block until ``stop`` is set; always closes cleanly (retained ``offline``)."""
         self.commands.recover()
+        if self.metrics is not None:
+            self.metrics.start()  # a port that cannot be bound fails the start, loudly
         router_stop = threading.Event()
         router: threading.Thread | None = None
         if self.models is not None:
@@ -529,6 +558,7 @@ class Agent:
         next_status = 0.0
         next_training = 0.0
         next_report = time.monotonic() + self.config.inference.report_interval_s
+        next_agent_report = time.monotonic() + self.config.agent_report_s
         try:
             while not stop.is_set():
                 now = time.monotonic()
@@ -540,6 +570,9 @@ class Agent:
                 if loop is not None and now >= next_report:
                     self.submit([loop.report()])
                     next_report = now + self.config.inference.report_interval_s
+                if self.config.agent_report_s and now >= next_agent_report and self.link.connected:
+                    self.submit([self.agent_report()])
+                    next_agent_report = now + self.config.agent_report_s
                 if now >= next_training:
                     self._training_tick()
                     self._renewal_tick(now)
@@ -567,11 +600,35 @@ class Agent:
             self.commands.stop()
             self.sender.stop()
             self.link.close()
+            if self.metrics is not None:
+                self.metrics.stop()
             self.write_status(running=False)
             self.commands.close()
             if self.datastore is not None:
                 self.datastore.close()
             self.outbox.close()
+
+    def agent_report(self) -> SourceRecord:
+        """The ``telemetry/agent`` record: the outbox as it is now and the agent's version."""
+        from edgefl import __version__
+
+        stats = self.outbox.stats()
+        body = {
+            "agent_version": __version__,
+            "outbox": {
+                "depth": stats.depth,
+                "bytes": stats.bytes,
+                "oldest_age_s": round(stats.oldest_age_s, 3),
+                "dropped": stats.dropped,
+                "expired": stats.expired,
+            },
+        }
+        return SourceRecord(
+            stream="agent",
+            kind="telemetry",
+            content_type="application/json",
+            body=json.dumps(body, sort_keys=True, separators=(",", ":")).encode(),
+        )
 
     def status(self, *, running: bool) -> dict[str, Any]:
         """The document ``agent status`` shows."""
@@ -595,6 +652,7 @@ class Agent:
             "training": self.training_status(),
             "sources": [self._source_status(s) for s in self.sources],
             "inference": None if self.inference is None else self.inference.status(),
+            "metrics": None if self.metrics is None else self.metrics.address,
         }
 
     @staticmethod
@@ -663,8 +721,21 @@ def read_status(config: AgentConfig) -> dict[str, Any]:
         "training": report.get("training"),
         "sources": report.get("sources", []),
         "inference": report.get("inference"),
+        # The local Prometheus endpoint's URL while the agent runs (metrics.enabled).
+        "metrics": report.get("metrics") if state == "running" else None,
         "models": _models_status(config),
+        "privacy": _privacy_status(config),
     }
+
+
+def _privacy_status(config: AgentConfig) -> dict[str, Any] | None:
+    """The device's lifetime ε and cap (``None`` without training or before any round)."""
+    if config.training is None:
+        return None
+    from edgefl.edge_agent.fl.privacy import read_lifetime
+
+    budget = config.training.privacy
+    return read_lifetime(config.state_dir, budget.lifetime_epsilon, budget.lifetime_delta)
 
 
 def _models_status(config: AgentConfig) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ from edgefl.proto.topics import command_filter, command_topic, response_topic
 
 __all__ = [
     "CORRELATION_ID_MAX_LEN",
+    "PREWARM_TRAINING_COMMAND",
     "CommandError",
     "check_correlation_id",
     "command_filter",
@@ -35,6 +36,11 @@ __all__ = [
 
 CORRELATION_ID_MAX_LEN: Final = 128
 """Longest correlation id (it is a topic level of the response)."""
+
+PREWARM_TRAINING_COMMAND: Final = "prewarm-training"
+"""``server train`` sends it to the admitted online devices before it submits a run: the
+agent starts its ClientApp's warm zygote then, so the imports overlap the run's start.
+No arguments; the answer is ``{"prewarmed": bool}`` with a ``reason`` when false."""
 
 
 class CommandError(BadInputError):

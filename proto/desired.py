@@ -144,6 +144,20 @@ class ReportedState(_Wire):
     state: Literal["running", "downloading", "verifying", "rolled_back", "failed", "none"]
     last_failure: LastFailure | None = None
     rollbacks: int = Field(0, ge=0)
+    agent: str | None = Field(
+        None,
+        max_length=32,
+        pattern=r"^[0-9A-Za-z.+!_-]+$",
+        description="the agent's edgefl version; left out of the JSON when absent, so an "
+        "older agent's report (without it) is read as before",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_absent_agent(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and data.get("agent", 0) is None:
+            del data["agent"]
+        return data
 
 
 _WireT = TypeVar("_WireT", bound=_Wire)

@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent.parent
-ROLES = ("edgefl.server", "edgefl.edge_agent", "edgefl.quantize", "edgefl.simulations")
+# edgefl.demo drives every role's processes and reads the server's registry: a role package
+# above the shared layer (like the simulation), so core importing it is counted.
+ROLES = (
+    "edgefl.server",
+    "edgefl.edge_agent",
+    "edgefl.quantize",
+    "edgefl.simulations",
+    "edgefl.demo",
+)
 COMPOSITION_ROOTS = frozenset({"edgefl.cli", "edgefl.server.fl.simulation"})
 _TLS_NAME = re.compile(r"cert|key|(^|_)ca(_|$)")
 NOT_TLS: dict[str, str] = {

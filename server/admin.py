@@ -37,20 +37,6 @@ __all__ = [
     "registry_url",
 ]
 
-# The reported-state keys of a device row, None for a device that never reported
-# (ReportedModelState.to_json has the same keys).
-_NO_REPORT = (
-    "model",
-    "version",
-    "variant",
-    "sha256",
-    "state",
-    "since",
-    "rollbacks",
-    "last_failure",
-    "reported_at",
-)
-
 
 @dataclass
 class AdminContext:
@@ -232,9 +218,11 @@ def registry_url(config_path: Path | None, override: str | None) -> str:
 def device_rows(db_url: str) -> list[dict[str, Any]]:
     """The registry's devices for ``edgefl server devices``, oldest id first.
 
-    Each row: ``device_id``, ``fleet``, ``online``, ``last_seen`` (ISO 8601 with its UTC
-    offset, or ``None``), ``records`` (how many it stored), and what the device last
-    reported on ``state/reported`` (:func:`~edgefl.server.device_states.read_model_states`):
+    The rows of the ``devices`` operation (:func:`edgefl.server.ops.fleet.device_list`):
+    ``device_id``, ``fleet``, ``online``, ``presence``, ``last_seen`` (ISO 8601 with its UTC
+    offset, or ``None``), ``records`` (how many it stored), the agent and envelope
+    versions, ``epsilon`` and ``outbox``, and what the device last reported on
+    ``state/reported`` (:func:`~edgefl.server.device_states.read_model_states`):
     ``model``, ``version``, ``variant``, ``sha256``, ``state``, ``since``, ``rollbacks``,
     ``last_failure`` (``{version, reason, detail, at}`` or ``None``) and ``reported_at``,
     all ``None`` for a device that never reported.
@@ -242,47 +230,16 @@ def device_rows(db_url: str) -> list[dict[str, Any]]:
     Raises:
         BadInputError: The registry cannot be read (its URL shown without a password).
     """
-    from datetime import UTC
-
-    from sqlalchemy import func, select
     from sqlalchemy.exc import SQLAlchemyError
 
     from edgefl.errors import BadInputError
-    from edgefl.server.device_states import read_model_states
-    from edgefl.server.registry import Device, Record, make_engine, session_factory
+    from edgefl.server.ops.fleet import device_list
+    from edgefl.server.registry import make_engine
     from edgefl.server.registry.db import display_url
 
     engine = make_engine(db_url)
     try:
-        with session_factory(engine)() as session:
-            counts = dict(
-                session.execute(
-                    select(Record.device_id, func.count()).group_by(Record.device_id)
-                ).all()
-            )
-            states = read_model_states(session)
-            return [
-                {
-                    "device_id": d.device_id,
-                    "fleet": d.fleet,
-                    "online": d.online,
-                    # SQLite gives naive datetimes back; they mean UTC.
-                    "last_seen": (
-                        (
-                            d.last_seen if d.last_seen.tzinfo else d.last_seen.replace(tzinfo=UTC)
-                        ).isoformat()
-                        if d.last_seen
-                        else None
-                    ),
-                    "records": int(counts.get(d.device_id, 0)),
-                    **(
-                        states[d.device_id].to_json()
-                        if d.device_id in states
-                        else dict.fromkeys(_NO_REPORT)
-                    ),
-                }
-                for d in session.scalars(select(Device).order_by(Device.device_id))
-            ]
+        return device_list(engine)
     except SQLAlchemyError as exc:
         raise BadInputError(
             f"cannot read the registry at {display_url(db_url)}: {str(exc).splitlines()[0]}",

@@ -35,14 +35,19 @@ import typer
 
 from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error
 from edgefl.server import (
+    cli_admin,
     cli_deploy,
     cli_enroll,
+    cli_fleet,
     cli_inference,
+    cli_jobs,
+    cli_maintenance,
     cli_release,
     cli_rollout,
     cli_train,
 )
 from edgefl.server.cli_common import RegistryConfigOption, ServerConfigOption, server_config
+from edgefl.server.cli_ops import RemoteOptions, remote_options
 
 __all__ = ["app"]
 
@@ -73,20 +78,30 @@ def ingest(
 
 @app.command()
 @exits_on_error
+@remote_options
 def devices(
+    remote: RemoteOptions,
     config: RegistryConfigOption = None,
     db_url: Annotated[str | None, typer.Option(help="Override db_url (SQLAlchemy URL).")] = None,
+    fleet: Annotated[str | None, typer.Option(help="Only devices of this fleet.")] = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
-    """List devices: presence, last seen (UTC), stored records and the model each reports.
+    """List devices: presence, last seen (UTC), records, the model each reports, agent, ε, outbox.
 
     The model columns come from the device's retained state/reported (model, version,
-    state, rollbacks, last failure); `-` for a device that has not reported one.
+    state, rollbacks, last failure); `-` for a device that has not reported one. `agent`
+    is the edgefl version it reports, `ε` what it spent over every run (the sum of its
+    ledger ε per run; `server privacy` composes them tighter), `outbox` the records its
+    outbox held at its newest report (telemetry/agent, every agent_report_s while
+    connected, or an answer to `server command DEVICE status`).
     """
     from edgefl.clikit import print_table
-    from edgefl.server.admin import device_rows, registry_url
+    from edgefl.server.cli_fleet import call_op
 
-    rows = device_rows(registry_url(config, db_url))
+    args: dict[str, Any] = {"fleet": fleet} if fleet is not None else {}
+    rows = call_op(
+        "devices", args, config=config, remote=remote, db_url=db_url, registry_file=True
+    )["devices"]
     if as_json:
         emit_json({"devices": rows})
         return
@@ -105,6 +120,9 @@ def devices(
             ("state", "left"),
             ("rollbacks", "right"),
             ("last failure", "left"),
+            ("agent", "left"),
+            ("ε", "right"),
+            ("outbox", "right"),
         ],
         [
             (
@@ -118,6 +136,9 @@ def devices(
                 row["state"],
                 row["rollbacks"],
                 _last_failure_cell(row["last_failure"]),
+                row.get("agent_version"),
+                None if row.get("epsilon") is None else f"{row['epsilon']:.3f}",
+                None if not row.get("outbox") else row["outbox"]["depth"],
             )
             for row in rows
         ],
@@ -152,7 +173,7 @@ def start(
     from edgefl.clikit import error_console_print
     from edgefl.server.serve import Server
 
-    server = Server(server_config(config), progress=error_console_print)
+    server = Server(server_config(config), progress=error_console_print, config_path=config)
 
     def ready(srv: Server) -> None:
         info = srv.info()
@@ -166,6 +187,7 @@ def start(
             f"broker {broker['host']}:{broker['port']}"
             f"{'' if broker['managed'] else ' (external)'}, registry {info['db_url']}, "
             f"CA {info['ca_dir']}"
+            + (f", admin API {info['admin']['url']}" if info.get("admin") else "")
         )
 
     server.run(on_ready=ready)
@@ -214,3 +236,7 @@ app.add_typer(cli_inference.app)
 app.add_typer(cli_deploy.app)
 app.add_typer(cli_release.app)
 app.add_typer(cli_rollout.app)
+app.add_typer(cli_fleet.app)
+app.add_typer(cli_admin.app)
+app.add_typer(cli_maintenance.app)
+app.add_typer(cli_jobs.app)

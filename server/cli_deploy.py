@@ -17,6 +17,7 @@ from edgefl.server.cli_common import (
     ServerConfigOption,
     VariantOption,
 )
+from edgefl.server.cli_ops import RemoteOptions, remote_options
 
 __all__ = ["app"]
 
@@ -25,7 +26,9 @@ app = typer.Typer()
 
 @app.command()
 @exits_on_error
+@remote_options
 def deploy(
+    remote: RemoteOptions,
     model: ReleasedModelArgument,
     version: ReleaseVersionArgument,
     variant: VariantOption = None,
@@ -53,21 +56,24 @@ def deploy(
     the artifact from the server's model delivery service and check it before running it.
     """
     from edgefl.errors import BadInputError
-    from edgefl.server.cli_common import server_config
-    from edgefl.server.rollout import deploy as run_deploy
+    from edgefl.server.cli_fleet import call_op
 
     if (device is None) == (not fleet):
         raise BadInputError("give exactly one of --device D and --fleet")
-    result = run_deploy(
-        server_config(config),
-        model,
-        version,
-        variant=variant,
-        device=device,
-        rollback=rollback,
-        expires_days=expires_days,
+    summary = call_op(
+        "deploy",
+        {
+            "model": model,
+            "version": version,
+            "variant": variant,
+            "device": device,
+            "fleet": fleet,
+            "rollback": rollback,
+            "expires_days": expires_days,
+        },
+        config=config,
+        remote=remote,
     )
-    summary = result.to_dict()
     if as_json:
         emit_json(summary)
         return

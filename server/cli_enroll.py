@@ -15,6 +15,7 @@ import typer
 
 from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error
 from edgefl.server.cli_common import ServerConfigOption, server_config
+from edgefl.server.cli_ops import RemoteOptions, remote_options
 
 __all__ = ["app"]
 
@@ -23,7 +24,9 @@ app = typer.Typer()
 
 @app.command()
 @exits_on_error
+@remote_options
 def admit(
+    remote: RemoteOptions,
     request: Annotated[
         Path, typer.Argument(help="The enrollment request `edgefl agent enroll` wrote.")
     ],
@@ -42,40 +45,20 @@ def admit(
 
     Give the bundle to the device: `edgefl agent enroll --install BUNDLE`.
     """
-    from edgefl.enrollment import read_request, write_json_document
-    from edgefl.server.admin import connect
-    from edgefl.server.enrollment import admit as admit_device
-    from edgefl.server.fl.app_signing import app_signing_public_keys
-    from edgefl.server.release_keys import trusted_public_keys
+    from edgefl.enrollment import EnrollmentBundle, read_request, write_json_document
+    from edgefl.server.cli_fleet import call_op
 
-    req = read_request(request)
-    ctx = connect(config)
-    try:
-        bundle = admit_device(
-            req,
-            ca=ctx.ca,
-            admin=ctx.admin,
-            engine=ctx.engine,
-            superlink_address=ctx.superlink_address,
-            readmit=readmit,
-            # Read before admitting: an unreadable key fails with nothing admitted.
-            app_signing_keys=app_signing_public_keys(ctx.config.resolved_state_dir),
-            release_signing_keys=trusted_public_keys(ctx.config.resolved_ca_dir),
-        )
-    finally:
-        ctx.close()
+    req = read_request(request)  # a bad file fails here, before the server is asked
+    doc = call_op(
+        "admit",
+        {"request": req.model_dump(mode="json"), "readmit": readmit},
+        config=config,
+        remote=remote,
+    )
+    bundle = EnrollmentBundle.model_validate(doc["bundle"])
     target = out if out is not None else Path(f"{req.device_id}.bundle.json")
     write_json_document(target, bundle)
-    summary = {
-        "device_id": bundle.device_id,
-        "fleet": bundle.fleet,
-        "node_id": bundle.node_id,
-        "cert_serial": bundle.cert_serial,
-        "superlink": bundle.superlink,
-        "app_signing_keys": len(bundle.app_signing_keys),
-        "release_signing_keys": len(bundle.release_signing_keys),
-        "bundle": str(target),
-    }
+    summary = {**doc["summary"], "bundle": str(target)}
     if as_json:
         emit_json(summary)
         return
@@ -91,7 +74,9 @@ def admit(
 
 @app.command()
 @exits_on_error
+@remote_options
 def revoke(
+    remote: RemoteOptions,
     device: Annotated[str, typer.Argument(help="The device id to revoke.")],
     reason: Annotated[str, typer.Option(help="Why (kept in the registry).")] = "",
     config: ServerConfigOption = None,
@@ -102,29 +87,16 @@ def revoke(
     A running `edgefl server start` restarts its broker on the new CRL, which ends the
     device's MQTT access. Run it again if it failed half-way: it finishes the job.
     """
-    from edgefl.server.admin import connect
-    from edgefl.server.enrollment import revoke as revoke_device
+    from edgefl.server.cli_fleet import call_op
 
-    ctx = connect(config)
-    try:
-        result = revoke_device(device, reason, ca=ctx.ca, admin=ctx.admin, engine=ctx.engine)
-    finally:
-        ctx.close()
-    info = result.enrollment.to_dict()
+    doc = call_op("revoke", {"device": device, "reason": reason}, config=config, remote=remote)
     if as_json:
-        emit_json(
-            {
-                **info,
-                "already_revoked": result.already_revoked,
-                "node_was_registered": result.node_was_registered,
-                "crl": str(ctx.ca.crl_path),
-            }
-        )
+        emit_json(doc)
         return
     typer.echo(
-        f"revoked {device}: certificate serial {info['cert_serial']} is in {ctx.ca.crl_path}, "
-        f"node {info['node_id']} unregistered"
-        + (" (it was already revoked; every step re-checked)" if result.already_revoked else "")
+        f"revoked {device}: certificate serial {doc['cert_serial']} is in {doc['crl']}, "
+        f"node {doc['node_id']} unregistered"
+        + (" (it was already revoked; every step re-checked)" if doc["already_revoked"] else "")
     )
 
 
@@ -191,7 +163,9 @@ def operator_cert(
 
 @app.command()
 @exits_on_error
+@remote_options
 def enrollments(
+    remote: RemoteOptions,
     config: ServerConfigOption = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
@@ -203,23 +177,9 @@ def enrollments(
     on the device, `edgefl agent status` names the cause (wrong CA, unreachable SuperLink).
     """
     from edgefl.clikit import print_table
-    from edgefl.errors import ServiceUnavailableError
-    from edgefl.server.admin import connect
-    from edgefl.server.enrollment import list_enrollments
+    from edgefl.server.cli_fleet import call_op
 
-    ctx = connect(config, need_superlink=False)
-    try:
-        rows = [e.to_dict() for e in list_enrollments(ctx.engine)]
-        try:
-            nodes = {str(n.node_id): n.status for n in ctx.admin.list_nodes()} if rows else {}
-        except ServiceUnavailableError:
-            nodes = None
-    finally:
-        ctx.close()
-    for row in rows:
-        row["superlink_status"] = (
-            "unknown" if nodes is None else nodes.get(str(row["node_id"]), "absent")
-        )
+    rows = call_op("enrollments", {}, config=config, remote=remote)["enrollments"]
     if as_json:
         emit_json({"enrollments": rows})
         return

@@ -12,6 +12,7 @@ import typer
 
 from edgefl.clikit import JSON_OPTION, emit_json, exits_on_error
 from edgefl.server.cli_common import ServerConfigOption
+from edgefl.server.cli_ops import RemoteOptions, remote_options
 
 if TYPE_CHECKING:
     from edgefl.server.config import ServerConfig
@@ -101,7 +102,9 @@ def _print_release(outcome: ReleaseOutcome) -> None:
 
 @app.command()
 @exits_on_error
+@remote_options
 def release(
+    remote: RemoteOptions,
     run: Annotated[str, typer.Option("--run", help="The federated run to release.")],
     round_: Annotated[
         int | None,
@@ -167,6 +170,14 @@ def release(
     config: ServerConfigOption = None,
     db_url: DbUrlOption = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait",
+            help="With --server: follow the job until it ends (default), or print its id "
+            "and return (`edgefl server job ID` shows it).",
+        ),
+    ] = True,
 ) -> None:
     """Build, verify, sign and publish a run's model as a new release version.
 
@@ -174,6 +185,11 @@ def release(
     (reason accuracy_drop) and the others are published. Exits 6 when a variant fails
     verification, or every variant is left out: the release is then recorded as failed,
     with the reasons, and nothing is published.
+
+    With --server it runs as a background job of the server (building and verifying the
+    variants takes minutes): the command follows it, printing its progress, and prints
+    and exits as it does here; --no-wait prints the job id (`edgefl server job ID`).
+    The audit log records it. `server releases` reads the releases from anywhere.
     """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -181,9 +197,11 @@ def release(
     from edgefl.errors import VerificationError
     from edgefl.quantize.build import count_steps
     from edgefl.server.cli_common import server_config
+    from edgefl.server.cli_fleet import local_audit
+    from edgefl.server.ops.background import release_request
     from edgefl.server.releases import (
         CALIBRATION_SOURCES,
-        ReleaseRequest,
+        ReleaseOutcome,
         create_release,
         select_variants,
     )
@@ -192,57 +210,78 @@ def release(
         raise typer.BadParameter(
             f"one of: {', '.join(CALIBRATION_SOURCES)}", param_hint="--calibration"
         )
-    cfg = server_config(config)
     names = [n.strip() for n in recipes.split(",") if n.strip()] if recipes is not None else None
-    request = ReleaseRequest(
-        run_id=run,
-        round=round_,
-        recipes=names,
-        calibration=calibration,  # type: ignore[arg-type]  # checked above
-        device_class=device_class,
-        onnx_device_class=onnx_device_class,
-        runtime=runtime,
-        expires_days=expires_days,
-        by=by,
-        bench_iters=bench_iters,
-        max_accuracy_drop=(
-            max_accuracy_drop if max_accuracy_drop is not None else cfg.models.max_accuracy_drop
-        ),
-    )
+    job_arguments: dict[str, Any] = {
+        "run": run,
+        "round": round_,
+        "recipes": names,
+        "calibration": calibration,
+        "device_class": device_class,
+        "onnx_device_class": onnx_device_class,
+        "runtime": runtime,
+        "expires_days": expires_days,
+        "by": by,
+        "bench_iters": bench_iters,
+        "max_accuracy_drop": max_accuracy_drop,
+    }
+    if remote.remote:
+        from edgefl.server.cli_jobs import failure, start_remote_job
+
+        if db_url is not None:
+            raise typer.BadParameter(
+                "not with --server (the server's registry is used)", param_hint="--db-url"
+            )
+        doc = start_remote_job("release", job_arguments, remote=remote, wait=wait, as_json=as_json)
+        if doc is None:
+            return
+        if doc["result"] is not None:
+            if as_json:
+                emit_json(doc["result"])
+            else:
+                _print_release(ReleaseOutcome(**doc["result"]))
+        if doc["state"] != "succeeded":
+            raise failure(doc)
+        return
+    cfg = server_config(config)
+    request = release_request(cfg, **job_arguments)
     variants, _ = select_variants(names, request.calibration)
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=as_json,
-    ) as bar:
-        task = bar.add_task(f"releasing run {run}", total=count_steps(variants) + 2)
-        outcome = create_release(
-            db_url or cfg.resolved_db_url,
-            _releases_folder(cfg),
-            cfg.resolved_ca_dir,
-            request,
-            progress=lambda what, done: bar.update(task, completed=done, description=what),
-        )
-    if as_json:
-        emit_json(outcome.to_dict())
-    else:
-        _print_release(outcome)
-    if outcome.status != "published":
-        raise VerificationError(
-            f"{outcome.model} version {outcome.version} is not published: "
-            + "; ".join(outcome.reasons),
-            hint="no file was written; release other --recipes (fp32 is never left out "
-            "for accuracy), a round whose model verifies (--round), or allow a larger "
-            "--max-accuracy-drop",
-        )
+    arguments = {"run": run, "round": round_, "recipes": names, "calibration": calibration}
+    with local_audit("release", arguments, config=config, target=run, db_url=db_url):
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=as_json,
+        ) as bar:
+            task = bar.add_task(f"releasing run {run}", total=count_steps(variants) + 2)
+            outcome = create_release(
+                db_url or cfg.resolved_db_url,
+                _releases_folder(cfg),
+                cfg.resolved_ca_dir,
+                request,
+                progress=lambda what, done: bar.update(task, completed=done, description=what),
+            )
+        if as_json:
+            emit_json(outcome.to_dict())
+        else:
+            _print_release(outcome)
+        if outcome.status != "published":
+            raise VerificationError(
+                f"{outcome.model} version {outcome.version} is not published: "
+                + "; ".join(outcome.reasons),
+                hint="no file was written; release other --recipes (fp32 is never left out "
+                "for accuracy), a round whose model verifies (--round), or allow a larger "
+                "--max-accuracy-drop",
+            )
 
 
 @app.command()
 @exits_on_error
+@remote_options
 def releases(
+    remote: RemoteOptions,
     config: ServerConfigOption = None,
     db_url: DbUrlOption = None,
     model: Annotated[str | None, typer.Option("--model", help="Only this model.")] = None,
@@ -250,14 +289,20 @@ def releases(
 ) -> None:
     """List releases (published and failed) with their privacy guarantee and variants."""
     from edgefl.clikit import print_table
-    from edgefl.server.cli_common import server_config
-    from edgefl.server.releases import list_releases
+    from edgefl.server.cli_fleet import call_op
+    from edgefl.server.releases import ReleaseOutcome
 
-    cfg = server_config(config)
-    rows = list_releases(db_url or cfg.resolved_db_url, model=model)
+    docs = call_op(
+        "releases",
+        {"model": model} if model is not None else {},
+        config=config,
+        remote=remote,
+        db_url=db_url,
+    )["releases"]
     if as_json:
-        emit_json({"releases": [r.to_dict() for r in rows]})
+        emit_json({"releases": docs})
         return
+    rows = [ReleaseOutcome(**d) for d in docs]
     if not rows:
         typer.echo("no releases yet (make one with `edgefl server release --run RUN_ID`)")
         return

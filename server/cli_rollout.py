@@ -20,6 +20,7 @@ from edgefl.server.cli_common import (
     ServerConfigOption,
     VariantOption,
 )
+from edgefl.server.cli_ops import RemoteOptions, remote_options
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -183,7 +184,9 @@ def _print_status(status: dict[str, Any]) -> None:
 
 @app.command()
 @exits_on_error
+@remote_options
 def rollout(
+    remote: RemoteOptions,
     model: ReleasedModelArgument,
     version: ReleaseVersionArgument,
     variant: VariantOption = None,
@@ -267,6 +270,14 @@ def rollout(
     ] = None,
     config: ServerConfigOption = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait",
+            help="With --server: follow the job until it ends (default), or print its id "
+            "and return (`edgefl server job ID` shows it).",
+        ),
+    ] = True,
 ) -> None:
     """Roll MODEL VERSION out in stages: a canary cohort first, then the rest or a rollback.
 
@@ -283,108 +294,144 @@ def rollout(
     rolled back to what they ran before. Every step is recorded (`server rollouts`,
     `server rollout-status ID`). Exits 9 when the rollout halted or failed, 130 when
     interrupted (Ctrl-C, SIGTERM: the devices are left as they are).
+
+    With --server it runs as a background job of the server (it watches the canaries
+    for minutes): the command follows it, printing its progress, and prints and exits as
+    it does here (Ctrl-C stops following, not the rollout); --no-wait prints the job id
+    (`edgefl server job ID`). The audit log records it. `server rollouts` and
+    `server rollout-status` read it from anywhere.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from edgefl.server.cli_common import server_config
+    from edgefl.server.cli_fleet import local_audit
+    from edgefl.server.ops.background import rollout_options
     from edgefl.server.rollout import broker_address, releases_folder
-    from edgefl.server.staged_rollout import (
-        RolloutOptions,
-        StagedRollout,
-        parse_duration,
-        parse_share,
-    )
+    from edgefl.server.staged_rollout import StagedRollout
 
-    options = RolloutOptions(
-        model=model,
-        version=version,
-        variant=variant,
-        fleet=fleet,
-        devices=None
-        if devices is None
-        else tuple(d.strip() for d in devices.split(",") if d.strip()),
-        canary=parse_share(canary, "--canary"),
-        soak_s=parse_duration(soak, "--soak"),
-        max_failures=parse_share(max_failures, "--max-failures"),
-        min_accuracy=None if min_accuracy is None else parse_share(min_accuracy, "--min-accuracy"),
-        max_accuracy_drop=max_accuracy_drop,
-        min_evaluated=min_evaluated,
-        install_timeout_s=parse_duration(install_timeout, "--install-timeout"),
-        expires_days=expires_days,
-        by=by,
-        shadow=shadow,
-        min_agreement=None
-        if min_agreement is None
-        else parse_share(min_agreement, "--min-agreement"),
-    )
-    options.check()
-    cfg = server_config(config)
-    host, port = broker_address(cfg)
-    stop = threading.Event()
+    job_arguments: dict[str, Any] = {
+        "model": model,
+        "version": version,
+        "variant": variant,
+        "fleet": fleet,
+        "devices": devices,
+        "canary": canary,
+        "soak": soak,
+        "max_failures": max_failures,
+        "min_accuracy": min_accuracy,
+        "max_accuracy_drop": max_accuracy_drop,
+        "min_evaluated": min_evaluated,
+        "install_timeout": install_timeout,
+        "expires_days": expires_days,
+        "by": by,
+        "shadow": shadow,
+        "min_agreement": min_agreement,
+    }
+    if remote.remote:
+        _remote_rollout(remote, job_arguments, wait=wait, as_json=as_json)
+        return
+    options = rollout_options(**job_arguments)
+    arguments = {
+        "model": model,
+        "version": version,
+        "variant": variant,
+        "fleet": fleet,
+        "devices": devices,
+        "canary": canary,
+        "soak": soak,
+        "shadow": shadow,
+    }
+    with local_audit(
+        "rollout", arguments, config=config, target=f"{model} v{version} -> {fleet or 'fleet'}"
+    ):
+        cfg = server_config(config)
+        host, port = broker_address(cfg)
+        stop = threading.Event()
 
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
+        def on_signal(_signum: int, _frame: FrameType | None) -> None:
+            stop.set()
 
-    console = Console(stderr=True, highlight=False)
-    if not console.is_terminal:  # a log file or a pipe: whole lines, no colour codes
-        console = Console(stderr=True, highlight=False, width=1000, no_color=True)
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
-        console=console,
-    ) as progress:
-        display = _Display(progress)
-        controller = StagedRollout(
-            options,
-            ca_dir=cfg.resolved_ca_dir,
-            db_url=cfg.resolved_db_url,
-            releases_dir=releases_folder(cfg),
-            broker_host=host,
-            broker_port=port,
-            stop=stop,
-            on_progress=display.update,
-            on_event=display.event,
-        )
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            status = controller.run()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-    if as_json:
-        emit_json(status)
-    else:
-        _print_status(status)
-    if status["state"] in ("interrupted", "failed"):
-        for line in _next_steps(status):
-            console.print(line, markup=False, soft_wrap=True)
-    if status["state"] == "interrupted":
-        raise typer.Exit(EXIT_INTERRUPTED)
-    if status["state"] != "completed":
-        raise typer.Exit(EXIT_NOT_COMPLETED)
+        console = Console(stderr=True, highlight=False)
+        if not console.is_terminal:  # a log file or a pipe: whole lines, no colour codes
+            console = Console(stderr=True, highlight=False, width=1000, no_color=True)
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            console=console,
+        ) as progress:
+            display = _Display(progress)
+            controller = StagedRollout(
+                options,
+                ca_dir=cfg.resolved_ca_dir,
+                db_url=cfg.resolved_db_url,
+                releases_dir=releases_folder(cfg),
+                broker_host=host,
+                broker_port=port,
+                stop=stop,
+                on_progress=display.update,
+                on_event=display.event,
+            )
+            previous = {
+                sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+            }
+            try:
+                status = controller.run()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+        if as_json:
+            emit_json(status)
+        else:
+            _print_status(status)
+        if status["state"] in ("interrupted", "failed"):
+            for line in _next_steps(status):
+                console.print(line, markup=False, soft_wrap=True)
+        if status["state"] == "interrupted":
+            raise typer.Exit(EXIT_INTERRUPTED)
+        if status["state"] != "completed":
+            raise typer.Exit(EXIT_NOT_COMPLETED)
+
+
+def _remote_rollout(
+    remote: RemoteOptions, arguments: dict[str, Any], *, wait: bool, as_json: bool
+) -> None:
+    """Run the rollout as a job of the remote server; print and exit as locally."""
+    from edgefl.clikit import error_console_print
+    from edgefl.server.cli_jobs import failure, start_remote_job
+
+    doc = start_remote_job("rollout", arguments, remote=remote, wait=wait, as_json=as_json)
+    if doc is None:
+        return
+    status = doc["result"]
+    if status is not None:
+        if as_json:
+            emit_json(status)
+        else:
+            _print_status(status)
+        if status["state"] in ("interrupted", "failed"):
+            for line in _next_steps(status):
+                error_console_print(line)
+    if doc["state"] != "succeeded":
+        raise failure(doc)
 
 
 @app.command()
 @exits_on_error
+@remote_options
 def rollouts(
+    remote: RemoteOptions,
     config: ServerConfigOption = None,
     limit: Annotated[int, typer.Option(help="Newest this many.", min=1)] = 50,
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """List staged rollouts, newest first, with their state and device counts."""
     from edgefl.clikit import print_table
-    from edgefl.server.cli_common import server_config
-    from edgefl.server.registry import make_engine
-    from edgefl.server.staged_rollout import list_rollouts
+    from edgefl.server.cli_fleet import call_op
 
-    engine = make_engine(server_config(config).resolved_db_url)
-    try:
-        rows = list_rollouts(engine, limit=limit)
-    finally:
-        engine.dispose()
+    rows = call_op("rollouts", {"limit": limit}, config=config, remote=remote)["rollouts"]
     if as_json:
         emit_json({"rollouts": rows})
         return
@@ -419,7 +466,9 @@ def rollouts(
 
 @app.command("rollout-status")
 @exits_on_error
+@remote_options
 def rollout_status(
+    remote: RemoteOptions,
     rollout_id: Annotated[str, typer.Argument(metavar="ID", help="The rollout id (r-...).")],
     config: ServerConfigOption = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
@@ -430,15 +479,9 @@ def rollout_status(
     shows the release there); `results` counts the stored results the release computed
     on it.
     """
-    from edgefl.server.cli_common import server_config
-    from edgefl.server.registry import make_engine
-    from edgefl.server.staged_rollout import read_rollout
+    from edgefl.server.cli_fleet import call_op
 
-    engine = make_engine(server_config(config).resolved_db_url)
-    try:
-        status = read_rollout(engine, rollout_id)
-    finally:
-        engine.dispose()
+    status = call_op("rollout-status", {"rollout": rollout_id}, config=config, remote=remote)
     if as_json:
         emit_json(status)
         return
@@ -447,7 +490,9 @@ def rollout_status(
 
 @app.command()
 @exits_on_error
+@remote_options
 def results(
+    remote: RemoteOptions,
     model: Annotated[str | None, typer.Option(help="Only results of this model.")] = None,
     version: Annotated[int | None, typer.Option(help="Only this release version.")] = None,
     device: Annotated[str | None, typer.Option(help="Only this device.")] = None,
@@ -456,15 +501,14 @@ def results(
 ) -> None:
     """Count the stored results per device and the model version that computed them."""
     from edgefl.clikit import print_table
-    from edgefl.server.cli_common import server_config
-    from edgefl.server.registry import make_engine
-    from edgefl.server.staged_rollout import results_by_version
+    from edgefl.server.cli_fleet import call_op
 
-    engine = make_engine(server_config(config).resolved_db_url)
-    try:
-        rows = results_by_version(engine, model=model, version=version, device=device)
-    finally:
-        engine.dispose()
+    rows = call_op(
+        "results",
+        {"model": model, "version": version, "device": device},
+        config=config,
+        remote=remote,
+    )["results"]
     if as_json:
         emit_json({"results": rows})
         return

@@ -32,10 +32,13 @@ from edgefl.server.fl.superlink import SuperLinkConfig
 from edgefl.server.fleet_ca import CRL_VALIDITY_DAYS, SERVER_IDENTITY
 from edgefl.server.ingest import IngestConfig
 from edgefl.server.registry.db import DEFAULT_DB_FILENAME
+from edgefl.server.retention import RetentionConfig
 
 __all__ = [
+    "AdminApiConfig",
     "BrokerConfig",
     "InferenceServerConfig",
+    "MetricsConfig",
     "ModelServiceConfig",
     "ServerConfig",
     "ServerIngestConfig",
@@ -100,6 +103,11 @@ class InferenceServerConfig(StrictModel):
         "client_ca": "tls.ca_file",
     }
 
+    enabled: bool = Field(
+        False,
+        description="Run it as a supervised child of `edgefl server start` (off by default: "
+        "its first start trains the model when the weights cache is empty).",
+    )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(0, ge=0, le=65535, description="Port; 0 picks a free one.")
     model: str = Field("digits", min_length=1, description="Heavy model to serve.")
@@ -136,6 +144,14 @@ class InferenceServerConfig(StrictModel):
     )
     registry_ttl_s: float = Field(30.0, ge=0, description="How long registry answers are reused.")
     grace_s: float = Field(2.0, ge=0, description="Time in-flight calls get when stopping.")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve this process's Prometheus metrics on 127.0.0.1:PORT (loopback "
+        "only; 0 picks one); edgefl server start sets it for its child and folds them into "
+        "its /metrics.",
+    )
 
     @model_validator(mode="after")
     def _tls_consistent(self) -> Self:
@@ -199,6 +215,63 @@ class ModelServiceConfig(StrictModel):
     )
 
 
+class AdminApiConfig(StrictModel):
+    """The admin API (``admin:`` section): HTTPS, in the server process.
+
+    See :mod:`edgefl.server.admin_api`. Clients authenticate with an admin certificate
+    (``edgefl server admin-cert``) or an API token (``edgefl server admin-token``).
+    """
+
+    enabled: bool = Field(True, description="Serve the admin API in `edgefl server start`.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to listen on (loopback by default: set the host's address, or "
+        "0.0.0.0, to administer it from other machines).",
+    )
+    port: int = Field(
+        0, ge=0, le=65535, description="HTTPS port; 0 picks a free one (see server.json)."
+    )
+    public_url: str | None = Field(
+        None,
+        description="https://HOST:PORT clients use, when not host:port (a wildcard, NAT); "
+        "written into server.json and the admin.yaml of `edgefl server admin-cert`.",
+    )
+    tls: TlsFiles = Field(
+        default_factory=lambda: TlsFiles(),
+        description="cert_file/key_file: the server certificate (default: the fleet CA's "
+        "server certificate, so clients check it against the fleet CA's ca.pem). ca_file is "
+        "not used: client certificates must come from the admin CA.",
+    )
+    metrics_auth: bool = Field(
+        True,
+        description="/metrics needs a credential (any role); false: anyone who reaches the "
+        "port may scrape it.",
+    )
+    session_ttl_s: float = Field(
+        8 * 3600.0, gt=0, description="A browser session ends after this long unused."
+    )
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> Self:
+        if (self.tls.cert_file is None) != (self.tls.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together: give both or neither")
+        if self.tls.ca_file is not None:
+            raise ValueError(
+                "tls.ca_file: client certificates are checked against the admin CA; remove it"
+            )
+        return self
+
+
+class MetricsConfig(StrictModel):
+    """Prometheus metrics of the server process (``metrics:`` section; /metrics)."""
+
+    enabled: bool = Field(
+        True,
+        description="Count ingest and inference metrics and read the registry's at scrape "
+        "time (edgefl.server.metrics); false: the ingest runs without hooks, /metrics is empty.",
+    )
+
+
 class ServerConfig(StrictModel):
     """``edgefl server start`` settings (YAML, TOML or JSON; unknown keys are errors)."""
 
@@ -217,6 +290,11 @@ class ServerConfig(StrictModel):
     db_url: str | None = Field(
         None, description=f"Registry URL (default sqlite:///<state_dir>/{DEFAULT_DB_FILENAME})."
     )
+    admin: AdminApiConfig = Field(
+        default_factory=lambda: AdminApiConfig(),
+        description="The admin API (HTTPS; admin certificates of a separate admin CA, or "
+        "API tokens): the remote CLI, /metrics and the dashboard.",
+    )
     superlink: SuperLinkConfig = Field(
         default_factory=lambda: SuperLinkConfig(),
         description="The SuperLink; host/port is what devices dial (the Fleet API proxy "
@@ -230,12 +308,22 @@ class ServerConfig(StrictModel):
     ingest: ServerIngestConfig = Field(default_factory=lambda: ServerIngestConfig())
     inference: InferenceServerConfig = Field(
         default_factory=lambda: InferenceServerConfig(),
-        description="The gRPC inference service `edgefl server inference` runs (not "
-        "started by `edgefl server start`); its flags override this section.",
+        description="The gRPC inference service: a supervised child of `edgefl server "
+        "start` when enabled (default off); `edgefl server inference` runs it alone, its "
+        "flags overriding this section.",
     )
     models: ModelServiceConfig = Field(
         default_factory=lambda: ModelServiceConfig(),
         description="The gRPC model delivery service devices download releases from.",
+    )
+    metrics: MetricsConfig = Field(
+        default_factory=lambda: MetricsConfig(),
+        description="Prometheus metrics (served at /metrics by the admin API).",
+    )
+    retention: RetentionConfig = Field(
+        default_factory=lambda: RetentionConfig(),
+        description="How long records, dead letters and checkpoints are kept; applied by "
+        "`edgefl server start` and `edgefl server retention`.",
     )
     restart_min_s: float = Field(1.0, gt=0, description="First restart delay of a child.")
     restart_max_s: float = Field(30.0, gt=0, description="Cap on the restart delay.")

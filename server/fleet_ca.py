@@ -661,17 +661,26 @@ class FleetCA:
         *,
         subject_cn: str,
         public_key: ec.EllipticCurvePublicKey,
-        san: list[x509.GeneralName],
+        san: list[x509.GeneralName] | None,
         eku: x509.ObjectIdentifier,
         days: float,
+        subject_ou: str | None = None,
     ) -> x509.Certificate:
+        """A leaf certificate ``CN=subject_cn`` (and ``OU=subject_ou``) signed by this CA.
+
+        Valid ``days`` (at most as long as the CA); no SubjectAlternativeName extension
+        when ``san`` is None.
+        """
         if days <= 0:
             raise BadInputError(f"certificate validity must be positive, got {days} days")
         now = _now()
         not_after = min(now + dt.timedelta(days=days), self.cert.not_valid_after_utc)
-        return (
+        subject = [x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]
+        if subject_ou is not None:
+            subject.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, subject_ou))
+        builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
+            .subject_name(x509.Name(subject))
             .issuer_name(self.cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
@@ -693,8 +702,13 @@ class FleetCA:
                 critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-            .add_extension(x509.SubjectAlternativeName(san), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        )
+        if san is not None:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return (
+            builder.add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False
+            )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
                 critical=False,

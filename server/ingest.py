@@ -55,7 +55,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any, ClassVar, Final, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
@@ -64,7 +64,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import Field, SecretStr, model_validator
-from sqlalchemy import Engine, Table, select, tuple_
+from sqlalchemy import Engine, Table, func, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
@@ -102,6 +102,9 @@ __all__ = [
     "IngestProgress",
     "subscription_topics",
 ]
+
+if TYPE_CHECKING:
+    from edgefl.server.metrics import IngestMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +325,8 @@ class _Plan:
     state: dict[str, Any] | None = None
     reason: str = ""
     detail: str = ""
+    agent_version: str | None = None
+    envelope_version: int | None = None
 
     @property
     def writes(self) -> bool:
@@ -360,11 +365,17 @@ class _Seen:
     fleet: str
     online: bool | None = None
     live: bool = True
+    agent_version: str | None = None
+    envelope_version: int | None = None
 
-    def merge(self, fleet: str, online: bool | None, *, live: bool) -> None:
-        self.fleet = fleet
-        if online is not None:
-            self.online = online
+    def merge(self, plan: _Plan, *, live: bool) -> None:
+        self.fleet = plan.fleet
+        if plan.online is not None:
+            self.online = plan.online
+        if plan.agent_version is not None:
+            self.agent_version = plan.agent_version
+        if plan.envelope_version is not None:
+            self.envelope_version = plan.envelope_version
         self.live = self.live or live
 
 
@@ -404,10 +415,13 @@ class Ingest:
 
     Args:
         config: Validated settings.
+        metrics: Prometheus hooks (:class:`edgefl.server.metrics.IngestMetrics`), called
+            once per committed transaction; ``None``: not counted (``metrics.enabled``).
     """
 
-    def __init__(self, config: IngestConfig) -> None:
+    def __init__(self, config: IngestConfig, *, metrics: IngestMetrics | None = None) -> None:
         self.config = config
+        self._metrics = metrics
         self._queue: queue.Queue[_Incoming | None] = queue.Queue(
             maxsize=max(2 * config.receive_maximum, config.batch_max)
         )
@@ -828,7 +842,9 @@ class Ingest:
             if rest == ["state", "reported"]:
                 if not item.payload.strip():
                     return _Plan(item)  # the device cleared its retained report
-                return _Plan(item, fleet, device, state=_reported_row(item.payload, fleet, device))
+                state = _reported_row(item.payload, fleet, device)
+                agent = state.pop("agent_version")
+                return _Plan(item, fleet, device, state=state, agent_version=agent)
             envelope = _decode(item.payload)
             if envelope.device_id != device:
                 raise _RejectedError(
@@ -856,7 +872,33 @@ class Ingest:
             "body": envelope.body,
             **_answered_by(envelope),
         }
-        return _Plan(item, fleet, device, record=record)
+        return _Plan(item, fleet, device, record=record, envelope_version=envelope.version)
+
+    def _count_metrics(
+        self,
+        plans: Sequence[_Plan],
+        written: _Written,
+        rows: list[dict[str, Any]],
+        inserted: set[tuple[str, str, int]],
+    ) -> None:
+        """Tell the Prometheus hooks what one committed transaction did."""
+        metrics = self._metrics
+        if metrics is None:
+            return
+        outcomes = {
+            "stored": written.stored,
+            "duplicate": written.duplicates,
+            "status": written.status_updates,
+            "state_stored": written.state_updates,
+            "state_unchanged": written.state_unchanged,
+            "dead_lettered": sum(written.dead.values()),
+        }
+        try:
+            metrics.record_batch(
+                [plan.item.topic for plan in plans], outcomes, written.dead, _lags(rows, inserted)
+            )
+        except Exception:  # counting must never cost a stored batch its ack
+            logger.exception("counting the ingest metrics failed")
 
     def _write(self, plans: Sequence[_Plan]) -> None:
         """One transaction: fleets, devices, reported states, records, dead letters.
@@ -942,6 +984,8 @@ class Ingest:
             for reason, count in written.dead.items():
                 self._counters["dead_lettered"] += count
                 self._counters[f"dead_lettered.{reason}"] += count
+        if self._metrics is not None:
+            self._count_metrics(plans, written, rows, inserted)
         for reason, count in sorted(written.dead.items()):
             topic, detail = written.first_dead[reason]
             logger.warning(
@@ -951,6 +995,16 @@ class Ingest:
                 topic,
                 detail,
             )
+
+
+def _lags(rows: list[dict[str, Any]], inserted: set[tuple[str, str, int]]) -> list[float]:
+    """Seconds from each inserted record's device timestamp to now (its commit)."""
+    now_ms = time.time() * 1000.0
+    return [
+        (now_ms - row["ts_ms"]) / 1000.0
+        for row in rows
+        if (row["device_id"], row["incarnation"], row["seq"]) in inserted
+    ]
 
 
 class _Stopping:
@@ -1029,6 +1083,8 @@ def _reported_row(payload: bytes, fleet: str, device: str) -> dict[str, Any]:
         **_state_columns(reported),
         # parse_reported read it as UTF-8 JSON, which never holds a raw NUL.
         "document": payload.decode("utf-8"),
+        # Not a device_states column: devices.agent_version (taken off by _plan).
+        "agent_version": reported.agent,
     }
 
 
@@ -1258,9 +1314,11 @@ def _seen(devices: dict[str, _Seen], plan: _Plan, *, live: bool) -> None:
     """Note what ``plan`` says of its device in the batch's ``devices``."""
     seen = devices.get(plan.device)
     if seen is None:
-        devices[plan.device] = _Seen(plan.fleet, plan.online, live)
+        devices[plan.device] = _Seen(
+            plan.fleet, plan.online, live, plan.agent_version, plan.envelope_version
+        )
     else:
-        seen.merge(plan.fleet, plan.online, live=live)
+        seen.merge(plan, live=live)
 
 
 def _upsert_devices(
@@ -1286,12 +1344,23 @@ def _upsert_devices(
                 "last_seen": now,
                 "online": bool(seen.online),
                 "status_changed_at": now if seen.online is not None else None,
+                "agent_version": seen.agent_version,
+                "envelope_version": seen.envelope_version,
             }
         )
     planned: list[tuple[Any, list[dict[str, Any]]]] = []
     for (with_status, live), rows in sorted(groups.items()):
         statement = insert(_DEVICES)
-        update: dict[str, Any] = {"fleet": statement.excluded.fleet}
+        update: dict[str, Any] = {
+            "fleet": statement.excluded.fleet,
+            # What the batch did not say (None) keeps the stored version.
+            "agent_version": func.coalesce(
+                statement.excluded.agent_version, _DEVICES.c.agent_version
+            ),
+            "envelope_version": func.coalesce(
+                statement.excluded.envelope_version, _DEVICES.c.envelope_version
+            ),
+        }
         if live:
             update["last_seen"] = statement.excluded.last_seen
         if with_status:

@@ -11,9 +11,8 @@ command wiring in :mod:`edgefl.server.cli`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import typer
 
@@ -24,7 +23,7 @@ if TYPE_CHECKING:
     from edgefl.federation import FederationPlan
     from edgefl.server.admin import AdminContext
 
-__all__ = ["default_timeout_s", "report_run", "submit_run", "wait_for_run"]
+__all__ = ["default_timeout_s", "print_rounds", "report_run", "submit_run", "wait_for_run"]
 
 _START_SLACK_S = 300.0
 """Added to a plan's own bounds for the run to start and the app to load."""
@@ -156,7 +155,6 @@ def report_run(
 
     ``db_url`` is the registry with its password; ``submitted["db_url"]`` is only shown.
     """
-    from edgefl.clikit import print_table
     from edgefl.server.fl.ledger import load_result
 
     run_id = str(submitted["run_id"])
@@ -173,26 +171,10 @@ def report_run(
     else:
         typer.echo(f"run {run_id} (Flower run {submitted['flower_run_id']}): {status}")
         if result is not None:
-            print_table(
-                [
-                    ("round", "right"),
-                    ("accuracy", "right"),
-                    ("loss", "right"),
-                    ("replies", "right"),
-                    ("ε max", "right"),
-                    ("s", "right"),
-                    ("note", "left"),
-                ],
-                [
-                    (
-                        r.round,
-                        f"{r.accuracy:.4f}",
-                        f"{r.loss:.4f}",
-                        f"{r.num_replies}/{r.num_selected}",
-                        f"{r.epsilon_max:.3f}",
-                        f"{r.wall_s:.1f}",
-                        "" if r.aggregated else f"trained nobody: {r.why_nothing_trained()}",
-                    )
+            print_rounds(
+                [r.to_dict() for r in result.rounds],
+                notes=[
+                    "" if r.aggregated else f"trained nobody: {r.why_nothing_trained()}"
                     for r in result.rounds
                 ],
             )
@@ -211,6 +193,40 @@ def report_run(
     shortfall = result.shortfall() if result is not None else "the registry has no such run"
     if shortfall is not None:
         raise RunFailedError(f"run {run_id} did not complete: {shortfall}")
+
+
+def print_rounds(
+    rounds: Sequence[Mapping[str, Any]], *, notes: Sequence[str] | None = None
+) -> None:
+    """A run's rounds as a table (rows of ``RoundReport.to_dict``).
+
+    With ``notes`` (one per round), a ``note`` column too.
+    """
+    from edgefl.clikit import print_table
+
+    columns: list[tuple[str, Literal["left", "right"]]] = [
+        ("round", "right"),
+        ("accuracy", "right"),
+        ("loss", "right"),
+        ("replies", "right"),
+        ("ε max", "right"),
+        ("s", "right"),
+    ]
+    rows: list[tuple[Any, ...]] = [
+        (
+            r["round"],
+            f"{r['accuracy']:.4f}",
+            f"{r['loss']:.4f}",
+            f"{r['num_replies']}/{r['num_selected']}",
+            f"{r['epsilon_max']:.3f}",
+            f"{r['wall_s']:.1f}",
+        )
+        for r in rounds
+    ]
+    if notes is not None:
+        columns.append(("note", "left"))
+        rows = [(*row, note) for row, note in zip(rows, notes, strict=True)]
+    print_table(columns, rows)
 
 
 def print_device_privacy(
@@ -255,11 +271,3 @@ def print_device_privacy(
         columns.pop(1)
         rows = [(row[0], *row[2:]) for row in rows]
     print_table(columns, rows)
-
-
-def load_plan_file(plan: Path) -> FederationPlan:
-    """Read ``server train --plan`` (a plan, or a scenario whose [simulation] is ignored)."""
-    from edgefl.config import load_config
-    from edgefl.federation import FederationPlan
-
-    return load_config(FederationPlan, plan)

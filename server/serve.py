@@ -18,7 +18,15 @@
 - the **MQTT ingest**, in this process, authenticated with the service certificate;
 - the **model delivery service** (:mod:`edgefl.server.models_service`), in this process:
   admitted devices download release artifacts from ``<state_dir>/releases`` over mutual
-  TLS (``models.enabled``; its address is ``models`` in server.json).
+  TLS (``models.enabled``; its address is ``models`` in server.json);
+- the **admin API** (:mod:`edgefl.server.admin_api`), HTTPS in a thread of this process,
+  supervised like a child (``admin.enabled``; its URL is ``admin.url`` in server.json);
+- the **inference service** (``inference.enabled``, off by default: its first start trains
+  a model), ``edgefl server inference`` as a supervised child with the ``inference:``
+  section as its settings (:mod:`edgefl.server.inference.supervised`; its address is
+  ``inference`` in server.json);
+- the **retention** of records, dead letters and checkpoints (:mod:`edgefl.server.retention`),
+  applied every ``retention.interval_s`` in a thread.
 
 A child process that dies is restarted after an exponential backoff with jitter
 (:class:`edgefl.supervise.Supervisor`, on :func:`edgefl.backoff.backoff_delay`, the one
@@ -50,12 +58,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgefl.config import TlsFiles
 from edgefl.errors import ConfigError, EdgeflError
 from edgefl.files import write_text_atomic
 from edgefl.netutil import dial_host, free_port
+from edgefl.server import metrics as server_metrics
 from edgefl.server.broker import BrokerError, MosquittoBroker
 from edgefl.server.cert_renewal import CertRenewalService
 from edgefl.server.config import BrokerConfig, ServerConfig, ServerIngestConfig
@@ -66,9 +75,14 @@ from edgefl.server.fleet_ca import CERTS_IDENTITY, OPERATOR_PREFIX, SERVER_IDENT
 from edgefl.server.ingest import Ingest, IngestConfig
 from edgefl.server.models_service import ModelService, resolve_settings
 from edgefl.server.registry.db import display_url, upgrade
+from edgefl.server.retention import RetentionLoop
 from edgefl.server.runtime import RUNTIME_FILE, end_leftovers, read_runtime
 from edgefl.server.upkeep import LOOPBACK_NAME, CAUpkeep
 from edgefl.supervise import Supervisor
+
+if TYPE_CHECKING:
+    from edgefl.server.admin_api.server import AdminServer
+    from edgefl.server.inference.supervised import InferenceChild
 
 __all__ = [
     "RUNTIME_FILE",
@@ -99,9 +113,17 @@ class Server:
     """
 
     def __init__(
-        self, config: ServerConfig, *, progress: Callable[[str], None] | None = None
+        self,
+        config: ServerConfig,
+        *,
+        progress: Callable[[str], None] | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.config = config
+        self.config_path = config_path
+        self.admin_api: AdminServer | None = None
+        self.inference: InferenceChild | None = None
+        self.retention: RetentionLoop | None = None
         self.state_dir = config.resolved_state_dir
         self.ca_dir = config.resolved_ca_dir
         self.db_url = config.resolved_db_url
@@ -133,6 +155,7 @@ class Server:
         """How often the watchdog restarted a stalled ingest (:meth:`_check_ingest`)."""
         self._ingest_restart_at = 0.0  # monotonic time of the last watchdog restart
         self._ingest_db_wait_logged = False
+        self._metrics = server_metrics.configure(config.metrics.enabled)
 
     # -- properties -------------------------------------------------------------------
 
@@ -256,6 +279,62 @@ class Server:
         """How often each child was restarted after it died (CRL restarts excluded)."""
         return self.supervisor.restarts()
 
+    @property
+    def admin_url(self) -> str | None:
+        """``https://HOST:PORT`` of the admin API, or ``None`` (off)."""
+        if self.admin_api is None:
+            return None
+        return self.config.admin.public_url or self.admin_api.url
+
+    def children_state(self) -> list[dict[str, Any]]:
+        """Each supervised child and in-process service: pid, running, restarts, last error.
+
+        What the admin API's ``/api/v1/children`` answers.
+        """
+        from datetime import UTC, datetime
+
+        now = time.monotonic()
+        out: list[dict[str, Any]] = []
+        for sup in self.supervisor.children():
+            backoff = sup.backoff
+            out.append(
+                {
+                    "name": sup.name,
+                    # The admin API is a thread of this process.
+                    "pid": sup.child.pid or (os.getpid() if sup.name == "admin_api" else None),
+                    "running": sup.child.running(),
+                    "restarts": backoff.restarts,
+                    "last_restart_at": datetime.fromtimestamp(backoff.history[-1], UTC).isoformat()
+                    if backoff.history
+                    else None,
+                    "restart_in_s": round(max(0.0, backoff.next_at - now), 3)
+                    if backoff.next_at is not None
+                    else None,
+                    "last_error": backoff.last_error or None,
+                }
+            )
+        ingest = self.ingest
+        if ingest is not None:
+            out.append(
+                {
+                    "name": "ingest",
+                    "pid": os.getpid(),
+                    "running": ingest.progress().worker_alive,
+                    "restarts": self.ingest_restarts,
+                    "last_restart_at": None,
+                    "restart_in_s": None,
+                    "last_error": None,
+                }
+            )
+        return out
+
+    def _child_restarts(self) -> dict[str, int]:
+        """Restarts per child for ``edgefl_child_restarts_total`` (the ingest: watchdog)."""
+        out = self.supervisor.restarts()
+        if self.ingest is not None or self.ingest_restarts:
+            out["ingest"] = self.ingest_restarts
+        return out
+
     def info(self) -> dict[str, Any]:
         """What ``edgefl server start --json`` prints when ready."""
         return {
@@ -273,6 +352,10 @@ class Server:
             },
             "ingest": self.ingest is not None,
             "models": self.models_address,
+            "inference": self.inference.address if self.inference is not None else None,
+            "admin": {"url": self.admin_url, "port": self.admin_api.port}
+            if self.admin_api is not None
+            else None,
             "ingest_restarts": self.ingest_restarts,
             "pids": self.pids(),
             "operator": self.operator_identity(),
@@ -328,6 +411,9 @@ class Server:
         else:
             self._progress(f"[3/5] external broker at {cfg.broker.host}:{cfg.broker.port}")
         self.upkeep.crl_stamp = self.upkeep.crl_state()
+        server_metrics.attach_server(
+            self._registry(), restarts=self._child_restarts, ca_dir=self.ca_dir
+        )
 
         sl_cfg = cfg.superlink
         if not sl_cfg.insecure and sl_cfg.tls.cert_file is None:
@@ -364,7 +450,7 @@ class Server:
 
         if cfg.ingest.enabled:
             self._progress(f"[5/5] MQTT ingest as {SERVER_IDENTITY}")
-            self.ingest = Ingest(self._ingest_config())
+            self.ingest = Ingest(self._ingest_config(), metrics=self._metrics.ingest)
             self.ingest.start()
             if not self.ingest.wait_ready(30.0):
                 log.warning("the ingest is not subscribed yet; it keeps retrying")
@@ -376,6 +462,26 @@ class Server:
             self.models = ModelService(resolve_settings(cfg))
             self.models.start()
             self._progress(f"model delivery service on {self.models_address}")
+        if cfg.inference.enabled:
+            # Imported here: the inference package loads torch.
+            from edgefl.server.inference.supervised import InferenceChild
+
+            self.inference = InferenceChild(cfg, self.state_dir / "inference")
+            self.inference.start()
+            if self.inference.metrics_url is not None:
+                server_metrics.add_child_endpoint("inference", self.inference.metrics_url)
+            self.supervisor.add("inference", self.inference)
+            self._progress(
+                f"inference service on {self.inference.address} (log "
+                f"{self.inference.log_path}; a first start trains the model)"
+            )
+        if cfg.retention.enabled:
+            from edgefl.server.registry.db import make_engine
+
+            self.retention = RetentionLoop(lambda: make_engine(self.db_url), cfg.retention)
+            self.retention.start()
+        if cfg.admin.enabled:
+            self._start_admin_api()
         self._certs_due_at = time.monotonic() + cfg.cert_check_s
         self.admin()  # writes admin-flwr-home/config.toml: server.json's flwr example works
         self._write_runtime()
@@ -383,6 +489,20 @@ class Server:
             target=self._watch, name="edgefl-server-supervisor", daemon=True
         )
         self._watcher.start()
+
+    def _start_admin_api(self) -> None:
+        """Serve the admin API (HTTPS, admin CA created if missing), supervised."""
+        from edgefl.server.admin_api.server import admin_server_for
+
+        self.admin_api = admin_server_for(
+            self.config,
+            config_path=self.config_path,
+            engine=self._registry(),
+            children=self.children_state,
+        )
+        self.admin_api.start()
+        self.supervisor.add("admin_api", self.admin_api)
+        self._progress(f"admin API on {self.admin_url}")
 
     def _make_fleet_proxy(self, sl_cfg: SuperLinkConfig, upstream_port: int) -> FleetProxy:
         """The nginx Fleet API proxy on ``superlink.host/port``, before the SuperLink."""
@@ -454,7 +574,7 @@ class Server:
                 self.models.start()
             if SERVER_IDENTITY in renewed and self.ingest is not None:
                 self.ingest.stop()
-                self.ingest = Ingest(self._ingest_config())
+                self.ingest = Ingest(self._ingest_config(), metrics=self._metrics.ingest)
                 self.ingest.start()
             if CERTS_IDENTITY in renewed and self.cert_service is not None:
                 self.cert_service.stop()
@@ -514,6 +634,14 @@ class Server:
         if self._watcher is not None:
             self._watcher.join(10.0)
             self._watcher = None
+        if self.admin_api is not None:
+            try:
+                self.admin_api.stop()  # first: no request runs while the rest stops
+            except Exception:  # stopping the rest matters more
+                log.exception("stopping the admin API failed")
+            from edgefl.server.jobs import JOBS
+
+            JOBS.stop_all()  # a remote rollout ends interrupted while the broker still runs
         if self.cert_service is not None:
             self.cert_service.stop()
             self.cert_service = None
@@ -523,6 +651,10 @@ class Server:
             except Exception:  # stopping the rest matters more
                 log.exception("stopping the model delivery service failed")
             self.models = None
+        server_metrics.detach_server()
+        if self.retention is not None:
+            self.retention.stop()
+            self.retention = None
         if self._cert_engine is not None:
             self._cert_engine.dispose()
             self._cert_engine = None
@@ -632,7 +764,7 @@ class Server:
                 ingest.stop(timeout=5.0)
             except Exception:  # the new ingest matters more than a clean stop
                 log.exception("stopping the stalled ingest failed")
-            self.ingest = Ingest(self._ingest_config())
+            self.ingest = Ingest(self._ingest_config(), metrics=self._metrics.ingest)
             self.ingest.start()
         self.ingest_restarts += 1
         log.warning("restarted the ingest (%d watchdog restarts so far)", self.ingest_restarts)

@@ -6,6 +6,8 @@ engine's ε. The fresh accountant only knows the current round, so the reported 
 below the device's true cumulative ε. It runs the same workload as edgefl's apps (same
 partitions, model, σ, clip, local epochs, optimiser) so the wall-time ratio measures
 only what edgefl adds (ledger, checkpoints, selection, validation, kept accountants).
+With ``dp = false`` in the train config the ClientApp trains plain SGD (shuffled
+mini-batches, no Opacus), for a workload run without DP on both sides.
 
 Nothing here is used by edgefl itself; it exists to be measured.
 """
@@ -91,6 +93,9 @@ def make_stock_client_app(
         x, y = get_partition(cfg, pid)
         batch = int(cfg["batch-size"])
         epochs = int(cfg["local-epochs"])
+        if not bool(cfg.get("dp", True)):
+            reply: Message = _train_plain(msg, cfg, pid, x, y)
+            return reply
         q, steps_planned = steps_per_round(len(x), batch, epochs)
         delta = float(cfg["delta"])
         # The same σ edgefl's device chooses: sized once for rounds × local epochs. It is
@@ -152,6 +157,62 @@ def make_stock_client_app(
         return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
 
     return app
+
+
+def _train_plain(
+    msg: Any,
+    cfg: dict[str, Any],
+    pid: int,
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.int64],
+) -> Any:
+    """One round of plain SGD on shuffled mini-batches (a run without DP): the reply."""
+    import torch
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from edgefl.edge_agent.fl.trainer import build_trainable_model
+
+    seed = int(cfg["seed"]) * 1000 + pid + 7919 * int(cfg["server-round"])
+    torch.manual_seed(seed)
+    model = build_trainable_model(str(cfg["model"]))
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+    loader = DataLoader(
+        TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
+        batch_size=int(cfg["batch-size"]),
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=float(cfg["lr"]), momentum=float(cfg["momentum"])
+    )
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train()
+    started = time.perf_counter()
+    total, count, steps = 0.0, 0, 0
+    for _ in range(int(cfg["local-epochs"])):
+        for xb, yb in loader:
+            steps += 1
+            optimizer.zero_grad()
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.item()) * len(xb)
+            count += len(xb)
+    metrics = MetricRecord(
+        {
+            "num-examples": len(x),
+            "train-loss": total / max(count, 1),
+            "epsilon": 0.0,
+            "sigma": 0.0,
+            "sample-rate": 0.0,
+            "steps": steps,
+            "partition-id": pid,
+            "train-time-s": time.perf_counter() - started,
+        }
+    )
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
 
 
 def make_stock_server_app(

@@ -33,7 +33,7 @@ from edgefl.edge_agent.fl.privacy import FilePrivacyStore, epsilon_of
 from edgefl.enrollment import IdentityPaths
 from edgefl.process import ManagedProcess
 from edgefl.server.fl.ledger import FlStore
-from edgefl.server.registry import Record, make_engine, session_factory
+from edgefl.server.registry import Device, Record, make_engine, session_factory
 from edgefl.testing import free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -197,6 +197,19 @@ def test_three_devices_train_three_dp_rounds_end_to_end(
 
         wait_for(ready, 180, "three agents connected, with data and a running SuperNode")
 
+        def online() -> bool:
+            engine = make_engine(str(info["db_url"]))
+            try:
+                with session_factory(engine)() as session:
+                    seen = session.scalars(
+                        sa.select(Device.device_id).where(Device.online.is_(True))
+                    ).all()
+            finally:
+                engine.dispose()
+            return {f"dev-{i}" for i in range(DEVICES)} <= set(seen)
+
+        wait_for(online, 60, "the registry shows the three devices online")
+
         result = _cli(
             "server",
             "train",
@@ -212,6 +225,28 @@ def test_three_devices_train_three_dp_rounds_end_to_end(
             timeout=900,
         )
         assert result["flower_status"] == "finished:completed"
+        # `server train` told each online device that a run was starting, and each agent
+        # started its ClientApp's warm zygote then (prewarm-training), before any message.
+        assert result["prewarmed"] == [f"dev-{i}" for i in range(DEVICES)]
+
+        def prewarm_answers() -> dict[str, Any]:
+            engine = make_engine(str(result["db_url"]))
+            try:
+                with session_factory(engine)() as session:
+                    rows = session.scalars(
+                        sa.select(Record).where(
+                            Record.topic.like("edgefl/lab/%/cmd-resp/prewarm-training-%")
+                        )
+                    ).all()
+                    return {row.device_id: json.loads(row.body) for row in rows}
+            finally:
+                engine.dispose()
+
+        wait_for(lambda: len(prewarm_answers()) == DEVICES, 60, "every agent's prewarm answer")
+        for device, answer in prewarm_answers().items():
+            assert answer["command"] == "prewarm-training", device
+            assert answer["ok"] is True, answer
+            assert answer["result"] == {"prewarmed": True}, answer
         db_url = str(result["db_url"])
         rounds = result["result"]["rounds"]
         assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))

@@ -13,6 +13,7 @@ import json
 import subprocess
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgefl.config import validate_config
 from edgefl.edge_agent.daemon import AgentConfig, read_status
@@ -423,7 +425,14 @@ def test_cloud_down_answers_come_locally_within_the_budget(
                 "breaker": {"failure_threshold": 2, "open_s": 0.5, "max_open_s": 1.0},
             }
             path = _agent_yaml(
-                tmp_path, fleet, broker, service.port, tls, sources=[source], inference=inference
+                tmp_path,
+                fleet,
+                broker,
+                service.port,
+                tls,
+                sources=[source],
+                inference=inference,
+                metrics={"enabled": True, "port": 0},
             )
             edgefl_procs.start("agent", "run", "--config", str(path), log="agent.log")
             wait_for(lambda: results.count(where="cloud") >= 20, 60, "20 answers from the cloud")
@@ -448,6 +457,30 @@ def test_cloud_down_answers_come_locally_within_the_budget(
             assert 0 < version["offload_fraction"] < 1
             assert version["where"]["cloud"] == results.count(where="cloud")
             assert version["deadline_misses"] == 0
+            # The agent's metrics port says the same (tests/test_metrics.py: the rest).
+            with urllib.request.urlopen(_status(path)["metrics"], timeout=5) as response:
+                scrape = {
+                    (m.name, tuple(sorted(m.labels.items()))): m.value
+                    for family in text_string_to_metric_families(response.read().decode())
+                    for m in family.samples
+                }
+            answers_total = "edgefl_agent_inference_answers_total"
+            assert scrape[(answers_total, (("where", "cloud"),))] == version["where"]["cloud"]
+            assert (
+                sum(
+                    scrape.get((answers_total, (("where", w),)), 0)
+                    for w in ("local", "cloud", "local_fallback")
+                )
+                == total
+            )
+            ratio = scrape[("edgefl_agent_inference_offload_ratio", ())]
+            assert ratio == pytest.approx(version["offload_fraction"])
+            assert scrape[("edgefl_agent_inference_deadline_misses_total", ())] == 0
+            latency_count = "edgefl_agent_inference_latency_seconds_count"
+            assert sum(v for (n, _), v in scrape.items() if n == latency_count) == total
+            model = [k for k in scrape if k[0] == "edgefl_agent_model_info"]
+            assert len(model) == 1
+            assert ("version", "1") in model[0][1]
     finally:
         server.stop()
 

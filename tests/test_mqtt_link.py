@@ -466,6 +466,36 @@ def test_online_retained_on_connect_and_offline_on_clean_close(
     assert retained_status(broker, f"{prefix}/status")[-1] == (b"offline", True)
 
 
+def test_last_retained_value_is_published_again_after_a_reconnect(
+    tmp_path: Path, prefix: str
+) -> None:
+    # A broker that lost the device's newest retained report (killed with -9 before its
+    # autosave; here: no persistence at all) gets it again when the device reconnects.
+    topic = f"{prefix}/state/reported"
+    with Mosquitto(tmp_path / "broker") as broker:
+        agent = Agent(tmp_path, prefix, link_config(broker.port))
+        agent.start()
+        try:
+            assert agent.link.wait_connected(TIMEOUT)
+            agent.link.publish(topic, b"old", qos=1, retain=True)
+            agent.link.publish(topic, b"newest", qos=1, retain=True)
+            wait_for(
+                lambda: retained_status(broker, topic)[-1] == (b"newest", True),
+                TIMEOUT,
+                "the retained report",
+            )
+            broker.kill()
+            broker.restart()
+            assert agent.link.wait_connected(TIMEOUT)
+            wait_for(
+                lambda: retained_status(broker, topic) == [(b"newest", True)],
+                TIMEOUT,
+                "the retained report published again after the reconnect",
+            )
+        finally:
+            agent.stop()
+
+
 _CHILD = """
 import sys, threading
 from edgefl.edge_agent.mqtt_link import MqttLink, MqttLinkConfig

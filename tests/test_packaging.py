@@ -165,6 +165,9 @@ ROLES = {
             # ... and the ONNX variant, verified on onnxruntime (the exporter's onnxscript
             # is imported under a guard that names the extra).
             ("onnxruntime", "quantize"),
+            # The package's __init__ exposes run_simulation, which starts Ray itself (a
+            # start that timed out is retried): `edgefl[sim]`.
+            ("ray", "sim"),
         ),
     ),
     "device": Role(

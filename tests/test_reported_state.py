@@ -373,8 +373,12 @@ def test_server_devices_shows_the_reported_model_state(
         "rollbacks",
         "last",
         "failure",
+        "agent",
+        "ε",
+        "outbox",
     ]
-    cells = {line.split()[0]: line.split()[5:] for line in lines}
+    # The model columns (the agent, ε and outbox columns after them are "-" here).
+    cells = {line.split()[0]: line.split()[5:-3] for line in lines}
     assert cells[ok] == ["digits-mlp", "3", "running", "0", "-"]
     assert cells[failed] == [
         "digits-mlp",

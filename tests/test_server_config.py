@@ -199,8 +199,8 @@ def test_devices_reads_the_registry_of_server_yaml_and_prints_utc_times(
     assert text.exit_code == 0, text.output
     header, _, line = text.stdout.splitlines()[:3]
     assert header.split()[:7] == ["device", "fleet", "presence", "last", "seen", "records", "model"]
-    # No reported state yet: the model columns show "-".
-    assert line.split() == ["pi-1", "lab", "online", "2026-01-02T03:04:05+00:00", "0"] + ["-"] * 5
+    # No reported state, agent version, ledger row or status answer yet: "-".
+    assert line.split() == ["pi-1", "lab", "online", "2026-01-02T03:04:05+00:00", "0"] + ["-"] * 8
 
 
 def test_devices_refuses_an_invalid_server_yaml_naming_the_key(tmp_path: Path) -> None:
@@ -304,3 +304,24 @@ def test_validate_config_reports_each_renamed_key_and_never_prints_a_secret(
     result = CliRunner().invoke(app, ["server", "validate-config", "-c", str(bad)])
     assert result.exit_code == 3
     assert "ingest.broker.port" in result.output
+
+
+@pytest.mark.parametrize(
+    ("tls", "message"),
+    [
+        ({"cert_file": "cert.pem"}, "tls.cert_file and tls.key_file go together"),
+        ({"key_file": "key.pem"}, "tls.cert_file and tls.key_file go together"),
+        ({"ca_file": "ca.pem"}, "checked against the admin CA"),
+    ],
+)
+def test_admin_section_takes_the_tls_section_of_every_listener(
+    tls: dict[str, str], message: str
+) -> None:
+    """The admin API's certificate is set like the other listeners' (admin.tls); the client
+    CA is always the admin CA, so a ca_file there is refused rather than ignored."""
+    from edgefl.server.config import AdminApiConfig
+
+    ok = AdminApiConfig.model_validate({"tls": {"cert_file": "c.pem", "key_file": "k.pem"}})
+    assert ok.tls.cert_file == Path("c.pem")
+    with pytest.raises(ValueError, match=message):
+        AdminApiConfig.model_validate({"tls": tls})

@@ -31,6 +31,7 @@ from edgefl.edge_agent.fl.supernode import TELEMETRY_DIR, SuperNodeSupervisor, T
 from edgefl.edge_agent.fl.warmstart import (
     FORK_LOG,
     LOG_FILE,
+    PREWARM_ARG,
     SOCKET_NAME,
     install_launcher,
 )
@@ -148,6 +149,22 @@ def test_first_call_waits_for_the_zygote_it_started(tmp_path: Path) -> None:
         # Served by a child of the zygote it started, not by a second cold import.
         assert [f["event"] for f in _forks(tmp_path)] == ["fork", "exit"]
         assert _forks(tmp_path)[0]["zygote"] == _zygote_pid(tmp_path)
+
+
+def test_prewarm_starts_the_zygote_before_any_message(tmp_path: Path) -> None:
+    """``flwr-clientapp --edgefl-prewarm`` (run by the light SuperExec at the SuperNode's
+    start with training.warm_start_prewarm) starts the zygote and returns; the zygote
+    serves before any message and still exits when idle."""
+    bin_dir = install_launcher(tmp_path, idle_exit_s=3.0)
+    pre = _launch(bin_dir, PREWARM_ARG)
+    with _cleanup_group([pre.pid]):
+        pre.communicate(timeout=60)
+        assert pre.returncode == 0
+        log = tmp_path / LOG_FILE
+        wait_for(lambda: log.exists() and "serving" in log.read_text(), 180, "a serving zygote")
+        assert _forks(tmp_path) == []  # no message was run
+        zygote = _zygote_pid(tmp_path)
+        wait_for(lambda: not pid_alive(zygote), 60, "the idle zygote's exit")
 
 
 @pytest.fixture(scope="module")

@@ -238,3 +238,31 @@ def test_prune_refuses_grouped_convolutions() -> None:
     model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Flatten())
     with pytest.raises(BadInputError, match="grouped"):
         prune_channels(model, 0.5)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_trainable_models_are_what_opacus_accepts_without_asking_it(name: str) -> None:
+    from opacus.validators import ModuleValidator
+
+    from edgefl.zoo import build_trainable_model
+
+    model = build_trainable_model(name)
+    assert ModuleValidator.is_valid(model)
+    assert state_dict_sha256(model) == state_dict_sha256(build_model(name, seed=0))
+
+
+def test_a_model_opacus_would_change_still_goes_through_its_validator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opacus.validators import ModuleValidator
+
+    from edgefl import zoo
+
+    spec = zoo.get_spec("digits-mlp")
+    with_bn = lambda: nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, 10))  # noqa: E731
+    monkeypatch.setitem(
+        zoo.MODELS, "digits-mlp", type(spec)(**{**spec.__dict__, "factory": with_bn})
+    )
+    model = zoo.build_trainable_model("digits-mlp")
+    assert ModuleValidator.is_valid(model)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in model.modules())

@@ -354,6 +354,37 @@ class _Gate:
         return admission
 
 
+_FLWR_CLI: Final = "flwr.supernode.cli"
+
+
+def flwr_clientapp_entry() -> Callable[[], None]:
+    """Flower's ``flwr-clientapp`` entry point, imported without the rest of its package.
+
+    ``flwr/supernode/cli/__init__.py`` also imports the SuperNode's own command
+    (``flower_supernode``: FastAPI, SQLAlchemy's object store and more), which a ClientApp
+    process never runs: about 1 s of CPU on every cold start and in every zygote. The
+    package stands in as an empty module only while its ``flwr_clientapp`` module is
+    imported; a later ``import flwr.supernode.cli`` runs the real package, which finds
+    that module already imported.
+    """
+    module_name = f"{_FLWR_CLI}.flwr_clientapp"
+    if module_name not in sys.modules and _FLWR_CLI not in sys.modules:
+        import importlib.util
+
+        spec = importlib.util.find_spec(_FLWR_CLI)
+        if spec is not None and spec.submodule_search_locations is not None:
+            stand_in = importlib.util.module_from_spec(spec)
+            sys.modules[_FLWR_CLI] = stand_in
+            try:
+                importlib.import_module(module_name)
+            finally:
+                if sys.modules.get(_FLWR_CLI) is stand_in:
+                    del sys.modules[_FLWR_CLI]
+    module = sys.modules.get(module_name) or importlib.import_module(module_name)
+    entry: Callable[[], None] = module.flwr_clientapp
+    return entry
+
+
 def run_gated(policy_path: str | None) -> None:
     """Run Flower's ``flwr-clientapp`` (arguments from ``sys.argv``) behind the gate.
 
@@ -361,8 +392,8 @@ def run_gated(policy_path: str | None) -> None:
         RuntimeError: Flower's ClientApp process no longer has the functions gated here.
     """
     import flwr.supernode.runtime.run_clientapp as flower_process
-    from flwr.supernode.cli import flwr_clientapp
 
+    flwr_clientapp = flwr_clientapp_entry()
     try:
         policy: AppTrustPolicy | None = AppTrustPolicy.load(
             Path(policy_path) if policy_path else None

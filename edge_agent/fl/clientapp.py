@@ -224,6 +224,25 @@ def _write_telemetry(
         logger.warning("could not write training telemetry to %s: %s", node.telemetry_dir, exc)
 
 
+def _record_lifetime(
+    context: Context, lifetime: dict[str, float], runs: dict[str, PrivacyState]
+) -> None:
+    """The lifetime ε after this round, for ``edgefl agent status`` (a device only)."""
+    from edgefl.edge_agent.fl import privacy as pv
+
+    state_dir = context.node_config.get("state-dir")
+    if not state_dir:
+        return
+    cap = lifetime["lifetime-cap"]
+    pv.write_lifetime(
+        Path(str(state_dir)),
+        lifetime["lifetime-epsilon"],
+        lifetime["lifetime-delta"],
+        cap if cap > 0 else None,
+        sum(1 for r in runs.values() if r.history),
+    )
+
+
 def _round_seed(inst: ClientInstructions, partition_id: int) -> int:
     return (inst.seed * 1_000_003 + partition_id * 10_007 + inst.server_round) % (2**31)
 
@@ -273,6 +292,10 @@ def train(msg: Message, context: Context) -> Message:
     budget = pv.LifetimeBudget.from_node_config(dict(context.node_config))
     x, y = _data(inst, node).train_arrays()
     store = _store(context)
+    state_dir = context.node_config.get("state-dir")
+    curves = pv.RdpCurveCache(Path(str(state_dir))) if state_dir else None
+    if curves is not None:
+        curves.load()
     runs = store.runs()  # every run's state: the lifetime accountant's input
     state = runs.get(inst.run_id)
     # The ledger floor: never account less than the server has recorded for this device.
@@ -350,6 +373,9 @@ def train(msg: Message, context: Context) -> Message:
                     )
         if status:
             store.save(state)
+            if curves is not None:
+                curves.save()
+                _record_lifetime(context, lifetime, runs)
             metrics["refused"] = 1.0
             _write_telemetry(node, inst, status, metrics, lifetime)
             return _refusal(msg, device_id, status, reason, metrics, state.history, lifetime)
@@ -372,11 +398,18 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=inst.proximal_mu,  # FedProx's own "proximal-mu" key
         clipping_norm=inst.clipping_norm,
         batches_per_epoch=state.batches,
+        augment_views=inst.augment_multiplicity,
+        augment_shift=inst.augment_shift,
+        clip_per_layer=inst.clip_per_layer,
+        centre_inputs=inst.centre_inputs,
     )
     if inst.dp_enabled:
         state.history = result.history
         lifetime["lifetime-epsilon"] = lifetime_of(state.history)
     store.save(state)
+    if curves is not None:
+        curves.save()
+        _record_lifetime(context, lifetime, runs)
     if profile.compute_speed < 1.0:  # emulate a slower device
         time.sleep(result.train_time_s * (1.0 / profile.compute_speed - 1.0))
     metrics.update(

@@ -62,8 +62,10 @@ The pure accounting (:func:`epsilon_of`, :func:`choose_sigma`) lives in :mod:`ed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,27 +79,36 @@ from edgefl.privacy import (
     epsilon_of,
     history_steps,
     merge_history,
+    rdp_curves,
+    seed_rdp_curves,
     steps_per_round,
 )
 
 __all__ = [
     "DEFAULT_LIFETIME_DELTA",
     "DEFAULT_LIFETIME_EPSILON",
+    "LIFETIME_FILE",
     "ContextPrivacyStore",
     "FilePrivacyStore",
     "LifetimeBudget",
     "PrivacyState",
     "PrivacyStore",
+    "RdpCurveCache",
     "choose_sigma",
     "epsilon_of",
     "history_steps",
     "lifetime_history",
     "merge_history",
     "plan_run",
+    "read_lifetime",
     "steps_per_round",
+    "write_lifetime",
 ]
 
 _STATE_KEY = "edgefl.privacy"
+
+LIFETIME_FILE = "fl_lifetime.json"
+"""In the state dir: the device's lifetime ε after its last round (:func:`write_lifetime`)."""
 
 DEFAULT_LIFETIME_EPSILON = 16.0
 """The agent config's default ``training.privacy.lifetime_epsilon``: twice the shipped
@@ -363,3 +374,114 @@ class FilePrivacyStore:
     def runs(self) -> dict[str, PrivacyState]:
         """Every run's state in the file."""
         return {rid: self._parse(rid, entry) for rid, entry in self._all().items() if entry}
+
+
+class RdpCurveCache:
+    """The per-step RDP curves a device computed, kept in ``<state_dir>/fl_rdp_curves.json``.
+
+    Each message runs in a new process (forked or cold), so the curves
+    :func:`edgefl.privacy.epsilon_of` caches in memory were computed again for every
+    message: a few tenths of a second of Opacus arithmetic each time, on the same (σ, q)
+    every round of a run. :meth:`load` seeds them from the file before the accounting,
+    :meth:`save` writes the file again when the message computed new ones. The values are
+    the same floats (JSON round-trips them exactly), so ε is unchanged to the last bit; a
+    file that is unreadable or made for other orders is ignored (the curves are computed).
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / "fl_rdp_curves.json"
+        self._known = 0
+
+    def load(self) -> int:
+        """Seed the in-memory curves from the file; returns how many were loaded."""
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            doc = None
+        self._known = seed_rdp_curves(doc)
+        return self._known
+
+    def save(self) -> None:
+        """Write the curves back if this process computed new ones (never raises)."""
+        doc = rdp_curves()
+        curves = doc["curves"]
+        if not isinstance(curves, list) or len(curves) <= self._known:
+            return
+        from edgefl.files import write_text_atomic
+
+        try:
+            write_text_atomic(self.path, json.dumps(doc))
+            self._known = len(curves)
+        except OSError:
+            pass  # a cache: the next message computes them again
+
+
+def write_lifetime(
+    state_dir: Path, epsilon: float, delta: float, cap: float | None, runs: int
+) -> None:
+    """Record the lifetime ε after a round, for ``edgefl agent status`` (never raises).
+
+    The agent's status reads this small file instead of recomputing the composition
+    (which would import Opacus and torch into a status command).
+    """
+    from edgefl.files import write_text_atomic
+
+    doc = {
+        "lifetime_epsilon": epsilon,
+        "lifetime_delta": delta,
+        "lifetime_cap": cap,
+        "runs": runs,
+        "updated_at": time.time(),
+    }
+    # On failure, status recomputes it from fl_privacy.json.
+    with contextlib.suppress(OSError):
+        write_text_atomic(Path(state_dir) / LIFETIME_FILE, json.dumps(doc) + "\n")
+
+
+def read_lifetime(state_dir: Path, cap: float | None, delta: float) -> dict[str, Any] | None:
+    """The device's lifetime privacy spend for its status; ``None`` before it ever trained.
+
+    ``lifetime_epsilon`` is what the ClientApp recorded after its last round
+    (:data:`LIFETIME_FILE`) when that was at ``delta``; otherwise (an older agent, another
+    δ in the config now) it is recomputed from every run's accountant in
+    ``fl_privacy.json`` (exact, the same composition the device enforces). ``lifetime_cap``
+    and ``lifetime_delta`` are the config's now. A damaged accountant file is reported as
+    ``error``.
+    """
+    from edgefl.errors import BadInputError
+
+    state_dir = Path(state_dir)
+    store = FilePrivacyStore(state_dir)
+    out: dict[str, Any] = {"lifetime_cap": cap, "lifetime_delta": delta}
+    try:
+        recorded = json.loads((state_dir / LIFETIME_FILE).read_text(encoding="utf-8"))
+        if not isinstance(recorded, dict):
+            recorded = {}
+    except (OSError, ValueError):
+        recorded = {}
+    if recorded.get("lifetime_delta") == delta and isinstance(
+        recorded.get("lifetime_epsilon"), int | float
+    ):
+        out.update(
+            lifetime_epsilon=float(recorded["lifetime_epsilon"]),
+            runs=int(recorded.get("runs") or 0),
+            updated_at=recorded.get("updated_at"),
+            source="last round",
+        )
+    else:
+        if not store.path.exists():
+            return None
+        try:
+            runs = store.runs()
+        except (BadInputError, ValueError, OSError) as exc:
+            return {**out, "error": str(exc)}
+        history = compose([r.history for _, r in sorted(runs.items())])
+        out.update(
+            lifetime_epsilon=epsilon_of(history, delta),
+            runs=sum(1 for r in runs.values() if r.history),
+            updated_at=None,
+            source="recomputed",
+        )
+    eps = out["lifetime_epsilon"]
+    out["lifetime_remaining"] = None if cap is None else max(0.0, cap - eps)
+    return out

@@ -49,6 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from edgefl.edge_agent.fl import superexec
 from edgefl.edge_agent.fl.apptrust import write_policy
 from edgefl.edge_agent.fl.policy import TrainingPolicy
 from edgefl.edge_agent.fl.resources import Resources, read_resources
@@ -64,12 +65,12 @@ from edgefl.edge_agent.fl.supernode_log import (
     meaningful_line,
     tls_hint,
 )
-from edgefl.edge_agent.fl.warmstart import POLICY_FILE, install_launcher
+from edgefl.edge_agent.fl.warmstart import BIN_DIR, POLICY_FILE, install_launcher
 from edgefl.enrollment import IdentityPaths
 from edgefl.files import write_text_atomic
 from edgefl.netutil import free_port
 from edgefl.process import ManagedProcess
-from edgefl.procs import cmdline, cwd, end_process_group, pid_alive
+from edgefl.procs import cmdline, cwd, descendants, end_process_group, handles_signal, pid_alive
 from edgefl.supervise import RestartBackoff
 
 __all__ = [
@@ -323,6 +324,46 @@ class SuperNodeSupervisor:
             "last_refusal": self.last_refusal,
         }
 
+    def prewarm(self) -> dict[str, Any]:
+        """Start the ClientApp's warm zygote now: the server says a run is about to start.
+
+        The zygote's imports (torch, Opacus, Flower: several seconds of CPU) then run while
+        the server starts the run, not after its first message arrived. The SuperNode's
+        light task loop starts it (:data:`superexec.PREWARM_SIGNAL`), in the SuperNode's
+        process group, so it ends with it; the zygote exits after
+        ``warm_start_idle_exit_s`` without a message, as always. The signal goes only to
+        this SuperNode's own loop (``<state_dir>/warmstart-bin/flower-superexec``) and only
+        once that loop handles it: SIGUSR1's default action ends a process.
+
+        Returns:
+            ``prewarmed`` (whether the loop was asked) and, when not, ``reason``.
+        """
+        if not self.config.warm_start:
+            return {"prewarmed": False, "reason": "training.warm_start is off"}
+        if not self.config.light_superexec:
+            return {
+                "prewarmed": False,
+                "reason": "training.light_superexec is off (Flower's own task loop cannot "
+                "be asked to)",
+            }
+        proc = self._proc
+        root = proc.pid if proc is not None and proc.running() else None
+        if root is None:
+            return {"prewarmed": False, "reason": f"the SuperNode is not running ({self.reason})"}
+        script = str(self.state_dir / BIN_DIR / superexec.EXECUTABLE)
+        for pid in descendants(root):
+            if script in cmdline(pid)[:3] and handles_signal(pid, superexec.PREWARM_SIGNAL):
+                try:
+                    os.kill(pid, superexec.PREWARM_SIGNAL)
+                except ProcessLookupError:
+                    continue
+                logger.info("starting the ClientApp's warm zygote: a run is about to start")
+                return {"prewarmed": True}
+        return {
+            "prewarmed": False,
+            "reason": "the SuperNode's ClientApp task loop is not running yet",
+        }
+
     # ------------------------------------------------------------------ internals
 
     def _decide(self, connected: bool, samples: int) -> tuple[bool, str]:
@@ -480,18 +521,27 @@ class SuperNodeSupervisor:
                 warm=self.config.warm_start,
                 idle_exit_s=self.config.warm_start_idle_exit_s,
             )
+            self._install_superexec(gate_bin)
         except OSError as exc:
             self.last_error = f"cannot install the ClientApp launcher: {exc}"
             logger.error("%s; not starting the SuperNode", self.last_error)
             self._schedule_restart(now, 0.0)
             return
-        # Flower's SuperExec runs `flwr-clientapp` by name: ours comes first.
+        # Flower's SuperNode starts `flower-superexec` and that runs `flwr-clientapp`, both
+        # by name: ours come first.
         path = f"{gate_bin}{os.pathsep}{path}"
         env = {
             **os.environ,
             "PATH": path,
             "FLWR_HOME": str(self.flower_home),
             "PYTHONUNBUFFERED": "1",
+            # Flower's usage telemetry posts the device's platform details to a Flower
+            # server at every ClientApp start and exit (and the exit waits up to 4 s for
+            # it); a device does not phone home unless its operator asks for it.
+            "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+            superexec.PREWARM_ENV: "1"
+            if self.config.warm_start and self.config.warm_start_prewarm
+            else "0",
         }
         self._tail = ""
         self._partial_line = ""
@@ -525,6 +575,16 @@ class SuperNodeSupervisor:
             self.config.superlink,
             self.log_path,
         )
+
+    def _install_superexec(self, bin_dir: Path) -> None:
+        """Put the light ClientApp task loop in ``bin_dir`` (or take it away when off)."""
+        if self.config.light_superexec:
+            try:
+                superexec.install(bin_dir)
+                return
+            except FileNotFoundError as exc:  # no Flower SuperExec to fall back on
+                logger.warning("Flower's own SuperExec runs the ClientApps: %s", exc)
+        (bin_dir / superexec.EXECUTABLE).unlink(missing_ok=True)
 
     def _terminate(self, now: float, reason: str) -> None:
         if self._proc is not None:

@@ -144,6 +144,20 @@ class TrainingConfig(StrictModel):
         "(edgefl.edge_agent.fl.warmstart) instead of a fresh interpreter; the zygote exits "
         "when idle. False: Flower's plain flwr-clientapp for every message.",
     )
+    light_superexec: bool = Field(
+        True,
+        description="Run the SuperNode's ClientApp task loop as edgefl's light stand-in for "
+        "Flower's flower-superexec (edgefl.edge_agent.fl.superexec: standard library only, "
+        "ClientApp tasks only; about 130 MB less resident). False: Flower's own.",
+    )
+    warm_start_prewarm: bool = Field(
+        False,
+        description="Start the warm zygote when the SuperNode starts instead of at a run's "
+        "first message: that message then takes about as long as any other, but the "
+        "zygote's memory (about 520 MB resident, 325 MB of it its own) is held from the "
+        "SuperNode's start until warm_start_idle_exit_s without a message. Needs "
+        "warm_start and light_superexec.",
+    )
     warm_start_idle_exit_s: float = Field(
         600.0, gt=0, description="The warm zygote exits after this long without a message."
     )

@@ -67,6 +67,10 @@ def train_local(
     proximal_mu: float = 0.0,
     clipping_norm: float = 0.0,
     batches_per_epoch: int = 0,
+    augment_views: int = 1,
+    augment_shift: int = 1,
+    clip_per_layer: bool = False,
+    centre_inputs: bool = False,
 ) -> LocalResult:
     """Train a fresh copy of the global model on (x, y) for one round.
 
@@ -96,6 +100,19 @@ def train_local(
         proximal_mu: FedProx μ; adds ``μ/2 ||w - w_global||²`` to the loss when > 0.
         clipping_norm: Central-DP clip of the whole update ``w - w_global`` when > 0.
         batches_per_epoch: DP-SGD steps per epoch of the privacy plan (0: from the data).
+        augment_views: Augmentation multiplicity K: each sampled image is seen as K
+            copies, each shifted by up to ``augment_shift`` pixels, and its gradient is the
+            mean over its K views, taken *before* the per-sample clip (1: no
+            augmentation). See :func:`_shifted_views`.
+        augment_shift: Largest shift of a view, in pixels, along each image axis.
+        clip_per_layer: Clip each parameter tensor's per-sample gradient to
+            ``max_grad_norm / sqrt(#tensors)`` instead of the whole gradient to
+            ``max_grad_norm`` (Opacus' ``per_layer`` clipping). Each sample's whole
+            gradient then still has norm <= ``max_grad_norm``, and the noise is
+            ``σ × max_grad_norm``, so the accounting is the same.
+        centre_inputs: Train on each sample minus its own mean pixel value, and keep the
+            first Linear layer's weight rows summing to zero, so the returned model
+            computes the same on raw inputs (see :func:`_centre_rows`).
 
     Returns:
         The new weights, mean loss, accountant history, steps and training time.
@@ -107,6 +124,10 @@ def train_local(
     _load(model, global_state)
     global_params = [p.detach().clone() for p in model.parameters()]
     generator = torch.Generator().manual_seed(seed)
+    first_linear = _first_linear(model) if centre_inputs else None
+    if first_linear is not None:
+        x = _centred(x)
+        _centre_rows(first_linear)
     dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     loader: DataLoader[tuple[torch.Tensor, ...]]
     if dp:
@@ -122,6 +143,8 @@ def train_local(
     )
     engine = None
     train_module: nn.Module = model
+    views = max(1, augment_views)
+    view_generator = torch.Generator().manual_seed(seed + 2)
     if dp:
         from opacus import PrivacyEngine
 
@@ -133,6 +156,9 @@ def train_local(
                     "mechanism": "rdp",
                 }
             )
+        clips: float | list[float] = (
+            _layer_norms(model, max_grad_norm) if clip_per_layer else max_grad_norm
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # The loader already samples as planned: Opacus' sample rate is
@@ -142,7 +168,8 @@ def train_local(
                 optimizer=opt,
                 data_loader=loader,
                 noise_multiplier=sigma,
-                max_grad_norm=max_grad_norm,
+                max_grad_norm=clips,
+                clipping="per_layer" if clip_per_layer else "flat",
                 noise_generator=torch.Generator().manual_seed(seed + 1),
                 poisson_sampling=False,
             )
@@ -155,9 +182,13 @@ def train_local(
     for _ in range(epochs):
         for xb, yb in loader:
             opt.zero_grad()
-            out = train_module(xb)
+            if views > 1:
+                out = train_module(_shifted_views(xb, views, augment_shift, view_generator))
+                targets = yb.repeat_interleave(views)
+            else:
+                out, targets = train_module(xb), yb
             if len(xb):
-                loss = loss_fn(out, yb)
+                loss = loss_fn(out, targets)
                 total += float(loss.item()) * len(xb)
                 count += len(xb)
             else:  # an empty Poisson batch: a noise-only step, as accounted
@@ -169,7 +200,11 @@ def train_local(
                 )
                 loss = loss + (proximal_mu / 2.0) * prox
             loss.backward()
+            if dp and views > 1:
+                _average_views(train_module, views)
             opt.step()
+            if first_linear is not None:
+                _centre_rows(first_linear)
             steps += 1
     train_time = time.perf_counter() - started
     # GradSampleModule keeps the original module as ``_module``; its keys are the model's.
@@ -232,6 +267,93 @@ def _poisson_loader(
         ),
         generator=generator,
     )
+
+
+def _centred(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Each sample minus the mean of its own values (nothing shared between samples)."""
+    axes = tuple(range(1, x.ndim))
+    return np.ascontiguousarray(x - x.mean(axis=axes, keepdims=True), dtype=np.float32)
+
+
+def _first_linear(model: nn.Module) -> nn.Linear:
+    """The model's first layer with parameters, which must be a Linear one.
+
+    Raises:
+        EdgeflError: The first parameterised layer is not Linear (a convolution's zero
+            padding does not commute with centring).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            return module
+        if any(True for _ in module.parameters(recurse=False)):
+            break
+    from edgefl.errors import EdgeflError
+
+    raise EdgeflError("centre_inputs needs a model whose first layer is a Linear one")
+
+
+@torch.no_grad()
+def _centre_rows(layer: nn.Linear) -> None:
+    """Make every row of ``layer.weight`` sum to zero.
+
+    Why this is the same model as one trained on centred inputs: with rows summing to
+    zero, ``W x = W (x - mean(x))`` for any input, so the server (which evaluates on raw
+    inputs) and the device agree. The centred model never sees the weight's component
+    along the all-ones direction (centred inputs are orthogonal to it), so removing it
+    after each step changes none of that model's outputs; the per-sample gradients the
+    optimizer clips are those of the centred inputs, which already lie in that subspace.
+    Removing part of the (noisy) weights after the DP step is post-processing: the
+    accounting is unchanged.
+    """
+    layer.weight -= layer.weight.mean(dim=1, keepdim=True)
+
+
+def _shifted_views(
+    xb: torch.Tensor, views: int, shift: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``views`` randomly shifted copies of each image of ``xb`` (N, C, H, W), in order.
+
+    Rows ``i*views ... i*views + views - 1`` of the result are the views of sample ``i``;
+    each is the image moved by a uniform ``(dy, dx)`` in ``[-shift, shift]`` pixels, the
+    uncovered border filled with zeros (the background of the bundled digit images).
+    The first view of every sample is the image itself.
+    """
+    n = len(xb)
+    repeated = xb.repeat_interleave(views, dim=0)
+    if n == 0 or shift <= 0:
+        return repeated
+    height, width = xb.shape[-2], xb.shape[-1]
+    padded = nn.functional.pad(repeated, (shift, shift, shift, shift))
+    offsets = torch.randint(0, 2 * shift + 1, (n * views, 2), generator=generator)
+    offsets[::views] = shift  # the unshifted view
+    out = torch.empty_like(repeated)
+    for dy in range(2 * shift + 1):
+        for dx in range(2 * shift + 1):
+            rows = (offsets[:, 0] == dy) & (offsets[:, 1] == dx)
+            if bool(rows.any()):
+                out[rows] = padded[rows, ..., dy : dy + height, dx : dx + width]
+    return out
+
+
+def _average_views(module: nn.Module, views: int) -> None:
+    """Replace each per-sample gradient over ``N × views`` view rows by its mean per sample.
+
+    Opacus has computed one gradient per row of the (viewed) batch; the optimizer step
+    that follows clips, sums and noises ``p.grad_sample``, so after this it sees exactly
+    one gradient per sampled sample: the per-sample sensitivity, the sample rate and the
+    step count (the accounting) are those without augmentation.
+    """
+    for p in module.parameters():
+        grad_sample = getattr(p, "grad_sample", None)
+        if isinstance(grad_sample, torch.Tensor):
+            averaged = grad_sample.reshape(-1, views, *grad_sample.shape[1:]).mean(dim=1)
+            setattr(p, "grad_sample", averaged)  # noqa: B010 (an Opacus attribute)
+
+
+def _layer_norms(model: nn.Module, max_grad_norm: float) -> list[float]:
+    """Per-tensor clips whose root sum of squares is ``max_grad_norm`` (an equal split)."""
+    tensors = [p for p in model.parameters() if p.requires_grad]
+    return [max_grad_norm / float(np.sqrt(len(tensors)))] * len(tensors)
 
 
 def _clip_update(

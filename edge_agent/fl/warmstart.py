@@ -62,6 +62,7 @@ __all__ = [
     "FORK_LOG",
     "LOG_FILE",
     "POLICY_FILE",
+    "PREWARM_ARG",
     "SOCKET_NAME",
     "gated_command",
     "install_launcher",
@@ -79,10 +80,17 @@ POLICY_FILE: Final = "app-trust.json"
 DEFAULT_IDLE_EXIT_S: Final = 600.0
 _MAX_MESSAGE = 1 << 20
 _PID_TIMEOUT_S = 15.0  # the zygote answers at once unless it is swapping
+_HEARTBEAT_S = 10.0  # Flower drops a launched task's claim after 30 s without one
+PREWARM_ARG: Final = "--edgefl-prewarm"
+"""``flwr-clientapp --edgefl-prewarm`` starts the zygote (if none runs) and returns at once:
+the light SuperExec runs it when the SuperNode starts with ``training.warm_start_prewarm``,
+so a run's first message finds the zygote warm (its memory is then held from the
+SuperNode's start until ``--idle-exit-s`` without a message)."""
 FIRST_WAIT_S: Final = 40.0
 """How long the first message waits for the zygote it started before it runs cold."""
 _PRELOAD: Final = (
-    "flwr.supernode.cli",
+    # Flower's flwr-clientapp entry point comes through apptrust.flwr_clientapp_entry
+    # (serve), without the SuperNode's own CLI its package __init__ imports.
     "flwr.supernode.runtime.run_clientapp",
     "edgefl.appsign",
     "edgefl.edge_agent.fl.apptrust",
@@ -94,11 +102,22 @@ _PRELOAD: Final = (
     "edgefl.zoo",
     "torch",
     "torch.utils.data",
+    "httpx",
+    "httpcore",
     "opacus",
     "opacus.validators",
     "opacus.accountants",
     "opacus.accountants.utils",
     "opacus.accountants.analysis.rdp",
+)
+_PRELOAD_IF_PRESENT: Final = (
+    # torch imports these lazily during a message's training: torch._dynamo (about 3 s
+    # of imports) behind torch.optim's `_disable_dynamo` wrappers at the first optimizer,
+    # although nothing is compiled, the rest at the first backward and step. Every forked
+    # child paid them again. Private modules: one a torch release lacks is skipped.
+    "torch._dynamo",
+    "torch.nn.utils._expanded_weights",
+    "torch.profiler._cupti_monitor",
 )
 
 
@@ -167,6 +186,9 @@ def install_launcher(
         "    spec.loader.exec_module(mod)\n"
         "except BaseException:\n"
         "    os.execv(GATED[0], GATED + sys.argv[1:])\n"
+        f"if sys.argv[1:] == [{PREWARM_ARG!r}]:\n"
+        f"    mod._spawn_zygote({serve_cmd!r}, {str(state_dir / LOG_FILE)!r})\n"
+        "    sys.exit(0)\n"
         "mod.launch(\n"
         "    sys.argv,\n"
         f"    socket_path={str(state_dir / SOCKET_NAME)!r},\n"
@@ -278,7 +300,11 @@ def launch(
         # device doubles this message's cold start; give up and run cold if it is slow.
         _spawn_zygote(serve_cmd, log_path)
         deadline = time.monotonic() + first_wait_s
+        beat = 0.0
         while sock is None and time.monotonic() < deadline and not pending:
+            if time.monotonic() >= beat:
+                _task_heartbeat(argv)
+                beat = time.monotonic() + _HEARTBEAT_S
             time.sleep(0.05)
             sock = _connect(socket_path)
         if sock is None:
@@ -314,6 +340,49 @@ def launch(
                     pass
         os._exit(1)
     _die_like(status)
+
+
+def _task_heartbeat(argv: list[str]) -> None:
+    """Tell the SuperNode this message's ClientApp is alive, while it waits for the zygote.
+
+    Flower offers a task again when its ClientApp has not sent a heartbeat (or pulled the
+    task) within 30 s of being launched; a first message waiting for a zygote that imports
+    for longer (a small or busy device) was launched twice, the second process refused.
+    A heartbeat (an empty request with the task's token, what Flower's ClientApp sends)
+    keeps the claim for 60 s. Best effort: plain HTTP on the runtime API's loopback address
+    only; any failure is ignored.
+    """
+    import http.client
+
+    args = argv[1:]
+    try:
+        address = args[args.index("--runtime-api-address") + 1]
+        token = args[args.index("--token") + 1]
+    except (ValueError, IndexError):
+        return
+    if "--root-certificates" in args:
+        return  # TLS: Flower's own client is needed
+    host, _, port = address.rpartition(":")
+    try:
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=2.0)
+    except ValueError:
+        return
+    try:
+        conn.request(
+            "POST",
+            "/v1/runtime/send-task-heartbeat",
+            body=b"",
+            headers={
+                "content-type": "application/protobuf",
+                "accept": "application/protobuf",
+                "flwr-task-token": token,
+            },
+        )
+        conn.getresponse().read()
+    except (OSError, http.client.HTTPException):
+        pass
+    finally:
+        conn.close()
 
 
 def select_readable(fd: int) -> bool:
@@ -449,8 +518,8 @@ class _Zygote:
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:  # cannot watch it: wait for it here (it is our child)
-            _, status = os.waitpid(pid, 0)
-            self._finish(pid, conn, status)
+            _, status, usage = os.wait4(pid, 0)
+            self._finish(pid, conn, status, usage.ru_utime + usage.ru_stime)
             return
         try:
             conn.sendall(json.dumps({"pid": pid}).encode())
@@ -479,11 +548,13 @@ class _Zygote:
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(conn)
         self.by_conn.pop(conn.fileno(), None)
-        _, status = os.waitpid(pid, 0)
-        self._finish(pid, conn, status)
+        _, status, usage = os.wait4(pid, 0)
+        self._finish(pid, conn, status, usage.ru_utime + usage.ru_stime)
 
-    def _finish(self, pid: int, conn: socket.socket, status: int) -> None:
-        self._record({"event": "exit", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+    def _finish(self, pid: int, conn: socket.socket, status: int, cpu_s: float) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        # cpu_s: the message's CPU time (user + system), which the machine's load leaves as is.
+        self._record({"event": "exit", "pid": pid, "code": code, "cpu_s": round(cpu_s, 3)})
         with contextlib.suppress(OSError):
             conn.sendall(json.dumps({"status": status}).encode())
         conn.close()
@@ -582,10 +653,17 @@ def serve(socket_path: Path, idle_exit_s: float = DEFAULT_IDLE_EXIT_S) -> int:
         os.close(lock)
         return 0  # another launcher started one first
     t0 = time.perf_counter()
+    c0 = time.process_time()
     import importlib
 
     for name in _PRELOAD:
         importlib.import_module(name)
+    for name in _PRELOAD_IF_PRESENT:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    from edgefl.edge_agent.fl.apptrust import flwr_clientapp_entry
+
+    flwr_clientapp_entry()
     import threading
 
     if threading.active_count() != 1:
@@ -594,8 +672,10 @@ def serve(socket_path: Path, idle_exit_s: float = DEFAULT_IDLE_EXIT_S) -> int:
         return 1
     # Native threads here are OpenBLAS's pools (numpy, scipy), which re-create them
     # after fork (pthread_atfork); torch's own pools start only at the first tensor op.
+    count = len(_PRELOAD) + len(_PRELOAD_IF_PRESENT)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     _log(
-        f"preloaded {len(_PRELOAD)} modules in {time.perf_counter() - t0:.1f} s "
+        f"preloaded {count} modules in {wall:.1f} s ({cpu:.1f} s CPU) "
         f"({_thread_count()} native threads); serving {socket_path}"
     )
     zygote = _Zygote(socket_path, idle_exit_s, socket_path.parent / FORK_LOG)

@@ -168,6 +168,8 @@ class InferenceStats:
         self._swaps: deque[SwapRecord] = deque(maxlen=KEPT_SWAPS)
         self._serving: ModelKey | None = None
         self._serving_since = 0.0
+        self.on_answer: Callable[[str, float], None] | None = None
+        """Called with ``(where, latency_ms)`` after each answer (the agent's metrics)."""
 
     def _version(self, key: ModelKey) -> _VersionStats:
         stats = self._versions.get(key)
@@ -205,6 +207,9 @@ class InferenceStats:
             if self._first_answer is None:
                 self._first_answer = now
             self.answered_by_source[source] += 1
+        hook = self.on_answer
+        if hook is not None:
+            hook(where, latency_ms)
 
     def drop(self, source: str, key: ModelKey | None) -> None:
         """A sample found the queue full."""

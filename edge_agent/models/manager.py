@@ -64,6 +64,7 @@ from typing import Any, Final, Protocol, TypeGuard
 
 from pydantic import ValidationError
 
+import edgefl
 from edgefl.config import Address, TlsFiles
 from edgefl.errors import ArtifactError, BadInputError, EdgeflError
 from edgefl.files import write_text_atomic
@@ -967,6 +968,7 @@ class ModelManager:
                 state=state,
                 last_failure=self._last_failure,
                 rollbacks=self._rollbacks,
+                agent=edgefl.__version__,
             )
 
     def _report(self) -> None:

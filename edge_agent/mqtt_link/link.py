@@ -115,6 +115,11 @@ class MqttLink:
         # Guards swapping the client (protocol fallback) against a concurrent publish. It is
         # never taken in a paho callback.
         self._client_lock = threading.Lock()
+        # The last retained payload published per topic, published again on every connect:
+        # a broker killed with -9 restores its retained store from its last autosave, which
+        # can be older than what this device last reported (``state/reported``).
+        self._retained: dict[str, bytes] = {}
+        self._retained_lock = threading.Lock()
         self._attempt = 0
         # Bumped on every successful CONNACK / new client; plain ints are read racily on
         # purpose, a stale value only delays the sender by one poll.
@@ -192,8 +197,13 @@ class MqttLink:
         """Hand a message to paho; return its mid and paho's return code.
 
         ``MQTT_ERR_NO_CONN`` with QoS 1 still means queued: paho sends it after reconnect.
-        ``retain`` keeps it on the broker as the topic's last value (``state/reported``).
+        ``retain`` keeps it on the broker as the topic's last value (``state/reported``);
+        the link publishes that last value again after each reconnect, so a broker that came
+        back with an older retained copy (restored from its persistence file) is corrected.
         """
+        if retain:
+            with self._retained_lock:
+                self._retained[topic] = payload
         with self._client_lock:
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
         return info.mid, info.rc
@@ -347,6 +357,10 @@ class MqttLink:
             flags.session_present,
         )
         client.publish(self.status_topic, b"online", qos=1, retain=True)
+        with self._retained_lock:
+            retained = list(self._retained.items())
+        for topic, payload in retained:
+            client.publish(topic, payload, qos=1, retain=True)
         # Re-subscribing is cheap and covers a broker that lost the session; paho's
         # subscribe() only queues a packet, so it is safe in this callback. One SUBSCRIBE
         # for all topics, so one SUBACK tells that all of them are in place.

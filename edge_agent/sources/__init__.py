@@ -45,13 +45,16 @@ from edgefl.edge_agent.sources._plugin import (
     load_plugin,
 )
 from edgefl.edge_agent.sources._replay import (
+    DEVICE_SHARDS,
     DatasetReplayConfig,
     DatasetReplaySource,
+    device_partition,
     replay_arrays,
 )
 from edgefl.edge_agent.sources._samples import RawSample, SampleError
 
 __all__ = [
+    "DEVICE_SHARDS",
     "ENTRY_POINT_GROUP",
     "DataSource",
     "DatasetReplayConfig",
@@ -70,6 +73,7 @@ __all__ = [
     "SourceConfig",
     "SourceRecord",
     "build_source",
+    "device_partition",
     "find_plugin",
     "load_plugin",
     "replay_arrays",
@@ -81,15 +85,19 @@ SourceConfig = Annotated[
 ]
 
 
-def build_source(config: SourceConfig, *, cache_dir: Path | None = None) -> DataSource:
+def build_source(
+    config: SourceConfig, *, cache_dir: Path | None = None, device_id: str | None = None
+) -> DataSource:
     """Instantiate the source a config describes (``cache_dir``: see :func:`replay_arrays`).
+
+    ``device_id`` picks a training replay's default shard (:func:`device_partition`).
 
     Raises:
         ConfigError: The source cannot start (a port or socket in use, a folder it cannot
             use, a plugin that is not installed or refuses its options ...).
     """
     if isinstance(config, DatasetReplayConfig):
-        return DatasetReplaySource(config, cache_dir=cache_dir)
+        return DatasetReplaySource(config, cache_dir=cache_dir, device_id=device_id)
     if isinstance(config, EndpointConfig):
         return EndpointSource(config)
     if isinstance(config, FolderConfig):

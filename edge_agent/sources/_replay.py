@@ -14,9 +14,10 @@ import os
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -27,7 +28,13 @@ from edgefl.edge_agent.sources._base import DataSource, SourceRecord
 from edgefl.edge_agent.sources._samples import SampleError, conform
 from edgefl.proto.ids import ID_REGEX
 
-__all__ = ["DatasetReplayConfig", "DatasetReplaySource", "replay_arrays"]
+__all__ = [
+    "DEVICE_SHARDS",
+    "DatasetReplayConfig",
+    "DatasetReplaySource",
+    "device_partition",
+    "replay_arrays",
+]
 
 logger = logging.getLogger("edgefl.edge_agent.sources")
 
@@ -43,11 +50,21 @@ class DatasetReplayConfig(StrictModel):
     stream: str = Field("samples", pattern=ID_REGEX)
     kind: Literal["data", "telemetry"] = "data"
     partition: int | None = Field(
-        None, ge=0, description="Replay only this Dirichlet partition (with num_partitions)."
+        None,
+        ge=0,
+        description="Replay only this Dirichlet partition of the split (0 .. "
+        "num_partitions - 1). Default: on the train split, the one the device id picks "
+        "(device_partition); on the test split, all of it.",
     )
-    num_partitions: int = Field(1, ge=1)
-    alpha: float = Field(0.5, gt=0)
-    seed: int = 0
+    num_partitions: int | None = Field(
+        None,
+        ge=1,
+        description="How many label-skewed (Dirichlet alpha) shards the split is cut into. "
+        "Default: DEVICE_SHARDS[dataset] for the device's own shard, 1 with an explicit "
+        "partition; 1 makes every device replay the whole split.",
+    )
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller: more skew).")
+    seed: int = Field(0, description="Seed of the dataset split and of the partitioning.")
     limit: int | None = Field(None, ge=1, description="Stop after this many samples.")
     evaluation: bool = Field(
         False,
@@ -57,7 +74,7 @@ class DatasetReplayConfig(StrictModel):
 
     @model_validator(mode="after")
     def _partition_in_range(self) -> DatasetReplayConfig:
-        if self.partition is not None and self.partition >= self.num_partitions:
+        if self.partition is not None and self.partition >= (self.num_partitions or 1):
             raise ValueError(
                 f"partition {self.partition} must be < num_partitions {self.num_partitions}"
             )
@@ -67,6 +84,30 @@ class DatasetReplayConfig(StrictModel):
                 "measured on the training split says nothing about the model)"
             )
         return self
+
+
+DEVICE_SHARDS: Final = {"digits": 4, "mnist5k": 10, "breast-cancer": 2}
+"""Shards of the train split a device picks from by default: about 360 digits, 400 MNIST
+images or 230 breast-cancer rows each on average (Dirichlet α=0.5, so some have fewer)."""
+
+
+def device_partition(config: DatasetReplayConfig, device_id: str | None) -> DatasetReplayConfig:
+    """The config with the samples this device replays made explicit.
+
+    An explicit ``partition`` is kept (``num_partitions`` default 1). Otherwise a replay of
+    the train split (not an ``evaluation`` one) plays one of ``num_partitions`` (default
+    :data:`DEVICE_SHARDS`) label-skewed shards: the one ``crc32(device_id)`` picks, so each
+    device keeps its own non-IID shard across restarts, devices on the same shard count and
+    seed cut the split the same way, and two devices whose ids pick different shards never
+    replay the same sample. Without a device id (or ``num_partitions: 1``): the whole split.
+    """
+    if config.partition is not None:
+        return config.model_copy(update={"num_partitions": config.num_partitions or 1})
+    shards = config.num_partitions or DEVICE_SHARDS.get(config.dataset, 1)
+    if config.split != "train" or config.evaluation or not device_id or shards <= 1:
+        return config.model_copy(update={"num_partitions": 1})
+    pick = zlib.crc32(device_id.encode("utf-8")) % shards
+    return config.model_copy(update={"partition": pick, "num_partitions": shards})
 
 
 class DatasetReplaySource(DataSource):
@@ -83,7 +124,9 @@ class DatasetReplaySource(DataSource):
         clock: Callable[[], float] = time.monotonic,
         *,
         cache_dir: Path | None = None,
+        device_id: str | None = None,
     ) -> None:
+        config = device_partition(config, device_id)
         x, y = replay_arrays(config, cache_dir)
         self.name = config.name
         self._config = config
@@ -178,8 +221,8 @@ def _compute_replay_arrays(
 
     data = load_dataset(config.dataset, seed=config.seed)
     x, y = (data.x_train, data.y_train) if config.split == "train" else (data.x_test, data.y_test)
-    if config.partition is not None:
-        parts = dirichlet_partition(y, config.num_partitions, config.alpha, seed=config.seed)
+    if config.partition is not None and (config.num_partitions or 1) > 1:
+        parts = dirichlet_partition(y, config.num_partitions or 1, config.alpha, seed=config.seed)
         keep = parts[config.partition]
         x, y = x[keep], y[keep]
     return np.ascontiguousarray(x.reshape(len(x), -1)), np.asarray(y)
@@ -199,6 +242,7 @@ def replay_arrays(
     Raises:
         ConfigError: The child process could not prepare the samples.
     """
+    config = device_partition(config, None)  # explicit num_partitions in the cache key
     if cache_dir is None:
         return _compute_replay_arrays(config)
     selection = config.model_dump(include={"dataset", "split", "partition", "num_partitions"})

@@ -143,6 +143,15 @@ class FlStore:
         self.engine: Engine = make_engine(url)
         self._sessions = session_factory(self.engine)
 
+    @classmethod
+    def on_engine(cls, engine: Engine) -> FlStore:
+        """A store on an engine already open and migrated (:meth:`close` disposes of it)."""
+        store = cls.__new__(cls)
+        store.url = engine.url.render_as_string(hide_password=False)
+        store.engine = engine
+        store._sessions = session_factory(engine)
+        return store
+
     def close(self) -> None:
         """Release the connections."""
         self.engine.dispose()

@@ -119,6 +119,15 @@ def _model_from_bytes(blob: bytes, keys: list[str]) -> ArrayRecord:
         return ArrayRecord({k: Array(np.asarray(data[k])) for k in keys})
 
 
+def round_config(base: dict[str, Any], plan: FederationPlan, rnd: int, ledger: str) -> ConfigRecord:
+    """What every device trained in round ``rnd`` is sent.
+
+    The plan's instructions (``base``), the round, the round's learning rate (``lr``, or
+    its schedule towards ``lr_final``) and the ledger floor (JSON).
+    """
+    return ConfigRecord({**base, "server-round": rnd, "lr": plan.round_lr(rnd), "ledger": ledger})
+
+
 class _Run:
     """State of one run while the ServerApp executes it."""
 
@@ -140,6 +149,7 @@ class _Run:
         self.store = FlStore(registry_url)
         self.node_device: dict[int, str] = {}
         self.exhausted: set[str] = set()
+        self._enrolled_once: dict[int, str] | None = None
 
     def execute(self, grid: Grid) -> None:
         try:
@@ -199,12 +209,8 @@ class _Run:
                 self.store.finish(self.run_id, "stopped", reason)
                 log.warning("run %s stopped before round %d: %s", self.run_id, rnd, reason)
                 return
-            config = ConfigRecord(
-                {
-                    **base,
-                    "server-round": rnd,
-                    "ledger": json.dumps({d: r.history for d, r in devices.items()}),
-                }
+            config = round_config(
+                base, plan, rnd, json.dumps({d: r.history for d, r in devices.items()})
             )
             if plan.central_dp.enabled:
                 # Flower's accountant expects exactly this many messages per round.
@@ -336,11 +342,17 @@ class _Run:
     def _enrolled_nodes(self) -> dict[int, str]:
         """Node id -> device id of the devices enrolled in the registry (none: empty).
 
-        Read every round, so a device admitted or revoked during a run counts at once.
+        Read every round, so a device admitted or revoked during a run counts at once;
+        a simulation (``admitted_only`` false: its nodes are virtual) reads it once.
         """
         from edgefl.server.enrollment import enrolled_nodes
 
-        return {int(node): device for node, device in enrolled_nodes(self.store.engine).items()}
+        if self.admitted_only is False and self._enrolled_once is not None:
+            return self._enrolled_once
+        enrolled = {int(node): device for node, device in enrolled_nodes(self.store.engine).items()}
+        if self.admitted_only is False:
+            self._enrolled_once = enrolled
+        return enrolled
 
     def _federated_eval(
         self,

@@ -1,6 +1,6 @@
 """Flower's strategies, wrapped (never rewritten): selection, reply screening, state.
 
-- :func:`build_strategy` makes the plan's Flower strategy (FedAvg, FedProx, FedAdam,
+- :func:`build_strategy` makes the plan's Flower strategy (FedAvg, FedAvgM, FedProx, FedAdam,
   FedMedian, FedTrimmedAvg from ``flwr.serverapp.strategy``), wrapped in Flower's
   ``DifferentialPrivacyClientSideFixedClipping`` with an ``RdpAccountant`` when central DP
   is on. The inner strategy is configured to send to *every* node it is shown.
@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -36,6 +37,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -95,6 +97,10 @@ def build_strategy(plan: FederationPlan) -> Strategy:
     elif s.name == "fedadam":
         inner = FedAdam(
             **common, eta=s.eta, eta_l=s.eta_l, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau
+        )
+    elif s.name == "fedavgm":
+        inner = FedAvgM(
+            **common, server_learning_rate=s.server_learning_rate, server_momentum=s.server_momentum
         )
     elif s.name == "fedmedian":
         inner = FedMedian(**common)
@@ -280,6 +286,53 @@ def _finite_metric(metrics: Any, key: str) -> float:
     return float(value)
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    """(shape, Fortran order, dtype) of a ``.npy`` header (magic to the end of its dict).
+
+    Every reply of a round carries the same few headers, and NumPy parses each one with
+    ``ast.literal_eval``: cached, keyed by the header's bytes.
+    """
+    header = io.BytesIO(prefix)
+    version = np.lib.format.read_magic(header)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(header)
+    if version in ((2, 0), (3, 0)):
+        return np.lib.format.read_array_header_2_0(header)
+    raise ValueError(f"unsupported .npy version {version}")
+
+
+def _array_view(array: Any) -> npt.NDArray[Any]:
+    """The array a reply's ``Array`` holds, read in place (what ``Array.numpy()`` returns).
+
+    ``Array.numpy()`` copies the data through ``np.load``; screening every reply's every
+    array that way cost as much as the aggregation itself. This parses the same ``.npy``
+    header and views the bytes without copying. What is checked is the data the
+    aggregation will decode, never the ``Array``'s own (sender-set) ``shape`` and
+    ``dtype`` fields.
+
+    Raises:
+        ValueError: Not a NumPy array, not a ``.npy`` payload, an object dtype, or
+            fewer bytes than its header promises.
+    """
+    if getattr(array, "stype", None) != "numpy.ndarray":
+        raise ValueError(f"array of unsupported serialisation {getattr(array, 'stype', None)!r}")
+    data = array.data
+    if not isinstance(data, bytes) or data[:6] != _NPY_MAGIC or len(data) < 12:
+        raise ValueError("array data is not a .npy payload (no magic string)")
+    # The header length follows the magic and the 2-byte version: 2 bytes in 1.0, 4 after.
+    width = 2 if data[6] == 1 else 4
+    offset = 8 + width + int.from_bytes(data[8 : 8 + width], "little")
+    shape, fortran, dtype = _npy_header(data[:offset])
+    if dtype.hasobject:
+        raise ValueError("array of Python objects")
+    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
 def _check_arrays(record: Any, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
     if not isinstance(record, ArrayRecord):
         raise ValueError("no ArrayRecord 'arrays' in the reply")
@@ -289,7 +342,7 @@ def _check_arrays(record: Any, expected: dict[str, tuple[tuple[int, ...], str]])
         extra = sorted(set(keys) - set(expected))
         raise ValueError(f"wrong array keys (missing {missing}, unexpected {extra})")
     for key in keys:
-        arr = record[key].numpy()
+        arr = _array_view(record[key])
         shape, dtype = expected[key]
         if tuple(arr.shape) != shape:
             raise ValueError(f"array {key!r} has shape {tuple(arr.shape)}, expected {shape}")
@@ -473,6 +526,9 @@ def strategy_state(strategy: Strategy) -> tuple[bytes, dict[str, Any]]:
         if isinstance(value, dict):
             for key, arr in value.items():
                 arrays[f"{attr}/{key}"] = np.asarray(arr)
+    # FedAvgM's server momentum: a list in the order of the model's keys.
+    for index, arr in enumerate(getattr(inner, "momentum_vector", None) or []):
+        arrays[f"momentum_vector/{index:06d}"] = np.asarray(arr)
     buf = io.BytesIO()
     np.savez(buf, **cast(dict[str, Any], arrays))
     accountant = getattr(strategy, "accountant", None)
@@ -488,6 +544,9 @@ def load_strategy_state(strategy: Strategy, blob: bytes, meta: dict[str, Any]) -
         for name in data.files:
             attr, key = name.split("/", 1)
             restored.setdefault(attr, {})[key] = data[name]
+    momentum = restored.pop("momentum_vector", None)
+    if momentum is not None:
+        inner.momentum_vector = [momentum[k] for k in sorted(momentum)]  # type: ignore[attr-defined]
     for attr, value in restored.items():
         setattr(inner, attr, value)
     accountant = getattr(strategy, "accountant", None)

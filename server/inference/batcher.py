@@ -24,12 +24,15 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from edgefl.server.inference.models import ComputeCancelledError, ServedModel
+
+if TYPE_CHECKING:
+    from edgefl.server.metrics import InferenceMetrics
 
 __all__ = ["BatchResult", "BatcherStats", "ComputeAbandonedError", "MicroBatcher"]
 
@@ -132,9 +135,18 @@ class MicroBatcher:
             pass, in arrival order). A request larger than this runs alone.
         max_wait_ms: Longest time the worker waits for more requests once it holds one
             (only when the previous pass served more than one request).
+        metrics: Prometheus hooks: each forward pass's size goes to
+            ``edgefl_inference_batch_size`` (``None``: not counted).
     """
 
-    def __init__(self, model: ServedModel, *, max_batch: int, max_wait_ms: float) -> None:
+    def __init__(
+        self,
+        model: ServedModel,
+        *,
+        max_batch: int,
+        max_wait_ms: float,
+        metrics: InferenceMetrics | None = None,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -143,6 +155,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.stats = BatcherStats()
+        self._metrics = metrics
         self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
         self._carry: _Item | None = None
         self._last_requests = 1
@@ -283,6 +296,8 @@ class MicroBatcher:
         stats.max_batch_seen = max(stats.max_batch_seen, len(x))
         if len(batch) > 1:
             stats.multi_request_batches += 1
+        if self._metrics is not None:
+            self._metrics.batch_size.observe(len(x))
         results: list[BatchResult | BaseException] = []
         offset = 0
         for item in batch:

@@ -65,6 +65,7 @@ from edgefl.proto.tensors import TensorError, decode_tensor, encode_tensor
 from edgefl.server.config import InferenceServerConfig
 from edgefl.server.inference.batcher import BatcherStats, ComputeAbandonedError, MicroBatcher
 from edgefl.server.inference.models import ServedModel, get_recipe, load_or_train
+from edgefl.server.metrics import current as current_metrics
 from edgefl.server.peer_auth import DeviceDirectory, PeerRefusedError, PeerVerifier
 
 __all__ = [
@@ -184,6 +185,7 @@ class InferenceServer:
         """Requests refused, by status code name (a test and operator aid)."""
         self.completed = 0
         """Requests answered successfully."""
+        self._metrics = current_metrics().inference
 
     # -- public ----------------------------------------------------------------------
 
@@ -367,7 +369,10 @@ class InferenceServer:
             self._served[model.name] = _Served(
                 model,
                 MicroBatcher(
-                    model, max_batch=self.config.max_batch, max_wait_ms=self.config.max_wait_ms
+                    model,
+                    max_batch=self.config.max_batch,
+                    max_wait_ms=self.config.max_wait_ms,
+                    metrics=self._metrics,
                 ),
             )
 
@@ -471,6 +476,24 @@ class InferenceServer:
             yield await self._predict_one(request, context)
 
     async def _predict_one(
+        self, request: inference_pb2.PredictRequest, context: _PredictContext
+    ) -> inference_pb2.PredictResponse:
+        metrics = self._metrics
+        if metrics is None:
+            return await self._answer(request, context)
+        start = time.perf_counter()
+        outcome = "error"
+        try:
+            response = await self._answer(request, context)
+            outcome = "ok"
+            return response
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            metrics.request(time.perf_counter() - start, outcome)
+
+    async def _answer(
         self, request: inference_pb2.PredictRequest, context: _PredictContext
     ) -> inference_pb2.PredictResponse:
         with self._slot() as admitted:
@@ -729,6 +752,14 @@ def serve(
         on_ready: Called once the model is SERVING (the CLI prints the address).
         progress: Training progress callback (``what, done, total``).
     """
+    endpoint = None
+    if config.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        endpoint, _ = start_http_server(
+            config.metrics_port, addr="127.0.0.1", registry=current_metrics().registry
+        )
+        logger.info("metrics on http://127.0.0.1:%d/metrics", endpoint.server_port)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -753,4 +784,9 @@ def serve(
         logger.warning("stopping the inference server on %s", server.address)
         await server.stop()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        if endpoint is not None:
+            endpoint.shutdown()
+            endpoint.server_close()

@@ -8,7 +8,9 @@ runs). Federated training: ``fl_runs``,
 ``releases`` and ``release_variants`` (a run's model made into signed, verified
 ``.tflite`` variants; :mod:`edgefl.server.releases`). Staged rollouts: ``rollouts`` and
 ``rollout_devices`` (a release published to a canary cohort first, then to the rest, each
-device's state with its reason; :mod:`edgefl.server.staged_rollout`).
+device's state with its reason; :mod:`edgefl.server.staged_rollout`). Operations:
+``audit_log`` (append-only, :mod:`edgefl.server.audit`), ``admin_tokens`` and
+``admin_certs`` (who may use the admin API).
 
 Timestamps are timezone-aware UTC on PostgreSQL. SQLite has no time zone type, so
 values read back there are naive and mean UTC.
@@ -39,11 +41,16 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "ADMIN_ROLES",
+    "AUDIT_OUTCOMES",
     "DEAD_LETTER_PAYLOAD_CAP",
     "ENROLLMENT_STATUSES",
     "RELEASE_STATUSES",
     "ROLLOUT_DEVICE_STATES",
     "ROLLOUT_STATES",
+    "AdminCert",
+    "AdminToken",
+    "AuditEntry",
     "Base",
     "DeadLetter",
     "Device",
@@ -86,6 +93,13 @@ ROLLOUT_DEVICE_STATES: Final = (
 """Values of ``rollout_devices.state`` (``shadow``: a canary running the release beside its
 current model, in a ``--shadow`` rollout's first stage)."""
 
+ADMIN_ROLES: Final = ("viewer", "operator", "admin")
+"""Admin roles, least to most: a viewer reads; an operator also trains, releases, rolls out
+and sends commands; an admin also admits and revokes."""
+
+AUDIT_OUTCOMES: Final = ("ok", "denied", "error")
+"""Values of ``audit_log.outcome``."""
+
 # Explicit constraint names so alembic migrations are stable across databases.
 _NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -115,6 +129,8 @@ class Device(Base):
         last_seen: When the ingest last accepted anything from it.
         online: Presence from the retained ``status`` topic (``online``/``offline``).
         status_changed_at: When ``online`` was last set from a status message.
+        agent_version: The edgefl version the device's agent last reported (None: never).
+        envelope_version: The envelope version of its last accepted record.
     """
 
     __tablename__ = "devices"
@@ -125,6 +141,8 @@ class Device(Base):
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     online: Mapped[bool] = mapped_column(Boolean(create_constraint=False), default=False)
     status_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    agent_version: Mapped[str | None] = mapped_column(String(32))
+    envelope_version: Mapped[int | None] = mapped_column(Integer)
 
 
 class Record(Base):
@@ -153,6 +171,9 @@ class Record(Base):
     __table_args__ = (
         UniqueConstraint("device_id", "incarnation", "seq"),
         Index(None, "model", "model_version"),
+        # A device's newest record of a kind (its newest outbox report, its recent
+        # results) is a short backward scan of this index instead of a table scan.
+        Index(None, "device_id", "kind", "id"),
     )
 
     id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
@@ -641,3 +662,83 @@ class RolloutDevice(Base):
     previous_evaluated: Mapped[int | None] = mapped_column(Integer)
     previous_accuracy: Mapped[float | None] = mapped_column(Float)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEntry(Base):
+    """One mutating admin action, appended and never changed.
+
+    Attributes:
+        id: Surrogate key, in insertion order.
+        at: When the action was taken (UTC).
+        actor: Who: the admin certificate's CN, ``token:NAME``, or ``local:USER`` for a
+            command run on the server host with direct access to its files.
+        role: The actor's role (:data:`ADMIN_ROLES`), or ``local``.
+        via: ``api`` or ``cli`` (local).
+        action: What: ``admit``, ``revoke``, ``train``, ``stop``, ``release``,
+            ``rollout``, ``command``, ``forget``, ``token``, ...
+        target: What it acted on (a device id, run id, ``model@version``), or empty.
+        arguments_json: The arguments as JSON, with secrets redacted.
+        outcome: :data:`AUDIT_OUTCOMES`.
+        detail: The error or refusal message, or a short result.
+    """
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    via: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str] = mapped_column(String(255))
+    arguments_json: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str] = mapped_column(Text)
+
+
+class AdminToken(Base):
+    """An admin API token: only a hash of its secret is stored.
+
+    Attributes:
+        id: The token's public id (the part before the secret in the token string).
+        name: Who it was issued to.
+        role: :data:`ADMIN_ROLES`.
+        secret_hash: A hash of the secret (never the secret).
+        created_at: When it was issued.
+        expires_at: When it stops working.
+        revoked_at: When it was revoked, or None.
+        last_used_at: When it last authenticated a request, or None.
+    """
+
+    __tablename__ = "admin_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    secret_hash: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AdminCert(Base):
+    """A certificate the admin CA issued, so it can be listed and revoked.
+
+    Attributes:
+        serial: The certificate serial number (hex).
+        name: Its CN.
+        role: :data:`ADMIN_ROLES` (also in the certificate itself).
+        issued_at: When it was issued.
+        expires_at: Its notAfter.
+        revoked_at: When it was revoked, or None.
+    """
+
+    __tablename__ = "admin_certs"
+
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

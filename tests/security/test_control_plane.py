@@ -10,11 +10,19 @@ trained, and was accounted as the device it named.
 
 The attacks live in ``benchmarks/probes/control_plane.py`` (the security probe runs the
 same functions); one server and one namespace serve this module.
+
+A node that is admitted can still lie in its update: a reply's ``Array`` carries
+sender-set ``shape`` and ``dtype`` labels beside its ``.npy`` bytes, and the aggregation
+decodes the bytes. The server screens every update before aggregating it (shape, dtype,
+NaN/Inf), reading the bytes in place rather than through ``np.load``. Each hostile update
+below carries the right labels and lying bytes; it must be rejected with its reason while
+an honest update of the same round is accepted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import io
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +39,7 @@ from probes.netns import VethNamespace
 
 from edgefl.server.fl.fleet_proxy import FLEET_ROUTES, render_proxy_config
 from edgefl.server.fl.serverapp import NotEnoughNodesError, wait_for_nodes
-from edgefl.server.fl.strategy import screen_train_replies
+from edgefl.server.fl.strategy import _array_view, screen_train_replies
 from edgefl.server.serve import Server
 
 
@@ -87,7 +95,7 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 EXPECTED: dict[str, tuple[tuple[int, ...], str]] = {"w": ((2, 3), "float32")}
 
 
-def _reply(node: int, device: str) -> Message:
+def _reply(node: int, device: str, array: Array | None = None) -> Message:
     ins = Message(
         RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type="train"
     )
@@ -106,7 +114,7 @@ def _reply(node: int, device: str) -> Message:
     )
     content = RecordDict(
         {
-            "arrays": ArrayRecord({"w": Array(np.ones((2, 3), np.float32))}),
+            "arrays": ArrayRecord({"w": array or Array(np.ones((2, 3), np.float32))}),
             "metrics": metrics,
             "edgefl": ConfigRecord(
                 {"device-id": device, "status": "ok", "history": "[[1.0, 0.2, 5]]"}
@@ -177,3 +185,61 @@ def test_nodes_that_are_not_admitted_neither_count_nor_get_sampled() -> None:
     with pytest.raises(NotEnoughNodesError, match="2 more connected but are not admitted"):
         wait_for_nodes(grid, 2, 0.0, lambda: {7: "dev-a"})
     assert wait_for_nodes(grid, 3, 0.0, lambda: None) == [7, 99, 100]  # simulation
+
+
+# ------------------------------------------------------ updates whose bytes lie
+
+GOOD = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+
+def _npy(arr: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, arr, version=version, allow_pickle=True)
+    return buf.getvalue()
+
+
+def _labelled(data: bytes) -> Array:
+    """An Array that claims to be the expected (2, 3) float32 and holds ``data``."""
+    return Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=data)
+
+
+HOSTILE: dict[str, tuple[Callable[[], Array], str]] = {
+    "bytes of another shape": (lambda: _labelled(_npy(np.zeros((3, 2), np.float32))), "shape"),
+    "bytes of another dtype": (lambda: _labelled(_npy(np.zeros((2, 3), np.float64))), "dtype"),
+    "NaN in the bytes": (lambda: _labelled(_npy(np.full((2, 3), np.nan, np.float32))), "NaN"),
+    "Inf in the bytes": (lambda: _labelled(_npy(np.full((2, 3), np.inf, np.float32))), "Inf"),
+    "truncated bytes": (lambda: _labelled(_npy(GOOD)[:-8]), "smaller"),
+    "no .npy header": (lambda: _labelled(GOOD.tobytes()), "magic"),
+    "pickled objects": (
+        lambda: _labelled(_npy(np.array([[object()] * 3] * 2, dtype=object))),
+        "objects",
+    ),
+    "another serialisation": (
+        lambda: Array(dtype="float32", shape=(2, 3), stype="torch.pickle", data=_npy(GOOD)),
+        "serialisation",
+    ),
+}
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_an_update_whose_bytes_lie_is_rejected_and_the_honest_one_kept(case: str) -> None:
+    make, reason = HOSTILE[case]
+    result = screen_train_replies(
+        1, [_reply(1, "dev-1", Array(GOOD)), _reply(2, "dev-2", make())], EXPECTED, {}, {}, set()
+    )
+    assert [int(m.metadata.src_node_id) for m in result.accepted] == [1]
+    assert reason in result.rejected["dev-2"], result.rejected
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_honest_updates_read_in_place_equal_what_the_aggregation_decodes(
+    version: tuple[int, int], order: str
+) -> None:
+    arr = np.asfortranarray(GOOD) if order == "F" else np.ascontiguousarray(GOOD)
+    array = _labelled(_npy(arr, version))
+    result = screen_train_replies(1, [_reply(1, "dev-1", array)], EXPECTED, {}, {}, set())
+    assert len(result.accepted) == 1, result.rejected
+    np.testing.assert_array_equal(_array_view(array), array.numpy())

@@ -56,7 +56,7 @@ from edgefl.server.staged_rollout import (
     choose_canaries,
     read_rollout,
 )
-from edgefl.testing import mosquitto_executable
+from edgefl.testing import mosquitto_executable, wait_for
 
 try:
     from tests.delivery_helpers import MODEL, VARIANT, write_release
@@ -289,4 +289,9 @@ def test_a_liars_accuracy_is_its_own_and_cannot_outvote_an_honest_canary(lab: La
     assert devices[ATTACKER]["evaluated"] == 1_000_000
     for name in rest:
         assert (devices[name]["state"], devices[name]["published_at"]) == ("pending", None)
-    assert lab.rig.dead_letters(ATTACKER)["device_mismatch"] >= 2
+    # The refused telemetry is dead-lettered by the ingest, which may still be storing it.
+    wait_for(
+        lambda: lab.rig.dead_letters(ATTACKER)["device_mismatch"] >= 2,
+        TIMEOUT,
+        "the attacker's mismatched telemetry dead-lettered",
+    )
