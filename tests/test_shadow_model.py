@@ -15,6 +15,7 @@ import base64
 import hashlib
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -515,14 +516,19 @@ def test_the_loop_runs_the_shadow_after_each_answer_and_never_serves_it(fleet: F
 
 
 class _Slow:
-    """A fault: the shadow's runtime takes 20 ms per sample."""
+    """A fault: the shadow's runtime takes 20 ms per sample (until ``busy`` is cleared)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.inputs = inner.inputs
+        self.busy = threading.Event()
+        self.busy.set()
+        self.calls = 0
 
     def run(self, x: Any) -> Any:
-        time.sleep(0.02)
+        self.calls += 1
+        if self.busy.is_set():
+            time.sleep(0.02)
         return self.inner.run(x)
 
 
@@ -563,8 +569,9 @@ def test_a_shadow_that_cannot_keep_up_is_skipped_and_counted_never_waited_for(
         (figures,) = loop.shadow_stats.snapshot()
         assert figures["compared"] + figures["skipped"] == n  # counted exactly
         if limit_ms is None:
-            # Never run: skipped while samples waited, and too slow when none did.
-            assert (figures["compared"], figures["skipped"]) == (0, n)
+            # Skipped while samples waited, and too slow when none did, but for the few
+            # samples it is timed again on (after 1 s, 2 s, 4 s, ...).
+            assert figures["compared"] <= 3, figures
             assert figures["too_slow"] > 0
         else:
             assert figures["too_slow"] == 0
@@ -575,5 +582,100 @@ def test_a_shadow_that_cannot_keep_up_is_skipped_and_counted_never_waited_for(
         status = loop.status()
         assert (status["answered"], status["dropped"], status["errors"]) == (n, 0, 0)
         assert {json.loads(r.body)["version"] for r in committed} == {1}
+    finally:
+        loop.stop()
+
+
+def _wait_counted(loop: InferenceLoop, samples: int) -> None:
+    """Until the shadow's figures count ``samples`` samples (run on or skipped)."""
+
+    def counted() -> bool:
+        figures = loop.shadow_stats.snapshot()
+        return int(sum(v["compared"] + v["skipped"] for v in figures)) >= samples
+
+    wait_for(counted, 10, f"{samples} samples counted by the shadow")
+
+
+@pytest.mark.slow
+def test_a_shadow_timed_too_slow_on_a_busy_device_runs_again_once_it_is_fast(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device busy when the shadow was built and first run (20 ms a sample, over the
+    10 ms limit) does not lock the shadow out for good: it is timed again on one sample
+    after a wait, and once that time is under the limit it runs on every sample again."""
+    manager = fleet.manager()
+    v1 = fleet.publish(1, "fp32")
+    manager.handle(fleet.desired(v1))
+    manager.handle(_with_shadow(fleet, v1, fleet.publish(2, "fp16")))
+    real = loop_module.create_runtime  # type: ignore[attr-defined]
+    shadows: list[_Slow] = []
+
+    def slow_shadow(key: str, path: Path, **kw: Any) -> Any:
+        runtime = real(key, path, **kw)
+        if Path(path).parent.name != "shadow":
+            return runtime
+        shadows.append(_Slow(runtime))
+        return shadows[-1]
+
+    monkeypatch.setattr(loop_module, "create_runtime", slow_shadow)
+    committed: list[SourceRecord] = []
+    loop = _loop(manager, committed)
+    x, y = _digits()
+
+    def trickle(start: int, count: int) -> None:
+        for i in range(start, start + count):  # one at a time: no sample ever waits
+            loop.offer("eval", _records(x[i : i + 1], y[i : i + 1], i))
+            _wait_counted(loop, i + 1)
+
+    try:
+        assert loop.status()["shadow"]["model"]["version"] == 2
+        trickle(0, 20)  # timed at 20 ms when it was built: too slow
+        (figures,) = loop.shadow_stats.snapshot()
+        assert figures["compared"] == 0, figures
+        assert figures["too_slow"] == 20, figures
+        shadows[-1].busy.clear()  # the device is no longer busy
+        time.sleep(1.1)  # past the first wait
+        trickle(20, 40)
+        (figures,) = loop.shadow_stats.snapshot()
+        # The first sample after the wait timed it again, under the limit: it runs on
+        # every sample from then on.
+        assert figures["compared"] == 40, figures
+        assert figures["too_slow"] == 20, figures
+        assert {json.loads(r.body)["version"] for r in committed} == {1}
+    finally:
+        loop.stop()
+
+
+@pytest.mark.slow
+def test_a_shadow_that_stays_too_slow_is_timed_again_ever_less_often(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each re-timing that finds the shadow still over its limit doubles the wait (1 s,
+    2 s, 4 s, ...): over 4 s of samples it runs on at most two of them."""
+    manager = fleet.manager()
+    v1 = fleet.publish(1, "fp32")
+    manager.handle(fleet.desired(v1))
+    manager.handle(_with_shadow(fleet, v1, fleet.publish(2, "fp16")))
+    real = loop_module.create_runtime  # type: ignore[attr-defined]
+
+    def slow_shadow(key: str, path: Path, **kw: Any) -> Any:
+        runtime = real(key, path, **kw)
+        return _Slow(runtime) if Path(path).parent.name == "shadow" else runtime
+
+    monkeypatch.setattr(loop_module, "create_runtime", slow_shadow)
+    committed: list[SourceRecord] = []
+    loop = _loop(manager, committed)
+    x, y = _digits()
+    try:
+        started, i = time.monotonic(), 0
+        while time.monotonic() - started < 4.0:  # one at a time: no sample ever waits
+            loop.offer("eval", _records(x[i : i + 1], y[i : i + 1], i))
+            _wait_counted(loop, i + 1)
+            time.sleep(0.02)
+            i += 1
+        (figures,) = loop.shadow_stats.snapshot()
+        # Timed again at about 1 s and 3 s (the next wait, 4 s, ends after the samples).
+        assert 1 <= figures["compared"] <= 2, figures
+        assert figures["compared"] + figures["too_slow"] == i, figures
     finally:
         loop.stop()

@@ -69,7 +69,8 @@ class InferenceConfig(CloudOffloadConfig):
         description="A shadow release (run beside the model, never serving) is run only "
         "while its median inference time stays at most this, and never while a sample "
         "waits, so a served answer waits at most one such inference for it; a slower "
-        "shadow's samples are skipped and counted (too_slow). Default: a tenth of budget_ms.",
+        "shadow's samples are skipped and counted (too_slow), and it is timed again on one "
+        "sample after 1 s, 2 s, 4 s, ... up to 60 s. Default: a tenth of budget_ms.",
     )
 
     @property

@@ -43,7 +43,11 @@ loader times it when it builds it, then its last 32 inferences) is at most
 skipped and counted ``too_slow`` otherwise. So a sample waits at most for the one shadow
 inference in flight, typically no longer than that limit (the shadow's
 ``latency_p99_ms`` reports the tail); a loop that cannot keep up skips shadow
-inferences, never real ones.
+inferences, never real ones. A shadow found too slow is timed again on one sample after
+1 s, then 2, 4, ... up to 60 s: a device that was busy when the shadow's first samples
+were timed does not lock it out for good. A re-timed sample under the limit replaces the
+stale times and the shadow runs again; one over it doubles the wait. So a shadow that is
+really too slow costs at most one inference a minute once its waits have grown.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ _BATCH: Final = 32  # results committed per outbox transaction at most
 _SERVICE_WINDOW: Final = 64  # recent per-sample times behind the swap pause's baseline
 _SHADOW_WINDOW: Final = 32  # recent shadow times behind its median, checked against the limit
 _SHADOW_PROBES: Final = 5  # timed runs of a shadow when it is built
+_SHADOW_RETIME_S: Final = (1.0, 60.0)  # first and longest wait to re-time a slow shadow
 
 
 class ServingModels(Protocol):
@@ -268,6 +273,8 @@ class InferenceLoop:
         self._shadow_work: list[_ShadowWork] = []
         self._shadow_failed: tuple[int, str] | None = None  # generation, sha256 not loadable
         self._shadow_recent: deque[float] = deque(maxlen=_SHADOW_WINDOW)
+        self._shadow_retime_wait_s = _SHADOW_RETIME_S[0]
+        self._shadow_retime_at: float | None = None  # monotonic; set while it is too slow
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -469,6 +476,7 @@ class InferenceLoop:
             return
         old, self._shadow = self._shadow, change.built
         self._shadow_recent.clear()
+        self._shadow_retime_wait_s, self._shadow_retime_at = _SHADOW_RETIME_S[0], None
         if old is not None:
             self._retired.append(old.runtime)
         logger.info(
@@ -565,23 +573,49 @@ class InferenceLoop:
         if built is None:
             return
         limit = self.config.shadow_limit_ms
+        recent = self._shadow_recent
         for n, item in enumerate(work):
             if not self._queue.empty():
                 self.shadow_stats.skip(built.key, len(work) - n)
                 break
-            recent = self._shadow_recent
             typical = statistics.median(recent) if recent else built.probe_ms
-            if typical > limit:
+            retime = typical > limit
+            if retime and not self._shadow_retime_due():
                 self.shadow_stats.skip(built.key, len(work) - n, too_slow=True)
                 self._log_once(
                     "shadow_too_slow",
                     f"the shadow {built.key.label()} takes {typical:.1f} ms a sample, over "
-                    f"inference.shadow_max_delay_ms {limit:g}: its samples are skipped",
+                    f"inference.shadow_max_delay_ms {limit:g}: its samples are skipped "
+                    "(it is timed again on one sample now and then)",
                 )
                 break
+            timed = len(recent)
             self._shadow_one(built, item)
+            if retime and recent and len(recent) != timed and recent[-1] <= limit:
+                # Back under the limit: the times that locked it out are stale.
+                latest = recent[-1]
+                recent.clear()
+                recent.append(latest)
+                self._shadow_retime_wait_s, self._shadow_retime_at = _SHADOW_RETIME_S[0], None
+                logger.info("the shadow %s is back under its time limit", built.key.label())
         # The swap pause measures the swap: the loop was busy with the shadow until now.
         self._last_done = time.perf_counter()
+
+    def _shadow_retime_due(self) -> bool:
+        """Whether a shadow over its time limit is to be timed again on the next sample.
+
+        The first call after it went over starts the wait (1 s); each re-timing that
+        finds it still too slow doubles the wait, up to 60 s.
+        """
+        now = time.monotonic()
+        if self._shadow_retime_at is None:
+            self._shadow_retime_at = now + self._shadow_retime_wait_s
+            return False
+        if now < self._shadow_retime_at:
+            return False
+        self._shadow_retime_wait_s = min(self._shadow_retime_wait_s * 2, _SHADOW_RETIME_S[1])
+        self._shadow_retime_at = now + self._shadow_retime_wait_s
+        return True
 
     def _shadow_one(self, built: _Built, item: _ShadowWork) -> None:
         started = time.perf_counter()
