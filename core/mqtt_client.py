@@ -10,25 +10,40 @@ connection stay with each caller.
 
 paho-mqtt is not a base dependency (the ``device`` and ``server`` extras install it), so
 it is imported when a client is built, never when this module is imported.
+
+:func:`identity_session` keeps a host's short-lived publishers that share one client
+certificate (the server's service identities) from taking over each other's session.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
+import os
 import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import SecretStr
 
-from edgefl.errors import ConfigError
+from edgefl.errors import ConfigError, ServiceUnavailableError
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
 
     from edgefl.config import TlsFiles
 
-__all__ = ["build_client"]
+__all__ = ["SESSION_LOCK", "build_client", "identity_session"]
+
+log = logging.getLogger(__name__)
+
+SESSION_LOCK = "session.lock"
+"""The lock file beside a client certificate that :func:`identity_session` holds."""
+_LOCK_POLL_S = 0.05
 
 
 @functools.cache
@@ -125,3 +140,60 @@ def build_client(
                 hint=tls_hint,
             ) from exc
     return client
+
+
+@contextlib.contextmanager
+def identity_session(
+    tls: TlsFiles | None, *, wait_s: float, what: str = "MQTT publisher"
+) -> Iterator[None]:
+    """Hold, on this host, the one MQTT session of the client certificate in ``tls``.
+
+    The shipped broker takes a client's id from its certificate's CN
+    (``use_username_as_clientid``), so two connections under one certificate take over
+    each other's session: the broker closes the older one, and whatever it waited for (a
+    command's answer, a PUBACK) is lost. The server's short-lived publishers connect as
+    shared service identities (``edgefl-commands``, ``edgefl-rollout``) from several
+    processes at once: the CLI on the server host, the admin API's operations, rollout
+    jobs. Each connects inside this context, which holds an exclusive ``flock`` on
+    :data:`SESSION_LOCK` beside the certificate, so they take turns instead. A lock that
+    cannot be created (a read-only folder) is logged and not held. Without a client
+    certificate (a plain broker, where callers pick random client ids) nothing is locked.
+
+    Args:
+        tls: The client's TLS files.
+        wait_s: How long to wait for another process's session to end.
+        what: Names the publisher in the error.
+
+    Raises:
+        ServiceUnavailableError: Another connection held the identity for ``wait_s``.
+    """
+    cert = None if tls is None else tls.cert_file
+    if cert is None:
+        yield
+        return
+    path = Path(cert).parent / SESSION_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        log.warning("%s: cannot create %s (%s): connecting without it", what, path, exc)
+        yield
+        return
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ServiceUnavailableError(
+                        f"{what}: another process of this host stayed connected as "
+                        f"{Path(cert).parent.name} for {wait_s:g} s (the broker allows one "
+                        "connection per certificate)",
+                        hint="it may be waiting for a device's answer (`server command "
+                        "--wait`); try again when it is done",
+                    ) from None
+                time.sleep(_LOCK_POLL_S)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

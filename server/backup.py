@@ -41,6 +41,7 @@ from typing import Any, Final
 import edgefl
 from edgefl.errors import ConfigError, EdgeflError, ExitCode
 from edgefl.manifest import sha256_file
+from edgefl.mqtt_client import SESSION_LOCK
 from edgefl.procs import pid_alive
 from edgefl.server.config import ServerConfig
 from edgefl.server.fl.app_signing import KEY_DIR as APP_KEY_DIR
@@ -151,7 +152,8 @@ def _ca_locked(ca_dir: Path) -> Iterator[None]:
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, symlinks=False, ignore=shutil.ignore_patterns(".lock"))
+    # Lock files are no state: the CA's write lock, the service identities' session locks.
+    shutil.copytree(src, dst, symlinks=False, ignore=shutil.ignore_patterns(".lock", SESSION_LOCK))
 
 
 def _files(root: Path) -> dict[str, dict[str, Any]]:

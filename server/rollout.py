@@ -54,6 +54,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from edgefl.config import TlsFiles
 from edgefl.errors import BadInputError, ConfigError, ServiceUnavailableError
 from edgefl.manifest import read_manifest, sha256_file
+from edgefl.mqtt_client import identity_session
 from edgefl.proto.desired import DesiredModel, DesiredState
 from edgefl.proto.ids import InvalidIdError, check_id
 from edgefl.proto.topics import state_desired_topic
@@ -313,10 +314,22 @@ def publish_retained(
 ) -> dict[str, str]:
     """Publish each (topic, payload) QoS 1 retained; topic -> failure reason of refused ones.
 
+    The connection holds this host's ``edgefl-rollout`` session
+    (:func:`edgefl.mqtt_client.identity_session`): a deploy and the rollouts of other models
+    take turns rather than take over each other's connection.
+
     Raises:
         ServiceUnavailableError: The broker cannot be reached, refuses the connection, or
-            does not acknowledge within ``timeout_s``.
+            does not acknowledge within ``timeout_s``; or another publisher held the
+            identity's session for ``timeout_s``.
     """
+    with identity_session(tls, wait_s=timeout_s, what="the rollout publisher"):
+        return _publish_retained(messages, host=host, port=port, tls=tls, timeout_s=timeout_s)
+
+
+def _publish_retained(
+    messages: Mapping[str, bytes], *, host: str, port: int, tls: TlsFiles, timeout_s: float
+) -> dict[str, str]:
     from edgefl.mqtt_client import build_client
 
     client = build_client(ROLLOUT_IDENTITY, tls=tls, what="rollout publisher")

@@ -476,7 +476,12 @@ def test_persistent_broker_killed_mid_stream_without_gating(
     of this same scenario. What remains unguaranteed is only a message that mosquitto
     PUBACKed after its last save and had not yet written to the ingest's socket; it
     routes a message to its subscribers before it sends the PUBACK, so with an ingest
-    that keeps up that window is empty in practice (the test relies on it).
+    that keeps up that window is usually empty, but not always: a loaded machine lost one
+    such record once. So the test checks what is guaranteed: every record lost was
+    PUBACKed before the kill and not stored (the window), nothing the agent sent after
+    it is lost (its replays and new records reach the ingest through its saved
+    session), and no row is stored twice. ``test_broker_killed_mid_stream_and_restarted``
+    closes the window and checks exactly-once.
     """
     rig = make_rig(rate_hz=300, limit=1800, via_proxy=False)
     rig.ingest.start()
@@ -493,17 +498,28 @@ def test_persistent_broker_killed_mid_stream_without_gating(
     assert rows_at_kill < rig.limit
     broker.kill()
     time.sleep(2.0)  # the deliberate outage, agent and ingest both retrying
+    # What the broker PUBACKed before it died: what the agent deleted from its outbox (no
+    # PUBACK comes during the outage; 2 s let the agent act on the last ones).
+    next_seq, unsent = rig.outbox_seqs()
+    acked_at_kill = set(range(1, next_seq)) - unsent
     broker.start()
 
     seqs = rig.drain(rig.limit)
     assert rig.status()["rejected"] == 0
-    _assert_exactly_once(rig, seqs, rig.limit)
+    lost = set(range(1, rig.limit + 1)) - set(seqs)
+    assert lost <= acked_at_kill, f"lost outside the window: {sorted(lost - acked_at_kill)[:20]}"
+    assert len(seqs) == len(set(seqs))
+    assert rig.duplicate_rows() == 0
+    assert rig.agent.alive(), rig.agent.tail()
+    assert rig.agent.terminate() == 0
+    rig.stop_ingest_cleanly()
     _report(
         "persistent_broker_kill",
         committed=rig.limit,
         rows=len(seqs),
         rows_at_kill=rows_at_kill,
-        lost=0,
+        acked_at_kill=len(acked_at_kill),
+        lost_in_window=len(lost),
         duplicate_rows=0,
     )
 

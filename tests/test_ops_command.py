@@ -9,6 +9,9 @@ command expired by then (the contract: an expired command is ignored, never answ
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -232,3 +235,85 @@ def test_bad_commands_are_refused_before_anything_is_sent(fleet: Fleet) -> None:
         fleet.op("command", {"device": "pi-01", "name": "ping", "correlation_id": "x/#"})
     with pytest.raises(InvalidError, match="args"):
         fleet.op("command", {"device": "pi-01", "name": "ping", "args": [1, 2]})
+
+
+_WAITING_PUBLISHER = """
+import json, sys
+from pathlib import Path
+from edgefl.server.ops.fleet import _commands_identity, send_command
+host, port, ca_dir = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+sent = send_command(host=host, port=port, tls=_commands_identity(ca_dir), fleet="f1",
+                    device="pi-02", name="ping", args={}, ttl_s=1.0, wait_s=3.0)
+print(json.dumps(sent))
+"""
+_TAKEOVER = "Client edgefl-commands already connected, closing old connection"
+
+
+def test_command_publishers_of_two_processes_take_turns_and_both_keep_their_session(
+    fleet: Fleet,
+) -> None:
+    """The broker takes a client's id from its certificate's CN, so a second connection as
+    ``edgefl-commands`` would close the first one (and lose the answer it waits for).
+    Another process waiting 3 s for an answer holds the session; a command sent meanwhile
+    waits its turn, is answered, and the broker never closed one connection for another."""
+    fleet.set_online("pi-01", True)
+    agent = RunningAgent(fleet, "pi-01")
+
+    def connections() -> int:
+        return fleet.broker.log.read_text(errors="replace").count("as edgefl-commands (")
+
+    try:
+        before = connections()
+        other = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WAITING_PUBLISHER,
+                "127.0.0.1",
+                str(fleet.broker.port),
+                str(fleet.delivery.ca.directory),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for(lambda: connections() > before, 20, "the other process's publisher")
+            started = time.monotonic()
+            doc = fleet.op("command", {"device": "pi-01", "name": "ping", "wait": True})
+            took = time.monotonic() - started
+            out, _ = other.communicate(timeout=30)
+        finally:
+            other.kill()
+            other.wait(10)
+        assert other.returncode == 0
+        assert json.loads(out)["response"] is None  # pi-02 is away: it waited its 3 s
+        assert doc["status"] == "answered", doc
+        assert doc["response"]["ok"] is True
+        assert took > 1.0  # it waited for the other's session to end
+        assert connections() >= before + 2
+        assert _TAKEOVER not in fleet.broker.log.read_text(errors="replace")
+    finally:
+        agent.close()
+
+
+def test_an_answer_the_publisher_missed_is_read_from_the_registry(fleet: Fleet) -> None:
+    """A wait that ends before the answer (here 1 ms; in life, a connection dropped while it
+    waited) still reports the answer once the ingest stored it."""
+    fleet.set_online("pi-01", True)
+    agent = RunningAgent(fleet, "pi-01")
+    try:
+        doc = fleet.op(
+            "command",
+            {
+                "device": "pi-01",
+                "name": "ping",
+                "args": {"late": 1},
+                "wait": True,
+                "timeout_s": 0.001,
+            },
+        )
+        assert doc["status"] == "answered", doc
+        assert doc["response"]["correlation_id"] == doc["correlation_id"]
+        assert doc["response"]["result"] == {"late": 1}
+    finally:
+        agent.close()

@@ -14,6 +14,9 @@ device that is offline gets it when it reconnects within its MQTT session's expi
 session is persistent), and only before the command's own expiry (``--ttl``, default
 300 s): after that the device ignores it, as the contract says. ``--wait`` waits for the
 answer (``--timeout``); an offline device's command comes back ``queued`` with its expiry.
+An answer that the publisher's own subscription missed (its connection dropped while it
+waited: a broker restart) but the ingest stored still counts: after a wait in vain the
+registry is read for it for up to :data:`_STORED_ANSWER_WAIT_S`.
 """
 
 from __future__ import annotations
@@ -60,10 +63,12 @@ _NO_REPORT = (
     "last_failure",
     "reported_at",
 )
-_SEND_LOCK = threading.Lock()
-"""One command publisher at a time in this process: the broker takes the client id from
-the certificate's CN (``edgefl-commands``), so a second connection would take over the
-first one's session."""
+_SESSION_WAIT_S: Final = 60.0
+"""How long a command publisher waits for another one's ``edgefl-commands`` session (one
+connection per certificate: :func:`edgefl.mqtt_client.identity_session`)."""
+
+_STORED_ANSWER_WAIT_S: Final = 3.0
+"""After a wait in vain, how long the registry is read for an answer the ingest stored."""
 
 _BODY_SHOWN: Final = 4096
 """Largest record body shown decoded in ``device-show`` (bigger ones: their size)."""
@@ -450,6 +455,40 @@ def _commands_identity(ca_dir: Any) -> Any:
     return TlsFiles(ca_file=ca_dir / "ca.pem", cert_file=cert_file, key_file=key_file)
 
 
+def _stored_answer(engine: Engine, fleet: str, device: str, cid: str) -> dict[str, Any] | None:
+    """The answer to ``cid`` as the ingest stored it (``.../cmd-resp/{cid}``), if it comes.
+
+    Read for up to :data:`_STORED_ANSWER_WAIT_S` (the ingest stores within a batch). The
+    topic is the device's own (the broker's ACL lets only that device write it): the same
+    trust as the answer the publisher's subscription would have had.
+    """
+    from sqlalchemy import select
+
+    from edgefl.proto.topics import response_topic
+    from edgefl.server.registry import Record, session_factory
+
+    topic = response_topic(fleet, device, cid)
+    query = (
+        select(Record.body)
+        .where(Record.device_id == device, Record.kind == "response", Record.topic == topic)
+        .order_by(Record.id.desc())
+        .limit(1)
+    )
+    deadline = time.monotonic() + _STORED_ANSWER_WAIT_S
+    while True:
+        with session_factory(engine)() as session:
+            body = session.scalars(query).first()
+        if body is not None:
+            try:
+                doc = json.loads(bytes(body))
+            except (ValueError, RecursionError):
+                return None
+            return doc if isinstance(doc, dict) and doc.get("correlation_id") == cid else None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
+
+
 def new_correlation_id(name: str) -> str:
     """``NAME-<16 hex>``: the command's name first, so answers to ``status`` can be found."""
     return f"{name}-{secrets.token_hex(8)}"
@@ -457,16 +496,33 @@ def new_correlation_id(name: str) -> str:
 
 @contextlib.contextmanager
 def _publisher_session(
-    client: Any, host: str, port: int, connected: threading.Event, state: dict[str, Any]
+    client: Any,
+    host: str,
+    port: int,
+    connected: threading.Event,
+    state: dict[str, Any],
+    *,
+    tls: Any,
+    session_wait_s: float,
 ) -> Iterator[None]:
-    """Connect ``client`` (one publisher at a time in this process) and end it after.
+    """Connect ``client`` (one connection as ``tls``'s identity on this host) and end it after.
 
     ``connected`` is set and ``state["rc"]`` holds the reason code by its ``on_connect``.
 
     Raises:
-        UnavailableError: The broker cannot be reached or refuses the publisher.
+        UnavailableError: The broker cannot be reached or refuses the publisher, or
+            another process held the identity's session for ``session_wait_s``.
     """
-    with _SEND_LOCK:
+    from edgefl.errors import ServiceUnavailableError
+    from edgefl.mqtt_client import identity_session
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(
+                identity_session(tls, wait_s=session_wait_s, what="the command publisher")
+            )
+        except ServiceUnavailableError as exc:
+            raise UnavailableError(exc.message, hint=exc.hint) from exc
         try:
             client.connect(host, port, keepalive=30)
         except OSError as exc:
@@ -499,8 +555,12 @@ def send_command(
     ttl_s: float,
     wait_s: float | None,
     correlation_id: str | None = None,
+    session_wait_s: float = _SESSION_WAIT_S,
 ) -> dict[str, Any]:
     """Publish one command (QoS 1) and, with ``wait_s``, wait for its answer.
+
+    The connection (and so the wait) holds this host's ``edgefl-commands`` session: another
+    publisher waits up to ``session_wait_s`` for it to end.
 
     Returns:
         ``correlation_id``, ``topic``, ``expires_at`` (ISO 8601), and ``response`` (the
@@ -557,7 +617,9 @@ def send_command(
     client.on_subscribe = on_subscribe
     client.on_publish = on_publish
     client.on_message = on_message
-    with _publisher_session(client, host, port, connected, state):
+    with _publisher_session(
+        client, host, port, connected, state, tls=tls, session_wait_s=session_wait_s
+    ):
         if wait_s is not None and not subscribed.wait(10):
             raise UnavailableError(f"the broker at {host}:{port} did not confirm a subscription")
         client.publish(topic, payload, qos=1)
@@ -585,10 +647,12 @@ def publish_commands(
     name: str,
     args: dict[str, Any],
     ttl_s: float,
+    session_wait_s: float = _SESSION_WAIT_S,
 ) -> list[str]:
     """Publish one command (QoS 1) to each device of ``targets``, waiting for no answer.
 
-    ``targets`` maps device id -> fleet. One connection carries them all.
+    ``targets`` maps device id -> fleet. One connection carries them all; it waits up to
+    ``session_wait_s`` for another publisher's ``edgefl-commands`` session to end.
 
     Returns:
         The devices whose command the broker acknowledged.
@@ -627,7 +691,9 @@ def publish_commands(
     client.on_connect = on_connect
     client.on_publish = on_publish
     now_ms = int(time.time() * 1000)
-    with _publisher_session(client, host, port, connected, state):
+    with _publisher_session(
+        client, host, port, connected, state, tls=tls, session_wait_s=session_wait_s
+    ):
         for device, fleet in sorted(targets.items()):
             cid = new_correlation_id(name)
             topic, payload = make_command(fleet, device, name, args, ttl_s, cid, now_ms=now_ms)
@@ -705,6 +771,8 @@ def command(ctx: OpContext, params: CommandParams) -> dict[str, Any]:
         wait_s=params.timeout_s if params.wait and online else None,
         correlation_id=params.correlation_id,
     )
+    if sent["response"] is None and params.wait and online:
+        sent["response"] = _stored_answer(ctx.engine, fleet, params.device, sent["correlation_id"])
     if sent["response"] is not None:
         status = "answered"
     elif not online:

@@ -29,6 +29,8 @@ __all__: list[str] = []
 _RUN_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _PREWARM_TTL_S: Final = 60.0
 """A prewarm command older than this is stale: the run it announced has started."""
+_PREWARM_SESSION_WAIT_S: Final = 5.0
+"""How long the hint waits for another command publisher's session before it gives up."""
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +253,8 @@ def prewarm_devices(ctx: OpContext) -> list[str]:
             name=PREWARM_TRAINING_COMMAND,
             args={},
             ttl_s=_PREWARM_TTL_S,
+            # A head start is worth little once it has waited for another command.
+            session_wait_s=_PREWARM_SESSION_WAIT_S,
         )
     except (EdgeflError, OSError, ValueError) as exc:
         log.warning("could not tell the devices a run is starting (%s); submitting anyway", exc)
